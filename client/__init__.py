@@ -1,0 +1,1 @@
+"""xrayfed hospital side: Flower SuperNode/ClientApp, DP training, privacy ledger, inference service."""

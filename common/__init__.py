@@ -1,0 +1,1 @@
+"""xrayfed shared code: config, data, preprocessing, model, metrics, CLI."""

@@ -1,0 +1,157 @@
+"""Model checkpoints: weights plus everything needed to rebuild and check the model.
+
+A checkpoint is a ``torch.save`` of plain data (loadable with ``weights_only=True``)::
+
+    {"format": "xrayfed-checkpoint/1", "model": ModelSpec dict, "task": TaskSpec dict,
+     "image_size": int (px), "round": int, "run_id": str, "created": ISO-8601 UTC,
+     "model_version": sha256 of the weights (hex, 16 chars), "state_dict": {name: tensor}}
+
+``state_dict`` keys are the plain model's keys (no Opacus ``_module.`` prefix). Files are
+written atomically (temp file + rename), so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .model import ModelSpec
+from .tasks import TaskSpec
+
+FORMAT = "xrayfed-checkpoint/1"
+
+
+def strip_prefix(state_dict: dict) -> dict:
+    """Drop wrappers' key prefixes (Opacus ``_module.``) so keys match the plain model."""
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith("_module."):
+            k = k[len("_module.") :]
+        out[k] = v.detach().cpu() if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def weights_version(state_dict: dict) -> str:
+    """A short content hash of the weights (order-independent over keys)."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        v = state_dict[k]
+        h.update(k.encode())
+        if isinstance(v, torch.Tensor):
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Checkpoint:
+    model: ModelSpec
+    task: TaskSpec
+    image_size: int
+    state_dict: dict
+    round: int = 0
+    run_id: str = ""
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def model_version(self) -> str:
+        return weights_version(self.state_dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "model": self.model.model_dump(),
+            "task": {"kind": self.task.kind, "class_names": list(self.task.class_names)},
+            "image_size": int(self.image_size),
+            "round": int(self.round),
+            "run_id": str(self.run_id),
+            "created": self.created,
+            "model_version": self.model_version,
+            "state_dict": strip_prefix(self.state_dict),
+        }
+
+    def build(self):
+        """The plaintext torch model with these weights (eval mode)."""
+        from .model import build_model
+
+        model = build_model(self.model)
+        load_weights(model, self.state_dict, what="checkpoint")
+        model.eval()
+        return model
+
+
+def load_weights(model, state_dict: dict, what: str = "weights") -> None:
+    """Load ``state_dict`` into ``model``; a mismatching architecture is a clear UserError."""
+    sd = strip_prefix(state_dict)
+    own = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(own) - set(sd))
+    extra = sorted(set(sd) - set(own))
+    bad = sorted(k for k in set(own) & set(sd) if tuple(own[k]) != tuple(sd[k].shape))
+    if missing or extra or bad:
+        detail = []
+        if missing:
+            detail.append(f"missing {missing[:3]}")
+        if extra:
+            detail.append(f"unexpected {extra[:3]}")
+        if bad:
+            detail.append(f"shape mismatch at {bad[0]}: {tuple(sd[bad[0]].shape)} vs model {tuple(own[bad[0]])}")
+        raise UserError(f"{what} does not match the model architecture ({'; '.join(detail)})")
+    model.load_state_dict(sd)
+
+
+def to_bytes(ckpt: Checkpoint) -> bytes:
+    buf = io.BytesIO()
+    torch.save(ckpt.to_dict(), buf)
+    return buf.getvalue()
+
+
+def from_bytes(data: bytes, source: str = "checkpoint") -> Checkpoint:
+    try:
+        d = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated/corrupt/not a torch file
+        raise UserError(f"{source}: not a readable xrayfed checkpoint ({type(e).__name__})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise UserError(f"{source}: not an xrayfed checkpoint (expected format {FORMAT!r})")
+    return Checkpoint(
+        model=ModelSpec(**d["model"]),
+        task=TaskSpec(kind=d["task"]["kind"], class_names=tuple(d["task"]["class_names"])),
+        image_size=int(d["image_size"]),
+        state_dict=d["state_dict"],
+        round=int(d.get("round", 0)),
+        run_id=str(d.get("run_id", "")),
+        created=str(d.get("created", "")),
+    )
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` via a temp file + fsync + rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
+    atomic_write(Path(path), to_bytes(ckpt))
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint: no file at {path}")
+    return from_bytes(path.read_bytes(), source=str(path))

@@ -1,0 +1,230 @@
+"""Configuration: one pydantic model per role, loaded from TOML, CLI flags override.
+
+* :class:`FederationConfig` — the operator's ``federation.toml`` (server).
+* :class:`HospitalConfig` — a hospital's ``hospital.toml`` (client). The hospital's privacy
+  budget lives here and only here: nothing the server sends can change it.
+
+An invalid value is refused before any work starts with one line naming the field, the value
+and what is allowed (:func:`format_validation_error`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+from .model import ModelSpec
+from .tasks import TaskSpec
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- shared pieces
+class TLSConfig(_Strict):
+    """TLS material for gRPC/HTTP channels. ``insecure = true`` is for local experiments only."""
+
+    insecure: bool = False
+    ca_cert: Path | None = Field(None, description="PEM CA certificate that signs the server certificate")
+    cert: Path | None = Field(None, description="PEM certificate of this party (servers)")
+    key: Path | None = Field(None, description="PEM private key of this party (servers)")
+
+
+# --------------------------------------------------------------------------- server role
+class FederationSection(_Strict):
+    name: str = "xrayfed"
+    run_dir: Path = Field(Path("runs/xrayfed"), description="checkpoints, metrics.jsonl, reports")
+    rounds: int = Field(5, ge=1, le=10_000)
+    min_clients: int = Field(2, ge=1, description="wait for this many hospitals before a round")
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="share of connected hospitals per round")
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0.0, description="FedProx μ (strategy = fedprox)")
+    server_lr: float = Field(0.1, gt=0.0, description="FedAdam server learning rate η")
+    lr: float = Field(0.05, gt=0.0, description="client learning rate sent with each round")
+    round_timeout_s: float = Field(3600.0, gt=0.0)
+    secure_aggregation: bool = Field(False, description="Flower SecAgg+: the server sees only the sum of updates")
+    seed: int = 0
+
+
+class ServerNetwork(_Strict):
+    listen: str = Field("127.0.0.1:9092", description="SuperLink address HOST:PORT (Fleet + Control API)")
+    tls: TLSConfig = TLSConfig()
+    supernode_auth: bool = Field(False, description="only registered hospital keys may connect")
+    hospital_keys: list[Path] = Field(default_factory=list, description="public keys registered at start")
+
+
+class EvalData(_Strict):
+    path: Path | None = Field(None, description="held-out data for server-side evaluation")
+    split: str = "test"
+
+
+class FederationConfig(_Strict):
+    """The operator's configuration (``federation.toml``)."""
+
+    federation: FederationSection = FederationSection()
+    model: ModelSpec = ModelSpec()
+    task: TaskSpec = TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA"))
+    image_size: int = Field(224, ge=8, le=2048, description="scans are resized to image_size × image_size px")
+    eval: EvalData = EvalData()
+    network: ServerNetwork = ServerNetwork()
+
+    @model_validator(mode="after")
+    def _outputs_match_task(self) -> "FederationConfig":
+        if self.model.num_outputs != self.task.num_outputs:
+            object.__setattr__(self, "model", self.model.model_copy(update={"num_outputs": self.task.num_outputs}))
+        return self
+
+
+# --------------------------------------------------------------------------- hospital role
+class HospitalSection(_Strict):
+    name: str = Field("hospital", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    state_dir: Path = Field(Path("hospital-state"), description="privacy ledger, cached updates")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DataSection(_Strict):
+    path: Path | None = Field(None, description="the hospital's scans (class folders, NIH CSV, .npz, DICOM)")
+    split: str = "train"
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.9, description="held out of train for local evaluation")
+    partition: str | None = Field(None, pattern=r"^\d+/\d+$", description="'i/n': use part i of n (demos)")
+    partition_scheme: Literal["iid", "dirichlet", "patient"] = "iid"
+    dirichlet_alpha: float = Field(0.5, gt=0.0)
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+
+
+class PrivacySection(_Strict):
+    """The hospital's differential-privacy budget for the whole federation run."""
+
+    epsilon: float = Field(8.0, gt=0.0, le=100.0, description="total ε budget for the whole federation run")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="δ of the (ε, δ) guarantee (should be < 1/N)")
+    max_rounds: int = Field(5, ge=1, description="rounds the budget is planned for; σ is derived so they fit")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="per-sample gradient clip norm C (L2)")
+    noise_multiplier: float | None = Field(None, gt=0.0, description="σ; derived from the budget when unset")
+    accountant: Literal["prv", "rdp"] = "prv"
+    secure_rng: bool = Field(True, description="draw DP noise from the OS CSPRNG (os.urandom)")
+
+
+class TrainingSection(_Strict):
+    local_epochs: float = Field(1.0, gt=0.0, le=100.0, description="passes over local data per round")
+    batch_size: int = Field(64, ge=1, description="expected logical batch (Poisson sampling q = B/N)")
+    max_physical_batch_size: int = Field(32, ge=1, description="memory cap per forward pass")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+
+
+class HospitalConfig(_Strict):
+    """A hospital's configuration (``hospital.toml``)."""
+
+    hospital: HospitalSection = HospitalSection()
+    data: DataSection = DataSection()
+    privacy: PrivacySection = PrivacySection()
+    training: TrainingSection = TrainingSection()
+
+    @field_validator("training")
+    @classmethod
+    def _phys(cls, v: TrainingSection) -> TrainingSection:
+        return v
+
+
+# --------------------------------------------------------------------------- loading
+def format_validation_error(err: ValidationError, source: str | None = None) -> str:
+    """One line: ``<source>: <field>: <problem> (got <value>)`` for the first error (+N more)."""
+    errs = err.errors()
+    first = errs[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(root)"
+    msg = first["msg"]
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown setting (check spelling; see README for the allowed keys)"
+    got = first.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    more = f" [+{len(errs) - 1} more]" if len(errs) > 1 else ""
+    where = f"{source}: " if source else ""
+    return f"{where}{loc}: {msg}{got_s}{more}"
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise UserError(f"override {dotted}: {k} is not a section")
+    d[keys[-1]] = value
+
+
+def load_config(cls: type[T], path: Path | str | None, overrides: dict[str, Any] | None = None) -> T:
+    """Load ``cls`` from a TOML file (or defaults when ``path`` is None), then apply ``overrides``.
+
+    ``overrides`` maps dotted keys (``privacy.epsilon``) to values; ``None`` values are ignored,
+    so argparse defaults of ``None`` mean "not given". Errors are one-line :class:`UserError`.
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise UserError(f"config: no file at {p}")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{p}: not valid TOML ({e})") from None
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            _set_dotted(raw, k, v)
+    try:
+        cfg = cls.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source)) from None
+    if path is not None:
+        cfg = _resolve_paths(cfg, Path(path).resolve().parent)
+    return cfg
+
+
+def _resolve_paths(model: BaseModel, base: Path):
+    """Relative paths in a config file are relative to the file's folder."""
+    updates = {}
+    for name, value in model:
+        if isinstance(value, Path) and not value.is_absolute():
+            updates[name] = base / value
+        elif isinstance(value, list) and value and all(isinstance(x, Path) for x in value):
+            updates[name] = [x if x.is_absolute() else base / x for x in value]
+        elif isinstance(value, BaseModel) and not isinstance(value, (ModelSpec, TaskSpec)):
+            updates[name] = _resolve_paths(value, base)
+    return model.model_copy(update=updates) if updates else model
+
+
+def dump_toml(cfg: BaseModel) -> str:
+    """Serialise a config back to TOML (for run directories and generated demo configs)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines: list[str] = []
+
+    def walk(d: dict, prefix: str) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and v is not None}
+        tables = {k: v for k, v in d.items() if isinstance(v, dict)}
+        if scalars:
+            if prefix:
+                lines.append(f"[{prefix}]")
+            lines.extend(f"{k} = {fmt(v)}" for k, v in scalars.items())
+            lines.append("")
+        for k, v in tables.items():
+            walk(v, f"{prefix}.{k}" if prefix else k)
+
+    walk(cfg.model_dump(mode="json"), "")
+    return "\n".join(lines)

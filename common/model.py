@@ -1,0 +1,175 @@
+"""The compact chest X-ray classifier: one definition, two back ends (PyTorch and CrypTen).
+
+``XrayNet`` is designed for DP training on small GPUs and for cheap evaluation under secure
+multi-party computation:
+
+* no BatchNorm (Opacus needs per-sample gradients) and no activation normalisation (square
+  roots/divisions of activations are expensive and inaccurate under MPC; CrypTen has no
+  GroupNorm);
+* only convolutions, ReLU, average pooling (linear, so free under MPC) and one linear head;
+* resolution-agnostic: a global average pool before the head; ``input_pool`` average-pools
+  the scan first (e.g. 4 at 224 px, so convolutions run at 56 px);
+* well under 1 M parameters (width 32, depth 3: ~93 k).
+
+The network is described once as a *layer plan* (:func:`layer_plan`); :func:`build_model`
+turns it into ``torch.nn`` modules and ``xrayfed.common.mpc`` turns the same plan into
+``crypten.nn`` modules, so state-dict keys are identical in both back ends.
+
+Optional torchvision backbones (``resnet18``, ``densenet121``, ``mobilenet_v3_small``) are
+made DP-compatible (BatchNorm → GroupNorm, no in-place ops); they train in plaintext only
+(GroupNorm has no CrypTen implementation) and load weights only from local files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+
+Arch = Literal["xraynet", "resnet18", "densenet121", "mobilenet_v3_small"]
+BACKBONES = ("resnet18", "densenet121", "mobilenet_v3_small")
+
+
+class ModelSpec(BaseModel):
+    """Architecture of a model; stored in every checkpoint so a loader can refuse a mismatch."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    arch: Arch = "xraynet"
+    in_channels: Literal[1, 3] = 1
+    num_outputs: int = Field(1, ge=1)
+    width: int = Field(32, ge=4, le=256, description="channels of the first conv (doubles per stage)")
+    depth: int = Field(3, ge=1, le=6, description="conv stages (conv-ReLU-avgpool)")
+    input_pool: int = Field(1, ge=1, le=16, description="average-pool factor applied to the scan first")
+    pretrained_path: str | None = Field(None, description="local .pt/.pth state dict for backbones")
+
+
+# A layer plan entry: (kind, kwargs). Kinds: avgpool, conv, relu, gap, flatten, linear.
+Layer = tuple[str, dict]
+
+
+def layer_plan(spec: ModelSpec) -> list[Layer]:
+    """The XrayNet layers in order; both back ends build exactly this list (nn.Sequential)."""
+    if spec.arch != "xraynet":
+        raise ValueError(f"layer_plan is only defined for arch 'xraynet', not {spec.arch!r}")
+    plan: list[Layer] = []
+    if spec.input_pool > 1:
+        plan.append(("avgpool", {"kernel_size": spec.input_pool}))
+    c_in = spec.in_channels
+    for i in range(spec.depth):
+        c_out = spec.width * (2**i)
+        plan.append(("conv", {"in_channels": c_in, "out_channels": c_out, "kernel_size": 3, "padding": 1}))
+        plan.append(("relu", {}))
+        if i < spec.depth - 1:
+            plan.append(("avgpool", {"kernel_size": 2}))
+        c_in = c_out
+    plan.append(("gap", {}))
+    plan.append(("flatten", {}))
+    plan.append(("linear", {"in_features": c_in, "out_features": spec.num_outputs}))
+    return plan
+
+
+def _torch_layer(kind: str, kw: dict):
+    if kind == "avgpool":
+        return nn.AvgPool2d(**kw)
+    if kind == "conv":
+        return nn.Conv2d(**kw)
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "gap":
+        return nn.AdaptiveAvgPool2d(1)
+    if kind == "flatten":
+        return nn.Flatten()
+    if kind == "linear":
+        return nn.Linear(**kw)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def build_model(spec: ModelSpec):
+    """A fresh ``torch.nn.Module`` for ``spec`` (DP-compatible: Opacus validates it)."""
+
+    if spec.arch == "xraynet":
+        return nn.Sequential(*[_torch_layer(k, kw) for k, kw in layer_plan(spec)])
+    return _build_backbone(spec)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _no_inplace(model) -> None:
+    for m in model.modules():
+        if isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU)) and getattr(m, "inplace", False):
+            m.inplace = False
+
+
+def _patch_resnet_blocks(model) -> None:
+    """torchvision ResNet blocks do ``out += identity`` (in place), which breaks Opacus hooks."""
+    import types
+
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        if isinstance(self, Bottleneck):
+            out = self.relu(self.bn2(self.conv2(out)))
+            out = self.bn3(self.conv3(out))
+        else:
+            out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
+
+    for m in model.modules():
+        if isinstance(m, (BasicBlock, Bottleneck)):
+            m.forward = types.MethodType(forward, m)
+
+
+def _build_backbone(spec: ModelSpec):
+    """A torchvision backbone with a 1-channel stem option, GroupNorm and no in-place ops."""
+    import torch
+    import torchvision.models as tvm
+    from opacus.validators import ModuleValidator
+
+    ctor = getattr(tvm, spec.arch)
+    model = ctor(weights=None)  # never downloads: weights only from local files
+    if spec.pretrained_path:
+        path = Path(spec.pretrained_path)
+        if not path.is_file():
+            from .errors import UserError
+
+            raise UserError(f"model.pretrained_path: no file at {path} (weights load only from local files)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=False)
+    # Replace the classification head.
+    if spec.arch == "resnet18":
+        model.fc = nn.Linear(model.fc.in_features, spec.num_outputs)
+    elif spec.arch == "densenet121":
+        model.classifier = nn.Linear(model.classifier.in_features, spec.num_outputs)
+    else:  # mobilenet_v3_small
+        last = model.classifier[-1]
+        model.classifier[-1] = nn.Linear(last.in_features, spec.num_outputs)
+    # Grayscale input: repeat channels inside the model so the stem keeps its shape.
+    model = ModuleValidator.fix(model)  # BatchNorm -> GroupNorm
+    _no_inplace(model)
+    if spec.arch == "resnet18":
+        _patch_resnet_blocks(model)
+    if spec.in_channels == 1:
+        model = nn.Sequential(_RepeatChannels(3), model)
+    if spec.input_pool > 1:
+        model = nn.Sequential(nn.AvgPool2d(spec.input_pool), model)
+    return model
+
+
+class _RepeatChannels(nn.Module):
+    """Repeats a grayscale channel so an RGB stem (and RGB pretrained weights) can be used."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.times = times
+
+    def forward(self, x):
+        return x.repeat(1, self.times, 1, 1)

@@ -1,0 +1,168 @@
+"""Prediction tasks (binary, multi-class, multi-label): loss, probabilities and metrics.
+
+Metrics follow the task: AUROC per class and macro, accuracy, sensitivity and specificity.
+Binary models have one output logit, the probability of the *positive* class
+(``class_names[1]``); multi-class models have one logit per class (softmax); multi-label
+models have one logit per label (independent sigmoids).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, field_validator
+
+TaskKind = Literal["binary", "multiclass", "multilabel"]
+
+# NIH ChestX-ray14 findings, in the order of the official label list.
+NIH_LABELS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+
+
+class TaskSpec(BaseModel):
+    """What the model predicts.
+
+    ``kind``: binary (2 class names, 1 logit), multiclass (K ≥ 2 names, K logits) or
+    multilabel (K ≥ 1 label names, K logits; a scan may carry none, several or all).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: TaskKind
+    class_names: tuple[str, ...]
+
+    @field_validator("class_names")
+    @classmethod
+    def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(v) == 0 or len(set(v)) != len(v):
+            raise ValueError("class_names must be non-empty and unique")
+        return tuple(v)
+
+    def model_post_init(self, __context) -> None:  # noqa: D401
+        if self.kind == "binary" and len(self.class_names) != 2:
+            raise ValueError(f"a binary task needs exactly 2 class names, got {list(self.class_names)}")
+        if self.kind == "multiclass" and len(self.class_names) < 2:
+            raise ValueError("a multiclass task needs at least 2 class names")
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.kind == "binary" else len(self.class_names)
+
+
+def loss_fn(task: TaskSpec):
+    """The training loss for ``task`` (mean over the batch), as a torch module."""
+    import torch.nn as nn
+
+    if task.kind == "multiclass":
+        return nn.CrossEntropyLoss()
+    return nn.BCEWithLogitsLoss()
+
+
+def prepare_targets(task: TaskSpec, y):
+    """Targets in the dtype/shape the loss wants: float (N,1) binary, long (N,) multiclass, float (N,K) multilabel."""
+    import torch
+
+    if task.kind == "multiclass":
+        return y.long().view(-1)
+    if task.kind == "binary":
+        return y.float().view(-1, 1)
+    return y.float().view(y.shape[0], -1)
+
+
+def probabilities(task: TaskSpec, logits: np.ndarray) -> np.ndarray:
+    """Per-class probabilities, shape (N, len(class_names)).
+
+    Binary: column 1 is sigmoid(logit), column 0 its complement. Multiclass: softmax.
+    Multilabel: independent sigmoids (rows need not sum to 1).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim == 1:
+        z = z[None, :]
+    if task.kind == "binary":
+        p = 1.0 / (1.0 + np.exp(-z[:, :1]))
+        return np.concatenate([1.0 - p, p], axis=1)
+    if task.kind == "multiclass":
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _binary_stats(y_true: np.ndarray, y_score: np.ndarray, threshold: float) -> tuple[float, float, float]:
+    pred = y_score >= threshold
+    pos = y_true == 1
+    neg = ~pos
+    sens = float((pred & pos).sum() / pos.sum()) if pos.any() else float("nan")
+    spec = float((~pred & neg).sum() / neg.sum()) if neg.any() else float("nan")
+    acc = float((pred == pos).mean()) if len(y_true) else float("nan")
+    return acc, sens, spec
+
+
+def _auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(y_true)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y_true, y_score))
+
+
+def compute_metrics(task: TaskSpec, logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Metrics for ``logits`` (N, num_outputs) against ``targets``.
+
+    Returns ``auc`` (macro AUROC over classes that have both outcomes), ``auc/<class>``,
+    ``accuracy``, ``sensitivity`` and ``specificity`` (binary: of the positive class at
+    p ≥ 0.5; multiclass/multilabel: macro over classes, one-vs-rest). A class with only
+    one outcome in ``targets`` has AUROC ``nan`` and is left out of the macro average.
+    """
+    probs = probabilities(task, logits)
+    t = np.asarray(targets)
+    out: dict[str, float] = {}
+    if task.kind == "binary":
+        y = t.reshape(-1).astype(int)
+        out["auc"] = _auc(y, probs[:, 1])
+        out[f"auc/{task.class_names[1]}"] = out["auc"]
+        out["accuracy"], out["sensitivity"], out["specificity"] = _binary_stats(y, probs[:, 1], 0.5)
+        return out
+    if task.kind == "multiclass":
+        y = t.reshape(-1).astype(int)
+        onehot = np.eye(len(task.class_names), dtype=int)[y]
+        out["accuracy"] = float((probs.argmax(axis=1) == y).mean())
+        pred_onehot = np.eye(len(task.class_names), dtype=int)[probs.argmax(axis=1)]
+        sens, spec = [], []
+        for k in range(len(task.class_names)):
+            _, s, p = _binary_stats(onehot[:, k], pred_onehot[:, k].astype(float), 0.5)
+            sens.append(s)
+            spec.append(p)
+        aucs = [_auc(onehot[:, k], probs[:, k]) for k in range(len(task.class_names))]
+    else:
+        y = t.reshape(len(probs), -1).astype(int)
+        aucs, sens, spec, accs = [], [], [], []
+        for k in range(len(task.class_names)):
+            a, s, p = _binary_stats(y[:, k], probs[:, k], 0.5)
+            accs.append(a)
+            sens.append(s)
+            spec.append(p)
+            aucs.append(_auc(y[:, k], probs[:, k]))
+        out["accuracy"] = float(np.mean(accs))  # label-wise accuracy
+    for name, a in zip(task.class_names, aucs):
+        out[f"auc/{name}"] = a
+    finite = [a for a in aucs if np.isfinite(a)]
+    out["auc"] = float(np.mean(finite)) if finite else float("nan")
+    out["sensitivity"] = float(np.nanmean(sens)) if np.isfinite(sens).any() else float("nan")
+    out["specificity"] = float(np.nanmean(spec)) if np.isfinite(spec).any() else float("nan")
+    return out

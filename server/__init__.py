@@ -1,0 +1,1 @@
+"""xrayfed server side: Flower SuperLink/ServerApp wiring, run directory, reports, crypto provider."""
