@@ -105,13 +105,19 @@ def _no_inplace(model) -> None:
             m.inplace = False
 
 
-def _patch_resnet_blocks(model) -> None:
-    """torchvision ResNet blocks do ``out += identity`` (in place), which breaks Opacus hooks."""
+def _patch_inplace_forwards(model) -> None:
+    """torchvision blocks add residuals in place (``out += identity``) or call
+    ``F.relu(..., inplace=True)``, which breaks Opacus' per-sample-gradient hooks; give those
+    modules out-of-place forwards with the same arithmetic."""
     import types
 
+    import torch
+    import torch.nn.functional as F
+    from torchvision.models.densenet import DenseNet
+    from torchvision.models.mobilenetv3 import InvertedResidual
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    def forward(self, x):
+    def resnet_forward(self, x):
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         if isinstance(self, Bottleneck):
@@ -123,9 +129,21 @@ def _patch_resnet_blocks(model) -> None:
             identity = self.downsample(x)
         return self.relu(out + identity)
 
+    def inverted_residual_forward(self, x):
+        result = self.block(x)
+        return result + x if self.use_res_connect else result
+
+    def densenet_forward(self, x):
+        out = F.adaptive_avg_pool2d(F.relu(self.features(x)), (1, 1))
+        return self.classifier(torch.flatten(out, 1))
+
     for m in model.modules():
         if isinstance(m, (BasicBlock, Bottleneck)):
-            m.forward = types.MethodType(forward, m)
+            m.forward = types.MethodType(resnet_forward, m)
+        elif isinstance(m, InvertedResidual):
+            m.forward = types.MethodType(inverted_residual_forward, m)
+        elif isinstance(m, DenseNet):
+            m.forward = types.MethodType(densenet_forward, m)
 
 
 def _build_backbone(spec: ModelSpec):
@@ -155,8 +173,7 @@ def _build_backbone(spec: ModelSpec):
     # Grayscale input: repeat channels inside the model so the stem keeps its shape.
     model = ModuleValidator.fix(model)  # BatchNorm -> GroupNorm
     _no_inplace(model)
-    if spec.arch == "resnet18":
-        _patch_resnet_blocks(model)
+    _patch_inplace_forwards(model)
     if spec.in_channels == 1:
         model = nn.Sequential(_RepeatChannels(3), model)
     if spec.input_pool > 1:

@@ -1,0 +1,410 @@
+"""Where every differential-privacy guarantee of a hospital is enforced. Read this file first.
+
+Guarantee: each hospital's model updates, over the whole federation run, are
+(ε, δ)-differentially private with respect to its own training examples (example-level DP,
+add/remove adjacency), for the (ε, δ) in the hospital's own ``hospital.toml`` — whatever the
+server asks for. How:
+
+* **Budget owned by the hospital.** ε, δ, C (clip norm), batch size, local epochs and the
+  number of rounds the budget is planned for come only from the hospital's config
+  (:class:`~xrayfed.common.config.HospitalConfig`). The server's round config carries the
+  learning rate and FedProx μ, never a privacy parameter.
+* **σ derived from the budget.** :func:`plan_dp` picks the noise multiplier σ so that
+  ``max_rounds`` rounds of ``steps`` DP-SGD steps at Poisson sample rate q = B/N stay within
+  (ε, δ) under the PRV accountant (RDP selectable), checked again by composing round by round.
+* **Spend written before training, refusal before spending.** :class:`PrivacyLedger` is the
+  hospital's persistent privacy state: a hash-chained JSON-lines file (one line per round:
+  round, steps, q, σ, C, ε at δ). Before a round trains, the ε after that round is computed
+  from the whole ledger history; if it would exceed ε, the round is refused (nothing trains,
+  nothing leaves). Otherwise the spend is appended and fsync'ed *before* training starts, so a
+  crash can only over-count, never under-count. ε is cumulative over the whole run and
+  survives restarts because it is recomputed from the ledger each time.
+* **No double spend on retries.** The update released for a request (federation, round,
+  global-model hash) is cached; if the server asks again for the same request (e.g. after a
+  server crash and resume), the cached update is sent again — post-processing, no new spend.
+  If the hospital crashed before releasing anything, it retrains under the spend already
+  recorded (nothing was released, so nothing was spent twice).
+* **Per-sample clipping and Gaussian noise** by Opacus (``GradSampleModule`` + a
+  ``DPOptimizer``), Poisson sampling with rate q, memory bounded by ``BatchMemoryManager``.
+* **Noise source.** Opacus' ``secure_mode`` needs torchcsprng, which has no build for this
+  torch. With ``secure_rng = true`` (default) the Gaussian noise is drawn from a
+  cryptographically secure generator instead: AES-256-CTR keystream keyed from ``os.urandom``
+  per step, Box–Muller in float64, and — as Opacus' secure mode does against floating-point
+  attacks — the sum of 4 samples scaled by 1/2. The Poisson batch sampler is seeded from
+  ``os.urandom`` but uses torch's (non-cryptographic) generator; the ledger and reports say
+  ``secure_mode: false`` because Opacus' own secure mode is not used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xrayfed.common.config import HospitalConfig
+from xrayfed.common.errors import UserError
+from xrayfed.common.ledger import append_record, read_ledger
+
+log = logging.getLogger(__name__)
+
+NOISE_SOURCE_SECURE = "csprng:aes256-ctr(os.urandom)+box-muller,sum-of-4"
+NOISE_SOURCE_TORCH = "torch.normal (not cryptographically secure)"
+
+
+class BudgetExceeded(UserError):
+    """Another round would take the hospital past its (ε, δ) budget."""
+
+
+# ----------------------------------------------------------------------------- accounting
+def compute_epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str = "prv") -> float:
+    """ε at ``delta`` after composing ``history`` = [(σ, q, steps), ...] with Opacus' accountant."""
+    if not history:
+        return 0.0
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """DP-SGD settings for one round of one hospital (units in the field names)."""
+
+    noise_multiplier: float  # σ: noise std / clip norm
+    sample_rate: float  # q: Poisson sampling probability per example per step
+    steps: int  # DP-SGD steps per round
+    max_grad_norm: float  # C: per-sample L2 clip norm
+    expected_batch_size: int  # q·N
+    num_examples: int  # N: training examples at this hospital
+    epsilon_budget: float  # ε for the whole federation run
+    delta: float  # δ
+    max_rounds: int  # rounds the budget is planned for
+    accountant: str
+
+
+def plan_dp(cfg: HospitalConfig, num_examples: int) -> DPPlan:
+    """σ, q and steps for one round so that ``max_rounds`` rounds fit the hospital's (ε, δ)."""
+    if num_examples < 2:
+        raise UserError(f"data: {num_examples} training example(s); DP training needs at least 2")
+    p, t = cfg.privacy, cfg.training
+    q = min(1.0, t.batch_size / num_examples)
+    steps = max(1, math.ceil(t.local_epochs / q))
+    sigma = p.noise_multiplier
+    if sigma is None:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        sigma = float(
+            get_noise_multiplier(
+                target_epsilon=p.epsilon,
+                target_delta=p.delta,
+                sample_rate=q,
+                steps=steps * p.max_rounds,
+                accountant=p.accountant,
+                epsilon_tolerance=0.01,
+            )
+        )
+        # Check with the exact round-by-round composition that the ledger will use.
+        while compute_epsilon([(sigma, q, steps)] * p.max_rounds, p.delta, p.accountant) > p.epsilon:
+            sigma *= 1.01
+    return DPPlan(
+        noise_multiplier=float(sigma),
+        sample_rate=float(q),
+        steps=int(steps),
+        max_grad_norm=float(p.max_grad_norm),
+        expected_batch_size=max(1, int(round(q * num_examples))),
+        num_examples=int(num_examples),
+        epsilon_budget=float(p.epsilon),
+        delta=float(p.delta),
+        max_rounds=int(p.max_rounds),
+        accountant=p.accountant,
+    )
+
+
+# ----------------------------------------------------------------------------- ledger
+def request_key(federation: str, server_round: int, weights_version: str) -> str:
+    """Identifies one training request: same federation, round and global model → same key."""
+    return hashlib.sha256(f"{federation}|{server_round}|{weights_version}".encode()).hexdigest()[:32]
+
+
+class PrivacyLedger:
+    """The hospital's persistent privacy state (hash-chained JSON lines in ``state_dir``).
+
+    Line kinds (``event``): ``budget`` (first line; budget and settings), ``train`` (one per
+    round trained: round, steps, sample_rate q, noise_multiplier σ, max_grad_norm C,
+    epsilon = cumulative ε at delta), ``resend`` (cached update sent again, no spend),
+    ``retry`` (retraining after a crash before release, under an earlier spend) and
+    ``refused`` (a round refused because it would exceed the budget).
+    """
+
+    FILE = "privacy-ledger.jsonl"
+
+    def __init__(self, state_dir: Path, cfg: HospitalConfig) -> None:
+        self.path = Path(state_dir) / self.FILE
+        self.cfg = cfg
+        self.records = read_ledger(self.path)  # verifies the hash chain
+
+    # -- reading
+    def train_records(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("event") == "train"]
+
+    def history(self) -> list[tuple[float, float, int]]:
+        return [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in self.train_records()]
+
+    def spent(self) -> float:
+        """Cumulative ε at the hospital's δ over every round recorded so far."""
+        return compute_epsilon(self.history(), self.cfg.privacy.delta, self.cfg.privacy.accountant)
+
+    def find(self, key: str) -> dict[str, Any] | None:
+        for r in reversed(self.train_records()):
+            if r.get("request") == key:
+                return r
+        return None
+
+    # -- writing
+    def _append(self, rec: dict[str, Any]) -> dict[str, Any]:
+        rec = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hospital": self.cfg.hospital.name, **rec}
+        full = append_record(self.path, rec)
+        self.records.append(full)
+        return full
+
+    def ensure_header(self, plan: DPPlan) -> None:
+        header = {
+            "event": "budget",
+            "epsilon_budget": plan.epsilon_budget,
+            "delta": plan.delta,
+            "max_rounds": plan.max_rounds,
+            "accountant": plan.accountant,
+            "num_examples": plan.num_examples,
+            "max_grad_norm": plan.max_grad_norm,
+            "secure_mode": False,
+            "secure_rng": self.cfg.privacy.secure_rng,
+            "noise_source": NOISE_SOURCE_SECURE if self.cfg.privacy.secure_rng else NOISE_SOURCE_TORCH,
+        }
+        last = next((r for r in reversed(self.records) if r.get("event") == "budget"), None)
+        if last is None or any(last.get(k) != v for k, v in header.items()):
+            self._append(header)
+
+    def charge(self, plan: DPPlan, *, federation: str, server_round: int, key: str) -> dict[str, Any]:
+        """Refuse (``BudgetExceeded``) or record the spend of one round, before it trains."""
+        eps_after = compute_epsilon(
+            self.history() + [(plan.noise_multiplier, plan.sample_rate, plan.steps)], plan.delta, plan.accountant
+        )
+        if eps_after > plan.epsilon_budget:
+            spent = self.spent()
+            self._append(
+                {
+                    "event": "refused",
+                    "federation": federation,
+                    "round": server_round,
+                    "request": key,
+                    "epsilon": spent,
+                    "epsilon_if_trained": eps_after,
+                    "epsilon_budget": plan.epsilon_budget,
+                    "delta": plan.delta,
+                }
+            )
+            raise BudgetExceeded(
+                f"hospital {self.cfg.hospital.name}: round {server_round} refused: it would spend ε = {eps_after:.3f} "
+                f"in total, over this hospital's budget ε = {plan.epsilon_budget:g} (δ = {plan.delta:g}); "
+                f"already spent ε = {spent:.3f} in {len(self.train_records())} round(s)"
+            )
+        return self._append(
+            {
+                "event": "train",
+                "federation": federation,
+                "round": server_round,
+                "request": key,
+                "steps": plan.steps,
+                "sample_rate": plan.sample_rate,
+                "noise_multiplier": plan.noise_multiplier,
+                "max_grad_norm": plan.max_grad_norm,
+                "expected_batch_size": plan.expected_batch_size,
+                "num_examples": plan.num_examples,
+                "delta": plan.delta,
+                "epsilon": eps_after,
+                "epsilon_budget": plan.epsilon_budget,
+                "accountant": plan.accountant,
+                "secure_rng": self.cfg.privacy.secure_rng,
+            }
+        )
+
+    def note(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Append an informational line (``resend``/``retry``); it carries the current ε."""
+        return self._append({"event": event, "epsilon": self.spent(), **fields})
+
+
+class ReleaseCache:
+    """The last released updates, keyed by request, so a repeated request costs no new ε."""
+
+    def __init__(self, state_dir: Path, keep: int = 3) -> None:
+        self.dir = Path(state_dir) / "released"
+        self.keep = keep
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}.pt"
+
+    def get(self, key: str) -> dict | None:
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:
+            log.warning("cached update %s unreadable; ignoring it", p.name)
+            return None
+
+    def put(self, key: str, payload: dict) -> None:
+        import io
+
+        from xrayfed.common.checkpoint import atomic_write
+
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        atomic_write(self.path(key), buf.getvalue(), mode=0o600)
+        files = sorted(self.dir.glob("*.pt"), key=lambda f: f.stat().st_mtime)
+        for old in files[: -self.keep]:
+            old.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- DP-SGD
+def csprng_standard_normal(numel: int) -> torch.Tensor:
+    """``numel`` standard-normal float64 samples from a cryptographically secure generator.
+
+    AES-256-CTR keystream (key and nonce fresh from ``os.urandom``) → 53-bit uniforms →
+    Box–Muller.
+    """
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    pairs = (numel + 1) // 2
+    enc = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
+    raw = np.frombuffer(enc.update(bytes(16 * pairs)) + enc.finalize(), dtype=np.uint64).reshape(2, pairs)
+    u = ((raw >> np.uint64(11)).astype(np.float64) + 1.0) / float(2**53)  # (0, 1]
+    r = np.sqrt(-2.0 * np.log(u[0]))
+    theta = 2.0 * np.pi * u[1]
+    z = np.concatenate([r * np.cos(theta), r * np.sin(theta)])[:numel]
+    return torch.from_numpy(z)
+
+
+def secure_gaussian_like(reference: torch.Tensor, std: float) -> torch.Tensor:
+    """Gaussian noise N(0, std²) shaped like ``reference``: sum of 4 CSPRNG normals × std/2."""
+    n = reference.numel()
+    z = csprng_standard_normal(4 * n).view(4, n).sum(dim=0) / 2.0
+    return (z * std).to(dtype=reference.dtype).view(reference.shape).to(reference.device)
+
+
+def _optimizer_class():
+    from opacus.optimizers import DPOptimizer
+
+    class HospitalDPOptimizer(DPOptimizer):
+        """Opacus DPOptimizer with CSPRNG noise (optional) and a FedProx term added after
+        noising (the proximal gradient μ(w − w_global) is data-independent: post-processing)."""
+
+        def __init__(self, *args, secure_rng: bool = True, prox_mu: float = 0.0, prox_ref=None, **kw):
+            super().__init__(*args, **kw)
+            self.secure_rng = secure_rng
+            self.prox_mu = prox_mu
+            self.prox_ref = prox_ref
+
+        def add_noise(self):
+            if not self.secure_rng:
+                return super().add_noise()
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                noise = secure_gaussian_like(p.summed_grad, std) if std > 0 else torch.zeros_like(p.summed_grad)
+                p.grad = (p.summed_grad + noise).view_as(p)
+
+        def scale_grad(self):
+            super().scale_grad()
+            if self.prox_mu > 0 and self.prox_ref is not None:
+                for p, ref in zip(self.params, self.prox_ref):
+                    p.grad += self.prox_mu * (p.detach() - ref)
+
+    return HospitalDPOptimizer
+
+
+def make_private(model, optimizer, dataset, plan: DPPlan, *, secure_rng: bool = True, prox_mu: float = 0.0):
+    """Wrap model/optimizer/data for DP-SGD under ``plan``.
+
+    Returns ``(dp_model, dp_optimizer, loader)`` where ``loader`` yields exactly
+    ``plan.steps`` Poisson-sampled logical batches (rate q) per pass.
+    """
+    from opacus import GradSampleModule
+    from opacus.data_loader import wrap_collate_with_empty
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+    from opacus.validators import ModuleValidator
+
+    model.train()
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise UserError(f"model is not DP-compatible: {errors[0]}")
+    dp_model = GradSampleModule(model)
+    prox_ref = [p.detach().clone() for p in dp_model.parameters()] if prox_mu > 0 else None
+    dp_opt = _optimizer_class()(
+        optimizer,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        expected_batch_size=plan.expected_batch_size,
+        secure_rng=secure_rng,
+        prox_mu=prox_mu,
+        prox_ref=prox_ref,
+    )
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    x0, y0 = dataset[0]
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(dataset), sample_rate=plan.sample_rate, generator=gen, steps=plan.steps
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=wrap_collate_with_empty(
+            collate_fn=torch.utils.data.default_collate,
+            sample_empty_shapes=[(0, *x0.shape), (0, *torch.as_tensor(y0).shape)],
+            dtypes=[x0.dtype, torch.as_tensor(y0).dtype],
+        ),
+    )
+    return dp_model, dp_opt, loader
+
+
+def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task, device, lr: float,
+                        prox_mu: float = 0.0, desc: str | None = None) -> dict:
+    """One round of DP-SGD at this hospital (the caller has already charged the ledger).
+
+    ``model`` is updated in place (plain module, no Opacus wrapper left behind).
+    Returns ``{"loss", "examples", "steps", "seconds"}``.
+    """
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    from xrayfed.common.train import make_optimizer, train_epoch
+
+    t0 = time.time()
+    model.to(device)
+    opt = make_optimizer(model, cfg.training.optimizer, lr, cfg.training.momentum)
+    dp_model, dp_opt, loader = make_private(model, opt, dataset, plan, secure_rng=cfg.privacy.secure_rng,
+                                            prox_mu=prox_mu)
+    with BatchMemoryManager(
+        data_loader=loader, max_physical_batch_size=cfg.training.max_physical_batch_size, optimizer=dp_opt
+    ) as mem_loader:
+        out = train_epoch(dp_model, mem_loader, dp_opt, task, device, desc=desc)
+    dp_model.zero_grad(set_to_none=True)
+    dp_model._close()  # remove Opacus hooks; `model` is the trained plain module
+    out.update(steps=plan.steps, seconds=time.time() - t0)
+    return out
+
+
+def plan_as_dict(plan: DPPlan) -> dict:
+    return asdict(plan)
+
+
+def summary_json(ledger: PrivacyLedger) -> str:
+    return json.dumps({"epsilon_spent": ledger.spent(), "rounds": len(ledger.train_records())})

@@ -1,0 +1,124 @@
+"""Child processes that never outlive us: process groups, tree kills, free ports, readiness."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Sequence
+
+import psutil
+
+from .errors import UserError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (picked by the OS)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None,
+                  what: str = "service") -> None:
+    """Block until ``host:port`` accepts TCP connections (or raise UserError)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise UserError(f"{what} exited with status {proc.returncode} before listening on {host}:{port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.2)
+    raise UserError(f"{what} did not start listening on {host}:{port} within {timeout:.0f}s")
+
+
+def venv_bin(name: str) -> str:
+    """Path of a console script installed beside this Python (the project's venv)."""
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
+def spawn(cmd: Sequence[str], *, log: IO | None = None, env: dict | None = None, cwd: str | None = None,
+          stdout=None) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group (so the whole tree can be stopped together)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    return subprocess.Popen(
+        list(cmd),
+        stdout=stdout if stdout is not None else (log or None),
+        stderr=subprocess.STDOUT if (log is not None or stdout is not None) else None,
+        stdin=subprocess.DEVNULL,
+        env=full_env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+
+
+def kill_tree(proc: subprocess.Popen | int | None, timeout: float = 5.0) -> None:
+    """Stop a process, its process group and every descendant: SIGTERM, then SIGKILL."""
+    if proc is None:
+        return
+    pid = proc if isinstance(proc, int) else proc.pid
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+    if isinstance(proc, subprocess.Popen):
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=timeout)
+
+
+class ProcessGroup:
+    """Context manager owning child processes; all are stopped on exit, Ctrl-C or SIGTERM."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self._old: dict[int, object] = {}
+
+    def add(self, proc: subprocess.Popen) -> subprocess.Popen:
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> "ProcessGroup":
+        def on_term(signum, frame):
+            raise KeyboardInterrupt
+
+        with contextlib.suppress(ValueError):  # not in the main thread
+            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_term)
+        return self
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            kill_tree(p)
+
+    def __exit__(self, *exc) -> None:
+        self.stop_all()
+        for s, h in self._old.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(s, h)
+
+
+def parse_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"{what} {value!r}: expected HOST:PORT (e.g. 127.0.0.1:9092)")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,97 @@
+"""The one training loop and the one evaluation loop (used by hospitals, server-side
+evaluation and the benchmarks, with or without DP)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .tasks import TaskSpec, compute_metrics, loss_fn, prepare_targets
+
+log = logging.getLogger(__name__)
+
+# Opacus' hooks on the first layer fire although the input needs no gradient: harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when a GPU is present, else CPU. ``cuda`` without a GPU is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to this process (use auto or cpu)")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: allowed are auto, cpu, cuda")
+    return torch.device(name)
+
+
+def _progress(it: Iterable, total: int | None, desc: str | None):
+    if desc is None:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc=desc, unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True,
+                disable=None)
+
+
+def train_epoch(model, loader, optimizer, task: TaskSpec, device: torch.device, desc: str | None = None) -> dict:
+    """One pass over ``loader`` (for DP: one round's Poisson-sampled logical batches).
+
+    Returns ``{"loss": mean training loss, "examples": samples seen}``.
+    """
+    criterion = loss_fn(task)
+    model.train()
+    total_loss, seen = 0.0, 0
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    for x, y in _progress(loader, total, desc):
+        if len(x) == 0:  # an empty Poisson batch: DP-SGD still takes its (noise-only) step
+            optimizer.zero_grad(set_to_none=True)
+            (model(x.to(device)).sum() * 0.0).backward()
+            optimizer.step()
+            continue
+        x = x.to(device, non_blocking=True)
+        y = prepare_targets(task, y.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(x)
+        seen += len(x)
+    return {"loss": total_loss / max(seen, 1), "examples": seen}
+
+
+@torch.no_grad()
+def predict_logits(model, dataset, device: torch.device, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, outputs) and targets for a whole dataset, in order."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    model.eval()
+    outs, ys = [], []
+    for x, y in loader:
+        outs.append(model(x.to(device)).float().cpu())
+        ys.append(y)
+    return torch.cat(outs).numpy(), torch.cat(ys).numpy()
+
+
+def evaluate(model, dataset, task: TaskSpec, device: torch.device, batch_size: int = 256) -> dict[str, float]:
+    """Task metrics (see :func:`xrayfed.common.tasks.compute_metrics`) plus ``loss``."""
+    logits, targets = predict_logits(model, dataset, device, batch_size)
+    metrics = compute_metrics(task, logits, targets)
+    crit = loss_fn(task)
+    metrics["loss"] = float(crit(torch.from_numpy(logits), prepare_targets(task, torch.from_numpy(targets))))
+    metrics["examples"] = int(len(targets))
+    return metrics
+
+
+def make_optimizer(model, name: str, lr: float, momentum: float = 0.9):
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)

@@ -1,0 +1,147 @@
+"""One federated training run on the server side (called by the thin ServerApp).
+
+Resumes from the run directory's latest checkpoint, runs the remaining rounds with the
+configured strategy, and after every round: evaluates the global model on the server's
+held-out set (when configured), writes the checkpoint, appends the metrics line and prints
+one summary line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+from xrayfed.common.checkpoint import Checkpoint
+from xrayfed.common.config import FederationConfig, dump_toml
+from xrayfed.common.model import build_model
+
+from .rundir import RunDir
+from .strategy import make_strategy
+
+log = logging.getLogger(__name__)
+PREFIX = "[xrayfed]"
+
+
+def _say(msg: str) -> None:
+    print(f"{PREFIX} {msg}", flush=True)
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    try:
+        return format(float(v), spec)
+    except (TypeError, ValueError):
+        return "n/a"
+
+
+def summary_line(row: dict[str, Any]) -> str:
+    ev = row.get("eval") or row.get("client_eval") or {}
+    eps = ", ".join(
+        f"{h['hospital']} ε={_fmt(h.get('epsilon'), '.2f')}{'' if h.get('status') == 'trained' else ' (' + h.get('status', '?') + ')'}"
+        for h in row.get("hospitals", [])
+    )
+    src = "test" if row.get("eval") else "val"
+    return (
+        f"round {row['round']}: {src} AUC {_fmt(ev.get('auc'))} acc {_fmt(ev.get('accuracy'))} "
+        f"| {len(row.get('participants', []))} trained | {eps} | {row.get('duration_s', 0):.1f}s"
+    )
+
+
+def _load_eval_set(cfg: FederationConfig):
+    if cfg.eval.path is None:
+        return None
+    from xrayfed.common.data import load_dataset
+
+    ds = load_dataset(cfg.eval.path, split=cfg.eval.split, image_size=cfg.image_size, task=cfg.task)
+    _say(f"server-side evaluation on {len(ds)} held-out scans ({cfg.eval.split})")
+    return ds
+
+
+def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "") -> RunDir:
+    run = RunDir(cfg.federation.run_dir).create()
+    (run.path / "federation.toml").write_text(dump_toml(cfg), encoding="utf-8")
+    torch.manual_seed(cfg.federation.seed)
+
+    latest = run.load_latest()
+    if latest is not None:
+        if latest.model != cfg.model or latest.task != cfg.task or latest.image_size != cfg.image_size:
+            from xrayfed.common.errors import UserError
+
+            raise UserError(
+                f"{run.latest_checkpoint()}: the checkpoint's model/task/image size differ from the config; "
+                "use a new run_dir for a different model"
+            )
+        start_round = latest.round
+        state = latest.state_dict
+        _say(f"resuming from checkpoint of round {start_round} ({run.latest_checkpoint()})")
+    else:
+        start_round = 0
+        state = build_model(cfg.model).state_dict()
+    remaining = cfg.federation.rounds - start_round
+    if remaining <= 0:
+        _say(f"all {cfg.federation.rounds} rounds are done (latest checkpoint: round {start_round})")
+        return run
+
+    eval_set = _load_eval_set(cfg)
+    strategy = make_strategy(cfg, round_offset=start_round)
+    device = torch.device("cpu")
+    t_round = [time.time()]
+
+    def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        g = strategy.global_round(server_round)
+        sd = arrays.to_torch_state_dict()
+        row: dict[str, Any] = {
+            "round": g,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "run_id": str(flwr_run_id),
+            "federation": cfg.federation.name,
+        }
+        result = None
+        if eval_set is not None:
+            from xrayfed.common.train import evaluate
+
+            model = build_model(cfg.model)
+            model.load_state_dict(sd)
+            m = evaluate(model, eval_set, cfg.task, device)
+            row["eval"] = {k: v for k, v in m.items()}
+            result = MetricRecord({k: float(v) for k, v in m.items() if k in ("auc", "accuracy", "loss")})
+        ckpt = Checkpoint(model=cfg.model, task=cfg.task, image_size=cfg.image_size, state_dict=sd, round=g,
+                          run_id=str(flwr_run_id))
+        run.save(ckpt)
+        rows = strategy.train_rows.get(g, [])
+        row["hospitals"] = rows
+        row["participants"] = [r["hospital"] for r in rows if r.get("status") in ("trained", "resent")]
+        eps = [float(r["epsilon"]) for r in rows if r.get("epsilon") is not None]
+        row["max_epsilon"] = max(eps) if eps else None
+        if g in strategy.client_eval:
+            row["client_eval"] = strategy.client_eval[g]
+        row["model_version"] = ckpt.model_version
+        row["duration_s"] = round(time.time() - t_round[0], 2)
+        t_round[0] = time.time()
+        run.append_metrics(row)
+        _say(summary_line(row))
+        if rows and not row["participants"]:
+            _say(f"round {g}: every hospital refused (privacy budgets spent) — nothing more can be trained")
+        return result
+
+    _say(
+        f"federation {cfg.federation.name!r}: rounds {start_round + 1}..{cfg.federation.rounds}, "
+        f"strategy {cfg.federation.strategy}, ≥{cfg.federation.min_clients} hospitals, run dir {run.path}"
+    )
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(state),
+        num_rounds=remaining,
+        timeout=cfg.federation.round_timeout_s,
+        train_config=ConfigRecord({}),
+        evaluate_config=ConfigRecord({}),
+        evaluate_fn=on_round_end,
+    )
+    _say(f"done: {cfg.federation.rounds} rounds; checkpoints and metrics in {run.path}")
+    return run

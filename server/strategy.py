@@ -1,0 +1,138 @@
+"""Aggregation strategies (Flower Message API) with the hooks xrayfed needs.
+
+:func:`make_strategy` returns FedAvg (weighted by example counts), FedProx or FedAdam from
+``flwr.serverapp.strategy`` extended to
+
+* number rounds globally (a resumed run continues at the checkpoint's round + 1),
+* send the federation's model/task description and the round's learning rate to hospitals,
+* record every hospital's reply (trained / refused / resent / failed, with its reported ε),
+* aggregate only updates that were actually trained; a hospital that refused because its
+  privacy budget is spent contributes nothing (and is not counted as a failure).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Iterable
+
+from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from xrayfed.common.config import FederationConfig
+
+log = logging.getLogger(__name__)
+
+# Numeric fields a hospital reports with each training reply (MetricRecord).
+HOSPITAL_METRICS = (
+    "num-examples",
+    "epsilon",
+    "delta",
+    "epsilon_budget",
+    "train_loss",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "max_grad_norm",
+    "secure_rng",
+)
+
+
+def reply_row(msg: Message) -> dict[str, Any]:
+    """One hospital's row for metrics.jsonl from its training reply."""
+    row: dict[str, Any] = {"node_id": int(msg.metadata.src_node_id)}
+    if msg.has_error():
+        row.update(hospital=f"node-{row['node_id']}", status="failed", error=str(msg.error.reason)[:200])
+        return row
+    content = msg.content
+    info = content.get("hospital")
+    if isinstance(info, ConfigRecord):
+        row["hospital"] = str(info.get("name", f"node-{row['node_id']}"))
+        row["status"] = str(info.get("status", "trained"))
+        row["accountant"] = str(info.get("accountant", ""))
+        if info.get("reason"):
+            row["reason"] = str(info["reason"])
+    else:
+        row.update(hospital=f"node-{row['node_id']}", status="trained")
+    metrics = content.get("metrics")
+    if isinstance(metrics, MetricRecord):
+        for k in HOSPITAL_METRICS:
+            if k in metrics:
+                v = metrics[k]
+                key = "num_examples" if k == "num-examples" else k
+                row[key] = bool(v) if k == "secure_rng" else v
+    return row
+
+
+def has_update(msg: Message) -> bool:
+    return (not msg.has_error()) and len(msg.content.array_records) == 1
+
+
+def make_strategy(cfg: FederationConfig, round_offset: int = 0):
+    """The configured strategy, extended with xrayfed's round hooks."""
+    fed = cfg.federation
+    base = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[fed.strategy]
+    kwargs: dict[str, Any] = dict(
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=fed.min_clients,
+        min_evaluate_nodes=fed.min_clients,
+        min_available_nodes=fed.min_clients,
+    )
+    if fed.strategy == "fedprox":
+        kwargs["proximal_mu"] = fed.proximal_mu
+    if fed.strategy == "fedadam":
+        kwargs["eta"] = fed.server_lr
+
+    federation_info = {
+        "federation": fed.name,
+        "model": json.dumps(cfg.model.model_dump()),
+        "task": json.dumps({"kind": cfg.task.kind, "class_names": list(cfg.task.class_names)}),
+        "image-size": int(cfg.image_size),
+        "lr": float(fed.lr),
+    }
+
+    class XrayStrategy(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__(**kwargs)
+            self.round_offset = round_offset
+            self.train_rows: dict[int, list[dict[str, Any]]] = {}
+            self.client_eval: dict[int, dict[str, float]] = {}
+
+        def global_round(self, server_round: int) -> int:
+            return self.round_offset + server_round
+
+        def _with_info(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+            c = ConfigRecord(dict(config))
+            c.update(federation_info)
+            c["round"] = self.global_round(server_round)
+            return c
+
+        def configure_train(self, server_round, arrays, config, grid):
+            return super().configure_train(server_round, arrays, self._with_info(server_round, config), grid)
+
+        def configure_evaluate(self, server_round, arrays, config, grid):
+            return super().configure_evaluate(server_round, arrays, self._with_info(server_round, config), grid)
+
+        def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+            replies = list(replies)
+            rows = [reply_row(m) for m in replies]
+            self.train_rows[self.global_round(server_round)] = rows
+            for r in rows:
+                if r["status"] == "refused":
+                    log.warning("hospital %s refused round %d: %s", r["hospital"], self.global_round(server_round),
+                                r.get("reason", "privacy budget"))
+            updates = [m for m in replies if has_update(m)]
+            if not updates:
+                log.warning("round %d: no hospital sent an update; the global model is unchanged",
+                            self.global_round(server_round))
+                return None, None
+            return super().aggregate_train(server_round, updates)
+
+        def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+            agg = super().aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])
+            if agg is not None:
+                self.client_eval[self.global_round(server_round)] = {k: float(v) for k, v in agg.items()}
+            return agg
+
+    return XrayStrategy()

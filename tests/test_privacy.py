@@ -1,0 +1,116 @@
+"""DP enforcement: σ from the budget, ε in the ledger, refusal, no double spend, CSPRNG noise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from xrayfed.client.privacy import (
+    BudgetExceeded,
+    PrivacyLedger,
+    compute_epsilon,
+    csprng_standard_normal,
+    plan_dp,
+    secure_gaussian_like,
+)
+from xrayfed.common.config import HospitalConfig, load_config
+from xrayfed.common.ledger import LedgerError, read_ledger
+
+
+def hcfg(tmp_path, **over):
+    base = {"hospital.name": "h1", "hospital.state_dir": str(tmp_path / "state")}
+    base.update(over)
+    return load_config(HospitalConfig, None, base)
+
+
+@pytest.mark.parametrize("eps,rounds,n,batch", [(8.0, 5, 1500, 64), (1.0, 3, 4000, 128), (3.0, 10, 800, 32)])
+def test_noise_multiplier_fits_budget(tmp_path, eps, rounds, n, batch):
+    cfg = hcfg(tmp_path, **{"privacy.epsilon": eps, "privacy.max_rounds": rounds, "training.batch_size": batch})
+    plan = plan_dp(cfg, n)
+    assert plan.sample_rate == pytest.approx(batch / n)
+    total = compute_epsilon([(plan.noise_multiplier, plan.sample_rate, plan.steps)] * rounds, plan.delta)
+    assert total <= eps
+    assert total >= 0.9 * eps  # not wastefully noisy
+    # One round more than planned no longer fits.
+    assert compute_epsilon([(plan.noise_multiplier, plan.sample_rate, plan.steps)] * (rounds + 1), plan.delta) > eps
+
+
+def test_ledger_epsilon_equals_opacus_accountant(tmp_path):
+    from opacus.accountants import PRVAccountant
+
+    cfg = hcfg(tmp_path, **{"privacy.epsilon": 6.0, "privacy.max_rounds": 4})
+    plan = plan_dp(cfg, 1000)
+    ledger = PrivacyLedger(tmp_path / "state", cfg)
+    ledger.ensure_header(plan)
+    for r in range(1, 4):
+        ledger.charge(plan, federation="f", server_round=r, key=f"k{r}")
+    recs = [r for r in read_ledger(tmp_path / "state" / PrivacyLedger.FILE) if r["event"] == "train"]
+    assert [r["round"] for r in recs] == [1, 2, 3]
+    for i, rec in enumerate(recs, start=1):
+        acc = PRVAccountant()
+        for prev in recs[:i]:
+            # recompute from the logged (q, σ, steps) only, step by step through Opacus' own API
+            for _ in range(prev["steps"]):
+                acc.step(noise_multiplier=prev["noise_multiplier"], sample_rate=prev["sample_rate"])
+        assert rec["epsilon"] == pytest.approx(acc.get_epsilon(delta=rec["delta"]), rel=1e-6, abs=1e-9)
+    # ε grows with every round and survives a restart (new ledger object reads the file)
+    assert recs[0]["epsilon"] < recs[1]["epsilon"] < recs[2]["epsilon"]
+    assert PrivacyLedger(tmp_path / "state", cfg).spent() == pytest.approx(recs[-1]["epsilon"])
+
+
+def test_budget_refusal_says_why_and_spends_nothing(tmp_path):
+    cfg = hcfg(tmp_path, **{"privacy.epsilon": 2.0, "privacy.max_rounds": 2})
+    plan = plan_dp(cfg, 500)
+    ledger = PrivacyLedger(tmp_path / "state", cfg)
+    ledger.ensure_header(plan)
+    ledger.charge(plan, federation="f", server_round=1, key="a")
+    ledger.charge(plan, federation="f", server_round=2, key="b")
+    spent = ledger.spent()
+    assert spent <= 2.0
+    with pytest.raises(BudgetExceeded) as e:
+        ledger.charge(plan, federation="f", server_round=3, key="c")
+    msg = str(e.value)
+    assert "round 3 refused" in msg and "budget" in msg and "\n" not in msg
+    assert ledger.spent() == pytest.approx(spent)  # nothing spent
+    events = [r["event"] for r in read_ledger(ledger.path)]
+    assert events == ["budget", "train", "train", "refused"]
+
+
+def test_tampered_ledger_is_refused_naming_the_line(tmp_path):
+    cfg = hcfg(tmp_path)
+    plan = plan_dp(cfg, 500)
+    ledger = PrivacyLedger(tmp_path / "state", cfg)
+    ledger.ensure_header(plan)
+    ledger.charge(plan, federation="f", server_round=1, key="a")
+    ledger.charge(plan, federation="f", server_round=2, key="b")
+    lines = ledger.path.read_text().splitlines()
+    rec = json.loads(lines[2])
+    rec["epsilon"] = 0.001  # pretend less was spent
+    lines[2] = json.dumps(rec, sort_keys=True)
+    ledger.path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(LedgerError) as e:
+        PrivacyLedger(tmp_path / "state", cfg)
+    assert e.value.line == 3
+    # deleting a line is caught too
+    del lines[1]
+    ledger.path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(LedgerError) as e:
+        read_ledger(ledger.path)
+    assert e.value.line == 2
+
+
+def test_csprng_noise_is_standard_normal():
+    z = csprng_standard_normal(200_001).numpy()
+    assert z.shape == (200_001,)
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+    ref = torch.zeros(300, 400)
+    noise = secure_gaussian_like(ref, std=2.5)
+    assert noise.shape == ref.shape and noise.dtype == ref.dtype
+    assert noise.std().item() == pytest.approx(2.5, rel=0.02)
+    # fresh randomness every call
+    assert not torch.equal(secure_gaussian_like(ref, 1.0), secure_gaussian_like(ref, 1.0))
