@@ -128,6 +128,7 @@ def train_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict) -
         "steps": plan.steps,
         "max_grad_norm": plan.max_grad_norm,
         "secure_rng": int(cfg.privacy.secure_rng),
+        "secure_mode": 0,  # Opacus' own secure_mode (torchcsprng) is not available; see privacy.py
     }
     cached = cache.get(key)
     if cached is not None:

@@ -72,8 +72,11 @@ def compute_epsilon(history: list[tuple[float, float, int]], delta: float, accou
         return 0.0
     from opacus.accountants import PRVAccountant, RDPAccountant
 
+    from xrayfed.common.accounting import merge_history
+
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    # Consecutive rounds with equal (σ, q) compose into one entry: same ε, constant cost per call.
+    acc.history = merge_history(history)
     return float(acc.get_epsilon(delta=delta))
 
 

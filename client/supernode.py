@@ -65,44 +65,33 @@ def check_data(cfg) -> int:
     return len(ds)
 
 
-def supernode_tls_args(args: argparse.Namespace) -> list[str]:
-    if args.insecure:
-        return ["--insecure"]
-    if args.root_cert is None:
-        raise UserError("--root-cert: required with TLS (the federation CA from `xrayfed certs init`), "
-                        "or pass --insecure for a local experiment")
-    if not args.root_cert.is_file():
-        raise UserError(f"--root-cert: no file at {args.root_cert}")
-    return ["--root-certificates", str(args.root_cert)]
-
-
 def run_client_cmd(args: argparse.Namespace) -> int:
     from xrayfed.common.config import dump_toml
+    from xrayfed.common.flower_security import flower_env, supernode_args, warn_insecure
     from xrayfed.common.procs import ProcessGroup, free_port, parse_hostport, spawn, venv_bin
 
     parse_hostport(args.server, "--server")
     cfg = load_hospital_config(args)
-    tls = supernode_tls_args(args)
+    if not args.insecure and args.root_cert is None:
+        raise UserError("--root-cert: required with TLS (the federation's ca.pem from `xrayfed certs init`), "
+                        "or pass --insecure for a local experiment")
+    link_args = supernode_args(superlink=args.server, insecure=args.insecure, root_certificates=args.root_cert,
+                               auth_private_key=args.auth_key)
     if args.insecure:
-        print("xrayfed: WARNING: --insecure: this hospital talks to the server WITHOUT TLS; local experiments only",
-              file=sys.stderr)
-    auth: list[str] = []
-    if args.auth_key is not None:
-        if not args.auth_key.is_file():
-            raise UserError(f"--auth-key: no file at {args.auth_key}")
-        auth = ["--auth-supernode-private-key", str(args.auth_key)]
+        warn_insecure(f"hospital {cfg.hospital.name}")
     check_data(cfg)
     state = Path(cfg.hospital.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     resolved = state / "hospital.resolved.toml"
     resolved.write_text(dump_toml(cfg), encoding="utf-8")
     port = args.port or free_port()
-    cmd = [
-        venv_bin("flower-supernode"), "--superlink", args.server, "--port", str(port),
-        "--node-config", f'config="{resolved}"', *tls, *auth,
-    ]
+    cmd = [venv_bin("flower-supernode"), *link_args, "--port", str(port), "--node-config", f'config="{resolved}"']
     print(f"[xrayfed] hospital {cfg.hospital.name} joining {args.server}; privacy ledger: "
           f"{state / 'privacy-ledger.jsonl'}", flush=True)
     with ProcessGroup() as group:
-        node = group.add(spawn(cmd))
-        return node.wait()
+        node = group.add(spawn(cmd, env=flower_env(state / ".flwr")))
+        rc = node.wait()
+    if rc != 0 and args.auth_key is not None:
+        print(f"xrayfed: error: the server refused hospital {cfg.hospital.name} (its key is not registered or was "
+              "revoked), or the connection failed; see the lines above", file=sys.stderr)
+    return rc

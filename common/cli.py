@@ -48,7 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
-    from .config import format_validation_error
     from .errors import UserError
 
     parser = build_parser()
@@ -64,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xrayfed: error: {e}", file=sys.stderr)
         return e.exit_code
     except ValidationError as e:
+        from .config import format_validation_error
+
         print(f"xrayfed: error: {format_validation_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

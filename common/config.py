@@ -47,7 +47,7 @@ class FederationSection(_Strict):
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx μ (strategy = fedprox)")
     server_lr: float = Field(0.1, gt=0.0, description="FedAdam server learning rate η")
-    lr: float = Field(0.05, gt=0.0, description="client learning rate sent with each round")
+    lr: float = Field(0.5, gt=0.0, description="client learning rate sent with each round")
     round_timeout_s: float = Field(3600.0, gt=0.0)
     secure_aggregation: bool = Field(False, description="Flower SecAgg+: the server sees only the sum of updates")
     seed: int = 0
@@ -228,3 +228,37 @@ def dump_toml(cfg: BaseModel) -> str:
 
     walk(cfg.model_dump(mode="json"), "")
     return "\n".join(lines)
+
+
+# =========================================================================== encrypted inference
+# (appended section: serve-inference / serve-ttp; owned by the encrypted-inference feature)
+class InferenceServiceConfig(_Strict):
+    """The hospital's encrypted-inference service (``xrayfed serve-inference``)."""
+
+    listen: str = Field("127.0.0.1:9443", description="gRPC address HOST:PORT patients connect to (TLS)")
+    model: Path | None = Field(None, description="federated checkpoint (global model) to serve")
+    token_keys: list[Path] = Field(default_factory=list, description="trusted Ed25519 token public keys (PEM)")
+    audience: str = Field("xrayfed-inference", min_length=1, description="tokens must name this audience")
+    tls: TLSConfig = TLSConfig()
+    ttp: str = Field("127.0.0.1:9444", description="the crypto provider's TTP service HOST:PORT")
+    ttp_tls: TLSConfig = Field(TLSConfig(), description="ca_cert verifies the TTP's certificate")
+    ttp_secret: Path | None = Field(None, description="file with the secret shared with the TTP service")
+    mpc_host: str = Field("127.0.0.1", description="address the MPC parties reach this service's rendezvous "
+                                                  "at (the protected tunnel address in a deployment)")
+    session_timeout_s: float = Field(120.0, gt=1.0, le=3600.0, description="an MPC session is torn down after this")
+    max_sessions: int = Field(4, ge=1, le=256, description="concurrent MPC sessions; more are refused (busy)")
+    threads_per_party: int = Field(1, ge=1, le=64, description="torch threads per MPC party process")
+    audit_log: Path = Field(Path("inference-audit.jsonl"), description="JSON-lines audit log (no scans, no results)")
+
+
+class TTPConfig(_Strict):
+    """The crypto provider's trusted-third-party service (``xrayfed serve-ttp``)."""
+
+    listen: str = Field("127.0.0.1:9444", description="gRPC address HOST:PORT the hospital service calls (TLS)")
+    tls: TLSConfig = TLSConfig()
+    secret: Path | None = Field(None, description="file with the secret shared with the inference service")
+    session_timeout_s: float = Field(120.0, gt=1.0, le=3600.0)
+    max_sessions: int = Field(8, ge=1, le=256)
+    threads_per_party: int = Field(1, ge=1, le=64)
+    allowed_rendezvous: list[str] = Field(default_factory=list,
+                                          description="rendezvous hosts the TTP may join (empty: any)")

@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how scans are divided among hospitals")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet α for --split dirichlet")
     p.add_argument("--local-epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--width", type=int, default=32, help="XrayNet width")
     p.set_defaults(func=run_demo_cmd)
 

@@ -35,6 +35,7 @@ HOSPITAL_METRICS = (
     "steps",
     "max_grad_norm",
     "secure_rng",
+    "secure_mode",
 )
 
 
@@ -60,7 +61,7 @@ def reply_row(msg: Message) -> dict[str, Any]:
             if k in metrics:
                 v = metrics[k]
                 key = "num_examples" if k == "num-examples" else k
-                row[key] = bool(v) if k == "secure_rng" else v
+                row[key] = bool(v) if k in ("secure_rng", "secure_mode") else v
     return row
 
 

@@ -75,32 +75,6 @@ def load_federation_config(args: argparse.Namespace):
     )
 
 
-def superlink_tls_args(cfg) -> list[str]:
-    tls = cfg.network.tls
-    if tls.insecure:
-        return ["--insecure"]
-    missing = [n for n in ("ca_cert", "cert", "key") if getattr(tls, n) is None]
-    if missing:
-        raise UserError(
-            f"network.tls: {', '.join(missing)} not set; TLS is the default (make certificates with "
-            "`xrayfed certs init`, or pass --insecure for a local experiment)"
-        )
-    for n in ("ca_cert", "cert", "key"):
-        if not Path(getattr(tls, n)).is_file():
-            raise UserError(f"network.tls.{n}: no file at {getattr(tls, n)}")
-    return ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
-
-
-def write_flower_home(home: Path, address: str, cfg) -> None:
-    home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", 'default = "xrayfed"', "", "[superlink.xrayfed]", f'address = "{address}"']
-    if cfg.network.tls.insecure:
-        lines.append("insecure = true")
-    else:
-        lines.append(f'root-certificates = "{cfg.network.tls.ca_cert}"')
-    (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
 def _pump(stream, log_file, echo_all: bool) -> None:
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
@@ -116,11 +90,17 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None) -> in
     from xrayfed.common.config import dump_toml
     from xrayfed.common.procs import ProcessGroup, kill_tree, parse_hostport, spawn, venv_bin, wait_for_port
 
+    from xrayfed.common.flower_security import (
+        flower_env, register_hospitals, superlink_args_from_config, warn_insecure, write_flwr_home)
+
     host, port = parse_hostport(cfg.network.listen, "network.listen")
-    tls_args = superlink_tls_args(cfg)
+    tls_args = superlink_args_from_config(cfg.network)
+    keys = {Path(k).parent.name: Path(k) for k in cfg.network.hospital_keys}
+    for k in keys.values():
+        if not k.is_file():
+            raise UserError(f"network.hospital_keys: no file at {k}")
     if cfg.network.tls.insecure:
-        print("xrayfed: WARNING: --insecure: the federation runs WITHOUT TLS; use it for local experiments only",
-              file=sys.stderr)
+        warn_insecure("the federation")
     if cfg.eval.path is not None and not Path(cfg.eval.path).exists():
         raise UserError(f"eval.path: no such file or folder {cfg.eval.path}")
     run_dir = Path(cfg.federation.run_dir).resolve()
@@ -132,8 +112,9 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None) -> in
     (app_dir / "pyproject.toml").write_text(FLOWER_APP_TOML, encoding="utf-8")
     home = run_dir / ".flwr"
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    write_flower_home(home, f"{local}:{port}", cfg)
-    env = {"FLWR_HOME": str(home)}
+    write_flwr_home(home, f"{local}:{port}", insecure=cfg.network.tls.insecure,
+                    root_certificates=cfg.network.tls.ca_cert)
+    env = flower_env(home)
 
     with ProcessGroup() as group, (run_dir / "server.log").open("a", encoding="utf-8") as logf:
         link = group.add(
@@ -144,6 +125,9 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None) -> in
             )
         )
         wait_for_port(local, port, timeout=60, proc=link, what="flower-superlink")
+        if cfg.network.supernode_auth and keys:
+            ids = register_hospitals(home, keys)
+            print(f"[xrayfed] registered hospitals: {', '.join(sorted(ids))} (only these may join)", flush=True)
         print(f"[xrayfed] SuperLink listening on {host}:{port} ({'no TLS' if cfg.network.tls.insecure else 'TLS'}); "
               f"hospitals connect with: xrayfed client --server {local}:{port} ...", flush=True)
         if ready_file:

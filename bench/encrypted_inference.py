@@ -1,0 +1,324 @@
+"""Benchmark: encrypted prediction (CrypTen, 2 parties + TTP) on loopback.
+
+Measures, for each image size (default 28, 64, 224 px):
+
+* **MPC latency**: one encrypted prediction with the three parties as separate processes forked
+  from a warm zygote (:func:`xrayfed.common.mpc.run_local_session`): wall time from forking the
+  hospital's party to the patient holding the logits, and the MPC part alone;
+* **plaintext latency** of the same model on one scan (1 thread) and the ratio;
+* **communication**: CrypTen's counters per party (rounds, bytes sent as counted by CrypTen) and
+  the bytes that crossed the loopback interface during the session (``lo`` counters; other
+  traffic on the machine adds noise, so it is the median of the repeats);
+* **end to end**: the real product path — ``xrayfed serve-ttp`` + ``xrayfed serve-inference``
+  (TLS, tokens, warm workers) and the wall time of a fresh ``xrayfed predict`` process (Python
+  start, torch + CrypTen import, preprocessing, gRPC, MPC, output).
+
+And on the whole PneumoniaMNIST test split (624 scans): the share of encrypted predictions
+whose class equals the plaintext model's (bar ≥ 99.5 %), for a model trained here in
+plaintext for a few epochs (or ``--checkpoint``). Scans go through the project's data loader
+(the training preprocessing) for both the plaintext and the encrypted prediction.
+
+Usage::
+
+    ./dev bench encrypted_inference --data /work/shared/data/pneumoniamnist.npz
+    ./dev bench encrypted_inference --data ... --sizes 224 --repeats 5 --skip-agreement
+
+Writes JSON to ``bench/results/encrypted_inference.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def spec_for(size: int, num_outputs: int = 1, full_res: bool = False):
+    from xrayfed.common.model import ModelSpec
+
+    pool = 1 if full_res or size < 112 else max(1, size // 56)
+    return ModelSpec(num_outputs=num_outputs, input_pool=pool)
+
+
+def random_checkpoint(size: int, full_res: bool = False, seed: int = 0):
+    from xrayfed.common.checkpoint import Checkpoint
+    from xrayfed.common.model import build_model
+    from xrayfed.common.tasks import TaskSpec
+
+    torch.manual_seed(seed)
+    spec = spec_for(size, full_res=full_res)
+    return Checkpoint(model=spec, task=TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")),
+                      image_size=size, state_dict=build_model(spec).state_dict())
+
+
+def lo_bytes() -> int:
+    import psutil
+
+    c = psutil.net_io_counters(pernic=True).get("lo")
+    return int(c.bytes_sent) if c else 0
+
+
+def plaintext_latency(ckpt, n: int = 30) -> float:
+    torch.set_num_threads(1)
+    model = ckpt.build()
+    x = torch.rand(1, ckpt.model.in_channels, ckpt.image_size, ckpt.image_size)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            model(x)
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def mpc_latency(pool, ckpt, repeats: int) -> dict:
+    from xrayfed.common import mpc
+
+    runs = []
+    for _ in range(repeats):
+        x = torch.rand(1, ckpt.model.in_channels, ckpt.image_size, ckpt.image_size)
+        b0 = lo_bytes()
+        res = mpc.run_local_session(pool, ckpt, x, timeout_s=300)
+        lo = lo_bytes() - b0
+        ref = ckpt.build()(x).detach().numpy()
+        runs.append({"wall_s": res["wall_s"], "patient_mpc_s": res["patient"]["mpc_s"],
+                     "hospital_mpc_s": res["hospital"]["mpc_s"], "lo_bytes": lo,
+                     "patient_rounds": res["patient"]["rounds"], "patient_bytes": res["patient"]["bytes"],
+                     "hospital_rounds": res["hospital"]["rounds"], "hospital_bytes": res["hospital"]["bytes"],
+                     "max_abs_logit_err": float(np.abs(res["logits"] - ref).max())})
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    med["max_abs_logit_err"] = max(r["max_abs_logit_err"] for r in runs)
+    med["runs"] = runs
+    return med
+
+
+# --------------------------------------------------------------------------- end to end
+class Services:
+    """serve-ttp + serve-inference as real processes (TLS, tokens) for one checkpoint."""
+
+    def __init__(self, work: Path, ckpt_path: Path) -> None:
+        from xrayfed.common import tokens
+        from xrayfed.common.certs import init_pki
+        from xrayfed.common.procs import free_port, spawn, venv_bin, wait_for_port
+
+        self.work = work
+        pki = work / "pki"
+        if not (pki / "ca.pem").exists():
+            init_pki(pki)
+        key = work / "token.key"
+        if not key.exists():
+            tokens.generate_key(key)
+        self.token = work / "patient.tok"
+        tok = tokens.issue_token(tokens.load_private_key(key), "BENCH-1", tokens.parse_expires("2h"))
+        self.token.write_text(tok + "\n")
+        secret = work / "ttp.secret"
+        secret.write_text(os.urandom(32).hex())
+        xr = venv_bin("xrayfed")
+        self.ttp_port, self.svc_port = free_port(), free_port()
+        self.logs = [open(work / "ttp.log", "ab"), open(work / "svc.log", "ab")]
+        self.procs = [
+            spawn([xr, "serve-ttp", "--listen", f"127.0.0.1:{self.ttp_port}", "--cert", str(pki / "server.pem"),
+                   "--key", str(pki / "server.key"), "--secret", str(secret)], log=self.logs[0]),
+        ]
+        wait_for_port("127.0.0.1", self.ttp_port, timeout=120, proc=self.procs[0], what="serve-ttp")
+        self.procs.append(spawn([
+            xr, "serve-inference", "--model", str(ckpt_path), "--listen", f"127.0.0.1:{self.svc_port}",
+            "--token-key", str(key.with_suffix(".pub")), "--cert", str(pki / "inference" / "tls.pem"),
+            "--key", str(pki / "inference" / "tls.key"), "--ttp", f"127.0.0.1:{self.ttp_port}",
+            "--ttp-ca", str(pki / "ca.pem"), "--ttp-secret", str(secret), "--audit-log", str(work / "audit.jsonl"),
+            "--session-timeout", "300"], log=self.logs[1]))
+        wait_for_port("127.0.0.1", self.svc_port, timeout=180, proc=self.procs[1], what="serve-inference")
+        self.ca = pki / "inference" / "ca.pem"
+
+    def predict(self, scan: Path) -> dict:
+        from xrayfed.common.procs import venv_bin
+
+        import resource
+
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        r = subprocess.run([venv_bin("xrayfed"), "predict", "--scan", str(scan), "--service",
+                            f"127.0.0.1:{self.svc_port}", "--token", str(self.token), "--ca-cert", str(self.ca),
+                            "--json"], capture_output=True, text=True, timeout=600)
+        wall = time.perf_counter() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        if r.returncode != 0:
+            raise RuntimeError(f"predict failed: {r.stderr.strip()[-500:]}")
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        return {"cli_wall_s": wall, "cli_cpu_s": cpu, "in_process_s": res["timing"]["total_s"], "session_s": res["timing"]["session_s"],
+                "mpc_s": res["timing"]["mpc_s"]}
+
+    def close(self) -> None:
+        from xrayfed.common.procs import kill_tree
+
+        for p in reversed(self.procs):
+            kill_tree(p)
+        for f in self.logs:
+            f.close()
+
+
+def write_png(path: Path, size: int, seed: int = 0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    img = 0.5 + 0.3 * np.sin(6 * xx) * np.cos(4 * yy) + 0.1 * rng.standard_normal((size, size))
+    Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def end_to_end(work: Path, ckpt, repeats: int) -> dict:
+    from xrayfed.common.checkpoint import save_checkpoint
+
+    ckpt_path = work / f"model-{ckpt.image_size}.pt"
+    save_checkpoint(ckpt_path, ckpt)
+    scan = write_png(work / f"scan-{ckpt.image_size}.png", ckpt.image_size)
+    svc = Services(work, ckpt_path)
+    try:
+        runs = [svc.predict(scan) for _ in range(repeats)]
+    finally:
+        svc.close()
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    med["runs"] = runs
+    return med
+
+
+# --------------------------------------------------------------------------- agreement
+def train_quick(data: str, epochs: int, seed: int = 0):
+    from xrayfed.common.checkpoint import Checkpoint
+    from xrayfed.common.data import load_dataset
+    from xrayfed.common.model import ModelSpec, build_model
+    from xrayfed.common.tasks import TaskSpec
+    from xrayfed.common.train import evaluate, make_optimizer, train_epoch
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(2)
+    train = load_dataset(data, split="train", image_size=28)
+    task = getattr(train, "task", None) or TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA"))
+    spec = ModelSpec(num_outputs=task.num_outputs)
+    model = build_model(spec)
+    opt = make_optimizer(model, "adam", 2e-3)
+    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True)
+    for ep in range(epochs):
+        st = train_epoch(model, loader, opt, task, torch.device("cpu"))
+        print(f"  epoch {ep + 1}/{epochs}: loss {st['loss']:.4f}", flush=True)
+    model.eval()
+    val = evaluate(model, load_dataset(data, split="val", image_size=28), task, torch.device("cpu"))
+    print(f"  val AUC {val['auc']:.4f} acc {val['accuracy']:.4f}", flush=True)
+    return Checkpoint(model=spec, task=task, image_size=28, state_dict=model.state_dict(), run_id="bench-quick")
+
+
+def agreement(pool, ckpt, data: str, batch: int, limit: int | None) -> dict:
+    from xrayfed.common import mpc
+    from xrayfed.common.data import load_dataset
+    from xrayfed.common.tasks import compute_metrics, probabilities
+
+    test = load_dataset(data, split="test", image_size=ckpt.image_size)
+    n = len(test) if limit is None else min(limit, len(test))
+    xs = torch.stack([test[i][0] for i in range(n)]).float()
+    ys = np.stack([np.asarray(test[i][1]) for i in range(n)])
+    model = ckpt.build()
+    with torch.no_grad():
+        plain = model(xs).numpy()
+    enc = np.zeros_like(plain)
+    t0 = time.perf_counter()
+    for i in range(0, n, batch):
+        res = mpc.run_local_session(pool, ckpt, xs[i:i + batch], timeout_s=300)
+        enc[i:i + batch] = res["logits"]
+        if (i // batch) % max(1, 50 // batch) == 0:
+            print(f"  {min(i + batch, n)}/{n} scans", flush=True)
+    elapsed = time.perf_counter() - t0
+    p_plain, p_enc = probabilities(ckpt.task, plain), probabilities(ckpt.task, enc)
+    if ckpt.task.kind == "multilabel":
+        same = ((p_plain >= 0.5) == (p_enc >= 0.5)).all(axis=1)
+    else:
+        same = p_plain.argmax(1) == p_enc.argmax(1)
+    return {
+        "scans": int(n), "batch_per_session": int(batch), "agreement": float(same.mean()),
+        "disagreements": int((~same).sum()), "max_abs_prob_diff": float(np.abs(p_plain - p_enc).max()),
+        "max_abs_logit_diff": float(np.abs(plain - enc).max()),
+        "plaintext_metrics": {k: v for k, v in compute_metrics(ckpt.task, plain, ys).items() if "/" not in k},
+        "encrypted_metrics": {k: v for k, v in compute_metrics(ckpt.task, enc, ys).items() if "/" not in k},
+        "seconds": elapsed,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="/work/shared/data/pneumoniamnist.npz")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[28, 64, 224])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--full-res-224", action="store_true", help="also time 224 px without the input pool")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument("--checkpoint", type=Path, help="model for the agreement run (default: train one quickly)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1, help="scans per MPC session in the agreement run")
+    ap.add_argument("--limit", type=int, help="only the first N test scans")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "encrypted_inference.json")
+    args = ap.parse_args()
+
+    from xrayfed.common import mpc
+
+    report: dict = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "load_avg_start": os.getloadavg(),
+                    "latency": {}, "end_to_end": {}}
+    pool = mpc.WorkerPool()
+    report["zygote_warm_s"] = pool.warm()
+    variants = [(s, False) for s in args.sizes] + ([(224, True)] if args.full_res_224 else [])
+    for size, full in variants:
+        name = f"{size}px" + ("-fullres" if full else "")
+        ckpt = random_checkpoint(size, full_res=full)
+        print(f"[{name}] model {ckpt.model.model_dump(exclude={'pretrained_path'})}", flush=True)
+        plain = plaintext_latency(ckpt)
+        lat = mpc_latency(pool, ckpt, args.repeats)
+        lat["plaintext_s"] = plain
+        lat["ratio_mpc_to_plaintext"] = lat["patient_mpc_s"] / plain
+        lat["input_pool"] = ckpt.model.input_pool
+        report["latency"][name] = lat
+        print(f"[{name}] MPC {lat['patient_mpc_s']:.3f}s (session wall {lat['wall_s']:.3f}s), plaintext "
+              f"{plain * 1e3:.2f}ms (×{lat['ratio_mpc_to_plaintext']:.0f}), lo {lat['lo_bytes'] / 2**20:.1f} MiB, "
+              f"rounds patient/hospital {lat['patient_rounds']}/{lat['hospital_rounds']}", flush=True)
+        if not args.skip_e2e and not full:
+            with tempfile.TemporaryDirectory(prefix="xrayfed-bench-") as d:
+                e2e = end_to_end(Path(d), ckpt, args.repeats)
+            report["end_to_end"][name] = e2e
+            print(f"[{name}] end to end: `xrayfed predict` {e2e['cli_wall_s']:.2f}s wall, {e2e['cli_cpu_s']:.2f}s CPU "
+                  f"({e2e['in_process_s']:.2f}s after imports, session {e2e['session_s']:.2f}s)", flush=True)
+
+    if not args.skip_agreement:
+        from xrayfed.common.checkpoint import load_checkpoint
+
+        if args.checkpoint:
+            ckpt = load_checkpoint(args.checkpoint)
+        else:
+            print(f"[agreement] training a plaintext model on {args.data} ({args.epochs} epochs)", flush=True)
+            ckpt = train_quick(args.data, args.epochs)
+        agr = agreement(pool, ckpt, args.data, args.batch, args.limit)
+        report["agreement"] = agr
+        print(f"[agreement] {agr['agreement'] * 100:.2f}% of {agr['scans']} test scans same class "
+              f"({agr['disagreements']} differ), max |Δp| {agr['max_abs_prob_diff']:.2e}; plaintext AUC "
+              f"{agr['plaintext_metrics']['auc']:.4f}, encrypted AUC {agr['encrypted_metrics']['auc']:.4f}", flush=True)
+
+    report["load_avg_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

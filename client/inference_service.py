@@ -1,0 +1,416 @@
+"""``xrayfed serve-inference`` and ``xrayfed issue-token``: the hospital's encrypted-inference service.
+
+The service holds the federated global model and answers prediction requests without ever
+seeing the patient's scan or the prediction: each request runs one MPC session (CrypTen over
+torch.distributed/gloo) between the patient (rank 1, holds the scan), a party process of this
+service (rank 0, holds the weights) and the crypto provider's TTP (rank 2, ``serve-ttp``).
+
+gRPC API (JSON messages, :mod:`xrayfed.common.rpc`), service ``xrayfed.inference.v1.Inference``:
+
+* ``ModelInfo {token}`` → what the patient needs to prepare the scan: ``{model (architecture),
+  image_size, task: {kind, class_names}, model_version}`` — never weights.
+* ``OpenSession {token, scan: {image_size, channels, dicom_patient_id|null}}`` → ``{session_id,
+  rendezvous: {host, port}, rank, world_size, timeout_s, model, image_size, task,
+  model_version}``. The service
+  1. verifies the token (Ed25519 signature by a trusted key, audience, expiry) and, for a DICOM
+     scan, that the PatientID the patient's software reports is the token's subject;
+  2. checks the scan metadata against the model (size, channels);
+  3. forks its party from a warm zygote (:class:`xrayfed.common.mpc.WorkerPool`), which binds
+     the session's rendezvous store on ``mpc_host`` (port picked by the OS);
+  4. asks the TTP service to join (``StartSession``);
+  5. returns the rendezvous; the patient joins, and the session runs without this process.
+  A watcher thread tears the session down when it ends or after ``session_timeout_s``
+  (worker killed, store port closed with it); the service keeps serving.
+
+Audit log: one JSON line per request (``time, event, patient_id, claimed_patient_id, token_id,
+model_version, outcome, reason, duration_s, session, peer``; ``claimed_patient_id`` is the
+unverified subject of a refused token) — never the scan, never the result (the service
+never has either), never the token itself or the session id (``session`` is a hash of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import secrets
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ..common.errors import UserError
+
+log = logging.getLogger("xrayfed.inference")
+SERVICE = "xrayfed.inference.v1.Inference"
+TTP_SERVICE = "xrayfed.ttp.v1.TTP"
+TTP_SECRET_HEADER = "x-xrayfed-ttp-secret"
+
+
+# --------------------------------------------------------------------------- audit log
+class AuditLog:
+    """Append-only JSON-lines audit log (thread-safe; flushed and fsynced per line)."""
+
+    FIELDS = ("time", "event", "patient_id", "claimed_patient_id", "token_id", "model_version", "outcome", "reason",
+              "duration_s", "session", "peer")
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.f = os.fdopen(fd, "a", encoding="utf-8")
+
+    def write(self, **fields) -> None:
+        rec = {k: fields.get(k) for k in self.FIELDS}
+        rec["time"] = rec["time"] or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+        if rec["duration_s"] is not None:
+            rec["duration_s"] = round(float(rec["duration_s"]), 3)
+        line = json.dumps(rec, separators=(",", ":"), sort_keys=False)
+        with self.lock:
+            if self.f.closed:  # a session ending while the service shuts down
+                log.warning("audit log closed; dropped: %s", line)
+                return
+            self.f.write(line + "\n")
+            self.f.flush()
+            os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        with self.lock:
+            self.f.close()
+
+
+# --------------------------------------------------------------------------- the service
+def model_metadata(ckpt) -> dict:
+    return {
+        "model": ckpt.model.model_dump(mode="json"),
+        "image_size": int(ckpt.image_size),
+        "task": {"kind": ckpt.task.kind, "class_names": list(ckpt.task.class_names)},
+        "model_version": ckpt.model_version,
+    }
+
+
+class InferenceService:
+    def __init__(self, cfg, ckpt, ckpt_bytes: bytes, pool, public_keys: dict, audit: AuditLog, ttp) -> None:
+        self.cfg = cfg
+        self.ckpt = ckpt
+        self.ckpt_bytes = ckpt_bytes
+        self.pool = pool
+        self.keys = public_keys
+        self.audit = audit
+        self.ttp = ttp  # callable(request dict) -> dict, raises UserError
+        self.meta = model_metadata(ckpt)
+        self.slots = threading.BoundedSemaphore(cfg.max_sessions)
+        self.lock = threading.Lock()
+        self.workers: dict[str, object] = {}
+        self.host = cfg.mpc_host
+
+    # ----------------------------------------------------------------- helpers
+    def _verify(self, request: dict, context, t0: float, event: str):
+        import grpc
+
+        from ..common.tokens import TokenError, peek_subject, verify_token
+
+        token = request.get("token")
+        try:
+            if not isinstance(token, str):
+                raise TokenError("malformed", "no token in the request")
+            return verify_token(token, self.keys, audience=self.cfg.audience)
+        except TokenError as e:
+            self.audit.write(event=event, claimed_patient_id=peek_subject(token) if isinstance(token, str) else None,
+                             model_version=self.meta["model_version"], outcome="refused", reason=e.reason,
+                             duration_s=time.monotonic() - t0, peer=context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+
+    def _refuse(self, context, code, message: str, *, claims, reason: str, t0: float, event="predict"):
+        self.audit.write(event=event, patient_id=claims.sub, token_id=claims.jti,
+                         model_version=self.meta["model_version"], outcome="refused", reason=reason,
+                         duration_s=time.monotonic() - t0, peer=context.peer())
+        context.abort(code, message)
+
+    # ----------------------------------------------------------------- handlers
+    def model_info(self, request: dict, context) -> dict:
+        self._verify(request, context, time.monotonic(), "model_info")
+        return dict(self.meta)
+
+    def open_session(self, request: dict, context) -> dict:
+        import grpc
+
+        from ..common import mpc
+        from ..common.tokens import TokenError, check_dicom_patient_id
+
+        t0 = time.monotonic()
+        claims = self._verify(request, context, t0, "predict")
+        scan = request.get("scan")
+        if not isinstance(scan, dict):
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "request has no scan description",
+                         claims=claims, reason="bad_request", t0=t0)
+        dicom_id = scan.get("dicom_patient_id")
+        if dicom_id is not None and not isinstance(dicom_id, str):
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "dicom_patient_id must be a string",
+                         claims=claims, reason="bad_request", t0=t0)
+        try:
+            check_dicom_patient_id(claims, dicom_id)
+        except TokenError as e:
+            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, str(e), claims=claims, reason=e.reason, t0=t0)
+        size, chans = scan.get("image_size"), scan.get("channels")
+        want_size, want_ch = int(self.ckpt.image_size), int(self.ckpt.model.in_channels)
+        if size != want_size or chans != want_ch:
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"scan is {chans} channel(s) x {size} px; this model takes {want_ch} channel(s) x "
+                         f"{want_size} px (prepare the scan with the model's image_size)",
+                         claims=claims, reason="bad_scan_shape", t0=t0)
+        if not self.slots.acquire(blocking=False):
+            self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         "the inference service is busy (all MPC sessions in use); try again shortly",
+                         claims=claims, reason="busy", t0=t0)
+
+        sid = secrets.token_hex(16)
+        tag = mpc.session_tag(sid)
+        timeout_s = float(self.cfg.session_timeout_s)
+        deadline = time.monotonic() + timeout_s
+        params = mpc.SessionParams(session_id=sid, host=self.host, port=0, timeout_s=timeout_s,
+                                   threads=self.cfg.threads_per_party)
+        proc = conn = None
+        handed_off = False
+        peer = context.peer()
+        try:
+            proc, conn = self.pool.start(mpc.model_owner_worker, params.to_dict(), self.ckpt_bytes, self.host)
+            kind, port = mpc.wait_message(conn, ("listening",), min(deadline, time.monotonic() + 30))
+            if kind != "listening":
+                raise RuntimeError(f"hospital party did not start ({kind}{': ' + port if port else ''})")
+            params.port = int(port)
+            try:
+                self.ttp({"session_id": sid, "host": self.host, "port": params.port, "timeout_s": timeout_s})
+            except UserError as e:
+                self.audit.write(event="predict", patient_id=claims.sub, token_id=claims.jti,
+                                 model_version=self.meta["model_version"], outcome="failed", reason="ttp_unavailable",
+                                 duration_s=time.monotonic() - t0, session=tag, peer=peer)
+                log.warning("session %s: TTP unavailable: %s", tag, e)
+                context.abort(grpc.StatusCode.UNAVAILABLE,
+                              "the crypto provider (TTP) is unavailable; try again later")
+            with self.lock:
+                self.workers[sid] = proc
+
+            def on_end(outcome, info):
+                with self.lock:
+                    self.workers.pop(sid, None)
+                self.slots.release()
+                reason = None if outcome == "ok" else (info if isinstance(info, str) else outcome)
+                self.audit.write(event="predict", patient_id=claims.sub, token_id=claims.jti,
+                                 model_version=self.meta["model_version"], outcome=outcome,
+                                 reason=(reason or None) and str(reason)[:200],
+                                 duration_s=time.monotonic() - t0, session=tag, peer=peer)
+                log.info("session %s: %s in %.2fs", tag, outcome, time.monotonic() - t0)
+
+            threading.Thread(target=mpc.watch_worker, args=(proc, conn, deadline, on_end),
+                             name=f"session-{tag}", daemon=True).start()
+            handed_off = True
+        except RuntimeError as e:
+            log.error("session %s: %s", tag, e)
+            self.audit.write(event="predict", patient_id=claims.sub, token_id=claims.jti,
+                             model_version=self.meta["model_version"], outcome="failed", reason="worker_start",
+                             duration_s=time.monotonic() - t0, session=tag, peer=peer)
+            context.abort(grpc.StatusCode.INTERNAL, "the service could not start an MPC session")
+        finally:
+            if not handed_off:
+                mpc.stop_worker(proc)
+                if conn is not None:
+                    conn.close()
+                self.slots.release()
+        log.info("session %s opened for a patient (rendezvous port %d)", tag, params.port)
+        return {
+            "session_id": sid,
+            "rendezvous": {"host": self.host, "port": params.port},
+            "rank": mpc.PATIENT_RANK,
+            "world_size": mpc.WORLD_SIZE,
+            "timeout_s": timeout_s,
+            **self.meta,
+        }
+
+    def health(self, request: dict, context) -> dict:
+        with self.lock:
+            return {"ok": True, "sessions": len(self.workers), "model_version": self.meta["model_version"]}
+
+    def stop_all(self) -> None:
+        from ..common import mpc
+
+        with self.lock:
+            procs = list(self.workers.values())
+        for p in procs:
+            mpc.stop_worker(p)
+
+
+def ttp_caller(cfg):
+    """A function that asks the TTP service to join a session (UserError when it cannot)."""
+    from ..common import rpc
+    from ..server.ttp import read_secret
+
+    secret = read_secret(cfg.ttp_secret, "TTP secret (--ttp-secret)")
+    if cfg.ttp_tls.insecure:
+        rpc.warn_insecure("serve-inference → TTP")
+    channel = rpc.make_channel(cfg.ttp, ca_cert=cfg.ttp_tls.ca_cert, insecure=cfg.ttp_tls.insecure)
+    stub = rpc.method(channel, TTP_SERVICE, "StartSession")
+    metadata = ((TTP_SECRET_HEADER, secret.decode()),) if secret else None
+
+    def call(request: dict) -> dict:
+        return rpc.call(stub, request, timeout=35.0, what="TTP service", target=cfg.ttp, metadata=metadata)
+
+    return call
+
+
+def check_model(ckpt, *, crypten: bool = True) -> None:
+    """Refuse a checkpoint that cannot be served under MPC, with one clear line.
+
+    First without CrypTen (fast, before anything starts): the architecture must be XrayNet, the
+    outputs must fit the task and the weights must match the architecture. Then (``crypten``)
+    the encrypted model is built from the same layer plan and the weights are loaded and
+    verified through the CrypTen back end.
+    """
+    from ..common.checkpoint import load_weights
+    from ..common.model import build_model
+
+    what = f"checkpoint (model {ckpt.model_version})"
+    if ckpt.model.arch != "xraynet":
+        raise UserError(f"{what}: architecture {ckpt.model.arch!r} cannot run under MPC (GroupNorm has no CrypTen "
+                        "implementation); encrypted inference serves 'xraynet' models")
+    if ckpt.model.num_outputs != ckpt.task.num_outputs:
+        raise UserError(f"{what}: the model has {ckpt.model.num_outputs} outputs but the {ckpt.task.kind} task with "
+                        f"{len(ckpt.task.class_names)} classes needs {ckpt.task.num_outputs}")
+    load_weights(build_model(ckpt.model), ckpt.state_dict, what=what)
+    if crypten:
+        from ..common import mpc
+
+        cmodel = mpc.build_crypten_model(ckpt.model)
+        mpc.load_crypten_weights(cmodel, ckpt.model, ckpt.state_dict, what=what)
+
+
+def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
+    from ..common import rpc
+    from ..common.checkpoint import load_checkpoint, to_bytes
+    from ..common.procs import parse_hostport
+    from ..common.tokens import load_public_keys
+
+    host, port = parse_hostport(cfg.listen, "listen")
+    if cfg.model is None:
+        raise UserError("serve-inference: --model CHECKPOINT is required")
+    ckpt = load_checkpoint(cfg.model)
+    check_model(ckpt, crypten=False)
+    keys = load_public_keys(cfg.token_keys)
+    creds = None if cfg.tls.insecure else rpc.server_credentials(cfg.tls.cert, cfg.tls.key, "serve-inference")
+    if cfg.tls.insecure:
+        rpc.warn_insecure("serve-inference")
+    ttp = ttp_caller(cfg)
+
+    # Warm the zygote (torch + CrypTen imported once) BEFORE any gRPC thread exists; then check
+    # the checkpoint with the CrypTen back end (imports CrypTen here too).
+    from ..common.mpc import WorkerPool
+
+    pool = WorkerPool()
+    warm_s = pool.warm()
+    check_model(ckpt)
+    audit = AuditLog(cfg.audit_log)
+
+    import grpc
+    from concurrent import futures
+
+    svc = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, keys, audit, ttp)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_sessions + 8), options=rpc.OPTIONS)
+    server.add_generic_rpc_handlers((rpc.generic_handler(SERVICE, {
+        "ModelInfo": svc.model_info, "OpenSession": svc.open_session, "Health": svc.health}),))
+    addr = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    bound = server.add_secure_port(addr, creds) if creds is not None else server.add_insecure_port(addr)
+    if not bound:
+        raise UserError(f"serve-inference: cannot listen on {cfg.listen} (address in use or not local)")
+    server.start()
+    print(f"xrayfed serve-inference: listening on {host}:{bound}; model {ckpt.model_version} "
+          f"({ckpt.task.kind}, {len(ckpt.task.class_names)} classes, {ckpt.image_size} px); "
+          f"TTP {cfg.ttp}; workers warm in {warm_s:.1f}s", flush=True)
+    from ..server.ttp import _run_until_stopped
+
+    try:
+        return _run_until_stopped(server, svc.stop_all, ready, stop)
+    finally:
+        audit.close()
+
+
+# --------------------------------------------------------------------------- CLI
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve-inference", help="serve encrypted predictions of the federated model (gRPC + MPC)",
+                       description="The hospital's encrypted-inference service: patients get predictions on "
+                       "their scans without revealing them; the model's weights stay secret.")
+    p.add_argument("--config", type=Path, help="TOML file with InferenceServiceConfig settings")
+    p.add_argument("--model", type=Path, help="federated checkpoint to serve")
+    p.add_argument("--listen", help="gRPC address HOST:PORT (default 127.0.0.1:9443)")
+    p.add_argument("--token-key", type=Path, action="append", help="trusted token public key (PEM; repeatable)")
+    p.add_argument("--audience", help="token audience this service accepts (default xrayfed-inference)")
+    p.add_argument("--cert", type=Path, help="TLS certificate of the service (PEM)")
+    p.add_argument("--key", type=Path, help="TLS private key of the service (PEM)")
+    p.add_argument("--ttp", metavar="HOST:PORT", help="the crypto provider's serve-ttp address")
+    p.add_argument("--ttp-ca", type=Path, help="CA certificate that signed the TTP's TLS certificate")
+    p.add_argument("--ttp-secret", type=Path, help="file with the secret shared with the TTP service")
+    p.add_argument("--mpc-host", help="address the MPC parties reach this host at (tunnel address; default 127.0.0.1)")
+    p.add_argument("--session-timeout", type=float, help="seconds before a session is torn down (default 120)")
+    p.add_argument("--max-sessions", type=int, help="concurrent MPC sessions (default 4)")
+    p.add_argument("--audit-log", type=Path, help="JSON-lines audit log (default inference-audit.jsonl)")
+    p.add_argument("--insecure", action="store_true", help="no TLS, towards patients and the TTP (local experiments only)")
+    p.set_defaults(func=_cmd_serve)
+
+    t = sub.add_parser("issue-token", help="sign a patient's access token for encrypted inference",
+                       description="Hospital staff: sign a token that lets one patient request predictions "
+                       "until it expires. `--init-key` makes the Ed25519 signing key pair first.")
+    t.add_argument("--key", type=Path, required=True, help="Ed25519 signing key (PEM); with --init-key: file to create")
+    t.add_argument("--init-key", action="store_true", help="create the signing key pair (KEY and KEY.pub) and exit")
+    t.add_argument("--force", action="store_true", help="with --init-key: replace an existing key")
+    t.add_argument("--patient-id", help="the patient's id (the DICOM PatientID of their scans)")
+    t.add_argument("--expires", default="24h", help="lifetime (90m, 12h, 30d) or ISO time (default 24h)")
+    t.add_argument("--audience", default=None, help="service audience (default xrayfed-inference)")
+    t.add_argument("--issuer", default=None, help="issuer name written into the token")
+    t.add_argument("--out", type=Path, help="write the token to this file (mode 0600) instead of stdout")
+    t.set_defaults(func=_cmd_issue)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ..common.config import InferenceServiceConfig, load_config
+
+    def s(v):
+        return str(v) if v is not None else None
+
+    cfg = load_config(InferenceServiceConfig, args.config, {
+        "model": s(args.model), "listen": args.listen,
+        "token_keys": [str(k) for k in args.token_key] if args.token_key else None,
+        "audience": args.audience, "tls.cert": s(args.cert), "tls.key": s(args.key), "ttp": args.ttp,
+        "ttp_tls.ca_cert": s(args.ttp_ca), "ttp_secret": s(args.ttp_secret), "mpc_host": args.mpc_host,
+        "session_timeout_s": args.session_timeout, "max_sessions": args.max_sessions,
+        "audit_log": s(args.audit_log), "tls.insecure": True if args.insecure else None,
+        "ttp_tls.insecure": True if args.insecure else None,
+    })
+    return serve(cfg)
+
+
+def _cmd_issue(args: argparse.Namespace) -> int:
+    from ..common import tokens
+
+    if args.init_key:
+        priv, pub = tokens.generate_key(args.key, force=args.force)
+        print(f"signing key: {priv} (keep secret, mode 0600)\npublic key:  {pub} (give to serve-inference --token-key)")
+        return 0
+    if not args.patient_id:
+        raise UserError("issue-token: --patient-id is required")
+    key = tokens.load_private_key(args.key)
+    exp = tokens.parse_expires(args.expires)
+    tok = tokens.issue_token(key, args.patient_id, exp, issuer=args.issuer or tokens.DEFAULT_ISSUER,
+                             audience=args.audience or tokens.DEFAULT_AUDIENCE)
+    when = _dt.datetime.fromtimestamp(exp, _dt.timezone.utc).isoformat(timespec="seconds")
+    if args.out:
+        from ..common.checkpoint import atomic_write
+
+        atomic_write(args.out, (tok + "\n").encode(), mode=0o600)
+        os.chmod(args.out, 0o600)
+        print(f"token for patient {args.patient_id!r} (expires {when}) written to {args.out}", file=sys.stderr)
+    else:
+        print(tok)
+        print(f"token for patient {args.patient_id!r} expires {when}", file=sys.stderr)
+    return 0

@@ -1,0 +1,504 @@
+"""``xrayfed certs``: the federation's keys and certificates (a small private PKI).
+
+``xrayfed certs init --out DIR`` makes, with :mod:`cryptography`::
+
+    DIR/ca.pem, ca.key                    federation CA (EC P-384, self-signed, pathlen 0)
+    DIR/server.pem, server.key            SuperLink TLS certificate (EC P-256) signed by the CA;
+                                          SAN = --server-name/--server-ip + localhost/127.0.0.1/::1
+    DIR/inference/tls.pem, tls.key        TLS certificate of the inference service (same SANs)
+    DIR/inference/token-signing.key, .pub Ed25519 key pair that signs inference access tokens
+    DIR/hospitals/NAME/auth.key, auth.pub SuperNode authentication key pair (EC P-384, OpenSSH
+                                          format: what ``flower-supernode
+                                          --auth-supernode-private-key`` and ``flwr supernode
+                                          register`` read)
+    DIR/hospitals/NAME/ca.pem             the hospital's copy of the CA (``--root-certificates``)
+    DIR/certs.json                        manifest: what was made, fingerprints, revocations
+
+Every private key is written with mode 0600 and is never overwritten unless ``--force`` is
+given (a clear one-line error names the file otherwise). ``hospitals/NAME`` is the folder a
+hospital receives; it holds no secret of the federation other than its own key.
+
+``xrayfed certs add-hospital NAME --out DIR`` adds one hospital later;
+``xrayfed certs revoke-hospital NAME --out DIR`` marks it revoked in the manifest (it is no
+longer registered at the next SuperLink start; ``--superlink`` also unregisters it from a
+running SuperLink, see :mod:`xrayfed.common.flower_security`);
+``xrayfed certs atrest-key --out FILE`` makes a key for encrypting checkpoints and ledgers at
+rest (:mod:`xrayfed.common.atrest`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import UserError
+
+MANIFEST = "certs.json"
+FORMAT = "xrayfed-certs/1"
+HOSPITAL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DNS_NAME_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
+LOOPBACK_NAMES = ("localhost",)
+LOOPBACK_IPS = ("127.0.0.1", "::1")
+KEY_MODE = 0o600
+
+
+# --------------------------------------------------------------------------- small helpers
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    from .atrest import atomic_write
+
+    atomic_write(path, data, mode=mode)
+
+
+def _refuse_existing(paths: Iterable[Path], force: bool, hint: str = "") -> None:
+    if force:
+        return
+    for p in paths:
+        if p.exists():
+            raise UserError(f"{p} already exists; refusing to overwrite a key without --force{hint}")
+
+
+def _cert_fingerprint(cert) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    return "SHA256:" + cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _pem_private(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _pem_public(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def validate_hospital_name(name: str) -> str:
+    if not isinstance(name, str) or not HOSPITAL_NAME_RE.match(name):
+        raise UserError(
+            f"hospital name {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)"
+        )
+    return name
+
+
+def _validate_dns(name: str) -> str:
+    if not DNS_NAME_RE.match(name) or len(name) > 253:
+        raise UserError(f"--server-name {name!r}: not a valid DNS host name")
+    return name.lower()
+
+
+def _validate_ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        raise UserError(f"--server-ip {value!r}: not an IPv4/IPv6 address") from None
+
+
+# --------------------------------------------------------------------------- manifest
+def read_manifest(out: Path) -> dict[str, Any]:
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{path}: no certificate manifest here; run `xrayfed certs init --out {out}` first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable manifest ({type(e).__name__})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(f"{path}: not an xrayfed certificate manifest (expected format {FORMAT!r})")
+    data.setdefault("hospitals", {})
+    return data
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    _write(Path(out) / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+
+
+# --------------------------------------------------------------------------- certificates
+def _name(common_name: str):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "xrayfed federation"),
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+    ])
+
+
+def _make_ca(common_name: str, days: int):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = _name(common_name)
+    now = _now()
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _dt.timedelta(minutes=5))
+        .not_valid_after(now + _dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                          encipher_only=False, decipher_only=False),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def _make_leaf(ca_key, ca_cert, common_name: str, dns: list[str], ips: list[str], days: int):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    san = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    if not san:
+        raise UserError("the server certificate needs at least one host name or IP (--server-name/--server-ip)")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _dt.timedelta(minutes=5))
+        .not_valid_after(min(now + _dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
+                          encipher_only=False, decipher_only=False),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def _load_ca(out: Path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    ca_pem, ca_key = out / "ca.pem", out / "ca.key"
+    if not ca_pem.is_file() or not ca_key.is_file():
+        raise UserError(f"{out}: no federation CA here (ca.pem/ca.key); run `xrayfed certs init --out {out}` first")
+    try:
+        cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
+        key = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{out}: unreadable CA certificate or key ({type(e).__name__})") from None
+    return key, cert
+
+
+# --------------------------------------------------------------------------- hospital keys
+def make_auth_keypair(comment: str = "") -> tuple[bytes, bytes]:
+    """A SuperNode authentication key pair: (OpenSSH private key, OpenSSH public key line).
+
+    Flower 1.41 wants an elliptic-curve key on a NIST curve (we use P-384): the SuperNode reads
+    the private key with ``load_ssh_private_key`` (unencrypted) and ``flwr supernode register``
+    reads the public key with ``load_ssh_public_key`` (``ecdsa-sha2-nistp384 AAAA... comment``).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                             serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    if comment:
+        pub += b" " + comment.encode()
+    return priv, pub + b"\n"
+
+
+def public_key_fingerprint(pub_line: bytes) -> str:
+    """OpenSSH-style SHA-256 fingerprint of the key blob of a public key line."""
+    import base64
+
+    parts = pub_line.split()
+    blob = base64.b64decode(parts[1]) if len(parts) > 1 else pub_line
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def _hospital_paths(out: Path, name: str) -> dict[str, Path]:
+    d = out / "hospitals" / name
+    return {"dir": d, "auth_key": d / "auth.key", "auth_pub": d / "auth.pub", "ca": d / "ca.pem"}
+
+
+def _make_hospital(out: Path, name: str, force: bool, manifest: dict[str, Any]) -> dict[str, Any]:
+    validate_hospital_name(name)
+    paths = _hospital_paths(out, name)
+    _refuse_existing([paths["auth_key"]], force)
+    priv, pub = make_auth_keypair(comment=f"xrayfed-hospital-{name}")
+    paths["dir"].mkdir(parents=True, exist_ok=True)
+    _write(paths["auth_key"], priv, KEY_MODE)
+    _write(paths["auth_pub"], pub)
+    _write(paths["ca"], (out / "ca.pem").read_bytes())
+    entry = {
+        "auth_key": str(paths["auth_key"].relative_to(out)),
+        "auth_pub": str(paths["auth_pub"].relative_to(out)),
+        "ca": str(paths["ca"].relative_to(out)),
+        "key_type": "ecdsa-sha2-nistp384 (OpenSSH)",
+        "fingerprint": public_key_fingerprint(pub),
+        "created": _now().isoformat(timespec="seconds"),
+        "revoked": False,
+    }
+    manifest["hospitals"][name] = entry
+    return entry
+
+
+# --------------------------------------------------------------------------- public API
+def init_pki(
+    out: Path | str,
+    *,
+    server_names: Iterable[str] = (),
+    server_ips: Iterable[str] = (),
+    hospitals: Iterable[str] = (),
+    loopback: bool = True,
+    force: bool = False,
+    ca_days: int = 3650,
+    cert_days: int = 825,
+    federation: str = "xrayfed",
+) -> dict[str, Any]:
+    """Create the federation's CA, server/inference certificates, token key and hospital keys.
+
+    Returns the manifest (also written to ``out/certs.json``). Refuses (UserError) to replace
+    any existing private key unless ``force``; with ``force`` the CA, server and inference
+    material is replaced, the listed hospitals get new keys, and every existing hospital's
+    ``ca.pem`` copy is refreshed (their keys are kept).
+    """
+    out = Path(out)
+    dns = [_validate_dns(n) for n in server_names]
+    ips = [_validate_ip(i) for i in server_ips]
+    if loopback:
+        dns += [n for n in LOOPBACK_NAMES if n not in dns]
+        ips += [i for i in LOOPBACK_IPS if i not in ips]
+    dns = list(dict.fromkeys(dns))
+    ips = list(dict.fromkeys(ips))
+    names = [validate_hospital_name(h) for h in hospitals]
+    if len(set(names)) != len(names):
+        raise UserError(f"--hospital: a name is given twice ({names})")
+
+    keys = [out / "ca.key", out / "server.key", out / "inference" / "tls.key",
+            out / "inference" / "token-signing.key"] + [_hospital_paths(out, n)["auth_key"] for n in names]
+    _refuse_existing(keys, force, hint=" (use `xrayfed certs add-hospital` to add a hospital to an existing federation)")
+    if not dns and not ips:
+        raise UserError("no host name or IP for the server certificate: give --server-name/--server-ip "
+                        "or leave out --no-loopback")
+
+    out.mkdir(parents=True, exist_ok=True)
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    ca_key, ca_cert = _make_ca(f"{federation} federation CA", ca_days)
+    from cryptography.hazmat.primitives import serialization
+
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    _write(out / "ca.key", _pem_private(ca_key), KEY_MODE)
+    _write(out / "ca.pem", ca_pem)
+
+    common = dns[0] if dns else ips[0]
+    srv_key, srv_cert = _make_leaf(ca_key, ca_cert, common, dns, ips, cert_days)
+    _write(out / "server.key", _pem_private(srv_key), KEY_MODE)
+    _write(out / "server.pem", srv_cert.public_bytes(serialization.Encoding.PEM))
+
+    inf = out / "inference"
+    inf.mkdir(exist_ok=True)
+    inf_key, inf_cert = _make_leaf(ca_key, ca_cert, common, dns, ips, cert_days)
+    _write(inf / "tls.key", _pem_private(inf_key), KEY_MODE)
+    _write(inf / "tls.pem", inf_cert.public_bytes(serialization.Encoding.PEM))
+    _write(inf / "ca.pem", ca_pem)
+    tok = ed25519.Ed25519PrivateKey.generate()
+    _write(inf / "token-signing.key", _pem_private(tok), KEY_MODE)
+    _write(inf / "token-signing.pub", _pem_public(tok.public_key()))
+
+    old = None
+    if (out / MANIFEST).is_file():
+        try:
+            old = read_manifest(out)
+        except UserError:
+            old = None
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "federation": federation,
+        "created": _now().isoformat(timespec="seconds"),
+        "ca": {"cert": "ca.pem", "key": "ca.key", "fingerprint": _cert_fingerprint(ca_cert),
+               "not_after": ca_cert.not_valid_after_utc.isoformat()},
+        "server": {"cert": "server.pem", "key": "server.key", "dns": dns, "ips": ips,
+                   "fingerprint": _cert_fingerprint(srv_cert), "not_after": srv_cert.not_valid_after_utc.isoformat()},
+        "inference": {"cert": "inference/tls.pem", "key": "inference/tls.key", "ca": "inference/ca.pem",
+                      "token_signing_key": "inference/token-signing.key",
+                      "token_signing_pub": "inference/token-signing.pub",
+                      "fingerprint": _cert_fingerprint(inf_cert)},
+        "hospitals": dict(old.get("hospitals", {})) if old else {},
+    }
+    for name, entry in manifest["hospitals"].items():  # refresh CA copies of kept hospitals
+        p = _hospital_paths(out, name)
+        if p["dir"].is_dir():
+            _write(p["ca"], ca_pem)
+    for name in names:
+        _make_hospital(out, name, force, manifest)
+    _write_manifest(out, manifest)
+    return manifest
+
+
+def add_hospital(out: Path | str, name: str, *, force: bool = False) -> dict[str, Any]:
+    """Add (or with ``force`` re-key, un-revoking it) one hospital; returns its manifest entry."""
+    out = Path(out)
+    manifest = read_manifest(out)
+    _load_ca(out)
+    validate_hospital_name(name)
+    if name in manifest["hospitals"] and not force:
+        p = _hospital_paths(out, name)["auth_key"]
+        raise UserError(f"hospital {name!r} already exists ({p}); refusing to overwrite its key without --force")
+    entry = _make_hospital(out, name, force, manifest)
+    _write_manifest(out, manifest)
+    return entry
+
+
+def revoke_hospital(out: Path | str, name: str) -> dict[str, Any]:
+    """Mark a hospital revoked in the manifest (it is left out of :func:`hospital_public_keys`)."""
+    out = Path(out)
+    manifest = read_manifest(out)
+    if name not in manifest["hospitals"]:
+        raise UserError(f"hospital {name!r}: not in {out / MANIFEST} (known: {sorted(manifest['hospitals'])})")
+    entry = manifest["hospitals"][name]
+    entry["revoked"] = True
+    entry["revoked_at"] = _now().isoformat(timespec="seconds")
+    _write_manifest(out, manifest)
+    return entry
+
+
+def hospital_public_keys(out: Path | str, include_revoked: bool = False) -> dict[str, Path]:
+    """``{name: path of auth.pub}`` of the hospitals to register with the SuperLink."""
+    out = Path(out)
+    manifest = read_manifest(out)
+    return {
+        name: out / e["auth_pub"]
+        for name, e in sorted(manifest["hospitals"].items())
+        if include_revoked or not e.get("revoked")
+    }
+
+
+def make_atrest_key(path: Path | str, *, force: bool = False) -> Path:
+    """Write a fresh 256-bit at-rest key (hex, mode 0600) for :mod:`xrayfed.common.atrest`."""
+    path = Path(path)
+    _refuse_existing([path], force)
+    _write(path, (os.urandom(32).hex() + "\n").encode(), KEY_MODE)
+    return path
+
+
+# --------------------------------------------------------------------------- CLI
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("certs", help="make the federation's CA, certificates and hospital keys",
+                       description="Keys and certificates for a TLS-protected, authenticated federation.")
+    cs = p.add_subparsers(dest="certs_command", metavar="ACTION")
+    cs.required = True
+
+    i = cs.add_parser("init", help="create CA, server/inference certificates, token key and hospital keys")
+    i.add_argument("--out", required=True, type=Path, help="folder for the keys and certificates")
+    i.add_argument("--server-name", action="append", default=[], metavar="DNS",
+                   help="host name the server is reached by (repeatable)")
+    i.add_argument("--server-ip", action="append", default=[], metavar="IP",
+                   help="IP address the server is reached by (repeatable)")
+    i.add_argument("--hospital", action="append", default=[], metavar="NAME",
+                   help="make a SuperNode key pair for this hospital (repeatable)")
+    i.add_argument("--no-loopback", action="store_true",
+                   help="leave localhost/127.0.0.1/::1 out of the server certificate "
+                        "(the SuperLink's own ServerApp runner then needs --server-ip of its listen address)")
+    i.add_argument("--federation", default="xrayfed", help="name used in the CA's subject")
+    i.add_argument("--force", action="store_true", help="replace existing keys")
+    i.set_defaults(func=_cmd_init)
+
+    a = cs.add_parser("add-hospital", help="add a hospital's SuperNode key pair")
+    a.add_argument("name")
+    a.add_argument("--out", required=True, type=Path, help="the folder made by `certs init`")
+    a.add_argument("--force", action="store_true", help="replace the hospital's existing key")
+    a.set_defaults(func=_cmd_add)
+
+    r = cs.add_parser("revoke-hospital", help="revoke a hospital: not registered again; "
+                                              "--superlink also unregisters it now")
+    r.add_argument("name")
+    r.add_argument("--out", required=True, type=Path, help="the folder made by `certs init`")
+    r.add_argument("--superlink", metavar="HOST:PORT",
+                   help="also unregister the hospital from this running SuperLink (TLS with DIR/ca.pem)")
+    r.set_defaults(func=_cmd_revoke)
+
+    k = cs.add_parser("atrest-key", help="make a 256-bit key for encrypting checkpoints/ledgers at rest")
+    k.add_argument("--out", required=True, type=Path, help="key file to write (mode 0600)")
+    k.add_argument("--force", action="store_true", help="replace an existing key file")
+    k.set_defaults(func=_cmd_atrest)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    m = init_pki(args.out, server_names=args.server_name, server_ips=args.server_ip, hospitals=args.hospital,
+                 loopback=not args.no_loopback, force=args.force, federation=args.federation)
+    srv = m["server"]
+    print(f"CA and server certificate in {args.out} (SAN: {', '.join(srv['dns'] + srv['ips'])})")
+    for name in m["hospitals"]:
+        print(f"hospital {name}: give {args.out / 'hospitals' / name}/ to the hospital (auth.key stays secret)")
+    print(f"ca.key signs certificates: keep it offline; manifest: {args.out / MANIFEST}")
+    return 0
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    e = add_hospital(args.out, args.name, force=args.force)
+    print(f"hospital {args.name}: {args.out / 'hospitals' / args.name}/ ({e['fingerprint']})")
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    manifest = read_manifest(out)
+    if args.name not in manifest["hospitals"]:
+        raise UserError(f"hospital {args.name!r}: not in {out / MANIFEST}")
+    if args.superlink:
+        import tempfile
+
+        from .flower_security import unregister_hospital, write_flwr_home
+
+        with tempfile.TemporaryDirectory(prefix="xrayfed-flwr-") as tmp:
+            home = write_flwr_home(Path(tmp), args.superlink, root_certificates=out / "ca.pem")
+            node = unregister_hospital(home, out / manifest["hospitals"][args.name]["auth_pub"])
+        print(f"hospital {args.name}: SuperNode {node} unregistered; the SuperLink refuses its key from now on")
+    revoke_hospital(out, args.name)
+    print(f"hospital {args.name}: revoked" + (" and unregistered from the running SuperLink" if args.superlink else
+                                              "; it is not registered at the next server start"))
+    return 0
+
+
+def _cmd_atrest(args: argparse.Namespace) -> int:
+    path = make_atrest_key(args.out, force=args.force)
+    print(f"at-rest key written to {path} (mode 0600); set XRAYFED_ATREST_KEY_FILE={path} or pass --atrest-key-file",
+          file=sys.stdout)
+    return 0

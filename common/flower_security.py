@@ -1,0 +1,364 @@
+"""TLS and SuperNode authentication for Flower 1.41 deployments (checked against real processes).
+
+What the launchers (``xrayfed server`` / ``xrayfed client``) call:
+
+* :func:`superlink_args` / :func:`supernode_args`: the exact extra command-line arguments of
+  ``flower-superlink`` / ``flower-supernode`` for TLS, ``--insecure`` or SuperNode auth.
+* :func:`write_flwr_home`: a ``FLWR_HOME`` whose ``config.toml`` names the SuperLink
+  connection used by ``flwr run`` and ``flwr supernode register|unregister|list``.
+* :func:`flower_env`: the environment for every Flower process (``PATH`` must contain the
+  venv's ``bin``: the SuperLink starts ``flower-superexec`` and the SuperNode ``flwr-clientapp``
+  by name).
+* :func:`register_hospitals` / :func:`unregister_hospital` / :func:`list_nodes`: the SuperLink's
+  registry of hospital public keys (``--enable-supernode-auth``), via the ``flwr`` CLI.
+* :func:`warn_insecure`: the one warning printed when TLS is switched off.
+* :func:`refused_keys_in_log` / :func:`identify_hospital`: which hospital key a SuperLink log
+  refused (Flower logs the refused key as PEM).
+
+Facts (Flower 1.41, see ``deploy/FLOWER-NOTES.md``): the SuperLink serves Fleet, Control and
+Runtime APIs over HTTPS on one ``--host/--port``; TLS needs all three ``--ssl-*`` files, the
+certificate's SAN must contain the address clients dial *and* the one the SuperLink's own
+SuperExec dials (``127.0.0.1`` when listening on 0.0.0.0). SuperNode auth requires TLS; keys are
+EC on a NIST curve in OpenSSH format; an unregistered key is refused at activation (the SuperNode
+exits) and logged by the SuperLink as ``[/v1/fleet/activate-node][ApiError:2004] ...
+No SuperNode found with the given public key``. Unregistering a node cuts a running SuperNode
+off at its next request (HTTP 401) and the key can never be registered again on that SuperLink
+state: a re-admitted hospital needs a new key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Iterable, Mapping
+
+from .errors import UserError
+
+DEFAULT_CONNECTION = "xrayfed"
+INSECURE_WARNING = ("WARNING: --insecure: {what} runs WITHOUT TLS (traffic, model updates and keys are readable "
+                    "and forgeable on the network) and without hospital authentication; use it for local "
+                    "experiments only")
+
+
+# --------------------------------------------------------------------------- environment
+def venv_bin_dir() -> Path:
+    return Path(sys.executable).parent
+
+
+def flower_env(flwr_home: Path | str | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for a Flower process: venv ``bin`` first on PATH, FLWR_HOME if given.
+
+    Each process that installs apps (SuperNode, ``flwr run``) writes under ``$FLWR_HOME/apps``;
+    give every role its own FLWR_HOME so nothing lands in ``~/.flwr``.
+    """
+    env = dict(os.environ if base is None else base)
+    bindir = str(venv_bin_dir())
+    parts = [p for p in env.get("PATH", "").split(os.pathsep) if p]
+    env["PATH"] = os.pathsep.join([bindir] + [p for p in parts if p != bindir])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(Path(flwr_home).resolve())
+    return env
+
+
+def warn_insecure(what: str = "the federation", stream: IO[str] | None = None) -> str:
+    """Print (and return) the one-line warning for ``--insecure``."""
+    line = "xrayfed: " + INSECURE_WARNING.format(what=what)
+    print(line, file=stream or sys.stderr, flush=True)
+    return line
+
+
+def _file(path: Path | str | None, what: str) -> str:
+    if path is None:
+        raise UserError(f"{what} is not set; TLS is the default (make certificates with `xrayfed certs init`, "
+                        "or pass --insecure for a local experiment)")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{what}: no file at {p}")
+    return str(p.resolve())
+
+
+# --------------------------------------------------------------------------- command lines
+def superlink_args(
+    *,
+    insecure: bool = False,
+    ca_cert: Path | str | None = None,
+    cert: Path | str | None = None,
+    key: Path | str | None = None,
+    supernode_auth: bool = False,
+) -> list[str]:
+    """Extra ``flower-superlink`` arguments (besides ``--host/--port`` and
+    ``--disable-runtime-dependency-installation``).
+
+    TLS: ``--ssl-ca-certfile CA --ssl-certfile CERT --ssl-keyfile KEY`` (all three; the CA is
+    what the SuperLink's own SuperExec trusts). Auth: ``--enable-supernode-auth`` (TLS only).
+    """
+    if insecure:
+        if supernode_auth:
+            raise UserError("hospital authentication (supernode_auth) needs TLS; remove --insecure")
+        return ["--insecure"]
+    args = [
+        "--ssl-ca-certfile", _file(ca_cert, "network.tls.ca_cert"),
+        "--ssl-certfile", _file(cert, "network.tls.cert"),
+        "--ssl-keyfile", _file(key, "network.tls.key"),
+    ]
+    if supernode_auth:
+        args.append("--enable-supernode-auth")
+    return args
+
+
+def superlink_args_from_config(network) -> list[str]:
+    """:func:`superlink_args` from a :class:`xrayfed.common.config.ServerNetwork`."""
+    tls = network.tls
+    return superlink_args(insecure=tls.insecure, ca_cert=tls.ca_cert, cert=tls.cert, key=tls.key,
+                          supernode_auth=network.supernode_auth)
+
+
+def supernode_args(
+    *,
+    superlink: str,
+    insecure: bool = False,
+    root_certificates: Path | str | None = None,
+    auth_private_key: Path | str | None = None,
+) -> list[str]:
+    """Extra ``flower-supernode`` arguments (besides ``--port`` and ``--node-config``).
+
+    ``--superlink HOST:PORT`` plus either ``--insecure`` or ``--root-certificates CA`` (the CA
+    that signed the SuperLink's certificate), and ``--auth-supernode-private-key KEY`` (the
+    hospital's ``auth.key``) when the SuperLink authenticates SuperNodes.
+    """
+    args = ["--superlink", superlink]
+    if insecure:
+        if auth_private_key is not None:
+            raise UserError("a hospital key (auth.key) is only used over TLS; remove --insecure")
+        return args + ["--insecure"]
+    args += ["--root-certificates", _file(root_certificates, "root certificates (the federation's ca.pem)")]
+    if auth_private_key is not None:
+        key = _file(auth_private_key, "hospital key (auth.key)")
+        mode = os.stat(key).st_mode & 0o077
+        if mode:
+            raise UserError(f"{key}: the hospital's private key is readable by other users (chmod 600 {key})")
+        args += ["--auth-supernode-private-key", key]
+    return args
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(str(s), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def connection_toml(address: str, *, insecure: bool = False, root_certificates: Path | str | None = None,
+                    name: str = DEFAULT_CONNECTION) -> str:
+    """The ``config.toml`` of a FLWR_HOME with one SuperLink connection (the default)."""
+    if not re.match(r"^[A-Za-z0-9_-]+$", name):
+        raise UserError(f"connection name {name!r}: letters, digits, '_' and '-' only")
+    lines = ["[superlink]", f"default = {_toml_str(name)}", "", f"[superlink.{name}]",
+             f"address = {_toml_str(address)}"]
+    if insecure:
+        lines.append("insecure = true")
+    else:
+        lines.append(f"root-certificates = {_toml_str(_file(root_certificates, 'root certificates (ca.pem)'))}")
+    return "\n".join(lines) + "\n"
+
+
+def write_flwr_home(home: Path | str, address: str, *, insecure: bool = False,
+                    root_certificates: Path | str | None = None, name: str = DEFAULT_CONNECTION) -> Path:
+    """Create ``home/config.toml`` (see :func:`connection_toml`); returns ``home``."""
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        connection_toml(address, insecure=insecure, root_certificates=root_certificates, name=name), encoding="utf-8")
+    return home
+
+
+# --------------------------------------------------------------------------- flwr CLI
+def _flwr(home: Path | str, args: list[str], timeout: float = 60.0) -> dict:
+    """Run ``flwr ARGS --format json`` with FLWR_HOME=home; the parsed JSON (or UserError)."""
+    exe = str(venv_bin_dir() / "flwr") if (venv_bin_dir() / "flwr").exists() else "flwr"
+    try:
+        proc = subprocess.run([exe, *args, "--format", "json"], env=flower_env(home), capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"`flwr {' '.join(args[:2])}` did not answer within {timeout:.0f}s (is the SuperLink up?)") from None
+    out = proc.stdout.strip()
+    data = None
+    start = out.find("{")
+    if start >= 0:
+        try:
+            data = json.loads(out[start:])
+        except json.JSONDecodeError:
+            data = None
+    if not isinstance(data, dict) or not data.get("success"):
+        reason = ""
+        if isinstance(data, dict):
+            reason = str(data.get("error-message", ""))
+        reason = reason or (proc.stderr.strip() or out)
+        reason = " ".join(reason.replace("\n", " ").split())
+        reason = re.sub(r"^Using SuperLink: \S+ \([^)]*\)\s*", "", reason)
+        raise UserError(f"`flwr {' '.join(args[:2])}` failed: {reason[-300:] or f'exit status {proc.returncode}'}")
+    return data
+
+
+def public_key_fingerprint(public_key: Path | str | bytes) -> str:
+    """SHA-256 fingerprint (OpenSSH style) of an OpenSSH or PEM public key."""
+    from cryptography.hazmat.primitives import serialization
+
+    data = Path(public_key).read_bytes() if isinstance(public_key, (str, Path)) else bytes(public_key)
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(data)
+        else:
+            key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, TypeError) as e:
+        raise UserError(f"not a public key ({type(e).__name__})") from None
+    blob = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1]
+    return "SHA256:" + base64.b64encode(hashlib.sha256(base64.b64decode(blob)).digest()).decode().rstrip("=")
+
+
+def register_hospital(home: Path | str, public_key: Path | str, *, name: str | None = None,
+                      connection: str = DEFAULT_CONNECTION, timeout: float = 60.0) -> int:
+    """Register one hospital's public key with the running SuperLink; returns its node id.
+
+    Idempotent: a key that is already registered (and not revoked) returns its node id. A key
+    that was unregistered (revoked) on this SuperLink is refused by Flower for good: UserError.
+    """
+    pub = Path(public_key)
+    fp = public_key_fingerprint(pub)
+    args = ["supernode", "register", str(pub.resolve()), connection]
+    if name:
+        args += ["--name", name]
+    try:
+        data = _flwr(home, args, timeout=timeout)
+    except UserError as e:
+        if "already in use" not in str(e):
+            raise
+        known = node_id_for_key(home, pub, connection=connection)
+        if known is not None:
+            return known
+        raise UserError(f"hospital key {pub} ({fp}) was revoked on this SuperLink and cannot be registered again; "
+                        "give the hospital a new key (`xrayfed certs add-hospital NAME --force`)") from None
+    return int(data["node-id"])
+
+
+def register_hospitals(home: Path | str, keys: Mapping[str, Path | str] | Iterable[Path | str], *,
+                       connection: str = DEFAULT_CONNECTION) -> dict[str, int]:
+    """Register several keys (``{name: auth.pub}`` or paths); ``{name: node_id}``."""
+    items = keys.items() if isinstance(keys, Mapping) else ((Path(k).parent.name, k) for k in keys)
+    return {name: register_hospital(home, pub, name=name, connection=connection) for name, pub in items}
+
+
+def unregister_hospital(home: Path | str, key_or_node: Path | str | int, *,
+                        connection: str = DEFAULT_CONNECTION, timeout: float = 60.0) -> int:
+    """Revoke: unregister a node (by public key file registered through ``home``, or node id).
+
+    The node id of a key is looked up on the SuperLink itself. A running SuperNode with that
+    key is refused at its next request (HTTP 401) and stops; it cannot re-join with the same
+    key. Returns the node id.
+    """
+    if isinstance(key_or_node, int):
+        node_id = key_or_node
+    else:
+        fp = public_key_fingerprint(key_or_node)
+        found = node_id_for_key(home, key_or_node, connection=connection)
+        if found is None:
+            raise UserError(f"{key_or_node} ({fp}): no registered SuperNode has this key on the SuperLink")
+        node_id = found
+    _flwr(home, ["supernode", "unregister", str(node_id), connection], timeout=timeout)
+    return node_id
+
+
+def list_nodes(home: Path | str, *, connection: str = DEFAULT_CONNECTION, timeout: float = 60.0) -> list[dict]:
+    """The SuperLink's nodes: ``[{"node-id": str, "status": "registered|online|offline|..."}, ...]``."""
+    return list(_flwr(home, ["supernode", "list", connection], timeout=timeout).get("nodes", []))
+
+
+# --------------------------------------------------------------------------- refusals in logs
+_REFUSED_RE = re.compile(
+    r"\[/v1/fleet/(activate-node|register-node)\]\[ApiError:(\d+)\][^\n]*?public key: b'(-----BEGIN PUBLIC KEY-----.*?"
+    r"-----END PUBLIC KEY-----)(?:\\n)?'"
+)
+
+
+def refused_keys_in_log(log_text: str) -> list[dict]:
+    """SuperNode refusals in a SuperLink log: ``[{"endpoint", "code", "fingerprint", "pem"}]``.
+
+    Codes seen in 1.41: 2004 = activation with an unregistered/revoked key; 2001 = a SuperNode
+    without a key tried to self-register while authentication is on.
+    """
+    out = []
+    for m in _REFUSED_RE.finditer(log_text):
+        pem = m.group(3).replace("\\n", "\n") + "\n"
+        try:
+            fp = public_key_fingerprint(pem.encode())
+        except UserError:
+            fp = ""
+        out.append({"endpoint": m.group(1), "code": int(m.group(2)), "fingerprint": fp, "pem": pem})
+    return out
+
+
+def identify_hospital(pki_dir: Path | str, fingerprint: str) -> str | None:
+    """The hospital of ``xrayfed certs`` folder ``pki_dir`` whose key has this fingerprint."""
+    from .certs import read_manifest
+
+    for name, e in read_manifest(Path(pki_dir))["hospitals"].items():
+        if e.get("fingerprint") == fingerprint:
+            return name
+    return None
+
+
+# --------------------------------------------------------------------------- node ids by key
+def _list_node_keys_main(connection: str) -> int:  # pragma: no cover - runs in a subprocess
+    """Print ``[{"node_id", "status", "public_key"}]`` from the Control API (FLWR_HOME from env).
+
+    ``flwr supernode list`` does not show public keys, so this uses the ``flwr`` CLI's own
+    Control-API client (internal API of flwr 1.41).
+    """
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=E0611
+
+    client = init_http_client_from_connection(read_superlink_connection(connection))
+    try:
+        res = client.ListNodes(request=ListNodesRequest())
+    finally:
+        client.close()
+    rows = [{"node_id": int(n.node_id), "status": n.status,
+             "public_key": n.public_key.decode("ascii", "replace")} for n in res.nodes_info]
+    print("XRAYFED-NODES " + json.dumps(rows))
+    return 0
+
+
+def node_keys(home: Path | str, *, connection: str = DEFAULT_CONNECTION, timeout: float = 60.0) -> list[dict]:
+    """Every node the SuperLink knows with its key: ``[{"node_id", "status", "fingerprint"}]``."""
+    code = ("import sys; from xrayfed.common.flower_security import _list_node_keys_main as m; "
+            "sys.exit(m(sys.argv[1]))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, connection], env=flower_env(home), capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"listing the SuperLink's nodes did not finish within {timeout:.0f}s") from None
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("XRAYFED-NODES ")), None)
+    if line is None:
+        tail = " ".join((proc.stderr or proc.stdout).split())[-300:]
+        raise UserError(f"could not list the SuperLink's nodes: {tail or f'exit status {proc.returncode}'}")
+    rows = json.loads(line[len("XRAYFED-NODES "):])
+    for r in rows:
+        try:
+            r["fingerprint"] = public_key_fingerprint(r.pop("public_key").encode())
+        except UserError:
+            r["fingerprint"] = ""
+    return rows
+
+
+def node_id_for_key(home: Path | str, public_key: Path | str, *, connection: str = DEFAULT_CONNECTION) -> int | None:
+    """The node id the SuperLink gave this public key (None: not registered)."""
+    fp = public_key_fingerprint(public_key)
+    for r in node_keys(home, connection=connection):
+        if r["fingerprint"] == fp and r.get("status") not in ("unregistered", "deleted"):
+            return int(r["node_id"])
+    return None

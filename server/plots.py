@@ -1,0 +1,226 @@
+"""Plots of a privacy-budget report (matplotlib, Agg backend, PNG bytes).
+
+* :func:`epsilon_per_round` — cumulative ε of every hospital per round, each against its budget
+  line, with the reference points (ε = 1, 8, 10) as faint guides.
+* :func:`auc_per_round` — the global model's AUC per round (server held-out set; the hospitals'
+  local validation AUC dashed when reported).
+* :func:`privacy_utility` — AUC against the largest ε in the federation after each round.
+
+Every function takes a :class:`~xrayfed.server.report.Report` and returns PNG bytes, or
+``None`` when the report holds nothing to draw. Only aggregate numbers are drawn.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .report import Report
+
+DPI = 110
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+SIZE = (7.2, 4.2)
+REFERENCE_LINES = ((1.0, "ε = 1 (strong)"), (8.0, "ε = 8 (common limit)"), (10.0, "ε = 10 (weak above)"))
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=SIZE, dpi=DPI)
+    ax.grid(True, color="#dddddd", linewidth=0.6)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return plt, fig, ax
+
+
+def _png(plt, fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=DPI)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _round_axis(report: "Report") -> tuple[dict[str, list[tuple[float, object]]], str]:
+    """Per hospital: [(x, HospitalRound)]; x is the round number, or the n-th entry of the
+    hospital's ledger when its ledger spans several federations (round numbers repeat)."""
+    out: dict[str, list[tuple[float, object]]] = {}
+    sequential = False
+    for h in report.hospitals:
+        keys = [(r.federation, r.round) for r in h.rounds if r.status == "trained"]
+        if len({f for f, _ in keys}) > 1 or len(keys) != len(set(keys)):
+            sequential = True
+    for h in report.hospitals:
+        pts = []
+        n = 0
+        for r in h.rounds:
+            if r.epsilon is None:
+                continue
+            n += 1
+            pts.append((float(n if sequential else r.round), r))
+        out[h.hospital] = pts
+    return out, ("entry in the hospital's ledger" if sequential else "round")
+
+
+def _curves_overlap(series: dict[str, list], top: float) -> bool:
+    """Do two hospitals' ε curves coincide (within 1 % of the axis) wherever both have a point?"""
+    curves = [{x: r.epsilon for x, r in pts} for pts in series.values() if pts]
+    for a in range(len(curves)):
+        for b in range(a + 1, len(curves)):
+            shared = set(curves[a]) & set(curves[b])
+            if shared and all(abs(curves[a][x] - curves[b][x]) <= 0.01 * top for x in shared):
+                return True
+    return False
+
+
+def epsilon_per_round(report: "Report") -> bytes | None:
+    if not report.hospitals or not any(h.rounds for h in report.hospitals):
+        return None
+    plt, fig, ax = _figure()
+    fig.set_size_inches(SIZE[0], SIZE[1] + 0.5)
+    series, xlabel = _round_axis(report)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ymax = max([h.epsilon_budget for h in report.hospitals] + [h.epsilon_spent for h in report.hospitals])
+    top = ymax * 1.15 if ymax > 0 else 1.0
+    xs_all: list[float] = []
+    refused_labelled = disputed_labelled = False
+    n = len(report.hospitals)
+    overlap = _curves_overlap(series, top)
+    for i, h in enumerate(report.hospitals):
+        c = colors[i % len(colors)]
+        pts = series.get(h.hospital, [])
+        xs_all += [x for x, _ in pts]
+        if not pts:
+            continue
+        # Hospitals with the same settings have the same curve: then earlier ones are drawn wider,
+        # so every one stays visible under the next.
+        w = (n - 1 - i) / max(1, n - 1) if overlap else 0.3
+        ax.plot([x for x, _ in pts], [r.epsilon for _, r in pts], color=c,  # type: ignore[attr-defined]
+                marker=MARKERS[i % len(MARKERS)], markersize=4 + 3 * w, linewidth=1.6 + 2.4 * w,
+                label=f"{h.hospital}", zorder=3 + i / 100)
+        ref = [(x, r.epsilon) for x, r in pts if r.status == "refused"]  # type: ignore[attr-defined]
+        if ref:
+            ax.scatter([x for x, _ in ref], [y for _, y in ref], marker="x", s=70, linewidths=2, color="#c0392b",
+                       zorder=5, label=None if refused_labelled else "round refused (budget spent)")
+            refused_labelled = True
+        bad = [(x, r.epsilon) for x, r in pts if r.agrees is False]  # type: ignore[attr-defined]
+        if bad:
+            ax.scatter([x for x, _ in bad], [y for _, y in bad], marker="o", s=160, facecolors="none",
+                       edgecolors="#c0392b", linewidths=2, zorder=6,
+                       label=None if disputed_labelled else "ε disputed by the independent accountant")
+            disputed_labelled = True
+    # One dashed line per distinct budget, named after the hospitals that have it.
+    budgets: dict[float, list[str]] = {}
+    for h in report.hospitals:
+        budgets.setdefault(round(h.epsilon_budget, 9), []).append(h.hospital)
+    for b, names in sorted(budgets.items()):
+        who = "every hospital" if len(names) == len(report.hospitals) > 1 else ", ".join(names)
+        ax.axhline(b, color="#333333", linestyle="--", linewidth=1.3, zorder=1)
+        ax.annotate(f"budget ε = {b:g} ({who})", xy=(0.0, b), xycoords=("axes fraction", "data"), xytext=(4, 3),
+                    textcoords="offset points", ha="left", va="bottom", fontsize=8, color="#333333", zorder=6,
+                    bbox=dict(boxstyle="square,pad=0.15", fc="white", ec="none", alpha=0.9))
+    for y, text in REFERENCE_LINES:
+        if y <= top and all(abs(y - b) > 1e-9 for b in budgets):
+            ax.axhline(y, color="#aaaaaa", linestyle=":", linewidth=0.9, zorder=0)
+            ax.annotate(text, xy=(1.0, y), xycoords=("axes fraction", "data"), xytext=(-4, 2),
+                        textcoords="offset points", ha="right", va="bottom", fontsize=7, color="#888888")
+    ax.set_ylim(0, top)
+    if xs_all:
+        lo, hi = min(xs_all), max(xs_all)
+        ax.set_xlim(lo - 0.5, hi + 0.5)
+        if hi - lo <= 20:
+            ax.set_xticks(range(int(lo), int(hi) + 1))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("ε spent (cumulative)")
+    ax.set_title("Privacy budget spent per round (δ per hospital in the table)")
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: labels[i].startswith(("round refused", "ε disputed")))
+    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
+    ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+              ncol=min(4, max(1, len(labels))), frameon=False)
+    return _png(plt, fig)
+
+
+def _auc_rows(report: "Report"):
+    server = [(r.round, r.eval.get("auc")) for r in report.rounds if r.eval and r.eval.get("auc") is not None]
+    client = [(r.round, r.client_eval.get("auc")) for r in report.rounds
+              if r.client_eval and r.client_eval.get("auc") is not None]
+    return server, client
+
+
+def auc_per_round(report: "Report") -> bytes | None:
+    server, client = _auc_rows(report)
+    if not server and not client:
+        return None
+    plt, fig, ax = _figure()
+    if server:
+        ax.plot([x for x, _ in server], [y for _, y in server], marker="o", color="#1f77b4", linewidth=1.8,
+                label="server held-out set")
+    if client:
+        ax.plot([x for x, _ in client], [y for _, y in client], marker="s", markersize=4, color="#2ca02c",
+                linestyle="--", linewidth=1.4, label="hospitals' validation (weighted mean)")
+    xs = [x for x, _ in server + client]
+    ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+    if max(xs) - min(xs) <= 20:
+        ax.set_xticks(range(min(xs), max(xs) + 1))
+    ax.axhline(0.5, color="#999999", linestyle=":", linewidth=0.8)
+    ax.annotate("chance", xy=(0.0, 0.5), xycoords=("axes fraction", "data"), xytext=(4, 2),
+                textcoords="offset points", ha="left", va="bottom", fontsize=7, color="#777777")
+    ys = [y for _, y in server + client]
+    ax.set_ylim(min(0.45, min(ys) - 0.02), 1.0)
+    ax.set_xlabel("round")
+    ax.set_ylabel("AUC")
+    ax.set_title("Model AUC per round")
+    ax.legend(fontsize=8, loc="lower right", frameon=False)
+    return _png(plt, fig)
+
+
+def privacy_utility(report: "Report") -> bytes | None:
+    server, client = _auc_rows(report)
+    src, label = (server, "server held-out set") if server else (client, "hospitals' validation")
+    eps = {r.round: r.max_epsilon for r in report.rounds if r.max_epsilon is not None}
+    pts = [(eps[rnd], auc, rnd) for rnd, auc in src if rnd in eps]
+    if not pts:
+        return None
+    plt, fig, ax = _figure()
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="#8e44ad", linewidth=1.6)
+    for x, y, rnd in pts:
+        ax.annotate(f"round {rnd}" if rnd == pts[0][2] else f"{rnd}", xy=(x, y), xytext=(-6, 5),
+                    textcoords="offset points", fontsize=7, color="#555555", ha="right")
+    xmax = max(p[0] for p in pts)
+    for x, text in REFERENCE_LINES:
+        if x <= xmax * 1.1:
+            ax.axvline(x, color="#aaaaaa", linestyle=":", linewidth=0.9, zorder=0)
+            left = x < xmax * 0.5  # label right of the line near the origin, left of it further out
+            ax.annotate(text, xy=(x, 0.0), xycoords=("data", "axes fraction"), xytext=(3 if left else -3, 4),
+                        textcoords="offset points", fontsize=7, color="#888888", ha="left" if left else "right",
+                        va="bottom")
+    ys = [p[1] for p in pts]
+    ax.set_xlim(0, xmax * 1.1 if xmax > 0 else 1.0)
+    ax.set_ylim(min(0.45, min(ys) - 0.02), 1.0)
+    ax.set_xlabel("largest ε spent in the federation (cumulative)")
+    ax.set_ylabel(f"AUC ({label})")
+    ax.set_title("Privacy–utility: AUC against ε")
+    return _png(plt, fig)
+
+
+PLOTS = (
+    ("epsilon-per-round", "ε spent per round for each hospital, against its budget", epsilon_per_round),
+    ("auc-per-round", "Global model AUC per round", auc_per_round),
+    ("privacy-utility", "Privacy–utility curve: AUC against the largest ε in the federation", privacy_utility),
+)
+
+
+def render_all(report: "Report") -> dict[str, tuple[str, bytes]]:
+    """``{name: (caption, png_bytes)}`` for every plot that has something to draw."""
+    out = {}
+    for name, caption, fn in PLOTS:
+        png = fn(report)
+        if png is not None:
+            out[name] = (caption, png)
+    return out

@@ -1,0 +1,213 @@
+"""``xrayfed serve-ttp``: the crypto provider — CrypTen's trusted third party (TTP).
+
+Run by someone who does not collude with the hospital (e.g. the federation operator). It deals
+the correlated randomness (Beaver triples, wrap counts, random bits) of each encrypted
+prediction and never sees a scan, a weight or a result: it only generates random values and
+sends them; nothing the parties compute is sent to it. If it colluded with the hospital, the
+two together could open the patient's scan — that is the non-collusion assumption.
+
+gRPC API (JSON messages, see :mod:`xrayfed.common.rpc`), service ``xrayfed.ttp.v1.TTP``:
+
+* ``StartSession {session_id, host, port, timeout_s}`` → ``{"ok": true}``: joins the session's
+  rendezvous ``host:port`` as rank 2 from a warm pre-forked worker and serves until the
+  hospital's party (rank 0) ends the session, the connection breaks or ``timeout_s`` passes.
+  Only the hospital's inference service may call it: the request must carry the shared secret
+  (metadata ``x-xrayfed-ttp-secret``, compared in constant time) over TLS.
+* ``Health {}`` → ``{"ok": true, "sessions": n}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ..common.errors import UserError
+
+log = logging.getLogger("xrayfed.ttp")
+SERVICE = "xrayfed.ttp.v1.TTP"
+SECRET_HEADER = "x-xrayfed-ttp-secret"
+SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def read_secret(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what}: no file at {p}")
+    secret = p.read_bytes().strip()
+    if len(secret) < 16:
+        raise UserError(f"{what} {p}: too short (use e.g. `openssl rand -hex 32 > {p}`)")
+    return secret
+
+
+class TTPService:
+    def __init__(self, cfg, pool, secret: bytes | None) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.secret = secret
+        self.slots = threading.BoundedSemaphore(cfg.max_sessions)
+        self.lock = threading.Lock()
+        self.workers: dict[str, object] = {}
+
+    # ----------------------------------------------------------------- handlers
+    def _authorise(self, context) -> None:
+        import grpc
+
+        if self.secret is None:
+            return
+        got = dict(context.invocation_metadata()).get(SECRET_HEADER, "")
+        if not hmac.compare_digest(got.encode(), self.secret):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "TTP: missing or wrong service secret")
+
+    def health(self, request: dict, context) -> dict:
+        self._authorise(context)
+        with self.lock:
+            return {"ok": True, "sessions": len(self.workers)}
+
+    def start_session(self, request: dict, context) -> dict:
+        import grpc
+
+        from ..common import mpc
+
+        self._authorise(context)
+        sid = request.get("session_id")
+        host = request.get("host")
+        port = request.get("port")
+        timeout_s = request.get("timeout_s", self.cfg.session_timeout_s)
+        if not (isinstance(sid, str) and SESSION_ID_RE.match(sid)):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id: 32 hex digits expected")
+        if not (isinstance(host, str) and 0 < len(host) < 256 and isinstance(port, int) and 0 < port < 65536):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "host/port: a rendezvous address is required")
+        if self.cfg.allowed_rendezvous and host not in self.cfg.allowed_rendezvous:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"rendezvous host {host!r} is not allowed")
+        if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "timeout_s must be a positive number")
+        timeout_s = min(float(timeout_s), self.cfg.session_timeout_s)
+        if not self.slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "TTP is busy (max_sessions reached)")
+        released = False
+        try:
+            params = mpc.SessionParams(session_id=sid, host=host, port=port, timeout_s=timeout_s,
+                                       threads=self.cfg.threads_per_party)
+            deadline = time.monotonic() + timeout_s
+            proc, conn = self.pool.start(mpc.ttp_worker, params.to_dict())
+            kind, payload = mpc.wait_message(conn, ("connected",), min(deadline, time.monotonic() + 30))
+            if kind != "connected":
+                mpc.stop_worker(proc)
+                conn.close()
+                context.abort(grpc.StatusCode.UNAVAILABLE,
+                              f"TTP could not join the session rendezvous ({kind}{': ' + payload if payload else ''})")
+            with self.lock:
+                self.workers[sid] = proc
+            released = True
+
+            def on_end(outcome, info, sid=sid, t0=time.monotonic()):
+                with self.lock:
+                    self.workers.pop(sid, None)
+                self.slots.release()
+                log.info("session %s ended: %s (%.2fs)", mpc.session_tag(sid), outcome, time.monotonic() - t0)
+
+            threading.Thread(target=mpc.watch_worker, args=(proc, conn, deadline, on_end),
+                             name=f"ttp-{mpc.session_tag(sid)}", daemon=True).start()
+            return {"ok": True}
+        finally:
+            if not released:
+                self.slots.release()
+
+    def stop_all(self) -> None:
+        from ..common import mpc
+
+        with self.lock:
+            procs = list(self.workers.values())
+        for p in procs:
+            mpc.stop_worker(p)
+
+
+# --------------------------------------------------------------------------- CLI
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve-ttp", help="run the crypto provider (CrypTen trusted third party) for encrypted inference",
+                       description="The crypto provider of encrypted inference: deals CrypTen's multiplication "
+                       "triples. Run it on a host the hospital does not control.")
+    p.add_argument("--config", type=Path, help="TOML file with TTPConfig settings")
+    p.add_argument("--listen", help="gRPC address HOST:PORT (default 127.0.0.1:9444)")
+    p.add_argument("--cert", type=Path, help="TLS certificate (PEM)")
+    p.add_argument("--key", type=Path, help="TLS private key (PEM)")
+    p.add_argument("--secret", type=Path, help="file with the secret shared with the inference service")
+    p.add_argument("--session-timeout", type=float, help="seconds before a session is torn down (default 120)")
+    p.add_argument("--max-sessions", type=int, help="concurrent sessions (default 8)")
+    p.add_argument("--allow-rendezvous", action="append", metavar="HOST",
+                   help="rendezvous host the TTP may join (repeatable; default: any)")
+    p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ..common.config import TTPConfig, load_config
+
+    cfg = load_config(TTPConfig, args.config, {
+        "listen": args.listen, "tls.cert": str(args.cert) if args.cert else None,
+        "tls.key": str(args.key) if args.key else None, "secret": str(args.secret) if args.secret else None,
+        "session_timeout_s": args.session_timeout, "max_sessions": args.max_sessions,
+        "allowed_rendezvous": args.allow_rendezvous, "tls.insecure": True if args.insecure else None,
+    })
+    return serve(cfg)
+
+
+def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
+    from ..common import rpc
+    from ..common.procs import parse_hostport
+
+    host, port = parse_hostport(cfg.listen, "listen")
+    secret = read_secret(cfg.secret, "TTP secret (--secret)")
+    creds = None if cfg.tls.insecure else rpc.server_credentials(cfg.tls.cert, cfg.tls.key, "serve-ttp")
+    if cfg.tls.insecure:
+        rpc.warn_insecure("serve-ttp")
+    if secret is None:
+        print("xrayfed: WARNING: serve-ttp without --secret: anyone who reaches it can start TTP sessions",
+              file=sys.stderr, flush=True)
+
+    # Warm the zygote (imports torch + CrypTen once) BEFORE any gRPC thread exists.
+    from ..common.mpc import WorkerPool
+
+    pool = WorkerPool()
+    warm_s = pool.warm()
+    import grpc
+    from concurrent import futures
+
+    svc = TTPService(cfg, pool, secret)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_sessions + 4), options=rpc.OPTIONS)
+    server.add_generic_rpc_handlers((rpc.generic_handler(SERVICE, {"StartSession": svc.start_session,
+                                                                   "Health": svc.health}),))
+    addr = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    bound = server.add_secure_port(addr, creds) if creds is not None else server.add_insecure_port(addr)
+    if not bound:
+        raise UserError(f"serve-ttp: cannot listen on {cfg.listen} (address in use or not local)")
+    server.start()
+    print(f"xrayfed serve-ttp: listening on {host}:{bound} (workers warm in {warm_s:.1f}s, "
+          f"max {cfg.max_sessions} sessions, timeout {cfg.session_timeout_s:.0f}s)", flush=True)
+    return _run_until_stopped(server, svc.stop_all, ready, stop)
+
+
+def _run_until_stopped(server, stop_all, ready, stop) -> int:
+    stop = stop or threading.Event()
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, lambda *_: stop.set())
+    if ready is not None:
+        ready.set()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop(grace=2).wait(5)
+        stop_all()
+    return 0

@@ -1,0 +1,1 @@
+"""Toy Flower app (numpy only) for xrayfed's TLS / SuperNode-auth / SecAgg+ tests."""

@@ -1,0 +1,576 @@
+"""Encrypted prediction end to end: real processes (patient, hospital service, TTP) on 127.0.0.1.
+
+One TTP and two inference services (a binary and a 14-label model, 32 px) are started once
+for the module (``xrayfed serve-ttp`` / ``xrayfed serve-inference`` with TLS, tokens, a short
+session timeout) and every test talks to them like a patient does. Teardown kills the process
+groups and checks with psutil that nothing is left.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from xrayfed.common import tokens
+from xrayfed.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from xrayfed.common.errors import UserError
+from xrayfed.common.model import ModelSpec, build_model
+from xrayfed.common.procs import free_port, kill_tree, spawn, venv_bin, wait_for_port
+from xrayfed.common.tasks import NIH_LABELS, TaskSpec, probabilities
+
+pytestmark = pytest.mark.timeout(600)
+
+SIZE = 32
+SESSION_TIMEOUT = 12
+PATIENT = "PAT-0001"
+AUDIT_FIELDS = {"time", "event", "patient_id", "claimed_patient_id", "token_id", "model_version", "outcome",
+                "reason", "duration_s", "session", "peer"}
+
+
+# --------------------------------------------------------------------------- helpers
+def make_checkpoint(task: TaskSpec, seed: int) -> Checkpoint:
+    """A random XrayNet whose head is scaled so that logits spread over several units."""
+    torch.manual_seed(seed)
+    spec = ModelSpec(num_outputs=task.num_outputs, width=8, depth=2)
+    model = build_model(spec)
+    with torch.no_grad():
+        model[-1].weight.mul_(60.0)
+        model[-1].bias.uniform_(-1.0, 1.0)
+    return Checkpoint(model=spec, task=task, image_size=SIZE, state_dict=model.state_dict())
+
+
+def write_png(path: Path, seed: int, task: str = "binary", size: int = 64) -> Path:
+    from PIL import Image
+
+    from xrayfed.common.synthetic import make_synthetic
+
+    imgs, _ = make_synthetic(1, size, task, seed=seed)
+    Image.fromarray(imgs[0], mode="L").save(path)
+    return path
+
+
+def write_dicom(path: Path, patient_id: str, seed: int, size: int = 64) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    from xrayfed.common.synthetic import make_synthetic
+
+    imgs, _ = make_synthetic(1, size, "multilabel", seed=seed)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.Modality = patient_id, "DX"
+    ds.Rows, ds.Columns = imgs[0].shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = imgs[0].tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def plaintext_probs(ckpt: Checkpoint, scan: Path) -> np.ndarray:
+    from xrayfed.common.preprocess import prepare_scan
+
+    with torch.no_grad():
+        logits = ckpt.build()(prepare_scan(scan, ckpt.image_size)).numpy()
+    return probabilities(ckpt.task, logits)[0]
+
+
+def audit_lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_audit(path: Path, pred, timeout: float = 30.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for rec in audit_lines(path):
+            if pred(rec):
+                return rec
+        time.sleep(0.2)
+    raise AssertionError(f"no matching audit line within {timeout}s: {audit_lines(path)[-3:]}")
+
+
+def live_workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    """Session party processes of a service: live children of its fork server."""
+    out = []
+    try:
+        for c in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if c.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                parent = c.parent()
+                if parent is not None and "forkserver" in " ".join(parent.cmdline()):
+                    out.append(c)
+            except psutil.NoSuchProcess:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    return out
+
+
+def wait_no_workers(proc, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not live_workers(proc):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"session workers still alive: {[p.pid for p in live_workers(proc)]}")
+
+
+def port_closed(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+class Stack:
+    """TTP + binary service + 14-label service, started as real CLI processes."""
+
+    def __init__(self, root: Path) -> None:
+        from xrayfed.common.certs import init_pki
+
+        self.root = root
+        init_pki(root / "pki")
+        self.ca = root / "pki" / "inference" / "ca.pem"
+        self.key_path, self.pub_path = tokens.generate_key(root / "hospital-token.key")
+        self.key = tokens.load_private_key(self.key_path)
+        self.foreign_key = tokens.load_private_key(tokens.generate_key(root / "other-hospital.key")[0])
+        self.secret = root / "ttp.secret"
+        self.secret.write_text(os.urandom(32).hex())
+        self.token = self.write_token("patient.tok", PATIENT)
+        self.ckpt = {
+            "binary": make_checkpoint(TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")), 1),
+            "multilabel": make_checkpoint(TaskSpec(kind="multilabel", class_names=NIH_LABELS), 2),
+        }
+        for name, ck in self.ckpt.items():
+            save_checkpoint(root / f"{name}.pt", ck)
+        self.logs: list = []
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.ports: dict[str, int] = {}
+        xr = venv_bin("xrayfed")
+        pki = root / "pki"
+        self.ports["ttp"] = free_port()
+        self._spawn("ttp", [xr, "serve-ttp", "--listen", f"127.0.0.1:{self.ports['ttp']}", "--cert",
+                            str(pki / "server.pem"), "--key", str(pki / "server.key"), "--secret", str(self.secret),
+                            "--session-timeout", str(SESSION_TIMEOUT)])
+        for name in ("binary", "multilabel"):
+            self.ports[name] = free_port()
+            self._spawn(name, [
+                xr, "serve-inference", "--model", str(root / f"{name}.pt"), "--listen",
+                f"127.0.0.1:{self.ports[name]}", "--token-key", str(self.pub_path), "--cert",
+                str(pki / "inference" / "tls.pem"), "--key", str(pki / "inference" / "tls.key"),
+                "--ttp", f"127.0.0.1:{self.ports['ttp']}", "--ttp-ca", str(pki / "ca.pem"),
+                "--ttp-secret", str(self.secret), "--audit-log", str(self.audit(name)),
+                "--session-timeout", str(SESSION_TIMEOUT), "--max-sessions", "3"])
+        for name, proc in self.procs.items():
+            wait_for_port("127.0.0.1", self.ports[name], timeout=240, proc=proc, what=name)
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        log = open(self.root / f"{name}.log", "ab")
+        self.logs.append(log)
+        self.procs[name] = spawn(cmd, log=log)
+
+    def audit(self, name: str) -> Path:
+        return self.root / f"audit-{name}.jsonl"
+
+    def service(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    def write_token(self, fname: str, patient: str, *, key=None, now: int | None = None,
+                    expires: int | None = None) -> Path:
+        now = int(time.time()) if now is None else now
+        tok = tokens.issue_token(key or self.key, patient, expires or now + 3600, now=now)
+        path = self.root / fname
+        path.write_text(tok + "\n")
+        return path
+
+    def predict_cli(self, name: str, scan: Path, token: Path | None = None, *extra: str,
+                    timeout: float = 240) -> subprocess.CompletedProcess:
+        return subprocess.run([venv_bin("xrayfed"), "predict", "--scan", str(scan), "--service", self.service(name),
+                               "--token", str(token or self.token), "--ca-cert", str(self.ca), *extra],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def close(self) -> None:
+        tree = []
+        for proc in self.procs.values():
+            try:
+                tree += [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+        for proc in self.procs.values():
+            kill_tree(proc)
+        for f in self.logs:
+            f.close()
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], alive
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("encinf"))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------- correctness
+@pytest.mark.slow
+def test_binary_prediction_matches_plaintext(stack, tmp_path):
+    scan = write_png(tmp_path / "scan.png", seed=3)
+    r = stack.predict_cli("binary", scan, None, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    ref = plaintext_probs(stack.ckpt["binary"], scan)
+    assert res["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert np.abs(np.array(res["probabilities"]) - ref).max() < 1e-2, (res["probabilities"], ref)
+    rec = wait_audit(stack.audit("binary"), lambda r: r["outcome"] == "ok")
+    assert set(rec) == AUDIT_FIELDS
+    assert rec["patient_id"] == PATIENT and rec["model_version"] == stack.ckpt["binary"].model_version
+    assert rec["duration_s"] > 0 and rec["token_id"]
+
+
+@pytest.mark.slow
+def test_fourteen_label_dicom_prediction_matches_plaintext(stack, tmp_path):
+    scan = write_dicom(tmp_path / "scan.dcm", PATIENT, seed=5)
+    r = stack.predict_cli("multilabel", scan)
+    assert r.returncode == 0, r.stderr
+    ref = plaintext_probs(stack.ckpt["multilabel"], scan)
+    lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("  ")]
+    got = dict((name, float(p)) for name, p in lines)
+    assert list(got) == list(NIH_LABELS)
+    assert np.abs(np.array(list(got.values())) - ref).max() < 1e-2, (got, ref)
+    assert ref.std() > 0.05  # probabilities really differ between labels (the check can fail)
+    assert "only you can see" in r.stdout
+
+
+@pytest.mark.slow
+def test_concurrent_requests_get_separate_sessions(stack, tmp_path):
+    scans = [write_png(tmp_path / f"s{i}.png", seed=10 + i) for i in range(2)]
+    n_before = len(audit_lines(stack.audit("binary")))
+    results = [None, None]
+
+    def run(i):
+        results[i] = stack.predict_cli("binary", scans[i], None, "--json")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, r in enumerate(results):
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        ref = plaintext_probs(stack.ckpt["binary"], scans[i])
+        assert np.abs(np.array(res["probabilities"]) - ref).max() < 1e-2
+    deadline = time.time() + 20
+    while len(audit_lines(stack.audit("binary"))) < n_before + 2 and time.time() < deadline:
+        time.sleep(0.2)
+    new = audit_lines(stack.audit("binary"))[n_before:]
+    assert [r["outcome"] for r in new] == ["ok", "ok"]
+    assert new[0]["session"] != new[1]["session"]
+
+
+# --------------------------------------------------------------------------- authorisation
+@pytest.mark.slow
+def test_bad_tokens_and_foreign_dicom_are_refused(stack, tmp_path):
+    from xrayfed.common.patient import predict
+
+    png = write_png(tmp_path / "scan.png", seed=4)
+    now = int(time.time())
+    expired = stack.write_token("expired.tok", PATIENT, now=now - 7200, expires=now - 3600)
+    good = stack.token.read_text().strip()
+    prefix, body, sig = good.split(".")
+    payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    payload["sub"] = "PAT-9999"
+    body2 = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+    tampered = tmp_path / "tampered.tok"
+    tampered.write_text(f"{prefix}.{body2}.{sig}\n")
+    foreign = stack.write_token("foreign.tok", PATIENT, key=stack.foreign_key)
+    other_dicom = write_dicom(tmp_path / "other.dcm", "PAT-0002", seed=6)
+    cases = [
+        (png, expired, "binary", "expired"),
+        (png, tampered, "binary", "altered"),
+        (png, foreign, "binary", "does not trust"),
+        (other_dicom, stack.token, "multilabel", "your own scans"),
+    ]
+    for scan, tok, svc, msg in cases:
+        with pytest.raises(UserError, match=msg):
+            predict(scan, stack.service(svc), tok, ca_cert=stack.ca)
+    reasons = {r["reason"] for r in audit_lines(stack.audit("binary")) if r["outcome"] == "refused"}
+    assert {"expired", "bad_signature", "unknown_key"} <= reasons
+    rec = wait_audit(stack.audit("multilabel"), lambda r: r["reason"] == "patient_mismatch")
+    assert rec["patient_id"] == PATIENT and rec["outcome"] == "refused"
+    for name in ("binary", "multilabel"):
+        for line in audit_lines(stack.audit(name)):
+            assert set(line) == AUDIT_FIELDS  # nothing else: no scan, no result, no token
+
+
+@pytest.mark.slow
+def test_ttp_only_serves_the_hospital(stack):
+    import grpc
+
+    from xrayfed.common import rpc
+
+    ch = rpc.make_channel(stack.service("ttp"), ca_cert=stack.root / "pki" / "ca.pem", insecure=False)
+    stub = rpc.method(ch, "xrayfed.ttp.v1.TTP", "StartSession")
+    with pytest.raises(grpc.RpcError) as e:
+        stub({"session_id": "0" * 32, "host": "127.0.0.1", "port": 1, "timeout_s": 5}, timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    ch.close()
+
+
+# --------------------------------------------------------------------------- bad input, failures
+@pytest.mark.slow
+def test_bad_input_is_one_clear_line_and_service_stays_up(stack, tmp_path):
+    from xrayfed.common import rpc
+    from xrayfed.common.patient import predict
+
+    good = write_png(tmp_path / "good.png", seed=7)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is not an image\n")
+    truncated = tmp_path / "trunc.png"
+    truncated.write_bytes(good.read_bytes()[:150])
+    tiny = tmp_path / "tiny.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tiny)
+    for scan, msg in ((not_image, "not a readable image"), (truncated, "not a readable image"),
+                      (tiny, "too small"), (tmp_path / "missing.png", "no file")):
+        with pytest.raises(UserError, match=msg):
+            predict(scan, stack.service("binary"), stack.token, ca_cert=stack.ca)
+    # unreachable service, and a CLI run: exactly one line on stderr, exit status 2
+    r = subprocess.run([venv_bin("xrayfed"), "predict", "--scan", str(good), "--service", f"127.0.0.1:{free_port()}",
+                        "--token", str(stack.token), "--ca-cert", str(stack.ca), "--timeout", "5"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("xrayfed: error: cannot reach the inference service")
+    # wrong size / channel count announced to the service: refused with a clear message
+    ch = rpc.make_channel(stack.service("binary"), ca_cert=stack.ca, insecure=False)
+    tok = stack.token.read_text().strip()
+    for scan_meta in ({"image_size": 64, "channels": 1}, {"image_size": SIZE, "channels": 3}):
+        with pytest.raises(UserError, match="this model takes 1 channel"):
+            rpc.call(rpc.method(ch, "xrayfed.inference.v1.Inference", "OpenSession"),
+                     {"token": tok, "scan": scan_meta}, timeout=20, what="svc", target="x")
+    health = rpc.call(rpc.method(ch, "xrayfed.inference.v1.Inference", "Health"), {}, timeout=10, what="svc",
+                      target="x")
+    assert health["ok"] is True
+    ch.close()
+
+
+@pytest.mark.slow
+def test_killed_patient_mid_session_leaves_service_serving(stack, tmp_path):
+    scan = write_png(tmp_path / "scan.png", seed=8)
+    n_before = len(audit_lines(stack.audit("binary")))
+    script = tmp_path / "dying_patient.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from xrayfed.common import patient\n"
+        "def observe(name, value):\n"
+        "    if name == 'weight_shares':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)  # dies in the middle of the MPC session\n"
+        "patient.predict(sys.argv[1], sys.argv[2], sys.argv[3], ca_cert=sys.argv[4], observe=observe)\n")
+    r = subprocess.run([sys.executable, str(script), str(scan), stack.service("binary"), str(stack.token),
+                        str(stack.ca)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    t0 = time.time()
+    new = []
+    while time.time() - t0 < SESSION_TIMEOUT + 20 and not new:
+        new = [x for x in audit_lines(stack.audit("binary"))[n_before:] if x["outcome"] not in ("ok", "refused")]
+        time.sleep(0.2)
+    assert new and new[0]["outcome"] in ("failed", "died", "timeout"), audit_lines(stack.audit("binary"))[n_before:]
+    wait_no_workers(stack.procs["binary"], timeout=SESSION_TIMEOUT + 10)
+    wait_no_workers(stack.procs["ttp"], timeout=SESSION_TIMEOUT + 10)
+    # the next patient is served
+    r = stack.predict_cli("binary", scan, None, "--json")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_abandoned_session_is_torn_down_within_timeout(stack):
+    from xrayfed.common import rpc
+
+    ch = rpc.make_channel(stack.service("binary"), ca_cert=stack.ca, insecure=False)
+    sess = rpc.call(rpc.method(ch, "xrayfed.inference.v1.Inference", "OpenSession"),
+                    {"token": stack.token.read_text().strip(), "scan": {"image_size": SIZE, "channels": 1}},
+                    timeout=30, what="svc", target="x")
+    port = sess["rendezvous"]["port"]
+    assert "state_dict" not in json.dumps(sess) and sess["rank"] == 1
+    assert not port_closed(port)  # the hospital's party is waiting for us ...
+    t0 = time.time()
+    deadline = t0 + SESSION_TIMEOUT + 15
+    while not port_closed(port) and time.time() < deadline:
+        time.sleep(0.3)
+    assert port_closed(port), "rendezvous port still open after the session timeout"
+    assert time.time() - t0 <= SESSION_TIMEOUT + 15
+    wait_no_workers(stack.procs["binary"], timeout=10)
+    wait_no_workers(stack.procs["ttp"], timeout=SESSION_TIMEOUT + 10)
+    health = rpc.call(rpc.method(ch, "xrayfed.inference.v1.Inference", "Health"), {}, timeout=10, what="svc",
+                      target="x")
+    assert health["ok"] and health["sessions"] == 0
+    ch.close()
+
+
+# --------------------------------------------------------------------------- what each party holds
+@pytest.fixture(scope="module")
+def pool():
+    from xrayfed.common import mpc
+
+    p = mpc.WorkerPool()
+    p.warm()
+    return p
+
+
+def _corr(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _looks_uniform_ring(share: torch.Tensor) -> bool:
+    """Shares of a 64-bit ring element are uniform: about half negative, spread over the ring."""
+    s = share.double().ravel() / 2.0**63
+    return 0.35 < float((s < 0).double().mean()) < 0.65 and 0.45 < float(s.std()) < 0.7
+
+
+@pytest.mark.slow
+def test_hospital_never_holds_scan_and_patient_never_holds_weights(pool, tmp_path):
+    from xrayfed.common import mpc
+    from xrayfed.common.preprocess import prepare_scan
+
+    ckpt = make_checkpoint(TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")), 3)
+    x = prepare_scan(write_png(tmp_path / "scan.png", seed=9), SIZE)
+    encoded = torch.round(x * 2**16).long()  # what CrypTen would hold if it were not shared
+    runs = []
+    for i in range(2):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        res = mpc.run_local_session(pool, ckpt, x, timeout_s=60, observe_dir=str(d))
+        runs.append((res, torch.load(d / "hospital.pt"), torch.load(d / "patient.pt")))
+    ref = ckpt.build()(x).detach().numpy()
+    for res, _, _ in runs:
+        assert np.abs(res["logits"] - ref).max() < 1e-2
+
+    # The test's statistics do flag the plaintext (so they can fail):
+    assert _corr(encoded, x) > 0.99 and not _looks_uniform_ring(encoded)
+
+    h0, h1 = runs[0][1]["scan_share"], runs[1][1]["scan_share"]
+    for share in (h0, h1):
+        assert share.shape == encoded.shape
+        assert float((share == encoded).double().mean()) < 0.01  # differs from the scan
+        assert abs(_corr(share, x)) < 0.15  # n = 1024: |r| < 0.15 is > 4.5 sigma
+        assert _looks_uniform_ring(share)
+    assert float((h0 == h1).double().mean()) < 0.01  # fresh randomness per session
+    assert abs(_corr(h0 - h1, x)) < 0.15
+
+    sd = {k: torch.round(v.float() * 2**16).long() for k, v in ckpt.state_dict.items()}
+    for _, _, patient_seen in runs:
+        shares = patient_seen["weight_shares"]
+        assert set(shares) == set(sd)
+        flat_s = torch.cat([shares[k].ravel() for k in sd])
+        flat_w = torch.cat([sd[k].ravel() for k in sd])
+        assert float((flat_s == flat_w).double().mean()) < 0.01
+        assert abs(_corr(flat_s, flat_w)) < 0.05
+        assert _looks_uniform_ring(flat_s)
+
+
+class _Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    """Just enough of a grpc.ServicerContext to call a handler directly."""
+
+    code = details = None
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def abort(self, code, details):
+        self.code, self.details = code, details
+        raise _Aborted(details)
+
+
+@pytest.mark.slow
+def test_ttp_outage_is_refused_cleanly_and_frees_the_slot(pool, tmp_path):
+    import grpc
+
+    from xrayfed.client.inference_service import AuditLog, InferenceService
+    from xrayfed.common.checkpoint import to_bytes
+    from xrayfed.common.config import InferenceServiceConfig
+
+    ckpt = make_checkpoint(TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")), 5)
+    priv, pub = tokens.generate_key(tmp_path / "k.key")
+    cfg = InferenceServiceConfig(max_sessions=1, session_timeout_s=20, audit_log=tmp_path / "audit.jsonl")
+
+    def ttp_down(request):
+        raise UserError("cannot reach TTP service at 127.0.0.1:1 (connection refused)")
+
+    audit = AuditLog(cfg.audit_log)
+    svc = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, tokens.load_public_keys([pub]), audit, ttp_down)
+    tok = tokens.issue_token(tokens.load_private_key(priv), "P1", int(time.time()) + 600)
+    for _ in range(2):  # with max_sessions = 1, a leaked slot would make the 2nd answer "busy"
+        ctx = FakeContext()
+        with pytest.raises(_Aborted):
+            svc.open_session({"token": tok, "scan": {"image_size": SIZE, "channels": 1}}, ctx)
+        assert ctx.code == grpc.StatusCode.UNAVAILABLE and "crypto provider" in ctx.details
+    audit.close()
+    recs = audit_lines(cfg.audit_log)
+    assert [(r["outcome"], r["reason"]) for r in recs] == [("failed", "ttp_unavailable")] * 2
+    me = psutil.Process(os.getpid())
+    servers = [c for c in me.children() if "forkserver" in " ".join(c.cmdline())]
+    deadline = time.time() + 10
+    while time.time() < deadline and any(
+            c.status() != psutil.STATUS_ZOMBIE for s in servers for c in s.children()):
+        time.sleep(0.2)
+    assert not [c for s in servers for c in s.children() if c.status() != psutil.STATUS_ZOMBIE]
+
+
+# --------------------------------------------------------------------------- model checks
+def test_checkpoint_with_mismatching_architecture_is_refused(tmp_path):
+    from xrayfed.client.inference_service import check_model
+    from xrayfed.common.cli import main
+
+    good = make_checkpoint(TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")), 4)
+    bad = Checkpoint(model=good.model.model_copy(update={"width": 16}), task=good.task, image_size=SIZE,
+                     state_dict=good.state_dict)
+    with pytest.raises(UserError, match="does not match the model architecture"):
+        check_model(bad, crypten=False)
+    backbone = Checkpoint(model=ModelSpec(arch="mobilenet_v3_small", num_outputs=1), task=good.task,
+                          image_size=SIZE, state_dict={})
+    with pytest.raises(UserError, match="cannot run under MPC"):
+        check_model(backbone, crypten=False)
+    path = tmp_path / "bad.pt"
+    save_checkpoint(path, bad)
+    assert load_checkpoint(path).model.width == 16
+    key, pub = tokens.generate_key(tmp_path / "k.key")
+    rc = main(["serve-inference", "--model", str(path), "--token-key", str(pub), "--insecure",
+               "--listen", f"127.0.0.1:{free_port()}"])
+    assert rc == 2
+
+
+def test_format_result_prints_class_names():
+    from xrayfed.common.patient import format_result
+
+    text = format_result({"class_names": ["NORMAL", "PNEUMONIA"], "probabilities": [0.25, 0.75], "task": "binary",
+                          "model_version": "abc", "timing": {"total_s": 1.0, "session_s": 0.5}})
+    assert "PNEUMONIA  0.7500" in text and "NORMAL     0.2500" in text

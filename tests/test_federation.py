@@ -1,0 +1,111 @@
+"""Real Flower runs on 127.0.0.1: SuperLink + SuperNodes + ServerApp/ClientApp processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from xrayfed.common.config import FederationConfig, HospitalConfig, dump_toml
+from xrayfed.common.ledger import read_ledger
+from xrayfed.common.procs import free_port
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "xrayfed.common.cli"]
+
+
+def _descendants() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.fixture(scope="module")
+def data_npz(tmp_path_factory) -> Path:
+    from xrayfed.common.synthetic import write_npz
+
+    path = tmp_path_factory.mktemp("data") / "synthetic.npz"
+    write_npz(path, n_train=800, n_val=100, n_test=300, size=28, task="binary", seed=1)
+    return path
+
+
+def _configs(tmp: Path, data: Path, port: int, rounds: int, budgets: list[tuple[float, int]]):
+    run_dir = tmp / "run"
+    fed = FederationConfig.model_validate({
+        "federation": {"name": "t", "run_dir": str(run_dir), "rounds": rounds, "min_clients": len(budgets),
+                       "lr": 0.05},
+        "model": {"num_outputs": 1, "width": 16},
+        "task": {"kind": "binary", "class_names": ["NORMAL", "PNEUMONIA"]},
+        "image_size": 28,
+        "eval": {"path": str(data), "split": "test"},
+        "network": {"listen": f"127.0.0.1:{port}", "tls": {"insecure": True}},
+    })
+    fp = tmp / "federation.toml"
+    fp.write_text(dump_toml(fed))
+    hps = []
+    for i, (eps, max_rounds) in enumerate(budgets):
+        h = HospitalConfig.model_validate({
+            "hospital": {"name": f"h{i}", "state_dir": str(tmp / f"state-h{i}"), "device": "cpu"},
+            "data": {"path": str(data), "partition": f"{i}/{len(budgets)}"},
+            "privacy": {"epsilon": eps, "max_rounds": max_rounds},
+            "training": {"batch_size": 32},
+        })
+        hp = tmp / f"h{i}.toml"
+        hp.write_text(dump_toml(h))
+        hps.append(hp)
+    return fp, hps, run_dir
+
+
+def _run(fp: Path, hps: list[Path], port: int, timeout: float = 400) -> subprocess.CompletedProcess:
+    from xrayfed.common.procs import kill_tree, spawn
+
+    clients = [spawn(CLI + ["client", "--server", f"127.0.0.1:{port}", "--config", str(hp), "--insecure"],
+                     log=open(hp.with_suffix(".log"), "w")) for hp in hps]
+    try:
+        return subprocess.run(CLI + ["server", "--config", str(fp)], capture_output=True, text=True, timeout=timeout)
+    finally:
+        for c in clients:
+            kill_tree(c)
+
+
+def test_two_hospitals_two_rounds_then_resume_and_refuse(tmp_path, data_npz):
+    before = _descendants()
+    port = free_port()
+    # h1's budget is planned for 2 rounds only: a third round must be refused by h1 itself.
+    fp, hps, run_dir = _configs(tmp_path, data_npz, port, rounds=2, budgets=[(8.0, 3), (4.0, 2)])
+    r = _run(fp, hps, port)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "round 1:" in r.stdout and "round 2:" in r.stdout
+    assert (run_dir / "checkpoints" / "round-0002.pt").is_file()
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1, 2]
+    for row in rows:
+        names = sorted(h["hospital"] for h in row["hospitals"])
+        assert names == ["h0", "h1"]
+        for h in row["hospitals"]:
+            assert h["status"] == "trained" and 0 < h["epsilon"] <= h["epsilon_budget"]
+        assert row["max_epsilon"] == max(h["epsilon"] for h in row["hospitals"])
+        assert 0.0 <= row["eval"]["auc"] <= 1.0
+    # the ε the server received is the hospital's own ledger figure
+    led = [x for x in read_ledger(tmp_path / "state-h1" / "privacy-ledger.jsonl") if x["event"] == "train"]
+    assert rows[-1]["hospitals"][[h["hospital"] for h in rows[-1]["hospitals"]].index("h1")]["epsilon"] == \
+        pytest.approx(led[-1]["epsilon"])
+
+    # Restart the server with more rounds: it resumes at round 3; h1 refuses (budget), h0 trains.
+    text = fp.read_text().replace("rounds = 2", "rounds = 3")
+    fp.write_text(text)
+    r = _run(fp, hps, port)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resuming from checkpoint of round 2" in r.stdout
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["round"] == 3
+    status = {h["hospital"]: h["status"] for h in rows[-1]["hospitals"]}
+    assert status == {"h0": "trained", "h1": "refused"}
+    assert rows[-1]["participants"] == ["h0"]
+    events = [x["event"] for x in read_ledger(tmp_path / "state-h1" / "privacy-ledger.jsonl")]
+    assert events.count("train") == 2 and events[-1] == "refused"
+    assert "refused" in (tmp_path / "h1.log").read_text()
+    # nothing left running
+    assert _descendants() - before == set()

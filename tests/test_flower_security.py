@@ -1,0 +1,330 @@
+"""Real Flower 1.41 processes on 127.0.0.1: TLS with `xrayfed certs` material, SuperNode
+authentication (registered / unknown / revoked hospitals, another CA) and SecAgg+.
+
+The toy Flower app (numpy only) lives in tests/flower_toy. Every process runs in its own
+process group and is killed at the end; the module fixture checks that nothing is left.
+The process tests are marked slow; the argument-builder and mask-generator tests are quick.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from xrayfed.common import flower_security as fs
+from xrayfed.common.certs import add_hospital, init_pki
+from xrayfed.common.errors import UserError
+from xrayfed.common.procs import free_port, kill_tree, spawn, venv_bin, wait_for_port
+from xrayfed.common.secagg_protocol import PRG_NAME
+
+pytestmark = pytest.mark.timeout(420)
+TOY_APP = Path(__file__).parent / "flower_toy"
+HOSPITALS = {"h1": (1.0, 10), "h2": (2.0, 30)}  # name: (val, num-examples) of the running hospitals
+
+
+def _descendants() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+class Federation:
+    """A SuperLink with TLS + SuperNode auth, and SuperNodes, all on 127.0.0.1."""
+
+    def __init__(self, root: Path, pki: Path) -> None:
+        self.root, self.pki = root, pki
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.home = fs.write_flwr_home(root / "server-home", self.address, root_certificates=pki / "ca.pem")
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+
+    # -- processes
+    def _spawn(self, name: str, cmd: list[str], home: Path) -> subprocess.Popen:
+        log = self.root / f"{name}.log"
+        self.logs[name] = log
+        with log.open("ab") as f:
+            proc = spawn(cmd, log=f, env=fs.flower_env(home))
+        self.procs[name] = proc
+        return proc
+
+    def start_superlink(self) -> None:
+        args = fs.superlink_args(ca_cert=self.pki / "ca.pem", cert=self.pki / "server.pem",
+                                 key=self.pki / "server.key", supernode_auth=True)
+        proc = self._spawn("superlink", [venv_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+                                         "--disable-runtime-dependency-installation", *args], self.home)
+        wait_for_port("127.0.0.1", self.port, timeout=90, proc=proc, what="flower-superlink")
+        self.wait_log("superlink", r"Uvicorn running on https://", 60)
+
+    def start_supernode(self, name: str, *, key: Path | None, root_ca: Path, node_config: str = "") -> subprocess.Popen:
+        args = fs.supernode_args(superlink=self.address, root_certificates=root_ca, auth_private_key=key)
+        cmd = [venv_bin("flower-supernode"), *args, "--port", str(free_port())]
+        if node_config:
+            cmd += ["--node-config", node_config]
+        return self._spawn(name, cmd, self.root / f"home-{name}")
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace")
+
+    def wait_log(self, name: str, pattern: str, timeout: float) -> re.Match:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            m = re.search(pattern, self.log(name))
+            if m:
+                return m
+            time.sleep(0.3)
+        raise AssertionError(f"{name}: {pattern!r} not in log within {timeout}s:\n{self.log(name)[-3000:]}")
+
+    def wait_online(self, node_id: int, timeout: float = 90) -> None:
+        self.wait_log("superlink", rf"Activated node_id={node_id}\b", timeout)
+
+    def run_app(self, mode: str, out: Path, min_nodes: int = 2, timeout: float = 240) -> dict:
+        cfg = f'mode="{mode}" out="{out}" min-nodes={min_nodes} max-weight=100.0'
+        with (self.root / f"run-{mode}-{out.stem}.log").open("wb") as f:
+            proc = spawn([venv_bin("flwr"), "run", str(TOY_APP), fs.DEFAULT_CONNECTION, "--stream", "--run-config", cfg],
+                         log=f, env=fs.flower_env(self.home))
+            try:
+                rc = proc.wait(timeout=timeout)
+            finally:
+                kill_tree(proc)
+        text = (self.root / f"run-{mode}-{out.stem}.log").read_text(errors="replace")
+        assert rc == 0 and out.is_file(), f"flwr run failed (rc={rc}):\n{text[-4000:]}"
+        return json.loads(out.read_text())
+
+    def stop(self) -> None:
+        for p in reversed(list(self.procs.values())):
+            kill_tree(p)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pki")
+    init_pki(root / "fed", hospitals=["h1", "h2", "h3", "h4", "h5"])
+    init_pki(root / "other", hospitals=["x"])
+    return {"fed": root / "fed", "other": root / "other"}
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory, pki):
+    before = _descendants()
+    root = tmp_path_factory.mktemp("fed")
+    f = Federation(root, pki["fed"])
+    try:
+        f.start_superlink()
+        ids = fs.register_hospitals(f.home, {n: pki["fed"] / "hospitals" / n / "auth.pub" for n in HOSPITALS})
+        f.node_ids = ids
+        for name, (val, n) in HOSPITALS.items():
+            f.start_supernode(name, key=pki["fed"] / "hospitals" / name / "auth.key",
+                              root_ca=pki["fed"] / "hospitals" / name / "ca.pem",
+                              node_config=f'val={val} n={n} dump="{root / "dumps" / name}"')
+        for name in HOSPITALS:
+            f.wait_online(ids[name])
+        yield f
+    finally:
+        f.stop()
+        leftover = [p for p in _descendants() - before if psutil.pid_exists(p)]
+        assert not leftover, f"processes left behind: {leftover}"
+
+
+def _expected_mean(dump_root: Path, names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    ups = {n: json.loads(next((dump_root / n).glob("update-*.json")).read_text()) for n in names}
+    total = sum(u["_n"] for u in ups.values())
+    keys = [k for k in next(iter(ups.values())) if not k.startswith("_")]
+    mean = {k: sum(np.asarray(u[k], dtype=np.float64) * u["_n"] for u in ups.values()) / total for k in keys}
+    return mean, ups
+
+
+def _arr(d: dict) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, dtype=np.float64) for k, v in d.items()}
+
+
+# --------------------------------------------------------------------------- tests
+@pytest.mark.slow
+def test_tls_federation_two_hospitals_train_one_round(fed, tmp_path):
+    res = fed.run_app("fedavg", tmp_path / "fedavg.json")
+    mean, _ = _expected_mean(fed.root / "dumps", list(HOSPITALS))
+    final = _arr(res["final"])
+    for k in mean:
+        np.testing.assert_allclose(final[k], mean[k], rtol=0, atol=1e-6)
+    assert {r["node"] for r in res["aggregate_train_received"]} == set(fed.node_ids.values())
+    log = fed.log("superlink")
+    assert "Uvicorn running on https://" in log and "--insecure" not in log
+    for nid in fed.node_ids.values():
+        assert f"Activated node_id={nid}" in log
+
+
+@pytest.mark.slow
+def test_unknown_hospital_is_refused_and_logged(fed, pki):
+    proc = fed.start_supernode("h3-unregistered", key=pki["fed"] / "hospitals/h3/auth.key",
+                               root_ca=pki["fed"] / "hospitals/h3/ca.pem")
+    assert proc.wait(timeout=90) != 0  # the SuperNode gives up: activation refused
+    assert "Failed to activate SuperNode" in fed.log("h3-unregistered")
+    refusals = fs.refused_keys_in_log(fed.log("superlink"))
+    names = {fs.identify_hospital(pki["fed"], r["fingerprint"]) for r in refusals}
+    assert "h3" in names
+    assert any(r["code"] == 2004 and r["endpoint"] == "activate-node" for r in refusals)
+
+
+@pytest.mark.slow
+def test_client_trusting_another_ca_is_refused(fed, pki):
+    node = fs.register_hospital(fed.home, pki["fed"] / "hospitals/h4/auth.pub", name="h4")
+    proc = fed.start_supernode("h4-other-ca", key=pki["fed"] / "hospitals/h4/auth.key",
+                               root_ca=pki["other"] / "ca.pem")
+    assert proc.wait(timeout=90) != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in fed.log("h4-other-ca")
+    assert f"Activated node_id={node}" not in fed.log("superlink")
+    # and a SuperNode without a key cannot self-register while authentication is on
+    proc = fed.start_supernode("nokey", key=None, root_ca=pki["fed"] / "ca.pem")
+    assert proc.wait(timeout=90) != 0
+    assert any(r["code"] == 2001 for r in fs.refused_keys_in_log(fed.log("superlink")))
+
+
+@pytest.mark.slow
+def test_secagg_sum_equals_plain_fedavg_and_server_sees_no_update(fed, tmp_path):
+    from xrayfed.server.secagg import SecAggPlusConfig
+
+    res = fed.run_app("secagg", tmp_path / "secagg.json")
+    mean, ups = _expected_mean(fed.root / "dumps", list(HOSPITALS))
+    final = _arr(res["final"])
+    total = sum(n for _, n in HOSPITALS.values())
+    bound = SecAggPlusConfig(max_weight=100.0).max_error(len(HOSPITALS), total)
+    for k in mean:
+        err = np.abs(final[k] - mean[k]).max()
+        assert err <= bound, (k, err, bound)
+
+    # The aggregation boundary: every reply the strategy's aggregate_train received carries the
+    # same arrays - the secure aggregate - and none of them is a hospital's own result.
+    received = res["aggregate_train_received"]
+    assert {r["node"] for r in received} == set(fed.node_ids.values())
+    for r in received:
+        assert r["error"] is None and len(r["arrays"]) == 1
+        arrays = _arr(r["arrays"][0])
+        for k in mean:
+            np.testing.assert_array_equal(arrays[k], final[k])
+            for u in ups.values():
+                assert np.abs(arrays[k] - np.asarray(u[k])).max() > 0.1  # far from any single update
+        assert set(r["configs"]["secagg"]) == {"mode", "weight", "prg"}  # no statistic of the update in clear
+        assert r["configs"]["secagg"]["prg"] == PRG_NAME  # the hospital masked with AES-CTR, not MT19937
+    assert res["server_prg"] == [PRG_NAME]
+
+    # Everything the server received during the protocol: no array record with content, and
+    # the masked vectors do not reveal the updates (uniform noise modulo 2**32).
+    stages = {r["stage"] for r in res["protocol"]}
+    assert stages == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
+    for r in res["protocol"]:
+        assert r["error"] is None
+        assert all(not rec for rec in r["array_records"].values()), "an array record reached the server"
+    masked = [r for r in res["protocol"] if r["stage"] == "collect_masked_vectors"]
+    assert len(masked) == 2
+    q = 2**22 / (2 * 8.0)
+    for r in masked:
+        vecs = [np.load(__import__("io").BytesIO(bytes.fromhex(b)), allow_pickle=False) for b in r["blobs"]]
+        flat = np.concatenate([v.ravel() for v in vecs[1:]]).astype(np.float64)
+        for u in ups.values():
+            g = {k: np.asarray(v) for k, v in u["_global"].items()}
+            w = u["_n"] / 100.0
+            expect = np.concatenate([((np.asarray(u[k]) - g[k]) * w + 8.0).ravel() * q for k in mean])
+            assert flat.shape == expect.shape
+            assert np.mean(np.abs(flat - expect) <= 2) < 0.01  # not the quantised update
+        assert flat.min() >= 0 and flat.max() < 2**32 and flat.max() - flat.min() > 2**31  # spread over Z_2^32
+
+
+@pytest.mark.slow
+def test_refusing_hospital_and_required_secagg_and_revocation(fed, pki, tmp_path):
+    node = fs.register_hospital(fed.home, pki["fed"] / "hospitals/h5/auth.pub", name="h5")
+    assert fs.register_hospital(fed.home, pki["fed"] / "hospitals/h5/auth.pub", name="h5") == node  # idempotent
+    proc = fed.start_supernode("h5", key=pki["fed"] / "hospitals/h5/auth.key", root_ca=pki["fed"] / "hospitals/h5/ca.pem",
+                               node_config="val=5.0 n=20 refuse=true require-secagg=true")
+    fed.wait_online(node)
+
+    # SecAgg+ with a hospital that trains nothing (budget spent): it adds weight 0, the round goes on.
+    res = fed.run_app("secagg", tmp_path / "secagg3.json", min_nodes=3)
+    mean, _ = _expected_mean(fed.root / "dumps", list(HOSPITALS))
+    final = _arr(res["final"])
+    for k in mean:
+        assert np.abs(final[k] - mean[k]).max() <= 1e-4
+    h5 = [r for r in res["aggregate_train_received"] if r["node"] == node]
+    assert h5 and h5[0]["configs"]["hospital"]["status"] == "refused" and not h5[0]["arrays"]
+
+    # A hospital that requires secure aggregation refuses a plain training request.
+    res = fed.run_app("fedavg", tmp_path / "plain3.json", min_nodes=3)
+    h5 = [r for r in res["aggregate_train_received"] if r["node"] == node]
+    assert h5 and "requires secure aggregation" in (h5[0]["error"] or "")
+
+    # Revocation (`xrayfed certs revoke-hospital --superlink`): unregistering cuts the running
+    # SuperNode off; its key can never come back.
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "xrayfed.common.cli", "certs", "revoke-hospital", "h5",
+                        "--out", str(pki["fed"]), "--superlink", fed.address],
+                       capture_output=True, text=True, env=fs.flower_env(), timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert f"SuperNode {node} unregistered" in r.stdout
+    assert json.loads((pki["fed"] / "certs.json").read_text())["hospitals"]["h5"]["revoked"] is True
+    assert proc.wait(timeout=90) is not None
+    assert re.search(r'"POST /v1/fleet/\S+ HTTP/1.1" 401', fed.log("superlink"))
+    with pytest.raises(UserError, match="revoked"):
+        fs.register_hospital(fed.home, pki["fed"] / "hospitals/h5/auth.pub", name="h5")
+    assert node not in {int(n["node-id"]) for n in fs.list_nodes(fed.home) if n["status"] != "unregistered"}
+    # a new key for the same hospital is accepted
+    add_hospital(pki["fed"], "h5", force=True)
+    assert fs.register_hospital(fed.home, pki["fed"] / "hospitals/h5/auth.pub", name="h5") != node
+
+
+def test_argument_builders_refuse_bad_combinations(tmp_path, pki):
+    with pytest.raises(UserError, match="needs TLS"):
+        fs.superlink_args(insecure=True, supernode_auth=True)
+    with pytest.raises(UserError, match="ca_cert is not set"):
+        fs.superlink_args()
+    with pytest.raises(UserError, match="no file"):
+        fs.superlink_args(ca_cert=tmp_path / "x", cert=tmp_path / "y", key=tmp_path / "z")
+    assert fs.superlink_args(insecure=True) == ["--insecure"]
+    assert fs.supernode_args(superlink="h:1", insecure=True) == ["--superlink", "h:1", "--insecure"]
+    key = tmp_path / "auth.key"
+    key.write_bytes((pki["fed"] / "hospitals/h1/auth.key").read_bytes())
+    key.chmod(0o644)
+    with pytest.raises(UserError, match="readable by other users"):
+        fs.supernode_args(superlink="h:1", root_certificates=pki["fed"] / "ca.pem", auth_private_key=key)
+    toml = fs.connection_toml("127.0.0.1:1", root_certificates=pki["fed"] / "ca.pem")
+    import tomllib
+
+    conf = tomllib.loads(toml)
+    assert conf["superlink"]["default"] == "xrayfed"
+    assert conf["superlink"]["xrayfed"]["root-certificates"] == str((pki["fed"] / "ca.pem").resolve())
+    assert tomllib.loads(fs.connection_toml("127.0.0.1:1", insecure=True))["superlink"]["xrayfed"]["insecure"] is True
+    import io
+
+    buf = io.StringIO()
+    line = fs.warn_insecure("the federation", stream=buf)
+    assert buf.getvalue().strip() == line and "WITHOUT TLS" in line and line.count("\n") == 0
+
+
+def test_strong_mask_generator():
+    import importlib
+
+    # (the package attribute `secaggplus_mod` is the function; the module is in sys.modules)
+    client_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    server_mod = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+
+    from xrayfed.common.secagg_protocol import aes_ctr_prg, strong_masks
+
+    dims = [(1,), (3, 4), ()]
+    a = aes_ctr_prg(b"s" * 32, 2**32, dims)
+    assert [x.shape for x in a] == [(1,), (3, 4), ()] and all(x.dtype == np.int64 for x in a)
+    assert all(((x >= 0) & (x < 2**32)).all() for x in a)
+    assert all((x == y).all() for x, y in zip(a, aes_ctr_prg(b"s" * 32, 2**32, dims)))
+    # unlike Flower's generator, secrets that agree on their XOR-folded 32 bits give different masks
+    s1, s2 = b"\x01\x00\x00\x00" * 2 + b"\x00" * 24, b"\x00" * 32
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    assert (pseudo_rand_gen(s1, 2**32, [(8,)])[0] == pseudo_rand_gen(s2, 2**32, [(8,)])[0]).all()
+    assert not (aes_ctr_prg(s1, 2**32, [(8,)])[0] == aes_ctr_prg(s2, 2**32, [(8,)])[0]).all()
+    orig = (client_mod.pseudo_rand_gen, server_mod.pseudo_rand_gen)
+    with strong_masks():
+        assert client_mod.pseudo_rand_gen is aes_ctr_prg and server_mod.pseudo_rand_gen is aes_ctr_prg
+    assert (client_mod.pseudo_rand_gen, server_mod.pseudo_rand_gen) == orig
