@@ -159,8 +159,8 @@ class Services:
         if r.returncode != 0:
             raise RuntimeError(f"predict failed: {r.stderr.strip()[-500:]}")
         res = json.loads(r.stdout.strip().splitlines()[-1])
-        return {"cli_wall_s": wall, "cli_cpu_s": cpu, "in_process_s": res["timing"]["total_s"], "session_s": res["timing"]["session_s"],
-                "mpc_s": res["timing"]["mpc_s"]}
+        return {"cli_wall_s": wall, "cli_cpu_s": cpu, "in_process_s": res["timing"]["total_s"],
+                "session_s": res["timing"]["session_s"], "mpc_s": res["timing"]["mpc_s"]}
 
     def close(self) -> None:
         from xrayfed.common.procs import kill_tree
@@ -249,7 +249,10 @@ def agreement(pool, ckpt, data: str, batch: int, limit: int | None) -> dict:
         same = p_plain.argmax(1) == p_enc.argmax(1)
     return {
         "scans": int(n), "batch_per_session": int(batch), "agreement": float(same.mean()),
-        "disagreements": int((~same).sum()), "max_abs_prob_diff": float(np.abs(p_plain - p_enc).max()),
+        "disagreements": int((~same).sum()),
+        "disagreeing": [{"index": int(i), "plaintext_p": p_plain[i].round(6).tolist(),
+                         "encrypted_p": p_enc[i].round(6).tolist()} for i in np.flatnonzero(~same)[:20]],
+        "max_abs_prob_diff": float(np.abs(p_plain - p_enc).max()),
         "max_abs_logit_diff": float(np.abs(plain - enc).max()),
         "plaintext_metrics": {k: v for k, v in compute_metrics(ckpt.task, plain, ys).items() if "/" not in k},
         "encrypted_metrics": {k: v for k, v in compute_metrics(ckpt.task, enc, ys).items() if "/" not in k},
@@ -269,7 +272,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1, help="scans per MPC session in the agreement run")
     ap.add_argument("--limit", type=int, help="only the first N test scans")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "encrypted_inference.json")
+    ap.add_argument("--out", type=Path,
+                    default=Path(__file__).resolve().parent / "results" / "encrypted_inference.json")
     args = ap.parse_args()
 
     from xrayfed.common import mpc
@@ -313,6 +317,7 @@ def main() -> int:
               f"({agr['disagreements']} differ), max |Δp| {agr['max_abs_prob_diff']:.2e}; plaintext AUC "
               f"{agr['plaintext_metrics']['auc']:.4f}, encrypted AUC {agr['encrypted_metrics']['auc']:.4f}", flush=True)
 
+    pool.close()
     report["load_avg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

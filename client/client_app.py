@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 
 app = ClientApp()
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower HTTP request otherwise
 
 
 def _finite(metrics: dict) -> dict:

@@ -334,6 +334,7 @@ def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | Non
         return _run_until_stopped(server, svc.stop_all, ready, stop)
     finally:
         audit.close()
+        pool.close()
 
 
 # --------------------------------------------------------------------------- CLI
@@ -355,7 +356,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--session-timeout", type=float, help="seconds before a session is torn down (default 120)")
     p.add_argument("--max-sessions", type=int, help="concurrent MPC sessions (default 4)")
     p.add_argument("--audit-log", type=Path, help="JSON-lines audit log (default inference-audit.jsonl)")
-    p.add_argument("--insecure", action="store_true", help="no TLS, towards patients and the TTP (local experiments only)")
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS, towards patients and the TTP (local experiments only)")
     p.set_defaults(func=_cmd_serve)
 
     t = sub.add_parser("issue-token", help="sign a patient's access token for encrypted inference",

@@ -430,7 +430,10 @@ def _observer(path: str | None):
 
 
 def _one_line(e: BaseException) -> str:
-    msg = str(e).splitlines()[0][:200] if str(e) else ""
+    """One line for the service's log/audit: no data, and the session id (a capability) redacted."""
+    import re
+
+    msg = re.sub(r"[0-9a-f]{32}", "<session>", str(e).splitlines()[0] if str(e) else "")[:200]
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
@@ -583,6 +586,13 @@ class WorkerPool:
         p.start()
         p.join(120)
         return time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Stop the fork server (its session workers are stopped by their owners)."""
+        with contextlib.suppress(Exception):
+            from multiprocessing import forkserver
+
+            forkserver._forkserver._stop()
 
     def start(self, target, *args):
         """Start ``target(child_conn, *args)`` in a fresh worker; returns (process, parent_conn)."""

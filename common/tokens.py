@@ -213,7 +213,8 @@ def verify_token(token: str, public_keys: dict[str, object], *, audience: str = 
     now = _now() if now is None else now
     parts = token.strip().split(".") if isinstance(token, str) else []
     if len(parts) != 3 or parts[0] != PREFIX:
-        raise TokenError("malformed", "token is malformed (not an xrayfed patient token); ask the hospital for a new one")
+        raise TokenError("malformed",
+                         "token is malformed (not an xrayfed patient token); ask the hospital for a new one")
     try:
         payload = json.loads(_b64d(parts[1]))
         sig = _b64d(parts[2])

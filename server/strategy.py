@@ -75,7 +75,9 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0):
     base = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[fed.strategy]
     kwargs: dict[str, Any] = dict(
         fraction_train=fed.fraction_train,
-        fraction_evaluate=1.0,
+        # Hospitals evaluate on their own validation split only when the server has no held-out
+        # set (each request starts a ClientApp process: no need to pay for it twice per round).
+        fraction_evaluate=0.0 if cfg.eval.path is not None else 1.0,
         min_train_nodes=fed.min_clients,
         min_evaluate_nodes=fed.min_clients,
         min_available_nodes=fed.min_clients,

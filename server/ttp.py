@@ -133,7 +133,8 @@ class TTPService:
 
 # --------------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve-ttp", help="run the crypto provider (CrypTen trusted third party) for encrypted inference",
+    p = sub.add_parser("serve-ttp",
+                       help="run the crypto provider (CrypTen trusted third party) for encrypted inference",
                        description="The crypto provider of encrypted inference: deals CrypTen's multiplication "
                        "triples. Run it on a host the hospital does not control.")
     p.add_argument("--config", type=Path, help="TOML file with TTPConfig settings")
@@ -193,7 +194,10 @@ def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | Non
     server.start()
     print(f"xrayfed serve-ttp: listening on {host}:{bound} (workers warm in {warm_s:.1f}s, "
           f"max {cfg.max_sessions} sessions, timeout {cfg.session_timeout_s:.0f}s)", flush=True)
-    return _run_until_stopped(server, svc.stop_all, ready, stop)
+    try:
+        return _run_until_stopped(server, svc.stop_all, ready, stop)
+    finally:
+        pool.close()
 
 
 def _run_until_stopped(server, stop_all, ready, stop) -> int:

@@ -437,7 +437,8 @@ def pool():
 
     p = mpc.WorkerPool()
     p.warm()
-    return p
+    yield p
+    p.close()
 
 
 def _corr(a, b) -> float:
@@ -574,3 +575,21 @@ def test_format_result_prints_class_names():
     text = format_result({"class_names": ["NORMAL", "PNEUMONIA"], "probabilities": [0.25, 0.75], "task": "binary",
                           "model_version": "abc", "timing": {"total_s": 1.0, "session_s": 0.5}})
     assert "PNEUMONIA  0.7500" in text and "NORMAL     0.2500" in text
+
+
+def test_service_and_ttp_configs_from_toml(tmp_path):
+    from xrayfed.common.config import InferenceServiceConfig, TTPConfig, load_config
+
+    (tmp_path / "inference.toml").write_text(
+        'model = "global.pt"\ntoken_keys = ["keys/token.pub"]\nttp = "10.77.0.3:9444"\nmpc_host = "10.77.0.2"\n'
+        'session_timeout_s = 60\n[tls]\ncert = "tls.pem"\nkey = "tls.key"\n[ttp_tls]\nca_cert = "ca.pem"\n')
+    cfg = load_config(InferenceServiceConfig, tmp_path / "inference.toml", {"max_sessions": 2})
+    assert cfg.model == tmp_path / "global.pt" and cfg.token_keys == [tmp_path / "keys" / "token.pub"]
+    assert cfg.tls.cert == tmp_path / "tls.pem" and cfg.ttp_tls.ca_cert == tmp_path / "ca.pem"
+    assert (cfg.mpc_host, cfg.session_timeout_s, cfg.max_sessions) == ("10.77.0.2", 60.0, 2)
+    with pytest.raises(UserError, match="max_sessions"):
+        load_config(InferenceServiceConfig, None, {"max_sessions": 0})
+    with pytest.raises(UserError, match="unknown setting"):
+        load_config(TTPConfig, None, {"provider": "TFP"})
+    ttp = load_config(TTPConfig, None, {"allowed_rendezvous": ["10.77.0.2"], "tls.insecure": True})
+    assert ttp.allowed_rendezvous == ["10.77.0.2"] and ttp.tls.insecure

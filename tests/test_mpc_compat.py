@@ -113,6 +113,7 @@ def pool():
     p = mpc.WorkerPool()
     p.warm()
     yield p
+    p.close()
 
 
 def test_three_party_ttp_session_matches_plaintext(pool, tmp_path):
