@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
+    args.data = args.data.resolve()
+    args.out = args.out.resolve()
     tag = f"{args.data.stem}-{args.image_size}px"
     results = {"data": str(args.data.name), "image_size": args.image_size, "settings": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("data", "out")}}

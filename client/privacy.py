@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -107,16 +108,16 @@ def plan_dp(cfg: HospitalConfig, num_examples: int) -> DPPlan:
     if sigma is None:
         from opacus.accountants.utils import get_noise_multiplier
 
-        sigma = float(
-            get_noise_multiplier(
+        with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" (PRV is used)
+            warnings.simplefilter("ignore", UserWarning)
+            sigma = float(get_noise_multiplier(
                 target_epsilon=p.epsilon,
                 target_delta=p.delta,
                 sample_rate=q,
                 steps=steps * p.max_rounds,
                 accountant=p.accountant,
                 epsilon_tolerance=0.01,
-            )
-        )
+            ))
         # Check with the exact round-by-round composition that the ledger will use.
         while compute_epsilon([(sigma, q, steps)] * p.max_rounds, p.delta, p.accountant) > p.epsilon:
             sigma *= 1.01
@@ -339,8 +340,9 @@ def _optimizer_class():
 def make_private(model, optimizer, dataset, plan: DPPlan, *, secure_rng: bool = True, prox_mu: float = 0.0):
     """Wrap model/optimizer/data for DP-SGD under ``plan``.
 
-    Returns ``(dp_model, dp_optimizer, loader)`` where ``loader`` yields exactly
-    ``plan.steps`` Poisson-sampled logical batches (rate q) per pass.
+    Returns ``(dp_model, dp_optimizer, make_loader)``; ``make_loader(steps)`` is a data loader
+    yielding exactly ``steps`` Poisson-sampled logical batches (rate q), all loaders drawing
+    from one generator seeded from ``os.urandom``.
     """
     from opacus import GradSampleModule
     from opacus.data_loader import wrap_collate_with_empty
@@ -364,19 +366,22 @@ def make_private(model, optimizer, dataset, plan: DPPlan, *, secure_rng: bool = 
     )
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
     x0, y0 = dataset[0]
-    sampler = UniformWithReplacementSampler(
-        num_samples=len(dataset), sample_rate=plan.sample_rate, generator=gen, steps=plan.steps
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=wrap_collate_with_empty(
-            collate_fn=torch.utils.data.default_collate,
-            sample_empty_shapes=[(0, *x0.shape), (0, *torch.as_tensor(y0).shape)],
-            dtypes=[x0.dtype, torch.as_tensor(y0).dtype],
-        ),
-    )
-    return dp_model, dp_opt, loader
+
+    def make_loader(steps: int):
+        sampler = UniformWithReplacementSampler(
+            num_samples=len(dataset), sample_rate=plan.sample_rate, generator=gen, steps=steps
+        )
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=wrap_collate_with_empty(
+                collate_fn=torch.utils.data.default_collate,
+                sample_empty_shapes=[(0, *x0.shape), (0, *torch.as_tensor(y0).shape)],
+                dtypes=[x0.dtype, torch.as_tensor(y0).dtype],
+            ),
+        )
+
+    return dp_model, dp_opt, make_loader
 
 
 def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task, device, lr: float,
@@ -384,6 +389,8 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
     """One round of DP-SGD at this hospital (the caller has already charged the ledger).
 
     ``model`` is updated in place (plain module, no Opacus wrapper left behind).
+    The round's ``plan.steps`` DP-SGD steps are run as local epochs of ⌈1/q⌉ steps (the last
+    one shorter), with a progress bar per epoch on a terminal and a log line per epoch.
     Returns ``{"loss", "examples", "steps", "seconds"}``.
     """
     from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -393,16 +400,26 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
     t0 = time.time()
     model.to(device)
     opt = make_optimizer(model, cfg.training.optimizer, lr, cfg.training.momentum)
-    dp_model, dp_opt, loader = make_private(model, opt, dataset, plan, secure_rng=cfg.privacy.secure_rng,
-                                            prox_mu=prox_mu)
-    with BatchMemoryManager(
-        data_loader=loader, max_physical_batch_size=cfg.training.max_physical_batch_size, optimizer=dp_opt
-    ) as mem_loader:
-        out = train_epoch(dp_model, mem_loader, dp_opt, task, device, desc=desc)
+    dp_model, dp_opt, make_loader = make_private(model, opt, dataset, plan, secure_rng=cfg.privacy.secure_rng,
+                                                 prox_mu=prox_mu)
+    per_epoch = max(1, math.ceil(1.0 / plan.sample_rate))
+    chunks = [per_epoch] * (plan.steps // per_epoch) + ([plan.steps % per_epoch] if plan.steps % per_epoch else [])
+    total_loss, seen = 0.0, 0
+    for e, steps in enumerate(chunks, start=1):
+        label = f"{desc} epoch {e}/{len(chunks)}" if desc else None
+        with BatchMemoryManager(
+            data_loader=make_loader(steps), max_physical_batch_size=cfg.training.max_physical_batch_size,
+            optimizer=dp_opt,
+        ) as mem_loader:
+            ep = train_epoch(dp_model, mem_loader, dp_opt, task, device, desc=label)
+        total_loss += ep["loss"] * ep["examples"]
+        seen += ep["examples"]
+        if label:
+            log.info("%s: %d DP-SGD steps, loss %.4f", label, steps, ep["loss"])
     dp_model.zero_grad(set_to_none=True)
     dp_model._close()  # remove Opacus hooks; `model` is the trained plain module
-    out.update(steps=plan.steps, seconds=time.time() - t0)
-    return out
+    assert sum(chunks) == plan.steps
+    return {"loss": total_loss / max(seen, 1), "examples": seen, "steps": plan.steps, "seconds": time.time() - t0}
 
 
 def plan_as_dict(plan: DPPlan) -> dict:

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("iid", "dirichlet", "patient"), default="iid",
                    help="how scans are divided among hospitals")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet α for --split dirichlet")
-    p.add_argument("--local-epochs", type=float, default=1.0)
+    p.add_argument("--local-epochs", type=float, default=5.0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--width", type=int, default=32, help="XrayNet width")
