@@ -1,4 +1,23 @@
-"""The Flower ClientApp (thin): hand train/evaluate requests to :mod:`xrayfed.client.hospital`."""
+"""The Flower ClientApp (thin): hand train/evaluate requests to :mod:`xrayfed.client.hospital`.
+
+Secure aggregation: the ClientApp carries xrayfed's SecAgg+ mod
+(:func:`xrayfed.client.secagg.make_secagg_mod`). When the server runs SecAgg+
+(``[federation] secure_aggregation = true``) the hospital's trained weights leave this machine
+only masked (the server learns the sum over hospitals); with ``[hospital]
+require_secure_aggregation = true`` a plain (unmasked) training request is refused.
+
+What still travels in plaintext with every training reply, SecAgg+ or not (the ``metrics`` and
+``hospital`` records below): the hospital's name and status (trained / resent / refused, and the
+refusal reason), ``num-examples`` (its FedAvg weight), its cumulative ε, δ, ε budget, σ, q,
+steps, C, the noise-source flags and ``train_loss`` (the mean training loss of the round, a
+statistic of the local data that is *not* covered by the DP guarantee), and with SecAgg+ the
+``secagg`` record (mode, weight, mask generator). Evaluation replies (only when the server has
+no held-out set) carry the hospital's validation metrics in plaintext.
+
+At rest: the privacy ledger and the cached released updates are encrypted with the key from
+``$XRAYFED_ATREST_KEY_FILE`` / ``$XRAYFED_ATREST_KEY`` (``xrayfed client --atrest-key-file``
+sets the former for the SuperNode and its ClientApp processes).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +26,19 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-app = ClientApp()
+from .secagg import make_secagg_mod
+
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower HTTP request otherwise
+
+
+def _requires_secure_aggregation(context: Context) -> bool:
+    from .hospital import hospital_config_from_node
+
+    return bool(hospital_config_from_node(dict(context.node_config)).hospital.require_secure_aggregation)
+
+
+app = ClientApp(mods=[make_secagg_mod(required=_requires_secure_aggregation)])
 
 
 def _finite(metrics: dict) -> dict:
@@ -20,12 +49,20 @@ def _finite(metrics: dict) -> dict:
     return out
 
 
+def _atrest_key():
+    from xrayfed.common.atrest import load_key
+
+    return load_key()  # $XRAYFED_ATREST_KEY_FILE / $XRAYFED_ATREST_KEY; None: plaintext
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from .hospital import hospital_config_from_node, train_round
 
     cfg = hospital_config_from_node(dict(context.node_config))
-    reply = train_round(cfg, dict(msg.content["config"]), msg.content["arrays"].to_torch_state_dict())
+    reply = train_round(cfg, dict(msg.content["config"]), msg.content["arrays"].to_torch_state_dict(),
+                        atrest_key=_atrest_key())
+    # Plaintext records (see the module docstring); under SecAgg+ only "arrays" is masked.
     content = RecordDict(
         {
             "metrics": MetricRecord(_finite(reply["metrics"])),

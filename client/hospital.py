@@ -103,20 +103,23 @@ def _model_from(req: RoundRequest, state_dict: dict, device: torch.device):
     return model.to(device)
 
 
-def train_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict) -> dict[str, Any]:
+def train_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict, atrest_key=None) -> dict[str, Any]:
     """Handle one training request. Returns a reply dict:
 
     ``{"status": "trained"|"resent"|"refused", "state_dict": ... (absent when refused),
     "metrics": {numbers}, "reason": str}``.
+
+    ``atrest_key`` (:class:`~xrayfed.common.atrest.AtRestKey`): the privacy ledger's lines and
+    the cached released updates are written encrypted with it (and need it to be read).
     """
     req = RoundRequest.from_config(config)
     device = resolve_device(cfg.hospital.device)
     data = load_local_data(cfg, req)
     plan = plan_dp(cfg, len(data.train))
     state_dir = Path(cfg.hospital.state_dir)
-    ledger = PrivacyLedger(state_dir, cfg)
+    ledger = PrivacyLedger(state_dir, cfg, key=atrest_key)
     ledger.ensure_header(plan)
-    cache = ReleaseCache(state_dir)
+    cache = ReleaseCache(state_dir, key=atrest_key)
     key = request_key(req.federation, req.round, weights_version(state_dict))
 
     base_metrics = {

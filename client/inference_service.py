@@ -407,10 +407,9 @@ def _cmd_issue(args: argparse.Namespace) -> int:
                              audience=args.audience or tokens.DEFAULT_AUDIENCE)
     when = _dt.datetime.fromtimestamp(exp, _dt.timezone.utc).isoformat(timespec="seconds")
     if args.out:
-        from ..common.checkpoint import atomic_write
+        from ..common.files import atomic_write
 
         atomic_write(args.out, (tok + "\n").encode(), mode=0o600)
-        os.chmod(args.out, 0o600)
         print(f"token for patient {args.patient_id!r} (expires {when}) written to {args.out}", file=sys.stderr)
     else:
         print(tok)

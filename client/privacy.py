@@ -153,10 +153,11 @@ class PrivacyLedger:
 
     FILE = "privacy-ledger.jsonl"
 
-    def __init__(self, state_dir: Path, cfg: HospitalConfig) -> None:
+    def __init__(self, state_dir: Path, cfg: HospitalConfig, key=None) -> None:
         self.path = Path(state_dir) / self.FILE
         self.cfg = cfg
-        self.records = read_ledger(self.path)  # verifies the hash chain
+        self.key = key  # AtRestKey: lines are written encrypted (the hash chain stays over the plaintext)
+        self.records = read_ledger(self.path, key)  # verifies the hash chain (decrypting with the key)
 
     # -- reading
     def train_records(self) -> list[dict[str, Any]]:
@@ -178,7 +179,7 @@ class PrivacyLedger:
     # -- writing
     def _append(self, rec: dict[str, Any]) -> dict[str, Any]:
         rec = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hospital": self.cfg.hospital.name, **rec}
-        full = append_record(self.path, rec)
+        full = append_record(self.path, rec, self.key)  # fsync'ed before it returns
         self.records.append(full)
         return full
 
@@ -249,21 +250,35 @@ class PrivacyLedger:
 
 
 class ReleaseCache:
-    """The last released updates, keyed by request, so a repeated request costs no new ε."""
+    """The last released updates, keyed by request, so a repeated request costs no new ε.
 
-    def __init__(self, state_dir: Path, keep: int = 3) -> None:
+    With an at-rest ``key`` (:class:`~xrayfed.common.atrest.AtRestKey`) the files are written
+    AES-256-GCM encrypted; an entry that does not decrypt (wrong key, modified file) or that is
+    plaintext while a key is configured is an error, never silently replaced by a new release.
+    """
+
+    CONTEXT = b"release-cache"
+
+    def __init__(self, state_dir: Path, keep: int = 3, key=None) -> None:
         self.dir = Path(state_dir) / "released"
         self.keep = keep
+        self.key = key
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.pt"
 
     def get(self, key: str) -> dict | None:
+        import io
+
+        from xrayfed.common.atrest import read_maybe_encrypted
+
         p = self.path(key)
         if not p.is_file():
             return None
+        # Decryption errors propagate: retraining would release a second update for one spend.
+        data = read_maybe_encrypted(p, self.key, context=self.CONTEXT, require_encrypted=self.key is not None)
         try:
-            return torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception:
             log.warning("cached update %s unreadable; ignoring it", p.name)
             return None
@@ -271,11 +286,11 @@ class ReleaseCache:
     def put(self, key: str, payload: dict) -> None:
         import io
 
-        from xrayfed.common.checkpoint import atomic_write
+        from xrayfed.common.atrest import write_encrypted
 
         buf = io.BytesIO()
         torch.save(payload, buf)
-        atomic_write(self.path(key), buf.getvalue(), mode=0o600)
+        write_encrypted(self.path(key), buf.getvalue(), self.key, context=self.CONTEXT, mode=0o600)
         files = sorted(self.dir.glob("*.pt"), key=lambda f: f.stat().st_mtime)
         for old in files[: -self.keep]:
             old.unlink(missing_ok=True)

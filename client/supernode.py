@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root-cert", type=Path, help="CA certificate (PEM) that signed the server's certificate")
     p.add_argument("--auth-key", type=Path, help="this hospital's SuperNode authentication private key")
     p.add_argument("--port", type=int, help="local port of the SuperNode's ClientApp API (default: a free port)")
+    from xrayfed.common.atrest import add_key_argument
+
+    add_key_argument(p, help="encrypt this hospital's privacy ledger and released updates at rest with this key")
     p.set_defaults(func=run_client_cmd)
 
 
@@ -65,7 +68,33 @@ def check_data(cfg) -> int:
     return len(ds)
 
 
+# What flower-supernode prints when the server does not let the hospital in -> our one-line cause.
+_REFUSAL_CAUSES = (
+    ("CERTIFICATE_VERIFY_FAILED", "the server's TLS certificate is not signed by the CA given with --root-cert "
+                                  "(wrong ca.pem, or not the federation's server)"),
+    ("Failed to activate SuperNode", "the server refused this hospital's key (--auth-key): it is not registered, "
+                                     "or it was revoked"),
+    ("must be registered via the CLI", "the server requires hospital authentication: pass --auth-key with this "
+                                       "hospital's registered auth.key"),
+    ("401 Unauthorized", "the server refused this hospital's key (it was revoked or unregistered)"),
+)
+
+
+def _pump(stream, seen: list[str]) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace")
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        for marker, _ in _REFUSAL_CAUSES:
+            if marker in line and marker not in seen:
+                seen.append(marker)
+
+
 def run_client_cmd(args: argparse.Namespace) -> int:
+    import subprocess
+    import threading
+
+    from xrayfed.common.atrest import ENV_KEY_FILE, load_key
     from xrayfed.common.config import dump_toml
     from xrayfed.common.flower_security import flower_env, supernode_args, warn_insecure
     from xrayfed.common.procs import ProcessGroup, free_port, parse_hostport, spawn, venv_bin
@@ -77,21 +106,44 @@ def run_client_cmd(args: argparse.Namespace) -> int:
                         "or pass --insecure for a local experiment")
     link_args = supernode_args(superlink=args.server, insecure=args.insecure, root_certificates=args.root_cert,
                                auth_private_key=args.auth_key)
+    key_file = getattr(args, "atrest_key_file", None)
+    atrest_key = load_key(key_file)  # a bad key fails here, before joining
     if args.insecure:
         warn_insecure(f"hospital {cfg.hospital.name}")
     check_data(cfg)
     state = Path(cfg.hospital.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
+    from xrayfed.common.ledger import read_ledger
+
+    from .privacy import PrivacyLedger
+
+    # Fail before joining when the privacy ledger cannot be read (wrong/missing at-rest key,
+    # broken hash chain): one line naming the file, never a budget silently starting from zero.
+    read_ledger(state / PrivacyLedger.FILE, atrest_key)
     resolved = state / "hospital.resolved.toml"
     resolved.write_text(dump_toml(cfg), encoding="utf-8")
     port = args.port or free_port()
     cmd = [venv_bin("flower-supernode"), *link_args, "--port", str(port), "--node-config", f'config="{resolved}"']
+    env = flower_env(state / ".flwr")
+    if key_file is not None:  # the ClientApp processes (started by the SuperNode) read the key from here
+        env[ENV_KEY_FILE] = str(Path(key_file).expanduser().resolve())
     print(f"[xrayfed] hospital {cfg.hospital.name} joining {args.server}; privacy ledger: "
-          f"{state / 'privacy-ledger.jsonl'}", flush=True)
+          f"{state / 'privacy-ledger.jsonl'}"
+          + (f" (encrypted at rest, key id {atrest_key.key_id.hex()})" if atrest_key is not None else "")
+          + ("; only secure-aggregation (SecAgg+) training requests are accepted"
+             if cfg.hospital.require_secure_aggregation else ""), flush=True)
+    seen: list[str] = []
     with ProcessGroup() as group:
-        node = group.add(spawn(cmd, env=flower_env(state / ".flwr")))
+        node = group.add(spawn(cmd, env=env, stdout=subprocess.PIPE))
+        pump = threading.Thread(target=_pump, args=(node.stdout, seen), daemon=True)
+        pump.start()
         rc = node.wait()
-    if rc != 0 and args.auth_key is not None:
-        print(f"xrayfed: error: the server refused hospital {cfg.hospital.name} (its key is not registered or was "
-              "revoked), or the connection failed; see the lines above", file=sys.stderr)
+        pump.join(timeout=5)
+    if rc != 0:
+        cause = next((c for m, c in _REFUSAL_CAUSES if m in seen), None)
+        if cause is None:
+            cause = ("the SuperNode stopped (see the lines above): the server refused this hospital or the "
+                     "connection failed")
+        print(f"xrayfed: error: hospital {cfg.hospital.name} could not join {args.server}: {cause}",
+              file=sys.stderr, flush=True)
     return rc

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import UserError
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +136,11 @@ def load_key(key_file: Path | str | None = None, env: Mapping[str, str] | None =
     return None
 
 
-def add_key_argument(parser) -> None:
+def add_key_argument(parser, help: str | None = None) -> None:
     """Add ``--atrest-key-file`` to an argparse parser (see :func:`load_key`)."""
     parser.add_argument("--atrest-key-file", type=Path, default=None, metavar="FILE",
-                        help=f"encrypt checkpoints/ledgers at rest with this key "
-                             f"(default: ${ENV_KEY_FILE} or ${ENV_KEY}; none = plaintext)")
+                        help=(help or "encrypt checkpoints/ledgers at rest with this key")
+                        + f" (default: ${ENV_KEY_FILE} or ${ENV_KEY}; none = plaintext)")
 
 
 # --------------------------------------------------------------------------- bytes
@@ -185,29 +186,14 @@ def decrypt_bytes(blob: bytes, key: AtRestKey | None, *, context: bytes = b"", s
 
 
 # --------------------------------------------------------------------------- files
-def atomic_write(path: Path | str, data: bytes, mode: int = 0o600) -> None:
-    """Write via temp file + fsync + rename with ``mode`` (torch-free twin of checkpoint.atomic_write)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # independent of the umask
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_encrypted(path: Path | str, data: bytes, key: AtRestKey | None, *, context: bytes = b"",
-                    mode: int = 0o600) -> None:
-    """Atomically write ``data`` to ``path``, encrypted when ``key`` is set (else plaintext)."""
+                    mode: int | None = None) -> None:
+    """Atomically write ``data`` to ``path``, encrypted when ``key`` is set (else plaintext).
+
+    ``mode``: file mode (default 0600 encrypted, 0644 plaintext).
+    """
     payload = encrypt_bytes(data, key, context=context) if key is not None else bytes(data)
-    atomic_write(Path(path), payload, mode=mode if key is not None else 0o644)
+    atomic_write(Path(path), payload, mode=mode if mode is not None else (0o600 if key is not None else 0o644))
 
 
 def read_maybe_encrypted(path: Path | str, key: AtRestKey | None, *, context: bytes = b"",

@@ -23,7 +23,9 @@ hospital receives; it holds no secret of the federation other than its own key.
 longer registered at the next SuperLink start; ``--superlink`` also unregisters it from a
 running SuperLink, see :mod:`xrayfed.common.flower_security`);
 ``xrayfed certs atrest-key --out FILE`` makes a key for encrypting checkpoints and ledgers at
-rest (:mod:`xrayfed.common.atrest`).
+rest (:mod:`xrayfed.common.atrest`); ``xrayfed certs export-model CKPT --out FILE`` writes a
+plaintext copy (mode 0600) of a checkpoint encrypted at rest, e.g. the final global model for
+``xrayfed serve-inference``.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _now() -> _dt.datetime:
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    from .atrest import atomic_write
+    from .files import atomic_write
 
     atomic_write(path, data, mode=mode)
 
@@ -372,18 +374,78 @@ def init_pki(
     return manifest
 
 
-def add_hospital(out: Path | str, name: str, *, force: bool = False) -> dict[str, Any]:
-    """Add (or with ``force`` re-key, un-revoking it) one hospital; returns its manifest entry."""
+def read_auth_public_key(path: Path | str) -> bytes:
+    """A hospital's SuperNode public key line (OpenSSH, EC on a NIST curve), validated."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--public-key: no file at {path}")
+    data = path.read_bytes().strip()
+    if b"PRIVATE KEY" in data:
+        raise UserError(f"{path}: this is a PRIVATE key; the hospital sends only its auth.pub")
+    try:
+        key = serialization.load_ssh_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise UserError(f"{path}: not an OpenSSH public key (make one with `xrayfed certs hospital-key`)") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
+        raise UserError(f"{path}: Flower needs an EC key on a NIST curve (P-256/384/521); "
+                        "make one with `xrayfed certs hospital-key`")
+    return data + b"\n"
+
+
+def add_hospital(out: Path | str, name: str, *, force: bool = False,
+                 public_key: Path | str | None = None) -> dict[str, Any]:
+    """Add (or with ``force`` re-key, un-revoking it) one hospital; returns its manifest entry.
+
+    With ``public_key`` (the hospital's own ``auth.pub``, made on its machine by
+    ``xrayfed certs hospital-key``) only the public key is stored: the private key never
+    leaves the hospital.
+    """
     out = Path(out)
     manifest = read_manifest(out)
     _load_ca(out)
     validate_hospital_name(name)
+    paths = _hospital_paths(out, name)
     if name in manifest["hospitals"] and not force:
-        p = _hospital_paths(out, name)["auth_key"]
-        raise UserError(f"hospital {name!r} already exists ({p}); refusing to overwrite its key without --force")
-    entry = _make_hospital(out, name, force, manifest)
+        raise UserError(f"hospital {name!r} already exists ({paths['dir']}); refusing to replace its key without "
+                        "--force")
+    if public_key is None:
+        entry = _make_hospital(out, name, force, manifest)
+    else:
+        pub = read_auth_public_key(public_key)
+        paths["dir"].mkdir(parents=True, exist_ok=True)
+        if paths["auth_key"].exists():  # an old key made here no longer belongs to this hospital
+            paths["auth_key"].unlink()
+        _write(paths["auth_pub"], pub)
+        _write(paths["ca"], (out / "ca.pem").read_bytes())
+        entry = {
+            "auth_key": None,
+            "auth_pub": str(paths["auth_pub"].relative_to(out)),
+            "ca": str(paths["ca"].relative_to(out)),
+            "key_type": pub.split()[0].decode() + " (OpenSSH, made by the hospital)",
+            "fingerprint": public_key_fingerprint(pub),
+            "created": _now().isoformat(timespec="seconds"),
+            "revoked": False,
+        }
+        manifest["hospitals"][name] = entry
     _write_manifest(out, manifest)
     return entry
+
+
+def make_hospital_key(out: Path | str, *, name: str = "", force: bool = False) -> tuple[Path, Path]:
+    """On the hospital's machine: ``out/auth.key`` (mode 0600, stays there) and ``out/auth.pub``
+    (sent to the operator for ``xrayfed certs add-hospital NAME --public-key auth.pub``)."""
+    out = Path(out)
+    key, pub = out / "auth.key", out / "auth.pub"
+    _refuse_existing([key], force)
+    priv, pub_line = make_auth_keypair(comment=f"xrayfed-hospital-{validate_hospital_name(name)}" if name else "")
+    out.mkdir(parents=True, exist_ok=True)
+    _write(key, priv, KEY_MODE)
+    _write(pub, pub_line)
+    return key, pub
 
 
 def revoke_hospital(out: Path | str, name: str) -> dict[str, Any]:
@@ -440,11 +502,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--force", action="store_true", help="replace existing keys")
     i.set_defaults(func=_cmd_init)
 
-    a = cs.add_parser("add-hospital", help="add a hospital's SuperNode key pair")
+    a = cs.add_parser("add-hospital", help="add a hospital: make its SuperNode key pair, or import its public key")
     a.add_argument("name")
     a.add_argument("--out", required=True, type=Path, help="the folder made by `certs init`")
+    a.add_argument("--public-key", type=Path, metavar="AUTH_PUB",
+                   help="the hospital's own auth.pub (from `xrayfed certs hospital-key` on its machine): "
+                        "only the public key is stored here")
     a.add_argument("--force", action="store_true", help="replace the hospital's existing key")
     a.set_defaults(func=_cmd_add)
+
+    h = cs.add_parser("hospital-key", help="on a hospital's machine: make its SuperNode key pair "
+                                           "(send only auth.pub to the operator)")
+    h.add_argument("--out", required=True, type=Path, help="folder for auth.key (mode 0600) and auth.pub")
+    h.add_argument("--name", default="", help="hospital name (a comment in auth.pub)")
+    h.add_argument("--force", action="store_true", help="replace an existing auth.key")
+    h.set_defaults(func=_cmd_hospital_key)
 
     r = cs.add_parser("revoke-hospital", help="revoke a hospital: not registered again; "
                                               "--superlink also unregisters it now")
@@ -459,6 +531,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--force", action="store_true", help="replace an existing key file")
     k.set_defaults(func=_cmd_atrest)
 
+    e = cs.add_parser("export-model", help="decrypt a checkpoint encrypted at rest into a plaintext model file "
+                                           "(e.g. for serve-inference)")
+    e.add_argument("checkpoint", type=Path, help="checkpoint (RUN_DIR/checkpoints/round-NNNN.pt)")
+    e.add_argument("--out", required=True, type=Path, help="plaintext checkpoint to write (mode 0600)")
+    e.add_argument("--force", action="store_true", help="replace an existing output file")
+    from .atrest import add_key_argument
+
+    add_key_argument(e, help="key the checkpoint was encrypted with")
+    e.set_defaults(func=_cmd_export_model)
+
 
 def _cmd_init(args: argparse.Namespace) -> int:
     m = init_pki(args.out, server_names=args.server_name, server_ips=args.server_ip, hospitals=args.hospital,
@@ -472,8 +554,23 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
-    e = add_hospital(args.out, args.name, force=args.force)
-    print(f"hospital {args.name}: {args.out / 'hospitals' / args.name}/ ({e['fingerprint']})")
+    e = add_hospital(args.out, args.name, force=args.force, public_key=args.public_key)
+    where = args.out / "hospitals" / args.name
+    if args.public_key is None:
+        print(f"hospital {args.name}: {where}/ ({e['fingerprint']}); give this folder to the hospital "
+              "(auth.key stays secret)")
+    else:
+        print(f"hospital {args.name}: public key imported to {where}/auth.pub ({e['fingerprint']}); "
+              f"give the hospital {where}/ca.pem")
+    print(f"register it: add {where}/auth.pub to the server's [network] hospital_keys (registered at every "
+          "start); to admit it into a running federation see deploy/RUNBOOK.md, 'Register a hospital'")
+    return 0
+
+
+def _cmd_hospital_key(args: argparse.Namespace) -> int:
+    key, pub = make_hospital_key(args.out, name=args.name, force=args.force)
+    print(f"hospital key: {key} (mode 0600, never leaves this machine); send {pub} to the federation operator "
+          f"({public_key_fingerprint(pub.read_bytes())}; confirm the fingerprint with them by phone or in person)")
     return 0
 
 
@@ -491,7 +588,12 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
             home = write_flwr_home(Path(tmp), args.superlink, root_certificates=out / "ca.pem")
             node = unregister_hospital(home, out / manifest["hospitals"][args.name]["auth_pub"])
         print(f"hospital {args.name}: SuperNode {node} unregistered; the SuperLink refuses its key from now on")
-    revoke_hospital(out, args.name)
+    try:
+        revoke_hospital(out, args.name)
+    except OSError as e:  # e.g. a read-only mount of certs.json inside the server's container
+        raise UserError(f"{out / MANIFEST}: cannot mark {args.name} revoked ({e.strerror}); run "
+                        f"`xrayfed certs revoke-hospital {args.name} --out PKI` where the pki folder is writable, "
+                        "or the next server start registers it again") from None
     print(f"hospital {args.name}: revoked" + (" and unregistered from the running SuperLink" if args.superlink else
                                               "; it is not registered at the next server start"))
     return 0
@@ -501,4 +603,27 @@ def _cmd_atrest(args: argparse.Namespace) -> int:
     path = make_atrest_key(args.out, force=args.force)
     print(f"at-rest key written to {path} (mode 0600); set XRAYFED_ATREST_KEY_FILE={path} or pass --atrest-key-file",
           file=sys.stdout)
+    return 0
+
+
+def export_model(checkpoint: Path | str, out: Path | str, key, *, force: bool = False) -> Path:
+    """Write a plaintext copy (mode 0600) of a (possibly encrypted) checkpoint; returns ``out``."""
+    from .atrest import load_checkpoint
+    from .files import atomic_write
+    from .checkpoint import to_bytes
+
+    out = Path(out)
+    _refuse_existing([out], force)
+    ckpt = load_checkpoint(checkpoint, key)  # wrong key / modified file: one-line UserError
+    atomic_write(out, to_bytes(ckpt), mode=KEY_MODE)
+    return out
+
+
+def _cmd_export_model(args: argparse.Namespace) -> int:
+    from .atrest import load_key
+
+    key = load_key(args.atrest_key_file)
+    path = export_model(args.checkpoint, args.out, key, force=args.force)
+    print(f"plaintext model written to {path} (mode 0600): it holds the model weights, keep it on the "
+          "inference host only")
     return 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .files import atomic_write
 from .model import ModelSpec
 from .tasks import TaskSpec
 
@@ -129,25 +130,8 @@ def from_bytes(data: bytes, source: str = "checkpoint") -> Checkpoint:
     )
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` via a temp file + fsync + rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
-    atomic_write(Path(path), to_bytes(ckpt))
+    atomic_write(Path(path), to_bytes(ckpt), mode=0o644)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

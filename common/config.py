@@ -54,10 +54,80 @@ class FederationSection(_Strict):
 
 
 class ServerNetwork(_Strict):
-    listen: str = Field("127.0.0.1:9092", description="SuperLink address HOST:PORT (Fleet + Control API)")
+    listen: str = Field("127.0.0.1:9092", description="address HOST:PORT hospitals dial: xrayfed's Fleet-only "
+                                                     "gateway in front of the SuperLink (the only public port)")
+    control: str = Field("127.0.0.1:0", description="the SuperLink itself HOST:PORT (Fleet + Control + Runtime "
+                                                    "API; operator only, never exposed); port 0 = a free port")
     tls: TLSConfig = TLSConfig()
     supernode_auth: bool = Field(False, description="only registered hospital keys may connect")
     hospital_keys: list[Path] = Field(default_factory=list, description="public keys registered at start")
+
+    @field_validator("control")
+    @classmethod
+    def _control_is_local(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise ValueError("expected HOST:PORT (e.g. 127.0.0.1:9093)")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("the SuperLink's own port (Control + Runtime API: anyone reaching it can register "
+                             "hospital keys and submit runs) must stay on a loopback address such as 127.0.0.1")
+        return v
+
+
+class SecureAggregationSection(_Strict):
+    """Flower SecAgg+ parameters (used when ``[federation] secure_aggregation = true``).
+
+    See :class:`xrayfed.server.secagg.SecAggPlusConfig` and ``docs/secure-federation.md``.
+    """
+
+    num_shares: float = Field(1.0, gt=0.0, description="neighbourhood size k per hospital (itself included): an "
+                                                       "integer ≥ 2, or a fraction ≤ 1 of the sampled hospitals")
+    reconstruction_threshold: float = Field(1.0, gt=0.0, description="shares t needed to rebuild a secret: an "
+                                                                     "integer ≥ 2, or a fraction ≤ 1 of num_shares")
+    clipping_range: float = Field(8.0, gt=0.0, le=1e6, description="weighted update values are clipped to ±this")
+    quantization_range: int = Field(2**22, ge=2, description="quantisation levels over ±clipping_range")
+    modulus_range: int = Field(2**32, description="masks are uniform modulo this (power of two, ≤ 2**32)")
+    max_weight: float = Field(100_000.0, gt=0.0, description="largest num-examples a hospital may report; set "
+                                                             "it near the largest hospital's count (precision)")
+    mode: Literal["delta", "weights"] = Field("delta", description="mask local − global (delta) or the weights")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SecureAggregationSection":
+        for name in ("num_shares", "reconstruction_threshold"):
+            v = getattr(self, name)
+            if v > 1.0 and v != int(v):
+                raise ValueError(f"{name} = {v:g}: use an integer ≥ 2 or a fraction ≤ 1")
+        if self.num_shares > 1.0 and self.num_shares < 2:
+            raise ValueError("num_shares must be at least 2 (or a fraction ≤ 1)")
+        if self.reconstruction_threshold > 1.0 and self.num_shares > 1.0 \
+                and self.reconstruction_threshold > self.num_shares:
+            raise ValueError(f"reconstruction_threshold {self.reconstruction_threshold:g} exceeds num_shares "
+                             f"{self.num_shares:g}")
+        m = self.modulus_range
+        if m < 2 or m > 2**32 or m & (m - 1):
+            raise ValueError(f"modulus_range = {m}: must be a power of two ≤ 2**32")
+        if self.quantization_range >= m:
+            raise ValueError(f"quantization_range {self.quantization_range} must be below modulus_range {m}")
+        return self
+
+    def secagg_config(self, timeout: float | None = None):
+        """The :class:`xrayfed.server.secagg.SecAggPlusConfig` of this section."""
+        from xrayfed.server.secagg import SecAggPlusConfig
+
+        def num(v: float) -> int | float:
+            return int(v) if v > 1.0 else float(v)
+
+        return SecAggPlusConfig(
+            num_shares=num(self.num_shares),
+            reconstruction_threshold=num(self.reconstruction_threshold),
+            clipping_range=float(self.clipping_range),
+            quantization_range=int(self.quantization_range),
+            modulus_range=int(self.modulus_range),
+            max_weight=float(self.max_weight),
+            mode=self.mode,
+            timeout=timeout,
+        )
 
 
 class EvalData(_Strict):
@@ -74,11 +144,19 @@ class FederationConfig(_Strict):
     image_size: int = Field(224, ge=8, le=2048, description="scans are resized to image_size × image_size px")
     eval: EvalData = EvalData()
     network: ServerNetwork = ServerNetwork()
+    secure_aggregation: SecureAggregationSection = SecureAggregationSection()
 
     @model_validator(mode="after")
     def _outputs_match_task(self) -> "FederationConfig":
         if self.model.num_outputs != self.task.num_outputs:
             object.__setattr__(self, "model", self.model.model_copy(update={"num_outputs": self.task.num_outputs}))
+        return self
+
+    @model_validator(mode="after")
+    def _secagg_needs_two(self) -> "FederationConfig":
+        if self.federation.secure_aggregation and self.federation.min_clients < 2:
+            raise ValueError("federation.secure_aggregation needs min_clients ≥ 2 (the sum of one hospital's "
+                             "update is that update)")
         return self
 
 
@@ -87,6 +165,8 @@ class HospitalSection(_Strict):
     name: str = Field("hospital", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     state_dir: Path = Field(Path("hospital-state"), description="privacy ledger, cached updates")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    require_secure_aggregation: bool = Field(
+        False, description="train only under SecAgg+: plain (unmasked) training requests are refused")
 
 
 class DataSection(_Strict):

@@ -362,3 +362,154 @@ def node_id_for_key(home: Path | str, public_key: Path | str, *, connection: str
         if r["fingerprint"] == fp and r.get("status") not in ("unregistered", "deleted"):
             return int(r["node_id"])
     return None
+
+
+# --------------------------------------------------------------------------- Fleet-only gateway
+# Flower 1.41 serves the Fleet API (hospitals), the Control API (`flwr run`, `flwr supernode
+# register|unregister`) and the Runtime API (the ServerApp's own connection) on ONE HTTPS port,
+# and without Flower's OIDC plugin the Control API accepts anyone who can reach that port and
+# trusts the (public) CA certificate: such a party could register its own SuperNode key (joining
+# despite SuperNode authentication), submit a run with its own ServerApp code, or stop runs.
+# So `xrayfed server` binds the SuperLink to a loopback address ([network] control) and puts
+# this gateway on the public address ([network] listen): it forwards POST /v1/fleet/* only
+# (what `flower-supernode` uses) and answers everything else with 403.
+FLEET_PREFIX = "/v1/fleet/"
+GATEWAY_MAX_BODY = 1 << 30  # 1 GiB per request (a model upload is far below)
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+               "transfer-encoding", "upgrade", "host", "content-length"}
+REFUSAL_STATUSES = (401, 403, 412)
+
+
+def key_fingerprint_from_header(value: str | None) -> str:
+    """Fingerprint of the SuperNode public key in a Fleet request header (base64 of a PEM key)."""
+    if not value:
+        return ""
+    try:
+        return public_key_fingerprint(base64.b64decode(value, validate=True))
+    except (ValueError, UserError):
+        return ""
+
+
+class FleetGateway:
+    """A TLS (or, with ``insecure``, plain HTTP) front door that passes only the Fleet API.
+
+    ``upstream``: the SuperLink's base URL (``https://127.0.0.1:PORT``), verified with
+    ``upstream_ca``. ``on_refusal(info)`` is called (from the gateway's thread) for every
+    Fleet request the SuperLink refused (HTTP 401/403/412: unknown, revoked or unauthenticated
+    hospital key) and for every request the gateway itself denied; ``info`` has ``path``,
+    ``status``, ``fingerprint`` (of the hospital key in the request, "" if none) and ``client``.
+    """
+
+    def __init__(self, host: str, port: int, upstream: str, *, insecure: bool = False,
+                 certfile: Path | str | None = None, keyfile: Path | str | None = None,
+                 upstream_ca: Path | str | None = None, on_refusal=None) -> None:
+        self.host, self.port, self.upstream = host, int(port), upstream.rstrip("/")
+        self.insecure = insecure
+        self.certfile = None if insecure else _file(certfile, "network.tls.cert")
+        self.keyfile = None if insecure else _file(keyfile, "network.tls.key")
+        self.upstream_ca = None if insecure else _file(upstream_ca, "network.tls.ca_cert")
+        self.on_refusal = on_refusal
+        self._server = None
+        self._thread = None
+        self._client = None
+
+    # -- ASGI application
+    async def _respond(self, send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None):
+        hdrs = [(b"content-length", str(len(body)).encode())] + (headers or [(b"content-type", b"text/plain")])
+        await send({"type": "http.response.start", "status": status, "headers": hdrs})
+        await send({"type": "http.response.body", "body": body})
+
+    def _report(self, path: str, status: int, fingerprint: str, client) -> None:
+        if self.on_refusal is None:
+            return
+        try:
+            self.on_refusal({"path": path, "status": status, "fingerprint": fingerprint,
+                             "client": f"{client[0]}:{client[1]}" if client else "?"})
+        except Exception:  # pragma: no cover - a logging callback must not break the gateway
+            pass
+
+    async def __call__(self, scope, receive, send) -> None:
+        import httpx
+
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    verify = False if self.insecure else self._ssl_context()
+                    self._client = httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(600.0, connect=10.0),
+                                                     follow_redirects=False)
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    if self._client is not None:
+                        await self._client.aclose()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        fp = key_fingerprint_from_header(headers.get("flwr-public-key"))
+        if scope.get("method") != "POST" or not path.startswith(FLEET_PREFIX) or ".." in path or "%" in path:
+            self._report(path, 403, fp, scope.get("client"))
+            await self._respond(send, 403, b"xrayfed gateway: only the Flower Fleet API is served on this port\n")
+            return
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > GATEWAY_MAX_BODY:
+                await self._respond(send, 413, b"xrayfed gateway: request too large\n")
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        fwd = [(k, v) for k, v in scope.get("headers", []) if k.decode("latin-1").lower() not in _HOP_BY_HOP]
+        url = self.upstream + path + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
+        try:
+            resp = await self._client.post(url, content=b"".join(chunks), headers=fwd)
+        except httpx.HTTPError as e:
+            await self._respond(send, 502, f"xrayfed gateway: SuperLink unreachable ({type(e).__name__})\n".encode())
+            return
+        if resp.status_code in REFUSAL_STATUSES:
+            self._report(path, resp.status_code, fp, scope.get("client"))
+        out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.multi_items()
+               if k.lower() not in _HOP_BY_HOP and k.lower() != "content-encoding"]
+        await self._respond(send, resp.status_code, resp.content, out)
+
+    def _ssl_context(self):
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=self.upstream_ca)
+        return ctx
+
+    # -- lifecycle
+    def start(self, timeout: float = 30.0) -> "FleetGateway":
+        import threading
+        import time
+
+        import uvicorn
+
+        config = uvicorn.Config(self, host=self.host, port=self.port, ssl_certfile=self.certfile,
+                                ssl_keyfile=self.keyfile, log_level="warning", access_log=False, lifespan="on",
+                                http="h11", ws="none", interface="asgi3",
+                                timeout_keep_alive=75, server_header=False, date_header=False)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="xrayfed-fleet-gateway", daemon=True)
+        self._thread.start()
+        deadline = time.time() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise UserError(f"the Fleet gateway could not listen on {self.host}:{self.port} (port in use?)")
+            if time.time() > deadline:
+                raise UserError(f"the Fleet gateway did not start on {self.host}:{self.port} within {timeout:.0f}s")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)

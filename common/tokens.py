@@ -24,7 +24,6 @@ import base64
 import datetime as _dt
 import hashlib
 import json
-import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -122,7 +121,7 @@ def generate_key(path: Path, force: bool = False) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     path = Path(path)
     pub = path.with_suffix(".pub")
@@ -133,9 +132,8 @@ def generate_key(path: Path, force: bool = False) -> tuple[Path, Path]:
     key = ed25519.Ed25519PrivateKey.generate()
     atomic_write(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption()), mode=0o600)
-    os.chmod(path, 0o600)
     atomic_write(pub, key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                    serialization.PublicFormat.SubjectPublicKeyInfo))
+                                                    serialization.PublicFormat.SubjectPublicKeyInfo), mode=0o644)
     return path, pub
 
 

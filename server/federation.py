@@ -4,6 +4,19 @@ Resumes from the run directory's latest checkpoint, runs the remaining rounds wi
 configured strategy, and after every round: evaluates the global model on the server's
 held-out set (when configured), writes the checkpoint, appends the metrics line and prints
 one summary line.
+
+Secure aggregation (``[federation] secure_aggregation = true``): the strategy's ``Grid`` is
+wrapped in :class:`xrayfed.server.secagg.SecAggPlusGrid` with the ``[secure_aggregation]``
+parameters, so every training round runs Flower's SecAgg+ protocol and the strategy's
+``aggregate_train`` - like everything else in this process - only ever receives the sum
+(weighted mean) of the hospitals' updates, never one hospital's update. The hospitals'
+plaintext records still arrive per hospital: status, num-examples (the weight), ε and the
+other DP figures, train_loss (see :mod:`xrayfed.client.client_app`); they are what
+metrics.jsonl is made of.
+
+At rest: with a key (``xrayfed server --atrest-key-file`` / ``$XRAYFED_ATREST_KEY_FILE`` /
+``$XRAYFED_ATREST_KEY``, inherited by this ServerApp process) the checkpoints are encrypted
+(:mod:`xrayfed.server.rundir`).
 """
 
 from __future__ import annotations
@@ -61,8 +74,14 @@ def _load_eval_set(cfg: FederationConfig):
     return ds
 
 
-def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "") -> RunDir:
-    run = RunDir(cfg.federation.run_dir).create()
+def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_key=None) -> RunDir:
+    """Run the configured federation on ``grid``; ``atrest_key`` (default: from the environment)
+    encrypts the checkpoints."""
+    if atrest_key is None:
+        from xrayfed.common.atrest import load_key
+
+        atrest_key = load_key()
+    run = RunDir(cfg.federation.run_dir, key=atrest_key).create()
     (run.path / "federation.toml").write_text(dump_toml(cfg), encoding="utf-8")
     torch.manual_seed(cfg.federation.seed)
 
@@ -88,6 +107,18 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "") -> RunDir
 
     eval_set = _load_eval_set(cfg)
     strategy = make_strategy(cfg, round_offset=start_round)
+    secure = ""
+    if cfg.federation.secure_aggregation:
+        from .secagg import SecAggPlusGrid
+
+        sa = cfg.secure_aggregation
+        grid = SecAggPlusGrid(grid, sa.secagg_config())
+        def _n(v: float, of: str) -> str:
+            return f"{v:.0%} of {of}" if v <= 1.0 else f"{int(v)}"
+
+        secure = (f", SecAgg+ (shares k = {_n(sa.num_shares, 'the round')}, threshold t = "
+                  f"{_n(sa.reconstruction_threshold, 'k')}, clip ±{sa.clipping_range:g}, max_weight {sa.max_weight:g}; "
+                  "the server sees only the sum of the updates)")
     device = torch.device("cpu")
     t_round = [time.time()]
 
@@ -133,6 +164,7 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "") -> RunDir
     _say(
         f"federation {cfg.federation.name!r}: rounds {start_round + 1}..{cfg.federation.rounds}, "
         f"strategy {cfg.federation.strategy}, ≥{cfg.federation.min_clients} hospitals, run dir {run.path}"
+        + secure + (", checkpoints encrypted at rest" if atrest_key is not None else "")
     )
     strategy.start(
         grid=grid,

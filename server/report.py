@@ -313,12 +313,14 @@ def _fits(history, last, delta, budget, accountant, spent) -> int:
     return rounds_that_fit(history, last, delta, budget, accountant)
 
 
-def hospital_from_ledger(path: Path, checks: _Checks) -> HospitalReport:
-    """Per-hospital detail from a verified ledger (raises ``LedgerError`` naming a bad line)."""
+def hospital_from_ledger(path: Path, checks: _Checks, atrest_key=None) -> HospitalReport:
+    """Per-hospital detail from a verified ledger (raises ``LedgerError`` naming a bad line).
+
+    ``atrest_key`` decrypts an encrypted ledger (:mod:`xrayfed.common.atrest`)."""
     from xrayfed.common.accounting import second_opinions, training_epsilon
     from xrayfed.common.ledger import read_ledger
 
-    records = read_ledger(path)
+    records = read_ledger(path, atrest_key)
     if not records:
         raise UserError(f"{path}: the ledger is empty (no round recorded yet)")
     heads = [r for r in records if r.get("event") == "budget"]
@@ -563,13 +565,13 @@ def _finish(report: Report) -> Report:
     return report
 
 
-def build_hospital_report(ledger_path: Path | str | list[Path]) -> Report:
+def build_hospital_report(ledger_path: Path | str | list[Path], atrest_key=None) -> Report:
     """Report of one hospital's own ledger (or several ledgers side by side)."""
     paths = [resolve_ledger(Path(p)) for p in (ledger_path if isinstance(ledger_path, list) else [ledger_path])]
     checks = _Checks()
     hospitals: list[HospitalReport] = []
     for p in dict.fromkeys(paths):
-        h = hospital_from_ledger(p, checks)
+        h = hospital_from_ledger(p, checks, atrest_key)
         _one_ledger_per_hospital(h, hospitals)
         hospitals.append(h)
     findings = [f for h in hospitals for f in hospital_findings(h)]
@@ -629,7 +631,8 @@ def _federation_name(run_dir: Path, rows: list[dict[str, Any]]) -> str | None:
     return next((str(r["federation"]) for r in rows if r.get("federation")), None)
 
 
-def build_federation_report(run_dir: Path | str, extra_ledgers: list[Path] | None = None) -> Report:
+def build_federation_report(run_dir: Path | str, extra_ledgers: list[Path] | None = None,
+                            atrest_key=None) -> Report:
     """Report of a whole federation run: metrics.jsonl plus any hospital ledgers found."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
@@ -668,7 +671,7 @@ def build_federation_report(run_dir: Path | str, extra_ledgers: list[Path] | Non
     hospitals: list[HospitalReport] = []
     seen: set[str] = set()
     for path in ledgers.values():
-        h = hospital_from_ledger(path, checks)
+        h = hospital_from_ledger(path, checks, atrest_key)
         _one_ledger_per_hospital(h, hospitals)
         entries = per.get(h.hospital, [])
         if entries:
@@ -1124,6 +1127,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="all", metavar="LIST", help="md,html,json or all (default: all)")
     p.add_argument("--schema", action="store_true", help="print the JSON schema of report.json and exit")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when the report has critical findings")
+    from xrayfed.common.atrest import add_key_argument
+
+    add_key_argument(p, help="key of ledgers encrypted at rest")
     p.set_defaults(func=report_cmd)
 
 
@@ -1134,11 +1140,14 @@ def report_cmd(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     if args.run_dir is None and not args.ledger:
         raise UserError("report: give a run directory (xrayfed report RUN_DIR) or a ledger (--ledger FILE)")
+    from xrayfed.common.atrest import load_key
+
+    key = load_key(getattr(args, "atrest_key_file", None))
     if args.run_dir is not None:
-        report = build_federation_report(args.run_dir, args.ledger)
+        report = build_federation_report(args.run_dir, args.ledger, atrest_key=key)
         out = args.out or Path(args.run_dir) / "report"
     else:
-        report = build_hospital_report(list(args.ledger))
+        report = build_hospital_report(list(args.ledger), atrest_key=key)
         out = args.out or resolve_ledger(args.ledger[0]).parent / "privacy-report"
     files = write_report(report, out, formats)
     print(f"# {report.title}\n")

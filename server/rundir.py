@@ -6,6 +6,13 @@ Layout::
     RUN_DIR/checkpoints/round-NNNN.pt global model after round NNNN (xrayfed checkpoint format)
     RUN_DIR/metrics.jsonl            one JSON line per round (schema in the README)
     RUN_DIR/server.log               full Flower log of the SuperLink and ServerApp
+
+With an at-rest key (``xrayfed server --atrest-key-file`` or ``$XRAYFED_ATREST_KEY_FILE`` /
+``$XRAYFED_ATREST_KEY``), checkpoints are written AES-256-GCM encrypted
+(:mod:`xrayfed.common.atrest`, mode 0600) and only encrypted checkpoints are accepted when
+resuming: a wrong key is a one-line error naming the file, and a plaintext checkpoint swapped
+into an encrypted run is refused. ``metrics.jsonl`` and ``server.log`` stay plaintext (they
+hold per-round figures and logs, no model weights).
 """
 
 from __future__ import annotations
@@ -15,14 +22,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from xrayfed.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from xrayfed.common import atrest
+from xrayfed.common.checkpoint import Checkpoint
 
 _CKPT = re.compile(r"^round-(\d{4,})\.pt$")
 
 
 class RunDir:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, key: "atrest.AtRestKey | None" = None) -> None:
         self.path = Path(path)
+        self.key = key  # at-rest key: checkpoints are encrypted with it
 
     @property
     def checkpoints(self) -> Path:
@@ -50,11 +59,15 @@ class RunDir:
 
     def load_latest(self) -> Checkpoint | None:
         p = self.latest_checkpoint()
-        return load_checkpoint(p) if p else None
+        return self.load(p) if p else None
+
+    def load(self, path: Path | str) -> Checkpoint:
+        """A checkpoint of this run (decrypted with the run's key; plaintext refused when one is set)."""
+        return atrest.load_checkpoint(path, self.key, require_encrypted=self.key is not None)
 
     def save(self, ckpt: Checkpoint) -> Path:
         p = self.checkpoint_path(ckpt.round)
-        save_checkpoint(p, ckpt)
+        atrest.save_checkpoint(p, ckpt, self.key)
         return p
 
     def append_metrics(self, row: dict[str, Any]) -> None:

@@ -4,13 +4,20 @@ It validates the config before starting anything, keeps a run directory (checkpo
 round, metrics.jsonl, server.log), prints one summary line per round, resumes from the latest
 checkpoint when started again, and stops the SuperLink (and every child) when the run ends,
 on Ctrl-C or on SIGTERM.
+
+Network layout (see ``deploy/RUNBOOK.md``): the SuperLink itself listens on a loopback address
+(``[network] control``: Fleet + Control + Runtime API, operator only); hospitals connect to
+``[network] listen``, served by :class:`xrayfed.common.flower_security.FleetGateway`, which
+passes the Fleet API only (with TLS from ``[network.tls]``) and logs every refused hospital
+key (``[xrayfed] REFUSED hospital NAME ...`` in ``server.log``). With ``supernode_auth`` the
+keys in ``hospital_keys`` are registered at start, except hospitals that ``certs.json`` marks
+revoked.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import threading
 from pathlib import Path
@@ -53,9 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", type=Path, help="override [federation] run_dir")
     p.add_argument("--rounds", type=int, help="override [federation] rounds")
     p.add_argument("--min-clients", type=int, help="override [federation] min_clients")
-    p.add_argument("--listen", help="override [network] listen HOST:PORT")
+    p.add_argument("--listen", help="override [network] listen HOST:PORT (the port hospitals connect to)")
     p.add_argument("--insecure", action="store_true", default=None,
                    help="no TLS (local experiments only; prints a warning)")
+    from xrayfed.common.atrest import add_key_argument
+
+    add_key_argument(p, help="encrypt the run's checkpoints at rest with this key")
     p.set_defaults(func=run_server_cmd)
 
 
@@ -75,34 +85,134 @@ def load_federation_config(args: argparse.Namespace):
     )
 
 
-def _pump(stream, log_file, echo_all: bool) -> None:
+class _Log:
+    """server.log plus the operator's terminal, safe to write from several threads."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+        self.lock = threading.Lock()
+
+    def write(self, line: str, echo: bool) -> None:
+        with self.lock:
+            self.file.write(line)
+            self.file.flush()
+            if echo:
+                sys.stdout.write(line[line.find("[xrayfed]"):] if "[xrayfed]" in line else line)
+                sys.stdout.flush()
+
+    def say(self, msg: str) -> None:
+        self.write(f"[xrayfed] {msg}\n", echo=True)
+
+
+def _pump(stream, out: _Log, echo_all: bool) -> None:
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
-        log_file.write(line)
-        log_file.flush()
-        if echo_all or "[xrayfed]" in line or "ERROR" in line:
-            sys.stdout.write(line[line.find("[xrayfed]"):] if "[xrayfed]" in line else line)
-            sys.stdout.flush()
+        out.write(line, echo=echo_all or "[xrayfed]" in line or "ERROR" in line)
 
 
-def run_server(cfg, verbose: bool = False, ready_file: Path | None = None) -> int:
-    """Start the SuperLink, submit the run, stream its summary lines; returns an exit code."""
-    from xrayfed.common.config import dump_toml
-    from xrayfed.common.procs import ProcessGroup, kill_tree, parse_hostport, spawn, venv_bin, wait_for_port
+def hospital_keys_to_register(cfg) -> tuple[dict[str, Path], dict[str, str], list[str]]:
+    """``network.hospital_keys`` → (``{hospital: auth.pub}`` to register, ``{fingerprint: hospital}``
+    for log lines, hospitals skipped because ``certs.json`` marks them revoked).
 
-    from xrayfed.common.flower_security import (
-        flower_env, register_hospitals, superlink_args_from_config, warn_insecure, write_flwr_home)
+    A key laid out by ``xrayfed certs`` (``PKI/hospitals/NAME/auth.pub``) is checked against the
+    manifest ``PKI/certs.json``: a hospital revoked there (``xrayfed certs revoke-hospital``) is
+    not registered again, even if its key is still listed in the config.
+    """
+    from xrayfed.common.certs import MANIFEST, read_manifest
+    from xrayfed.common.flower_security import public_key_fingerprint
 
-    host, port = parse_hostport(cfg.network.listen, "network.listen")
-    tls_args = superlink_args_from_config(cfg.network)
-    keys = {Path(k).parent.name: Path(k) for k in cfg.network.hospital_keys}
-    for k in keys.values():
+    register: dict[str, Path] = {}
+    names: dict[str, str] = {}
+    skipped: list[str] = []
+    manifests: dict[Path, dict] = {}
+    for k in cfg.network.hospital_keys:
+        k = Path(k)
         if not k.is_file():
             raise UserError(f"network.hospital_keys: no file at {k}")
-    if cfg.network.tls.insecure:
+        name = k.parent.name
+        fp = public_key_fingerprint(k)
+        pki = k.parent.parent.parent
+        entry = None
+        if k.parent.parent.name == "hospitals" and (pki / MANIFEST).is_file():
+            if pki not in manifests:
+                manifests[pki] = read_manifest(pki)
+                for n, e in manifests[pki]["hospitals"].items():
+                    names.setdefault(str(e.get("fingerprint", "")), n)
+            entry = manifests[pki]["hospitals"].get(name)
+        if entry is not None and entry.get("revoked") and entry.get("fingerprint") == fp:
+            skipped.append(name)
+            continue
+        if name in register:
+            raise UserError(f"network.hospital_keys: two keys for hospital {name!r} ({register[name]} and {k}); "
+                            "each hospital's key lives in its own folder named after it")
+        register[name] = k
+        names[fp] = name
+    return register, names, skipped
+
+
+class _RefusalLog:
+    """Turns the gateway's refusal reports into one server-log line per hospital and cause."""
+
+    REASONS = {
+        401: "authentication failed: its key is not registered (revoked?) or the request was not signed by it",
+        403: "not a Fleet API request: the Control and Runtime APIs are not served on the public port",
+        412: "its key is not registered, or was revoked",
+    }
+
+    def __init__(self, out: _Log, names: dict[str, str], quiet_s: float = 60.0) -> None:
+        self.out, self.names, self.quiet_s = out, names, quiet_s
+        self.last: dict[tuple, float] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, info: dict) -> None:
+        import time
+
+        path, status, fp = info["path"], int(info["status"]), info.get("fingerprint", "")
+        if status == 412 and not path.endswith(("/activate-node", "/register-node")):
+            return  # another precondition failure, not a refused hospital
+        k = (fp, path, status)
+        now = time.time()
+        with self.lock:
+            if now - self.last.get(k, 0.0) < self.quiet_s:
+                return
+            self.last[k] = now
+        if fp and fp in self.names:
+            who = f"hospital {self.names[fp]} (key {fp})"
+        elif fp:
+            who = f"an unknown hospital key {fp}"
+        else:
+            who = "a request without a hospital key"
+        self.out.say(f"REFUSED {who} from {info.get('client', '?')}: {path} -> HTTP {status} "
+                     f"({self.REASONS.get(status, 'refused')})")
+
+
+def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atrest_key_file: Path | None = None) -> int:
+    """Start the SuperLink, submit the run, stream its summary lines; returns an exit code."""
+    import subprocess
+
+    from xrayfed.common.atrest import ENV_KEY_FILE, load_key
+    from xrayfed.common.config import dump_toml
+    from xrayfed.common.flower_security import (
+        FleetGateway, flower_env, register_hospitals, superlink_args_from_config, warn_insecure, write_flwr_home)
+    from xrayfed.common.procs import ProcessGroup, free_port, kill_tree, parse_hostport, spawn, venv_bin, wait_for_port
+
+    host, port = parse_hostport(cfg.network.listen, "network.listen")
+    chost, _, cport_s = cfg.network.control.rpartition(":")  # validated by the config (loopback; 0 = free)
+    chost, cport = chost.strip("[]"), int(cport_s)
+    insecure = cfg.network.tls.insecure
+    tls_args = superlink_args_from_config(cfg.network)
+    keys, names, revoked = hospital_keys_to_register(cfg)
+    atrest_key = load_key(atrest_key_file)  # a bad key file fails here, before anything starts
+    if cfg.federation.secure_aggregation:
+        cfg.secure_aggregation.secagg_config().workflow()  # Flower's own checks of the SecAgg+ parameters
+    if insecure:
         warn_insecure("the federation")
     if cfg.eval.path is not None and not Path(cfg.eval.path).exists():
         raise UserError(f"eval.path: no such file or folder {cfg.eval.path}")
+    if cport == 0:
+        cport = free_port(chost)
+    if cport == port:
+        raise UserError(f"network.control and network.listen use the same port {port}")
     run_dir = Path(cfg.federation.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "federation.toml"
@@ -112,43 +222,62 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None) -> in
     (app_dir / "pyproject.toml").write_text(FLOWER_APP_TOML, encoding="utf-8")
     home = run_dir / ".flwr"
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    write_flwr_home(home, f"{local}:{port}", insecure=cfg.network.tls.insecure,
-                    root_certificates=cfg.network.tls.ca_cert)
+    control = f"{chost}:{cport}"
+    write_flwr_home(home, control, insecure=insecure, root_certificates=cfg.network.tls.ca_cert)
     env = flower_env(home)
+    if atrest_key_file is not None:  # the ServerApp process (started by the SuperLink) reads it from here
+        env[ENV_KEY_FILE] = str(Path(atrest_key_file).expanduser().resolve())
 
     with ProcessGroup() as group, (run_dir / "server.log").open("a", encoding="utf-8") as logf:
+        out = _Log(logf)
         link = group.add(
             spawn(
-                [venv_bin("flower-superlink"), "--host", host, "--port", str(port),
+                [venv_bin("flower-superlink"), "--host", chost, "--port", str(cport),
                  "--disable-runtime-dependency-installation", *tls_args],
                 log=logf, env=env,
             )
         )
-        wait_for_port(local, port, timeout=60, proc=link, what="flower-superlink")
-        if cfg.network.supernode_auth and keys:
-            ids = register_hospitals(home, keys)
-            print(f"[xrayfed] registered hospitals: {', '.join(sorted(ids))} (only these may join)", flush=True)
-        print(f"[xrayfed] SuperLink listening on {host}:{port} ({'no TLS' if cfg.network.tls.insecure else 'TLS'}); "
-              f"hospitals connect with: xrayfed client --server {local}:{port} ...", flush=True)
-        if ready_file:
-            ready_file.write_text(f"{local}:{port}\n")
-        import subprocess
-
-        runner = group.add(
-            spawn(
-                [venv_bin("flwr"), "run", str(app_dir), "xrayfed", "--stream",
-                 "--run-config", f'config-path="{cfg_path}"'],
-                env=env, stdout=subprocess.PIPE,
-            )
+        wait_for_port(chost, cport, timeout=60, proc=link, what="flower-superlink")
+        gateway = FleetGateway(
+            host, port, f"{'http' if insecure else 'https'}://{chost}:{cport}", insecure=insecure,
+            certfile=cfg.network.tls.cert, keyfile=cfg.network.tls.key, upstream_ca=cfg.network.tls.ca_cert,
+            on_refusal=_RefusalLog(out, names),
         )
-        pump = threading.Thread(target=_pump, args=(runner.stdout, logf, verbose), daemon=True)
-        pump.start()
-        rc = runner.wait()
-        pump.join(timeout=5)
-        kill_tree(link)
+        try:
+            for name in revoked:
+                out.say(f"hospital {name} is revoked in its certs.json: not registered")
+            if cfg.network.supernode_auth and keys:
+                ids = register_hospitals(home, keys)
+                out.say(f"registered hospitals: {', '.join(sorted(ids))} (only these may join)")
+            elif cfg.network.supernode_auth:
+                out.say("WARNING: supernode_auth is on but no hospital key is registered: no hospital can join")
+            gateway.start()  # the public port opens once the registry is ready (a port check = ready)
+            out.say(f"SuperLink listening on {host}:{port} ({'no TLS' if insecure else 'TLS'}, Fleet API only; "
+                    f"Control API on {control}, operator only); hospitals connect with: "
+                    f"xrayfed client --server {local}:{port} ..."
+                    + ("" if insecure else " --root-cert ca.pem --auth-key auth.key"))
+            if atrest_key is not None:
+                out.say(f"checkpoints are encrypted at rest (key id {atrest_key.key_id.hex()})")
+            if ready_file:
+                ready_file.write_text(f"{local}:{port}\n")
+            runner = group.add(
+                spawn(
+                    [venv_bin("flwr"), "run", str(app_dir), "xrayfed", "--stream",
+                     "--run-config", f'config-path="{cfg_path}"'],
+                    env=env, stdout=subprocess.PIPE,
+                )
+            )
+            pump = threading.Thread(target=_pump, args=(runner.stdout, out, verbose), daemon=True)
+            pump.start()
+            rc = runner.wait()
+            pump.join(timeout=5)
+        finally:
+            gateway.stop()
+            kill_tree(link)
     return 0 if rc == 0 else 1
 
 
 def run_server_cmd(args: argparse.Namespace) -> int:
     cfg = load_federation_config(args)
-    return run_server(cfg, verbose=bool(getattr(args, "verbose", False)))
+    return run_server(cfg, verbose=bool(getattr(args, "verbose", False)),
+                      atrest_key_file=getattr(args, "atrest_key_file", None))

@@ -28,8 +28,13 @@ WRONG = "cannot decrypt: wrong key or the file was modified"
 
 
 @pytest.fixture()
-def key() -> AtRestKey:
-    return AtRestKey.generate()
+def key_hex() -> str:
+    return os.urandom(32).hex()
+
+
+@pytest.fixture()
+def key(key_hex) -> AtRestKey:
+    return parse_key(key_hex)
 
 
 def test_bytes_round_trip(key):
@@ -159,3 +164,157 @@ def test_cli_key_works_with_loader(tmp_path):
     assert out.read_text().strip() not in r.stdout + r.stderr  # the secret is never printed
     k = load_key(out, env={})
     assert decrypt_bytes(encrypt_bytes(b"q", k), load_key(env={atrest.ENV_KEY_FILE: str(out)})) == b"q"
+
+
+# --------------------------------------------------------------------------- wired into the product
+def _hospital(tmp_path, name="st-mary", **privacy):
+    from xrayfed.common.config import HospitalConfig, load_config
+
+    over = {"hospital.name": name, "hospital.state_dir": str(tmp_path / name), "privacy.noise_multiplier": 1.1,
+            "privacy.epsilon": 2.5, "training.batch_size": 64}
+    over.update({f"privacy.{k}": v for k, v in privacy.items()})
+    return load_config(HospitalConfig, None, over)
+
+
+def test_encrypted_privacy_ledger_round_trip_and_errors(tmp_path, key):
+    from xrayfed.client.privacy import PrivacyLedger, plan_dp
+    from xrayfed.common.ledger import LedgerError, line_hash, read_ledger
+
+    cfg = _hospital(tmp_path)
+    plan = plan_dp(cfg, 1000)
+    led = PrivacyLedger(cfg.hospital.state_dir, cfg, key=key)
+    led.ensure_header(plan)
+    led.charge(plan, federation="f", server_round=1, key="k1")
+    path = led.path
+    text = path.read_text()
+    assert all(atrest.is_encrypted_line(x) for x in text.splitlines()) and "epsilon" not in text
+    recs = read_ledger(path, key)
+    assert [r["event"] for r in recs] == ["budget", "train"]
+    # the hash chain is over the plaintext records, exactly as in a plaintext ledger
+    body = {k: v for k, v in recs[1].items() if k != "hash"}
+    assert recs[1]["hash"] == line_hash(recs[0]["hash"], body)
+    assert PrivacyLedger(cfg.hospital.state_dir, cfg, key=key).spent() == pytest.approx(recs[1]["epsilon"])
+    # no key / wrong key: one line naming the file, never a silently wrong ε
+    with pytest.raises(UserError, match=f"^{path}: the ledger is encrypted; pass --atrest-key-file"):
+        read_ledger(path)
+    with pytest.raises(UserError, match=f"^{path}: line 1: {WRONG}") as e:
+        PrivacyLedger(cfg.hospital.state_dir, cfg, key=AtRestKey.generate())
+    assert "\n" not in str(e.value)
+    # swapping two encrypted lines is detected (line numbers are authenticated)
+    a, b = text.splitlines()
+    path.write_text(b + "\n" + a + "\n")
+    with pytest.raises(UserError, match=WRONG):
+        read_ledger(path, key)
+    path.write_text(text)
+    # a plaintext line appended after encrypted ones is refused
+    with path.open("a") as f:
+        f.write('{"seq": 2}\n')
+    with pytest.raises(LedgerError, match="line 3: plaintext line after encrypted lines"):
+        read_ledger(path, key)
+
+
+def test_plaintext_ledger_continues_encrypted_when_a_key_is_set(tmp_path, key):
+    """Switching encryption on later keeps the budget history (the plaintext lines count)."""
+    from xrayfed.client.privacy import PrivacyLedger, plan_dp
+    from xrayfed.common.ledger import read_ledger
+
+    cfg = _hospital(tmp_path)
+    plan = plan_dp(cfg, 1000)
+    plain = PrivacyLedger(cfg.hospital.state_dir, cfg)
+    plain.ensure_header(plan)
+    plain.charge(plan, federation="f", server_round=1, key="k1")
+    spent1 = plain.spent()
+    enc = PrivacyLedger(cfg.hospital.state_dir, cfg, key=key)
+    assert enc.spent() == pytest.approx(spent1)
+    enc.charge(plan, federation="f", server_round=2, key="k2")
+    lines = enc.path.read_text().splitlines()
+    assert [atrest.is_encrypted_line(x) for x in lines] == [False, False, True]
+    assert [r["round"] for r in read_ledger(enc.path, key) if r["event"] == "train"] == [1, 2]
+    with pytest.raises(UserError, match="encrypted"):
+        read_ledger(enc.path)
+
+
+def test_release_cache_encrypted(tmp_path, key):
+    from xrayfed.client.privacy import ReleaseCache
+
+    cache = ReleaseCache(tmp_path, key=key)
+    payload = {"state_dict": {"w": torch.arange(6.0)}, "metrics": {"epsilon": 1.5}}
+    cache.put("abc", payload)
+    p = cache.path("abc")
+    assert is_encrypted(p.read_bytes()) and stat.S_IMODE(p.stat().st_mode) == 0o600
+    assert torch.equal(cache.get("abc")["state_dict"]["w"], payload["state_dict"]["w"])
+    # a wrong key is an error, not a cache miss (a miss would release a second update for one spend)
+    with pytest.raises(UserError, match=WRONG):
+        ReleaseCache(tmp_path, key=AtRestKey.generate()).get("abc")
+    with pytest.raises(UserError, match="encrypted; pass --atrest-key-file"):
+        ReleaseCache(tmp_path).get("abc")
+    ReleaseCache(tmp_path).put("plain", payload)  # no key: plaintext, still 0600
+    assert stat.S_IMODE(ReleaseCache(tmp_path).path("plain").stat().st_mode) == 0o600
+    with pytest.raises(UserError, match="not encrypted, but an at-rest key is configured"):
+        cache.get("plain")
+    assert cache.get("missing") is None
+
+
+def test_rundir_checkpoints_encrypted(tmp_path, key, key_hex):
+    from xrayfed.common.checkpoint import Checkpoint
+    from xrayfed.common.model import ModelSpec
+    from xrayfed.common.tasks import TaskSpec
+    from xrayfed.server.rundir import RunDir
+
+    ck = Checkpoint(model=ModelSpec(), task=TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")),
+                    image_size=28, state_dict={"w": torch.ones(2)}, round=2)
+    run = RunDir(tmp_path / "run", key=key).create()
+    p = run.save(ck)
+    assert is_encrypted(p.read_bytes()) and run.load_latest().round == 2
+    with pytest.raises(UserError, match=f"{p}: {WRONG}"):
+        RunDir(tmp_path / "run", key=AtRestKey.generate()).load_latest()
+    with pytest.raises(UserError, match="encrypted; pass --atrest-key-file"):
+        RunDir(tmp_path / "run").load_latest()
+    # a plaintext checkpoint swapped into an encrypted run is refused
+    RunDir(tmp_path / "run").save(Checkpoint(model=ck.model, task=ck.task, image_size=28,
+                                             state_dict={"w": torch.zeros(2)}, round=3))
+    with pytest.raises(UserError, match="not encrypted, but an at-rest key is configured"):
+        run.load_latest()
+    # `xrayfed certs export-model`: a plaintext copy for serve-inference (only with the right key)
+    from xrayfed.common import cli
+    from xrayfed.common.checkpoint import load_checkpoint
+
+    kf, bad = tmp_path / "k", tmp_path / "bad"
+    kf.write_text(key_hex)
+    bad.write_text(os.urandom(32).hex())
+    kf.chmod(0o600), bad.chmod(0o600)
+    out = tmp_path / "model.pt"
+    args = ["certs", "export-model", str(p), "--out", str(out), "--atrest-key-file"]
+    assert cli.main(args + [str(bad)]) == 2 and not out.exists()
+    assert cli.main(args + [str(kf)]) == 0
+    assert load_checkpoint(out).round == 2 and stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert cli.main(args + [str(kf)]) == 2  # no silent overwrite
+
+
+def test_report_cli_reads_an_encrypted_ledger_with_the_key_flag(tmp_path, key, key_hex, capsys):
+    from xrayfed.client.privacy import PrivacyLedger, plan_dp
+    from xrayfed.common import cli
+
+    cfg = _hospital(tmp_path)
+    led = PrivacyLedger(cfg.hospital.state_dir, cfg, key=key)
+    led.ensure_header(plan_dp(cfg, 1000))
+    led.charge(plan_dp(cfg, 1000), federation="f", server_round=1, key="k1")
+    kf = tmp_path / "atrest.key"
+    from xrayfed.common.certs import make_atrest_key
+
+    make_atrest_key(kf)
+    assert cli.main(["report", "--ledger", str(led.path), "--out", str(tmp_path / "r0"), "--format", "json"]) == 2
+    assert f"{led.path}: the ledger is encrypted" in capsys.readouterr().err
+    assert cli.main(["report", "--ledger", str(led.path), "--out", str(tmp_path / "r1"), "--format", "json",
+                     "--atrest-key-file", str(kf)]) == 2  # another key: refused
+    assert f"{led.path}: line 1: {WRONG}" in capsys.readouterr().err
+    good = tmp_path / "good.key"
+    good.write_text(key_hex + "\n")
+    good.chmod(0o600)
+    assert cli.main(["report", "--ledger", str(led.path), "--out", str(tmp_path / "r2"), "--format", "json",
+                     "--atrest-key-file", str(good)]) == 0
+    import json
+
+    rep = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert rep["hospitals"][0]["hospital"] == "st-mary"
+

@@ -189,3 +189,28 @@ def test_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "certs.json").read_text())["hospitals"]["a"]["revoked"] is True
     # (atrest-key through the CLI: tests/test_atrest.py::test_cli_key_works_with_loader)
+
+
+def test_hospital_makes_its_own_key_and_the_operator_imports_the_public_key(pki, tmp_path):
+    from xrayfed.common.certs import make_hospital_key
+
+    key, pub = make_hospital_key(tmp_path / "at-hospital", name="h9")
+    assert _mode(key) == 0o600 and pub.read_text().startswith("ecdsa-sha2-nistp384 ")
+    e = add_hospital(pki, "h9", public_key=pub)
+    assert e["auth_key"] is None and e["fingerprint"] == public_key_fingerprint(pub)
+    assert not (pki / "hospitals/h9/auth.key").exists()  # the private key never reached the operator
+    assert (pki / "hospitals/h9/auth.pub").read_bytes() == pub.read_bytes()
+    assert hospital_public_keys(pki)["h9"] == pki / "hospitals/h9/auth.pub"
+    with pytest.raises(UserError, match="already exists"):
+        add_hospital(pki, "h9", public_key=pub)
+    with pytest.raises(UserError, match="PRIVATE key"):
+        add_hospital(pki, "h10", public_key=key)
+    ed = tmp_path / "ed.pub"
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    ed.write_bytes(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    with pytest.raises(UserError, match="NIST curve"):
+        add_hospital(pki, "h10", public_key=ed)
+    with pytest.raises(UserError, match="already exists"):
+        make_hospital_key(tmp_path / "at-hospital")

@@ -31,7 +31,7 @@ def test_demo_runs_reports_and_leaves_nothing_behind(tmp_path):
     from test_report import check_demo_run_report
 
     out = tmp_path / "demo"
-    r = subprocess.run(CLI + ["demo", "--out", str(out), "--hospitals", "2", "--rounds", "2", "--local-epochs", "2"],
+    r = subprocess.run(CLI + ["demo", "--out", str(out), "--hospitals", "2", "--rounds", "2", "--local-epochs", "1"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [l for l in r.stdout.splitlines() if l.startswith("[server] round")]

@@ -2,7 +2,7 @@
 
 node config: ``val`` (float) sets the update ``val * (1, 2, 3, ...)``-ish pattern,
 ``n`` (int) the example count, ``dump`` (folder) where the true update is written so the test
-can compare it with what the server saw, ``refuse`` (bool) answers without arrays,
+can compare it with what the server saw,
 ``require-secagg`` (bool) refuses plain training requests.
 """
 
@@ -32,9 +32,6 @@ def train(msg: Message, context: Context) -> Message:
     val = float(nc.get("val", 1.0))
     n = int(nc.get("n", 10))
     glob = msg.content["arrays"]
-    if bool(nc.get("refuse", False)):
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0}),
-                                   "hospital": ConfigRecord({"status": "refused", "val": val})}), reply_to=msg)
     local = {}
     for i, (k, a) in enumerate(glob.items()):
         g = a.numpy()
