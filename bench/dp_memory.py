@@ -66,7 +66,12 @@ def main() -> None:
     if device.type == "cuda":
         res["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    res["input_pool"] = spec.input_pool
     print(json.dumps(res, indent=2))
+    out_dir = Path(__file__).resolve().parent / "results"
+    out_dir.mkdir(exist_ok=True)
+    tag = f"{args.arch}-{args.image_size}px-b{args.batch_size}-{device.type}"
+    (out_dir / f"dp-memory-{tag}.json").write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def write_demo_configs(out: Path, data: Path, args: argparse.Namespace, image_si
 
 
 def run_demo_cmd(args: argparse.Namespace) -> int:
-    from xrayfed.common.procs import ProcessGroup, free_port, spawn
+    from xrayfed.common.procs import ProcessGroup, free_port, shared_cpu_env, spawn
 
     if args.hospitals < 1 or args.rounds < 1:
         raise UserError("--hospitals and --rounds must be at least 1")
@@ -140,7 +140,7 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
             f = log_path.open("w")
             logs.append(f)
             group.add(spawn(cli + ["client", "--server", f"127.0.0.1:{port}", "--config", str(hp), "--insecure"],
-                            log=f))
+                            log=f, env=shared_cpu_env(len(hospital_paths))))
         for raw in iter(server.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip()
             if line:

@@ -17,5 +17,6 @@ def main(grid: Grid, context: Context) -> None:
     from .federation import run_federation
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower HTTP request otherwise
     cfg = load_config(FederationConfig, str(context.run_config["config-path"]))
     run_federation(grid, cfg, flwr_run_id=str(context.run_id))

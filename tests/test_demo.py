@@ -39,6 +39,7 @@ def test_demo_runs_reports_and_leaves_nothing_behind(tmp_path):
     for l in lines:
         assert "test AUC" in l and "acc" in l and "hospital-a ε=" in l and "hospital-b ε=" in l
     assert "generated synthetic scans" in r.stdout
+    assert "HTTP Request" not in r.stdout + r.stderr  # no per-request log spam on the terminal
     assert _procs_mentioning(str(out)) == []
     rep = check_demo_run_report(out / "run")
     assert {h.hospital for h in rep.hospitals} == {"hospital-a", "hospital-b"}
