@@ -70,7 +70,7 @@ def main() -> None:
     print(json.dumps(res, indent=2))
     out_dir = Path(__file__).resolve().parent / "results"
     out_dir.mkdir(exist_ok=True)
-    tag = f"{args.arch}-{args.image_size}px-b{args.batch_size}-{device.type}"
+    tag = f"{args.arch}-{args.image_size}px-pool{spec.input_pool}-b{args.batch_size}-{device.type}"
     (out_dir / f"dp-memory-{tag}.json").write_text(json.dumps(res, indent=2))
 
 

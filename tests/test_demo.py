@@ -47,8 +47,12 @@ def test_demo_runs_reports_and_leaves_nothing_behind(tmp_path):
 
 def test_demo_ctrl_c_stops_every_process(tmp_path):
     out = tmp_path / "demo"
+    # SIGINT back to its default in the child: a runner started in the background (nohup, `&`)
+    # hands its children SIGINT ignored, and Python then keeps ignoring it — not a user's terminal.
     proc = subprocess.Popen(CLI + ["demo", "--out", str(out), "--hospitals", "2", "--rounds", "5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    tree: list[psutil.Process] = []
     try:
         deadline = time.time() + 240
         seen = ""
@@ -70,3 +74,8 @@ def test_demo_ctrl_c_stops_every_process(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        for p in tree:  # on failure too: nothing of the demo may outlive the test
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
