@@ -63,7 +63,7 @@ def run(args, dp: bool, lr: float) -> dict:
             "training": {"local_epochs": args.local_epochs, "batch_size": args.batch_size,
                          "max_physical_batch_size": args.physical_batch},
         })
-        local = load_local_data(cfg, _Req(args.image_size, task))
+        local = load_local_data(cfg, args.image_size, task)
         hospitals.append((cfg, local.train, plan_dp(cfg, len(local.train)) if dp else None))
         vals.append(local.val)
     device = torch.device("cpu")
@@ -97,23 +97,14 @@ def run(args, dp: bool, lr: float) -> dict:
     return out
 
 
-def test_figures(args, res: dict) -> dict:
-    """Test metrics of the chosen run's final global model (the only time test is read)."""
-    from xrayfed.common.data import load_dataset
+def with_test_metrics(res: dict, test) -> dict:
+    """``res`` plus the test metrics of its final global model (test is read once per figure)."""
     from xrayfed.common.train import evaluate
 
-    test = load_dataset(args.data, split="test", image_size=args.image_size, task=res["_task"])
     m = evaluate(res["_model"], test, res["_task"], torch.device("cpu"))
     out = {k: v for k, v in res.items() if not k.startswith("_")}
     out.update(test_auc=m["auc"], test_accuracy=m["accuracy"])
     return out
-
-
-class _Req:
-    """The two fields of a round request that :func:`load_local_data` reads."""
-
-    def __init__(self, image_size: int, task) -> None:
-        self.image_size, self.task = image_size, task
 
 
 def main() -> None:
@@ -138,13 +129,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     args.data = args.data.resolve()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     res = {"data": args.data.name, "settings": {k: (str(v) if isinstance(v, Path) else v)
                                                  for k, v in vars(args).items()}}
-    res["dp"] = test_figures(args, run(args, dp=True, lr=args.lr))
+    from xrayfed.common.data import load_dataset
+
+    dp = run(args, dp=True, lr=args.lr)
     tried = [run(args, dp=False, lr=lr) for lr in args.lr_nodp]
     best = max(tried, key=lambda r: r["val_auc"])
-    res["no_dp"] = test_figures(args, best)
+    test = load_dataset(args.data, split="test", image_size=args.image_size, task=dp["_task"])
+    res["dp"] = with_test_metrics(dp, test)
+    res["no_dp"] = with_test_metrics(best, test)
     res["no_dp"]["val_auc_per_lr"] = {str(r["lr"]): round(r["val_auc"], 4) for r in tried}
     res["dp_overhead_time_ratio"] = round(res["dp"]["local_training_s"] / max(res["no_dp"]["local_training_s"], 1e-9), 2)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -21,15 +21,14 @@ sets the former for the SuperNode and its ClientApp processes).
 
 from __future__ import annotations
 
-import logging
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from xrayfed.common.logs import configure_logging
+
 from .secagg import make_secagg_mod
 
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower HTTP request otherwise
+configure_logging()
 
 
 def _requires_secure_aggregation(context: Context) -> bool:

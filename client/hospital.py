@@ -86,13 +86,15 @@ def _load_local(path: str, split: str, image_size: int, task_json: str, val_frac
     return LocalData(train=train, val=val, skipped=len(getattr(ds, "skipped", [])))
 
 
-def load_local_data(cfg: HospitalConfig, req: RoundRequest) -> LocalData:
+def load_local_data(cfg: HospitalConfig, image_size: int, task: TaskSpec) -> LocalData:
+    """This hospital's scans at ``image_size`` px for the federation's ``task``: its partition,
+    split into train and validation (cached per process)."""
     if cfg.data.path is None:
         raise UserError("data.path: not set (give --data PATH or [data] path in hospital.toml)")
     d = cfg.data
     return _load_local(
-        str(d.path), d.split, req.image_size,
-        json.dumps({"kind": req.task.kind, "class_names": list(req.task.class_names)}),
+        str(d.path), d.split, image_size,
+        json.dumps({"kind": task.kind, "class_names": list(task.class_names)}),
         d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed,
     )
 
@@ -114,7 +116,7 @@ def train_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict, a
     """
     req = RoundRequest.from_config(config)
     device = resolve_device(cfg.hospital.device)
-    data = load_local_data(cfg, req)
+    data = load_local_data(cfg, req.image_size, req.task)
     plan = plan_dp(cfg, len(data.train))
     state_dir = Path(cfg.hospital.state_dir)
     ledger = PrivacyLedger(state_dir, cfg, key=atrest_key)
@@ -169,7 +171,7 @@ def evaluate_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict
     """Evaluate the global model on this hospital's local validation split (aggregate metrics only)."""
     req = RoundRequest.from_config(config)
     device = resolve_device(cfg.hospital.device)
-    data = load_local_data(cfg, req)
+    data = load_local_data(cfg, req.image_size, req.task)
     ds = data.val if data.val is not None and len(data.val) > 0 else data.train
     m = evaluate(_model_from(req, state_dict, device), ds, req.task, device)
     return {"num-examples": len(ds), **{k: float(v) for k, v in m.items() if k in ("auc", "accuracy", "loss",

@@ -313,25 +313,16 @@ def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | Non
     check_model(ckpt)
     audit = AuditLog(cfg.audit_log)
 
-    import grpc
-    from concurrent import futures
-
     svc = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, keys, audit, ttp)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_sessions + 8), options=rpc.OPTIONS)
-    server.add_generic_rpc_handlers((rpc.generic_handler(SERVICE, {
-        "ModelInfo": svc.model_info, "OpenSession": svc.open_session, "Health": svc.health}),))
-    addr = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
-    bound = server.add_secure_port(addr, creds) if creds is not None else server.add_insecure_port(addr)
-    if not bound:
-        raise UserError(f"serve-inference: cannot listen on {cfg.listen} (address in use or not local)")
-    server.start()
+    server, bound = rpc.start_server(
+        SERVICE, {"ModelInfo": svc.model_info, "OpenSession": svc.open_session, "Health": svc.health},
+        host=host, port=port, creds=creds, max_workers=cfg.max_sessions + 8, what="serve-inference",
+        listen=cfg.listen)
     print(f"xrayfed serve-inference: listening on {host}:{bound}; model {ckpt.model_version} "
           f"({ckpt.task.kind}, {len(ckpt.task.class_names)} classes, {ckpt.image_size} px); "
           f"TTP {cfg.ttp}; workers warm in {warm_s:.1f}s", flush=True)
-    from ..server.ttp import _run_until_stopped
-
     try:
-        return _run_until_stopped(server, svc.stop_all, ready, stop)
+        return rpc.run_until_stopped(server, svc.stop_all, ready, stop)
     finally:
         audit.close()
         pool.close()

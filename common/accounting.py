@@ -42,7 +42,7 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 History = Sequence[tuple[float, float, int]]
 
@@ -257,18 +257,25 @@ def rounds_that_fit(history: History, next_round: tuple[float, float, int], delt
     """
     hist = list(history)
     s, q, n = next_round
+    fits = _fits_within(lambda k: training_epsilon(hist + [(s, q, int(n) * k)], delta, accountant), budget)
+    if guess is None:
+        guess = _coarse_guess(hist, next_round, delta, budget, cap)
+    return _gallop(fits, max(1, min(cap, int(guess))), cap)
+
+
+def _fits_within(epsilon_after: Callable[[int], float], budget: float) -> Callable[[int], bool]:
+    """``fits(k)``: do k more rounds keep ε (``epsilon_after(k)``) within ``budget``? Memoised;
+    k ≤ 0 always fits."""
     seen: dict[int, bool] = {}
 
     def fits(k: int) -> bool:
         if k <= 0:
             return True
         if k not in seen:
-            seen[k] = training_epsilon(hist + [(s, q, int(n) * k)], delta, accountant) <= budget
+            seen[k] = epsilon_after(k) <= budget
         return seen[k]
 
-    if guess is None:
-        guess = _coarse_guess(hist, next_round, delta, budget, cap)
-    return _gallop(fits, max(1, min(cap, int(guess))), cap)
+    return fits
 
 
 def _gallop(fits, g: int, cap: int) -> int:
@@ -293,19 +300,14 @@ def _gallop(fits, g: int, cap: int) -> int:
 def _coarse_guess(hist: list, next_round: tuple[float, float, int], delta: float, budget: float, cap: int) -> int:
     """Rounds that fit under a fast, coarse PLD accountant (discretisation 10⁻²): a guess."""
     s, q, n = next_round
-    seen: dict[int, bool] = {}
 
-    def fits(k: int) -> bool:
-        if k <= 0:
-            return True
-        if k not in seen:
-            acc = _pld_accountant(1e-2)
-            for e in merge_history(hist + [(s, q, int(n) * k)]):
-                acc.compose(_step_event(*e))
-            seen[k] = acc.get_epsilon(delta) <= budget
-        return seen[k]
+    def coarse_epsilon(k: int) -> float:
+        acc = _pld_accountant(1e-2)
+        for e in merge_history(hist + [(s, q, int(n) * k)]):
+            acc.compose(_step_event(*e))
+        return acc.get_epsilon(delta)
 
-    return _gallop(fits, 1, cap)
+    return _gallop(_fits_within(coarse_epsilon, budget), 1, cap)
 
 
 def _bisect(fits, lo: int, hi: int) -> int:

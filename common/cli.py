@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 # Modules that contribute sub-commands (each has ``register(subparsers)``).
@@ -52,14 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if not args.verbose:  # one line per HTTP request (the Fleet gateway's forwarding) otherwise
-        for noisy in ("httpx", "httpcore"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .logs import configure_logging
+
+    configure_logging(verbose=args.verbose, timestamps=True)
     try:
         rc = args.func(args)
     except UserError as e:

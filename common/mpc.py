@@ -437,6 +437,22 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
+@contextlib.contextmanager
+def _worker_reports(conn):
+    """The envelope of every party process: an exception goes to the service as one line
+    (never data), the pipe is closed, and the process ends with ``os._exit`` (no atexit
+    handlers of the forked parent run in the child)."""
+    try:
+        yield
+    except BaseException as e:  # noqa: BLE001 - reported as one line, never with data
+        with contextlib.suppress(Exception):
+            conn.send(("error", _one_line(e)))
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+        os._exit(0)
+
+
 def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, mpc_bind: str, observe_path: str | None = None) -> None:
     """Entry point of a hospital party process (forked from the warm fork server).
 
@@ -448,7 +464,7 @@ def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, mpc_bind: str, obs
     p = SessionParams(**params)
     _worker_setup(p.timeout_s)
     observe, flush = _observer(observe_path)
-    try:
+    with _worker_reports(conn):
         ckpt = from_bytes(ckpt_bytes, source="checkpoint")
         sock = _listen_socket(mpc_bind)
         p.port = sock.getsockname()[1]
@@ -458,31 +474,17 @@ def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, mpc_bind: str, obs
         if flush:
             flush()
         conn.send(("done", out))
-    except BaseException as e:  # noqa: BLE001 - reported as one line, never with data
-        with contextlib.suppress(Exception):
-            conn.send(("error", _one_line(e)))
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
-        os._exit(0)
 
 
 def ttp_worker(conn, params: dict) -> None:
     """Entry point of a TTP party process (forked from the TTP service's warm fork server)."""
     p = SessionParams(**params)
     _worker_setup(p.timeout_s)
-    try:
+    with _worker_reports(conn):
         store = make_store(p, master=False)
         conn.send(("connected", None))
         out = run_ttp(p, store, stats=True)
         conn.send(("done", out))
-    except BaseException as e:  # noqa: BLE001
-        with contextlib.suppress(Exception):
-            conn.send(("error", _one_line(e)))
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
-        os._exit(0)
 
 
 def patient_worker(conn, params: dict, spec_dict: dict, image_size: int, scan, observe_path: str | None = None) -> None:
@@ -496,20 +498,13 @@ def patient_worker(conn, params: dict, spec_dict: dict, image_size: int, scan, o
     p = SessionParams(**params)
     _worker_setup(p.timeout_s)
     observe, flush = _observer(observe_path)
-    try:
+    with _worker_reports(conn):
         store = make_store(p, master=False)
         x = torch.from_numpy(scan).float() if not isinstance(scan, torch.Tensor) else scan.float()
         logits, out = run_patient(p, store, ModelSpec(**spec_dict), image_size, x, observe=observe, stats=True)
         if flush:
             flush()
         conn.send(("done", {"logits": logits.tolist(), **out}))
-    except BaseException as e:  # noqa: BLE001
-        with contextlib.suppress(Exception):
-            conn.send(("error", _one_line(e)))
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
-        os._exit(0)
 
 
 def session_tag(session_id: str) -> str:

@@ -79,6 +79,45 @@ def generic_handler(service: str, methods: dict[str, Callable]):
     })
 
 
+def start_server(service: str, methods: dict[str, Callable], *, host: str, port: int, creds, max_workers: int,
+                 what: str, listen: str):
+    """Start a gRPC server for ``service`` on ``host:port`` (TLS with ``creds``, plaintext when
+    ``None``). Returns ``(server, bound_port)``; a port that cannot be bound is one line."""
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=OPTIONS)
+    server.add_generic_rpc_handlers((generic_handler(service, methods),))
+    addr = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    bound = server.add_secure_port(addr, creds) if creds is not None else server.add_insecure_port(addr)
+    if not bound:
+        raise UserError(f"{what}: cannot listen on {listen} (address in use or not local)")
+    server.start()
+    return server, bound
+
+
+def run_until_stopped(server, stop_all: Callable[[], None], ready=None, stop=None) -> int:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT in the main thread); then stop the server
+    and call ``stop_all`` (tear down open sessions). ``ready`` is set once serving."""
+    import signal
+    import threading
+
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, lambda *_: stop.set())
+    if ready is not None:
+        ready.set()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop(grace=2).wait(5)
+        stop_all()
+    return 0
+
+
 def call(stub, request: dict, *, timeout: float, what: str, target: str, metadata=None) -> dict:
     """Call ``stub`` and turn gRPC failures into one clear line."""
     import grpc

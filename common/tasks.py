@@ -75,7 +75,6 @@ def loss_fn(task: TaskSpec):
 
 def prepare_targets(task: TaskSpec, y):
     """Targets in the dtype/shape the loss wants: float (N,1) binary, long (N,) multiclass, float (N,K) multilabel."""
-    import torch
 
     if task.kind == "multiclass":
         return y.long().view(-1)

@@ -22,7 +22,6 @@ import argparse
 import hmac
 import logging
 import re
-import signal
 import sys
 import threading
 import time
@@ -180,38 +179,13 @@ def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | Non
 
     pool = WorkerPool()
     warm_s = pool.warm()
-    import grpc
-    from concurrent import futures
-
     svc = TTPService(cfg, pool, secret)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_sessions + 4), options=rpc.OPTIONS)
-    server.add_generic_rpc_handlers((rpc.generic_handler(SERVICE, {"StartSession": svc.start_session,
-                                                                   "Health": svc.health}),))
-    addr = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
-    bound = server.add_secure_port(addr, creds) if creds is not None else server.add_insecure_port(addr)
-    if not bound:
-        raise UserError(f"serve-ttp: cannot listen on {cfg.listen} (address in use or not local)")
-    server.start()
+    server, bound = rpc.start_server(SERVICE, {"StartSession": svc.start_session, "Health": svc.health},
+                                     host=host, port=port, creds=creds, max_workers=cfg.max_sessions + 4,
+                                     what="serve-ttp", listen=cfg.listen)
     print(f"xrayfed serve-ttp: listening on {host}:{bound} (workers warm in {warm_s:.1f}s, "
           f"max {cfg.max_sessions} sessions, timeout {cfg.session_timeout_s:.0f}s)", flush=True)
     try:
-        return _run_until_stopped(server, svc.stop_all, ready, stop)
+        return rpc.run_until_stopped(server, svc.stop_all, ready, stop)
     finally:
         pool.close()
-
-
-def _run_until_stopped(server, stop_all, ready, stop) -> int:
-    stop = stop or threading.Event()
-    in_main = threading.current_thread() is threading.main_thread()
-    if in_main:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, lambda *_: stop.set())
-    if ready is not None:
-        ready.set()
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.stop(grace=2).wait(5)
-        stop_all()
-    return 0

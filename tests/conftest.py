@@ -11,8 +11,20 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 torch.set_num_threads(os.cpu_count() or 1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """A warm CrypTen worker pool (fork server with torch + CrypTen imported), one per module."""
+    from xrayfed.common import mpc
+
+    p = mpc.WorkerPool()
+    p.warm()
+    yield p
+    p.close()

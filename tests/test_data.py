@@ -17,6 +17,8 @@ from xrayfed.common.errors import UserError
 from xrayfed.common.synthetic import make_synthetic, write_class_folders, write_npz
 from xrayfed.common.tasks import NIH_LABELS, TaskSpec
 
+from dicom_files import write_dicom as _write_dicom
+
 REAL_NPZ = Path("/work/shared/data/pneumoniamnist.npz")
 
 
@@ -24,44 +26,6 @@ REAL_NPZ = Path("/work/shared/data/pneumoniamnist.npz")
 def _png(path: Path, arr: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
-    return path
-
-
-def _write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2", patient_id: str | None = "P-1",
-                 window: tuple[float, float] | None = None, slope: float | None = None,
-                 intercept: float | None = None, frames: int = 1, preamble: bool = True) -> Path:
-    """A minimal uncompressed 16-bit DX DICOM file (pixels: uint16 (H, W) or (F, H, W))."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    if patient_id is not None:
-        ds.PatientID = patient_id
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    if slope is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept or 0.0
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        ds.save_as(path, enforce_file_format=preamble)  # pydicom ≥ 3
-    except TypeError:  # pydicom 2.x
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.save_as(path, write_like_original=not preamble)
     return path
 
 

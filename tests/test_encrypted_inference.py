@@ -31,6 +31,8 @@ from xrayfed.common.model import ModelSpec, build_model
 from xrayfed.common.procs import free_port, kill_tree, spawn, venv_bin, wait_for_port
 from xrayfed.common.tasks import NIH_LABELS, TaskSpec, probabilities
 
+import dicom_files
+
 pytestmark = pytest.mark.timeout(600)
 
 SIZE = 32
@@ -63,26 +65,11 @@ def write_png(path: Path, seed: int, task: str = "binary", size: int = 64) -> Pa
 
 
 def write_dicom(path: Path, patient_id: str, seed: int, size: int = 64) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
+    """An 8-bit DICOM of a synthetic 14-label scan for ``patient_id``."""
     from xrayfed.common.synthetic import make_synthetic
 
     imgs, _ = make_synthetic(1, size, "multilabel", seed=seed)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientID, ds.Modality = patient_id, "DX"
-    ds.Rows, ds.Columns = imgs[0].shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = imgs[0].tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return dicom_files.write_dicom(path, imgs[0], patient_id=patient_id)
 
 
 def plaintext_probs(ckpt: Checkpoint, scan: Path) -> np.ndarray:
@@ -431,16 +418,6 @@ def test_abandoned_session_is_torn_down_within_timeout(stack):
 
 
 # --------------------------------------------------------------------------- what each party holds
-@pytest.fixture(scope="module")
-def pool():
-    from xrayfed.common import mpc
-
-    p = mpc.WorkerPool()
-    p.warm()
-    yield p
-    p.close()
-
-
 def _corr(a, b) -> float:
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()

@@ -103,7 +103,8 @@ def test_crash_before_release_retrains_under_recorded_spend(tmp_path, npz):
     # Simulate: spend recorded, then the process died before the update was released.
     from xrayfed.client.hospital import load_local_data, RoundRequest
 
-    data = load_local_data(cfg, RoundRequest.from_config(request(1, spec)))
+    req = RoundRequest.from_config(request(1, spec))
+    data = load_local_data(cfg, req.image_size, req.task)
     plan = plan_dp(cfg, len(data.train))
     ledger = PrivacyLedger(tmp_path / "state", cfg)
     ledger.ensure_header(plan)

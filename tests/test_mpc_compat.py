@@ -108,14 +108,6 @@ def test_local_interface_for_loopback():
     assert ip == "127.0.0.1" and name
 
 
-@pytest.fixture(scope="module")
-def pool():
-    p = mpc.WorkerPool()
-    p.warm()
-    yield p
-    p.close()
-
-
 def test_three_party_ttp_session_matches_plaintext(pool, tmp_path):
     """Real processes on 127.0.0.1: the route CrypTen → our model → logits matches torch."""
     torch.manual_seed(0)
