@@ -9,7 +9,8 @@ require_secure_aggregation = true`` a plain (unmasked) training request is refus
 What still travels in plaintext with every training reply, SecAgg+ or not (the ``metrics`` and
 ``hospital`` records below): the hospital's name and status (trained / resent / refused, and the
 refusal reason), ``num-examples`` (its FedAvg weight), its cumulative ε, δ, ε budget, σ, q,
-steps, C, the noise-source flags and ``train_loss`` (the mean training loss of the round, a
+steps, C, the noise-source flags, the head of its privacy ledger (``ledger_seq`` and
+``ledger_head``, an HMAC: the server keeps it as an anchor against truncation) and ``train_loss`` (the mean training loss of the round, a
 statistic of the local data that is *not* covered by the DP guarantee), and with SecAgg+ the
 ``secagg`` record (mode, weight, mask generator). Evaluation replies (only when the server has
 no held-out set) carry the hospital's validation metrics in plaintext.
@@ -67,7 +68,7 @@ def train(msg: Message, context: Context) -> Message:
             "metrics": MetricRecord(_finite(reply["metrics"])),
             "hospital": ConfigRecord(
                 {"name": cfg.hospital.name, "status": reply["status"], "accountant": cfg.privacy.accountant,
-                 "reason": reply.get("reason", "")}
+                 "reason": reply.get("reason", ""), "ledger_head": reply["ledger"]["head"]}
             ),
         }
     )

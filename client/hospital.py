@@ -23,7 +23,16 @@ from xrayfed.common.model import ModelSpec, build_model
 from xrayfed.common.tasks import TaskSpec
 from xrayfed.common.train import evaluate, resolve_device
 
-from .privacy import BudgetExceeded, PrivacyLedger, ReleaseCache, plan_dp, request_key, train_private_round
+from .privacy import (
+    BudgetExceeded,
+    PrivacyLedger,
+    ReleaseCache,
+    StateLock,
+    plan_dp,
+    request_key,
+    train_private_round,
+    update_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,18 @@ class RoundRequest:
     image_size: int
     lr: float
     proximal_mu: float = 0.0
+    #: ``{anchor id: [seq, hash]}``: the ledger heads the server recorded (see ``ledger.check_anchor``)
+    ledger_anchors: tuple = ()
+
+    def anchor_for(self, hospital: str) -> tuple[int, str] | None:
+        """The head of this hospital's ledger that the server recorded after its last reply."""
+        from xrayfed.common.ledger import anchor_id
+
+        want = anchor_id(self.federation, hospital)
+        for k, seq, head in self.ledger_anchors:
+            if k == want:
+                return int(seq), str(head)
+        return None
 
     @classmethod
     def from_config(cls, c: dict[str, Any]) -> "RoundRequest":
@@ -52,8 +73,10 @@ class RoundRequest:
                 image_size=int(c["image-size"]),
                 lr=float(c["lr"]),
                 proximal_mu=float(c.get("proximal-mu", 0.0)),
+                ledger_anchors=tuple((str(k), int(v[0]), str(v[1]))
+                                     for k, v in json.loads(str(c.get("ledger-anchors", "{}"))).items()),
             )
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
             raise UserError(f"round request from the server is malformed ({type(e).__name__}: {e})") from None
 
 
@@ -77,13 +100,21 @@ def _load_local(path: str, split: str, image_size: int, task_json: str, val_frac
             f"data {path}: its classes {list(ds.task.class_names)} ({ds.task.kind}) differ from the federation's "
             f"{list(task.class_names)} ({task.kind})"
         )
+    train, val = split_local(ds, val_fraction, partition, scheme, alpha, seed)
+    return LocalData(train=train, val=val, skipped=len(getattr(ds, "skipped", [])))
+
+
+def split_local(ds, val_fraction: float, partition: str | None, scheme: str, alpha: float, seed: int):
+    """This hospital's part of ``ds`` (``data.partition``), split into ``(train, val)``: the
+    same split at `xrayfed client` start (N for the DP plan) and in every round."""
+    from xrayfed.common import data as D
+
     if partition:
         i, n = (int(x) for x in partition.split("/"))
         if not 0 <= i < n:
             raise UserError(f"data.partition {partition!r}: part must be in 0..{n - 1}")
         ds = D.subset(ds, D.partition(ds, n, scheme, seed=seed, alpha=alpha)[i])
-    train, val = D.split_train_val(ds, val_fraction, seed)
-    return LocalData(train=train, val=val, skipped=len(getattr(ds, "skipped", [])))
+    return D.split_train_val(ds, val_fraction, seed)
 
 
 def load_local_data(cfg: HospitalConfig, image_size: int, task: TaskSpec) -> LocalData:
@@ -109,7 +140,12 @@ def train_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict, a
     """Handle one training request. Returns a reply dict:
 
     ``{"status": "trained"|"resent"|"refused", "state_dict": ... (absent when refused),
-    "metrics": {numbers}, "reason": str}``.
+    "metrics": {numbers}, "reason": str, "ledger": {"seq", "head"}}``.
+
+    Every update that leaves is either charged in the ledger (``train`` line before training,
+    ``release`` line with its digest before replying) or a byte-identical resend of one that
+    was; a repeated request whose update cannot be resent byte-identically is refused. The
+    whole decision runs under the state folder's lock (:class:`~.privacy.StateLock`).
 
     ``atrest_key`` (:class:`~xrayfed.common.atrest.AtRestKey`): the privacy ledger's lines and
     the cached released updates are written encrypted with it (and need it to be read).
@@ -117,13 +153,32 @@ def train_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict, a
     req = RoundRequest.from_config(config)
     device = resolve_device(cfg.hospital.device)
     data = load_local_data(cfg, req.image_size, req.task)
-    plan = plan_dp(cfg, len(data.train))
-    state_dir = Path(cfg.hospital.state_dir)
-    ledger = PrivacyLedger(state_dir, cfg, key=atrest_key)
-    ledger.ensure_header(plan)
-    cache = ReleaseCache(state_dir, key=atrest_key)
-    key = request_key(req.federation, req.round, weights_version(state_dict))
+    with StateLock(Path(cfg.hospital.state_dir)):
+        reply = _train_locked(cfg, req, data, state_dict, device, atrest_key)
+    return reply
 
+
+def _train_locked(cfg: HospitalConfig, req: RoundRequest, data: LocalData, state_dict: dict, device,
+                  atrest_key) -> dict[str, Any]:
+    from xrayfed.common.ledger import check_anchor
+
+    state_dir = Path(cfg.hospital.state_dir)
+    ledger = PrivacyLedger(state_dir, cfg, key=atrest_key)  # verifies the keyed chain and the local head anchor
+
+    def reply(status: str, metrics: dict, **extra) -> dict[str, Any]:
+        seq, head = ledger.head()
+        return {"status": status, "metrics": dict(metrics, ledger_seq=seq), "ledger": {"seq": seq, "head": head},
+                **extra}
+
+    def refuse(reason: str, metrics: dict) -> dict[str, Any]:
+        log.warning("%s", reason)
+        return reply("refused", dict(metrics, epsilon=ledger.spent(), train_loss=0.0), reason=reason)
+
+    try:
+        plan = plan_dp(cfg, len(data.train))
+    except UserError as e:  # also refused at `xrayfed client` start; a backstop, never a traceback
+        return refuse(f"hospital {cfg.hospital.name}: round {req.round} refused: {e}",
+                      {"num-examples": len(data.train)})
     base_metrics = {
         "num-examples": len(data.train),
         "delta": plan.delta,
@@ -135,25 +190,46 @@ def train_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict, a
         "secure_rng": int(cfg.privacy.secure_rng),
         "secure_mode": 0,  # Opacus' own secure_mode (torchcsprng) is not available; see privacy.py
     }
-    cached = cache.get(key)
-    if cached is not None:
-        ledger.note("resend", federation=req.federation, round=req.round, request=key)
-        log.info("round %d: sending the update already released for this request (no new privacy spend)", req.round)
-        return {"status": "resent", "state_dict": cached["state_dict"], "metrics": cached["metrics"]}
+    anchor = req.anchor_for(cfg.hospital.name)
+    if anchor is not None:
+        problem = check_anchor(ledger.records, *anchor)
+        if problem:
+            log.error("privacy ledger %s: %s", ledger.path, problem)
+            return refuse(f"hospital {cfg.hospital.name}: round {req.round} refused: privacy ledger check failed: "
+                          f"{problem}; no training until the ledger is restored", base_metrics)
+    ledger.ensure_header(plan)
+    cache = ReleaseCache(state_dir, key=atrest_key)
+    key = request_key(req.federation, req.round, weights_version(state_dict))
 
-    if ledger.find(key) is not None:
+    released = ledger.release_of(key)
+    if released is not None:
+        try:
+            cached = cache.get(key)
+            why = "is no longer in the release cache (evicted by newer rounds, or deleted)" if cached is None else ""
+        except UserError as e:
+            cached, why = None, f"its cached copy cannot be read ({e})"
+        if cached is not None and update_digest(cached["state_dict"]) != released["digest"]:
+            cached, why = None, "its cached copy differs from the update that was released (modified)"
+        if cached is not None:
+            ledger.note("resend", federation=req.federation, round=req.round, request=key)
+            log.info("round %d: sending the update already released for this request (no new privacy spend)",
+                     req.round)
+            return reply("resent", cached["metrics"], state_dict=cached["state_dict"])
+        ledger.note("refused_resend", federation=req.federation, round=req.round, request=key, reason=why)
+        return refuse(f"hospital {cfg.hospital.name}: round {req.round} refused: this request's update was already "
+                      f"released ({released.get('time')}) and {why}; training again would release a second "
+                      "update without a new privacy charge, so nothing was sent", base_metrics)
+
+    charge = ledger.find(key)
+    if charge is not None:
         ledger.note("retry", federation=req.federation, round=req.round, request=key)
-        log.info("round %d: retraining after an interrupted attempt (its spend is already recorded)", req.round)
+        log.info("round %d: retraining after an interrupted attempt (its spend is recorded, nothing was released)",
+                 req.round)
     else:
         try:
-            ledger.charge(plan, federation=req.federation, server_round=req.round, key=key)
+            charge = ledger.charge(plan, federation=req.federation, server_round=req.round, key=key)
         except BudgetExceeded as e:
-            log.warning("%s", e)
-            return {
-                "status": "refused",
-                "reason": str(e),
-                "metrics": dict(base_metrics, epsilon=ledger.spent(), train_loss=0.0),
-            }
+            return refuse(str(e), base_metrics)
     model = _model_from(req, state_dict, device)
     out = train_private_round(
         model, data.train, cfg, plan, req.task, device, lr=req.lr, prox_mu=req.proximal_mu,
@@ -161,21 +237,31 @@ def train_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict, a
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     metrics = dict(base_metrics, epsilon=ledger.spent(), train_loss=float(out["loss"]))
-    cache.put(key, {"state_dict": new_state, "metrics": metrics})  # released from here on
+    cache.put(key, {"state_dict": new_state, "metrics": metrics})
+    ledger.record_release(charge, update_digest(new_state))  # durable before the reply leaves
     log.info("round %d: trained %d DP-SGD steps (σ=%.3f, q=%.4f); ε spent %.3f of %.3g",
              req.round, plan.steps, plan.noise_multiplier, plan.sample_rate, metrics["epsilon"], plan.epsilon_budget)
-    return {"status": "trained", "state_dict": new_state, "metrics": metrics}
+    return reply("trained", metrics, state_dict=new_state)
 
 
 def evaluate_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict) -> dict[str, float]:
-    """Evaluate the global model on this hospital's local validation split (aggregate metrics only)."""
+    """Evaluate the global model on this hospital's local validation split (aggregate metrics only).
+
+    Only scans that were never trained on are evaluated: with no validation split
+    (``val_fraction = 0``, or too few scans) the reply carries ``num-examples = 0`` and no
+    metric. Validation metrics are released to the server *without* DP (they are aggregates
+    of scans outside the DP-protected training set).
+    """
     req = RoundRequest.from_config(config)
     device = resolve_device(cfg.hospital.device)
     data = load_local_data(cfg, req.image_size, req.task)
-    ds = data.val if data.val is not None and len(data.val) > 0 else data.train
-    m = evaluate(_model_from(req, state_dict, device), ds, req.task, device)
-    return {"num-examples": len(ds), **{k: float(v) for k, v in m.items() if k in ("auc", "accuracy", "loss",
-                                                                                   "sensitivity", "specificity")}}
+    if data.val is None or len(data.val) == 0:
+        log.info("round %d: no validation scans (data.val_fraction = %g): no evaluation metrics are sent",
+                 req.round, cfg.data.val_fraction)
+        return {"num-examples": 0}
+    m = evaluate(_model_from(req, state_dict, device), data.val, req.task, device)
+    return {"num-examples": len(data.val), **{k: float(v) for k, v in m.items()
+                                               if k in ("auc", "accuracy", "loss", "sensitivity", "specificity")}}
 
 
 def hospital_config_from_node(node_config: dict[str, Any]) -> HospitalConfig:

@@ -23,9 +23,25 @@ gRPC API (JSON messages, :mod:`xrayfed.common.rpc`), service ``xrayfed.inference
   (worker killed, store port closed with it); the service keeps serving.
 
 Audit log: one JSON line per request (``time, event, patient_id, claimed_patient_id, token_id,
-model_version, outcome, reason, duration_s, session, peer``; ``claimed_patient_id`` is the
-unverified subject of a refused token) — never the scan, never the result (the service
-never has either), never the token itself or the session id (``session`` is a hash of it).
+identity_claim, model_version, outcome, reason, duration_s, session, peer``;
+``claimed_patient_id`` is the unverified subject of a refused token; ``identity_claim`` says
+whether the request carried the scan's patient identity — ``dicom_patient_id`` — or ``none``)
+— never the scan, never the result (the service never has either), never the token itself or
+the session id (``session`` is a hash of it).
+
+One caller cannot hold the service (:class:`Admission`): at most ``max_sessions_per_token``
+concurrent sessions per token and ``max_sessions_per_peer`` per IP address, at most
+``predictions_per_token_per_hour`` per token and ``prediction_budget_per_token`` per token
+ever (counted from the audit log, so a restart does not reset them; this also bounds model
+extraction through the prediction API), and a session that nobody joins is torn down after
+``join_timeout_s``. Revoked tokens (by ``jti``, ``revoked_tokens`` file) are refused.
+
+Patient identity: the service never sees the scan, so it cannot prove that a scan belongs to
+the token's patient. It enforces what it can: a DICOM scan's PatientID, as reported by the
+patient's software, must be the token's subject; a scan without a PatientID (PNG/JPEG) is
+refused unless ``allow_scans_without_patient_id`` is set. A modified patient program can
+still lie about the PatientID: the token limits *who* can ask and how often, not *which*
+scan they send.
 """
 
 from __future__ import annotations
@@ -53,8 +69,8 @@ TTP_SECRET_HEADER = "x-xrayfed-ttp-secret"
 class AuditLog:
     """Append-only JSON-lines audit log (thread-safe; flushed and fsynced per line)."""
 
-    FIELDS = ("time", "event", "patient_id", "claimed_patient_id", "token_id", "model_version", "outcome", "reason",
-              "duration_s", "session", "peer")
+    FIELDS = ("time", "event", "patient_id", "claimed_patient_id", "token_id", "identity_claim", "model_version",
+              "outcome", "reason", "duration_s", "session", "peer")
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -82,6 +98,142 @@ class AuditLog:
             self.f.close()
 
 
+# --------------------------------------------------------------------------- admission
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer string (``ipv4:1.2.3.4:555``, ``ipv6:[::1]:555``)."""
+    kind, _, rest = str(peer).partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return str(peer)
+
+
+class RevocationList:
+    """Revoked token ids (``jti``), one per line (``#`` comments), re-read when the file changes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = Path(path) if path else None
+        self._mtime: float | None = None
+        self._ids: frozenset[str] = frozenset()
+        if self.path is not None and not self.path.is_file():
+            raise UserError(f"revoked_tokens: no file at {self.path} (create an empty one, or add ids with "
+                            "`xrayfed issue-token --revoke`)")
+
+    def __contains__(self, jti: str) -> bool:
+        if self.path is None:
+            return False
+        try:
+            m = self.path.stat().st_mtime_ns
+        except OSError:  # a revocation list that disappears revokes everything: fail closed
+            log.error("revocation list %s cannot be read: refusing every token", self.path)
+            return True
+        if m != self._mtime:
+            ids = set()
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    ids.add(line)
+            self._ids, self._mtime = frozenset(ids), m
+        return jti in self._ids
+
+
+def revoke_token(list_path: Path, token_or_jti: str) -> str:
+    """Append a token id to a revocation list (from a token file, a token or a bare jti)."""
+    from ..common import tokens
+
+    text = token_or_jti.strip()
+    p = Path(text)
+    if len(text) < 256 and p.is_file():
+        text = tokens.read_token_file(p)
+    if text.startswith(tokens.PREFIX + "."):
+        jti = tokens.peek_claims(text).get("jti")
+        if not jti:
+            raise UserError("--revoke: that token has no jti")
+    else:
+        jti = text
+    if not jti or any(c.isspace() or c == "#" for c in jti):
+        raise UserError(f"--revoke: {token_or_jti!r} is neither a token file, a token nor a token id")
+    list_path = Path(list_path)
+    list_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(list_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(jti + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return jti
+
+
+class Admission:
+    """Who may open a session now: per-token and per-peer concurrency, per-token rate and
+    lifetime budget. Sessions opened before a restart count (read back from the audit log)."""
+
+    HOUR = 3600.0
+
+    def __init__(self, cfg, audit_path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.lock = threading.Lock()
+        self.by_token: dict[str, int] = {}
+        self.by_peer: dict[str, int] = {}
+        self.starts: dict[str, list[float]] = {}  # wall-clock starts per token (last hour kept)
+        self.total: dict[str, int] = {}
+        if audit_path is not None and Path(audit_path).is_file():
+            self._replay(Path(audit_path))
+
+    def _replay(self, path: Path) -> None:
+        now = time.time()
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+                if r.get("event") != "predict" or r.get("outcome") in (None, "refused") or not r.get("token_id"):
+                    continue
+                jti = str(r["token_id"])
+                self.total[jti] = self.total.get(jti, 0) + 1
+                t = _dt.datetime.fromisoformat(str(r["time"])).timestamp()
+                if now - t < self.HOUR:
+                    self.starts.setdefault(jti, []).append(t)
+            except (ValueError, TypeError, KeyError):
+                continue
+
+    def admit(self, jti: str, peer: str) -> tuple[str, str] | None:
+        """Reserve a session for ``jti`` from ``peer``; None, or ``(reason, message)`` when refused."""
+        c, now = self.cfg, time.time()
+        with self.lock:
+            if self.by_token.get(jti, 0) >= c.max_sessions_per_token:
+                return "busy_token", (f"this token already has {self.by_token[jti]} session(s) open (at most "
+                                      f"{c.max_sessions_per_token}); finish or wait for it")
+            if self.by_peer.get(peer, 0) >= c.max_sessions_per_peer:
+                return "busy_peer", (f"{self.by_peer[peer]} session(s) are already open from your address (at most "
+                                     f"{c.max_sessions_per_peer}); try again shortly")
+            if self.total.get(jti, 0) >= c.prediction_budget_per_token:
+                return "budget_spent", (f"this token has used its {c.prediction_budget_per_token} predictions; ask "
+                                        "the hospital for a new token")
+            recent = [t for t in self.starts.get(jti, []) if now - t < self.HOUR]
+            self.starts[jti] = recent
+            if len(recent) >= c.predictions_per_token_per_hour:
+                wait = int(self.HOUR - (now - min(recent))) + 1
+                return "rate_limited", (f"at most {c.predictions_per_token_per_hour} predictions per hour per token; "
+                                        f"try again in {wait} s")
+            self.by_token[jti] = self.by_token.get(jti, 0) + 1
+            self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+            recent.append(now)
+            self.total[jti] = self.total.get(jti, 0) + 1
+        return None
+
+    def release(self, jti: str, peer: str, *, counted: bool = True) -> None:
+        """End a reservation; ``counted = False`` when no session was started (gives the
+        prediction back)."""
+        with self.lock:
+            for d, k in ((self.by_token, jti), (self.by_peer, peer)):
+                n = d.get(k, 0) - 1
+                if n > 0:
+                    d[k] = n
+                else:
+                    d.pop(k, None)
+            if not counted:
+                self.total[jti] = max(0, self.total.get(jti, 0) - 1)
+                if self.starts.get(jti):
+                    self.starts[jti].pop()
+
+
 # --------------------------------------------------------------------------- the service
 def model_metadata(ckpt) -> dict:
     return {
@@ -106,6 +258,8 @@ class InferenceService:
         self.lock = threading.Lock()
         self.workers: dict[str, object] = {}
         self.host = cfg.mpc_host
+        self.admission = Admission(cfg, getattr(audit, "path", None))
+        self.revoked = RevocationList(cfg.revoked_tokens)
 
     # ----------------------------------------------------------------- helpers
     def _verify(self, request: dict, context, t0: float, event: str):
@@ -117,15 +271,19 @@ class InferenceService:
         try:
             if not isinstance(token, str):
                 raise TokenError("malformed", "no token in the request")
-            return verify_token(token, self.keys, audience=self.cfg.audience)
+            claims = verify_token(token, self.keys, audience=self.cfg.audience)
+            if claims.jti in self.revoked:
+                raise TokenError("revoked", "this token was revoked by the hospital; ask it for a new one")
+            return claims
         except TokenError as e:
             self.audit.write(event=event, claimed_patient_id=peek_subject(token) if isinstance(token, str) else None,
                              model_version=self.meta["model_version"], outcome="refused", reason=e.reason,
                              duration_s=time.monotonic() - t0, peer=context.peer())
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
 
-    def _refuse(self, context, code, message: str, *, claims, reason: str, t0: float, event="predict"):
-        self.audit.write(event=event, patient_id=claims.sub, token_id=claims.jti,
+    def _refuse(self, context, code, message: str, *, claims, reason: str, t0: float, event="predict",
+                identity_claim: str | None = None):
+        self.audit.write(event=event, patient_id=claims.sub, token_id=claims.jti, identity_claim=identity_claim,
                          model_version=self.meta["model_version"], outcome="refused", reason=reason,
                          duration_s=time.monotonic() - t0, peer=context.peer())
         context.abort(code, message)
@@ -151,10 +309,18 @@ class InferenceService:
         if dicom_id is not None and not isinstance(dicom_id, str):
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "dicom_patient_id must be a string",
                          claims=claims, reason="bad_request", t0=t0)
+        ident = "dicom_patient_id" if dicom_id is not None else "none"
         try:
             check_dicom_patient_id(claims, dicom_id)
         except TokenError as e:
-            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, str(e), claims=claims, reason=e.reason, t0=t0)
+            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, str(e), claims=claims, reason=e.reason, t0=t0,
+                         identity_claim=ident)
+        if dicom_id is None and not self.cfg.allow_scans_without_patient_id:
+            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                         "this service only accepts scans that carry your patient identity (a DICOM file with "
+                         "PatientID); PNG/JPEG scans are not accepted here (hospital setting "
+                         "allow_scans_without_patient_id)", claims=claims, reason="no_identity_claim", t0=t0,
+                         identity_claim=ident)
         size, chans = scan.get("image_size"), scan.get("channels")
         want_size, want_ch = int(self.ckpt.image_size), int(self.ckpt.model.in_channels)
         if size != want_size or chans != want_ch:
@@ -162,10 +328,17 @@ class InferenceService:
                          f"scan is {chans} channel(s) x {size} px; this model takes {want_ch} channel(s) x "
                          f"{want_size} px (prepare the scan with the model's image_size)",
                          claims=claims, reason="bad_scan_shape", t0=t0)
+        peer = context.peer()
+        who = peer_host(peer)
+        refused = self.admission.admit(claims.jti, who)
+        if refused is not None:
+            self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, refused[1], claims=claims, reason=refused[0],
+                         t0=t0, identity_claim=ident)
         if not self.slots.acquire(blocking=False):
+            self.admission.release(claims.jti, who, counted=False)
             self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                          "the inference service is busy (all MPC sessions in use); try again shortly",
-                         claims=claims, reason="busy", t0=t0)
+                         claims=claims, reason="busy", t0=t0, identity_claim=ident)
 
         sid = secrets.token_hex(16)
         tag = mpc.session_tag(sid)
@@ -173,9 +346,9 @@ class InferenceService:
         deadline = time.monotonic() + timeout_s
         params = mpc.SessionParams(session_id=sid, host=self.host, port=0, timeout_s=timeout_s,
                                    threads=self.cfg.threads_per_party)
+        join_deadline = time.monotonic() + float(self.cfg.join_timeout_s)
         proc = conn = None
         handed_off = False
-        peer = context.peer()
         try:
             proc, conn = self.pool.start(mpc.model_owner_worker, params.to_dict(), self.ckpt_bytes, self.host)
             kind, port = mpc.wait_message(conn, ("listening",), min(deadline, time.monotonic() + 30))
@@ -185,7 +358,7 @@ class InferenceService:
             try:
                 self.ttp({"session_id": sid, "host": self.host, "port": params.port, "timeout_s": timeout_s})
             except UserError as e:
-                self.audit.write(event="predict", patient_id=claims.sub, token_id=claims.jti,
+                self.audit.write(event="predict", patient_id=claims.sub, token_id=claims.jti, identity_claim=ident,
                                  model_version=self.meta["model_version"], outcome="failed", reason="ttp_unavailable",
                                  duration_s=time.monotonic() - t0, session=tag, peer=peer)
                 log.warning("session %s: TTP unavailable: %s", tag, e)
@@ -198,19 +371,20 @@ class InferenceService:
                 with self.lock:
                     self.workers.pop(sid, None)
                 self.slots.release()
+                self.admission.release(claims.jti, who)
                 reason = None if outcome == "ok" else (info if isinstance(info, str) else outcome)
-                self.audit.write(event="predict", patient_id=claims.sub, token_id=claims.jti,
+                self.audit.write(event="predict", patient_id=claims.sub, token_id=claims.jti, identity_claim=ident,
                                  model_version=self.meta["model_version"], outcome=outcome,
                                  reason=(reason or None) and str(reason)[:200],
                                  duration_s=time.monotonic() - t0, session=tag, peer=peer)
                 log.info("session %s: %s in %.2fs", tag, outcome, time.monotonic() - t0)
 
-            threading.Thread(target=mpc.watch_worker, args=(proc, conn, deadline, on_end),
+            threading.Thread(target=mpc.watch_worker, args=(proc, conn, deadline, on_end, join_deadline),
                              name=f"session-{tag}", daemon=True).start()
             handed_off = True
         except RuntimeError as e:
             log.error("session %s: %s", tag, e)
-            self.audit.write(event="predict", patient_id=claims.sub, token_id=claims.jti,
+            self.audit.write(event="predict", patient_id=claims.sub, token_id=claims.jti, identity_claim=ident,
                              model_version=self.meta["model_version"], outcome="failed", reason="worker_start",
                              duration_s=time.monotonic() - t0, session=tag, peer=peer)
             context.abort(grpc.StatusCode.INTERNAL, "the service could not start an MPC session")
@@ -220,6 +394,7 @@ class InferenceService:
                 if conn is not None:
                     conn.close()
                 self.slots.release()
+                self.admission.release(claims.jti, who)
         log.info("session %s opened for a patient (rendezvous port %d)", tag, params.port)
         return {
             "session_id": sid,
@@ -347,6 +522,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--session-timeout", type=float, help="seconds before a session is torn down (default 120)")
     p.add_argument("--max-sessions", type=int, help="concurrent MPC sessions (default 4)")
     p.add_argument("--audit-log", type=Path, help="JSON-lines audit log (default inference-audit.jsonl)")
+    p.add_argument("--max-sessions-per-token", type=int, help="concurrent sessions one token may hold (default 1)")
+    p.add_argument("--max-sessions-per-peer", type=int, help="concurrent sessions from one address (default 2)")
+    p.add_argument("--join-timeout", type=float, help="seconds for the parties to join a session (default 30)")
+    p.add_argument("--rate-per-hour", type=int, help="predictions per token per hour (default 30)")
+    p.add_argument("--budget-per-token", type=int, help="predictions one token may ever get (default 200)")
+    p.add_argument("--revoked-tokens", type=Path, help="file of revoked token ids (jti), one per line")
+    p.add_argument("--allow-scans-without-patient-id", action="store_true", default=None,
+                   help="also serve PNG/JPEG scans, which carry no patient identity (default: DICOM only)")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS, towards patients and the TTP (local experiments only)")
     p.set_defaults(func=_cmd_serve)
@@ -354,7 +537,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("issue-token", help="sign a patient's access token for encrypted inference",
                        description="Hospital staff: sign a token that lets one patient request predictions "
                        "until it expires. `--init-key` makes the Ed25519 signing key pair first.")
-    t.add_argument("--key", type=Path, required=True, help="Ed25519 signing key (PEM); with --init-key: file to create")
+    t.add_argument("--key", type=Path, help="Ed25519 signing key (PEM); with --init-key: file to create")
     t.add_argument("--init-key", action="store_true", help="create the signing key pair (KEY and KEY.pub) and exit")
     t.add_argument("--force", action="store_true", help="with --init-key: replace an existing key")
     t.add_argument("--patient-id", help="the patient's id (the DICOM PatientID of their scans)")
@@ -362,6 +545,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--audience", default=None, help="service audience (default xrayfed-inference)")
     t.add_argument("--issuer", default=None, help="issuer name written into the token")
     t.add_argument("--out", type=Path, help="write the token to this file (mode 0600) instead of stdout")
+    t.add_argument("--revoke", metavar="TOKEN|FILE|JTI",
+                   help="revoke a token instead: add its id to --revocation-list (serve-inference --revoked-tokens)")
+    t.add_argument("--revocation-list", type=Path, help="with --revoke: the revocation list file")
     t.set_defaults(func=_cmd_issue)
 
 
@@ -378,6 +564,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "ttp_tls.ca_cert": s(args.ttp_ca), "ttp_secret": s(args.ttp_secret), "mpc_host": args.mpc_host,
         "session_timeout_s": args.session_timeout, "max_sessions": args.max_sessions,
         "audit_log": s(args.audit_log), "tls.insecure": True if args.insecure else None,
+        "max_sessions_per_token": args.max_sessions_per_token, "max_sessions_per_peer": args.max_sessions_per_peer,
+        "join_timeout_s": args.join_timeout, "predictions_per_token_per_hour": args.rate_per_hour,
+        "prediction_budget_per_token": args.budget_per_token, "revoked_tokens": s(args.revoked_tokens),
+        "allow_scans_without_patient_id": args.allow_scans_without_patient_id,
         "ttp_tls.insecure": True if args.insecure else None,
     })
     return serve(cfg)
@@ -386,6 +576,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_issue(args: argparse.Namespace) -> int:
     from ..common import tokens
 
+    if args.revoke:
+        if args.revocation_list is None:
+            raise UserError("issue-token --revoke: give --revocation-list FILE (the service's revoked_tokens)")
+        jti = revoke_token(args.revocation_list, args.revoke)
+        print(f"token {jti} revoked: added to {args.revocation_list} (serve-inference re-reads it)")
+        return 0
+    if args.key is None:
+        raise UserError("issue-token: --key KEY is required (the hospital's Ed25519 signing key)")
     if args.init_key:
         priv, pub = tokens.generate_key(args.key, force=args.force)
         print(f"signing key: {priv} (keep secret, mode 0600)\npublic key:  {pub} (give to serve-inference --token-key)")
@@ -401,8 +599,10 @@ def _cmd_issue(args: argparse.Namespace) -> int:
         from ..common.files import atomic_write
 
         atomic_write(args.out, (tok + "\n").encode(), mode=0o600)
-        print(f"token for patient {args.patient_id!r} (expires {when}) written to {args.out}", file=sys.stderr)
+        print(f"token for patient {args.patient_id!r} (expires {when}, id {tokens.peek_claims(tok)['jti']}) "
+              f"written to {args.out}", file=sys.stderr)
     else:
         print(tok)
-        print(f"token for patient {args.patient_id!r} expires {when}", file=sys.stderr)
+        print(f"token for patient {args.patient_id!r} expires {when} (id {tokens.peek_claims(tok)['jti']})",
+              file=sys.stderr)
     return 0

@@ -38,13 +38,12 @@ server asks for. How:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -97,27 +96,55 @@ class DPPlan:
     accountant: str
 
 
+#: Longest plan (max_rounds × steps per round) each accountant is asked to compose. Opacus' PRV
+#: accountant's memory grows with the number of steps (1.4 GB at 60 k steps here); RDP's does not.
+MAX_PLANNED_STEPS = {"prv": 50_000, "rdp": 10_000_000}
+
+
 def plan_dp(cfg: HospitalConfig, num_examples: int) -> DPPlan:
-    """σ, q and steps for one round so that ``max_rounds`` rounds fit the hospital's (ε, δ)."""
+    """σ, q and steps for one round so that ``max_rounds`` rounds fit the hospital's (ε, δ).
+
+    Refuses (one-line :class:`UserError`, before anything trains) a δ at or above 1/N, a plan
+    longer than the accountant can compose (:data:`MAX_PLANNED_STEPS`) and a budget that no σ
+    can meet.
+    """
     if num_examples < 2:
         raise UserError(f"data: {num_examples} training example(s); DP training needs at least 2")
     p, t = cfg.privacy, cfg.training
+    if p.delta >= 1.0 / num_examples:
+        suggest = 10 ** math.floor(math.log10(0.1 / num_examples))
+        raise UserError(f"privacy.delta = {p.delta:g}: must be below 1/N = {1.0 / num_examples:.3g} for this "
+                        f"hospital's N = {num_examples} training scans (with δ ≥ 1/N the guarantee allows "
+                        f"releasing a scan outright); use e.g. δ = {suggest:g}")
     q = min(1.0, t.batch_size / num_examples)
     steps = max(1, math.ceil(t.local_epochs / q))
+    total = steps * p.max_rounds
+    if total > MAX_PLANNED_STEPS[p.accountant]:
+        raise UserError(
+            f"privacy.max_rounds = {p.max_rounds} × {steps} DP-SGD steps per round = {total} steps: more than the "
+            f"{p.accountant.upper()} accountant composes here ({MAX_PLANNED_STEPS[p.accountant]}); lower "
+            "max_rounds or training.local_epochs, raise training.batch_size"
+            + (", or use privacy.accountant = \"rdp\"" if p.accountant == "prv" else ""))
     sigma = p.noise_multiplier
     if sigma is None:
         from opacus.accountants.utils import get_noise_multiplier
 
-        with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" (PRV is used)
-            warnings.simplefilter("ignore", UserWarning)
-            sigma = float(get_noise_multiplier(
-                target_epsilon=p.epsilon,
-                target_delta=p.delta,
-                sample_rate=q,
-                steps=steps * p.max_rounds,
-                accountant=p.accountant,
-                epsilon_tolerance=0.01,
-            ))
+        try:
+            with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" (PRV is used)
+                warnings.simplefilter("ignore")
+                sigma = float(get_noise_multiplier(
+                    target_epsilon=p.epsilon,
+                    target_delta=p.delta,
+                    sample_rate=q,
+                    steps=total,
+                    accountant=p.accountant,
+                    epsilon_tolerance=0.01,
+                ))
+        except (ValueError, OverflowError, MemoryError, FloatingPointError):
+            raise UserError(
+                f"privacy.epsilon = {p.epsilon:g} (δ = {p.delta:g}) cannot be met by {p.max_rounds} round(s) of "
+                f"{steps} DP-SGD steps at q = {q:.3g}, even with noise σ = 10⁶; raise epsilon, or lower max_rounds "
+                "or training.local_epochs") from None
         # Check with the exact round-by-round composition that the ledger will use.
         while compute_epsilon([(sigma, q, steps)] * p.max_rounds, p.delta, p.accountant) > p.epsilon:
             sigma *= 1.01
@@ -142,22 +169,35 @@ def request_key(federation: str, server_round: int, weights_version: str) -> str
 
 
 class PrivacyLedger:
-    """The hospital's persistent privacy state (hash-chained JSON lines in ``state_dir``).
+    """The hospital's persistent privacy state (a keyed hash chain of JSON lines in ``state_dir``).
 
-    Line kinds (``event``): ``budget`` (first line; budget and settings), ``train`` (one per
-    round trained: round, steps, sample_rate q, noise_multiplier σ, max_grad_norm C,
-    epsilon = cumulative ε at delta), ``resend`` (cached update sent again, no spend),
-    ``retry`` (retraining after a crash before release, under an earlier spend) and
-    ``refused`` (a round refused because it would exceed the budget).
+    Line kinds (``event``): ``budget`` (first line; budget and settings), ``train`` (the charge
+    of one round, written *before* it trains: round, steps, sample_rate q, noise_multiplier σ,
+    max_grad_norm C, epsilon = cumulative ε at delta), ``release`` (an update left the
+    hospital: the request it answers, the ``train`` line that paid for it, and the SHA-256
+    ``digest`` of the weights), ``resend`` (a byte-identical update sent again, no spend),
+    ``retry`` (retraining after a crash before anything was released, under the same charge),
+    ``refused`` (a round refused because it would exceed the budget) and ``refused_resend`` (a
+    repeated request whose update was already released and can no longer be sent again
+    byte-identically: nothing left the hospital).
+
+    Invariant (checked by :meth:`releases_without_charge` and ``xrayfed report``): every
+    ``release`` names a distinct ``train`` line of the same request, so every update that ever
+    left the hospital was charged once.
     """
 
     FILE = "privacy-ledger.jsonl"
+    #: The budget header's version: 2 = release lines are written (older charges may predate them).
+    FORMAT = 2
 
     def __init__(self, state_dir: Path, cfg: HospitalConfig, key=None) -> None:
+        from xrayfed.common.ledger import ledger_key
+
         self.path = Path(state_dir) / self.FILE
         self.cfg = cfg
-        self.key = key  # AtRestKey: lines are written encrypted (the hash chain stays over the plaintext)
-        self.records = read_ledger(self.path, key)  # verifies the hash chain (decrypting with the key)
+        self.key = key  # AtRestKey: lines are written encrypted (the chain stays over the plaintext)
+        self.mac_key = ledger_key(self.path, key, cfg.hospital.ledger_key_file, create=True)
+        self.records = read_ledger(self.path, key, mac_key=self.mac_key)  # verifies chain + head anchor
 
     # -- reading
     def train_records(self) -> list[dict[str, Any]]:
@@ -171,21 +211,48 @@ class PrivacyLedger:
         return compute_epsilon(self.history(), self.cfg.privacy.delta, self.cfg.privacy.accountant)
 
     def find(self, key: str) -> dict[str, Any] | None:
+        """The ``train`` line (charge) of request ``key``, if any."""
         for r in reversed(self.train_records()):
             if r.get("request") == key:
                 return r
         return None
 
+    def release_of(self, key: str) -> dict[str, Any] | None:
+        """The ``release`` line of request ``key``: its update has left the hospital."""
+        for r in reversed(self.records):
+            if r.get("event") == "release" and r.get("request") == key:
+                return r
+        return None
+
+    def predates_release_records(self, charge: dict[str, Any]) -> bool:
+        """A charge written before this ledger recorded releases (its update may have left)."""
+        first_v2 = next((r["seq"] for r in self.records
+                         if r.get("event") == "budget" and int(r.get("format", 1)) >= self.FORMAT), None)
+        return first_v2 is None or int(charge["seq"]) < first_v2
+
+    def head(self) -> tuple[int, str]:
+        """``(seq, hash)`` of the last line: what the server anchors after each reply."""
+        if not self.records:
+            return -1, ""
+        return int(self.records[-1]["seq"]), str(self.records[-1]["hash"])
+
+    def releases_without_charge(self) -> list[dict[str, Any]]:
+        """``release`` lines not paid for by their own ``train`` line (must be empty)."""
+        from xrayfed.common.ledger import unpaid_releases
+
+        return unpaid_releases(self.records)
+
     # -- writing
     def _append(self, rec: dict[str, Any]) -> dict[str, Any]:
         rec = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hospital": self.cfg.hospital.name, **rec}
-        full = append_record(self.path, rec, self.key)  # fsync'ed before it returns
+        full = append_record(self.path, rec, self.key, mac_key=self.mac_key)  # fsync'ed before it returns
         self.records.append(full)
         return full
 
     def ensure_header(self, plan: DPPlan) -> None:
         header = {
             "event": "budget",
+            "format": self.FORMAT,
             "epsilon_budget": plan.epsilon_budget,
             "delta": plan.delta,
             "max_rounds": plan.max_rounds,
@@ -244,17 +311,64 @@ class PrivacyLedger:
             }
         )
 
+    def record_release(self, charge: dict[str, Any], digest: str) -> dict[str, Any]:
+        """Durably record that the update of ``charge``'s request leaves the hospital (call
+        before replying; at most once per charge)."""
+        if self.release_of(charge["request"]) is not None:
+            raise RuntimeError("an update was already released for this request")  # a bug, never an input
+        return self._append({"event": "release", "federation": charge.get("federation"), "round": charge.get("round"),
+                             "request": charge["request"], "charge_seq": int(charge["seq"]), "digest": digest,
+                             "epsilon": self.spent()})
+
     def note(self, event: str, **fields: Any) -> dict[str, Any]:
-        """Append an informational line (``resend``/``retry``); it carries the current ε."""
+        """Append an informational line (``resend``/``retry``/...); it carries the current ε."""
         return self._append({"event": event, "epsilon": self.spent(), **fields})
+
+
+def update_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes (what "byte-identical" means)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class StateLock:
+    """An exclusive lock on a hospital's state folder for one round's decisions (check the
+    ledger → charge → train → release), so two concurrent requests cannot both retrain under
+    one charge. ``fcntl.flock`` (POSIX); released when the process dies."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "StateLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: one ClientApp process at a time is Flower's default
+            return self
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
 
 
 class ReleaseCache:
     """The last released updates, keyed by request, so a repeated request costs no new ε.
 
-    With an at-rest ``key`` (:class:`~xrayfed.common.atrest.AtRestKey`) the files are written
-    AES-256-GCM encrypted; an entry that does not decrypt (wrong key, modified file) or that is
-    plaintext while a key is configured is an error, never silently replaced by a new release.
+    It is only a convenience: what was released is recorded in the ledger (``release`` lines
+    with the update's digest). A cached entry is sent again only when its digest equals the
+    ledger's; an evicted, deleted, corrupt or swapped entry makes the repeated request a
+    refusal, never a retrain. With an at-rest ``key``
+    (:class:`~xrayfed.common.atrest.AtRestKey`) the files are written AES-256-GCM encrypted; an
+    entry that does not decrypt or that is plaintext while a key is configured is an error.
     """
 
     CONTEXT = b"release-cache"
@@ -275,7 +389,6 @@ class ReleaseCache:
         p = self.path(key)
         if not p.is_file():
             return None
-        # Decryption errors propagate: retraining would release a second update for one spend.
         data = read_maybe_encrypted(p, self.key, context=self.CONTEXT, require_encrypted=self.key is not None)
         try:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -435,11 +548,3 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
     dp_model._close()  # remove Opacus hooks; `model` is the trained plain module
     assert sum(chunks) == plan.steps
     return {"loss": total_loss / max(seen, 1), "examples": seen, "steps": plan.steps, "seconds": time.time() - t0}
-
-
-def plan_as_dict(plan: DPPlan) -> dict:
-    return asdict(plan)
-
-
-def summary_json(ledger: PrivacyLedger) -> str:
-    return json.dumps({"epsilon_spent": ledger.spent(), "rounds": len(ledger.train_records())})

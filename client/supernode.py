@@ -54,18 +54,36 @@ def load_hospital_config(args: argparse.Namespace):
 
 
 def check_data(cfg) -> int:
-    """Fail before joining when the data cannot be used; returns the number of usable scans."""
+    """Fail before joining when the data or the privacy plan cannot be used; returns N, the
+    number of training scans after this hospital's partition and validation split.
+
+    Refused here, with one line: no usable scan, δ ≥ 1/N, a budget no noise level can meet,
+    a plan longer than the accountant composes (:func:`xrayfed.client.privacy.plan_dp`).
+    """
     from xrayfed.common.data import load_dataset
+
+    from .hospital import split_local
+    from .privacy import plan_dp
 
     if cfg.data.path is None:
         raise UserError("data: no path (give --data PATH or [data] path in hospital.toml)")
     if not Path(cfg.data.path).exists():
         raise UserError(f"data: no such file or folder {cfg.data.path}")
-    ds = load_dataset(Path(cfg.data.path), split=cfg.data.split, image_size=16)
+    d = cfg.data
+    ds = load_dataset(Path(d.path), split=d.split, image_size=16)
     skipped = len(getattr(ds, "skipped", []))
-    print(f"[xrayfed] {cfg.hospital.name}: {len(ds)} usable scans in {cfg.data.path} ({cfg.data.split})"
-          + (f", {skipped} unreadable file(s) skipped" if skipped else ""), flush=True)
-    return len(ds)
+    train, val = split_local(ds, d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed)
+    plan = plan_dp(cfg, len(train))
+    print(f"[xrayfed] {cfg.hospital.name}: {len(ds)} usable scans in {d.path} ({d.split})"
+          + (f", {skipped} unreadable file(s) skipped" if skipped else "")
+          + f"; {len(train)} for DP training, {0 if val is None else len(val)} for validation; "
+          f"plan: σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:.4g}, {plan.steps} steps/round, "
+          f"{plan.max_rounds} rounds for ε = {plan.epsilon_budget:g} at δ = {plan.delta:g}", flush=True)
+    if val is None:
+        print(f"[xrayfed] {cfg.hospital.name}: no validation scans (data.val_fraction = {d.val_fraction:g}): this "
+              "hospital sends no evaluation metrics (it never evaluates on its DP-protected training scans)",
+              flush=True)
+    return len(train)
 
 
 # What flower-supernode prints when the server does not let the hospital in -> our one-line cause.
@@ -117,9 +135,10 @@ def run_client_cmd(args: argparse.Namespace) -> int:
 
     from .privacy import PrivacyLedger
 
-    # Fail before joining when the privacy ledger cannot be read (wrong/missing at-rest key,
-    # broken hash chain): one line naming the file, never a budget silently starting from zero.
-    read_ledger(state / PrivacyLedger.FILE, atrest_key)
+    # Fail before joining when the privacy ledger cannot be read (wrong/missing at-rest key or
+    # ledger key, broken chain, cut short): one line naming the file, never a budget silently
+    # starting from zero.
+    read_ledger(state / PrivacyLedger.FILE, atrest_key, key_file=cfg.hospital.ledger_key_file)
     resolved = state / "hospital.resolved.toml"
     resolved.write_text(dump_toml(cfg), encoding="utf-8")
     port = args.port or free_port()

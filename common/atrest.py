@@ -23,8 +23,9 @@ Ledgers (JSON lines, append-only): every line is encrypted on its own by :func:`
 into a JSON object ``{"enc": "aes-256-gcm/1", "kid": ..., "n": LINE, "ct": base64}`` whose
 associated data includes the line number, so lines cannot be reordered, duplicated or moved
 between files without detection; appending stays a plain ``O_APPEND`` write of one line. The
-plaintext hash chain of :mod:`xrayfed.common.ledger` still detects removed lines, and a
-truncated tail is as detectable as in a plaintext ledger (it is not).
+keyed hash chain of :mod:`xrayfed.common.ledger` (HMAC with a subkey of this key) detects
+removed lines, and its head anchors detect a truncated tail. With a key configured, a ledger
+line that is not encrypted is refused.
 
 A wrong key or a modified file is a :class:`~xrayfed.common.errors.UserError`
 (``<file>: cannot decrypt: wrong key or the file was modified``), never garbage.
@@ -58,7 +59,7 @@ LINE_ALG = "aes-256-gcm/1"
 class AtRestKey:
     """A 256-bit at-rest key (the secret never appears in repr/str/logs)."""
 
-    __slots__ = ("_aes", "key_id", "source")
+    __slots__ = ("_aes", "_ledger_mac", "key_id", "source")
 
     def __init__(self, raw: bytes, source: str = "key") -> None:
         from cryptography.hazmat.primitives import hashes
@@ -68,6 +69,9 @@ class AtRestKey:
             raise UserError(f"{source}: an at-rest key must be 32 bytes (64 hex digits), got {len(raw)} bytes")
         self._aes = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"xrayfed-atrest",
                          info=b"xrayfed at-rest AES-256-GCM v1").derive(raw)
+        # A separate subkey keys the privacy ledger's HMAC chain (xrayfed.common.ledger).
+        self._ledger_mac = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"xrayfed-atrest",
+                                info=b"xrayfed ledger HMAC-SHA256 v1").derive(raw)
         self.key_id = hashlib.sha256(b"xrayfed-atrest-key-id\x00" + raw).digest()[:8]
         self.source = source
 

@@ -59,8 +59,29 @@ class ServerNetwork(_Strict):
     control: str = Field("127.0.0.1:0", description="the SuperLink itself HOST:PORT (Fleet + Control + Runtime "
                                                     "API; operator only, never exposed); port 0 = a free port")
     tls: TLSConfig = TLSConfig()
-    supernode_auth: bool = Field(False, description="only registered hospital keys may connect")
+    supernode_auth: bool | None = Field(
+        None, description="only registered hospital keys may connect. Unset (default): on whenever TLS is on "
+                          "(listing hospital_keys is all it takes); false: an explicit opt-out, logged as a "
+                          "warning at every start; --insecure (no TLS) runs without it")
     hospital_keys: list[Path] = Field(default_factory=list, description="public keys registered at start")
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether the SuperLink authenticates hospitals (see ``supernode_auth``)."""
+        return not self.tls.insecure and self.supernode_auth is not False
+
+    @model_validator(mode="after")
+    def _auth_consistent(self) -> "ServerNetwork":
+        n = len(self.hospital_keys)
+        if n and self.supernode_auth is False:
+            raise ValueError(f"supernode_auth = false while hospital_keys lists {n} key(s): registered keys mean "
+                             "hospital authentication; remove supernode_auth = false (or the keys)")
+        if n and self.tls.insecure:
+            raise ValueError(f"hospital_keys lists {n} key(s) but TLS is off (--insecure / tls.insecure): "
+                             "hospital authentication needs TLS; drop --insecure for this config")
+        if self.supernode_auth and self.tls.insecure:
+            raise ValueError("supernode_auth = true needs TLS; remove --insecure / tls.insecure")
+        return self
 
     @field_validator("control")
     @classmethod
@@ -167,6 +188,10 @@ class HospitalSection(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     require_secure_aggregation: bool = Field(
         False, description="train only under SecAgg+: plain (unmasked) training requests are refused")
+    ledger_key_file: Path | None = Field(
+        None, description="key of the privacy ledger's HMAC chain (default: derived from the at-rest key when "
+                          "one is set, else state_dir/ledger.key, created on first use); keep it where the "
+                          "people who can edit state_dir cannot read it")
 
 
 class DataSection(_Strict):
@@ -184,8 +209,10 @@ class PrivacySection(_Strict):
     """The hospital's differential-privacy budget for the whole federation run."""
 
     epsilon: float = Field(8.0, gt=0.0, le=100.0, description="total ε budget for the whole federation run")
-    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="δ of the (ε, δ) guarantee (should be < 1/N)")
-    max_rounds: int = Field(5, ge=1, description="rounds the budget is planned for; σ is derived so they fit")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="δ of the (ε, δ) guarantee; must be below 1/N (N: "
+                                                            "this hospital's training scans), checked at start")
+    max_rounds: int = Field(5, ge=1, le=10_000, description="rounds the budget is planned for; σ is derived so "
+                                                              "they fit")
     max_grad_norm: float = Field(1.0, gt=0.0, description="per-sample gradient clip norm C (L2)")
     noise_multiplier: float | None = Field(None, gt=0.0, description="σ; derived from the budget when unset")
     accountant: Literal["prv", "rdp"] = "prv"
@@ -327,8 +354,26 @@ class InferenceServiceConfig(_Strict):
                                                   "at (the protected tunnel address in a deployment)")
     session_timeout_s: float = Field(120.0, gt=1.0, le=3600.0, description="an MPC session is torn down after this")
     max_sessions: int = Field(4, ge=1, le=256, description="concurrent MPC sessions; more are refused (busy)")
+    max_sessions_per_token: int = Field(1, ge=1, le=256, description="concurrent sessions one token may hold")
+    max_sessions_per_peer: int = Field(2, ge=1, le=256, description="concurrent sessions from one IP address")
+    join_timeout_s: float = Field(30.0, gt=1.0, le=3600.0, description="a session nobody joins within this is "
+                                                                     "torn down and its slot freed")
+    predictions_per_token_per_hour: int = Field(30, ge=1, description="rate limit per token (sliding hour)")
+    prediction_budget_per_token: int = Field(200, ge=1, description="predictions one token may ever get (bounds "
+                                                                   "model extraction); counted in the audit log")
+    revoked_tokens: Path | None = Field(None, description="file of revoked token ids (jti), one per line; "
+                                                          "re-read when it changes")
+    allow_scans_without_patient_id: bool = Field(
+        False, description="accept scans that carry no patient identity (PNG/JPEG); by default only DICOM scans "
+                           "whose PatientID is the token's patient are served")
     threads_per_party: int = Field(1, ge=1, le=64, description="torch threads per MPC party process")
     audit_log: Path = Field(Path("inference-audit.jsonl"), description="JSON-lines audit log (no scans, no results)")
+
+    @model_validator(mode="after")
+    def _join_before_end(self) -> "InferenceServiceConfig":
+        if self.join_timeout_s > self.session_timeout_s:
+            object.__setattr__(self, "join_timeout_s", self.session_timeout_s)
+        return self
 
 
 class TTPConfig(_Strict):

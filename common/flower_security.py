@@ -35,6 +35,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import IO, Iterable, Mapping
 
@@ -117,7 +118,7 @@ def superlink_args_from_config(network) -> list[str]:
     """:func:`superlink_args` from a :class:`xrayfed.common.config.ServerNetwork`."""
     tls = network.tls
     return superlink_args(insecure=tls.insecure, ca_cert=tls.ca_cert, cert=tls.cert, key=tls.key,
-                          supernode_auth=network.supernode_auth)
+                          supernode_auth=network.auth_enabled)
 
 
 def supernode_args(
@@ -374,10 +375,44 @@ def node_id_for_key(home: Path | str, public_key: Path | str, *, connection: str
 # this gateway on the public address ([network] listen): it forwards POST /v1/fleet/* only
 # (what `flower-supernode` uses) and answers everything else with 403.
 FLEET_PREFIX = "/v1/fleet/"
-GATEWAY_MAX_BODY = 1 << 30  # 1 GiB per request (a model upload is far below)
+#: Largest request body from a hospital whose request is signed by a registered key. Flower 1.41
+#: pushes model arrays in chunks of at most 5 MiB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE), so a
+#: legitimate request stays far below this whatever the model size.
+GATEWAY_MAX_BODY = 16 << 20
+#: Largest body of a request that is not signed by a registered key (activation/registration
+#: requests are < 1 KiB): such a request is refused before more than this is read.
+GATEWAY_MAX_UNAUTHENTICATED_BODY = 64 << 10
+GATEWAY_MAX_CONCURRENT = 64  # requests in flight through the gateway
+GATEWAY_MAX_PER_CLIENT = 16  # requests in flight from one IP address
+SIGNATURE_WINDOW_S = 305  # Flower's TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                "transfer-encoding", "upgrade", "host", "content-length"}
 REFUSAL_STATUSES = (401, 403, 412)
+
+
+def verify_fleet_signature(headers: Mapping[str, str], now: float | None = None) -> bool:
+    """Flower's SuperNode request signature: ECDSA-SHA256 by the key in ``flwr-public-key`` over
+    the ISO timestamp in ``flwr-timestamp``, which must be fresh (what the SuperLink checks)."""
+    import datetime as _dt
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        key = serialization.load_pem_public_key(base64.b64decode(headers["flwr-public-key"], validate=True))
+        sig = base64.b64decode(headers["flwr-signature"], validate=True)
+        stamp = headers["flwr-timestamp"]
+        signed = _dt.datetime.fromisoformat(stamp)
+        if signed.tzinfo is None:
+            return False
+        age = (time.time() if now is None else now) - signed.timestamp()
+        if not -5 < age < SIGNATURE_WINDOW_S or not isinstance(key, ec.EllipticCurvePublicKey):
+            return False
+        key.verify(sig, stamp.encode("ascii"), ec.ECDSA(hashes.SHA256()))
+        return True
+    except (KeyError, ValueError, TypeError, UnicodeError, InvalidSignature):
+        return False
 
 
 def key_fingerprint_from_header(value: str | None) -> str:
@@ -393,6 +428,14 @@ def key_fingerprint_from_header(value: str | None) -> str:
 class FleetGateway:
     """A TLS (or, with ``insecure``, plain HTTP) front door that passes only the Fleet API.
 
+    Bounds against one caller exhausting the server: at most ``max_concurrent`` requests in
+    flight (``max_per_client`` per IP address; more get 503 at once); a body over
+    ``max_body`` is refused (413) from its Content-Length or as soon as the streamed bytes pass
+    it; and when ``registered_keys`` is given (hospital authentication on) a request whose
+    headers are not a fresh ECDSA signature by a registered hospital key is read no further
+    than ``max_unauthenticated_body`` (enough for activation/registration, which the SuperLink
+    then answers itself): nothing large is ever buffered for an unauthenticated caller.
+
     ``upstream``: the SuperLink's base URL (``https://127.0.0.1:PORT``), verified with
     ``upstream_ca``. ``on_refusal(info)`` is called (from the gateway's thread) for every
     Fleet request the SuperLink refused (HTTP 401/403/412: unknown, revoked or unauthenticated
@@ -402,8 +445,21 @@ class FleetGateway:
 
     def __init__(self, host: str, port: int, upstream: str, *, insecure: bool = False,
                  certfile: Path | str | None = None, keyfile: Path | str | None = None,
-                 upstream_ca: Path | str | None = None, on_refusal=None) -> None:
+                 upstream_ca: Path | str | None = None, on_refusal=None, registered_keys=None,
+                 max_body: int = GATEWAY_MAX_BODY, max_unauthenticated_body: int = GATEWAY_MAX_UNAUTHENTICATED_BODY,
+                 max_concurrent: int = GATEWAY_MAX_CONCURRENT, max_per_client: int = GATEWAY_MAX_PER_CLIENT,
+                 refresh_s: float = 15.0) -> None:
         self.host, self.port, self.upstream = host, int(port), upstream.rstrip("/")
+        # Denial-of-service bounds (see the class docstring).
+        self.registered_keys = registered_keys  # callable → fingerprints of registered keys; None: auth off
+        self.max_body, self.max_unauth = int(max_body), int(max_unauthenticated_body)
+        self.max_concurrent, self.max_per_client = int(max_concurrent), int(max_per_client)
+        self.refresh_s = refresh_s
+        self._known: set[str] = set()
+        self._known_at = -1e9
+        self._active = 0
+        self._per_client: dict[str, int] = {}
+        self.stats = {"too_large": 0, "busy": 0, "unauthenticated": 0, "max_body_read": 0}
         self.insecure = insecure
         self.certfile = None if insecure else _file(certfile, "network.tls.cert")
         self.keyfile = None if insecure else _file(keyfile, "network.tls.key")
@@ -453,6 +509,56 @@ class FleetGateway:
             self._report(path, 403, fp, scope.get("client"))
             await self._respond(send, 403, b"xrayfed gateway: only the Flower Fleet API is served on this port\n")
             return
+        client = (scope.get("client") or ("?", 0))[0]
+        if self._active >= self.max_concurrent or self._per_client.get(client, 0) >= self.max_per_client:
+            self.stats["busy"] += 1
+            self._report(path, 503, fp, scope.get("client"))
+            await self._respond(send, 503, b"xrayfed gateway: too many requests in flight; retry shortly\n")
+            return
+        self._active += 1
+        self._per_client[client] = self._per_client.get(client, 0) + 1
+        try:
+            await self._forward(scope, receive, send, path, headers, fp)
+        finally:
+            self._active -= 1
+            left = self._per_client.get(client, 1) - 1
+            if left > 0:
+                self._per_client[client] = left
+            else:
+                self._per_client.pop(client, None)
+
+    async def _authenticated(self, headers: dict[str, str], fp: str) -> bool:
+        """Whether the request is signed (fresh timestamp) by a registered hospital key."""
+        import asyncio
+
+        if self.registered_keys is None:
+            return True
+        if not fp or not verify_fleet_signature(headers):
+            return False
+        if fp in self._known:
+            return True
+        now = time.monotonic()
+        if now - self._known_at >= self.refresh_s:  # a hospital registered live: look again (rate-limited)
+            self._known_at = now
+            try:
+                self._known = set(await asyncio.to_thread(self.registered_keys))
+            except Exception:  # pragma: no cover - keep the old set when the registry cannot be read
+                pass
+        return fp in self._known
+
+    async def _forward(self, scope, receive, send, path: str, headers: dict[str, str], fp: str) -> None:
+        import httpx
+
+        limit = self.max_body
+        if not await self._authenticated(headers, fp):
+            limit = self.max_unauth
+            self.stats["unauthenticated"] += 1
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            self.stats["too_large"] += 1
+            self._report(path, 413, fp, scope.get("client"))
+            await self._respond(send, 413, b"xrayfed gateway: request too large\n")
+            return
         chunks, size = [], 0
         while True:
             msg = await receive()
@@ -460,7 +566,10 @@ class FleetGateway:
                 return
             chunk = msg.get("body", b"")
             size += len(chunk)
-            if size > GATEWAY_MAX_BODY:
+            self.stats["max_body_read"] = max(self.stats["max_body_read"], size)
+            if size > limit:
+                self.stats["too_large"] += 1
+                self._report(path, 413, fp, scope.get("client"))
                 await self._respond(send, 413, b"xrayfed gateway: request too large\n")
                 return
             chunks.append(chunk)

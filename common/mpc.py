@@ -341,14 +341,17 @@ def _encrypted_forward(crypten, cmodel, x_enc):
 
 
 def run_model_owner(params: SessionParams, store, ckpt, *, observe: Callable[[str, Any], None] | None = None,
-                    stats: bool = False) -> dict:
+                    stats: bool = False, on_joined: Callable[[], None] | None = None) -> dict:
     """The hospital's party (rank 0): shares the weights, never sees the scan or the logits.
 
     ``observe(name, value)`` (tests only) receives what this party holds: its share of the scan.
+    ``on_joined()`` is called once every party has joined the session.
     Returns timing/communication statistics (no data).
     """
     t0 = time.perf_counter()
     with party_session(MODEL_OWNER_RANK, params, store, stats=stats) as crypten:
+        if on_joined is not None:
+            on_joined()
         t_init = time.perf_counter()
         cmodel = build_crypten_model(ckpt.model)
         load_crypten_weights(cmodel, ckpt.model, ckpt.state_dict)
@@ -457,7 +460,8 @@ def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, mpc_bind: str, obs
     """Entry point of a hospital party process (forked from the warm fork server).
 
     Messages to the service on ``conn``: ``("listening", port)`` once the rendezvous store is
-    bound, then ``("done", stats)`` or ``("error", one-line message)``. Never data.
+    bound, ``("joined", None)`` once the patient and the TTP are in the session, then
+    ``("done", stats)`` or ``("error", one-line message)``. Never data.
     """
     from .checkpoint import from_bytes
 
@@ -470,7 +474,8 @@ def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, mpc_bind: str, obs
         p.port = sock.getsockname()[1]
         store = make_store(p, master=True, listen_sock=sock)
         conn.send(("listening", p.port))
-        out = run_model_owner(p, store, ckpt, observe=observe, stats=True)
+        out = run_model_owner(p, store, ckpt, observe=observe, stats=True,
+                              on_joined=lambda: conn.send(("joined", None)))
         if flush:
             flush()
         conn.send(("done", out))
@@ -622,15 +627,23 @@ def wait_message(conn, kinds: tuple[str, ...], deadline: float) -> tuple[str, An
             return kind, payload
 
 
-def watch_worker(proc, conn, deadline: float, on_end: Callable[[str, Any], None]) -> None:
+def watch_worker(proc, conn, deadline: float, on_end: Callable[[str, Any], None],
+                 join_deadline: float | None = None) -> None:
     """Wait (in a thread) for a session worker to finish by ``deadline``; always stop and reap it.
 
-    ``on_end(outcome, payload)`` gets ``ok`` (payload: statistics), ``failed`` (one-line
-    message), ``died`` or ``timeout``.
+    With ``join_deadline`` the worker must report ``joined`` (every party is in the session) by
+    then, or the session is torn down at once (``not_joined``: a slot held by nobody is freed
+    early). ``on_end(outcome, payload)`` gets ``ok`` (payload: statistics), ``failed``
+    (one-line message), ``died``, ``timeout`` or ``not_joined``.
     """
     kind, payload = "died", None
     try:
-        kind, payload = wait_message(conn, ("done",), deadline)
+        if join_deadline is not None:
+            kind, payload = wait_message(conn, ("joined", "done"), min(join_deadline, deadline))
+            if kind == "timeout":
+                kind = "not_joined"
+        if join_deadline is None or kind == "joined":
+            kind, payload = wait_message(conn, ("done",), deadline)
     finally:
         stop_worker(proc)
         with contextlib.suppress(Exception):

@@ -203,6 +203,15 @@ def peek_subject(token: str) -> str | None:
     return sub if isinstance(sub, str) and PATIENT_ID_RE.match(sub) else None
 
 
+def peek_claims(token: str) -> dict:
+    """The token's (unverified) claims, e.g. its ``jti`` to revoke it. Never trust them for access."""
+    try:
+        claims = json.loads(_b64d(token.strip().split(".")[1]))
+    except Exception:  # noqa: BLE001 - any garbage means "no claims"
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
 def verify_token(token: str, public_keys: dict[str, object], *, audience: str = DEFAULT_AUDIENCE,
                  now: int | None = None, leeway_s: int = 60) -> TokenClaims:
     """Check signature, key, audience and lifetime; raise :class:`TokenError` with a clear message."""

@@ -106,7 +106,12 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
         return run
 
     eval_set = _load_eval_set(cfg)
-    strategy = make_strategy(cfg, round_offset=start_round)
+    from .strategy import ledger_anchors
+
+    anchors: dict[str, tuple[int, str]] = {}
+    for row in run.read_metrics():
+        ledger_anchors(row.get("hospitals") or [], anchors)
+    strategy = make_strategy(cfg, round_offset=start_round, anchors=anchors)
     secure = ""
     if cfg.federation.secure_aggregation:
         from .secagg import SecAggPlusGrid

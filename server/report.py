@@ -138,6 +138,9 @@ class HospitalReport(_M):
     rounds_refused: int
     rounds_resent: int = 0
     rounds_failed: int = 0
+    updates_released: int = Field(0, description="updates that left the hospital (ledger 'release' lines); each "
+                                                  "must be paid for by its own 'train' charge")
+    releases_unpaid: int = Field(0, description="releases without their own charge (must be 0)")
     noise_multiplier: float | None = Field(None, description="σ of the last round trained")
     max_grad_norm: float | None = Field(None, description="clip norm C")
     sample_rate: float | None = Field(None, description="Poisson sample rate q of the last round")
@@ -159,6 +162,7 @@ class HospitalReport(_M):
     _ledger_mismatch: tuple[float, float] | None = PrivateAttr(None)
     _recomputed: float | None = PrivateAttr(None)
     _last_reported: float | None = PrivateAttr(None)
+    _records: list = PrivateAttr(default_factory=list)
 
 
 class RoundSummary(_M):
@@ -313,14 +317,16 @@ def _fits(history, last, delta, budget, accountant, spent) -> int:
     return rounds_that_fit(history, last, delta, budget, accountant)
 
 
-def hospital_from_ledger(path: Path, checks: _Checks, atrest_key=None) -> HospitalReport:
-    """Per-hospital detail from a verified ledger (raises ``LedgerError`` naming a bad line).
+def hospital_from_ledger(path: Path, checks: _Checks, atrest_key=None, ledger_key_file=None) -> HospitalReport:
+    """Per-hospital detail from a verified ledger (raises ``LedgerError`` naming a bad line, a
+    chain that does not verify under the ledger key, or a ledger cut short of its head anchor).
 
-    ``atrest_key`` decrypts an encrypted ledger (:mod:`xrayfed.common.atrest`)."""
+    ``atrest_key`` decrypts an encrypted ledger (:mod:`xrayfed.common.atrest`);
+    ``ledger_key_file``: the ledger's HMAC key when it is not beside the ledger."""
     from xrayfed.common.accounting import second_opinions, training_epsilon
-    from xrayfed.common.ledger import read_ledger
+    from xrayfed.common.ledger import read_ledger, unpaid_releases
 
-    records = read_ledger(path, atrest_key)
+    records = read_ledger(path, atrest_key, key_file=ledger_key_file)
     if not records:
         raise UserError(f"{path}: the ledger is empty (no round recorded yet)")
     heads = [r for r in records if r.get("event") == "budget"]
@@ -395,6 +401,8 @@ def hospital_from_ledger(path: Path, checks: _Checks, atrest_key=None) -> Hospit
         epsilon_left=max(0.0, budget - spent), rounds_trained=len(trains),
         rounds_refused=sum(1 for r in records if r.get("event") == "refused"),
         rounds_resent=sum(1 for r in records if r.get("event") == "resend"),
+        updates_released=sum(1 for r in records if r.get("event") == "release"),
+        releases_unpaid=len(unpaid_releases(records)),
         noise_multiplier=_num(last.get("noise_multiplier")), max_grad_norm=_num(pick("max_grad_norm")),
         sample_rate=_num(last.get("sample_rate")), steps_per_round=_int(last.get("steps")),
         total_steps=sum(n for _, _, n in history), accountant=accountant,
@@ -406,6 +414,7 @@ def hospital_from_ledger(path: Path, checks: _Checks, atrest_key=None) -> Hospit
         rounds=rounds,
         ledger=LedgerInfo(path=str(path), lines=len(records), head_hash=str(records[-1]["hash"])),
     )
+    h._records = records
     # The ledger's own last ε (same δ and accountant) must equal the recomputation.
     if last and float(last.get("delta", -1)) == delta and last.get("accountant", accountant) == accountant:
         logged = float(last["epsilon"])
@@ -527,6 +536,10 @@ def hospital_findings(h: HospitalReport) -> list[Finding]:
     so = h.second_opinion
     if so is not None and not so.agrees:
         add("critical", "accountant_disagreement", f"ε spent: {so.reason}")
+    if h.releases_unpaid:
+        add("critical", "release_without_charge",
+            f"{h.releases_unpaid} of {h.updates_released} released update(s) are not paid for by their own "
+            "privacy charge: ε is under-counted")
     mm = h._ledger_mismatch
     if mm:
         add("critical", "ledger_inconsistent",
@@ -565,13 +578,13 @@ def _finish(report: Report) -> Report:
     return report
 
 
-def build_hospital_report(ledger_path: Path | str | list[Path], atrest_key=None) -> Report:
+def build_hospital_report(ledger_path: Path | str | list[Path], atrest_key=None, ledger_key_file=None) -> Report:
     """Report of one hospital's own ledger (or several ledgers side by side)."""
     paths = [resolve_ledger(Path(p)) for p in (ledger_path if isinstance(ledger_path, list) else [ledger_path])]
     checks = _Checks()
     hospitals: list[HospitalReport] = []
     for p in dict.fromkeys(paths):
-        h = hospital_from_ledger(p, checks, atrest_key)
+        h = hospital_from_ledger(p, checks, atrest_key, ledger_key_file)
         _one_ledger_per_hospital(h, hospitals)
         hospitals.append(h)
     findings = [f for h in hospitals for f in hospital_findings(h)]
@@ -632,7 +645,7 @@ def _federation_name(run_dir: Path, rows: list[dict[str, Any]]) -> str | None:
 
 
 def build_federation_report(run_dir: Path | str, extra_ledgers: list[Path] | None = None,
-                            atrest_key=None) -> Report:
+                            atrest_key=None, ledger_key_file=None) -> Report:
     """Report of a whole federation run: metrics.jsonl plus any hospital ledgers found."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
@@ -671,7 +684,7 @@ def build_federation_report(run_dir: Path | str, extra_ledgers: list[Path] | Non
     hospitals: list[HospitalReport] = []
     seen: set[str] = set()
     for path in ledgers.values():
-        h = hospital_from_ledger(path, checks, atrest_key)
+        h = hospital_from_ledger(path, checks, atrest_key, ledger_key_file)
         _one_ledger_per_hospital(h, hospitals)
         entries = per.get(h.hospital, [])
         if entries:
@@ -716,9 +729,18 @@ def build_federation_report(run_dir: Path | str, extra_ledgers: list[Path] | Non
 
 def _attach_reported(h: HospitalReport, entries: list[tuple[int, dict[str, Any]]], fed: str | None,
                      findings: list[Finding]) -> None:
-    """Cross-check the ε a hospital reported to the server with its own ledger, round by round."""
+    """Cross-check the ε a hospital reported to the server with its own ledger, round by round,
+    and that the ledger still holds every head the server recorded (truncation, rollback)."""
+    from xrayfed.common.ledger import check_anchor
+
     want = {"trained": "trained", "resent": "trained", "refused": "refused"}
     for rnd, row in entries:
+        if row.get("ledger_head") and row.get("ledger_seq") is not None and h._records:
+            problem = check_anchor(h._records, int(row["ledger_seq"]), str(row["ledger_head"]))
+            if problem:
+                findings.append(Finding(level="critical", code="ledger_rolled_back", hospital=h.hospital, round=rnd,
+                                        message=f"round {rnd}: the server recorded the hospital's ledger head, but "
+                                                f"{problem}"))
         eps = _num(row.get("epsilon"))
         st = row.get("status")
         if eps is None or st not in want:
@@ -799,14 +821,18 @@ def _onoff(x: bool | None) -> str:
     return "unknown" if x is None else ("on" if x else "off")
 
 
-HOSPITAL_COLUMNS = ("Hospital", "Budget ε", "δ", "ε spent", "ε left", "Rounds trained", "Rounds refused", "σ",
+HOSPITAL_COLUMNS = ("Hospital", "Budget ε", "δ", "ε spent", "ε left", "Rounds trained", "Rounds refused",
+                    "Updates released / charged", "σ",
                     "Clip norm C", "Sample rate q", "Steps/round", "Accountant", "secure_mode", "Secure RNG",
                     "More rounds fit", "Level")
 
 
 def hospital_rows(report: Report) -> list[list[str]]:
     return [[h.hospital, _g(h.epsilon_budget), _g(h.delta), _f(h.epsilon_spent), _f(h.epsilon_left),
-             str(h.rounds_trained), str(h.rounds_refused), _f(h.noise_multiplier, ".4f"), _g(h.max_grad_norm),
+             str(h.rounds_trained), str(h.rounds_refused),
+             (f"{h.updates_released} / {h.rounds_trained}" if h.source != "metrics" else "—")
+             + (f" ({h.releases_unpaid} UNPAID)" if h.releases_unpaid else ""),
+             _f(h.noise_multiplier, ".4f"), _g(h.max_grad_norm),
              _f(h.sample_rate, ".4f"), "—" if h.steps_per_round is None else str(h.steps_per_round),
              h.accountant.upper(), _onoff(h.secure_mode), _onoff(h.secure_rng),
              "unknown" if h.rounds_more is None else str(h.rounds_more), h.privacy_level]
@@ -1130,6 +1156,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from xrayfed.common.atrest import add_key_argument
 
     add_key_argument(p, help="key of ledgers encrypted at rest")
+    p.add_argument("--ledger-key-file", type=Path, metavar="FILE",
+                   help="the ledger's HMAC key ([hospital] ledger_key_file) when it is not the ledger.key beside "
+                        "the ledger or derived from the at-rest key")
     p.set_defaults(func=report_cmd)
 
 
@@ -1144,10 +1173,11 @@ def report_cmd(args: argparse.Namespace) -> int:
 
     key = load_key(getattr(args, "atrest_key_file", None))
     if args.run_dir is not None:
-        report = build_federation_report(args.run_dir, args.ledger, atrest_key=key)
+        report = build_federation_report(args.run_dir, args.ledger, atrest_key=key,
+                                         ledger_key_file=args.ledger_key_file)
         out = args.out or Path(args.run_dir) / "report"
     else:
-        report = build_hospital_report(list(args.ledger), atrest_key=key)
+        report = build_hospital_report(list(args.ledger), atrest_key=key, ledger_key_file=args.ledger_key_file)
         out = args.out or resolve_ledger(args.ledger[0]).parent / "privacy-report"
     files = write_report(report, out, formats)
     print(f"# {report.title}\n")

@@ -36,6 +36,7 @@ HOSPITAL_METRICS = (
     "max_grad_norm",
     "secure_rng",
     "secure_mode",
+    "ledger_seq",
 )
 
 
@@ -53,6 +54,8 @@ def reply_row(msg: Message) -> dict[str, Any]:
         row["accountant"] = str(info.get("accountant", ""))
         if info.get("reason"):
             row["reason"] = str(info["reason"])
+        if info.get("ledger_head"):
+            row["ledger_head"] = str(info["ledger_head"])
     else:
         row.update(hospital=f"node-{row['node_id']}", status="trained")
     metrics = content.get("metrics")
@@ -61,16 +64,32 @@ def reply_row(msg: Message) -> dict[str, Any]:
             if k in metrics:
                 v = metrics[k]
                 key = "num_examples" if k == "num-examples" else k
-                row[key] = bool(v) if k in ("secure_rng", "secure_mode") else v
+                row[key] = bool(v) if k in ("secure_rng", "secure_mode") else int(v) if k == "ledger_seq" else v
     return row
+
+
+def ledger_anchors(rows: Iterable[dict[str, Any]], anchors: dict[str, tuple[int, str]] | None = None
+                   ) -> dict[str, tuple[int, str]]:
+    """Update ``{hospital: (seq, head)}`` with the ledger heads reported in metrics rows (later wins)."""
+    anchors = {} if anchors is None else anchors
+    for r in rows:
+        if r.get("status") != "failed" and r.get("ledger_head") and r.get("ledger_seq") is not None:
+            anchors[str(r["hospital"])] = (int(r["ledger_seq"]), str(r["ledger_head"]))
+    return anchors
 
 
 def has_update(msg: Message) -> bool:
     return (not msg.has_error()) and len(msg.content.array_records) == 1
 
 
-def make_strategy(cfg: FederationConfig, round_offset: int = 0):
-    """The configured strategy, extended with xrayfed's round hooks."""
+def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[str, tuple[int, str]] | None = None):
+    """The configured strategy, extended with xrayfed's round hooks.
+
+    ``anchors``: ``{hospital: (seq, head)}``, the ledger heads recorded so far (a resumed run
+    reads them from metrics.jsonl). Every training request carries them (keyed by
+    :func:`xrayfed.common.ledger.anchor_id`, not by name) so each hospital can check that its
+    ledger still holds the line it reported: truncation or rollback is caught at its next round.
+    """
     fed = cfg.federation
     base = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[fed.strategy]
     kwargs: dict[str, Any] = dict(
@@ -101,6 +120,7 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0):
             self.round_offset = round_offset
             self.train_rows: dict[int, list[dict[str, Any]]] = {}
             self.client_eval: dict[int, dict[str, float]] = {}
+            self.anchors: dict[str, tuple[int, str]] = dict(anchors or {})
 
         def global_round(self, server_round: int) -> int:
             return self.round_offset + server_round
@@ -112,7 +132,12 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0):
             return c
 
         def configure_train(self, server_round, arrays, config, grid):
-            return super().configure_train(server_round, arrays, self._with_info(server_round, config), grid)
+            from xrayfed.common.ledger import anchor_id
+
+            c = self._with_info(server_round, config)
+            c["ledger-anchors"] = json.dumps({anchor_id(fed.name, h): [seq, head]
+                                              for h, (seq, head) in sorted(self.anchors.items())})
+            return super().configure_train(server_round, arrays, c, grid)
 
         def configure_evaluate(self, server_round, arrays, config, grid):
             return super().configure_evaluate(server_round, arrays, self._with_info(server_round, config), grid)
@@ -121,6 +146,7 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0):
             replies = list(replies)
             rows = [reply_row(m) for m in replies]
             self.train_rows[self.global_round(server_round)] = rows
+            ledger_anchors(rows, self.anchors)
             for r in rows:
                 if r["status"] == "refused":
                     log.warning("hospital %s refused round %d: %s", r["hospital"], self.global_round(server_round),
@@ -133,7 +159,13 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0):
             return super().aggregate_train(server_round, updates)
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-            agg = super().aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])
+            # A hospital without validation scans answers num-examples = 0 and no metric (it never
+            # evaluates on its DP-protected training scans): nothing to average.
+            ok = [m for m in replies if not m.has_error() and any(
+                float(r.get("num-examples", 0)) > 0 for r in m.content.metric_records.values())]
+            if not ok:
+                return None
+            agg = super().aggregate_evaluate(server_round, ok)
             if agg is not None:
                 self.client_eval[self.global_round(server_round)] = {k: float(v) for k, v in agg.items()}
             return agg

@@ -150,6 +150,16 @@ def hospital_keys_to_register(cfg) -> tuple[dict[str, Path], dict[str, str], lis
     return register, names, skipped
 
 
+def _registered_fingerprints(home: Path):
+    """For the gateway: the fingerprints of the hospital keys the SuperLink has registered now."""
+    from xrayfed.common.flower_security import node_keys
+
+    def current() -> set[str]:
+        return {r["fingerprint"] for r in node_keys(home) if r.get("status") not in ("unregistered", "deleted")}
+
+    return current
+
+
 class _RefusalLog:
     """Turns the gateway's refusal reports into one server-log line per hospital and cause."""
 
@@ -157,6 +167,8 @@ class _RefusalLog:
         401: "authentication failed: its key is not registered (revoked?) or the request was not signed by it",
         403: "not a Fleet API request: the Control and Runtime APIs are not served on the public port",
         412: "its key is not registered, or was revoked",
+        413: "request body too large (unauthenticated requests are refused after 64 KiB, others after 16 MiB)",
+        503: "too many requests in flight from it (or in total): refused before reading",
     }
 
     def __init__(self, out: _Log, names: dict[str, str], quiet_s: float = 60.0) -> None:
@@ -242,20 +254,26 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atres
             host, port, f"{'http' if insecure else 'https'}://{chost}:{cport}", insecure=insecure,
             certfile=cfg.network.tls.cert, keyfile=cfg.network.tls.key, upstream_ca=cfg.network.tls.ca_cert,
             on_refusal=_RefusalLog(out, names),
+            registered_keys=_registered_fingerprints(home) if cfg.network.auth_enabled else None,
         )
         try:
             for name in revoked:
                 out.say(f"hospital {name} is revoked in its certs.json: not registered")
-            if cfg.network.supernode_auth and keys:
+            if cfg.network.auth_enabled and keys:
                 ids = register_hospitals(home, keys)
                 out.say(f"registered hospitals: {', '.join(sorted(ids))} (only these may join)")
-            elif cfg.network.supernode_auth:
-                out.say("WARNING: supernode_auth is on but no hospital key is registered: no hospital can join")
+            elif cfg.network.auth_enabled:
+                out.say("WARNING: hospital authentication is on but no hospital key is registered: no hospital can "
+                        "join until one is (`xrayfed certs add-hospital NAME` + hospital_keys, then restart)")
+            elif not insecure:
+                out.say("WARNING: hospital authentication is OFF (network.supernode_auth = false): any party that "
+                        "trusts the CA certificate can join as a hospital and receive the global model")
             gateway.start()  # the public port opens once the registry is ready (a port check = ready)
             out.say(f"SuperLink listening on {host}:{port} ({'no TLS' if insecure else 'TLS'}, Fleet API only; "
                     f"Control API on {control}, operator only); hospitals connect with: "
                     f"xrayfed client --server {local}:{port} ..."
-                    + ("" if insecure else " --root-cert ca.pem --auth-key auth.key"))
+                    + ("" if insecure else " --root-cert ca.pem"
+                       + (" --auth-key auth.key" if cfg.network.auth_enabled else "")))
             if atrest_key is not None:
                 out.say(f"checkpoints are encrypted at rest (key id {atrest_key.key_id.hex()})")
             if ready_file:

@@ -192,7 +192,7 @@ def test_encrypted_privacy_ledger_round_trip_and_errors(tmp_path, key):
     assert [r["event"] for r in recs] == ["budget", "train"]
     # the hash chain is over the plaintext records, exactly as in a plaintext ledger
     body = {k: v for k, v in recs[1].items() if k != "hash"}
-    assert recs[1]["hash"] == line_hash(recs[0]["hash"], body)
+    assert recs[1]["hash"] == line_hash(recs[0]["hash"], body, led.mac_key)
     assert PrivacyLedger(cfg.hospital.state_dir, cfg, key=key).spent() == pytest.approx(recs[1]["epsilon"])
     # no key / wrong key: one line naming the file, never a silently wrong ε
     with pytest.raises(UserError, match=f"^{path}: the ledger is encrypted; pass --atrest-key-file"):
@@ -209,29 +209,24 @@ def test_encrypted_privacy_ledger_round_trip_and_errors(tmp_path, key):
     # a plaintext line appended after encrypted ones is refused
     with path.open("a") as f:
         f.write('{"seq": 2}\n')
-    with pytest.raises(LedgerError, match="line 3: plaintext line after encrypted lines"):
+    with pytest.raises(LedgerError, match="line 3: a plaintext line in a ledger that is encrypted at rest"):
         read_ledger(path, key)
 
 
-def test_plaintext_ledger_continues_encrypted_when_a_key_is_set(tmp_path, key):
-    """Switching encryption on later keeps the budget history (the plaintext lines count)."""
+def test_plaintext_ledger_is_refused_when_a_key_is_set(tmp_path, key):
+    """An insider writes a plaintext ledger (ε 0) where an encrypted one is expected: refused,
+    whether it was signed with the default ledger key or not."""
     from xrayfed.client.privacy import PrivacyLedger, plan_dp
-    from xrayfed.common.ledger import read_ledger
+    from xrayfed.common.ledger import LedgerError, read_ledger
 
     cfg = _hospital(tmp_path)
     plan = plan_dp(cfg, 1000)
-    plain = PrivacyLedger(cfg.hospital.state_dir, cfg)
+    plain = PrivacyLedger(cfg.hospital.state_dir, cfg)  # no at-rest key: plaintext lines
     plain.ensure_header(plan)
-    plain.charge(plan, federation="f", server_round=1, key="k1")
-    spent1 = plain.spent()
-    enc = PrivacyLedger(cfg.hospital.state_dir, cfg, key=key)
-    assert enc.spent() == pytest.approx(spent1)
-    enc.charge(plan, federation="f", server_round=2, key="k2")
-    lines = enc.path.read_text().splitlines()
-    assert [atrest.is_encrypted_line(x) for x in lines] == [False, False, True]
-    assert [r["round"] for r in read_ledger(enc.path, key) if r["event"] == "train"] == [1, 2]
-    with pytest.raises(UserError, match="encrypted"):
-        read_ledger(enc.path)
+    with pytest.raises(LedgerError, match="line 1: a plaintext line in a ledger that is encrypted at rest"):
+        PrivacyLedger(cfg.hospital.state_dir, cfg, key=key)
+    with pytest.raises(LedgerError, match="line 1: a plaintext line"):
+        read_ledger(plain.path, key)
 
 
 def test_release_cache_encrypted(tmp_path, key):

@@ -117,7 +117,7 @@ def test_mounted_configs_load_and_their_paths_are_mounted(compose):
     host, _ = config_of(svc)
     fed = load_config(FederationConfig, host)
     targets = [t for _, t, _ in _mounts(svc)]
-    assert fed.network.supernode_auth and not fed.network.tls.insecure and fed.federation.secure_aggregation
+    assert fed.network.auth_enabled and not fed.network.tls.insecure and fed.federation.secure_aggregation
     for p in [fed.network.tls.ca_cert, fed.network.tls.cert, fed.network.tls.key, *fed.network.hospital_keys]:
         assert _under(str(p), targets), f"superlink: {p} from {host.name} is not mounted"
     assert _under(str(fed.federation.run_dir), targets)
@@ -230,7 +230,7 @@ def test_example_configs_of_every_role_load():
     cfgs = ROOT / "deploy" / "config"
     for f in ("federation.toml", "federation.compose.toml"):
         c = load_config(FederationConfig, cfgs / f)
-        assert c.federation.secure_aggregation and c.network.supernode_auth and not c.network.tls.insecure
+        assert c.federation.secure_aggregation and c.network.auth_enabled and not c.network.tls.insecure
         assert c.network.control.startswith("127.0.0.1:")
     for f in ("hospital.toml", "hospital.compose.toml"):
         assert load_config(HospitalConfig, cfgs / f).hospital.require_secure_aggregation

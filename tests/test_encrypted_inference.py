@@ -38,8 +38,8 @@ pytestmark = pytest.mark.timeout(600)
 SIZE = 32
 SESSION_TIMEOUT = 12
 PATIENT = "PAT-0001"
-AUDIT_FIELDS = {"time", "event", "patient_id", "claimed_patient_id", "token_id", "model_version", "outcome",
-                "reason", "duration_s", "session", "peer"}
+AUDIT_FIELDS = {"time", "event", "patient_id", "claimed_patient_id", "token_id", "identity_claim", "model_version",
+                "outcome", "reason", "duration_s", "session", "peer"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -167,7 +167,9 @@ class Stack:
                 str(pki / "inference" / "tls.pem"), "--key", str(pki / "inference" / "tls.key"),
                 "--ttp", f"127.0.0.1:{self.ports['ttp']}", "--ttp-ca", str(pki / "ca.pem"),
                 "--ttp-secret", str(self.secret), "--audit-log", str(self.audit(name)),
-                "--session-timeout", str(SESSION_TIMEOUT), "--max-sessions", "3"])
+                "--session-timeout", str(SESSION_TIMEOUT), "--max-sessions", "3", "--rate-per-hour", "1000",
+                "--budget-per-token", "1000"]
+                + (["--allow-scans-without-patient-id"] if name == "binary" else []))
         for name, proc in self.procs.items():
             wait_for_port("127.0.0.1", self.ports[name], timeout=240, proc=proc, what=name)
 
@@ -256,8 +258,10 @@ def test_concurrent_requests_get_separate_sessions(stack, tmp_path):
     n_before = len(audit_lines(stack.audit("binary")))
     results = [None, None]
 
+    toks = [stack.token, stack.write_token("second-patient.tok", "PAT-0002")]  # one session per token
+
     def run(i):
-        results[i] = stack.predict_cli("binary", scans[i], None, "--json")
+        results[i] = stack.predict_cli("binary", scans[i], toks[i], "--json")
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
@@ -576,3 +580,115 @@ def test_service_and_ttp_configs_from_toml(tmp_path):
         load_config(TTPConfig, None, {"provider": "TFP"})
     ttp = load_config(TTPConfig, None, {"allowed_rendezvous": ["10.77.0.2"], "tls.insecure": True})
     assert ttp.allowed_rendezvous == ["10.77.0.2"] and ttp.tls.insecure
+
+
+class PeerContext(FakeContext):
+    def __init__(self, peer: str = "ipv4:127.0.0.1:1") -> None:
+        self._peer = peer
+
+    def peer(self) -> str:
+        return self._peer
+
+
+@pytest.mark.slow
+def test_one_caller_cannot_hold_the_service(pool, tmp_path):
+    """Issue 9: one valid token could open every session slot and never join. Now: one session
+    per token, two per address, a session nobody joins is freed after join_timeout_s, a rate and
+    a lifetime budget per token (kept across a restart), and revoked tokens are refused."""
+    import grpc
+
+    from xrayfed.client.inference_service import AuditLog, InferenceService, revoke_token
+    from xrayfed.common.checkpoint import to_bytes
+    from xrayfed.common.config import InferenceServiceConfig
+
+    ckpt = make_checkpoint(TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")), 7)
+    priv, pub = tokens.generate_key(tmp_path / "k.key")
+    key = tokens.load_private_key(priv)
+    revoked = tmp_path / "revoked.txt"
+    revoked.write_text("")
+    cfg = InferenceServiceConfig(max_sessions=4, session_timeout_s=60, join_timeout_s=3, prediction_budget_per_token=3,
+                                 predictions_per_token_per_hour=10, revoked_tokens=revoked,
+                                 allow_scans_without_patient_id=True, audit_log=tmp_path / "audit.jsonl")
+    toks = {n: tokens.issue_token(key, n, int(time.time()) + 600) for n in ("A", "B", "C", "D")}
+    audit = AuditLog(cfg.audit_log)
+    svc = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, tokens.load_public_keys([pub]), audit, lambda r: {})
+    scan = {"image_size": SIZE, "channels": 1}
+
+    def open_(tok, peer="ipv4:10.0.0.5:1000"):
+        ctx = PeerContext(peer)
+        try:
+            return svc.open_session({"token": toks[tok] if tok in toks else tok, "scan": scan}, ctx), None
+        except _Aborted:
+            return None, (ctx.code, ctx.details)
+
+    try:
+        assert open_("A")[0] is not None
+        _, (code, msg) = open_("A", "ipv4:10.0.0.9:1")  # the same token again, from anywhere
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "this token already has 1 session" in msg
+        assert open_("B")[0] is not None
+        _, (code, msg) = open_("C")  # a third session from the same address
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "from your address" in msg
+        assert open_("D", "ipv6:[2001:db8::1]:5")[0] is not None  # another patient elsewhere is served
+        # nobody joins: the slots are freed after join_timeout_s, not after the 60 s session timeout
+        t0 = time.time()
+        while svc.health({}, None)["sessions"] and time.time() - t0 < 30:
+            time.sleep(0.2)
+        assert svc.health({}, None)["sessions"] == 0 and time.time() - t0 < 15
+        for _ in range(2):  # A's 2nd and 3rd prediction (budget 3) ...
+            assert open_("A")[0] is not None
+            while svc.health({}, None)["sessions"]:
+                time.sleep(0.2)
+        _, (code, msg) = open_("A")  # ... and the 4th is refused
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "used its 3 predictions" in msg
+        # revocation by jti, re-read while the service runs
+        revoke_token(revoked, toks["B"])
+        _, (code, msg) = open_("B")
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in msg
+    finally:
+        svc.stop_all()
+        audit.close()
+    # a restart does not reset the budget (it is counted from the audit log)
+    audit2 = AuditLog(cfg.audit_log)
+    svc2 = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, tokens.load_public_keys([pub]), audit2, lambda r: {})
+    ctx = PeerContext()
+    with pytest.raises(_Aborted):
+        svc2.open_session({"token": toks["A"], "scan": scan}, ctx)
+    assert "used its 3 predictions" in ctx.details
+    audit2.close()
+    recs = audit_lines(cfg.audit_log)
+    reasons = [r["reason"] for r in recs if r["outcome"] == "refused"]
+    assert {"busy_token", "busy_peer", "budget_spent", "revoked"} <= set(reasons)
+    assert [r for r in recs if r["outcome"] == "not_joined"] and all(r["identity_claim"] == "none" for r in recs
+                                                                       if r["patient_id"])
+
+
+def test_scan_without_patient_identity_is_refused_by_default(pool, tmp_path):
+    """A token for patient A plus a PNG (no PatientID) of anyone used to get a prediction; by
+    default the service now requires the identity claim a DICOM scan carries."""
+    import grpc
+
+    from xrayfed.client.inference_service import AuditLog, InferenceService
+    from xrayfed.common.checkpoint import to_bytes
+    from xrayfed.common.config import InferenceServiceConfig
+
+    ckpt = make_checkpoint(TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")), 8)
+    priv, pub = tokens.generate_key(tmp_path / "k.key")
+    cfg = InferenceServiceConfig(audit_log=tmp_path / "audit.jsonl")
+    audit = AuditLog(cfg.audit_log)
+    calls = []
+    svc = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, tokens.load_public_keys([pub]), audit, calls.append)
+    tok = tokens.issue_token(tokens.load_private_key(priv), "PAT-A", int(time.time()) + 600)
+    ctx = PeerContext()
+    with pytest.raises(_Aborted):
+        svc.open_session({"token": tok, "scan": {"image_size": SIZE, "channels": 1}}, ctx)
+    assert ctx.code == grpc.StatusCode.PERMISSION_DENIED and "PatientID" in ctx.details
+    ctx = PeerContext()
+    with pytest.raises(_Aborted):
+        svc.open_session({"token": tok, "scan": {"image_size": SIZE, "channels": 1,
+                                                 "dicom_patient_id": "PAT-B"}}, ctx)
+    assert ctx.code == grpc.StatusCode.PERMISSION_DENIED
+    audit.close()
+    recs = audit_lines(cfg.audit_log)
+    assert [(r["reason"], r["identity_claim"]) for r in recs] == [("no_identity_claim", "none"),
+                                                                   ("patient_mismatch", "dicom_patient_id")]
+    assert not calls  # no session was started for either

@@ -402,3 +402,140 @@ def test_fleet_gateway_passes_only_the_fleet_api(tmp_path, pki):
     assert {(s["path"], s["status"]) for s in seen} >= {("/v1/control/register-node", 403),
                                                        ("/v1/runtime/acquire-task", 403)}
     assert [s["fingerprint"] for s in seen if s["status"] == 412] == [fp]
+
+
+def test_listing_hospital_keys_turns_authentication_on(tmp_path):
+    """Issue 9: with hospital_keys listed and supernode_auth left out, authentication was silently
+    off. Now it is on unless TLS is off; an opt-out is explicit and contradictions are refused."""
+    from xrayfed.common.config import FederationConfig, load_config
+    from xrayfed.common.errors import UserError
+
+    pub = tmp_path / "auth.pub"
+    pub.write_text("x")
+    keys = {"network.hospital_keys": [str(pub)]}
+    cfg = load_config(FederationConfig, None, keys)
+    assert cfg.network.supernode_auth is None and cfg.network.auth_enabled
+    assert load_config(FederationConfig, None, {}).network.auth_enabled  # TLS default: authentication default
+    assert not load_config(FederationConfig, None, {"network.supernode_auth": False}).network.auth_enabled
+    assert not load_config(FederationConfig, None, {"network.tls.insecure": True}).network.auth_enabled
+    for over, msg in ((dict(keys, **{"network.supernode_auth": False}), "supernode_auth = false while hospital_keys"),
+                      (dict(keys, **{"network.tls.insecure": True}), "hospital authentication needs TLS"),
+                      ({"network.supernode_auth": True, "network.tls.insecure": True}, "needs TLS")):
+        with pytest.raises(UserError, match=msg) as e:
+            load_config(FederationConfig, None, over)
+        assert "\n" not in str(e.value)
+    # the SuperLink command line follows the effective setting
+    pki = tmp_path / "pki"
+    for f in ("ca.pem", "server.pem", "server.key"):
+        (pki / f).parent.mkdir(exist_ok=True)
+        (pki / f).write_text("x")
+    tls = {"network.tls.ca_cert": str(pki / "ca.pem"), "network.tls.cert": str(pki / "server.pem"),
+           "network.tls.key": str(pki / "server.key")}
+    on = fs.superlink_args_from_config(load_config(FederationConfig, None, dict(keys, **tls)).network)
+    off = fs.superlink_args_from_config(load_config(FederationConfig, None, dict(tls, **{
+        "network.supernode_auth": False})).network)
+    assert "--enable-supernode-auth" in on and "--enable-supernode-auth" not in off
+
+
+def _signed_headers(private_key_path, when=None) -> dict[str, str]:
+    """What flower-supernode sends with every Fleet request when it authenticates."""
+    import base64
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = serialization.load_ssh_private_key(Path(private_key_path).read_bytes(), password=None)
+    stamp = (when or dt.datetime.now(dt.timezone.utc)).isoformat()
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return {"flwr-public-key": base64.b64encode(pem).decode(), "flwr-timestamp": stamp,
+            "flwr-signature": base64.b64encode(key.sign(stamp.encode(), ec.ECDSA(hashes.SHA256()))).decode()}
+
+
+def test_fleet_gateway_bounds_unauthenticated_bodies_and_concurrency(tmp_path, pki):
+    """Issue 9: an unauthenticated 700 MB chunked POST used to be buffered in full. Now a request
+    not signed by a registered key is cut off after 64 KiB, any body after 16 MiB, and one client
+    cannot hold more than its share of requests in flight."""
+    import datetime as dt
+    import threading
+    import time as _time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    got: list[int] = []
+
+    class Upstream(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            got.append(len(body))
+            if self.path.endswith("/slow"):
+                _time.sleep(1.5)
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *a):
+            pass
+
+    up = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=up.serve_forever, daemon=True).start()
+    h1 = pki["fed"] / "hospitals" / "h1"
+    fp_h1 = fs.public_key_fingerprint(h1 / "auth.pub")
+    port = free_port()
+    gw = fs.FleetGateway("127.0.0.1", port, f"http://127.0.0.1:{up.server_address[1]}", insecure=True,
+                         registered_keys=lambda: {fp_h1}, max_per_client=2).start()
+    sent = [0]
+
+    def stream(total: int, chunk: int = 1 << 20):
+        while sent[0] < total:
+            sent[0] += chunk
+            yield b"\0" * chunk
+
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            # unauthenticated, chunked (no Content-Length), 700 MB offered: refused after 64 KiB;
+            # the rest is discarded as it arrives, never held (this process's memory stays flat)
+            rss0 = psutil.Process().memory_info().rss
+            try:
+                r = c.post("/v1/fleet/push-object", content=stream(700 << 20))
+                assert r.status_code == 413
+            except httpx.HTTPError:
+                pass  # the gateway may close the connection while the client is still sending
+            assert gw.stats["max_body_read"] <= (64 << 10) + (1 << 20)
+            assert psutil.Process().memory_info().rss - rss0 < (150 << 20)
+            # signed by a registered key: 1 MiB passes, 17 MiB does not
+            assert c.post("/v1/fleet/push-object", content=b"y" * (1 << 20),
+                          headers=_signed_headers(h1 / "auth.key")).status_code == 200
+            assert got[-1] == 1 << 20
+            sent[0] = 0
+            try:
+                r = c.post("/v1/fleet/push-object", content=stream(17 << 20), headers=_signed_headers(h1 / "auth.key"))
+                assert r.status_code == 413
+            except httpx.HTTPError:
+                pass
+            # a stale signature (10 minutes old) or another key counts as unauthenticated
+            old = _signed_headers(h1 / "auth.key", dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10))
+            other = _signed_headers(pki["fed"] / "hospitals" / "h2" / "auth.key")
+            for hdr in (old, other):
+                assert c.post("/v1/fleet/push-object", content=b"z" * (100 << 10), headers=hdr).status_code == 413
+            assert c.post("/v1/fleet/activate-node", content=b"a" * 200, headers=other).status_code == 200
+        assert max(got) <= 1 << 20  # nothing over the limits reached the SuperLink
+        # one client holding every slot: the third concurrent request is refused at once
+        codes: list[int] = []
+
+        def slow():
+            codes.append(httpx.post(f"http://127.0.0.1:{port}/v1/fleet/slow", content=b"s",
+                                    headers=_signed_headers(h1 / "auth.key"), timeout=30).status_code)
+
+        threads = [threading.Thread(target=slow) for _ in range(4)]
+        for t in threads:
+            t.start()
+            _time.sleep(0.1)
+        for t in threads:
+            t.join()
+        assert sorted(codes) == [200, 200, 503, 503] and gw.stats["busy"] == 2
+    finally:
+        gw.stop()
+        up.shutdown()

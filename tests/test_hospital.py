@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -94,6 +95,7 @@ def test_repeated_request_is_resent_without_new_spend(tmp_path, npz):
     ledger = PrivacyLedger(tmp_path / "state", cfg)
     assert ledger.spent() == pytest.approx(eps) and len(ledger.train_records()) == 1
     assert ledger.records[-1]["event"] == "resend"
+    assert again["ledger"]["seq"] == ledger.records[-1]["seq"] and again["ledger"]["head"] == ledger.records[-1]["hash"]
 
 
 def test_crash_before_release_retrains_under_recorded_spend(tmp_path, npz):
@@ -114,4 +116,132 @@ def test_crash_before_release_retrains_under_recorded_spend(tmp_path, npz):
     assert out["status"] == "trained"
     ledger = PrivacyLedger(tmp_path / "state", cfg)
     assert len(ledger.train_records()) == 1 and ledger.spent() == pytest.approx(eps)
-    assert [r["event"] for r in ledger.records][-1] == "retry"
+    assert [r["event"] for r in ledger.records][-2:] == ["retry", "release"]
+    assert ledger.releases_without_charge() == []
+
+
+# --------------------------------------------------------------------------- attacks (issue 9)
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory):
+    from xrayfed.common.synthetic import write_npz
+
+    p = tmp_path_factory.mktemp("d") / "small.npz"
+    write_npz(p, n_train=300, n_val=20, n_test=20, size=16, task="binary", seed=5)
+    return p
+
+
+def small_cfg(tmp_path, npz, **over):
+    o = {"privacy.max_rounds": 8, "training.batch_size": 64, "training.local_epochs": 0.5}
+    o.update(over)
+    return cfg_for(tmp_path, npz, **o)
+
+
+def small_request(round_, spec, **extra):
+    return request(round_, spec, **{"image-size": 16, **extra})
+
+
+def _released(ledger) -> dict[str, str]:
+    return {r["digest"]: r["request"] for r in ledger.records if r["event"] == "release"}
+
+
+def test_replayed_old_requests_never_release_an_uncharged_update(tmp_path, small_npz):
+    """A curious server re-sends rounds 1–4 three times each, after their cached updates were
+    evicted: every update that leaves is a byte-identical copy of one charged release, or the
+    request is refused. (Before: 16 releases for 4 charges, true ε 7.24 against a budget of 4.)"""
+    from xrayfed.client.privacy import update_digest
+
+    cfg = small_cfg(tmp_path, small_npz, **{"privacy.epsilon": 4.0})
+    spec = ModelSpec(num_outputs=1, width=4)
+    state = build_model(spec).state_dict()
+    sent: list[dict] = []
+    for r in range(1, 5):
+        sent.append(train_round(cfg, small_request(r, spec), state))
+        assert sent[-1]["status"] == "trained"
+    for _ in range(3):
+        for r in range(1, 5):
+            sent.append(train_round(cfg, small_request(r, spec), state))
+    ledger = PrivacyLedger(tmp_path / "state", cfg)
+    released = _released(ledger)
+    charges = ledger.train_records()
+    assert len(charges) == 4 and len(released) == 4 and ledger.releases_without_charge() == []
+    statuses = [o["status"] for o in sent]
+    assert statuses.count("trained") == 4
+    for o in sent:
+        if "state_dict" in o:
+            assert update_digest(o["state_dict"]) in released  # nothing left that was not charged
+    # rounds 1 and 2 were evicted from the cache (it keeps 3): refused with the reason, nothing sent
+    refused = [o for o in sent if o["status"] == "refused"]
+    assert refused and all("already released" in o["reason"] and "state_dict" not in o for o in refused)
+    assert any(o["status"] == "resent" for o in sent)  # round 4 is still cached: sent again, no spend
+    assert ledger.spent() <= 4.0 and ledger.spent() == pytest.approx(charges[-1]["epsilon"])
+
+
+@pytest.mark.parametrize("damage", ["delete", "corrupt", "swap"])
+def test_damaged_release_cache_never_triggers_a_retrain(tmp_path, small_npz, damage):
+    cfg = small_cfg(tmp_path, small_npz)
+    spec = ModelSpec(num_outputs=1, width=4)
+    state = build_model(spec).state_dict()
+    first = train_round(cfg, small_request(1, spec), state)
+    other = train_round(cfg, small_request(2, spec), state)
+    key = request_key("fed", 1, weights_version(state))
+    cached = tmp_path / "state" / "released" / f"{key}.pt"
+    if damage == "delete":
+        cached.unlink()
+    elif damage == "corrupt":
+        cached.write_bytes(b"not a torch file")
+    else:  # an insider puts another (e.g. unnoised) update in its place
+        torch.save({"state_dict": {k: v + 1 for k, v in first["state_dict"].items()}, "metrics": first["metrics"]},
+                   cached)
+    again = train_round(cfg, small_request(1, spec), state)
+    assert again["status"] == "refused" and "state_dict" not in again and "already released" in again["reason"]
+    ledger = PrivacyLedger(tmp_path / "state", cfg)
+    assert len(ledger.train_records()) == 2 and len(_released(ledger)) == 2
+    assert ledger.records[-1]["event"] == "refused_resend"
+    assert other["status"] == "trained"
+
+
+def test_truncated_ledger_is_caught_by_the_servers_anchor(tmp_path, small_npz):
+    """An insider rolls the ledger and its local head anchor back to an older copy (ε goes down):
+    the head the server recorded after the last reply is missing, so the next round is refused."""
+    import shutil
+
+    from xrayfed.common.ledger import anchor_id
+
+    cfg = small_cfg(tmp_path, small_npz)
+    spec = ModelSpec(num_outputs=1, width=4)
+    state = build_model(spec).state_dict()
+    st = tmp_path / "state"
+    first = train_round(cfg, small_request(1, spec), state)
+    backup = tmp_path / "backup"
+    shutil.copytree(st, backup)
+    second = train_round(cfg, small_request(2, spec), state)
+    eps2 = second["metrics"]["epsilon"]
+    shutil.rmtree(st)
+    shutil.copytree(backup, st)  # rolled back: ε looks like one round only
+    assert PrivacyLedger(st, cfg).spent() < eps2  # locally consistent: only an outside anchor can tell
+    anchors = json.dumps({anchor_id("fed", "h"): [second["ledger"]["seq"], second["ledger"]["head"]]})
+    out = train_round(cfg, small_request(3, spec, **{"ledger-anchors": anchors}), state)
+    assert out["status"] == "refused" and "state_dict" not in out
+    assert "ledger check failed" in out["reason"] and "truncated" in out["reason"]
+    assert len(PrivacyLedger(st, cfg).train_records()) == 1  # nothing charged, nothing trained
+    # an honest ledger passes the same check (the anchor of its own last reply)
+    ok = json.dumps({anchor_id("fed", "h"): [first["ledger"]["seq"], first["ledger"]["head"]]})
+    assert train_round(cfg, small_request(3, spec, **{"ledger-anchors": ok}), state)["status"] == "trained"
+
+
+def test_no_validation_split_sends_no_metrics_of_training_scans(tmp_path, small_npz):
+    cfg = small_cfg(tmp_path, small_npz, **{"data.val_fraction": 0.0})
+    spec = ModelSpec(num_outputs=1, width=4)
+    m = evaluate_round(cfg, small_request(1, spec), build_model(spec).state_dict())
+    assert m == {"num-examples": 0}
+    m = evaluate_round(small_cfg(tmp_path, small_npz), small_request(1, spec), build_model(spec).state_dict())
+    assert 0 < m["num-examples"] < 100 and "auc" in m  # the validation split only (300 scans, 10 %)
+
+
+def test_delta_at_or_above_one_over_n_is_refused_in_the_round(tmp_path, small_npz):
+    cfg = small_cfg(tmp_path, small_npz, **{"privacy.delta": 0.5})
+    spec = ModelSpec(num_outputs=1, width=4)
+    out = train_round(cfg, small_request(1, spec), build_model(spec).state_dict())
+    assert out["status"] == "refused" and "privacy.delta = 0.5" in out["reason"]
+    assert re.search(r"1/N = \S+ for this hospital's N = \d+ training scans", out["reason"])
+    assert not any(r["event"] == "train" for r in PrivacyLedger(tmp_path / "state", cfg).records)

@@ -17,6 +17,7 @@ from xrayfed.client.privacy import (
     secure_gaussian_like,
 )
 from xrayfed.common.config import HospitalConfig, load_config
+from xrayfed.common.errors import UserError
 from xrayfed.common.ledger import LedgerError, read_ledger
 
 
@@ -100,6 +101,100 @@ def test_tampered_ledger_is_refused_naming_the_line(tmp_path):
     with pytest.raises(LedgerError) as e:
         read_ledger(ledger.path)
     assert e.value.line == 2
+
+
+def _ledger_with_rounds(tmp_path, n=3, **over):
+    cfg = hcfg(tmp_path, **{"privacy.epsilon": 8.0, "privacy.max_rounds": 5, **over})
+    plan = plan_dp(cfg, 500)
+    ledger = PrivacyLedger(tmp_path / "state", cfg)
+    ledger.ensure_header(plan)
+    for r in range(1, n + 1):
+        ledger.charge(plan, federation="f", server_round=r, key=f"k{r}")
+    return cfg, ledger
+
+
+def test_rechained_ledger_without_the_key_is_refused(tmp_path):
+    """Edit a line (fewer steps, lower ε) and recompute the whole chain as an attacker without the
+    ledger key would (SHA-256, or HMAC under a guessed key): refused, naming the line."""
+    import hashlib
+    import hmac
+
+    from xrayfed.common.ledger import GENESIS, _canonical
+
+    cfg, ledger = _ledger_with_rounds(tmp_path)
+    honest = ledger.spent()
+    recs = read_ledger(ledger.path)
+    for forge in (lambda prev, body: hashlib.sha256(prev.encode() + b"\n" + _canonical(body)).hexdigest(),
+                  lambda prev, body: hmac.new(b"x" * 32, prev.encode() + b"\n" + _canonical(body),
+                                              hashlib.sha256).hexdigest()):
+        prev, out = GENESIS, []
+        for r in recs:
+            body = {k: v for k, v in r.items() if k != "hash"}
+            if body.get("event") == "train":
+                body["steps"], body["epsilon"] = 1, 0.04
+            body["prev_hash"] = prev
+            prev = forge(prev, body)
+            out.append(json.dumps(dict(body, hash=prev), sort_keys=True))
+        ledger.path.write_text("\n".join(out) + "\n")
+        (tmp_path / "state" / "privacy-ledger.head").write_text(json.dumps({"seq": len(out) - 1, "hash": prev}))
+        with pytest.raises(LedgerError) as e:
+            PrivacyLedger(tmp_path / "state", cfg)
+        assert e.value.line == 1 and "\n" not in str(e.value)
+    assert honest > 0.04
+
+
+def test_ledger_cut_short_or_deleted_is_detected(tmp_path):
+    cfg, ledger = _ledger_with_rounds(tmp_path)
+    lines = ledger.path.read_text().splitlines()
+    ledger.path.write_text("\n".join(lines[:2]) + "\n")  # last two rounds removed: ε would go down
+    with pytest.raises(LedgerError, match="lines were removed from the end"):
+        PrivacyLedger(tmp_path / "state", cfg)
+    head = tmp_path / "state" / "privacy-ledger.head"
+    saved = head.read_text()
+    head.unlink()  # ... and the anchor deleted as well
+    with pytest.raises(LedgerError, match="head anchor privacy-ledger.head is missing"):
+        PrivacyLedger(tmp_path / "state", cfg)
+    head.write_text(saved)
+    ledger.path.unlink()  # the whole ledger deleted: the anchor remains
+    with pytest.raises(LedgerError, match="ledger file is missing"):
+        PrivacyLedger(tmp_path / "state", cfg)
+    # the ledger key deleted: never a fresh key for an existing ledger
+    ledger.path.write_text("\n".join(lines) + "\n")
+    (tmp_path / "state" / "ledger.key").unlink()
+    with pytest.raises(UserError, match="ledger key .* is missing"):
+        PrivacyLedger(tmp_path / "state", cfg)
+
+
+def test_ledger_key_file_kept_outside_the_state_folder(tmp_path):
+    """With [hospital] ledger_key_file the key is not beside the ledger; the chain verifies only with it."""
+    keyfile = tmp_path / "keys" / "ledger.key"
+    keyfile.parent.mkdir()
+    keyfile.write_text("ab" * 32)
+    keyfile.chmod(0o600)
+    cfg, ledger = _ledger_with_rounds(tmp_path, n=2, **{"hospital.ledger_key_file": str(keyfile)})
+    assert not (tmp_path / "state" / "ledger.key").exists()
+    assert len(PrivacyLedger(tmp_path / "state", cfg).train_records()) == 2
+    with pytest.raises(UserError):  # the default location has no key: cannot verify
+        read_ledger(ledger.path)
+    keyfile.write_text("cd" * 32)
+    with pytest.raises(LedgerError, match="line 1: hash does not match"):
+        PrivacyLedger(tmp_path / "state", cfg)
+
+
+def test_plan_refuses_bad_budgets_with_one_line(tmp_path):
+    from xrayfed.common.errors import UserError as UE
+
+    cases = [({"privacy.delta": 0.5}, 360, r"privacy.delta = 0.5: must be below 1/N = 0.00278 .* N = 360"),
+             ({"privacy.epsilon": 1e-6}, 1000, r"privacy.epsilon = 1e-06 .* cannot be met"),
+             ({"privacy.max_rounds": 10_000, "training.local_epochs": 20.0}, 1000, r"max_rounds = 10000 .* steps")]
+    for over, n, msg in cases:
+        with pytest.raises(UE, match=msg) as e:
+            plan_dp(hcfg(tmp_path, **over), n)
+        assert "\n" not in str(e.value)
+    from xrayfed.common.config import HospitalConfig, load_config
+
+    with pytest.raises(UE, match=r"privacy.max_rounds: Input should be less than or equal to 10000"):
+        load_config(HospitalConfig, None, {"privacy.max_rounds": 10**7})
 
 
 def test_csprng_noise_is_standard_normal():

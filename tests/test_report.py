@@ -105,7 +105,7 @@ def test_known_ledger_exact_figures(known):
     assert all(r.agrees for r in h.rounds) and rep.accounting.checks == 4 and rep.accounting.disagreements == 0
     # The Markdown table shows the same figures.
     md = (out / "report.md").read_text()
-    row = (f"| h1 | 2.5 | 1e-05 | {spent:.3f} | {2.5 - spent:.3f} | 2 | 1 | 1.1000 | 1 | 0.0640 | 16 | PRV | off | on "
+    row = (f"| h1 | 2.5 | 1e-05 | {spent:.3f} | {2.5 - spent:.3f} | 2 | 1 | 0 / 2 | 1.1000 | 1 | 0.0640 | 16 | PRV | off | on "
            f"| 0 | common |")
     assert row in md
     assert "budget_exhausted" in md and "Ledger of h1" in md
@@ -135,6 +135,8 @@ def test_tampered_ledger_line_is_named_by_the_cli(known, tmp_path, capsys):
     lines[2] = json.dumps(rec, sort_keys=True) + "\n"
     bad = tmp_path / "privacy-ledger.jsonl"
     bad.write_text("".join(lines))
+    for f in ("ledger.key", "privacy-ledger.head"):  # the hospital's key and head anchor come along
+        (tmp_path / f).write_bytes((src.parent / f).read_bytes())
     capsys.readouterr()
     assert cli.main(["report", "--ledger", str(bad), "--out", str(tmp_path / "out")]) == 2  # exit status 2
     cap = capsys.readouterr()
@@ -149,8 +151,18 @@ def test_tampered_ledger_line_is_named_by_the_cli(known, tmp_path, capsys):
 
 
 def test_delta_at_least_one_over_n_is_warned(tmp_path):
+    """The client refuses δ ≥ 1/N (test_privacy); a ledger written with one anyway (an older or
+    modified client) is still flagged by the report."""
+    import dataclasses
+
     # q = 1 (full batch) keeps the accountants fast; δ = 0.05 ≥ 1/40.
-    small = ledger_at(tmp_path, Site("tiny", n=40, epsilon=4.0, delta=0.05, batch_size=40, noise_multiplier=1.0), 1)
+    site = Site("tiny", n=40, epsilon=4.0, delta=1e-3, batch_size=40, noise_multiplier=1.0)
+    cfg = hospital_config(site, tmp_path / site.name)
+    plan = dataclasses.replace(plan_dp(cfg, site.n), delta=0.05)
+    ledger = PrivacyLedger(cfg.hospital.state_dir, cfg)
+    ledger.ensure_header(plan)
+    ledger.charge(plan, federation="fed", server_round=1, key="fed-1")
+    small = ledger.path
     rep = R.build_hospital_report(small)
     hits = [f for f in rep.findings if f.code == "delta_ge_1_over_n"]
     assert len(hits) == 1 and hits[0].level == "critical" and "N = 40" in hits[0].message
@@ -303,3 +315,41 @@ def test_demo_run_report_lists_every_hospital_within_budget(request):
     else:  # the synthetic run; its report was written by the `fed` fixture with `xrayfed report RUN_DIR`
         request.getfixturevalue("fed")
         check_demo_run_report(request.getfixturevalue("fed_run"), build=False)
+
+
+def test_releases_against_charges_and_server_anchors(tmp_path):
+    """The report shows releases vs charges, flags a release no charge paid for, and flags a
+    ledger that lacks a head the server recorded (rolled back)."""
+    cfg = hospital_config(KNOWN, tmp_path / "h1")
+    plan = plan_dp(cfg, KNOWN.n)
+    ledger = PrivacyLedger(cfg.hospital.state_dir, cfg)
+    ledger.ensure_header(plan)
+    c1 = ledger.charge(plan, federation="fed", server_round=1, key="k1")
+    ledger.record_release(c1, "d1")
+    head1 = ledger.head()
+    c2 = ledger.charge(plan, federation="fed", server_round=2, key="k2")
+    ledger.record_release(c2, "d2")
+    rep = R.build_hospital_report(ledger.path)
+    h = rep.hospitals[0]
+    assert (h.updates_released, h.rounds_trained, h.releases_unpaid) == (2, 2, 0)
+    assert "| 2 / 2 |" in R.summary_table(rep)
+    assert not [f for f in rep.findings if f.code == "release_without_charge"]
+    # a second release of round 1's update under the same charge (what a retrain used to do)
+    append_record(ledger.path, {"event": "release", "round": 1, "request": "k1", "charge_seq": c1["seq"],
+                                "digest": "d3", "epsilon": h.epsilon_spent})
+    rep = R.build_hospital_report(ledger.path)
+    bad = [f for f in rep.findings if f.code == "release_without_charge"]
+    assert rep.hospitals[0].releases_unpaid == 1 and bad and bad[0].level == "critical"
+    # the operator's report: the run recorded a head the ledger no longer has
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"round": 1, "federation": "fed", "hospitals": [
+                {"hospital": "h1", "status": "trained", "epsilon": c1["epsilon"], "ledger_seq": head1[0],
+                 "ledger_head": head1[1]}]},
+            {"round": 2, "federation": "fed", "hospitals": [
+                {"hospital": "h1", "status": "trained", "epsilon": c2["epsilon"], "ledger_seq": 99,
+                 "ledger_head": "f" * 64}]}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = R.build_federation_report(run, [ledger.path])
+    rolled = [f for f in rep.findings if f.code == "ledger_rolled_back"]
+    assert len(rolled) == 1 and rolled[0].round == 2 and rolled[0].level == "critical"

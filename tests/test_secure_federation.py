@@ -76,7 +76,9 @@ def run(tmp_path_factory):
         "task": {"kind": "binary", "class_names": ["NORMAL", "PNEUMONIA"]},
         "image_size": 28,
         "eval": {"path": str(data), "split": "test"},
-        "network": {"listen": f"127.0.0.1:{port}", "supernode_auth": True,
+        # No supernode_auth setting: listing hospital_keys must be enough to turn authentication on
+        # (issue 9: it used to be silently off, and a hospital without a key was aggregated).
+        "network": {"listen": f"127.0.0.1:{port}",
                     "hospital_keys": [str(pki / "hospitals" / h / "auth.pub") for h in (*GOOD, BROKE)],
                     "tls": {"ca_cert": str(pki / "ca.pem"), "cert": str(pki / "server.pem"),
                             "key": str(pki / "server.key")}},
