@@ -139,7 +139,8 @@ class Services:
             "--token-key", str(key.with_suffix(".pub")), "--cert", str(pki / "inference" / "tls.pem"),
             "--key", str(pki / "inference" / "tls.key"), "--ttp", f"127.0.0.1:{self.ttp_port}",
             "--ttp-ca", str(pki / "ca.pem"), "--ttp-secret", str(secret), "--audit-log", str(work / "audit.jsonl"),
-            "--session-timeout", "300"], log=self.logs[1]))
+            "--session-timeout", "300", "--allow-scans-without-patient-id", "--rate-per-hour", "100000",
+            "--budget-per-token", "100000"], log=self.logs[1]))
         wait_for_port("127.0.0.1", self.svc_port, timeout=180, proc=self.procs[1], what="serve-inference")
         self.ca = pki / "inference" / "ca.pem"
 

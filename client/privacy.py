@@ -13,17 +13,32 @@ server asks for. How:
   ``max_rounds`` rounds of ``steps`` DP-SGD steps at Poisson sample rate q = B/N stay within
   (ε, δ) under the PRV accountant (RDP selectable), checked again by composing round by round.
 * **Spend written before training, refusal before spending.** :class:`PrivacyLedger` is the
-  hospital's persistent privacy state: a hash-chained JSON-lines file (one line per round:
-  round, steps, q, σ, C, ε at δ). Before a round trains, the ε after that round is computed
-  from the whole ledger history; if it would exceed ε, the round is refused (nothing trains,
-  nothing leaves). Otherwise the spend is appended and fsync'ed *before* training starts, so a
-  crash can only over-count, never under-count. ε is cumulative over the whole run and
-  survives restarts because it is recomputed from the ledger each time.
-* **No double spend on retries.** The update released for a request (federation, round,
-  global-model hash) is cached; if the server asks again for the same request (e.g. after a
-  server crash and resume), the cached update is sent again — post-processing, no new spend.
-  If the hospital crashed before releasing anything, it retrains under the spend already
-  recorded (nothing was released, so nothing was spent twice).
+  hospital's persistent privacy state: JSON lines in a keyed hash chain (HMAC-SHA256 under the
+  hospital's ledger key, :mod:`xrayfed.common.ledger`; one ``train`` line per round: round,
+  steps, q, σ, C, ε at δ). Before a round trains, the ε after that round is computed from the
+  whole ledger history; if it would exceed ε, the round is refused (nothing trains, nothing
+  leaves). Otherwise the spend is appended and fsync'ed *before* training starts, so a crash
+  can only over-count, never under-count. ε is cumulative over the whole run and survives
+  restarts because it is recomputed from the ledger each time.
+* **Every released update is charged once** (``xrayfed.client.hospital.train_round``). After
+  training, the update's SHA-256 digest is recorded in a ``release`` line (fsync'ed) *before*
+  the reply leaves, naming the ``train`` line that paid for it. A repeated request (same
+  federation, round and global model: e.g. a server crash and resume, or a curious server
+  replaying it) gets the byte-identical update again from the release cache — post-processing,
+  no new spend — or, when that copy is gone, unreadable or altered, a refusal naming why;
+  never a retrain. A request charged but never released (the hospital crashed while training)
+  retrains under the spend already recorded. The whole decision runs under an exclusive lock
+  on the state folder (:class:`StateLock`), so two concurrent requests cannot both use one
+  charge. ``xrayfed report`` shows releases against charges and flags any release without its
+  own charge.
+* **Tamper-evident ledger.** Editing a line or re-chaining the file needs the ledger key;
+  removing lines from the end is caught by the head anchor (``privacy-ledger.head``) and, if
+  that is rolled back too, by the head the server recorded after the hospital's last reply,
+  which it sends back with the next round: the hospital then refuses to train
+  (``ledger.check_anchor``). With an at-rest key, every line must be encrypted.
+* **Plans that cannot give a meaningful guarantee are refused before work starts**
+  (:func:`plan_dp`, also run by ``xrayfed client`` before joining): δ ≥ 1/N, a budget no σ can
+  meet, a plan longer than the accountant composes.
 * **Per-sample clipping and Gaussian noise** by Opacus (``GradSampleModule`` + a
   ``DPOptimizer``), Poisson sampling with rate q, memory bounded by ``BatchMemoryManager``.
 * **Noise source.** Opacus' ``secure_mode`` needs torchcsprng, which has no build for this

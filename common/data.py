@@ -148,6 +148,36 @@ def _is_candidate(f: Path) -> bool:
     return f.is_file() and not f.name.startswith(".")
 
 
+def _walk_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Every file below ``folder``, following symbolic links (hospital storage often links scans
+    or whole folders in) with loop protection: a folder reached twice is read once. Returns
+    the files (sorted) and the links that lead nowhere (skipped, with the reason)."""
+    import os
+
+    files: list[Path] = []
+    broken: list[tuple[str, str]] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already read: a loop
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            f = Path(dirpath) / name
+            if f.is_file():
+                files.append(f)
+            elif f.is_symlink():
+                broken.append((str(f), "symbolic link to a missing file"))
+    return sorted(files), broken
+
+
 # ----------------------------------------------------------------------------- patient ids
 _KERMANY_PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
 _TRAILING_NUMBER = re.compile(r"^(.+)-\d+$")
@@ -233,20 +263,28 @@ def _load_class_folders(root: Path, split: str, size: int, label_set: Sequence[s
         folder = base / name
         if not folder.is_dir():
             continue
-        for f in sorted(folder.rglob("*")):
-            if not _is_candidate(f):
-                continue
+        found, broken = _walk_files(folder)
+        unsupported += broken
+        for f in found:
             if f.suffix.lower() in SCAN_SUFFIXES or is_dicom(f):
                 files.append(f)
                 labels.append(c)
             else:
                 unsupported.append((str(f), "not a PNG, JPEG or DICOM file"))
     if unsupported:
-        log.warning("data %s: %d file(s) of other types ignored (e.g. %s)", base.name, len(unsupported),
-                    Path(unsupported[0][0]).name)
+        log.warning("data %s: %d file(s) ignored: other types or broken links (e.g. %s: %s)", base.name,
+                    len(unsupported), Path(unsupported[0][0]).name, unsupported[0][1])
     images, ok, skipped = _decode_files(files, size)
     if not ok:
         raise _no_usable(base, len(skipped) + len(unsupported))
+    per_class = np.bincount(np.asarray(labels)[ok], minlength=len(order))
+    empty = [order[i] for i in range(len(order)) if per_class[i] == 0]
+    if empty:
+        counts = ", ".join(f"{order[i]} {int(per_class[i])}" for i in range(len(order)))
+        if split == "train":
+            raise UserError(f"data {base}: class(es) {empty} have no usable scans ({counts}); a {task.kind} model "
+                            "needs scans of every class to train (add them, or choose classes with label_set)")
+        log.warning("data %s: class(es) %s have no usable scans (%s)", base, empty, counts)
     return XrayDataset(images, np.asarray(labels)[ok], task,
                        patient_ids=[_patient_id_for(files[i]) for i in ok],
                        skipped=skipped + unsupported, source=str(base), files=[str(files[i]) for i in ok])
@@ -289,7 +327,15 @@ def _load_nih(root: Path, split: str, size: int, label_set: Sequence[str] | None
         if "Image Index" not in cols or "Finding Labels" not in cols:
             raise UserError(f"{csv_path}: expected columns 'Image Index', 'Finding Labels' and 'Patient ID' "
                             f"(found {cols[:6]})")
-        rows = list(reader)
+        rows, short = [], []
+        for r in reader:
+            if not (r.get("Image Index") or "").strip() or r.get("Finding Labels") is None:
+                short.append(reader.line_num)
+                continue
+            rows.append(r)
+    if short:
+        log.warning("%s: %d row(s) without an image name or finding labels skipped (line %s%s)", csv_path.name,
+                    len(short), short[0], ", ..." if len(short) > 1 else "")
     labels = _pick_classes(NIH_LABELS, label_set, str(root))
     col = {name: j for j, name in enumerate(labels)}
     if split not in ("train", "test"):
@@ -313,7 +359,7 @@ def _load_nih(root: Path, split: str, size: int, label_set: Sequence[str] | None
     files: list[Path] = []
     targets: list[np.ndarray] = []
     patients: list[str] = []
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = [(f"{csv_path.name}:{n}", "short row") for n in short]
     for r in rows:
         name = r["Image Index"].strip()
         f = index.get(name)
@@ -356,6 +402,8 @@ def _npz_task(z, path: Path) -> TaskSpec:
     kind = str(np.asarray(z["task_kind"])) if "task_kind" in z.files else None
     if kind is not None and kind not in ("binary", "multiclass", "multilabel"):
         raise UserError(f"{path.name}: task_kind {kind!r} (allowed: binary, multiclass, multilabel)")
+    for k, a in zip(label_keys, all_labels):
+        _check_npz_labels(a, k, path, multilabel=multi_col or kind == "multilabel")
     values = np.unique(np.concatenate([a.reshape(-1) for a in all_labels])) if all_labels else np.array([0, 1])
     if kind is None:
         if multi_col:
@@ -372,9 +420,29 @@ def _npz_task(z, path: Path) -> TaskSpec:
             k = max(a.reshape(len(a), -1).shape[1] for a in all_labels)
             names = list(NIH_LABELS) if k == len(NIH_LABELS) else [f"label{i}" for i in range(k)]
     try:
-        return TaskSpec(kind=kind, class_names=tuple(names))
+        task = TaskSpec(kind=kind, class_names=tuple(names))
     except ValueError as e:
         raise UserError(f"{path.name}: inconsistent class_names/task_kind ({' '.join(str(e).split())[:120]})") from None
+    if kind != "multilabel" and values.size and int(values.max()) >= len(names):
+        key = next(k for k, a in zip(label_keys, all_labels) if a.size and int(a.max()) == int(values.max()))
+        raise UserError(f"{path.name}: {key} has label {int(values.max())} but there are {len(names)} classes "
+                        f"{list(names)} (allowed: 0..{len(names) - 1})")
+    return task
+
+
+def _check_npz_labels(a: np.ndarray, key: str, path: Path, *, multilabel: bool) -> None:
+    """Labels are integers: class indices 0..K−1, or 0/1 per label column (multilabel). One line
+    naming the key and the offending values otherwise."""
+    if a.size == 0:
+        return
+    if a.dtype.kind not in "biuf":
+        raise UserError(f"{path.name}: {key} holds {a.dtype} values; labels must be integers")
+    flat = a.reshape(-1).astype(np.float64)
+    bad = flat[~np.isfinite(flat) | (flat != np.round(flat)) | (flat < 0) | ((flat > 1) if multilabel else False)]
+    if bad.size:
+        shown = ", ".join(str(v) for v in np.unique(bad)[:5])
+        allowed = "0 or 1 in every label column" if multilabel else "class indices 0, 1, ..., K−1"
+        raise UserError(f"{path.name}: {key} has {bad.size} invalid label(s) ({shown}); allowed: {allowed}")
 
 
 def _npz_images_to_gray(imgs: np.ndarray, path: Path) -> np.ndarray:
@@ -424,6 +492,8 @@ def _load_npz(path: Path, split: str, size: int, label_set: Sequence[str] | None
             raise UserError(f"{path}: cannot read {key} ({type(e).__name__})") from None
     if len(labels) != len(imgs):
         raise UserError(f"{path.name}: {len(imgs)} {split} images but {len(labels)} labels")
+    if len(imgs) == 0:
+        raise UserError(f"{path.name}: {split}_images holds no images")
     imgs = _npz_images_to_gray(np.asarray(imgs), path)
     if min(imgs.shape[1:], default=0) < 8:
         raise UserError(f"{path.name}: images of {imgs.shape[1]}×{imgs.shape[2]} px are too small (at least 8×8)")

@@ -525,3 +525,78 @@ def test_synthetic_finding_is_visible():
     imgs, y = make_synthetic(200, 32, "binary", seed=0)
     lungs = imgs[:, 6:26, 4:28].astype(float).mean(axis=(1, 2))
     assert lungs[y == 1].mean() > lungs[y == 0].mean() + 5
+
+
+# ----------------------------------------------------------------------------- bad input (issue 9)
+def test_nih_short_row_is_skipped_and_counted(tmp_path, caplog):
+    root = tmp_path / "nih"
+    _nih(root, lists=True)
+    csv_path = root / "Data_Entry_2017.csv"
+    lines = csv_path.read_text().splitlines()
+    lines.insert(3, "00000099_000.png")  # a short row: only the image name (used to be a traceback)
+    csv_path.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING):
+        ds = D.load_dataset(root, split="train", image_size=16)
+    assert len(ds) > 0 and any(reason == "short row" for _, reason in ds.skipped)
+    assert "1 row(s) without an image name or finding labels skipped (line 4)" in caplog.text
+
+
+def test_npz_without_images_or_with_bad_labels_is_one_line(tmp_path):
+    imgs = np.zeros((4, 28, 28), np.uint8)
+    cases = {
+        "empty": (dict(train_images=np.zeros((0, 28, 28), np.uint8), train_labels=np.zeros((0, 1))),
+                  ["train_images holds no images"]),
+        "nan": (dict(train_images=imgs, train_labels=np.array([[0], [1], [np.nan], [1]])),
+                ["train_labels", "invalid label", "nan"]),
+        "neg": (dict(train_images=imgs, train_labels=np.array([[0], [1], [-1], [2]])),
+                ["train_labels", "-1", "0, 1, ..., K−1"]),
+        "range": (dict(train_images=imgs, train_labels=np.array([[0], [1], [2], [1]]),
+                       class_names=np.array(["NORMAL", "PNEUMONIA"])), ["train_labels has label 2", "0..1"]),
+        "split": (dict(train_images=imgs, train_labels=np.array([[0], [1], [0], [1]]), test_images=imgs,
+                       test_labels=np.array([[0], [1], [0.5], [1]])), ["test_labels", "0.5"]),
+        "multilabel": (dict(train_images=imgs, train_labels=np.array([[0, 1], [1, 2], [0, 0], [1, 1]])),
+                       ["train_labels", "2", "0 or 1"]),
+    }
+    for name, (arrays, needles) in cases.items():
+        p = tmp_path / f"{name}.npz"
+        np.savez(p, **arrays)
+        with pytest.raises(UserError) as e:
+            D.load_dataset(p, split="train", image_size=16)
+        _one_line_error(e, *needles)
+    # and through the CLI: one line, exit status 2, no traceback
+    from xrayfed.common import cli
+
+    assert cli.main(["client", "--server", "127.0.0.1:1", "--insecure", "--data", str(tmp_path / "empty.npz"),
+                     "--state-dir", str(tmp_path / "st")]) == 2
+
+
+def test_binary_class_folders_with_an_empty_class_are_refused_for_training(tmp_path):
+    root = tmp_path / "cf"
+    for i in range(6):
+        _png(root / "train" / "NORMAL" / f"n{i}.png", np.full((24, 24), 40 + i, np.uint8))
+    (root / "train" / "PNEUMONIA").mkdir(parents=True)
+    (root / "train" / "PNEUMONIA" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(UserError) as e:
+        D.load_dataset(root, split="train", image_size=16)
+    _one_line_error(e, "['PNEUMONIA']", "no usable scans", "NORMAL 6, PNEUMONIA 0")
+
+
+def test_symlinked_scans_and_folders_are_followed_without_looping(tmp_path, caplog):
+    store = tmp_path / "store"
+    for i in range(3):
+        _png(store / "pneu" / f"p{i}.png", np.full((24, 24), 200, np.uint8))
+    _png(store / "n0.png", np.full((24, 24), 20, np.uint8))
+    root = tmp_path / "cf"
+    (root / "train" / "NORMAL").mkdir(parents=True)
+    (root / "train" / "PNEUMONIA").mkdir(parents=True)
+    _png(root / "train" / "NORMAL" / "own.png", np.full((24, 24), 30, np.uint8))
+    (root / "train" / "NORMAL" / "linked.png").symlink_to(store / "n0.png")  # a linked scan
+    (root / "train" / "PNEUMONIA" / "archive").symlink_to(store / "pneu")  # a linked folder
+    (root / "train" / "PNEUMONIA" / "archive-again").symlink_to(store / "pneu")  # the same folder twice
+    (store / "pneu" / "loop").symlink_to(root / "train" / "PNEUMONIA")  # a loop back up
+    (root / "train" / "NORMAL" / "gone.png").symlink_to(tmp_path / "missing.png")  # a broken link
+    with caplog.at_level(logging.WARNING):
+        ds = D.load_dataset(root, split="train", image_size=16)
+    y = D.targets_array(ds)
+    assert (int((y == 0).sum()), int((y == 1).sum())) == (2, 3)  # every scan once, none twice
+    assert any("missing file" in reason for _, reason in ds.skipped)

@@ -502,7 +502,8 @@ def test_ttp_outage_is_refused_cleanly_and_frees_the_slot(pool, tmp_path):
 
     ckpt = make_checkpoint(TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")), 5)
     priv, pub = tokens.generate_key(tmp_path / "k.key")
-    cfg = InferenceServiceConfig(max_sessions=1, session_timeout_s=20, audit_log=tmp_path / "audit.jsonl")
+    cfg = InferenceServiceConfig(max_sessions=1, session_timeout_s=20, audit_log=tmp_path / "audit.jsonl",
+                                 allow_scans_without_patient_id=True)
 
     def ttp_down(request):
         raise UserError("cannot reach TTP service at 127.0.0.1:1 (connection refused)")

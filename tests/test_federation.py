@@ -106,6 +106,16 @@ def test_two_hospitals_two_rounds_then_resume_and_refuse(tmp_path, data_npz):
     assert rows[-1]["participants"] == ["h0"]
     events = [x["event"] for x in read_ledger(tmp_path / "state-h1" / "privacy-ledger.jsonl")]
     assert events.count("train") == 2 and events[-1] == "refused"
+    # The server recorded each reply's ledger head (an anchor against truncation) and, after the
+    # restart, sent them back from metrics.jsonl: both ledgers hold every recorded head, and h0
+    # trained round 3 after checking its own.
+    from xrayfed.common.ledger import check_anchor
+
+    for name in ("h0", "h1"):
+        recs = read_ledger(tmp_path / f"state-{name}" / "privacy-ledger.jsonl")
+        heads = [(h["ledger_seq"], h["ledger_head"]) for row in rows for h in row["hospitals"] if h["hospital"] == name]
+        assert len(heads) == 3 and all(check_anchor(recs, seq, head) is None for seq, head in heads)
+        assert [x["event"] for x in recs].count("release") == (3 if name == "h0" else 2)
     assert "refused" in (tmp_path / "h1.log").read_text()
     # nothing left running
     assert _descendants() - before == set()

@@ -16,13 +16,17 @@ from xrayfed.common.ledger import read_ledger
 from xrayfed.common.model import ModelSpec, build_model
 
 
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
+def _synthetic_npz(tmp_path_factory, name: str, n_train: int, n_val: int, n_test: int, size: int, seed: int):
     from xrayfed.common.synthetic import write_npz
 
-    p = tmp_path_factory.mktemp("d") / "syn.npz"
-    write_npz(p, n_train=1600, n_val=100, n_test=400, size=28, task="binary", seed=3)
+    p = tmp_path_factory.mktemp("d") / name
+    write_npz(p, n_train=n_train, n_val=n_val, n_test=n_test, size=size, task="binary", seed=seed)
     return p
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    return _synthetic_npz(tmp_path_factory, "syn.npz", 1600, 100, 400, 28, seed=3)
 
 
 def cfg_for(tmp_path, npz, **over):
@@ -123,11 +127,7 @@ def test_crash_before_release_retrains_under_recorded_spend(tmp_path, npz):
 # --------------------------------------------------------------------------- attacks (issue 9)
 @pytest.fixture(scope="module")
 def small_npz(tmp_path_factory):
-    from xrayfed.common.synthetic import write_npz
-
-    p = tmp_path_factory.mktemp("d") / "small.npz"
-    write_npz(p, n_train=300, n_val=20, n_test=20, size=16, task="binary", seed=5)
-    return p
+    return _synthetic_npz(tmp_path_factory, "small.npz", 300, 20, 20, 16, seed=5)
 
 
 def small_cfg(tmp_path, npz, **over):
@@ -245,3 +245,26 @@ def test_delta_at_or_above_one_over_n_is_refused_in_the_round(tmp_path, small_np
     assert out["status"] == "refused" and "privacy.delta = 0.5" in out["reason"]
     assert re.search(r"1/N = \S+ for this hospital's N = \d+ training scans", out["reason"])
     assert not any(r["event"] == "train" for r in PrivacyLedger(tmp_path / "state", cfg).records)
+
+
+def test_client_refuses_meaningless_budgets_before_joining(tmp_path, small_npz, capsys):
+    """δ ≥ 1/N, an infeasible ε and an absurd plan are refused by `xrayfed client` with one line,
+    before anything starts (they used to start and die in the round with a traceback)."""
+    from xrayfed.common import cli
+
+    cases = {"delta": ('[privacy]\ndelta = 0.5\n', r"privacy.delta = 0.5: must be below 1/N = \S+ for this "
+                                                   r"hospital's N = \d+ training scans"),
+             "epsilon": ('[privacy]\nepsilon = 1e-6\n', r"privacy.epsilon = 1e-06 .* cannot be met"),
+             "rounds": ('[privacy]\nmax_rounds = 10000\n[training]\nlocal_epochs = 50.0\n',
+                        r"max_rounds = 10000 × \d+ DP-SGD steps per round"),
+             "too_many": ('[privacy]\nmax_rounds = 10000000\n', r"privacy.max_rounds: Input should be less than")}
+    for name, (toml, pattern) in cases.items():
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(f'[hospital]\nstate_dir = "{tmp_path / name}"\n' + toml)
+        capsys.readouterr()
+        rc = cli.main(["client", "--server", "127.0.0.1:1", "--insecure", "--data", str(small_npz),
+                       "--config", str(cfg)])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("xrayfed: WARNING")]
+        assert rc == 2 and len(err) == 1 and err[0].startswith("xrayfed: error: "), (name, err)
+        assert re.search(pattern, err[0]), (name, err[0])
+        assert not (tmp_path / name / "privacy-ledger.jsonl").exists()
