@@ -39,7 +39,7 @@ def main() -> None:
     from xrayfed.common.data import XrayDataset
     from xrayfed.common.model import ModelSpec, build_model, count_parameters
     from xrayfed.common.synthetic import make_synthetic
-    from xrayfed.common.tasks import TaskSpec
+    from xrayfed.common.prediction import TaskSpec
     from xrayfed.common.train import resolve_device
 
     device = resolve_device(args.device)

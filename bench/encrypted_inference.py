@@ -54,7 +54,7 @@ def spec_for(size: int, num_outputs: int = 1, full_res: bool = False):
 def random_checkpoint(size: int, full_res: bool = False, seed: int = 0):
     from xrayfed.common.checkpoint import Checkpoint
     from xrayfed.common.model import build_model
-    from xrayfed.common.tasks import TaskSpec
+    from xrayfed.common.prediction import TaskSpec
 
     torch.manual_seed(seed)
     spec = spec_for(size, full_res=full_res)
@@ -110,8 +110,8 @@ class Services:
     """serve-ttp + serve-inference as real processes (TLS, tokens) for one checkpoint."""
 
     def __init__(self, work: Path, ckpt_path: Path) -> None:
-        from xrayfed.common import tokens
-        from xrayfed.common.certs import init_pki
+        from xrayfed.common.security import tokens
+        from xrayfed.common.security.pki import init_pki
         from xrayfed.common.procs import free_port, spawn, venv_bin, wait_for_port
 
         self.work = work
@@ -203,7 +203,7 @@ def train_quick(data: str, epochs: int, seed: int = 0):
     from xrayfed.common.checkpoint import Checkpoint
     from xrayfed.common.data import load_dataset
     from xrayfed.common.model import ModelSpec, build_model
-    from xrayfed.common.tasks import TaskSpec
+    from xrayfed.common.prediction import TaskSpec
     from xrayfed.common.train import evaluate, make_optimizer, train_epoch
 
     torch.manual_seed(seed)
@@ -226,7 +226,7 @@ def train_quick(data: str, epochs: int, seed: int = 0):
 def agreement(pool, ckpt, data: str, batch: int, limit: int | None) -> dict:
     from xrayfed.common import mpc
     from xrayfed.common.data import load_dataset
-    from xrayfed.common.tasks import compute_metrics, probabilities
+    from xrayfed.common.prediction import compute_metrics, probabilities
 
     test = load_dataset(data, split="test", image_size=ckpt.image_size)
     n = len(test) if limit is None else min(limit, len(test))

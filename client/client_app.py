@@ -27,13 +27,13 @@ from flwr.clientapp import ClientApp
 
 from xrayfed.common.logs import configure_logging
 
-from .secagg import make_secagg_mod
+from xrayfed.client.secagg import make_secagg_mod
 
 configure_logging()
 
 
 def _requires_secure_aggregation(context: Context) -> bool:
-    from .hospital import hospital_config_from_node
+    from xrayfed.client.hospital import hospital_config_from_node
 
     return bool(hospital_config_from_node(dict(context.node_config)).hospital.require_secure_aggregation)
 
@@ -50,14 +50,14 @@ def _finite(metrics: dict) -> dict:
 
 
 def _atrest_key():
-    from xrayfed.common.atrest import load_key
+    from xrayfed.common.security.atrest import load_key
 
     return load_key()  # $XRAYFED_ATREST_KEY_FILE / $XRAYFED_ATREST_KEY; None: plaintext
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from .hospital import hospital_config_from_node, train_round
+    from xrayfed.client.hospital import hospital_config_from_node, train_round
 
     cfg = hospital_config_from_node(dict(context.node_config))
     reply = train_round(cfg, dict(msg.content["config"]), msg.content["arrays"].to_torch_state_dict(),
@@ -79,7 +79,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from .hospital import evaluate_round, hospital_config_from_node
+    from xrayfed.client.hospital import evaluate_round, hospital_config_from_node
 
     cfg = hospital_config_from_node(dict(context.node_config))
     metrics = evaluate_round(cfg, dict(msg.content["config"]), msg.content["arrays"].to_torch_state_dict())

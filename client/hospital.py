@@ -20,10 +20,10 @@ from xrayfed.common.checkpoint import load_weights, weights_version
 from xrayfed.common.config import HospitalConfig, load_config
 from xrayfed.common.errors import UserError
 from xrayfed.common.model import ModelSpec, build_model
-from xrayfed.common.tasks import TaskSpec
+from xrayfed.common.prediction import TaskSpec
 from xrayfed.common.train import evaluate, resolve_device
 
-from .privacy import (
+from xrayfed.client.privacy import (
     BudgetExceeded,
     PrivacyLedger,
     ReleaseCache,
@@ -53,7 +53,7 @@ class RoundRequest:
 
     def anchor_for(self, hospital: str) -> tuple[int, str] | None:
         """The head of this hospital's ledger that the server recorded after its last reply."""
-        from xrayfed.common.ledger import anchor_id
+        from xrayfed.common.privacy.ledger import anchor_id
 
         want = anchor_id(self.federation, hospital)
         for k, seq, head in self.ledger_anchors:
@@ -147,7 +147,7 @@ def train_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict, a
     was; a repeated request whose update cannot be resent byte-identically is refused. The
     whole decision runs under the state folder's lock (:class:`~.privacy.StateLock`).
 
-    ``atrest_key`` (:class:`~xrayfed.common.atrest.AtRestKey`): the privacy ledger's lines and
+    ``atrest_key`` (:class:`~xrayfed.common.security.atrest.AtRestKey`): the privacy ledger's lines and
     the cached released updates are written encrypted with it (and need it to be read).
     """
     req = RoundRequest.from_config(config)
@@ -160,7 +160,7 @@ def train_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict, a
 
 def _train_locked(cfg: HospitalConfig, req: RoundRequest, data: LocalData, state_dict: dict, device,
                   atrest_key) -> dict[str, Any]:
-    from xrayfed.common.ledger import check_anchor
+    from xrayfed.common.privacy.ledger import check_anchor
 
     state_dir = Path(cfg.hospital.state_dir)
     ledger = PrivacyLedger(state_dir, cfg, key=atrest_key)  # verifies the keyed chain and the local head anchor

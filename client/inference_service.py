@@ -57,7 +57,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..common.errors import UserError
+from xrayfed.common.errors import UserError
 
 log = logging.getLogger("xrayfed.inference")
 SERVICE = "xrayfed.inference.v1.Inference"
@@ -138,7 +138,7 @@ class RevocationList:
 
 def revoke_token(list_path: Path, token_or_jti: str) -> str:
     """Append a token id to a revocation list (from a token file, a token or a bare jti)."""
-    from ..common import tokens
+    from xrayfed.common.security import tokens
 
     text = token_or_jti.strip()
     p = Path(text)
@@ -265,7 +265,7 @@ class InferenceService:
     def _verify(self, request: dict, context, t0: float, event: str):
         import grpc
 
-        from ..common.tokens import TokenError, peek_subject, verify_token
+        from xrayfed.common.security.tokens import TokenError, peek_subject, verify_token
 
         token = request.get("token")
         try:
@@ -296,8 +296,8 @@ class InferenceService:
     def open_session(self, request: dict, context) -> dict:
         import grpc
 
-        from ..common import mpc
-        from ..common.tokens import TokenError, check_dicom_patient_id
+        from xrayfed.common import mpc
+        from xrayfed.common.security.tokens import TokenError, check_dicom_patient_id
 
         t0 = time.monotonic()
         claims = self._verify(request, context, t0, "predict")
@@ -410,7 +410,7 @@ class InferenceService:
             return {"ok": True, "sessions": len(self.workers), "model_version": self.meta["model_version"]}
 
     def stop_all(self) -> None:
-        from ..common import mpc
+        from xrayfed.common import mpc
 
         with self.lock:
             procs = list(self.workers.values())
@@ -420,8 +420,8 @@ class InferenceService:
 
 def ttp_caller(cfg):
     """A function that asks the TTP service to join a session (UserError when it cannot)."""
-    from ..common import rpc
-    from ..server.ttp import read_secret
+    from xrayfed.common import rpc
+    from xrayfed.server.ttp import read_secret
 
     secret = read_secret(cfg.ttp_secret, "TTP secret (--ttp-secret)")
     if cfg.ttp_tls.insecure:
@@ -444,8 +444,8 @@ def check_model(ckpt, *, crypten: bool = True) -> None:
     the encrypted model is built from the same layer plan and the weights are loaded and
     verified through the CrypTen back end.
     """
-    from ..common.checkpoint import load_weights
-    from ..common.model import build_model
+    from xrayfed.common.checkpoint import load_weights
+    from xrayfed.common.model import build_model
 
     what = f"checkpoint (model {ckpt.model_version})"
     if ckpt.model.arch != "xraynet":
@@ -456,17 +456,17 @@ def check_model(ckpt, *, crypten: bool = True) -> None:
                         f"{len(ckpt.task.class_names)} classes needs {ckpt.task.num_outputs}")
     load_weights(build_model(ckpt.model), ckpt.state_dict, what=what)
     if crypten:
-        from ..common import mpc
+        from xrayfed.common import mpc
 
         cmodel = mpc.build_crypten_model(ckpt.model)
         mpc.load_crypten_weights(cmodel, ckpt.model, ckpt.state_dict, what=what)
 
 
 def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
-    from ..common import rpc
-    from ..common.checkpoint import load_checkpoint, to_bytes
-    from ..common.procs import parse_hostport
-    from ..common.tokens import load_public_keys
+    from xrayfed.common import rpc
+    from xrayfed.common.checkpoint import load_checkpoint, to_bytes
+    from xrayfed.common.procs import parse_hostport
+    from xrayfed.common.security.tokens import load_public_keys
 
     host, port = parse_hostport(cfg.listen, "listen")
     if cfg.model is None:
@@ -481,7 +481,7 @@ def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | Non
 
     # Warm the zygote (torch + CrypTen imported once) BEFORE any gRPC thread exists; then check
     # the checkpoint with the CrypTen back end (imports CrypTen here too).
-    from ..common.mpc import WorkerPool
+    from xrayfed.common.mpc import WorkerPool
 
     pool = WorkerPool()
     warm_s = pool.warm()
@@ -503,56 +503,8 @@ def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | Non
         pool.close()
 
 
-# --------------------------------------------------------------------------- CLI
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve-inference", help="serve encrypted predictions of the federated model (gRPC + MPC)",
-                       description="The hospital's encrypted-inference service: patients get predictions on "
-                       "their scans without revealing them; the model's weights stay secret.")
-    p.add_argument("--config", type=Path, help="TOML file with InferenceServiceConfig settings")
-    p.add_argument("--model", type=Path, help="federated checkpoint to serve")
-    p.add_argument("--listen", help="gRPC address HOST:PORT (default 127.0.0.1:9443)")
-    p.add_argument("--token-key", type=Path, action="append", help="trusted token public key (PEM; repeatable)")
-    p.add_argument("--audience", help="token audience this service accepts (default xrayfed-inference)")
-    p.add_argument("--cert", type=Path, help="TLS certificate of the service (PEM)")
-    p.add_argument("--key", type=Path, help="TLS private key of the service (PEM)")
-    p.add_argument("--ttp", metavar="HOST:PORT", help="the crypto provider's serve-ttp address")
-    p.add_argument("--ttp-ca", type=Path, help="CA certificate that signed the TTP's TLS certificate")
-    p.add_argument("--ttp-secret", type=Path, help="file with the secret shared with the TTP service")
-    p.add_argument("--mpc-host", help="address the MPC parties reach this host at (tunnel address; default 127.0.0.1)")
-    p.add_argument("--session-timeout", type=float, help="seconds before a session is torn down (default 120)")
-    p.add_argument("--max-sessions", type=int, help="concurrent MPC sessions (default 4)")
-    p.add_argument("--audit-log", type=Path, help="JSON-lines audit log (default inference-audit.jsonl)")
-    p.add_argument("--max-sessions-per-token", type=int, help="concurrent sessions one token may hold (default 1)")
-    p.add_argument("--max-sessions-per-peer", type=int, help="concurrent sessions from one address (default 2)")
-    p.add_argument("--join-timeout", type=float, help="seconds for the parties to join a session (default 30)")
-    p.add_argument("--rate-per-hour", type=int, help="predictions per token per hour (default 30)")
-    p.add_argument("--budget-per-token", type=int, help="predictions one token may ever get (default 200)")
-    p.add_argument("--revoked-tokens", type=Path, help="file of revoked token ids (jti), one per line")
-    p.add_argument("--allow-scans-without-patient-id", action="store_true", default=None,
-                   help="also serve PNG/JPEG scans, which carry no patient identity (default: DICOM only)")
-    p.add_argument("--insecure", action="store_true",
-                   help="no TLS, towards patients and the TTP (local experiments only)")
-    p.set_defaults(func=_cmd_serve)
-
-    t = sub.add_parser("issue-token", help="sign a patient's access token for encrypted inference",
-                       description="Hospital staff: sign a token that lets one patient request predictions "
-                       "until it expires. `--init-key` makes the Ed25519 signing key pair first.")
-    t.add_argument("--key", type=Path, help="Ed25519 signing key (PEM); with --init-key: file to create")
-    t.add_argument("--init-key", action="store_true", help="create the signing key pair (KEY and KEY.pub) and exit")
-    t.add_argument("--force", action="store_true", help="with --init-key: replace an existing key")
-    t.add_argument("--patient-id", help="the patient's id (the DICOM PatientID of their scans)")
-    t.add_argument("--expires", default="24h", help="lifetime (90m, 12h, 30d) or ISO time (default 24h)")
-    t.add_argument("--audience", default=None, help="service audience (default xrayfed-inference)")
-    t.add_argument("--issuer", default=None, help="issuer name written into the token")
-    t.add_argument("--out", type=Path, help="write the token to this file (mode 0600) instead of stdout")
-    t.add_argument("--revoke", metavar="TOKEN|FILE|JTI",
-                   help="revoke a token instead: add its id to --revocation-list (serve-inference --revoked-tokens)")
-    t.add_argument("--revocation-list", type=Path, help="with --revoke: the revocation list file")
-    t.set_defaults(func=_cmd_issue)
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ..common.config import InferenceServiceConfig, load_config
+    from xrayfed.common.config import InferenceServiceConfig, load_config
 
     def s(v):
         return str(v) if v is not None else None
@@ -574,7 +526,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_issue(args: argparse.Namespace) -> int:
-    from ..common import tokens
+    from xrayfed.common.security import tokens
 
     if args.revoke:
         if args.revocation_list is None:
@@ -596,7 +548,7 @@ def _cmd_issue(args: argparse.Namespace) -> int:
                              audience=args.audience or tokens.DEFAULT_AUDIENCE)
     when = _dt.datetime.fromtimestamp(exp, _dt.timezone.utc).isoformat(timespec="seconds")
     if args.out:
-        from ..common.files import atomic_write
+        from xrayfed.common.files import atomic_write
 
         atomic_write(args.out, (tok + "\n").encode(), mode=0o600)
         print(f"token for patient {args.patient_id!r} (expires {when}, id {tokens.peek_claims(tok)['jti']}) "

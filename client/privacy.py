@@ -14,7 +14,7 @@ server asks for. How:
   (ε, δ) under the PRV accountant (RDP selectable), checked again by composing round by round.
 * **Spend written before training, refusal before spending.** :class:`PrivacyLedger` is the
   hospital's persistent privacy state: JSON lines in a keyed hash chain (HMAC-SHA256 under the
-  hospital's ledger key, :mod:`xrayfed.common.ledger`; one ``train`` line per round: round,
+  hospital's ledger key, :mod:`xrayfed.common.privacy.ledger`; one ``train`` line per round: round,
   steps, q, σ, C, ε at δ). Before a round trains, the ε after that round is computed from the
   whole ledger history; if it would exceed ε, the round is refused (nothing trains, nothing
   leaves). Otherwise the spend is appended and fsync'ed *before* training starts, so a crash
@@ -68,7 +68,8 @@ import torch
 
 from xrayfed.common.config import HospitalConfig
 from xrayfed.common.errors import UserError
-from xrayfed.common.ledger import append_record, read_ledger
+from xrayfed.common.privacy.accounting import compute_epsilon
+from xrayfed.common.privacy.ledger import LEDGER_FILE, append_record, read_ledger
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +79,6 @@ NOISE_SOURCE_TORCH = "torch.normal (not cryptographically secure)"
 
 class BudgetExceeded(UserError):
     """Another round would take the hospital past its (ε, δ) budget."""
-
-
-# ----------------------------------------------------------------------------- accounting
-def compute_epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str = "prv") -> float:
-    """ε at ``delta`` after composing ``history`` = [(σ, q, steps), ...] with Opacus' accountant."""
-    if not history:
-        return 0.0
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    from xrayfed.common.accounting import merge_history
-
-    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
-    # Consecutive rounds with equal (σ, q) compose into one entry: same ε, constant cost per call.
-    acc.history = merge_history(history)
-    return float(acc.get_epsilon(delta=delta))
 
 
 @dataclass(frozen=True)
@@ -201,12 +187,12 @@ class PrivacyLedger:
     left the hospital was charged once.
     """
 
-    FILE = "privacy-ledger.jsonl"
+    FILE = LEDGER_FILE
     #: The budget header's version: 2 = release lines are written (older charges may predate them).
     FORMAT = 2
 
     def __init__(self, state_dir: Path, cfg: HospitalConfig, key=None) -> None:
-        from xrayfed.common.ledger import ledger_key
+        from xrayfed.common.privacy.ledger import ledger_key
 
         self.path = Path(state_dir) / self.FILE
         self.cfg = cfg
@@ -253,7 +239,7 @@ class PrivacyLedger:
 
     def releases_without_charge(self) -> list[dict[str, Any]]:
         """``release`` lines not paid for by their own ``train`` line (must be empty)."""
-        from xrayfed.common.ledger import unpaid_releases
+        from xrayfed.common.privacy.ledger import unpaid_releases
 
         return unpaid_releases(self.records)
 
@@ -382,7 +368,7 @@ class ReleaseCache:
     with the update's digest). A cached entry is sent again only when its digest equals the
     ledger's; an evicted, deleted, corrupt or swapped entry makes the repeated request a
     refusal, never a retrain. With an at-rest ``key``
-    (:class:`~xrayfed.common.atrest.AtRestKey`) the files are written AES-256-GCM encrypted; an
+    (:class:`~xrayfed.common.security.atrest.AtRestKey`) the files are written AES-256-GCM encrypted; an
     entry that does not decrypt or that is plaintext while a key is configured is an error.
     """
 
@@ -399,7 +385,7 @@ class ReleaseCache:
     def get(self, key: str) -> dict | None:
         import io
 
-        from xrayfed.common.atrest import read_maybe_encrypted
+        from xrayfed.common.security.atrest import read_maybe_encrypted
 
         p = self.path(key)
         if not p.is_file():
@@ -414,7 +400,7 @@ class ReleaseCache:
     def put(self, key: str, payload: dict) -> None:
         import io
 
-        from xrayfed.common.atrest import write_encrypted
+        from xrayfed.common.security.atrest import write_encrypted
 
         buf = io.BytesIO()
         torch.save(payload, buf)

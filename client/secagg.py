@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from xrayfed.common import secagg_protocol as P
+from xrayfed.common.protocol import secagg as P
 
 log = logging.getLogger(__name__)
 

@@ -17,26 +17,6 @@ from xrayfed.common.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("client", help="run a hospital client (Flower SuperNode + DP training)",
-                       description="Join a federation as a hospital: train on local scans with differential privacy.")
-    p.add_argument("--server", required=True, help="the federation server HOST:PORT")
-    p.add_argument("--data", type=Path, help="the hospital's scans (overrides [data] path)")
-    p.add_argument("--config", type=Path, help="hospital.toml (privacy budget, training settings)")
-    p.add_argument("--name", help="override [hospital] name")
-    p.add_argument("--state-dir", type=Path, help="override [hospital] state_dir (privacy ledger lives here)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override [hospital] device (default auto)")
-    p.add_argument("--epsilon", type=float, help="override [privacy] epsilon (this hospital's total ε budget)")
-    p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only; prints a warning)")
-    p.add_argument("--root-cert", type=Path, help="CA certificate (PEM) that signed the server's certificate")
-    p.add_argument("--auth-key", type=Path, help="this hospital's SuperNode authentication private key")
-    p.add_argument("--port", type=int, help="local port of the SuperNode's ClientApp API (default: a free port)")
-    from xrayfed.common.atrest import add_key_argument
-
-    add_key_argument(p, help="encrypt this hospital's privacy ledger and released updates at rest with this key")
-    p.set_defaults(func=run_client_cmd)
-
-
 def load_hospital_config(args: argparse.Namespace):
     from xrayfed.common.config import HospitalConfig, load_config
 
@@ -62,8 +42,8 @@ def check_data(cfg) -> int:
     """
     from xrayfed.common.data import load_dataset
 
-    from .hospital import split_local
-    from .privacy import plan_dp
+    from xrayfed.client.hospital import split_local
+    from xrayfed.client.privacy import plan_dp
 
     if cfg.data.path is None:
         raise UserError("data: no path (give --data PATH or [data] path in hospital.toml)")
@@ -112,9 +92,9 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     import subprocess
     import threading
 
-    from xrayfed.common.atrest import ENV_KEY_FILE, load_key
+    from xrayfed.common.security.atrest import ENV_KEY_FILE, load_key
     from xrayfed.common.config import dump_toml
-    from xrayfed.common.flower_security import flower_env, supernode_args, warn_insecure
+    from xrayfed.common.flower_launch import flower_env, supernode_args, warn_insecure
     from xrayfed.common.procs import ProcessGroup, free_port, parse_hostport, spawn, venv_bin
 
     parse_hostport(args.server, "--server")
@@ -131,9 +111,9 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     check_data(cfg)
     state = Path(cfg.hospital.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
-    from xrayfed.common.ledger import read_ledger
+    from xrayfed.common.privacy.ledger import read_ledger
 
-    from .privacy import PrivacyLedger
+    from xrayfed.client.privacy import PrivacyLedger
 
     # Fail before joining when the privacy ledger cannot be read (wrong/missing at-rest key or
     # ledger key, broken chain, cut short): one line naming the file, never a budget silently

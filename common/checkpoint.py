@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .files import atomic_write
-from .model import ModelSpec
-from .tasks import TaskSpec
+from xrayfed.common.errors import UserError
+from xrayfed.common.files import atomic_write
+from xrayfed.common.model import ModelSpec
+from xrayfed.common.prediction import TaskSpec
 
 FORMAT = "xrayfed-checkpoint/1"
 
@@ -78,7 +78,7 @@ class Checkpoint:
 
     def build(self):
         """The plaintext torch model with these weights (eval mode)."""
-        from .model import build_model
+        from xrayfed.common.model import build_model
 
         model = build_model(self.model)
         load_weights(model, self.state_dict, what="checkpoint")

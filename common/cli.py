@@ -1,7 +1,9 @@
 """The ``xrayfed`` command line: one entry point, one sub-command per use.
 
-Each feature module registers its own sub-command(s) through ``register(subparsers)`` and keeps
-heavy imports (torch, flwr, crypten) inside its handler, so ``xrayfed --help`` stays fast.
+Each role has one ``commands`` module (:mod:`xrayfed.server.commands`,
+:mod:`xrayfed.client.commands`) that defines its sub-commands' arguments; a command's handler
+module is imported only when that command runs, so ``xrayfed --help`` stays fast. This is the
+one module of ``xrayfed.common`` that reaches up into the roles (the entry point).
 Bad input ends as one line ``xrayfed: error: ...`` (exit 2), never a traceback.
 """
 
@@ -11,17 +13,8 @@ import argparse
 import importlib
 import sys
 
-# Modules that contribute sub-commands (each has ``register(subparsers)``).
-COMMAND_MODULES = (
-    "xrayfed.server.superlink",  # xrayfed server
-    "xrayfed.client.supernode",  # xrayfed client
-    "xrayfed.server.demo",  # xrayfed demo
-    "xrayfed.server.report",  # xrayfed report
-    "xrayfed.client.inference_service",  # xrayfed serve-inference, issue-token
-    "xrayfed.server.ttp",  # xrayfed serve-ttp
-    "xrayfed.common.patient",  # xrayfed predict
-    "xrayfed.common.certs",  # xrayfed certs init | add-hospital
-)
+# The role's command modules (argument definitions only; handlers are imported when run).
+COMMAND_MODULES = ("xrayfed.server.commands", "xrayfed.client.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,24 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:  # a feature module not present in this build
-            if e.name == name:
-                continue
-            raise
-        mod.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
-    from .errors import UserError
+    from xrayfed.common.errors import UserError
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .logs import configure_logging
+    from xrayfed.common.logs import configure_logging
 
     configure_logging(verbose=args.verbose, timestamps=True)
     try:
@@ -60,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xrayfed: error: {e}", file=sys.stderr)
         return e.exit_code
     except ValidationError as e:
-        from .config import format_validation_error
+        from xrayfed.common.config import format_validation_error
 
         print(f"xrayfed: error: {format_validation_error(e)}", file=sys.stderr)
         return 2

@@ -16,9 +16,9 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
-from .model import ModelSpec
-from .tasks import TaskSpec
+from xrayfed.common.errors import UserError
+from xrayfed.common.model import ModelSpec
+from xrayfed.common.prediction import TaskSpec
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -99,7 +99,8 @@ class ServerNetwork(_Strict):
 class SecureAggregationSection(_Strict):
     """Flower SecAgg+ parameters (used when ``[federation] secure_aggregation = true``).
 
-    See :class:`xrayfed.server.secagg.SecAggPlusConfig` and ``docs/secure-federation.md``.
+    The server turns it into :class:`xrayfed.server.secagg.SecAggPlusConfig`
+    (``SecAggPlusConfig.from_section``); see ``docs/secure-federation.md``.
     """
 
     num_shares: float = Field(1.0, gt=0.0, description="neighbourhood size k per hospital (itself included): an "
@@ -131,24 +132,6 @@ class SecureAggregationSection(_Strict):
         if self.quantization_range >= m:
             raise ValueError(f"quantization_range {self.quantization_range} must be below modulus_range {m}")
         return self
-
-    def secagg_config(self, timeout: float | None = None):
-        """The :class:`xrayfed.server.secagg.SecAggPlusConfig` of this section."""
-        from xrayfed.server.secagg import SecAggPlusConfig
-
-        def num(v: float) -> int | float:
-            return int(v) if v > 1.0 else float(v)
-
-        return SecAggPlusConfig(
-            num_shares=num(self.num_shares),
-            reconstruction_threshold=num(self.reconstruction_threshold),
-            clipping_range=float(self.clipping_range),
-            quantization_range=int(self.quantization_range),
-            modulus_range=int(self.modulus_range),
-            max_weight=float(self.max_weight),
-            mode=self.mode,
-            timeout=timeout,
-        )
 
 
 class EvalData(_Strict):

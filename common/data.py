@@ -34,9 +34,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import UserError
-from .preprocess import SCAN_SUFFIXES, is_dicom, load_scan_uint8, normalize, read_dicom_patient_id, to_uint8
-from .tasks import NIH_LABELS, TaskSpec
+from xrayfed.common.errors import UserError
+from xrayfed.common.preprocess import SCAN_SUFFIXES, is_dicom, load_scan_uint8, normalize, read_dicom_patient_id, to_uint8
+from xrayfed.common.prediction import NIH_LABELS, TaskSpec
 
 log = logging.getLogger(__name__)
 

@@ -157,7 +157,7 @@ def _build_backbone(spec: ModelSpec):
     if spec.pretrained_path:
         path = Path(spec.pretrained_path)
         if not path.is_file():
-            from .errors import UserError
+            from xrayfed.common.errors import UserError
 
             raise UserError(f"model.pretrained_path: no file at {path} (weights load only from local files)")
         state = torch.load(path, map_location="cpu", weights_only=True)

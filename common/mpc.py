@@ -41,7 +41,7 @@ Protocol of one session (every party runs the same sequence):
 checkpoint and ``encrypt(src=0)`` secret-shares the weights (the patient's module only ever
 holds shares) → ``cryptensor(scan, src=1)`` secret-shares the scan (the hospital only holds a
 pseudo-random share) → encrypted forward pass → logits revealed to rank 1 only → the patient
-applies sigmoid/softmax in plaintext (:func:`xrayfed.common.tasks.probabilities`).
+applies sigmoid/softmax in plaintext (:func:`xrayfed.common.prediction.probabilities`).
 """
 
 from __future__ import annotations
@@ -141,8 +141,8 @@ def _crypten_layer(cnn, kind: str, kw: dict):
 def build_crypten_model(spec):
     """A plaintext (not yet encrypted) ``crypten.nn.Sequential`` for ``spec``: same layer plan,
     same state-dict keys as :func:`xrayfed.common.model.build_model`. Parameters start at zero."""
-    from .errors import UserError
-    from .model import layer_plan
+    from xrayfed.common.errors import UserError
+    from xrayfed.common.model import layer_plan
 
     if spec.arch != "xraynet":
         raise UserError(
@@ -165,9 +165,9 @@ def load_crypten_weights(cmodel, spec, state_dict: dict, what: str = "checkpoint
     checkpoint of another architecture); after the load every parameter is compared with the
     checkpoint, so a key that CrypTen silently skipped (``strict=False``) cannot go unnoticed.
     """
-    from .checkpoint import load_weights, strip_prefix
-    from .errors import UserError
-    from .model import build_model
+    from xrayfed.common.checkpoint import load_weights, strip_prefix
+    from xrayfed.common.errors import UserError
+    from xrayfed.common.model import build_model
 
     sd = strip_prefix(state_dict)
     load_weights(build_model(spec), sd, what=what)  # raises UserError on any mismatch
@@ -463,7 +463,7 @@ def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, mpc_bind: str, obs
     bound, ``("joined", None)`` once the patient and the TTP are in the session, then
     ``("done", stats)`` or ``("error", one-line message)``. Never data.
     """
-    from .checkpoint import from_bytes
+    from xrayfed.common.checkpoint import from_bytes
 
     p = SessionParams(**params)
     _worker_setup(p.timeout_s)
@@ -498,7 +498,7 @@ def patient_worker(conn, params: dict, spec_dict: dict, image_size: int, scan, o
     Sends ``("done", {"logits": [...], **stats})`` — the logits go to the caller, who *is* the
     patient here.
     """
-    from .model import ModelSpec
+    from xrayfed.common.model import ModelSpec
 
     p = SessionParams(**params)
     _worker_setup(p.timeout_s)
@@ -530,7 +530,7 @@ def run_local_session(pool: "WorkerPool", ckpt, scan: torch.Tensor, *, host: str
 
     import numpy as np
 
-    from .checkpoint import to_bytes
+    from xrayfed.common.checkpoint import to_bytes
 
     p = SessionParams(session_id=secrets.token_hex(16), host=host, port=0, timeout_s=timeout_s, threads=threads,
                       batch=int(scan.shape[0]))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError
+from xrayfed.common.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")

@@ -14,7 +14,7 @@ from typing import IO, Mapping, Sequence
 
 import psutil
 
-from .errors import UserError
+from xrayfed.common.errors import UserError
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
+from xrayfed.common.errors import UserError
 
 MAX_MESSAGE = 1 << 20  # requests/responses are small JSON objects (no scans, no weights)
 OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]

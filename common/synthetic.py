@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tasks import NIH_LABELS
+from xrayfed.common.prediction import NIH_LABELS
 
 N_PATTERNS = 14
 TaskName = str  # "binary" | "multiclass" | "multilabel"

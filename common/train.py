@@ -11,8 +11,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .errors import UserError
-from .tasks import TaskSpec, compute_metrics, loss_fn, prepare_targets
+from xrayfed.common.errors import UserError
+from xrayfed.common.prediction import TaskSpec, compute_metrics, loss_fn, prepare_targets
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def predict_logits(model, dataset, device: torch.device, batch_size: int = 256) 
 
 
 def evaluate(model, dataset, task: TaskSpec, device: torch.device, batch_size: int = 256) -> dict[str, float]:
-    """Task metrics (see :func:`xrayfed.common.tasks.compute_metrics`) plus ``loss``."""
+    """Task metrics (see :func:`xrayfed.common.prediction.compute_metrics`) plus ``loss``."""
     logits, targets = predict_logits(model, dataset, device, batch_size)
     metrics = compute_metrics(task, logits, targets)
     crit = loss_fn(task)

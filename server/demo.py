@@ -21,28 +21,6 @@ from xrayfed.common.errors import UserError
 MARKER = ".xrayfed-demo"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run a local federation: server + hospitals as separate processes",
-                       description="Run a complete federated DP training on this machine (synthetic scans "
-                                   "unless --data is given).")
-    p.add_argument("--data", type=Path, help="scans to split across hospitals (.npz, class folders, NIH, DICOM); "
-                                             "default: synthetic scans generated now")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (replaced if it is a demo folder)")
-    p.add_argument("--hospitals", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--epsilon", type=float, default=8.0, help="each hospital's total ε budget")
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--image-size", type=int, help="px (default: native size of .npz data, 32 synthetic, 224 otherwise)")
-    p.add_argument("--split", choices=("iid", "dirichlet", "patient"), default="iid",
-                   help="how scans are divided among hospitals")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet α for --split dirichlet")
-    p.add_argument("--local-epochs", type=float, default=5.0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.5)
-    p.add_argument("--width", type=int, default=32, help="XrayNet width")
-    p.set_defaults(func=run_demo_cmd)
-
-
 def _prepare_out(out: Path) -> None:
     if out.exists():
         if not (out / MARKER).exists():

@@ -33,8 +33,8 @@ from xrayfed.common.checkpoint import Checkpoint
 from xrayfed.common.config import FederationConfig, dump_toml
 from xrayfed.common.model import build_model
 
-from .rundir import RunDir
-from .strategy import make_strategy
+from xrayfed.server.rundir import RunDir
+from xrayfed.server.strategy import make_strategy
 
 log = logging.getLogger(__name__)
 PREFIX = "[xrayfed]"
@@ -78,7 +78,7 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     """Run the configured federation on ``grid``; ``atrest_key`` (default: from the environment)
     encrypts the checkpoints."""
     if atrest_key is None:
-        from xrayfed.common.atrest import load_key
+        from xrayfed.common.security.atrest import load_key
 
         atrest_key = load_key()
     run = RunDir(cfg.federation.run_dir, key=atrest_key).create()
@@ -106,7 +106,7 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
         return run
 
     eval_set = _load_eval_set(cfg)
-    from .strategy import ledger_anchors
+    from xrayfed.server.strategy import ledger_anchors
 
     anchors: dict[str, tuple[int, str]] = {}
     for row in run.read_metrics():
@@ -114,10 +114,10 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     strategy = make_strategy(cfg, round_offset=start_round, anchors=anchors)
     secure = ""
     if cfg.federation.secure_aggregation:
-        from .secagg import SecAggPlusGrid
+        from xrayfed.server.secagg import SecAggPlusConfig, SecAggPlusGrid
 
         sa = cfg.secure_aggregation
-        grid = SecAggPlusGrid(grid, sa.secagg_config())
+        grid = SecAggPlusGrid(grid, SecAggPlusConfig.from_section(sa))
         def _n(v: float, of: str) -> str:
             return f"{v:.0%} of {of}" if v <= 1.0 else f"{int(v)}"
 

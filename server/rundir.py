@@ -9,7 +9,7 @@ Layout::
 
 With an at-rest key (``xrayfed server --atrest-key-file`` or ``$XRAYFED_ATREST_KEY_FILE`` /
 ``$XRAYFED_ATREST_KEY``), checkpoints are written AES-256-GCM encrypted
-(:mod:`xrayfed.common.atrest`, mode 0600) and only encrypted checkpoints are accepted when
+(:mod:`xrayfed.common.security.atrest`, mode 0600) and only encrypted checkpoints are accepted when
 resuming: a wrong key is a one-line error naming the file, and a plaintext checkpoint swapped
 into an encrypted run is refused. ``metrics.jsonl`` and ``server.log`` stay plaintext (they
 hold per-round figures and logs, no model weights).
@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from xrayfed.common import atrest
+from xrayfed.common.security import atrest
 from xrayfed.common.checkpoint import Checkpoint
 
 _CKPT = re.compile(r"^round-(\d{4,})\.pt$")

@@ -39,7 +39,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
-from xrayfed.common import secagg_protocol as P
+from xrayfed.common.protocol import secagg as P
 from xrayfed.common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,20 @@ class SecAggPlusConfig:
     weight_key: str = "num-examples"
     timeout: float | None = None
 
+
+    @classmethod
+    def from_section(cls, section, timeout: float | None = None) -> "SecAggPlusConfig":
+        """From the operator's ``[secure_aggregation]`` section
+        (:class:`xrayfed.common.config.SecureAggregationSection`): counts above 1 are integers,
+        fractions stay floats."""
+
+        def num(v: float) -> int | float:
+            return int(v) if v > 1.0 else float(v)
+
+        return cls(num_shares=num(section.num_shares), reconstruction_threshold=num(section.reconstruction_threshold),
+                   clipping_range=float(section.clipping_range), quantization_range=int(section.quantization_range),
+                   modulus_range=int(section.modulus_range), max_weight=float(section.max_weight), mode=section.mode,
+                   timeout=timeout)
     def workflow(self):
         from flwr.server.workflow import SecAggPlusWorkflow
 

@@ -13,7 +13,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from .federation import run_federation
+    from xrayfed.server.federation import run_federation
 
     configure_logging()
     cfg = load_config(FederationConfig, str(context.run_config["config-path"]))

@@ -87,7 +87,7 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
 
     ``anchors``: ``{hospital: (seq, head)}``, the ledger heads recorded so far (a resumed run
     reads them from metrics.jsonl). Every training request carries them (keyed by
-    :func:`xrayfed.common.ledger.anchor_id`, not by name) so each hospital can check that its
+    :func:`xrayfed.common.privacy.ledger.anchor_id`, not by name) so each hospital can check that its
     ledger still holds the line it reported: truncation or rollback is caught at its next round.
     """
     fed = cfg.federation
@@ -132,7 +132,7 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
             return c
 
         def configure_train(self, server_round, arrays, config, grid):
-            from xrayfed.common.ledger import anchor_id
+            from xrayfed.common.privacy.ledger import anchor_id
 
             c = self._with_info(server_round, config)
             c["ledger-anchors"] = json.dumps({anchor_id(fed.name, h): [seq, head]

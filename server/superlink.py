@@ -53,22 +53,6 @@ config-path = ""
 """
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("server", help="run the federation server (Flower SuperLink + ServerApp)",
-                       description="Start the aggregation server and run the federation described by the config.")
-    p.add_argument("--config", required=True, type=Path, help="federation.toml")
-    p.add_argument("--run-dir", type=Path, help="override [federation] run_dir")
-    p.add_argument("--rounds", type=int, help="override [federation] rounds")
-    p.add_argument("--min-clients", type=int, help="override [federation] min_clients")
-    p.add_argument("--listen", help="override [network] listen HOST:PORT (the port hospitals connect to)")
-    p.add_argument("--insecure", action="store_true", default=None,
-                   help="no TLS (local experiments only; prints a warning)")
-    from xrayfed.common.atrest import add_key_argument
-
-    add_key_argument(p, help="encrypt the run's checkpoints at rest with this key")
-    p.set_defaults(func=run_server_cmd)
-
-
 def load_federation_config(args: argparse.Namespace):
     from xrayfed.common.config import FederationConfig, load_config
 
@@ -118,8 +102,8 @@ def hospital_keys_to_register(cfg) -> tuple[dict[str, Path], dict[str, str], lis
     manifest ``PKI/certs.json``: a hospital revoked there (``xrayfed certs revoke-hospital``) is
     not registered again, even if its key is still listed in the config.
     """
-    from xrayfed.common.certs import MANIFEST, read_manifest
-    from xrayfed.common.flower_security import public_key_fingerprint
+    from xrayfed.common.security.pki import MANIFEST, read_manifest
+    from xrayfed.common.security.pki import public_key_fingerprint
 
     register: dict[str, Path] = {}
     names: dict[str, str] = {}
@@ -152,7 +136,7 @@ def hospital_keys_to_register(cfg) -> tuple[dict[str, Path], dict[str, str], lis
 
 def _registered_fingerprints(home: Path):
     """For the gateway: the fingerprints of the hospital keys the SuperLink has registered now."""
-    from xrayfed.common.flower_security import node_keys
+    from xrayfed.server.registry import node_keys
 
     def current() -> set[str]:
         return {r["fingerprint"] for r in node_keys(home) if r.get("status") not in ("unregistered", "deleted")}
@@ -202,10 +186,11 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atres
     """Start the SuperLink, submit the run, stream its summary lines; returns an exit code."""
     import subprocess
 
-    from xrayfed.common.atrest import ENV_KEY_FILE, load_key
+    from xrayfed.common.security.atrest import ENV_KEY_FILE, load_key
     from xrayfed.common.config import dump_toml
-    from xrayfed.common.flower_security import (
-        FleetGateway, flower_env, register_hospitals, superlink_args_from_config, warn_insecure, write_flwr_home)
+    from xrayfed.common.flower_launch import flower_env, superlink_args_from_config, warn_insecure, write_flwr_home
+    from xrayfed.server.gateway import FleetGateway
+    from xrayfed.server.registry import register_hospitals
     from xrayfed.common.procs import ProcessGroup, free_port, kill_tree, parse_hostport, spawn, venv_bin, wait_for_port
 
     host, port = parse_hostport(cfg.network.listen, "network.listen")
@@ -216,7 +201,9 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atres
     keys, names, revoked = hospital_keys_to_register(cfg)
     atrest_key = load_key(atrest_key_file)  # a bad key file fails here, before anything starts
     if cfg.federation.secure_aggregation:
-        cfg.secure_aggregation.secagg_config().workflow()  # Flower's own checks of the SecAgg+ parameters
+        from xrayfed.server.secagg import SecAggPlusConfig
+
+        SecAggPlusConfig.from_section(cfg.secure_aggregation).workflow()  # Flower's own checks of the parameters
     if insecure:
         warn_insecure("the federation")
     if cfg.eval.path is not None and not Path(cfg.eval.path).exists():

@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..common.errors import UserError
+from xrayfed.common.errors import UserError
 
 log = logging.getLogger("xrayfed.ttp")
 SERVICE = "xrayfed.ttp.v1.TTP"
@@ -74,7 +74,7 @@ class TTPService:
     def start_session(self, request: dict, context) -> dict:
         import grpc
 
-        from ..common import mpc
+        from xrayfed.common import mpc
 
         self._authorise(context)
         sid = request.get("session_id")
@@ -122,7 +122,7 @@ class TTPService:
                 self.slots.release()
 
     def stop_all(self) -> None:
-        from ..common import mpc
+        from xrayfed.common import mpc
 
         with self.lock:
             procs = list(self.workers.values())
@@ -130,27 +130,8 @@ class TTPService:
             mpc.stop_worker(p)
 
 
-# --------------------------------------------------------------------------- CLI
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve-ttp",
-                       help="run the crypto provider (CrypTen trusted third party) for encrypted inference",
-                       description="The crypto provider of encrypted inference: deals CrypTen's multiplication "
-                       "triples. Run it on a host the hospital does not control.")
-    p.add_argument("--config", type=Path, help="TOML file with TTPConfig settings")
-    p.add_argument("--listen", help="gRPC address HOST:PORT (default 127.0.0.1:9444)")
-    p.add_argument("--cert", type=Path, help="TLS certificate (PEM)")
-    p.add_argument("--key", type=Path, help="TLS private key (PEM)")
-    p.add_argument("--secret", type=Path, help="file with the secret shared with the inference service")
-    p.add_argument("--session-timeout", type=float, help="seconds before a session is torn down (default 120)")
-    p.add_argument("--max-sessions", type=int, help="concurrent sessions (default 8)")
-    p.add_argument("--allow-rendezvous", action="append", metavar="HOST",
-                   help="rendezvous host the TTP may join (repeatable; default: any)")
-    p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
-    p.set_defaults(func=_cmd_serve)
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ..common.config import TTPConfig, load_config
+    from xrayfed.common.config import TTPConfig, load_config
 
     cfg = load_config(TTPConfig, args.config, {
         "listen": args.listen, "tls.cert": str(args.cert) if args.cert else None,
@@ -162,8 +143,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
-    from ..common import rpc
-    from ..common.procs import parse_hostport
+    from xrayfed.common import rpc
+    from xrayfed.common.procs import parse_hostport
 
     host, port = parse_hostport(cfg.listen, "listen")
     secret = read_secret(cfg.secret, "TTP secret (--secret)")
@@ -175,7 +156,7 @@ def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | Non
               file=sys.stderr, flush=True)
 
     # Warm the zygote (imports torch + CrypTen once) BEFORE any gRPC thread exists.
-    from ..common.mpc import WorkerPool
+    from xrayfed.common.mpc import WorkerPool
 
     pool = WorkerPool()
     warm_s = pool.warm()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from xrayfed.client.privacy import compute_epsilon
-from xrayfed.common.accounting import (
+from xrayfed.common.privacy.accounting import (
     TOL_ABS,
     TOL_REL,
     judge,

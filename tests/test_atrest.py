@@ -9,8 +9,8 @@ import stat
 import pytest
 import torch
 
-from xrayfed.common import atrest
-from xrayfed.common.atrest import (
+from xrayfed.common.security import atrest
+from xrayfed.common.security.atrest import (
     AtRestKey,
     decrypt_bytes,
     decrypt_line,
@@ -73,7 +73,7 @@ def test_tampering_is_detected_everywhere(key):
 def test_checkpoint_round_trip(tmp_path, key):
     from xrayfed.common.checkpoint import Checkpoint
     from xrayfed.common.model import ModelSpec
-    from xrayfed.common.tasks import TaskSpec
+    from xrayfed.common.prediction import TaskSpec
 
     sd = {"w": torch.randn(4, 3), "b": torch.zeros(4)}
     ck = Checkpoint(model=ModelSpec(), task=TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")),
@@ -178,7 +178,7 @@ def _hospital(tmp_path, name="st-mary", **privacy):
 
 def test_encrypted_privacy_ledger_round_trip_and_errors(tmp_path, key):
     from xrayfed.client.privacy import PrivacyLedger, plan_dp
-    from xrayfed.common.ledger import LedgerError, line_hash, read_ledger
+    from xrayfed.common.privacy.ledger import LedgerError, line_hash, read_ledger
 
     cfg = _hospital(tmp_path)
     plan = plan_dp(cfg, 1000)
@@ -217,7 +217,7 @@ def test_plaintext_ledger_is_refused_when_a_key_is_set(tmp_path, key):
     """An insider writes a plaintext ledger (ε 0) where an encrypted one is expected: refused,
     whether it was signed with the default ledger key or not."""
     from xrayfed.client.privacy import PrivacyLedger, plan_dp
-    from xrayfed.common.ledger import LedgerError, read_ledger
+    from xrayfed.common.privacy.ledger import LedgerError, read_ledger
 
     cfg = _hospital(tmp_path)
     plan = plan_dp(cfg, 1000)
@@ -253,7 +253,7 @@ def test_release_cache_encrypted(tmp_path, key):
 def test_rundir_checkpoints_encrypted(tmp_path, key, key_hex):
     from xrayfed.common.checkpoint import Checkpoint
     from xrayfed.common.model import ModelSpec
-    from xrayfed.common.tasks import TaskSpec
+    from xrayfed.common.prediction import TaskSpec
     from xrayfed.server.rundir import RunDir
 
     ck = Checkpoint(model=ModelSpec(), task=TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")),
@@ -295,7 +295,7 @@ def test_report_cli_reads_an_encrypted_ledger_with_the_key_flag(tmp_path, key, k
     led.ensure_header(plan_dp(cfg, 1000))
     led.charge(plan_dp(cfg, 1000), federation="f", server_round=1, key="k1")
     kf = tmp_path / "atrest.key"
-    from xrayfed.common.certs import make_atrest_key
+    from xrayfed.common.security.pki import make_atrest_key
 
     make_atrest_key(kf)
     assert cli.main(["report", "--ledger", str(led.path), "--out", str(tmp_path / "r0"), "--format", "json"]) == 2

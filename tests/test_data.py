@@ -15,7 +15,7 @@ from xrayfed.common import data as D
 from xrayfed.common import preprocess as P
 from xrayfed.common.errors import UserError
 from xrayfed.common.synthetic import make_synthetic, write_class_folders, write_npz
-from xrayfed.common.tasks import NIH_LABELS, TaskSpec
+from xrayfed.common.prediction import NIH_LABELS, TaskSpec
 
 from dicom_files import write_dicom as _write_dicom
 

@@ -24,12 +24,12 @@ import psutil
 import pytest
 import torch
 
-from xrayfed.common import tokens
+from xrayfed.common.security import tokens
 from xrayfed.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from xrayfed.common.errors import UserError
 from xrayfed.common.model import ModelSpec, build_model
 from xrayfed.common.procs import free_port, kill_tree, spawn, venv_bin, wait_for_port
-from xrayfed.common.tasks import NIH_LABELS, TaskSpec, probabilities
+from xrayfed.common.prediction import NIH_LABELS, TaskSpec, probabilities
 
 import dicom_files
 
@@ -133,7 +133,7 @@ class Stack:
     """TTP + binary service + 14-label service, started as real CLI processes."""
 
     def __init__(self, root: Path) -> None:
-        from xrayfed.common.certs import init_pki
+        from xrayfed.common.security.pki import init_pki
 
         self.root = root
         init_pki(root / "pki")
@@ -284,7 +284,7 @@ def test_concurrent_requests_get_separate_sessions(stack, tmp_path):
 # --------------------------------------------------------------------------- authorisation
 @pytest.mark.slow
 def test_bad_tokens_and_foreign_dicom_are_refused(stack, tmp_path):
-    from xrayfed.common.patient import predict
+    from xrayfed.client.patient import predict
 
     png = write_png(tmp_path / "scan.png", seed=4)
     now = int(time.time())
@@ -334,7 +334,7 @@ def test_ttp_only_serves_the_hospital(stack):
 @pytest.mark.slow
 def test_bad_input_is_one_clear_line_and_service_stays_up(stack, tmp_path):
     from xrayfed.common import rpc
-    from xrayfed.common.patient import predict
+    from xrayfed.client.patient import predict
 
     good = write_png(tmp_path / "good.png", seed=7)
     not_image = tmp_path / "notes.png"
@@ -558,7 +558,7 @@ def test_checkpoint_with_mismatching_architecture_is_refused(tmp_path):
 
 
 def test_format_result_prints_class_names():
-    from xrayfed.common.patient import format_result
+    from xrayfed.client.patient import format_result
 
     text = format_result({"class_names": ["NORMAL", "PNEUMONIA"], "probabilities": [0.25, 0.75], "task": "binary",
                           "model_version": "abc", "timing": {"total_s": 1.0, "session_s": 0.5}})

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from xrayfed.common.config import FederationConfig, HospitalConfig, dump_toml
-from xrayfed.common.ledger import read_ledger
+from xrayfed.common.privacy.ledger import read_ledger
 from xrayfed.common.procs import free_port
 
 pytestmark = pytest.mark.slow
@@ -109,7 +109,7 @@ def test_two_hospitals_two_rounds_then_resume_and_refuse(tmp_path, data_npz):
     # The server recorded each reply's ledger head (an anchor against truncation) and, after the
     # restart, sent them back from metrics.jsonl: both ledgers hold every recorded head, and h0
     # trained round 3 after checking its own.
-    from xrayfed.common.ledger import check_anchor
+    from xrayfed.common.privacy.ledger import check_anchor
 
     for name in ("h0", "h1"):
         recs = read_ledger(tmp_path / f"state-{name}" / "privacy-ledger.jsonl")

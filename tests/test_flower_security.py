@@ -22,11 +22,14 @@ import numpy as np
 import psutil
 import pytest
 
-from xrayfed.common import flower_security as fs
-from xrayfed.common.certs import add_hospital, init_pki
+from xrayfed.server import gateway
+from xrayfed.common import flower_launch as launch
+from xrayfed.common.security.pki import public_key_fingerprint
+from xrayfed.server import registry
+from xrayfed.common.security.pki import add_hospital, init_pki
 from xrayfed.common.errors import UserError
 from xrayfed.common.procs import free_port, kill_tree, spawn, venv_bin, wait_for_port
-from xrayfed.common.secagg_protocol import PRG_NAME
+from xrayfed.common.protocol.secagg import PRG_NAME
 
 pytestmark = pytest.mark.timeout(420)
 TOY_APP = Path(__file__).parent / "flower_toy"
@@ -44,7 +47,7 @@ class Federation:
         self.root, self.pki = root, pki
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.home = fs.write_flwr_home(root / "server-home", self.address, root_certificates=pki / "ca.pem")
+        self.home = launch.write_flwr_home(root / "server-home", self.address, root_certificates=pki / "ca.pem")
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
 
@@ -53,12 +56,12 @@ class Federation:
         log = self.root / f"{name}.log"
         self.logs[name] = log
         with log.open("ab") as f:
-            proc = spawn(cmd, log=f, env=fs.flower_env(home))
+            proc = spawn(cmd, log=f, env=launch.flower_env(home))
         self.procs[name] = proc
         return proc
 
     def start_superlink(self) -> None:
-        args = fs.superlink_args(ca_cert=self.pki / "ca.pem", cert=self.pki / "server.pem",
+        args = launch.superlink_args(ca_cert=self.pki / "ca.pem", cert=self.pki / "server.pem",
                                  key=self.pki / "server.key", supernode_auth=True)
         proc = self._spawn("superlink", [venv_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
                                          "--disable-runtime-dependency-installation", *args], self.home)
@@ -66,7 +69,7 @@ class Federation:
         self.wait_log("superlink", r"Uvicorn running on https://", 60)
 
     def start_supernode(self, name: str, *, key: Path | None, root_ca: Path, node_config: str = "") -> subprocess.Popen:
-        args = fs.supernode_args(superlink=self.address, root_certificates=root_ca, auth_private_key=key)
+        args = launch.supernode_args(superlink=self.address, root_certificates=root_ca, auth_private_key=key)
         cmd = [venv_bin("flower-supernode"), *args, "--port", str(free_port())]
         if node_config:
             cmd += ["--node-config", node_config]
@@ -90,8 +93,8 @@ class Federation:
     def run_app(self, mode: str, out: Path, min_nodes: int = 2, timeout: float = 240) -> dict:
         cfg = f'mode="{mode}" out="{out}" min-nodes={min_nodes} max-weight=100.0'
         with (self.root / f"run-{mode}-{out.stem}.log").open("wb") as f:
-            proc = spawn([venv_bin("flwr"), "run", str(TOY_APP), fs.DEFAULT_CONNECTION, "--stream", "--run-config", cfg],
-                         log=f, env=fs.flower_env(self.home))
+            proc = spawn([venv_bin("flwr"), "run", str(TOY_APP), launch.DEFAULT_CONNECTION, "--stream", "--run-config", cfg],
+                         log=f, env=launch.flower_env(self.home))
             try:
                 rc = proc.wait(timeout=timeout)
             finally:
@@ -119,7 +122,7 @@ def fed(tmp_path_factory, pki):
     f = Federation(root, pki["fed"])
     try:
         f.start_superlink()
-        ids = fs.register_hospitals(f.home, {n: pki["fed"] / "hospitals" / n / "auth.pub" for n in HOSPITALS})
+        ids = registry.register_hospitals(f.home, {n: pki["fed"] / "hospitals" / n / "auth.pub" for n in HOSPITALS})
         f.node_ids = ids
         for name, (val, n) in HOSPITALS.items():
             f.start_supernode(name, key=pki["fed"] / "hospitals" / name / "auth.key",
@@ -156,7 +159,7 @@ def test_supernode_without_key_cannot_self_register(fed, pki):
     proc = fed.start_supernode("nokey", key=None, root_ca=pki["fed"] / "ca.pem")
     assert proc.wait(timeout=90) != 0
     assert "must be registered via the CLI" in fed.log("nokey")
-    assert any(r["code"] == 2001 for r in fs.refused_keys_in_log(fed.log("superlink")))
+    assert any(r["code"] == 2001 for r in registry.refused_keys_in_log(fed.log("superlink")))
 
 
 @pytest.mark.slow
@@ -211,8 +214,8 @@ def test_secagg_sum_equals_plain_fedavg_and_server_sees_no_update(fed, tmp_path)
 
 @pytest.mark.slow
 def test_required_secagg_and_revocation(fed, pki, tmp_path):
-    node = fs.register_hospital(fed.home, pki["fed"] / "hospitals/h5/auth.pub", name="h5")
-    assert fs.register_hospital(fed.home, pki["fed"] / "hospitals/h5/auth.pub", name="h5") == node  # idempotent
+    node = registry.register_hospital(fed.home, pki["fed"] / "hospitals/h5/auth.pub", name="h5")
+    assert registry.register_hospital(fed.home, pki["fed"] / "hospitals/h5/auth.pub", name="h5") == node  # idempotent
     proc = fed.start_supernode("h5", key=pki["fed"] / "hospitals/h5/auth.key", root_ca=pki["fed"] / "hospitals/h5/ca.pem",
                                node_config="val=5.0 n=20 require-secagg=true")
     fed.wait_online(node)
@@ -228,45 +231,45 @@ def test_required_secagg_and_revocation(fed, pki, tmp_path):
 
     r = subprocess.run([sys.executable, "-m", "xrayfed.common.cli", "certs", "revoke-hospital", "h5",
                         "--out", str(pki["fed"]), "--superlink", fed.address],
-                       capture_output=True, text=True, env=fs.flower_env(), timeout=180)
+                       capture_output=True, text=True, env=launch.flower_env(), timeout=180)
     assert r.returncode == 0, r.stderr
     assert f"SuperNode {node} unregistered" in r.stdout
     assert json.loads((pki["fed"] / "certs.json").read_text())["hospitals"]["h5"]["revoked"] is True
     assert proc.wait(timeout=90) is not None
     assert re.search(r'"POST /v1/fleet/\S+ HTTP/1.1" 401', fed.log("superlink"))
     with pytest.raises(UserError, match="revoked"):
-        fs.register_hospital(fed.home, pki["fed"] / "hospitals/h5/auth.pub", name="h5")
-    assert node not in {int(n["node-id"]) for n in fs.list_nodes(fed.home) if n["status"] != "unregistered"}
+        registry.register_hospital(fed.home, pki["fed"] / "hospitals/h5/auth.pub", name="h5")
+    assert node not in {int(n["node-id"]) for n in registry.list_nodes(fed.home) if n["status"] != "unregistered"}
     # a new key for the same hospital is accepted
     add_hospital(pki["fed"], "h5", force=True)
-    assert fs.register_hospital(fed.home, pki["fed"] / "hospitals/h5/auth.pub", name="h5") != node
+    assert registry.register_hospital(fed.home, pki["fed"] / "hospitals/h5/auth.pub", name="h5") != node
 
 
 def test_argument_builders_refuse_bad_combinations(tmp_path, pki):
     with pytest.raises(UserError, match="needs TLS"):
-        fs.superlink_args(insecure=True, supernode_auth=True)
+        launch.superlink_args(insecure=True, supernode_auth=True)
     with pytest.raises(UserError, match="ca_cert is not set"):
-        fs.superlink_args()
+        launch.superlink_args()
     with pytest.raises(UserError, match="no file"):
-        fs.superlink_args(ca_cert=tmp_path / "x", cert=tmp_path / "y", key=tmp_path / "z")
-    assert fs.superlink_args(insecure=True) == ["--insecure"]
-    assert fs.supernode_args(superlink="h:1", insecure=True) == ["--superlink", "h:1", "--insecure"]
+        launch.superlink_args(ca_cert=tmp_path / "x", cert=tmp_path / "y", key=tmp_path / "z")
+    assert launch.superlink_args(insecure=True) == ["--insecure"]
+    assert launch.supernode_args(superlink="h:1", insecure=True) == ["--superlink", "h:1", "--insecure"]
     key = tmp_path / "auth.key"
     key.write_bytes((pki["fed"] / "hospitals/h1/auth.key").read_bytes())
     key.chmod(0o644)
     with pytest.raises(UserError, match="readable by other users"):
-        fs.supernode_args(superlink="h:1", root_certificates=pki["fed"] / "ca.pem", auth_private_key=key)
-    toml = fs.connection_toml("127.0.0.1:1", root_certificates=pki["fed"] / "ca.pem")
+        launch.supernode_args(superlink="h:1", root_certificates=pki["fed"] / "ca.pem", auth_private_key=key)
+    toml = launch.connection_toml("127.0.0.1:1", root_certificates=pki["fed"] / "ca.pem")
     import tomllib
 
     conf = tomllib.loads(toml)
     assert conf["superlink"]["default"] == "xrayfed"
     assert conf["superlink"]["xrayfed"]["root-certificates"] == str((pki["fed"] / "ca.pem").resolve())
-    assert tomllib.loads(fs.connection_toml("127.0.0.1:1", insecure=True))["superlink"]["xrayfed"]["insecure"] is True
+    assert tomllib.loads(launch.connection_toml("127.0.0.1:1", insecure=True))["superlink"]["xrayfed"]["insecure"] is True
     import io
 
     buf = io.StringIO()
-    line = fs.warn_insecure("the federation", stream=buf)
+    line = launch.warn_insecure("the federation", stream=buf)
     assert buf.getvalue().strip() == line and "WITHOUT TLS" in line and line.count("\n") == 0
 
 
@@ -277,7 +280,7 @@ def test_strong_mask_generator():
     client_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
     server_mod = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
 
-    from xrayfed.common.secagg_protocol import aes_ctr_prg, strong_masks
+    from xrayfed.common.protocol.secagg import aes_ctr_prg, strong_masks
 
     dims = [(1,), (3, 4), ()]
     a = aes_ctr_prg(b"s" * 32, 2**32, dims)
@@ -307,10 +310,12 @@ def test_secure_aggregation_and_network_config_are_validated(tmp_path):
 
     c = cfg("[federation]\nsecure_aggregation = true\n[secure_aggregation]\nnum_shares = 5\n"
             "reconstruction_threshold = 3\nmax_weight = 2000\n")
-    sa = c.secure_aggregation.secagg_config(timeout=30.0)
+    from xrayfed.server.secagg import SecAggPlusConfig
+
+    sa = SecAggPlusConfig.from_section(c.secure_aggregation, timeout=30.0)
     assert (sa.num_shares, sa.reconstruction_threshold, sa.max_weight, sa.timeout) == (5, 3, 2000.0, 30.0)
-    assert isinstance(sa.num_shares, int) and isinstance(c.secure_aggregation.secagg_config().num_shares, int)
-    assert cfg("").secure_aggregation.secagg_config().num_shares == 1.0  # default: every sampled hospital
+    assert isinstance(sa.num_shares, int) and isinstance(SecAggPlusConfig.from_section(c.secure_aggregation).num_shares, int)
+    assert SecAggPlusConfig.from_section(cfg("").secure_aggregation).num_shares == 1.0  # default: every sampled hospital
     for bad, msg in [
         ("[federation]\nsecure_aggregation = true\nmin_clients = 1\n", "min_clients ≥ 2"),
         ("[secure_aggregation]\nnum_shares = 2.5\n", "integer ≥ 2 or a fraction"),
@@ -327,7 +332,7 @@ def test_secure_aggregation_and_network_config_are_validated(tmp_path):
 
 
 def test_revoked_hospital_is_not_registered_at_server_start(tmp_path):
-    from xrayfed.common.certs import revoke_hospital
+    from xrayfed.common.security.pki import revoke_hospital
     from xrayfed.common.config import FederationConfig
     from xrayfed.server.superlink import hospital_keys_to_register
 
@@ -372,7 +377,7 @@ def test_fleet_gateway_passes_only_the_fleet_api(tmp_path, pki):
     t.start()
     seen: list[dict] = []
     port = free_port()
-    gw = fs.FleetGateway("127.0.0.1", port, f"http://127.0.0.1:{up.server_address[1]}",
+    gw = gateway.FleetGateway("127.0.0.1", port, f"http://127.0.0.1:{up.server_address[1]}",
                          certfile=pki["fed"] / "server.pem", keyfile=pki["fed"] / "server.key",
                          upstream_ca=pki["fed"] / "ca.pem", on_refusal=seen.append).start()
     try:
@@ -431,8 +436,8 @@ def test_listing_hospital_keys_turns_authentication_on(tmp_path):
         (pki / f).write_text("x")
     tls = {"network.tls.ca_cert": str(pki / "ca.pem"), "network.tls.cert": str(pki / "server.pem"),
            "network.tls.key": str(pki / "server.key")}
-    on = fs.superlink_args_from_config(load_config(FederationConfig, None, dict(keys, **tls)).network)
-    off = fs.superlink_args_from_config(load_config(FederationConfig, None, dict(tls, **{
+    on = launch.superlink_args_from_config(load_config(FederationConfig, None, dict(keys, **tls)).network)
+    off = launch.superlink_args_from_config(load_config(FederationConfig, None, dict(tls, **{
         "network.supernode_auth": False})).network)
     assert "--enable-supernode-auth" in on and "--enable-supernode-auth" not in off
 
@@ -482,9 +487,9 @@ def test_fleet_gateway_bounds_unauthenticated_bodies_and_concurrency(tmp_path, p
     up = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
     threading.Thread(target=up.serve_forever, daemon=True).start()
     h1 = pki["fed"] / "hospitals" / "h1"
-    fp_h1 = fs.public_key_fingerprint(h1 / "auth.pub")
+    fp_h1 = public_key_fingerprint(h1 / "auth.pub")
     port = free_port()
-    gw = fs.FleetGateway("127.0.0.1", port, f"http://127.0.0.1:{up.server_address[1]}", insecure=True,
+    gw = gateway.FleetGateway("127.0.0.1", port, f"http://127.0.0.1:{up.server_address[1]}", insecure=True,
                          registered_keys=lambda: {fp_h1}, max_per_client=2).start()
     sent = [0]
 

@@ -12,7 +12,7 @@ from xrayfed.client.hospital import evaluate_round, train_round
 from xrayfed.client.privacy import PrivacyLedger, plan_dp, request_key
 from xrayfed.common.checkpoint import weights_version
 from xrayfed.common.config import HospitalConfig, load_config
-from xrayfed.common.ledger import read_ledger
+from xrayfed.common.privacy.ledger import read_ledger
 from xrayfed.common.model import ModelSpec, build_model
 
 
@@ -48,7 +48,7 @@ def request(round_: int, spec: ModelSpec, **extra):
 def test_dp_training_learns_synthetic_finding(tmp_path, npz):
     """Five DP rounds at ε = 8 on synthetic scans with a visible finding reach AUC ≥ 0.9."""
     from xrayfed.common.data import load_dataset
-    from xrayfed.common.tasks import TaskSpec
+    from xrayfed.common.prediction import TaskSpec
     from xrayfed.common.train import evaluate
 
     torch.manual_seed(0)
@@ -205,7 +205,7 @@ def test_truncated_ledger_is_caught_by_the_servers_anchor(tmp_path, small_npz):
     the head the server recorded after the last reply is missing, so the next round is refused."""
     import shutil
 
-    from xrayfed.common.ledger import anchor_id
+    from xrayfed.common.privacy.ledger import anchor_id
 
     cfg = small_cfg(tmp_path, small_npz)
     spec = ModelSpec(num_outputs=1, width=4)

@@ -8,7 +8,7 @@ import torch
 from xrayfed.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from xrayfed.common.errors import UserError
 from xrayfed.common.model import ModelSpec, build_model, count_parameters, layer_plan
-from xrayfed.common.tasks import TaskSpec
+from xrayfed.common.prediction import TaskSpec
 
 
 def test_xraynet_is_compact_resolution_agnostic_and_dp_ready():

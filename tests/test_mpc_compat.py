@@ -13,7 +13,7 @@ import torch
 from xrayfed.common.checkpoint import Checkpoint
 from xrayfed.common.errors import UserError
 from xrayfed.common.model import ModelSpec, build_model
-from xrayfed.common.tasks import TaskSpec
+from xrayfed.common.prediction import TaskSpec
 
 mpc = pytest.importorskip("xrayfed.common.mpc")
 

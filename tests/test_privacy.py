@@ -18,7 +18,7 @@ from xrayfed.client.privacy import (
 )
 from xrayfed.common.config import HospitalConfig, load_config
 from xrayfed.common.errors import UserError
-from xrayfed.common.ledger import LedgerError, read_ledger
+from xrayfed.common.privacy.ledger import LedgerError, read_ledger
 
 
 def hcfg(tmp_path, **over):
@@ -119,7 +119,7 @@ def test_rechained_ledger_without_the_key_is_refused(tmp_path):
     import hashlib
     import hmac
 
-    from xrayfed.common.ledger import GENESIS, _canonical
+    from xrayfed.common.privacy.ledger import GENESIS, _canonical
 
     cfg, ledger = _ledger_with_rounds(tmp_path)
     honest = ledger.spent()

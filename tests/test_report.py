@@ -15,7 +15,8 @@ import pytest
 from report_synth import Site, hospital_config, make_run
 from xrayfed.client.privacy import BudgetExceeded, PrivacyLedger, compute_epsilon, plan_dp
 from xrayfed.common import cli
-from xrayfed.common.ledger import append_record
+from xrayfed.common.privacy.ledger import append_record
+from xrayfed.common.errors import UserError
 from xrayfed.server import report as R
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
@@ -146,7 +147,7 @@ def test_tampered_ledger_line_is_named_by_the_cli(known, tmp_path, capsys):
     # A deleted line is named too (the line after the gap).
     del lines[1]
     bad.write_text("".join(lines))
-    with pytest.raises(R.UserError, match=r"line 2: sequence number"):
+    with pytest.raises(UserError, match=r"line 2: sequence number"):
         R.build_hospital_report(bad)
 
 

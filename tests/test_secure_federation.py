@@ -23,8 +23,8 @@ import psutil
 import pytest
 import torch
 
-from xrayfed.common import atrest
-from xrayfed.common.certs import init_pki, make_atrest_key
+from xrayfed.common.security import atrest
+from xrayfed.common.security.pki import init_pki, make_atrest_key
 from xrayfed.common.config import FederationConfig, HospitalConfig, dump_toml
 from xrayfed.common.errors import UserError
 from xrayfed.common.procs import free_port, kill_tree, spawn
@@ -128,11 +128,12 @@ def run(tmp_path_factory):
         start("h3-unregistered", client("h3", "h3", pki / "hospitals" / "h3" / "ca.pem"))
         start("h1-other-ca", client("h4", "h1", other / "ca.pem"))
         # An outsider (it has the public CA certificate) calls the Control API on the public port.
-        from xrayfed.common import flower_security as fs
+        from xrayfed.common import flower_launch as launch
+        from xrayfed.server import registry
 
-        outsider = fs.write_flwr_home(root / "outsider-home", f"127.0.0.1:{port}", root_certificates=pki / "ca.pem")
+        outsider = launch.write_flwr_home(root / "outsider-home", f"127.0.0.1:{port}", root_certificates=pki / "ca.pem")
         try:
-            fs.register_hospital(outsider, pki / "hospitals" / "h3" / "auth.pub", name="sybil", timeout=60)
+            registry.register_hospital(outsider, pki / "hospitals" / "h3" / "auth.pub", name="sybil", timeout=60)
             result["outsider_registered"] = True
         except UserError as e:
             result["outsider_registered"] = False
@@ -166,7 +167,7 @@ def test_tls_secagg_round_with_registered_hospitals(run):
     assert set(hs) == {*GOOD, BROKE} and sorted(rows[0]["participants"]) == sorted(GOOD)
     # the hospital without budget refused inside the SecAgg+ round; its ε (nothing spent) is reported
     assert hs[BROKE]["status"] == "refused" and hs[BROKE]["epsilon"] == 0.0 and "refused" in hs[BROKE]["reason"]
-    from xrayfed.common.ledger import read_ledger
+    from xrayfed.common.privacy.ledger import read_ledger
 
     assert read_ledger(run["root"] / f"state-{BROKE}" / "privacy-ledger.jsonl")[-1]["event"] == "refused"
     for name in GOOD:

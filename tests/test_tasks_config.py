@@ -10,7 +10,7 @@ import pytest
 
 from xrayfed.common.config import FederationConfig, HospitalConfig, load_config
 from xrayfed.common.errors import UserError
-from xrayfed.common.tasks import TaskSpec, compute_metrics, probabilities
+from xrayfed.common.prediction import TaskSpec, compute_metrics, probabilities
 
 
 def test_binary_metrics_by_hand():

@@ -23,7 +23,7 @@ Ledgers (JSON lines, append-only): every line is encrypted on its own by :func:`
 into a JSON object ``{"enc": "aes-256-gcm/1", "kid": ..., "n": LINE, "ct": base64}`` whose
 associated data includes the line number, so lines cannot be reordered, duplicated or moved
 between files without detection; appending stays a plain ``O_APPEND`` write of one line. The
-keyed hash chain of :mod:`xrayfed.common.ledger` (HMAC with a subkey of this key) detects
+keyed hash chain of :mod:`xrayfed.common.privacy.ledger` (HMAC with a subkey of this key) detects
 removed lines, and its head anchors detect a truncated tail. With a key configured, a ledger
 line that is not encrypted is refused.
 
@@ -42,8 +42,8 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from .errors import UserError
-from .files import atomic_write
+from xrayfed.common.errors import UserError
+from xrayfed.common.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class AtRestKey:
             raise UserError(f"{source}: an at-rest key must be 32 bytes (64 hex digits), got {len(raw)} bytes")
         self._aes = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"xrayfed-atrest",
                          info=b"xrayfed at-rest AES-256-GCM v1").derive(raw)
-        # A separate subkey keys the privacy ledger's HMAC chain (xrayfed.common.ledger).
+        # A separate subkey keys the privacy ledger's HMAC chain (xrayfed.common.privacy.ledger).
         self._ledger_mac = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"xrayfed-atrest",
                                 info=b"xrayfed ledger HMAC-SHA256 v1").derive(raw)
         self.key_id = hashlib.sha256(b"xrayfed-atrest-key-id\x00" + raw).digest()[:8]
@@ -221,14 +221,14 @@ def read_maybe_encrypted(path: Path | str, key: AtRestKey | None, *, context: by
 
 def save_checkpoint(path: Path | str, ckpt, key: AtRestKey | None) -> None:
     """:func:`xrayfed.common.checkpoint.save_checkpoint`, encrypted when ``key`` is set."""
-    from .checkpoint import to_bytes
+    from xrayfed.common.checkpoint import to_bytes
 
     write_encrypted(path, to_bytes(ckpt), key, context=b"checkpoint")
 
 
 def load_checkpoint(path: Path | str, key: AtRestKey | None, *, require_encrypted: bool = False):
     """Load a checkpoint written by :func:`save_checkpoint` (encrypted or not)."""
-    from .checkpoint import from_bytes
+    from xrayfed.common.checkpoint import from_bytes
 
     path = Path(path)
     if not path.is_file():

@@ -12,7 +12,7 @@ model's weights:
 3. this process joins the MPC session as rank 1 (:func:`xrayfed.common.mpc.run_patient`):
    it secret-shares the scan, the hospital secret-shares the weights, the crypto provider
    deals the randomness, and the logits are revealed to this process only;
-4. probabilities are computed here (sigmoid/softmax, :func:`xrayfed.common.tasks.probabilities`)
+4. probabilities are computed here (sigmoid/softmax, :func:`xrayfed.common.prediction.probabilities`)
    and printed with the class names.
 
 Every failure (bad file, wrong size/channels, unreachable service, refused token, broken
@@ -28,14 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from xrayfed.common.errors import UserError
 
 SERVICE = "xrayfed.inference.v1.Inference"
 
 
 def _read_scan_identity(path: Path) -> tuple[str, str | None]:
     """(format, DICOM PatientID or None) of the scan file."""
-    from . import preprocess
+    from xrayfed.common import preprocess
 
     if not path.is_file():
         raise UserError(f"--scan: no file at {path}")
@@ -52,7 +52,7 @@ def prepare(path: Path, image_size: int, in_channels: int):
     """The scan as the model's input tensor (1, C, S, S), or a one-line UserError."""
     import torch
 
-    from . import preprocess
+    from xrayfed.common import preprocess
 
     try:
         x = preprocess.prepare_scan(path, image_size)
@@ -79,18 +79,18 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
 
     ``observe`` (tests only) is passed to :func:`xrayfed.common.mpc.run_patient`.
     """
-    from . import rpc
-    from .model import ModelSpec
-    from .procs import parse_hostport
-    from .tasks import TaskSpec, probabilities
-    from .tokens import read_token_file
+    from xrayfed.common import rpc
+    from xrayfed.common.model import ModelSpec
+    from xrayfed.common.procs import parse_hostport
+    from xrayfed.common.prediction import TaskSpec, probabilities
+    from xrayfed.common.security.tokens import read_token_file
 
     t_start = time.perf_counter()
     parse_hostport(service, "--service")
     scan = Path(scan)
     token = read_token_file(token_path)
     fmt, dicom_pid = _read_scan_identity(scan)
-    from . import preprocess
+    from xrayfed.common import preprocess
 
     try:
         preprocess.load_image(scan)  # a non-image or truncated file fails here, before any network
@@ -110,7 +110,7 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
         size = int(info["image_size"])
         x = prepare(scan, size, spec.in_channels)
 
-        from . import mpc  # torch + CrypTen (seconds): before the session opens, not inside it
+        from xrayfed.common import mpc  # torch + CrypTen (seconds): before the session opens, not inside it
 
         t_open = time.perf_counter()
         sess = rpc.call(rpc.method(channel, SERVICE, "OpenSession"),
@@ -157,22 +157,6 @@ def format_result(res: dict) -> str:
         lines.append(f"  {name:<{width}}  {p:.4f}")
     lines.append(f"({res['timing']['total_s']:.1f}s end to end, {res['timing']['session_s']:.1f}s encrypted session)")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- CLI
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="get an encrypted prediction for your own chest X-ray",
-                       description="Patients: get the federated model's prediction on your scan. The scan is "
-                       "secret-shared; neither the hospital nor the crypto provider sees it or the result.")
-    p.add_argument("--scan", type=Path, required=True, help="your scan: PNG, JPEG or DICOM file")
-    p.add_argument("--service", required=True, metavar="HOST:PORT", help="the hospital's inference service")
-    p.add_argument("--token", type=Path, required=True, help="your access token file (from the hospital)")
-    p.add_argument("--ca-cert", type=Path, help="CA certificate of the service's TLS certificate "
-                   "(default: the system's trusted CAs)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the service per request")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
-    p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

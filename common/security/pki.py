@@ -23,25 +23,24 @@ hospital receives; it holds no secret of the federation other than its own key.
 longer registered at the next SuperLink start; ``--superlink`` also unregisters it from a
 running SuperLink, see :mod:`xrayfed.common.flower_security`);
 ``xrayfed certs atrest-key --out FILE`` makes a key for encrypting checkpoints and ledgers at
-rest (:mod:`xrayfed.common.atrest`); ``xrayfed certs export-model CKPT --out FILE`` writes a
+rest (:mod:`xrayfed.common.security.atrest`); ``xrayfed certs export-model CKPT --out FILE`` writes a
 plaintext copy (mode 0600) of a checkpoint encrypted at rest, e.g. the final global model for
 ``xrayfed serve-inference``.
 """
 
 from __future__ import annotations
 
-import argparse
+import base64
 import datetime as _dt
 import hashlib
 import ipaddress
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import UserError
+from xrayfed.common.errors import UserError
 
 MANIFEST = "certs.json"
 FORMAT = "xrayfed-certs/1"
@@ -58,12 +57,12 @@ def _now() -> _dt.datetime:
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    from .files import atomic_write
+    from xrayfed.common.files import atomic_write
 
     atomic_write(path, data, mode=mode)
 
 
-def _refuse_existing(paths: Iterable[Path], force: bool, hint: str = "") -> None:
+def refuse_existing(paths: Iterable[Path], force: bool, hint: str = "") -> None:
     if force:
         return
     for p in paths:
@@ -244,13 +243,20 @@ def make_auth_keypair(comment: str = "") -> tuple[bytes, bytes]:
     return priv, pub + b"\n"
 
 
-def public_key_fingerprint(pub_line: bytes) -> str:
-    """OpenSSH-style SHA-256 fingerprint of the key blob of a public key line."""
-    import base64
+def public_key_fingerprint(public_key: Path | str | bytes) -> str:
+    """SHA-256 fingerprint (OpenSSH style) of an OpenSSH or PEM public key."""
+    from cryptography.hazmat.primitives import serialization
 
-    parts = pub_line.split()
-    blob = base64.b64decode(parts[1]) if len(parts) > 1 else pub_line
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    data = Path(public_key).read_bytes() if isinstance(public_key, (str, Path)) else bytes(public_key)
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(data)
+        else:
+            key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, TypeError) as e:
+        raise UserError(f"not a public key ({type(e).__name__})") from None
+    blob = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1]
+    return "SHA256:" + base64.b64encode(hashlib.sha256(base64.b64decode(blob)).digest()).decode().rstrip("=")
 
 
 def _hospital_paths(out: Path, name: str) -> dict[str, Path]:
@@ -261,7 +267,7 @@ def _hospital_paths(out: Path, name: str) -> dict[str, Path]:
 def _make_hospital(out: Path, name: str, force: bool, manifest: dict[str, Any]) -> dict[str, Any]:
     validate_hospital_name(name)
     paths = _hospital_paths(out, name)
-    _refuse_existing([paths["auth_key"]], force)
+    refuse_existing([paths["auth_key"]], force)
     priv, pub = make_auth_keypair(comment=f"xrayfed-hospital-{name}")
     paths["dir"].mkdir(parents=True, exist_ok=True)
     _write(paths["auth_key"], priv, KEY_MODE)
@@ -314,7 +320,7 @@ def init_pki(
 
     keys = [out / "ca.key", out / "server.key", out / "inference" / "tls.key",
             out / "inference" / "token-signing.key"] + [_hospital_paths(out, n)["auth_key"] for n in names]
-    _refuse_existing(keys, force, hint=" (use `xrayfed certs add-hospital` to add a hospital to an existing federation)")
+    refuse_existing(keys, force, hint=" (use `xrayfed certs add-hospital` to add a hospital to an existing federation)")
     if not dns and not ips:
         raise UserError("no host name or IP for the server certificate: give --server-name/--server-ip "
                         "or leave out --no-loopback")
@@ -440,7 +446,7 @@ def make_hospital_key(out: Path | str, *, name: str = "", force: bool = False) -
     (sent to the operator for ``xrayfed certs add-hospital NAME --public-key auth.pub``)."""
     out = Path(out)
     key, pub = out / "auth.key", out / "auth.pub"
-    _refuse_existing([key], force)
+    refuse_existing([key], force)
     priv, pub_line = make_auth_keypair(comment=f"xrayfed-hospital-{validate_hospital_name(name)}" if name else "")
     out.mkdir(parents=True, exist_ok=True)
     _write(key, priv, KEY_MODE)
@@ -473,157 +479,8 @@ def hospital_public_keys(out: Path | str, include_revoked: bool = False) -> dict
 
 
 def make_atrest_key(path: Path | str, *, force: bool = False) -> Path:
-    """Write a fresh 256-bit at-rest key (hex, mode 0600) for :mod:`xrayfed.common.atrest`."""
+    """Write a fresh 256-bit at-rest key (hex, mode 0600) for :mod:`xrayfed.common.security.atrest`."""
     path = Path(path)
-    _refuse_existing([path], force)
+    refuse_existing([path], force)
     _write(path, (os.urandom(32).hex() + "\n").encode(), KEY_MODE)
     return path
-
-
-# --------------------------------------------------------------------------- CLI
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("certs", help="make the federation's CA, certificates and hospital keys",
-                       description="Keys and certificates for a TLS-protected, authenticated federation.")
-    cs = p.add_subparsers(dest="certs_command", metavar="ACTION")
-    cs.required = True
-
-    i = cs.add_parser("init", help="create CA, server/inference certificates, token key and hospital keys")
-    i.add_argument("--out", required=True, type=Path, help="folder for the keys and certificates")
-    i.add_argument("--server-name", action="append", default=[], metavar="DNS",
-                   help="host name the server is reached by (repeatable)")
-    i.add_argument("--server-ip", action="append", default=[], metavar="IP",
-                   help="IP address the server is reached by (repeatable)")
-    i.add_argument("--hospital", action="append", default=[], metavar="NAME",
-                   help="make a SuperNode key pair for this hospital (repeatable)")
-    i.add_argument("--no-loopback", action="store_true",
-                   help="leave localhost/127.0.0.1/::1 out of the server certificate "
-                        "(the SuperLink's own ServerApp runner then needs --server-ip of its listen address)")
-    i.add_argument("--federation", default="xrayfed", help="name used in the CA's subject")
-    i.add_argument("--force", action="store_true", help="replace existing keys")
-    i.set_defaults(func=_cmd_init)
-
-    a = cs.add_parser("add-hospital", help="add a hospital: make its SuperNode key pair, or import its public key")
-    a.add_argument("name")
-    a.add_argument("--out", required=True, type=Path, help="the folder made by `certs init`")
-    a.add_argument("--public-key", type=Path, metavar="AUTH_PUB",
-                   help="the hospital's own auth.pub (from `xrayfed certs hospital-key` on its machine): "
-                        "only the public key is stored here")
-    a.add_argument("--force", action="store_true", help="replace the hospital's existing key")
-    a.set_defaults(func=_cmd_add)
-
-    h = cs.add_parser("hospital-key", help="on a hospital's machine: make its SuperNode key pair "
-                                           "(send only auth.pub to the operator)")
-    h.add_argument("--out", required=True, type=Path, help="folder for auth.key (mode 0600) and auth.pub")
-    h.add_argument("--name", default="", help="hospital name (a comment in auth.pub)")
-    h.add_argument("--force", action="store_true", help="replace an existing auth.key")
-    h.set_defaults(func=_cmd_hospital_key)
-
-    r = cs.add_parser("revoke-hospital", help="revoke a hospital: not registered again; "
-                                              "--superlink also unregisters it now")
-    r.add_argument("name")
-    r.add_argument("--out", required=True, type=Path, help="the folder made by `certs init`")
-    r.add_argument("--superlink", metavar="HOST:PORT",
-                   help="also unregister the hospital from this running SuperLink (TLS with DIR/ca.pem)")
-    r.set_defaults(func=_cmd_revoke)
-
-    k = cs.add_parser("atrest-key", help="make a 256-bit key for encrypting checkpoints/ledgers at rest")
-    k.add_argument("--out", required=True, type=Path, help="key file to write (mode 0600)")
-    k.add_argument("--force", action="store_true", help="replace an existing key file")
-    k.set_defaults(func=_cmd_atrest)
-
-    e = cs.add_parser("export-model", help="decrypt a checkpoint encrypted at rest into a plaintext model file "
-                                           "(e.g. for serve-inference)")
-    e.add_argument("checkpoint", type=Path, help="checkpoint (RUN_DIR/checkpoints/round-NNNN.pt)")
-    e.add_argument("--out", required=True, type=Path, help="plaintext checkpoint to write (mode 0600)")
-    e.add_argument("--force", action="store_true", help="replace an existing output file")
-    from .atrest import add_key_argument
-
-    add_key_argument(e, help="key the checkpoint was encrypted with")
-    e.set_defaults(func=_cmd_export_model)
-
-
-def _cmd_init(args: argparse.Namespace) -> int:
-    m = init_pki(args.out, server_names=args.server_name, server_ips=args.server_ip, hospitals=args.hospital,
-                 loopback=not args.no_loopback, force=args.force, federation=args.federation)
-    srv = m["server"]
-    print(f"CA and server certificate in {args.out} (SAN: {', '.join(srv['dns'] + srv['ips'])})")
-    for name in m["hospitals"]:
-        print(f"hospital {name}: give {args.out / 'hospitals' / name}/ to the hospital (auth.key stays secret)")
-    print(f"ca.key signs certificates: keep it offline; manifest: {args.out / MANIFEST}")
-    return 0
-
-
-def _cmd_add(args: argparse.Namespace) -> int:
-    e = add_hospital(args.out, args.name, force=args.force, public_key=args.public_key)
-    where = args.out / "hospitals" / args.name
-    if args.public_key is None:
-        print(f"hospital {args.name}: {where}/ ({e['fingerprint']}); give this folder to the hospital "
-              "(auth.key stays secret)")
-    else:
-        print(f"hospital {args.name}: public key imported to {where}/auth.pub ({e['fingerprint']}); "
-              f"give the hospital {where}/ca.pem")
-    print(f"register it: add {where}/auth.pub to the server's [network] hospital_keys (registered at every "
-          "start); to admit it into a running federation see deploy/RUNBOOK.md, 'Register a hospital'")
-    return 0
-
-
-def _cmd_hospital_key(args: argparse.Namespace) -> int:
-    key, pub = make_hospital_key(args.out, name=args.name, force=args.force)
-    print(f"hospital key: {key} (mode 0600, never leaves this machine); send {pub} to the federation operator "
-          f"({public_key_fingerprint(pub.read_bytes())}; confirm the fingerprint with them by phone or in person)")
-    return 0
-
-
-def _cmd_revoke(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    manifest = read_manifest(out)
-    if args.name not in manifest["hospitals"]:
-        raise UserError(f"hospital {args.name!r}: not in {out / MANIFEST}")
-    if args.superlink:
-        import tempfile
-
-        from .flower_security import unregister_hospital, write_flwr_home
-
-        with tempfile.TemporaryDirectory(prefix="xrayfed-flwr-") as tmp:
-            home = write_flwr_home(Path(tmp), args.superlink, root_certificates=out / "ca.pem")
-            node = unregister_hospital(home, out / manifest["hospitals"][args.name]["auth_pub"])
-        print(f"hospital {args.name}: SuperNode {node} unregistered; the SuperLink refuses its key from now on")
-    try:
-        revoke_hospital(out, args.name)
-    except OSError as e:  # e.g. a read-only mount of certs.json inside the server's container
-        raise UserError(f"{out / MANIFEST}: cannot mark {args.name} revoked ({e.strerror}); run "
-                        f"`xrayfed certs revoke-hospital {args.name} --out PKI` where the pki folder is writable, "
-                        "or the next server start registers it again") from None
-    print(f"hospital {args.name}: revoked" + (" and unregistered from the running SuperLink" if args.superlink else
-                                              "; it is not registered at the next server start"))
-    return 0
-
-
-def _cmd_atrest(args: argparse.Namespace) -> int:
-    path = make_atrest_key(args.out, force=args.force)
-    print(f"at-rest key written to {path} (mode 0600); set XRAYFED_ATREST_KEY_FILE={path} or pass --atrest-key-file",
-          file=sys.stdout)
-    return 0
-
-
-def export_model(checkpoint: Path | str, out: Path | str, key, *, force: bool = False) -> Path:
-    """Write a plaintext copy (mode 0600) of a (possibly encrypted) checkpoint; returns ``out``."""
-    from .atrest import load_checkpoint
-    from .files import atomic_write
-    from .checkpoint import to_bytes
-
-    out = Path(out)
-    _refuse_existing([out], force)
-    ckpt = load_checkpoint(checkpoint, key)  # wrong key / modified file: one-line UserError
-    atomic_write(out, to_bytes(ckpt), mode=KEY_MODE)
-    return out
-
-
-def _cmd_export_model(args: argparse.Namespace) -> int:
-    from .atrest import load_key
-
-    key = load_key(args.atrest_key_file)
-    path = export_model(args.checkpoint, args.out, key, force=args.force)
-    print(f"plaintext model written to {path} (mode 0600): it holds the model weights, keep it on the "
-          "inference host only")
-    return 0

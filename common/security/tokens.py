@@ -29,7 +29,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from xrayfed.common.errors import UserError
 
 PREFIX = "xrf1"
 SIG_CONTEXT = b"xrayfed-token/1."
@@ -121,7 +121,7 @@ def generate_key(path: Path, force: bool = False) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from .files import atomic_write
+    from xrayfed.common.files import atomic_write
 
     path = Path(path)
     pub = path.with_suffix(".pub")

@@ -1,7 +1,7 @@
 """A second opinion on every ε: recompute it with an accountant independent of training.
 
-Hospitals train with Opacus' accountants (PRV by default, RDP selectable; see
-``xrayfed.client.privacy.compute_epsilon``). Reports recompute every ε from the logged
+Hospitals train with Opacus' accountants (PRV by default, RDP selectable; :func:`compute_epsilon`,
+the one function every ε of training comes from). Reports recompute every ε from the logged
 (σ, q, steps) with Google's ``dp-accounting`` package, a separate implementation of the
 same mathematics, and show both numbers:
 
@@ -38,7 +38,6 @@ composition is the same (results match to 10⁻⁹) and the PRV accountant is mu
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,10 +76,21 @@ def merge_history(history: Iterable[tuple[float, float, int]]) -> list[tuple[flo
     return out
 
 
+def compute_epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str = "prv") -> float:
+    """ε at ``delta`` after composing ``history`` = [(σ, q, steps), ...] with Opacus' accountant
+    (PRV or RDP): what the hospital's ledger records and checks before every round."""
+    if not history:
+        return 0.0
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
+    # Consecutive rounds with equal (σ, q) compose into one entry: same ε, constant cost per call.
+    acc.history = merge_history(history)
+    return float(acc.get_epsilon(delta=delta))
+
+
 def training_epsilon(history: History, delta: float, accountant: str = "prv") -> float:
     """ε at ``delta`` with the training accountant (Opacus, exactly as the hospital computes it)."""
-    from xrayfed.client.privacy import compute_epsilon
-
     with warnings.catch_warnings():
         # Opacus PRV: log(0) at q = 1, and its RDP-based domain bound's "largest alpha" hint: harmless.
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -319,10 +329,3 @@ def _bisect(fits, lo: int, hi: int) -> int:
         else:
             hi = mid
     return lo
-
-
-def is_finite(x) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False

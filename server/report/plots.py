@@ -16,7 +16,7 @@ import io
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .report import Report
+    from xrayfed.server.report.schema import Report
 
 DPI = 110
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")

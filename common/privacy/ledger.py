@@ -25,9 +25,9 @@ an older copy is detected no later than the hospital's next round (and in ``xray
 Appends are ``O_APPEND`` writes followed by ``fsync``, so a crash never loses a line that was
 reported written. (A truncated last line from a crash mid-write is reported as broken.)
 
-**Encryption at rest** (optional ``key``, an :class:`~xrayfed.common.atrest.AtRestKey`): every
+**Encryption at rest** (optional ``key``, an :class:`~xrayfed.common.security.atrest.AtRestKey`): every
 line is then written as its own AES-256-GCM encrypted JSON line
-(:func:`xrayfed.common.atrest.encrypt_line`, its line number authenticated). The chain is
+(:func:`xrayfed.common.security.atrest.encrypt_line`, its line number authenticated). The chain is
 computed over the *plaintext* records, exactly as without a key. Reading an encrypted ledger
 without a key, or with the wrong one, is a one-line :class:`~xrayfed.common.errors.UserError`
 naming the file (never a silently wrong ε); with a key, a plaintext line anywhere is refused.
@@ -42,11 +42,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from xrayfed.common.errors import UserError
 
 if TYPE_CHECKING:
-    from .atrest import AtRestKey
+    from xrayfed.common.security.atrest import AtRestKey
 
+LEDGER_FILE = "privacy-ledger.jsonl"  # a hospital's ledger in its state folder
 GENESIS = "0" * 64
 LEDGER_CONTEXT = b"ledger"
 ENV_LEDGER_KEY_FILE = "XRAYFED_LEDGER_KEY_FILE"
@@ -86,7 +87,7 @@ class LedgerKey:
 
 
 def _read_key_file(path: Path) -> LedgerKey:
-    from .atrest import parse_key
+    from xrayfed.common.security.atrest import parse_key
 
     try:
         text = path.read_bytes()
@@ -120,7 +121,7 @@ def ledger_key(ledger_path: Path | str, atrest_key: "AtRestKey | None" = None, k
     if p.is_file():
         return _read_key_file(p)
     if create and not Path(ledger_path).exists():
-        from .files import atomic_write
+        from xrayfed.common.files import atomic_write
 
         atomic_write(p, (os.urandom(32).hex() + "\n").encode(), mode=0o600)
         return _read_key_file(p)
@@ -160,7 +161,7 @@ def read_head(ledger_path: Path | str) -> dict[str, Any] | None:
 
 
 def _write_head(ledger_path: Path, rec: dict[str, Any]) -> None:
-    from .files import atomic_write
+    from xrayfed.common.files import atomic_write
 
     atomic_write(head_path(ledger_path), json.dumps({"seq": rec["seq"], "hash": rec["hash"]}).encode() + b"\n")
 
@@ -174,7 +175,7 @@ def read_ledger(path: Path | str, key: "AtRestKey | None" = None, *, mac_key: Le
     without it, or with the wrong one, a :class:`~xrayfed.common.errors.UserError` names the file.
     ``mac_key`` defaults to :func:`ledger_key` (``key_file``, ``key``, ``ledger.key``).
     """
-    from .atrest import ENV_KEY, ENV_KEY_FILE, decrypt_line, is_encrypted_line
+    from xrayfed.common.security.atrest import ENV_KEY, ENV_KEY_FILE, decrypt_line, is_encrypted_line
 
     path = Path(path)
     head = read_head(path)
@@ -300,7 +301,7 @@ def append_record(path: Path | str, record: dict[str, Any], key: "AtRestKey | No
     full = dict(body, hash=line_hash(prev, body, mac_key))
     line = json.dumps(full, sort_keys=True, allow_nan=False)
     if key is not None:
-        from .atrest import encrypt_line
+        from xrayfed.common.security.atrest import encrypt_line
 
         line = encrypt_line(line, key, line_no=len(existing) + 1, context=LEDGER_CONTEXT)
     data = (line + "\n").encode()

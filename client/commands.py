@@ -1,0 +1,102 @@
+"""The sub-commands run at the edges: ``client`` (a hospital), ``serve-inference`` and
+``issue-token`` (a hospital's inference service and staff), ``predict`` (a patient).
+
+Only argument definitions live here, so ``xrayfed --help`` stays fast; each command's handler
+is imported when that command runs (:func:`xrayfed.common.cli_args.handler`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from xrayfed.common.cli_args import handler
+from xrayfed.common.security.atrest import add_key_argument
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the hospital's and the patient's sub-commands to the ``xrayfed`` parser."""
+    for reg in (register_client, register_inference, register_predict):
+        reg(sub)
+
+
+def register_client(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("client", help="run a hospital client (Flower SuperNode + DP training)",
+                       description="Join a federation as a hospital: train on local scans with differential privacy.")
+    p.add_argument("--server", required=True, help="the federation server HOST:PORT")
+    p.add_argument("--data", type=Path, help="the hospital's scans (overrides [data] path)")
+    p.add_argument("--config", type=Path, help="hospital.toml (privacy budget, training settings)")
+    p.add_argument("--name", help="override [hospital] name")
+    p.add_argument("--state-dir", type=Path, help="override [hospital] state_dir (privacy ledger lives here)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override [hospital] device (default auto)")
+    p.add_argument("--epsilon", type=float, help="override [privacy] epsilon (this hospital's total ε budget)")
+    p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only; prints a warning)")
+    p.add_argument("--root-cert", type=Path, help="CA certificate (PEM) that signed the server's certificate")
+    p.add_argument("--auth-key", type=Path, help="this hospital's SuperNode authentication private key")
+    p.add_argument("--port", type=int, help="local port of the SuperNode's ClientApp API (default: a free port)")
+    add_key_argument(p, help="encrypt this hospital's privacy ledger and released updates at rest with this key")
+    p.set_defaults(func=handler("xrayfed.client.supernode", "run_client_cmd"))
+
+
+# --------------------------------------------------------------------------- CLI
+def register_inference(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve-inference", help="serve encrypted predictions of the federated model (gRPC + MPC)",
+                       description="The hospital's encrypted-inference service: patients get predictions on "
+                       "their scans without revealing them; the model's weights stay secret.")
+    p.add_argument("--config", type=Path, help="TOML file with InferenceServiceConfig settings")
+    p.add_argument("--model", type=Path, help="federated checkpoint to serve")
+    p.add_argument("--listen", help="gRPC address HOST:PORT (default 127.0.0.1:9443)")
+    p.add_argument("--token-key", type=Path, action="append", help="trusted token public key (PEM; repeatable)")
+    p.add_argument("--audience", help="token audience this service accepts (default xrayfed-inference)")
+    p.add_argument("--cert", type=Path, help="TLS certificate of the service (PEM)")
+    p.add_argument("--key", type=Path, help="TLS private key of the service (PEM)")
+    p.add_argument("--ttp", metavar="HOST:PORT", help="the crypto provider's serve-ttp address")
+    p.add_argument("--ttp-ca", type=Path, help="CA certificate that signed the TTP's TLS certificate")
+    p.add_argument("--ttp-secret", type=Path, help="file with the secret shared with the TTP service")
+    p.add_argument("--mpc-host", help="address the MPC parties reach this host at (tunnel address; default 127.0.0.1)")
+    p.add_argument("--session-timeout", type=float, help="seconds before a session is torn down (default 120)")
+    p.add_argument("--max-sessions", type=int, help="concurrent MPC sessions (default 4)")
+    p.add_argument("--audit-log", type=Path, help="JSON-lines audit log (default inference-audit.jsonl)")
+    p.add_argument("--max-sessions-per-token", type=int, help="concurrent sessions one token may hold (default 1)")
+    p.add_argument("--max-sessions-per-peer", type=int, help="concurrent sessions from one address (default 2)")
+    p.add_argument("--join-timeout", type=float, help="seconds for the parties to join a session (default 30)")
+    p.add_argument("--rate-per-hour", type=int, help="predictions per token per hour (default 30)")
+    p.add_argument("--budget-per-token", type=int, help="predictions one token may ever get (default 200)")
+    p.add_argument("--revoked-tokens", type=Path, help="file of revoked token ids (jti), one per line")
+    p.add_argument("--allow-scans-without-patient-id", action="store_true", default=None,
+                   help="also serve PNG/JPEG scans, which carry no patient identity (default: DICOM only)")
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS, towards patients and the TTP (local experiments only)")
+    p.set_defaults(func=handler("xrayfed.client.inference_service", "_cmd_serve"))
+
+    t = sub.add_parser("issue-token", help="sign a patient's access token for encrypted inference",
+                       description="Hospital staff: sign a token that lets one patient request predictions "
+                       "until it expires. `--init-key` makes the Ed25519 signing key pair first.")
+    t.add_argument("--key", type=Path, help="Ed25519 signing key (PEM); with --init-key: file to create")
+    t.add_argument("--init-key", action="store_true", help="create the signing key pair (KEY and KEY.pub) and exit")
+    t.add_argument("--force", action="store_true", help="with --init-key: replace an existing key")
+    t.add_argument("--patient-id", help="the patient's id (the DICOM PatientID of their scans)")
+    t.add_argument("--expires", default="24h", help="lifetime (90m, 12h, 30d) or ISO time (default 24h)")
+    t.add_argument("--audience", default=None, help="service audience (default xrayfed-inference)")
+    t.add_argument("--issuer", default=None, help="issuer name written into the token")
+    t.add_argument("--out", type=Path, help="write the token to this file (mode 0600) instead of stdout")
+    t.add_argument("--revoke", metavar="TOKEN|FILE|JTI",
+                   help="revoke a token instead: add its id to --revocation-list (serve-inference --revoked-tokens)")
+    t.add_argument("--revocation-list", type=Path, help="with --revoke: the revocation list file")
+    t.set_defaults(func=handler("xrayfed.client.inference_service", "_cmd_issue"))
+
+
+# --------------------------------------------------------------------------- CLI
+def register_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="get an encrypted prediction for your own chest X-ray",
+                       description="Patients: get the federated model's prediction on your scan. The scan is "
+                       "secret-shared; neither the hospital nor the crypto provider sees it or the result.")
+    p.add_argument("--scan", type=Path, required=True, help="your scan: PNG, JPEG or DICOM file")
+    p.add_argument("--service", required=True, metavar="HOST:PORT", help="the hospital's inference service")
+    p.add_argument("--token", type=Path, required=True, help="your access token file (from the hospital)")
+    p.add_argument("--ca-cert", type=Path, help="CA certificate of the service's TLS certificate "
+                   "(default: the system's trusted CAs)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the service per request")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
+    p.set_defaults(func=handler("xrayfed.client.patient", "_cmd_predict"))

@@ -1,0 +1,171 @@
+"""Launching Flower 1.41 processes with TLS and SuperNode authentication (checked against real
+processes): what both launchers (``xrayfed server`` / ``xrayfed client``) call.
+
+* :func:`superlink_args` / :func:`supernode_args`: the exact extra command-line arguments of
+  ``flower-superlink`` / ``flower-supernode`` for TLS, ``--insecure`` or SuperNode auth.
+* :func:`write_flwr_home`: a ``FLWR_HOME`` whose ``config.toml`` names the SuperLink
+  connection used by ``flwr run`` and ``flwr supernode register|unregister|list``.
+* :func:`flower_env`: the environment for every Flower process (``PATH`` must contain the
+  venv's ``bin``: the SuperLink starts ``flower-superexec`` and the SuperNode ``flwr-clientapp``
+  by name).
+* :func:`warn_insecure`: the one warning printed when TLS is switched off.
+
+The operator's side lives in the server package: the SuperLink's registry of hospital keys
+(:mod:`xrayfed.server.registry`) and the Fleet-only gateway (:mod:`xrayfed.server.gateway`).
+
+Facts (Flower 1.41, see ``deploy/FLOWER-NOTES.md``): the SuperLink serves Fleet, Control and
+Runtime APIs over HTTPS on one ``--host/--port``; TLS needs all three ``--ssl-*`` files, the
+certificate's SAN must contain the address clients dial *and* the one the SuperLink's own
+SuperExec dials (``127.0.0.1`` when listening on 0.0.0.0). SuperNode auth requires TLS; keys are
+EC on a NIST curve in OpenSSH format; an unregistered key is refused at activation (the SuperNode
+exits) and logged by the SuperLink as ``[/v1/fleet/activate-node][ApiError:2004] ...
+No SuperNode found with the given public key``. Unregistering a node cuts a running SuperNode
+off at its next request (HTTP 401) and the key can never be registered again on that SuperLink
+state: a re-admitted hospital needs a new key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import IO, Mapping
+
+from xrayfed.common.errors import UserError
+
+DEFAULT_CONNECTION = "xrayfed"
+INSECURE_WARNING = ("WARNING: --insecure: {what} runs WITHOUT TLS (traffic, model updates and keys are readable "
+                    "and forgeable on the network) and without hospital authentication; use it for local "
+                    "experiments only")
+
+
+# --------------------------------------------------------------------------- environment
+def venv_bin_dir() -> Path:
+    return Path(sys.executable).parent
+
+
+def flower_env(flwr_home: Path | str | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for a Flower process: venv ``bin`` first on PATH, FLWR_HOME if given.
+
+    Each process that installs apps (SuperNode, ``flwr run``) writes under ``$FLWR_HOME/apps``;
+    give every role its own FLWR_HOME so nothing lands in ``~/.flwr``.
+    """
+    env = dict(os.environ if base is None else base)
+    bindir = str(venv_bin_dir())
+    parts = [p for p in env.get("PATH", "").split(os.pathsep) if p]
+    env["PATH"] = os.pathsep.join([bindir] + [p for p in parts if p != bindir])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(Path(flwr_home).resolve())
+    return env
+
+
+def warn_insecure(what: str = "the federation", stream: IO[str] | None = None) -> str:
+    """Print (and return) the one-line warning for ``--insecure``."""
+    line = "xrayfed: " + INSECURE_WARNING.format(what=what)
+    print(line, file=stream or sys.stderr, flush=True)
+    return line
+
+
+def existing_file(path: Path | str | None, what: str) -> str:
+    if path is None:
+        raise UserError(f"{what} is not set; TLS is the default (make certificates with `xrayfed certs init`, "
+                        "or pass --insecure for a local experiment)")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{what}: no file at {p}")
+    return str(p.resolve())
+
+
+# --------------------------------------------------------------------------- command lines
+def superlink_args(
+    *,
+    insecure: bool = False,
+    ca_cert: Path | str | None = None,
+    cert: Path | str | None = None,
+    key: Path | str | None = None,
+    supernode_auth: bool = False,
+) -> list[str]:
+    """Extra ``flower-superlink`` arguments (besides ``--host/--port`` and
+    ``--disable-runtime-dependency-installation``).
+
+    TLS: ``--ssl-ca-certfile CA --ssl-certfile CERT --ssl-keyfile KEY`` (all three; the CA is
+    what the SuperLink's own SuperExec trusts). Auth: ``--enable-supernode-auth`` (TLS only).
+    """
+    if insecure:
+        if supernode_auth:
+            raise UserError("hospital authentication (supernode_auth) needs TLS; remove --insecure")
+        return ["--insecure"]
+    args = [
+        "--ssl-ca-certfile", existing_file(ca_cert, "network.tls.ca_cert"),
+        "--ssl-certfile", existing_file(cert, "network.tls.cert"),
+        "--ssl-keyfile", existing_file(key, "network.tls.key"),
+    ]
+    if supernode_auth:
+        args.append("--enable-supernode-auth")
+    return args
+
+
+def superlink_args_from_config(network) -> list[str]:
+    """:func:`superlink_args` from a :class:`xrayfed.common.config.ServerNetwork`."""
+    tls = network.tls
+    return superlink_args(insecure=tls.insecure, ca_cert=tls.ca_cert, cert=tls.cert, key=tls.key,
+                          supernode_auth=network.auth_enabled)
+
+
+def supernode_args(
+    *,
+    superlink: str,
+    insecure: bool = False,
+    root_certificates: Path | str | None = None,
+    auth_private_key: Path | str | None = None,
+) -> list[str]:
+    """Extra ``flower-supernode`` arguments (besides ``--port`` and ``--node-config``).
+
+    ``--superlink HOST:PORT`` plus either ``--insecure`` or ``--root-certificates CA`` (the CA
+    that signed the SuperLink's certificate), and ``--auth-supernode-private-key KEY`` (the
+    hospital's ``auth.key``) when the SuperLink authenticates SuperNodes.
+    """
+    args = ["--superlink", superlink]
+    if insecure:
+        if auth_private_key is not None:
+            raise UserError("a hospital key (auth.key) is only used over TLS; remove --insecure")
+        return args + ["--insecure"]
+    args += ["--root-certificates", existing_file(root_certificates, "root certificates (the federation's ca.pem)")]
+    if auth_private_key is not None:
+        key = existing_file(auth_private_key, "hospital key (auth.key)")
+        mode = os.stat(key).st_mode & 0o077
+        if mode:
+            raise UserError(f"{key}: the hospital's private key is readable by other users (chmod 600 {key})")
+        args += ["--auth-supernode-private-key", key]
+    return args
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(str(s), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def connection_toml(address: str, *, insecure: bool = False, root_certificates: Path | str | None = None,
+                    name: str = DEFAULT_CONNECTION) -> str:
+    """The ``config.toml`` of a FLWR_HOME with one SuperLink connection (the default)."""
+    if not re.match(r"^[A-Za-z0-9_-]+$", name):
+        raise UserError(f"connection name {name!r}: letters, digits, '_' and '-' only")
+    lines = ["[superlink]", f"default = {_toml_str(name)}", "", f"[superlink.{name}]",
+             f"address = {_toml_str(address)}"]
+    if insecure:
+        lines.append("insecure = true")
+    else:
+        lines.append(f"root-certificates = {_toml_str(existing_file(root_certificates, 'root certificates (ca.pem)'))}")
+    return "\n".join(lines) + "\n"
+
+
+def write_flwr_home(home: Path | str, address: str, *, insecure: bool = False,
+                    root_certificates: Path | str | None = None, name: str = DEFAULT_CONNECTION) -> Path:
+    """Create ``home/config.toml`` (see :func:`connection_toml`); returns ``home``."""
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        connection_toml(address, insecure=insecure, root_certificates=root_certificates, name=name), encoding="utf-8")
+    return home
