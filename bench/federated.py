@@ -61,7 +61,7 @@ def run_once(args, eps: float, out_dir: Path) -> dict:
         "federation": {"name": "bench", "run_dir": str(out_dir / "run"), "rounds": args.rounds,
                        "min_clients": args.hospitals, "lr": args.lr, "strategy": args.strategy},
         "model": ModelSpec(num_outputs=probe.task.num_outputs, width=args.width, input_pool=pool).model_dump(),
-        "task": {"kind": probe.task.kind, "class_names": list(probe.task.class_names)},
+        "task": probe.task.to_dict(),
         "image_size": args.image_size,
         "eval": {"path": str(args.data), "split": "test"},
         "network": {"listen": f"127.0.0.1:{port}", "tls": {"insecure": True}},

@@ -22,10 +22,11 @@ sets the former for the SuperNode and its ClientApp processes).
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from xrayfed.common.logs import configure_logging
+from xrayfed.common.protocol.rounds import METRICS, TrainReply, finite_metrics
 
 from xrayfed.client.secagg import make_secagg_mod
 
@@ -41,14 +42,6 @@ def _requires_secure_aggregation(context: Context) -> bool:
 app = ClientApp(mods=[make_secagg_mod(required=_requires_secure_aggregation)])
 
 
-def _finite(metrics: dict) -> dict:
-    out = {}
-    for k, v in metrics.items():
-        v = float(v)
-        out[k] = v if v == v and abs(v) != float("inf") else 0.0
-    return out
-
-
 def _atrest_key():
     from xrayfed.common.security.atrest import load_key
 
@@ -62,18 +55,10 @@ def train(msg: Message, context: Context) -> Message:
     cfg = hospital_config_from_node(dict(context.node_config))
     reply = train_round(cfg, dict(msg.content["config"]), msg.content["arrays"].to_torch_state_dict(),
                         atrest_key=_atrest_key())
-    # Plaintext records (see the module docstring); under SecAgg+ only "arrays" is masked.
-    content = RecordDict(
-        {
-            "metrics": MetricRecord(_finite(reply["metrics"])),
-            "hospital": ConfigRecord(
-                {"name": cfg.hospital.name, "status": reply["status"], "accountant": cfg.privacy.accountant,
-                 "reason": reply.get("reason", ""), "ledger_head": reply["ledger"]["head"]}
-            ),
-        }
-    )
-    if "state_dict" in reply:
-        content["arrays"] = ArrayRecord(reply["state_dict"])
+    # Plaintext records (see the module docstring); under SecAgg+ only the arrays are masked.
+    content = TrainReply(hospital=cfg.hospital.name, status=reply["status"], accountant=cfg.privacy.accountant,
+                         metrics=reply["metrics"], reason=reply.get("reason", ""), ledger_head=reply["ledger"]["head"],
+                         state_dict=reply.get("state_dict")).to_content()
     return Message(content=content, reply_to=msg)
 
 
@@ -83,4 +68,4 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     cfg = hospital_config_from_node(dict(context.node_config))
     metrics = evaluate_round(cfg, dict(msg.content["config"]), msg.content["arrays"].to_torch_state_dict())
-    return Message(content=RecordDict({"metrics": MetricRecord(_finite(metrics))}), reply_to=msg)
+    return Message(content=RecordDict({METRICS: MetricRecord(finite_metrics(metrics))}), reply_to=msg)

@@ -19,8 +19,9 @@ import torch
 from xrayfed.common.checkpoint import load_weights, weights_version
 from xrayfed.common.config import HospitalConfig, load_config
 from xrayfed.common.errors import UserError
-from xrayfed.common.model import ModelSpec, build_model
+from xrayfed.common.model import build_model
 from xrayfed.common.prediction import TaskSpec
+from xrayfed.common.protocol.rounds import REFUSED, RESENT, TRAINED, RoundRequest
 from xrayfed.common.train import evaluate, resolve_device
 
 from xrayfed.client.privacy import (
@@ -37,49 +38,6 @@ from xrayfed.client.privacy import (
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RoundRequest:
-    """What the server sends with a round (no privacy parameter among them)."""
-
-    federation: str
-    round: int
-    model: ModelSpec
-    task: TaskSpec
-    image_size: int
-    lr: float
-    proximal_mu: float = 0.0
-    #: ``{anchor id: [seq, hash]}``: the ledger heads the server recorded (see ``ledger.check_anchor``)
-    ledger_anchors: tuple = ()
-
-    def anchor_for(self, hospital: str) -> tuple[int, str] | None:
-        """The head of this hospital's ledger that the server recorded after its last reply."""
-        from xrayfed.common.privacy.ledger import anchor_id
-
-        want = anchor_id(self.federation, hospital)
-        for k, seq, head in self.ledger_anchors:
-            if k == want:
-                return int(seq), str(head)
-        return None
-
-    @classmethod
-    def from_config(cls, c: dict[str, Any]) -> "RoundRequest":
-        try:
-            task = json.loads(str(c["task"]))
-            return cls(
-                federation=str(c["federation"]),
-                round=int(c["round"]),
-                model=ModelSpec(**json.loads(str(c["model"]))),
-                task=TaskSpec(kind=task["kind"], class_names=tuple(task["class_names"])),
-                image_size=int(c["image-size"]),
-                lr=float(c["lr"]),
-                proximal_mu=float(c.get("proximal-mu", 0.0)),
-                ledger_anchors=tuple((str(k), int(v[0]), str(v[1]))
-                                     for k, v in json.loads(str(c.get("ledger-anchors", "{}"))).items()),
-            )
-        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
-            raise UserError(f"round request from the server is malformed ({type(e).__name__}: {e})") from None
-
-
 @dataclass
 class LocalData:
     train: Any
@@ -93,7 +51,7 @@ def _load_local(path: str, split: str, image_size: int, task_json: str, val_frac
     from xrayfed.common import data as D
 
     t = json.loads(task_json)
-    task = TaskSpec(kind=t["kind"], class_names=tuple(t["class_names"]))
+    task = TaskSpec.from_dict(t)
     ds = D.load_dataset(Path(path), split=split, image_size=image_size, task=task)
     if ds.task.class_names != task.class_names or ds.task.kind != task.kind:
         raise UserError(
@@ -125,7 +83,7 @@ def load_local_data(cfg: HospitalConfig, image_size: int, task: TaskSpec) -> Loc
     d = cfg.data
     return _load_local(
         str(d.path), d.split, image_size,
-        json.dumps({"kind": task.kind, "class_names": list(task.class_names)}),
+        json.dumps(task.to_dict()),
         d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed,
     )
 
@@ -172,7 +130,7 @@ def _train_locked(cfg: HospitalConfig, req: RoundRequest, data: LocalData, state
 
     def refuse(reason: str, metrics: dict) -> dict[str, Any]:
         log.warning("%s", reason)
-        return reply("refused", dict(metrics, epsilon=ledger.spent(), train_loss=0.0), reason=reason)
+        return reply(REFUSED, dict(metrics, epsilon=ledger.spent(), train_loss=0.0), reason=reason)
 
     try:
         plan = plan_dp(cfg, len(data.train))
@@ -214,7 +172,7 @@ def _train_locked(cfg: HospitalConfig, req: RoundRequest, data: LocalData, state
             ledger.note("resend", federation=req.federation, round=req.round, request=key)
             log.info("round %d: sending the update already released for this request (no new privacy spend)",
                      req.round)
-            return reply("resent", cached["metrics"], state_dict=cached["state_dict"])
+            return reply(RESENT, cached["metrics"], state_dict=cached["state_dict"])
         ledger.note("refused_resend", federation=req.federation, round=req.round, request=key, reason=why)
         return refuse(f"hospital {cfg.hospital.name}: round {req.round} refused: this request's update was already "
                       f"released ({released.get('time')}) and {why}; training again would release a second "
@@ -241,7 +199,7 @@ def _train_locked(cfg: HospitalConfig, req: RoundRequest, data: LocalData, state
     ledger.record_release(charge, update_digest(new_state))  # durable before the reply leaves
     log.info("round %d: trained %d DP-SGD steps (σ=%.3f, q=%.4f); ε spent %.3f of %.3g",
              req.round, plan.steps, plan.noise_multiplier, plan.sample_rate, metrics["epsilon"], plan.epsilon_budget)
-    return reply("trained", metrics, state_dict=new_state)
+    return reply(TRAINED, metrics, state_dict=new_state)
 
 
 def evaluate_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict) -> dict[str, float]:

@@ -58,11 +58,18 @@ import time
 from pathlib import Path
 
 from xrayfed.common.errors import UserError
+from xrayfed.common.mpc.sessions import SessionTable
+from xrayfed.common.protocol.inference import (
+    HEALTH,
+    INFERENCE_SERVICE,
+    MODEL_INFO,
+    OPEN_SESSION,
+    START_SESSION,
+    TTP_SECRET_HEADER,
+    TTP_SERVICE,
+)
 
 log = logging.getLogger("xrayfed.inference")
-SERVICE = "xrayfed.inference.v1.Inference"
-TTP_SERVICE = "xrayfed.ttp.v1.TTP"
-TTP_SECRET_HEADER = "x-xrayfed-ttp-secret"
 
 
 # --------------------------------------------------------------------------- audit log
@@ -239,7 +246,7 @@ def model_metadata(ckpt) -> dict:
     return {
         "model": ckpt.model.model_dump(mode="json"),
         "image_size": int(ckpt.image_size),
-        "task": {"kind": ckpt.task.kind, "class_names": list(ckpt.task.class_names)},
+        "task": ckpt.task.to_dict(),
         "model_version": ckpt.model_version,
     }
 
@@ -249,14 +256,11 @@ class InferenceService:
         self.cfg = cfg
         self.ckpt = ckpt
         self.ckpt_bytes = ckpt_bytes
-        self.pool = pool
         self.keys = public_keys
         self.audit = audit
         self.ttp = ttp  # callable(request dict) -> dict, raises UserError
         self.meta = model_metadata(ckpt)
-        self.slots = threading.BoundedSemaphore(cfg.max_sessions)
-        self.lock = threading.Lock()
-        self.workers: dict[str, object] = {}
+        self.sessions = SessionTable(pool, cfg.max_sessions, name="session")
         self.host = cfg.mpc_host
         self.admission = Admission(cfg, getattr(audit, "path", None))
         self.revoked = RevocationList(cfg.revoked_tokens)
@@ -334,7 +338,7 @@ class InferenceService:
         if refused is not None:
             self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, refused[1], claims=claims, reason=refused[0],
                          t0=t0, identity_claim=ident)
-        if not self.slots.acquire(blocking=False):
+        if not self.sessions.reserve():
             self.admission.release(claims.jti, who, counted=False)
             self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                          "the inference service is busy (all MPC sessions in use); try again shortly",
@@ -350,7 +354,7 @@ class InferenceService:
         proc = conn = None
         handed_off = False
         try:
-            proc, conn = self.pool.start(mpc.model_owner_worker, params.to_dict(), self.ckpt_bytes, self.host)
+            proc, conn = self.sessions.start(mpc.model_owner_worker, params.to_dict(), self.ckpt_bytes, self.host)
             kind, port = mpc.wait_message(conn, ("listening",), min(deadline, time.monotonic() + 30))
             if kind != "listening":
                 raise RuntimeError(f"hospital party did not start ({kind}{': ' + port if port else ''})")
@@ -364,13 +368,8 @@ class InferenceService:
                 log.warning("session %s: TTP unavailable: %s", tag, e)
                 context.abort(grpc.StatusCode.UNAVAILABLE,
                               "the crypto provider (TTP) is unavailable; try again later")
-            with self.lock:
-                self.workers[sid] = proc
 
             def on_end(outcome, info):
-                with self.lock:
-                    self.workers.pop(sid, None)
-                self.slots.release()
                 self.admission.release(claims.jti, who)
                 reason = None if outcome == "ok" else (info if isinstance(info, str) else outcome)
                 self.audit.write(event="predict", patient_id=claims.sub, token_id=claims.jti, identity_claim=ident,
@@ -379,8 +378,7 @@ class InferenceService:
                                  duration_s=time.monotonic() - t0, session=tag, peer=peer)
                 log.info("session %s: %s in %.2fs", tag, outcome, time.monotonic() - t0)
 
-            threading.Thread(target=mpc.watch_worker, args=(proc, conn, deadline, on_end, join_deadline),
-                             name=f"session-{tag}", daemon=True).start()
+            self.sessions.hand_off(sid, tag, proc, conn, deadline, on_end, join_deadline=join_deadline)
             handed_off = True
         except RuntimeError as e:
             log.error("session %s: %s", tag, e)
@@ -390,10 +388,8 @@ class InferenceService:
             context.abort(grpc.StatusCode.INTERNAL, "the service could not start an MPC session")
         finally:
             if not handed_off:
-                mpc.stop_worker(proc)
-                if conn is not None:
-                    conn.close()
-                self.slots.release()
+                self.sessions.discard(proc, conn)
+                self.sessions.release()
                 self.admission.release(claims.jti, who)
         log.info("session %s opened for a patient (rendezvous port %d)", tag, params.port)
         return {
@@ -406,28 +402,22 @@ class InferenceService:
         }
 
     def health(self, request: dict, context) -> dict:
-        with self.lock:
-            return {"ok": True, "sessions": len(self.workers), "model_version": self.meta["model_version"]}
+        return {"ok": True, "sessions": len(self.sessions), "model_version": self.meta["model_version"]}
 
     def stop_all(self) -> None:
-        from xrayfed.common import mpc
-
-        with self.lock:
-            procs = list(self.workers.values())
-        for p in procs:
-            mpc.stop_worker(p)
+        self.sessions.stop_all()
 
 
 def ttp_caller(cfg):
     """A function that asks the TTP service to join a session (UserError when it cannot)."""
     from xrayfed.common import rpc
-    from xrayfed.server.ttp import read_secret
+    from xrayfed.common.security.shared_secret import read_secret
 
     secret = read_secret(cfg.ttp_secret, "TTP secret (--ttp-secret)")
     if cfg.ttp_tls.insecure:
         rpc.warn_insecure("serve-inference → TTP")
     channel = rpc.make_channel(cfg.ttp, ca_cert=cfg.ttp_tls.ca_cert, insecure=cfg.ttp_tls.insecure)
-    stub = rpc.method(channel, TTP_SERVICE, "StartSession")
+    stub = rpc.method(channel, TTP_SERVICE, START_SESSION)
     metadata = ((TTP_SECRET_HEADER, secret.decode()),) if secret else None
 
     def call(request: dict) -> dict:
@@ -490,7 +480,7 @@ def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | Non
 
     svc = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, keys, audit, ttp)
     server, bound = rpc.start_server(
-        SERVICE, {"ModelInfo": svc.model_info, "OpenSession": svc.open_session, "Health": svc.health},
+        INFERENCE_SERVICE, {MODEL_INFO: svc.model_info, OPEN_SESSION: svc.open_session, HEALTH: svc.health},
         host=host, port=port, creds=creds, max_workers=cfg.max_sessions + 8, what="serve-inference",
         listen=cfg.listen)
     print(f"xrayfed serve-inference: listening on {host}:{bound}; model {ckpt.model_version} "

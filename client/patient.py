@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 from xrayfed.common.errors import UserError
+from xrayfed.common.protocol.inference import INFERENCE_SERVICE, MODEL_INFO, OPEN_SESSION
 
-SERVICE = "xrayfed.inference.v1.Inference"
 
 
 def _read_scan_identity(path: Path) -> tuple[str, str | None]:
@@ -103,17 +103,19 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
         rpc.warn_insecure("predict")
     channel = rpc.make_channel(service, ca_cert=ca_cert, insecure=insecure)
     try:
-        info = rpc.call(rpc.method(channel, SERVICE, "ModelInfo"), {"token": token}, timeout=rpc_timeout,
+        info = rpc.call(rpc.method(channel, INFERENCE_SERVICE, MODEL_INFO), {"token": token}, timeout=rpc_timeout,
                         what="the inference service", target=service)
         spec = ModelSpec(**info["model"])
-        task = TaskSpec(kind=info["task"]["kind"], class_names=tuple(info["task"]["class_names"]))
+        task = TaskSpec.from_dict(info["task"])
         size = int(info["image_size"])
         x = prepare(scan, size, spec.in_channels)
 
-        from xrayfed.common import mpc  # torch + CrypTen (seconds): before the session opens, not inside it
+        from xrayfed.common import mpc
+
+        mpc.import_crypten()  # torch + CrypTen (seconds): before the session opens, not inside it
 
         t_open = time.perf_counter()
-        sess = rpc.call(rpc.method(channel, SERVICE, "OpenSession"),
+        sess = rpc.call(rpc.method(channel, INFERENCE_SERVICE, OPEN_SESSION),
                         {"token": token, "scan": {"image_size": size, "channels": int(x.shape[1]), "format": fmt,
                                                   "dicom_patient_id": dicom_pid}},
                         timeout=rpc_timeout, what="the inference service", target=service)

@@ -546,6 +546,6 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
         if label:
             log.info("%s: %d DP-SGD steps, loss %.4f", label, steps, ep["loss"])
     dp_model.zero_grad(set_to_none=True)
-    dp_model._close()  # remove Opacus hooks; `model` is the trained plain module
+    dp_model.cleanup()  # remove Opacus hooks and attributes; `model` is the trained plain module
     assert sum(chunks) == plan.steps
     return {"loss": total_loss / max(seen, 1), "examples": seen, "steps": plan.steps, "seconds": time.time() - t0}

@@ -67,7 +67,7 @@ class Checkpoint:
         return {
             "format": FORMAT,
             "model": self.model.model_dump(),
-            "task": {"kind": self.task.kind, "class_names": list(self.task.class_names)},
+            "task": self.task.to_dict(),
             "image_size": int(self.image_size),
             "round": int(self.round),
             "run_id": str(self.run_id),
@@ -120,7 +120,7 @@ def from_bytes(data: bytes, source: str = "checkpoint") -> Checkpoint:
         raise UserError(f"{source}: not an xrayfed checkpoint (expected format {FORMAT!r})")
     return Checkpoint(
         model=ModelSpec(**d["model"]),
-        task=TaskSpec(kind=d["task"]["kind"], class_names=tuple(d["task"]["class_names"])),
+        task=TaskSpec.from_dict(d["task"]),
         image_size=int(d["image_size"]),
         state_dict=d["state_dict"],
         round=int(d.get("round", 0)),

@@ -63,6 +63,15 @@ class TaskSpec(BaseModel):
     def num_outputs(self) -> int:
         return 1 if self.kind == "binary" else len(self.class_names)
 
+    def to_dict(self) -> dict:
+        """``{"kind", "class_names": [...]}``: how a task travels (messages, checkpoints, JSON)."""
+        return {"kind": self.kind, "class_names": list(self.class_names)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskSpec":
+        """Inverse of :meth:`to_dict` (raises ``KeyError``/``TypeError``/``ValueError`` on a bad one)."""
+        return cls(kind=d["kind"], class_names=tuple(d["class_names"]))
+
 
 def loss_fn(task: TaskSpec):
     """The training loss for ``task`` (mean over the batch), as a torch module."""

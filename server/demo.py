@@ -57,7 +57,7 @@ def write_demo_configs(out: Path, data: Path, args: argparse.Namespace, image_si
             "federation": {"name": "demo", "run_dir": str(run_dir), "rounds": args.rounds,
                            "min_clients": args.hospitals, "lr": args.lr},
             "model": ModelSpec(num_outputs=task.num_outputs, width=args.width, input_pool=pool).model_dump(),
-            "task": {"kind": task.kind, "class_names": list(task.class_names)},
+            "task": task.to_dict(),
             "image_size": image_size,
             "eval": {"path": str(data), "split": "test"},
             "network": {"listen": f"127.0.0.1:{port}", "tls": {"insecure": True}},

@@ -32,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from xrayfed.common.checkpoint import Checkpoint
 from xrayfed.common.config import FederationConfig, dump_toml
 from xrayfed.common.model import build_model
+from xrayfed.common.protocol.rounds import SENT_AN_UPDATE
 
 from xrayfed.server.rundir import RunDir
 from xrayfed.server.strategy import make_strategy
@@ -152,7 +153,7 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
         run.save(ckpt)
         rows = strategy.train_rows.get(g, [])
         row["hospitals"] = rows
-        row["participants"] = [r["hospital"] for r in rows if r.get("status") in ("trained", "resent")]
+        row["participants"] = [r["hospital"] for r in rows if r.get("status") in SENT_AN_UPDATE]
         eps = [float(r["epsilon"]) for r in rows if r.get("epsilon") is not None]
         row["max_epsilon"] = max(eps) if eps else None
         if g in strategy.client_eval:

@@ -12,74 +12,25 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Iterable
 
-from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from xrayfed.common.config import FederationConfig
+from xrayfed.common.protocol.rounds import FAILED, NUM_EXAMPLES, REFUSED, RoundRequest, has_update, reply_row
 
 log = logging.getLogger(__name__)
-
-# Numeric fields a hospital reports with each training reply (MetricRecord).
-HOSPITAL_METRICS = (
-    "num-examples",
-    "epsilon",
-    "delta",
-    "epsilon_budget",
-    "train_loss",
-    "noise_multiplier",
-    "sample_rate",
-    "steps",
-    "max_grad_norm",
-    "secure_rng",
-    "secure_mode",
-    "ledger_seq",
-)
-
-
-def reply_row(msg: Message) -> dict[str, Any]:
-    """One hospital's row for metrics.jsonl from its training reply."""
-    row: dict[str, Any] = {"node_id": int(msg.metadata.src_node_id)}
-    if msg.has_error():
-        row.update(hospital=f"node-{row['node_id']}", status="failed", error=str(msg.error.reason)[:200])
-        return row
-    content = msg.content
-    info = content.get("hospital")
-    if isinstance(info, ConfigRecord):
-        row["hospital"] = str(info.get("name", f"node-{row['node_id']}"))
-        row["status"] = str(info.get("status", "trained"))
-        row["accountant"] = str(info.get("accountant", ""))
-        if info.get("reason"):
-            row["reason"] = str(info["reason"])
-        if info.get("ledger_head"):
-            row["ledger_head"] = str(info["ledger_head"])
-    else:
-        row.update(hospital=f"node-{row['node_id']}", status="trained")
-    metrics = content.get("metrics")
-    if isinstance(metrics, MetricRecord):
-        for k in HOSPITAL_METRICS:
-            if k in metrics:
-                v = metrics[k]
-                key = "num_examples" if k == "num-examples" else k
-                row[key] = bool(v) if k in ("secure_rng", "secure_mode") else int(v) if k == "ledger_seq" else v
-    return row
-
 
 def ledger_anchors(rows: Iterable[dict[str, Any]], anchors: dict[str, tuple[int, str]] | None = None
                    ) -> dict[str, tuple[int, str]]:
     """Update ``{hospital: (seq, head)}`` with the ledger heads reported in metrics rows (later wins)."""
     anchors = {} if anchors is None else anchors
     for r in rows:
-        if r.get("status") != "failed" and r.get("ledger_head") and r.get("ledger_seq") is not None:
+        if r.get("status") != FAILED and r.get("ledger_head") and r.get("ledger_seq") is not None:
             anchors[str(r["hospital"])] = (int(r["ledger_seq"]), str(r["ledger_head"]))
     return anchors
-
-
-def has_update(msg: Message) -> bool:
-    return (not msg.has_error()) and len(msg.content.array_records) == 1
 
 
 def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[str, tuple[int, str]] | None = None):
@@ -106,13 +57,6 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
     if fed.strategy == "fedadam":
         kwargs["eta"] = fed.server_lr
 
-    federation_info = {
-        "federation": fed.name,
-        "model": json.dumps(cfg.model.model_dump()),
-        "task": json.dumps({"kind": cfg.task.kind, "class_names": list(cfg.task.class_names)}),
-        "image-size": int(cfg.image_size),
-        "lr": float(fed.lr),
-    }
 
     class XrayStrategy(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -125,19 +69,21 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
         def global_round(self, server_round: int) -> int:
             return self.round_offset + server_round
 
-        def _with_info(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        def _with_info(self, server_round: int, config: ConfigRecord, anchors: bool = False) -> ConfigRecord:
+            from xrayfed.common.privacy.ledger import anchor_id
+
+            request = RoundRequest(
+                federation=fed.name, round=self.global_round(server_round), model=cfg.model, task=cfg.task,
+                image_size=int(cfg.image_size), lr=float(fed.lr),
+                ledger_anchors=tuple((anchor_id(fed.name, h), seq, head)
+                                     for h, (seq, head) in sorted(self.anchors.items())) if anchors else ())
             c = ConfigRecord(dict(config))
-            c.update(federation_info)
-            c["round"] = self.global_round(server_round)
+            c.update(request.to_config())
             return c
 
         def configure_train(self, server_round, arrays, config, grid):
-            from xrayfed.common.privacy.ledger import anchor_id
-
-            c = self._with_info(server_round, config)
-            c["ledger-anchors"] = json.dumps({anchor_id(fed.name, h): [seq, head]
-                                              for h, (seq, head) in sorted(self.anchors.items())})
-            return super().configure_train(server_round, arrays, c, grid)
+            return super().configure_train(server_round, arrays, self._with_info(server_round, config, anchors=True),
+                                           grid)
 
         def configure_evaluate(self, server_round, arrays, config, grid):
             return super().configure_evaluate(server_round, arrays, self._with_info(server_round, config), grid)
@@ -148,7 +94,7 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
             self.train_rows[self.global_round(server_round)] = rows
             ledger_anchors(rows, self.anchors)
             for r in rows:
-                if r["status"] == "refused":
+                if r["status"] == REFUSED:
                     log.warning("hospital %s refused round %d: %s", r["hospital"], self.global_round(server_round),
                                 r.get("reason", "privacy budget"))
             updates = [m for m in replies if has_update(m)]
@@ -162,7 +108,7 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
             # A hospital without validation scans answers num-examples = 0 and no metric (it never
             # evaluates on its DP-protected training scans): nothing to average.
             ok = [m for m in replies if not m.has_error() and any(
-                float(r.get("num-examples", 0)) > 0 for r in m.content.metric_records.values())]
+                float(r.get(NUM_EXAMPLES, 0)) > 0 for r in m.content.metric_records.values())]
             if not ok:
                 return None
             agg = super().aggregate_evaluate(server_round, ok)

@@ -7,7 +7,7 @@ on Ctrl-C or on SIGTERM.
 
 Network layout (see ``deploy/RUNBOOK.md``): the SuperLink itself listens on a loopback address
 (``[network] control``: Fleet + Control + Runtime API, operator only); hospitals connect to
-``[network] listen``, served by :class:`xrayfed.common.flower_security.FleetGateway`, which
+``[network] listen``, served by :class:`xrayfed.server.gateway.FleetGateway`, which
 passes the Fleet API only (with TLS from ``[network.tls]``) and logs every refused hospital
 key (``[xrayfed] REFUSED hospital NAME ...`` in ``server.log``). With ``supernode_auth`` the
 keys in ``hospital_keys`` are registered at start, except hospitals that ``certs.json`` marks

@@ -25,36 +25,20 @@ import re
 import sys
 import threading
 import time
-from pathlib import Path
 
-from xrayfed.common.errors import UserError
+from xrayfed.common.mpc.sessions import SessionTable
+from xrayfed.common.protocol.inference import HEALTH, START_SESSION, TTP_SECRET_HEADER, TTP_SERVICE
+from xrayfed.common.security.shared_secret import read_secret
 
 log = logging.getLogger("xrayfed.ttp")
-SERVICE = "xrayfed.ttp.v1.TTP"
-SECRET_HEADER = "x-xrayfed-ttp-secret"
 SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-
-
-def read_secret(path: Path | None, what: str) -> bytes | None:
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what}: no file at {p}")
-    secret = p.read_bytes().strip()
-    if len(secret) < 16:
-        raise UserError(f"{what} {p}: too short (use e.g. `openssl rand -hex 32 > {p}`)")
-    return secret
 
 
 class TTPService:
     def __init__(self, cfg, pool, secret: bytes | None) -> None:
         self.cfg = cfg
-        self.pool = pool
         self.secret = secret
-        self.slots = threading.BoundedSemaphore(cfg.max_sessions)
-        self.lock = threading.Lock()
-        self.workers: dict[str, object] = {}
+        self.sessions = SessionTable(pool, cfg.max_sessions, name="ttp")
 
     # ----------------------------------------------------------------- handlers
     def _authorise(self, context) -> None:
@@ -62,14 +46,13 @@ class TTPService:
 
         if self.secret is None:
             return
-        got = dict(context.invocation_metadata()).get(SECRET_HEADER, "")
+        got = dict(context.invocation_metadata()).get(TTP_SECRET_HEADER, "")
         if not hmac.compare_digest(got.encode(), self.secret):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "TTP: missing or wrong service secret")
 
     def health(self, request: dict, context) -> dict:
         self._authorise(context)
-        with self.lock:
-            return {"ok": True, "sessions": len(self.workers)}
+        return {"ok": True, "sessions": len(self.sessions)}
 
     def start_session(self, request: dict, context) -> dict:
         import grpc
@@ -90,44 +73,34 @@ class TTPService:
         if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "timeout_s must be a positive number")
         timeout_s = min(float(timeout_s), self.cfg.session_timeout_s)
-        if not self.slots.acquire(blocking=False):
+        if not self.sessions.reserve():
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "TTP is busy (max_sessions reached)")
-        released = False
+        handed_off = False
+        proc = conn = None
         try:
             params = mpc.SessionParams(session_id=sid, host=host, port=port, timeout_s=timeout_s,
                                        threads=self.cfg.threads_per_party)
             deadline = time.monotonic() + timeout_s
-            proc, conn = self.pool.start(mpc.ttp_worker, params.to_dict())
+            proc, conn = self.sessions.start(mpc.ttp_worker, params.to_dict())
             kind, payload = mpc.wait_message(conn, ("connected",), min(deadline, time.monotonic() + 30))
             if kind != "connected":
-                mpc.stop_worker(proc)
-                conn.close()
                 context.abort(grpc.StatusCode.UNAVAILABLE,
                               f"TTP could not join the session rendezvous ({kind}{': ' + payload if payload else ''})")
-            with self.lock:
-                self.workers[sid] = proc
-            released = True
+            tag = mpc.session_tag(sid)
 
-            def on_end(outcome, info, sid=sid, t0=time.monotonic()):
-                with self.lock:
-                    self.workers.pop(sid, None)
-                self.slots.release()
-                log.info("session %s ended: %s (%.2fs)", mpc.session_tag(sid), outcome, time.monotonic() - t0)
+            def on_end(outcome, info, t0=time.monotonic()):
+                log.info("session %s ended: %s (%.2fs)", tag, outcome, time.monotonic() - t0)
 
-            threading.Thread(target=mpc.watch_worker, args=(proc, conn, deadline, on_end),
-                             name=f"ttp-{mpc.session_tag(sid)}", daemon=True).start()
+            self.sessions.hand_off(sid, tag, proc, conn, deadline, on_end)
+            handed_off = True
             return {"ok": True}
         finally:
-            if not released:
-                self.slots.release()
+            if not handed_off:
+                self.sessions.discard(proc, conn)
+                self.sessions.release()
 
     def stop_all(self) -> None:
-        from xrayfed.common import mpc
-
-        with self.lock:
-            procs = list(self.workers.values())
-        for p in procs:
-            mpc.stop_worker(p)
+        self.sessions.stop_all()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -161,7 +134,7 @@ def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | Non
     pool = WorkerPool()
     warm_s = pool.warm()
     svc = TTPService(cfg, pool, secret)
-    server, bound = rpc.start_server(SERVICE, {"StartSession": svc.start_session, "Health": svc.health},
+    server, bound = rpc.start_server(TTP_SERVICE, {START_SESSION: svc.start_session, HEALTH: svc.health},
                                      host=host, port=port, creds=creds, max_workers=cfg.max_sessions + 4,
                                      what="serve-ttp", listen=cfg.listen)
     print(f"xrayfed serve-ttp: listening on {host}:{bound} (workers warm in {warm_s:.1f}s, "

@@ -375,7 +375,7 @@ def test_killed_patient_mid_session_leaves_service_serving(stack, tmp_path):
     script = tmp_path / "dying_patient.py"
     script.write_text(
         "import os, signal, sys\n"
-        "from xrayfed.common import patient\n"
+        "from xrayfed.client import patient\n"
         "def observe(name, value):\n"
         "    if name == 'weight_shares':\n"
         "        os.kill(os.getpid(), signal.SIGKILL)  # dies in the middle of the MPC session\n"

@@ -107,7 +107,8 @@ def test_crash_before_release_retrains_under_recorded_spend(tmp_path, npz):
     spec = ModelSpec(num_outputs=1, width=8)
     state = build_model(spec).state_dict()
     # Simulate: spend recorded, then the process died before the update was released.
-    from xrayfed.client.hospital import load_local_data, RoundRequest
+    from xrayfed.client.hospital import load_local_data
+    from xrayfed.common.protocol.rounds import RoundRequest
 
     req = RoundRequest.from_config(request(1, spec))
     data = load_local_data(cfg, req.image_size, req.task)

@@ -68,7 +68,7 @@ def test_checkpoint_of_another_architecture_is_refused():
 def test_secure_ttp_server_overrides_predictable_seeds():
     from crypten.mpc.provider.ttp_provider import TTPServer
 
-    cls = mpc._secure_ttp_class()
+    cls = mpc.secure_ttp_class()
     assert issubclass(cls, TTPServer) and cls._setup_generators is not TTPServer._setup_generators
     # Why: processes forked from one parent (our warm zygote) inherit torch's default generator,
     # so the stock TTP's torch.randint seeds would repeat in every session.
@@ -95,7 +95,7 @@ def test_forked_workers_reseed_torch():
         "for _ in range(2):\n"
         "    pid = os.fork()\n"
         "    if pid == 0:\n"
-        "        mpc._fresh_process_randomness()\n"
+        "        mpc.fresh_process_randomness()\n"
         "        print(int(torch.randint(-(2**63), 2**63 - 1, size=())), flush=True); os._exit(0)\n"
         "    os.waitpid(pid, 0)\n"
     )

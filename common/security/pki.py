@@ -21,7 +21,7 @@ hospital receives; it holds no secret of the federation other than its own key.
 ``xrayfed certs add-hospital NAME --out DIR`` adds one hospital later;
 ``xrayfed certs revoke-hospital NAME --out DIR`` marks it revoked in the manifest (it is no
 longer registered at the next SuperLink start; ``--superlink`` also unregisters it from a
-running SuperLink, see :mod:`xrayfed.common.flower_security`);
+running SuperLink, see :mod:`xrayfed.server.registry`);
 ``xrayfed certs atrest-key --out FILE`` makes a key for encrypting checkpoints and ledgers at
 rest (:mod:`xrayfed.common.security.atrest`); ``xrayfed certs export-model CKPT --out FILE`` writes a
 plaintext copy (mode 0600) of a checkpoint encrypted at rest, e.g. the final global model for

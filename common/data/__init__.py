@@ -1,0 +1,123 @@
+"""Datasets from the formats hospitals hold, decoded once into memory (uint8 at the target size).
+
+:func:`load_dataset` detects the format of ``path``:
+
+* **class folders** ``ROOT/{train,val,test}/CLASS/*.{png,jpg,jpeg,dcm}`` — exactly
+  {NORMAL, PNEUMONIA} (any case) is the binary pneumonia task (NORMAL negative); other class
+  sets (e.g. healthy / COVID-19 / bacterial / viral) are multi-class, classes in sorted order.
+  Patient ids come from Kermany-style file names (or the DICOM PatientID).
+* **NIH ChestX-ray14** ``ROOT/Data_Entry_2017.csv`` + ``ROOT/images/`` (or ``images_*/images``):
+  pipe-separated ``Finding Labels`` → 14 labels in NIH order (``No Finding`` = all zeros);
+  the official ``train_val_list.txt``/``test_list.txt`` when present, else a deterministic
+  patient-wise split.
+* **MedMNIST** ``.npz`` (``{split}_images``, ``{split}_labels``; optional ``class_names``,
+  ``task_kind``).
+* **DICOM** files in class folders, or a flat folder of scans with ``labels.csv``
+  (columns ``file,label``; optional ``split`` and ``patient_id``).
+
+Every file goes through :func:`xrayfed.common.preprocess.load_scan_uint8` — the decode step
+that inference uses too — and every item through :func:`~xrayfed.common.preprocess.normalize`.
+Unreadable files are skipped with a warning naming the file (name only) and listed in
+``skipped``; no usable scan at all is a one-line :class:`~xrayfed.common.errors.UserError`.
+Nothing is cached on disk.
+
+The package: :mod:`~xrayfed.common.data.dataset` (the dataset, decoding, patient ids), one
+module per format (:mod:`~.folders`, :mod:`~.nih`, :mod:`~.npz`, :mod:`~.labels_csv`) and
+:mod:`~.split` (validation splits, partitions among hospitals); detection and the one entry
+point :func:`load_dataset` are here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from xrayfed.common.data.dataset import (  # noqa: F401  (the public API: `from xrayfed.common import data`)
+    BINARY_NAMES,
+    NIH_CSV,
+    NIH_CSVS,
+    SPLITS,
+    XrayDataset,
+    kermany_patient_id,
+    no_usable_error,
+    subset,
+    targets_array,
+)
+from xrayfed.common.data.folders import load_class_folders
+from xrayfed.common.data.labels_csv import load_labels_csv
+from xrayfed.common.data.nih import load_nih, nih_csv
+from xrayfed.common.data.npz import load_npz
+from xrayfed.common.data.split import partition, split_train_val  # noqa: F401
+from xrayfed.common.errors import UserError
+from xrayfed.common.prediction import NIH_LABELS, TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- entry point
+def detect_format(path: Path | str) -> str:
+    """``npz``, ``nih``, ``labels-csv`` or ``class-folders`` (one-line UserError otherwise)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data: no such file or folder {path}")
+    if path.is_file():
+        if path.suffix.lower() == ".npz":
+            return "npz"
+        raise UserError(f"data {path}: a data file must be a MedMNIST-style .npz; folders hold class folders, "
+                        f"the NIH layout ({NIH_CSV} + images/) or scans with labels.csv")
+    if nih_csv(path) is not None:
+        return "nih"
+    if (path / "labels.csv").is_file():
+        return "labels-csv"
+    if any((path / s).is_dir() for s in SPLITS):
+        return "class-folders"
+    subdirs = [p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    hint = (f"; it holds folders {sorted(subdirs)[:4]} — put class folders under {path}/train/ (and test/)"
+            if subdirs else "")
+    raise UserError(f"data {path}: unknown layout (expected train/ and test/ class folders, {NIH_CSV} + images/, "
+                    f"labels.csv, or a .npz file){hint}")
+
+
+def load_dataset(path: Path | str, split: str = "train", image_size: int = 224, task: TaskSpec | None = None,
+                 *, label_set: Sequence[str] | None = None, seed: int = 0,
+                 test_fraction: float = 0.2) -> XrayDataset:
+    """Load ``split`` of the scans at ``path``, resized to ``image_size`` × ``image_size`` px.
+
+    The format is detected (see the module docstring). ``task``, when given, must match the
+    data's task (one-line UserError otherwise); for NIH data a multilabel ``task`` whose names
+    are NIH findings selects those labels. ``label_set`` keeps only those classes (class folders,
+    labels.csv, binary/multiclass .npz: other scans are left out) or label columns (NIH,
+    multilabel .npz). ``seed`` and ``test_fraction`` drive the patient-wise NIH split used when
+    the official split lists are absent (``test_fraction`` of the patients → ``test``).
+    """
+    path = Path(path)
+    if int(image_size) < 8:
+        raise UserError(f"image_size {image_size}: must be at least 8 px")
+    if not 0.0 < test_fraction < 1.0:
+        raise UserError(f"test_fraction {test_fraction}: must be between 0 and 1")
+    if split not in SPLITS:
+        raise UserError(f"data split {split!r}: allowed are {', '.join(SPLITS)}")
+    fmt = detect_format(path)
+    if fmt == "nih" and label_set is None and task is not None and task.kind == "multilabel" \
+            and set(task.class_names) <= set(NIH_LABELS):
+        label_set = task.class_names
+    if fmt == "npz":
+        ds = load_npz(path, split, int(image_size), label_set)
+    elif fmt == "nih":
+        ds = load_nih(path, split, int(image_size), label_set, seed, test_fraction)
+    elif fmt == "labels-csv":
+        ds = load_labels_csv(path, split, int(image_size), label_set)
+    else:
+        ds = load_class_folders(path, split, int(image_size), label_set)
+    if len(ds) == 0:
+        raise no_usable_error(path, len(ds.skipped))
+    if ds.skipped:
+        log.warning("data %s (%s): %d of %d file(s) skipped", path.name, split, len(ds.skipped),
+                    len(ds.skipped) + len(ds))
+    if task is not None and (task.kind != ds.task.kind or tuple(task.class_names) != tuple(ds.task.class_names)):
+        raise UserError(f"data {path}: its classes {list(ds.task.class_names)} ({ds.task.kind}) differ from the "
+                        f"expected {list(task.class_names)} ({task.kind})")
+    return ds
+
+

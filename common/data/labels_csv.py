@@ -1,0 +1,74 @@
+"""A flat folder of scans (often DICOM) with ``labels.csv`` (``file,label[,split,patient_id]``)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from xrayfed.common.data.dataset import (
+    XrayDataset,
+    decode_files,
+    no_usable_error,
+    patient_id_for,
+    pick_classes,
+    task_from_names,
+)
+from xrayfed.common.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- flat folder + labels.csv
+def load_labels_csv(root: Path, split: str, size: int, label_set: Sequence[str] | None) -> XrayDataset:
+    csv_path = root / "labels.csv"
+    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        reader.fieldnames = cols
+        if "file" not in cols or "label" not in cols:
+            raise UserError(f"{csv_path}: expected a header 'file,label' (optional columns: split, patient_id); "
+                            f"found {cols[:6]}")
+        rows = [{k: (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+    if "split" in cols:
+        have = sorted({r["split"] for r in rows})
+        rows = [r for r in rows if r["split"] == split]
+        if not rows:
+            hint = "; set data.val_fraction to carve validation scans out of train" if split == "val" else ""
+            raise UserError(f"{csv_path}: no rows with split {split!r} (found {have}){hint}")
+    elif split != "train":
+        raise UserError(f"{csv_path}: has no 'split' column, so all its scans are split 'train' "
+                        f"(asked for {split!r}); add a split column or use data.val_fraction")
+    rows = [r for r in rows if r["file"] and r["label"]]
+    classes = pick_classes(sorted({r["label"] for r in rows}), label_set, str(csv_path))
+    try:
+        task, order = task_from_names(classes)
+    except UserError as e:
+        raise UserError(f"{csv_path}: {e}") from None
+    rows = [r for r in rows if r["label"].upper() in {c.upper() for c in order}]
+    upper_order = [c.upper() for c in order]
+    files, labels, pids, missing = [], [], [], []
+    for r in rows:
+        f = (root / r["file"]).resolve()
+        if root.resolve() not in f.parents:
+            missing.append((r["file"], "path outside the data folder"))
+            continue
+        if not f.is_file():
+            missing.append((r["file"], "file missing"))
+            continue
+        files.append(f)
+        labels.append(upper_order.index(r["label"].upper()))
+        pids.append(r.get("patient_id") or "")
+    if missing:
+        log.warning("data %s: %d file(s) listed in labels.csv skipped (missing or outside the folder)",
+                    root.name, len(missing))
+    images, ok, bad = decode_files(files, size)
+    if not ok:
+        raise no_usable_error(root, len(missing) + len(bad))
+    return XrayDataset(images, np.asarray(labels)[ok], task,
+                       patient_ids=[pids[i] or patient_id_for(files[i]) for i in ok],
+                       skipped=missing + bad, source=f"{root} ({split})", files=[str(files[i]) for i in ok])
+
+

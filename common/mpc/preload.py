@@ -1,0 +1,8 @@
+"""Imported by the worker pool's fork server (the zygote) only, and on purpose for its side
+effect: torch, CrypTen (through the import shim) and the party code are imported once there, so
+each session's worker is a fork that pays no import."""
+
+from xrayfed.common.mpc import parties  # noqa: F401  (torch + the party code)
+from xrayfed.common.mpc.compat import import_crypten
+
+import_crypten()

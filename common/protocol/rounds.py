@@ -1,0 +1,163 @@
+"""The messages of a federated training round, defined once and used by both sides (the
+server's strategy builds requests and reads replies; the hospital's ClientApp reads requests
+and builds replies), as :mod:`xrayfed.common.protocol.secagg` does for SecAgg+.
+
+**Request** (server → hospital, the round's ``ConfigRecord``, :class:`RoundRequest`): the
+federation's name, the global round number, the model architecture and task (JSON), the image
+size, the learning rate, FedProx's μ (set by Flower's FedProx), and the ledger heads the server
+recorded after each hospital's last reply (``ledger-anchors``, keyed by
+:func:`xrayfed.common.privacy.ledger.anchor_id`). No privacy parameter: the hospital's budget is
+its own.
+
+**Training reply** (hospital → server, :class:`TrainReply`): ``metrics`` (a ``MetricRecord``:
+:data:`HOSPITAL_METRICS`), ``hospital`` (a ``ConfigRecord``: name, status, accountant, reason,
+ledger head) and, when an update leaves the hospital, ``arrays``. Statuses: ``trained`` (a new
+update, charged), ``resent`` (the byte-identical update of an earlier charge), ``refused``
+(nothing sent: budget, ledger check or a repeated request); ``failed`` is what the server writes
+for a reply that is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from xrayfed.common.errors import UserError
+from xrayfed.common.model import ModelSpec
+from xrayfed.common.prediction import TaskSpec
+
+# Keys of the round's ConfigRecord.
+FEDERATION, ROUND, MODEL, TASK, IMAGE_SIZE, LR = "federation", "round", "model", "task", "image-size", "lr"
+PROXIMAL_MU = "proximal-mu"  # written by Flower's FedProx strategy
+LEDGER_ANCHORS = "ledger-anchors"
+
+# Records of a training reply.
+METRICS, HOSPITAL, ARRAYS = "metrics", "hospital", "arrays"
+NUM_EXAMPLES = "num-examples"  # the FedAvg weight (Flower's key)
+
+# Statuses.
+TRAINED, RESENT, REFUSED, FAILED = "trained", "resent", "refused", "failed"
+SENT_AN_UPDATE = (TRAINED, RESENT)
+
+#: Numeric fields a hospital reports with each training reply (its MetricRecord).
+HOSPITAL_METRICS = (NUM_EXAMPLES, "epsilon", "delta", "epsilon_budget", "train_loss", "noise_multiplier",
+                    "sample_rate", "steps", "max_grad_norm", "secure_rng", "secure_mode", "ledger_seq")
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """What the server sends with a round (no privacy parameter among them)."""
+
+    federation: str
+    round: int
+    model: ModelSpec
+    task: TaskSpec
+    image_size: int
+    lr: float
+    proximal_mu: float = 0.0
+    #: ``((anchor id, seq, hash), ...)``: the ledger heads the server recorded
+    ledger_anchors: tuple = ()
+
+    def anchor_for(self, hospital: str) -> tuple[int, str] | None:
+        """The head of this hospital's ledger that the server recorded after its last reply."""
+        from xrayfed.common.privacy.ledger import anchor_id
+
+        want = anchor_id(self.federation, hospital)
+        for k, seq, head in self.ledger_anchors:
+            if k == want:
+                return int(seq), str(head)
+        return None
+
+    def to_config(self) -> dict[str, Any]:
+        """The ConfigRecord entries (μ is left to Flower's FedProx, which writes it itself)."""
+        return {FEDERATION: self.federation, ROUND: int(self.round), MODEL: json.dumps(self.model.model_dump()),
+                TASK: json.dumps(self.task.to_dict()), IMAGE_SIZE: int(self.image_size), LR: float(self.lr),
+                LEDGER_ANCHORS: json.dumps({k: [int(seq), str(head)] for k, seq, head in self.ledger_anchors})}
+
+    @classmethod
+    def from_config(cls, c: dict[str, Any]) -> "RoundRequest":
+        try:
+            return cls(
+                federation=str(c[FEDERATION]),
+                round=int(c[ROUND]),
+                model=ModelSpec(**json.loads(str(c[MODEL]))),
+                task=TaskSpec.from_dict(json.loads(str(c[TASK]))),
+                image_size=int(c[IMAGE_SIZE]),
+                lr=float(c[LR]),
+                proximal_mu=float(c.get(PROXIMAL_MU, 0.0)),
+                ledger_anchors=tuple((str(k), int(v[0]), str(v[1]))
+                                     for k, v in json.loads(str(c.get(LEDGER_ANCHORS, "{}"))).items()),
+            )
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+            raise UserError(f"round request from the server is malformed ({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class TrainReply:
+    """A hospital's answer to a training request."""
+
+    hospital: str
+    status: str
+    accountant: str
+    metrics: dict[str, float]
+    reason: str = ""
+    ledger_head: str = ""
+    state_dict: dict | None = field(default=None, repr=False)
+
+    def to_content(self):
+        """The reply's ``RecordDict`` (non-finite metrics are sent as 0)."""
+        from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+        content = RecordDict({
+            METRICS: MetricRecord(finite_metrics(self.metrics)),
+            HOSPITAL: ConfigRecord({"name": self.hospital, "status": self.status, "accountant": self.accountant,
+                                    "reason": self.reason, "ledger_head": self.ledger_head}),
+        })
+        if self.state_dict is not None:
+            content[ARRAYS] = ArrayRecord(self.state_dict)
+        return content
+
+
+def finite_metrics(metrics: dict) -> dict[str, float]:
+    """Metrics as floats, NaN/Inf replaced by 0 (a MetricRecord must be finite)."""
+    out = {}
+    for k, v in metrics.items():
+        v = float(v)
+        out[k] = v if v == v and abs(v) != float("inf") else 0.0
+    return out
+
+
+def reply_row(msg) -> dict[str, Any]:
+    """One hospital's row for metrics.jsonl from its training reply (a Flower ``Message``)."""
+    from flwr.app import ConfigRecord, MetricRecord
+
+    row: dict[str, Any] = {"node_id": int(msg.metadata.src_node_id)}
+    if msg.has_error():
+        row.update(hospital=f"node-{row['node_id']}", status=FAILED, error=str(msg.error.reason)[:200])
+        return row
+    content = msg.content
+    info = content.get(HOSPITAL)
+    if isinstance(info, ConfigRecord):
+        row["hospital"] = str(info.get("name", f"node-{row['node_id']}"))
+        row["status"] = str(info.get("status", TRAINED))
+        row["accountant"] = str(info.get("accountant", ""))
+        if info.get("reason"):
+            row["reason"] = str(info["reason"])
+        if info.get("ledger_head"):
+            row["ledger_head"] = str(info["ledger_head"])
+    else:
+        row.update(hospital=f"node-{row['node_id']}", status=TRAINED)
+    metrics = content.get(METRICS)
+    if isinstance(metrics, MetricRecord):
+        for k in HOSPITAL_METRICS:
+            if k in metrics:
+                v = metrics[k]
+                key = "num_examples" if k == NUM_EXAMPLES else k
+                row[key] = bool(v) if k in ("secure_rng", "secure_mode") else int(v) if k == "ledger_seq" else v
+    return row
+
+
+def has_update(msg) -> bool:
+    """Whether a training reply carries an update (one ArrayRecord)."""
+    return (not msg.has_error()) and len(msg.content.array_records) == 1
