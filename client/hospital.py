@@ -48,11 +48,11 @@ class LocalData:
 @lru_cache(maxsize=4)
 def _load_local(path: str, split: str, image_size: int, task_json: str, val_fraction: float, partition: str | None,
                 scheme: str, alpha: float, seed: int) -> LocalData:
-    from xrayfed.common import data as D
+    from xrayfed.common import data
 
     t = json.loads(task_json)
     task = TaskSpec.from_dict(t)
-    ds = D.load_dataset(Path(path), split=split, image_size=image_size, task=task)
+    ds = data.load_dataset(Path(path), split=split, image_size=image_size, task=task)
     if ds.task.class_names != task.class_names or ds.task.kind != task.kind:
         raise UserError(
             f"data {path}: its classes {list(ds.task.class_names)} ({ds.task.kind}) differ from the federation's "
@@ -65,14 +65,14 @@ def _load_local(path: str, split: str, image_size: int, task_json: str, val_frac
 def split_local(ds, val_fraction: float, partition: str | None, scheme: str, alpha: float, seed: int):
     """This hospital's part of ``ds`` (``data.partition``), split into ``(train, val)``: the
     same split at `xrayfed client` start (N for the DP plan) and in every round."""
-    from xrayfed.common import data as D
+    from xrayfed.common import data
 
     if partition:
         i, n = (int(x) for x in partition.split("/"))
         if not 0 <= i < n:
             raise UserError(f"data.partition {partition!r}: part must be in 0..{n - 1}")
-        ds = D.subset(ds, D.partition(ds, n, scheme, seed=seed, alpha=alpha)[i])
-    return D.split_train_val(ds, val_fraction, seed)
+        ds = data.subset(ds, data.partition(ds, n, scheme, seed=seed, alpha=alpha)[i])
+    return data.split_train_val(ds, val_fraction, seed)
 
 
 def load_local_data(cfg: HospitalConfig, image_size: int, task: TaskSpec) -> LocalData:

@@ -57,7 +57,14 @@ import threading
 import time
 from pathlib import Path
 
+from xrayfed.common import mpc, rpc
+from xrayfed.common.addresses import parse_hostport
+from xrayfed.common.checkpoint import load_checkpoint, load_weights, to_bytes
+from xrayfed.common.config import InferenceServiceConfig, load_config
 from xrayfed.common.errors import UserError
+from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
+from xrayfed.common.model import build_model
+from xrayfed.common.mpc import WorkerPool
 from xrayfed.common.mpc.sessions import SessionTable
 from xrayfed.common.protocol.inference import (
     HEALTH,
@@ -67,6 +74,15 @@ from xrayfed.common.protocol.inference import (
     START_SESSION,
     TTP_SECRET_HEADER,
     TTP_SERVICE,
+)
+from xrayfed.common.security import tokens
+from xrayfed.common.security.shared_secret import read_secret
+from xrayfed.common.security.tokens import (
+    TokenError,
+    check_dicom_patient_id,
+    load_public_keys,
+    peek_subject,
+    verify_token,
 )
 
 log = logging.getLogger("xrayfed.inference")
@@ -145,8 +161,6 @@ class RevocationList:
 
 def revoke_token(list_path: Path, token_or_jti: str) -> str:
     """Append a token id to a revocation list (from a token file, a token or a bare jti)."""
-    from xrayfed.common.security import tokens
-
     text = token_or_jti.strip()
     p = Path(text)
     if len(text) < 256 and p.is_file():
@@ -269,7 +283,6 @@ class InferenceService:
     def _verify(self, request: dict, context, t0: float, event: str):
         import grpc
 
-        from xrayfed.common.security.tokens import TokenError, peek_subject, verify_token
 
         token = request.get("token")
         try:
@@ -300,8 +313,6 @@ class InferenceService:
     def open_session(self, request: dict, context) -> dict:
         import grpc
 
-        from xrayfed.common import mpc
-        from xrayfed.common.security.tokens import TokenError, check_dicom_patient_id
 
         t0 = time.monotonic()
         claims = self._verify(request, context, t0, "predict")
@@ -410,12 +421,9 @@ class InferenceService:
 
 def ttp_caller(cfg):
     """A function that asks the TTP service to join a session (UserError when it cannot)."""
-    from xrayfed.common import rpc
-    from xrayfed.common.security.shared_secret import read_secret
-
     secret = read_secret(cfg.ttp_secret, "TTP secret (--ttp-secret)")
     if cfg.ttp_tls.insecure:
-        rpc.warn_insecure("serve-inference → TTP")
+        warn_insecure("serve-inference → TTP", RPC_EXPOSED)
     channel = rpc.make_channel(cfg.ttp, ca_cert=cfg.ttp_tls.ca_cert, insecure=cfg.ttp_tls.insecure)
     stub = rpc.method(channel, TTP_SERVICE, START_SESSION)
     metadata = ((TTP_SECRET_HEADER, secret.decode()),) if secret else None
@@ -434,9 +442,6 @@ def check_model(ckpt, *, crypten: bool = True) -> None:
     the encrypted model is built from the same layer plan and the weights are loaded and
     verified through the CrypTen back end.
     """
-    from xrayfed.common.checkpoint import load_weights
-    from xrayfed.common.model import build_model
-
     what = f"checkpoint (model {ckpt.model_version})"
     if ckpt.model.arch != "xraynet":
         raise UserError(f"{what}: architecture {ckpt.model.arch!r} cannot run under MPC (GroupNorm has no CrypTen "
@@ -453,11 +458,6 @@ def check_model(ckpt, *, crypten: bool = True) -> None:
 
 
 def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
-    from xrayfed.common import rpc
-    from xrayfed.common.checkpoint import load_checkpoint, to_bytes
-    from xrayfed.common.procs import parse_hostport
-    from xrayfed.common.security.tokens import load_public_keys
-
     host, port = parse_hostport(cfg.listen, "listen")
     if cfg.model is None:
         raise UserError("serve-inference: --model CHECKPOINT is required")
@@ -466,12 +466,11 @@ def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | Non
     keys = load_public_keys(cfg.token_keys)
     creds = None if cfg.tls.insecure else rpc.server_credentials(cfg.tls.cert, cfg.tls.key, "serve-inference")
     if cfg.tls.insecure:
-        rpc.warn_insecure("serve-inference")
+        warn_insecure("serve-inference", RPC_EXPOSED)
     ttp = ttp_caller(cfg)
 
     # Warm the zygote (torch + CrypTen imported once) BEFORE any gRPC thread exists; then check
     # the checkpoint with the CrypTen back end (imports CrypTen here too).
-    from xrayfed.common.mpc import WorkerPool
 
     pool = WorkerPool()
     warm_s = pool.warm()
@@ -494,8 +493,6 @@ def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | Non
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from xrayfed.common.config import InferenceServiceConfig, load_config
-
     def s(v):
         return str(v) if v is not None else None
 
@@ -516,8 +513,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_issue(args: argparse.Namespace) -> int:
-    from xrayfed.common.security import tokens
-
     if args.revoke:
         if args.revocation_list is None:
             raise UserError("issue-token --revoke: give --revocation-list FILE (the service's revoked_tokens)")

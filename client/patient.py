@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from xrayfed.common.errors import UserError
+from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
 from xrayfed.common.protocol.inference import INFERENCE_SERVICE, MODEL_INFO, OPEN_SESSION
 
 
@@ -81,7 +82,7 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
     """
     from xrayfed.common import rpc
     from xrayfed.common.model import ModelSpec
-    from xrayfed.common.procs import parse_hostport
+    from xrayfed.common.addresses import parse_hostport
     from xrayfed.common.prediction import TaskSpec, probabilities
     from xrayfed.common.security.tokens import read_token_file
 
@@ -100,7 +101,7 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
         raise UserError(f"--scan {scan}: not a readable PNG, JPEG or DICOM image ({type(e).__name__})") from None
 
     if insecure:
-        rpc.warn_insecure("predict")
+        warn_insecure("predict", RPC_EXPOSED)
     channel = rpc.make_channel(service, ca_cert=ca_cert, insecure=insecure)
     try:
         info = rpc.call(rpc.method(channel, INFERENCE_SERVICE, MODEL_INFO), {"token": token}, timeout=rpc_timeout,

@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from xrayfed.common.protocol import secagg as P
+from xrayfed.common.protocol import secagg as secagg_protocol
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def make_secagg_mod(required: bool | Callable[[Context], bool] = False) -> Mod:
                 return Message(Error(ERROR_CODE, "hospital requires secure aggregation (SecAgg+); "
                                                  "plain training request refused"), reply_to=msg)
             return call_next(msg, ctxt)
-        with P.strong_masks():
+        with secagg_protocol.strong_masks():
             return secaggplus_mod(msg, ctxt, _legacy_adapter(call_next))
 
     return secagg_mod
@@ -94,17 +94,17 @@ def _legacy_adapter(call_next):
 
         content = msg.content
         cfg = content.config_records["fitins.config"]
-        if cfg.get(P.K_PROTOCOL) != P.PROTOCOL:
-            raise SecAggRefused(f"unknown secure-aggregation protocol {cfg.get(P.K_PROTOCOL)!r} (expected {P.PROTOCOL!r})")
-        if cfg.get(P.K_PRG) != P.PRG_NAME:
-            raise SecAggRefused(f"server asked for mask generator {cfg.get(P.K_PRG)!r}; only {P.PRG_NAME!r} "
+        if cfg.get(secagg_protocol.K_PROTOCOL) != secagg_protocol.PROTOCOL:
+            raise SecAggRefused(f"unknown secure-aggregation protocol {cfg.get(secagg_protocol.K_PROTOCOL)!r} (expected {secagg_protocol.PROTOCOL!r})")
+        if cfg.get(secagg_protocol.K_PRG) != secagg_protocol.PRG_NAME:
+            raise SecAggRefused(f"server asked for mask generator {cfg.get(secagg_protocol.K_PRG)!r}; only {secagg_protocol.PRG_NAME!r} "
                                 "is accepted (Flower's default uses 32-bit seeds)")
-        keys = json.loads(str(cfg[P.K_KEYS]))
-        names = json.loads(str(cfg[P.K_RECORDS]))
-        mode = str(cfg[P.K_MODE])
-        weight_key = str(cfg[P.K_WEIGHT_KEY])
-        max_weight = float(cfg[P.K_MAX_WEIGHT])
-        clip = float(cfg[P.K_CLIP])
+        keys = json.loads(str(cfg[secagg_protocol.K_KEYS]))
+        names = json.loads(str(cfg[secagg_protocol.K_RECORDS]))
+        mode = str(cfg[secagg_protocol.K_MODE])
+        weight_key = str(cfg[secagg_protocol.K_WEIGHT_KEY])
+        max_weight = float(cfg[secagg_protocol.K_MAX_WEIGHT])
+        clip = float(cfg[secagg_protocol.K_CLIP])
         if mode not in ("delta", "weights"):
             raise SecAggRefused(f"unknown secure-aggregation mode {mode!r}")
 
@@ -113,7 +113,7 @@ def _legacy_adapter(call_next):
         if len(global_nd) != len(keys):
             raise SecAggRefused(f"{len(global_nd)} arrays but {len(keys)} names")
         arrays = ArrayRecord(array_dict={k: Array(np.asarray(a)) for k, a in zip(keys, global_nd)})
-        train_cfg = ConfigRecord({k: v for k, v in cfg.items() if not k.startswith(P.K_PROTOCOL)})
+        train_cfg = ConfigRecord({k: v for k, v in cfg.items() if not k.startswith(secagg_protocol.K_PROTOCOL)})
         msg.content = RecordDict({names["arrays"]: arrays, names["config"]: train_cfg})
 
         reply = call_next(msg, ctxt)
@@ -152,8 +152,8 @@ def _legacy_adapter(call_next):
         for k, r in out.items():  # plaintext records (metrics, status) go through unchanged
             if not isinstance(r, ArrayRecord):
                 legacy[k] = r
-        legacy[P.SECAGG_INFO_RECORD] = ConfigRecord(
-            {"mode": mode, "weight": float(weight), "prg": P.active_prg("client")}
+        legacy[secagg_protocol.SECAGG_INFO_RECORD] = ConfigRecord(
+            {"mode": mode, "weight": float(weight), "prg": secagg_protocol.active_prg("client")}
         )
         legacy.config_records["fitres.metrics"] = ConfigRecord({})
         legacy.metric_records["fitres.num_examples"] = MetricRecord({"num_examples": int(round(weight))})

@@ -12,14 +12,22 @@ import logging
 import sys
 from pathlib import Path
 
+from xrayfed.client.hospital import split_local
+from xrayfed.client.privacy import PrivacyLedger, plan_dp
+from xrayfed.common.addresses import parse_hostport
+from xrayfed.common.config import HospitalConfig, dump_toml, load_config
+from xrayfed.common.data import load_dataset
 from xrayfed.common.errors import UserError
+from xrayfed.common.flower_launch import flower_env, supernode_args
+from xrayfed.common.logs import FLEET_EXPOSED, warn_insecure
+from xrayfed.common.privacy.ledger import read_ledger
+from xrayfed.common.procs import ProcessGroup, free_port, spawn, venv_bin
+from xrayfed.common.security.atrest import ENV_KEY_FILE, load_key
 
 log = logging.getLogger(__name__)
 
 
 def load_hospital_config(args: argparse.Namespace):
-    from xrayfed.common.config import HospitalConfig, load_config
-
     return load_config(
         HospitalConfig,
         args.config,
@@ -40,10 +48,6 @@ def check_data(cfg) -> int:
     Refused here, with one line: no usable scan, δ ≥ 1/N, a budget no noise level can meet,
     a plan longer than the accountant composes (:func:`xrayfed.client.privacy.plan_dp`).
     """
-    from xrayfed.common.data import load_dataset
-
-    from xrayfed.client.hospital import split_local
-    from xrayfed.client.privacy import plan_dp
 
     if cfg.data.path is None:
         raise UserError("data: no path (give --data PATH or [data] path in hospital.toml)")
@@ -92,10 +96,6 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     import subprocess
     import threading
 
-    from xrayfed.common.security.atrest import ENV_KEY_FILE, load_key
-    from xrayfed.common.config import dump_toml
-    from xrayfed.common.flower_launch import flower_env, supernode_args, warn_insecure
-    from xrayfed.common.procs import ProcessGroup, free_port, parse_hostport, spawn, venv_bin
 
     parse_hostport(args.server, "--server")
     cfg = load_hospital_config(args)
@@ -107,13 +107,11 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     key_file = getattr(args, "atrest_key_file", None)
     atrest_key = load_key(key_file)  # a bad key fails here, before joining
     if args.insecure:
-        warn_insecure(f"hospital {cfg.hospital.name}")
+        warn_insecure(f"hospital {cfg.hospital.name}", FLEET_EXPOSED)
     check_data(cfg)
     state = Path(cfg.hospital.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
-    from xrayfed.common.privacy.ledger import read_ledger
 
-    from xrayfed.client.privacy import PrivacyLedger
 
     # Fail before joining when the privacy ledger cannot be read (wrong/missing at-rest key or
     # ledger key, broken chain, cut short): one line naming the file, never a budget silently

@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from xrayfed.common.addresses import split_hostport
 from xrayfed.common.errors import UserError
 from xrayfed.common.model import ModelSpec
 from xrayfed.common.prediction import TaskSpec
@@ -86,10 +87,7 @@ class ServerNetwork(_Strict):
     @field_validator("control")
     @classmethod
     def _control_is_local(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
-        host = host.strip("[]")
-        if not sep or not port.isdigit() or int(port) > 65535:
-            raise ValueError("expected HOST:PORT (e.g. 127.0.0.1:9093)")
+        host, _ = split_hostport(v, allow_port_zero=True)
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the SuperLink's own port (Control + Runtime API: anyone reaching it can register "
                              "hospital keys and submit runs) must stay on a loopback address such as 127.0.0.1")

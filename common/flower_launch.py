@@ -8,7 +8,6 @@ processes): what both launchers (``xrayfed server`` / ``xrayfed client``) call.
 * :func:`flower_env`: the environment for every Flower process (``PATH`` must contain the
   venv's ``bin``: the SuperLink starts ``flower-superexec`` and the SuperNode ``flwr-clientapp``
   by name).
-* :func:`warn_insecure`: the one warning printed when TLS is switched off.
 
 The operator's side lives in the server package: the SuperLink's registry of hospital keys
 (:mod:`xrayfed.server.registry`) and the Fleet-only gateway (:mod:`xrayfed.server.gateway`).
@@ -31,15 +30,11 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import IO, Mapping
+from typing import Mapping
 
 from xrayfed.common.errors import UserError
 
 DEFAULT_CONNECTION = "xrayfed"
-INSECURE_WARNING = ("WARNING: --insecure: {what} runs WITHOUT TLS (traffic, model updates and keys are readable "
-                    "and forgeable on the network) and without hospital authentication; use it for local "
-                    "experiments only")
-
 
 # --------------------------------------------------------------------------- environment
 def venv_bin_dir() -> Path:
@@ -60,13 +55,6 @@ def flower_env(flwr_home: Path | str | None = None, base: Mapping[str, str] | No
     if flwr_home is not None:
         env["FLWR_HOME"] = str(Path(flwr_home).resolve())
     return env
-
-
-def warn_insecure(what: str = "the federation", stream: IO[str] | None = None) -> str:
-    """Print (and return) the one-line warning for ``--insecure``."""
-    line = "xrayfed: " + INSECURE_WARNING.format(what=what)
-    print(line, file=stream or sys.stderr, flush=True)
-    return line
 
 
 def existing_file(path: Path | str | None, what: str) -> str:

@@ -117,13 +117,6 @@ class ProcessGroup:
                 signal.signal(s, h)
 
 
-def parse_hostport(value: str, what: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"{what} {value!r}: expected HOST:PORT (e.g. 127.0.0.1:9092)")
-    return host.strip("[]"), int(port)
-
-
 def shared_cpu_env(processes: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Thread limits for ``processes`` torch processes that share this machine's cores.
 

@@ -9,7 +9,6 @@ Errors on the client side become one-line :class:`~xrayfed.common.errors.UserErr
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -28,11 +27,6 @@ def loads(data: bytes) -> dict:
     if not isinstance(obj, dict):
         raise ValueError("message must be a JSON object")
     return obj
-
-
-def warn_insecure(what: str) -> None:
-    print(f"xrayfed: WARNING: {what} without TLS (--insecure): for local experiments only; "
-          "tokens and session ids travel in the clear", file=sys.stderr, flush=True)
 
 
 def _read(path: Path | None, what: str) -> bytes:

@@ -16,7 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+from xrayfed.common.config import FederationConfig, HospitalConfig, dump_toml
+from xrayfed.common.data import load_dataset
 from xrayfed.common.errors import UserError
+from xrayfed.common.model import ModelSpec
+from xrayfed.common.procs import ProcessGroup, free_port, shared_cpu_env, spawn
 
 MARKER = ".xrayfed-demo"
 
@@ -47,9 +51,6 @@ def _write(path: Path, text: str) -> Path:
 
 def write_demo_configs(out: Path, data: Path, args: argparse.Namespace, image_size: int, task,
                        port: int) -> tuple[Path, list[Path]]:
-    from xrayfed.common.config import FederationConfig, HospitalConfig, dump_toml
-    from xrayfed.common.model import ModelSpec
-
     run_dir = out / "run"
     pool = max(1, image_size // 56) if image_size >= 112 else 1
     fed = FederationConfig.model_validate(
@@ -81,8 +82,6 @@ def write_demo_configs(out: Path, data: Path, args: argparse.Namespace, image_si
 
 
 def run_demo_cmd(args: argparse.Namespace) -> int:
-    from xrayfed.common.procs import ProcessGroup, free_port, shared_cpu_env, spawn
-
     if args.hospitals < 1 or args.rounds < 1:
         raise UserError("--hospitals and --rounds must be at least 1")
     t0 = time.time()
@@ -100,7 +99,6 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
         print(f"[demo] no --data: generated synthetic scans ({size} px, one class carries a visible opacity) at {data}")
     else:
         data = args.data.resolve()
-    from xrayfed.common.data import load_dataset
 
     image_size = args.image_size or _native_size(data) or 224
     probe = load_dataset(data, split="train", image_size=16)

@@ -28,14 +28,13 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
-
 from xrayfed.common.checkpoint import Checkpoint
-from xrayfed.common.config import FederationConfig, dump_toml
+from xrayfed.common.config import FederationConfig
+from xrayfed.common.data import load_dataset
 from xrayfed.common.model import build_model
 from xrayfed.common.protocol.rounds import SENT_AN_UPDATE
-
 from xrayfed.server.rundir import RunDir
-from xrayfed.server.strategy import make_strategy
+from xrayfed.server.strategy import ledger_anchors, make_strategy
 
 log = logging.getLogger(__name__)
 PREFIX = "[xrayfed]"
@@ -68,7 +67,6 @@ def summary_line(row: dict[str, Any]) -> str:
 def _load_eval_set(cfg: FederationConfig):
     if cfg.eval.path is None:
         return None
-    from xrayfed.common.data import load_dataset
 
     ds = load_dataset(cfg.eval.path, split=cfg.eval.split, image_size=cfg.image_size, task=cfg.task)
     _say(f"server-side evaluation on {len(ds)} held-out scans ({cfg.eval.split})")
@@ -83,7 +81,8 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
 
         atrest_key = load_key()
     run = RunDir(cfg.federation.run_dir, key=atrest_key).create()
-    (run.path / "federation.toml").write_text(dump_toml(cfg), encoding="utf-8")
+    if not run.config_path.is_file():  # started without `xrayfed server` (which writes it)
+        run.write_config(cfg)
     torch.manual_seed(cfg.federation.seed)
 
     latest = run.load_latest()
@@ -107,7 +106,6 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
         return run
 
     eval_set = _load_eval_set(cfg)
-    from xrayfed.server.strategy import ledger_anchors
 
     anchors: dict[str, tuple[int, str]] = {}
     for row in run.read_metrics():

@@ -7,13 +7,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from xrayfed.common.checkpoint import to_bytes
 from xrayfed.common.errors import UserError
+from xrayfed.common.files import atomic_write
+from xrayfed.common.security.atrest import load_checkpoint, load_key, make_atrest_key
 from xrayfed.common.security.pki import (
     KEY_MODE,
     MANIFEST,
     add_hospital,
     init_pki,
-    make_atrest_key,
     make_hospital_key,
     public_key_fingerprint,
     read_manifest,
@@ -89,10 +91,6 @@ def _cmd_atrest(args: argparse.Namespace) -> int:
 
 def export_model(checkpoint: Path | str, out: Path | str, key, *, force: bool = False) -> Path:
     """Write a plaintext copy (mode 0600) of a (possibly encrypted) checkpoint; returns ``out``."""
-    from xrayfed.common.security.atrest import load_checkpoint
-    from xrayfed.common.files import atomic_write
-    from xrayfed.common.checkpoint import to_bytes
-
     out = Path(out)
     refuse_existing([out], force)
     ckpt = load_checkpoint(checkpoint, key)  # wrong key / modified file: one-line UserError
@@ -101,8 +99,6 @@ def export_model(checkpoint: Path | str, out: Path | str, key, *, force: bool = 
 
 
 def _cmd_export_model(args: argparse.Namespace) -> int:
-    from xrayfed.common.security.atrest import load_key
-
     key = load_key(args.atrest_key_file)
     path = export_model(args.checkpoint, args.out, key, force=args.force)
     print(f"plaintext model written to {path} (mode 0600): it holds the model weights, keep it on the "

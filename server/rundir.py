@@ -76,11 +76,35 @@ class RunDir:
             f.write(json.dumps(row, sort_keys=True, allow_nan=True) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """Metrics rows, the last row per round winning (a resumed round may appear twice)."""
-        rows: dict[int, dict[str, Any]] = {}
-        if self.metrics_path.is_file():
-            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    rows[int(r["round"])] = r
-        return [rows[k] for k in sorted(rows)]
+        """Metrics rows, the last row per round winning (:func:`read_metrics`); none yet: []."""
+        return read_metrics(self.metrics_path) if self.metrics_path.is_file() else []
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "federation.toml"
+
+    def write_config(self, cfg) -> Path:
+        """The run's resolved config (what its ServerApp reads and its reports name)."""
+        from xrayfed.common.config import dump_toml
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(dump_toml(cfg), encoding="utf-8")
+        return self.config_path
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl, the last row per round winning (a resumed round may appear
+    twice); a line that is not a row is a one-line ``UserError`` naming it."""
+    from xrayfed.common.errors import UserError
+
+    rows: dict[int, dict[str, Any]] = {}
+    with Path(path).open("r", encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                rows[int(r["round"])] = r
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise UserError(f"{path}: line {n}: not a metrics row (JSON object with a 'round')") from None
+    return [rows[k] for k in sorted(rows)]

@@ -39,7 +39,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
-from xrayfed.common.protocol import secagg as P
+from xrayfed.common.protocol import secagg as secagg_protocol
 from xrayfed.common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class SecAggRound:
     weights: dict[int, float] = field(default_factory=dict)  # node -> plaintext weight (0 = contributed nothing)
     failures: dict[int, str] = field(default_factory=dict)  # node -> reason
     halted: bool = False  # Flower's workflow stopped (too few nodes / shares)
-    prg: str = ""  # mask generator used by the server side (P.PRG_NAME)
+    prg: str = ""  # mask generator used by the server side (secagg_protocol.PRG_NAME)
 
 
 # --------------------------------------------------------------------------- legacy adapters
@@ -253,14 +253,14 @@ def secagg_train_round(
             raise UserError("secure aggregation: all training messages of a round must carry the same model arrays")
         config = dict(m.content.config_records[_single(m.content.config_records, "ConfigRecord", m)])
         config.update({
-            P.K_PROTOCOL: P.PROTOCOL,
-            P.K_PRG: P.PRG_NAME,
-            P.K_KEYS: json.dumps(keys),
-            P.K_RECORDS: json.dumps({"arrays": ar_key, "config": cr_key}),
-            P.K_MODE: cfg.mode,
-            P.K_WEIGHT_KEY: cfg.weight_key,
-            P.K_MAX_WEIGHT: float(cfg.max_weight),
-            P.K_CLIP: float(cfg.clipping_range),
+            secagg_protocol.K_PROTOCOL: secagg_protocol.PROTOCOL,
+            secagg_protocol.K_PRG: secagg_protocol.PRG_NAME,
+            secagg_protocol.K_KEYS: json.dumps(keys),
+            secagg_protocol.K_RECORDS: json.dumps({"arrays": ar_key, "config": cr_key}),
+            secagg_protocol.K_MODE: cfg.mode,
+            secagg_protocol.K_WEIGHT_KEY: cfg.weight_key,
+            secagg_protocol.K_MAX_WEIGHT: float(cfg.max_weight),
+            secagg_protocol.K_CLIP: float(cfg.clipping_range),
         })
         proxy = GridClientProxy(node_id=node, grid=grid, run_id=run_id)
         pairs.append((proxy, FitIns(parameters=ndarrays_to_parameters(global_nd), config=config)))
@@ -273,8 +273,8 @@ def secagg_train_round(
     ctx.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     tap = _Tap(grid, inspector)
     workflow = cfg.workflow()
-    with P.strong_masks():
-        out.prg = P.active_prg("server")
+    with secagg_protocol.strong_masks():
+        out.prg = secagg_protocol.active_prg("server")
         workflow(tap, ctx)  # type: ignore[arg-type]
 
     # Per-node replies: errors from any stage; the masked-upload reply otherwise.

@@ -22,7 +22,28 @@ import sys
 import threading
 from pathlib import Path
 
+from xrayfed.common.addresses import parse_hostport
+from xrayfed.common.config import FederationConfig, load_config
 from xrayfed.common.errors import UserError
+from xrayfed.common.flower_launch import (
+    flower_env,
+    superlink_args_from_config,
+    write_flwr_home,
+)
+from xrayfed.common.logs import FLEET_EXPOSED, warn_insecure
+from xrayfed.common.procs import (
+    ProcessGroup,
+    free_port,
+    kill_tree,
+    spawn,
+    venv_bin,
+    wait_for_port,
+)
+from xrayfed.common.security.atrest import ENV_KEY_FILE, load_key
+from xrayfed.common.security.pki import MANIFEST, public_key_fingerprint, read_manifest
+from xrayfed.server.gateway import FleetGateway
+from xrayfed.server.registry import node_keys, register_hospitals
+from xrayfed.server.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +75,6 @@ config-path = ""
 
 
 def load_federation_config(args: argparse.Namespace):
-    from xrayfed.common.config import FederationConfig, load_config
-
     return load_config(
         FederationConfig,
         args.config,
@@ -102,9 +121,6 @@ def hospital_keys_to_register(cfg) -> tuple[dict[str, Path], dict[str, str], lis
     manifest ``PKI/certs.json``: a hospital revoked there (``xrayfed certs revoke-hospital``) is
     not registered again, even if its key is still listed in the config.
     """
-    from xrayfed.common.security.pki import MANIFEST, read_manifest
-    from xrayfed.common.security.pki import public_key_fingerprint
-
     register: dict[str, Path] = {}
     names: dict[str, str] = {}
     skipped: list[str] = []
@@ -136,8 +152,6 @@ def hospital_keys_to_register(cfg) -> tuple[dict[str, Path], dict[str, str], lis
 
 def _registered_fingerprints(home: Path):
     """For the gateway: the fingerprints of the hospital keys the SuperLink has registered now."""
-    from xrayfed.server.registry import node_keys
-
     def current() -> set[str]:
         return {r["fingerprint"] for r in node_keys(home) if r.get("status") not in ("unregistered", "deleted")}
 
@@ -186,16 +200,9 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atres
     """Start the SuperLink, submit the run, stream its summary lines; returns an exit code."""
     import subprocess
 
-    from xrayfed.common.security.atrest import ENV_KEY_FILE, load_key
-    from xrayfed.common.config import dump_toml
-    from xrayfed.common.flower_launch import flower_env, superlink_args_from_config, warn_insecure, write_flwr_home
-    from xrayfed.server.gateway import FleetGateway
-    from xrayfed.server.registry import register_hospitals
-    from xrayfed.common.procs import ProcessGroup, free_port, kill_tree, parse_hostport, spawn, venv_bin, wait_for_port
 
     host, port = parse_hostport(cfg.network.listen, "network.listen")
-    chost, _, cport_s = cfg.network.control.rpartition(":")  # validated by the config (loopback; 0 = free)
-    chost, cport = chost.strip("[]"), int(cport_s)
+    chost, cport = parse_hostport(cfg.network.control, "network.control", allow_port_zero=True)  # 0 = a free port
     insecure = cfg.network.tls.insecure
     tls_args = superlink_args_from_config(cfg.network)
     keys, names, revoked = hospital_keys_to_register(cfg)
@@ -205,7 +212,7 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atres
 
         SecAggPlusConfig.from_section(cfg.secure_aggregation).workflow()  # Flower's own checks of the parameters
     if insecure:
-        warn_insecure("the federation")
+        warn_insecure("the federation", FLEET_EXPOSED)
     if cfg.eval.path is not None and not Path(cfg.eval.path).exists():
         raise UserError(f"eval.path: no such file or folder {cfg.eval.path}")
     if cport == 0:
@@ -214,8 +221,8 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atres
         raise UserError(f"network.control and network.listen use the same port {port}")
     run_dir = Path(cfg.federation.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / "federation.toml"
-    cfg_path.write_text(dump_toml(cfg), encoding="utf-8")
+
+    cfg_path = RunDir(run_dir).write_config(cfg)
     app_dir = run_dir / ".flower-app"
     app_dir.mkdir(exist_ok=True)
     (app_dir / "pyproject.toml").write_text(FLOWER_APP_TOML, encoding="utf-8")

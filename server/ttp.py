@@ -26,8 +26,18 @@ import sys
 import threading
 import time
 
+from xrayfed.common import mpc, rpc
+from xrayfed.common.addresses import parse_hostport
+from xrayfed.common.config import TTPConfig, load_config
+from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
+from xrayfed.common.mpc import WorkerPool
 from xrayfed.common.mpc.sessions import SessionTable
-from xrayfed.common.protocol.inference import HEALTH, START_SESSION, TTP_SECRET_HEADER, TTP_SERVICE
+from xrayfed.common.protocol.inference import (
+    HEALTH,
+    START_SESSION,
+    TTP_SECRET_HEADER,
+    TTP_SERVICE,
+)
 from xrayfed.common.security.shared_secret import read_secret
 
 log = logging.getLogger("xrayfed.ttp")
@@ -57,7 +67,6 @@ class TTPService:
     def start_session(self, request: dict, context) -> dict:
         import grpc
 
-        from xrayfed.common import mpc
 
         self._authorise(context)
         sid = request.get("session_id")
@@ -104,8 +113,6 @@ class TTPService:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from xrayfed.common.config import TTPConfig, load_config
-
     cfg = load_config(TTPConfig, args.config, {
         "listen": args.listen, "tls.cert": str(args.cert) if args.cert else None,
         "tls.key": str(args.key) if args.key else None, "secret": str(args.secret) if args.secret else None,
@@ -116,20 +123,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
-    from xrayfed.common import rpc
-    from xrayfed.common.procs import parse_hostport
-
     host, port = parse_hostport(cfg.listen, "listen")
     secret = read_secret(cfg.secret, "TTP secret (--secret)")
     creds = None if cfg.tls.insecure else rpc.server_credentials(cfg.tls.cert, cfg.tls.key, "serve-ttp")
     if cfg.tls.insecure:
-        rpc.warn_insecure("serve-ttp")
+        warn_insecure("serve-ttp", RPC_EXPOSED)
     if secret is None:
         print("xrayfed: WARNING: serve-ttp without --secret: anyone who reaches it can start TTP sessions",
               file=sys.stderr, flush=True)
 
     # Warm the zygote (imports torch + CrypTen once) BEFORE any gRPC thread exists.
-    from xrayfed.common.mpc import WorkerPool
 
     pool = WorkerPool()
     warm_s = pool.warm()

@@ -295,7 +295,7 @@ def test_report_cli_reads_an_encrypted_ledger_with_the_key_flag(tmp_path, key, k
     led.ensure_header(plan_dp(cfg, 1000))
     led.charge(plan_dp(cfg, 1000), federation="f", server_round=1, key="k1")
     kf = tmp_path / "atrest.key"
-    from xrayfed.common.security.pki import make_atrest_key
+    from xrayfed.common.security.atrest import make_atrest_key
 
     make_atrest_key(kf)
     assert cli.main(["report", "--ledger", str(led.path), "--out", str(tmp_path / "r0"), "--format", "json"]) == 2

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from xrayfed.common.security.pki import add_hospital, hospital_public_keys, init_pki, make_atrest_key, read_manifest, revoke_hospital
+from xrayfed.common.security.atrest import make_atrest_key
+from xrayfed.common.security.pki import add_hospital, hospital_public_keys, init_pki, read_manifest, revoke_hospital
 from xrayfed.common.errors import UserError
 from xrayfed.common.security.pki import public_key_fingerprint
 

@@ -269,7 +269,9 @@ def test_argument_builders_refuse_bad_combinations(tmp_path, pki):
     import io
 
     buf = io.StringIO()
-    line = launch.warn_insecure("the federation", stream=buf)
+    from xrayfed.common.logs import FLEET_EXPOSED, warn_insecure
+
+    line = warn_insecure("the federation", FLEET_EXPOSED, stream=buf)
     assert buf.getvalue().strip() == line and "WITHOUT TLS" in line and line.count("\n") == 0
 
 

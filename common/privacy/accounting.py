@@ -41,7 +41,7 @@ import logging
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 History = Sequence[tuple[float, float, int]]
 
@@ -223,10 +223,18 @@ def judge(epsilon: float, pld_eps: float | None, rdp_eps: float | None, accounta
     )
 
 
-Check = tuple  # (k, claimed ε, δ, training accountant[, both: bool])
+class EpsilonClaim(NamedTuple):
+    """An ε to check: ``epsilon`` claimed after the first ``rounds`` entries of a history, at
+    ``delta``, by the ``accountant`` that trained; ``both``: also apply the other rule."""
+
+    rounds: int
+    epsilon: float
+    delta: float
+    accountant: str
+    both: bool = False
 
 
-def second_opinions(history: History, checks: Sequence[Check]) -> list[Opinion]:
+def second_opinions(history: History, checks: Sequence[EpsilonClaim | tuple]) -> list[Opinion]:
     """One :class:`Opinion` per check ``(k, claimed ε, δ, training accountant[, both])``.
 
     ``claimed`` is a cumulative ε after the first ``k`` entries of ``history`` (``k = 0``: no
@@ -234,20 +242,20 @@ def second_opinions(history: History, checks: Sequence[Check]) -> list[Opinion]:
     (PLD for PRV, RDP for RDP); with ``both`` true it also gets the other one and both rules
     apply. The dp-accounting accountants run incrementally, once per distinct δ.
     """
-    out: list[Opinion | None] = [None] * len(checks)
-    for d in sorted({float(c[2]) for c in checks}):
-        idx = [i for i, c in enumerate(checks) if float(c[2]) == d]
+    claims = [EpsilonClaim(*c) for c in checks]
+    out: list[Opinion | None] = [None] * len(claims)
+    for d in sorted({float(c.delta) for c in claims}):
+        idx = [i for i, c in enumerate(claims) if float(c.delta) == d]
         need: dict[str, set[int]] = {"pld": set(), "rdp": set()}
         for i in idx:
-            c = checks[i]
-            both = bool(c[4]) if len(c) > 4 else False
-            need["rdp" if c[3] == "rdp" else "pld"].add(int(c[0]))
-            if both:
-                need["pld" if c[3] == "rdp" else "rdp"].add(int(c[0]))
+            c = claims[i]
+            need["rdp" if c.accountant == "rdp" else "pld"].add(int(c.rounds))
+            if c.both:
+                need["pld" if c.accountant == "rdp" else "rdp"].add(int(c.rounds))
         vals = {m: (_epsilons_at(history, ks, d, m) if ks else {}) for m, ks in need.items()}
         for i in idx:
-            k, claimed, _, acc = checks[i][:4]
-            out[i] = judge(claimed, vals["pld"].get(int(k)), vals["rdp"].get(int(k)), acc)
+            c = claims[i]
+            out[i] = judge(c.epsilon, vals["pld"].get(int(c.rounds)), vals["rdp"].get(int(c.rounds)), c.accountant)
     return out  # type: ignore[return-value]
 
 

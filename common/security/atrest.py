@@ -140,6 +140,16 @@ def load_key(key_file: Path | str | None = None, env: Mapping[str, str] | None =
     return None
 
 
+def make_atrest_key(path: Path | str, *, force: bool = False) -> Path:
+    """Write a fresh 256-bit at-rest key (64 hex digits, mode 0600) to ``path``; an existing file
+    is replaced only with ``force``."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists; refusing to overwrite a key without --force")
+    atomic_write(path, (os.urandom(32).hex() + "\n").encode(), mode=0o600)
+    return path
+
+
 def add_key_argument(parser, help: str | None = None) -> None:
     """Add ``--atrest-key-file`` to an argparse parser (see :func:`load_key`)."""
     parser.add_argument("--atrest-key-file", type=Path, default=None, metavar="FILE",

@@ -35,7 +35,6 @@ import datetime as _dt
 import hashlib
 import ipaddress
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -477,10 +476,3 @@ def hospital_public_keys(out: Path | str, include_revoked: bool = False) -> dict
         if include_revoked or not e.get("revoked")
     }
 
-
-def make_atrest_key(path: Path | str, *, force: bool = False) -> Path:
-    """Write a fresh 256-bit at-rest key (hex, mode 0600) for :mod:`xrayfed.common.security.atrest`."""
-    path = Path(path)
-    refuse_existing([path], force)
-    _write(path, (os.urandom(32).hex() + "\n").encode(), KEY_MODE)
-    return path

@@ -3,15 +3,24 @@
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-
 from xrayfed.common.errors import UserError
-from xrayfed.common.privacy.ledger import LEDGER_FILE
+from xrayfed.common.privacy import accounting as A
+from xrayfed.common.privacy.accounting import (
+    rounds_that_fit,
+    second_opinions,
+    training_epsilon,
+)
+from xrayfed.common.privacy.ledger import (
+    LEDGER_FILE,
+    check_anchor,
+    read_ledger,
+    unpaid_releases,
+)
 from xrayfed.server.report.findings import hospital_findings, secure_mode_note
 from xrayfed.server.report.schema import (
     LEDGER_RECOMPUTE_TOL,
@@ -26,6 +35,7 @@ from xrayfed.server.report.schema import (
     SecondOpinion,
     privacy_level,
 )
+from xrayfed.server.rundir import RunDir, read_metrics
 
 
 # ============================================================================ helpers
@@ -106,8 +116,6 @@ class _Checks:
 
 
 def _fits(history, last, delta, budget, accountant, spent) -> int:
-    from xrayfed.common.privacy.accounting import rounds_that_fit
-
     if spent > budget:
         return 0
     return rounds_that_fit(history, last, delta, budget, accountant)
@@ -119,9 +127,6 @@ def hospital_from_ledger(path: Path, checks: _Checks, atrest_key=None, ledger_ke
 
     ``atrest_key`` decrypts an encrypted ledger (:mod:`xrayfed.common.security.atrest`);
     ``ledger_key_file``: the ledger's HMAC key when it is not beside the ledger."""
-    from xrayfed.common.privacy.accounting import second_opinions, training_epsilon
-    from xrayfed.common.privacy.ledger import read_ledger, unpaid_releases
-
     records = read_ledger(path, atrest_key, key_file=ledger_key_file)
     if not records:
         raise UserError(f"{path}: the ledger is empty (no round recorded yet)")
@@ -221,8 +226,6 @@ def hospital_from_ledger(path: Path, checks: _Checks, atrest_key=None, ledger_ke
 
 def _hospital_from_metrics(name: str, entries: list[tuple[int, dict[str, Any]]], checks: _Checks) -> HospitalReport:
     """Per-hospital figures from the server's metrics only (what the hospital reported)."""
-    from xrayfed.common.privacy.accounting import second_opinions, training_epsilon
-
     def latest(key: str, default: Any = None) -> Any:
         for _, r in reversed(entries):
             if r.get(key) is not None and (not isinstance(r.get(key), str) or r.get(key)):
@@ -296,8 +299,6 @@ def _hospital_from_metrics(name: str, entries: list[tuple[int, dict[str, Any]]],
 
 # ============================================================================ builders
 def _accounting(checks: _Checks) -> Accounting:
-    from xrayfed.common.privacy import accounting as A
-
     return Accounting(
         training_accountants=sorted(checks.accountants), independent_library=_library(),
         pld_discretization=A.PLD_DISCRETIZATION, tolerance_abs=A.TOL_ABS, tolerance_rel=A.TOL_REL,
@@ -343,25 +344,10 @@ def _one_ledger_per_hospital(h: HospitalReport, hospitals: list[HospitalReport])
                             f"{h.ledger.path if h.ledger else '?'}; give one ledger per hospital")
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of metrics.jsonl, the last row per round winning (a resumed round may appear twice)."""
-    rows: dict[int, dict[str, Any]] = {}
-    with path.open("r", encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                rows[int(r["round"])] = r
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise UserError(f"{path}: line {n}: not a metrics row (JSON object with a 'round')") from None
-    return [rows[k] for k in sorted(rows)]
-
-
 def _federation_name(run_dir: Path, rows: list[dict[str, Any]]) -> str | None:
     import tomllib
 
-    p = run_dir / "federation.toml"
+    p = RunDir(run_dir).config_path
     if p.is_file():
         try:
             return str(tomllib.loads(p.read_text(encoding="utf-8"))["federation"]["name"])
@@ -457,8 +443,6 @@ def _attach_reported(h: HospitalReport, entries: list[tuple[int, dict[str, Any]]
                      findings: list[Finding]) -> None:
     """Cross-check the ε a hospital reported to the server with its own ledger, round by round,
     and that the ledger still holds every head the server recorded (truncation, rollback)."""
-    from xrayfed.common.privacy.ledger import check_anchor
-
     want = {"trained": "trained", "resent": "trained", "refused": "refused"}
     for rnd, row in entries:
         if row.get("ledger_head") and row.get("ledger_seq") is not None and h._records:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-
 from xrayfed.common.errors import UserError
-from xrayfed.server.report.build import build_federation_report, build_hospital_report, resolve_ledger
-from xrayfed.server.report.render import headline, parse_formats, summary_table, write_report
+from xrayfed.common.security.atrest import load_key
+from xrayfed.server.report.build import (
+    build_federation_report,
+    build_hospital_report,
+    resolve_ledger,
+)
+from xrayfed.server.report.render import (
+    headline,
+    parse_formats,
+    summary_table,
+    write_report,
+)
 from xrayfed.server.report.schema import json_schema
-import argparse
 
 
 def report_cmd(args: argparse.Namespace) -> int:
@@ -20,7 +29,6 @@ def report_cmd(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     if args.run_dir is None and not args.ledger:
         raise UserError("report: give a run directory (xrayfed report RUN_DIR) or a ledger (--ledger FILE)")
-    from xrayfed.common.security.atrest import load_key
 
     key = load_key(getattr(args, "atrest_key_file", None))
     if args.run_dir is not None:
