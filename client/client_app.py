@@ -25,10 +25,9 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from xrayfed.client.secagg import make_secagg_mod
 from xrayfed.common.logs import configure_logging
 from xrayfed.common.protocol.rounds import METRICS, TrainReply, finite_metrics
-
-from xrayfed.client.secagg import make_secagg_mod
 
 configure_logging()
 

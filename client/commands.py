@@ -38,7 +38,6 @@ def register_client(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=handler("xrayfed.client.supernode", "run_client_cmd"))
 
 
-# --------------------------------------------------------------------------- CLI
 def register_inference(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve-inference", help="serve encrypted predictions of the federated model (gRPC + MPC)",
                        description="The hospital's encrypted-inference service: patients get predictions on "
@@ -86,7 +85,6 @@ def register_inference(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=handler("xrayfed.client.inference_service", "_cmd_issue"))
 
 
-# --------------------------------------------------------------------------- CLI
 def register_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="get an encrypted prediction for your own chest X-ray",
                        description="Patients: get the federated model's prediction on your scan. The scan is "

@@ -16,14 +16,6 @@ from typing import Any
 
 import torch
 
-from xrayfed.common.checkpoint import load_weights, weights_version
-from xrayfed.common.config import HospitalConfig, load_config
-from xrayfed.common.errors import UserError
-from xrayfed.common.model import build_model
-from xrayfed.common.prediction import TaskSpec
-from xrayfed.common.protocol.rounds import REFUSED, RESENT, TRAINED, RoundRequest
-from xrayfed.common.train import evaluate, resolve_device
-
 from xrayfed.client.privacy import (
     BudgetExceeded,
     PrivacyLedger,
@@ -34,6 +26,13 @@ from xrayfed.client.privacy import (
     train_private_round,
     update_digest,
 )
+from xrayfed.common.checkpoint import load_weights, weights_version
+from xrayfed.common.config import HospitalConfig, load_config
+from xrayfed.common.errors import UserError
+from xrayfed.common.model import build_model
+from xrayfed.common.prediction import TaskSpec
+from xrayfed.common.protocol.rounds import REFUSED, RESENT, TRAINED, RoundRequest
+from xrayfed.common.train import evaluate, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,6 @@ from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
 from xrayfed.common.protocol.inference import INFERENCE_SERVICE, MODEL_INFO, OPEN_SESSION
 
 
-
 def _read_scan_identity(path: Path) -> tuple[str, str | None]:
     """(format, DICOM PatientID or None) of the scan file."""
     from xrayfed.common import preprocess
@@ -81,8 +80,8 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
     ``observe`` (tests only) is passed to :func:`xrayfed.common.mpc.run_patient`.
     """
     from xrayfed.common import rpc
-    from xrayfed.common.model import ModelSpec
     from xrayfed.common.addresses import parse_hostport
+    from xrayfed.common.model import ModelSpec
     from xrayfed.common.prediction import TaskSpec, probabilities
     from xrayfed.common.security.tokens import read_token_file
 

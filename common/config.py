@@ -10,10 +10,10 @@ and what is allowed (:func:`format_validation_error`).
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xrayfed.common.addresses import split_hostport

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
 from xrayfed.common.checkpoint import Checkpoint
 from xrayfed.common.config import FederationConfig
 from xrayfed.common.data import load_dataset

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from xrayfed.common.errors import UserError
+from xrayfed.common.flower_launch import DEFAULT_CONNECTION, flower_env, venv_bin_dir
 from xrayfed.common.security.pki import public_key_fingerprint
 
-
-from xrayfed.common.flower_launch import DEFAULT_CONNECTION, flower_env, venv_bin_dir
 
 # --------------------------------------------------------------------------- flwr CLI
 def _flwr(home: Path | str, args: list[str], timeout: float = 60.0) -> dict:

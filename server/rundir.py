@@ -22,8 +22,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from xrayfed.common.security import atrest
 from xrayfed.common.checkpoint import Checkpoint
+from xrayfed.common.security import atrest
 
 _CKPT = re.compile(r"^round-(\d{4,})\.pt$")
 

@@ -39,8 +39,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
-from xrayfed.common.protocol import secagg as secagg_protocol
 from xrayfed.common.errors import UserError
+from xrayfed.common.protocol import secagg as secagg_protocol
 
 log = logging.getLogger(__name__)
 

@@ -124,3 +124,14 @@ def test_the_walk_sees_what_it_should(tmp_path):
     a = _imports("xrayfed.common.a", mods["xrayfed.common.a"], mods)
     assert a == {"xrayfed.server.s", "xrayfed.common.b"}
     assert _imports("xrayfed.common.b", mods["xrayfed.common.b"], mods) == {"xrayfed.common.a"}
+
+
+def test_every_package_is_installed():
+    """A sub-package missing from pyproject.toml works in the editable install and breaks a real
+    one (the Docker images): every folder with an __init__.py is listed."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join([PACKAGES[folder], *init.parent.relative_to(ROOT / folder).parts])
+             for folder in PACKAGES for init in (ROOT / folder).rglob("__init__.py")}
+    assert found == listed

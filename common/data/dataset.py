@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
 from xrayfed.common.errors import UserError
 from xrayfed.common.prediction import TaskSpec
 from xrayfed.common.preprocess import (

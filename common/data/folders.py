@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
 from xrayfed.common.data.dataset import (
     SPLITS,
     XrayDataset,

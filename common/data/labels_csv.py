@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
 from xrayfed.common.data.dataset import (
     XrayDataset,
     decode_files,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
 from xrayfed.common.data.dataset import (
     NIH_CSVS,
     XrayDataset,

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
 from xrayfed.common.data.dataset import (
     BINARY_NAMES,
     XrayDataset,

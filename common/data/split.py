@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+
 from xrayfed.common.data.dataset import XrayDataset, subset, targets_array
 from xrayfed.common.errors import UserError
 

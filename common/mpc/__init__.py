@@ -51,16 +51,16 @@ Importing this package imports torch, not CrypTen: CrypTen is imported on first 
 """
 
 from xrayfed.common.mpc.compat import (  # noqa: F401  (the public API: `from xrayfed.common import mpc`)
-    CRYPTEN_VERSION,
-    PROVIDER,
     _NEW_REGISTRATION,
     _OLD_REGISTRATION,
-    fresh_process_randomness,
-    secure_ttp_class,
+    CRYPTEN_VERSION,
+    PROVIDER,
     assert_ttp_provider,
     build_crypten_model,
+    fresh_process_randomness,
     import_crypten,
     load_crypten_weights,
+    secure_ttp_class,
     use_ttp_provider,
     warnings_quiet,
 )
@@ -76,7 +76,6 @@ from xrayfed.common.mpc.parties import (  # noqa: F401
     ttp_worker,
 )
 from xrayfed.common.mpc.pool import WorkerPool, stop_worker, wait_message, watch_worker  # noqa: F401
-from xrayfed.common.mpc.sessions import SessionTable  # noqa: F401
 from xrayfed.common.mpc.session import (  # noqa: F401
     MODEL_OWNER_RANK,
     PATIENT_RANK,
@@ -88,3 +87,4 @@ from xrayfed.common.mpc.session import (  # noqa: F401
     make_store,
     party_session,
 )
+from xrayfed.common.mpc.sessions import SessionTable  # noqa: F401

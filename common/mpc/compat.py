@@ -12,7 +12,6 @@ import sys
 
 import torch
 
-
 log = logging.getLogger(__name__)
 
 PROVIDER = "TTP"

@@ -13,10 +13,10 @@ from typing import Any, Callable
 import torch
 
 from xrayfed.common.mpc.compat import (
-    fresh_process_randomness,
-    secure_ttp_class,
     build_crypten_model,
+    fresh_process_randomness,
     load_crypten_weights,
+    secure_ttp_class,
 )
 from xrayfed.common.mpc.pool import WorkerPool, stop_worker, wait_message
 from xrayfed.common.mpc.session import (
@@ -24,12 +24,11 @@ from xrayfed.common.mpc.session import (
     PATIENT_RANK,
     TTP_RANK,
     SessionParams,
-    listen_socket,
     comm_stats,
+    listen_socket,
     make_store,
     party_session,
 )
-
 
 log = logging.getLogger(__name__)
 

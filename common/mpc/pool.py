@@ -8,8 +8,6 @@ import logging
 import time
 from typing import Any, Callable
 
-
-
 log = logging.getLogger(__name__)
 
 

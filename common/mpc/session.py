@@ -15,7 +15,6 @@ import torch
 
 from xrayfed.common.mpc.compat import assert_ttp_provider, import_crypten, use_ttp_provider
 
-
 log = logging.getLogger(__name__)
 
 MODEL_OWNER_RANK = 0  # the hospital's inference service

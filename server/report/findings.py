@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-
 from xrayfed.server.report.schema import Finding, HospitalReport
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-
 from xrayfed.common.errors import UserError
 from xrayfed.server.report.schema import FORMATS, HospitalReport, PlotRef, Report, privacy_level
 

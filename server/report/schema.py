@@ -6,7 +6,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-
 SCHEMA_VERSION = "1"
 FORMATS = ("md", "html", "json")
 # |logged ε − recomputed ε| above this (relative to max(1, ε)) means the ledger contradicts itself.
