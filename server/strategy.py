@@ -23,6 +23,7 @@ from xrayfed.common.protocol.rounds import FAILED, NUM_EXAMPLES, REFUSED, RoundR
 
 log = logging.getLogger(__name__)
 
+
 def ledger_anchors(rows: Iterable[dict[str, Any]], anchors: dict[str, tuple[int, str]] | None = None
                    ) -> dict[str, tuple[int, str]]:
     """Update ``{hospital: (seq, head)}`` with the ledger heads reported in metrics rows (later wins)."""
