@@ -16,7 +16,7 @@ from xrayfed.common.security.atrest import add_key_argument
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the hospital's and the patient's sub-commands to the ``xrayfed`` parser."""
-    for reg in (register_client, register_inference, register_predict):
+    for reg in (register_client, register_data, register_inference, register_predict):
         reg(sub)
 
 
@@ -36,6 +36,20 @@ def register_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="local port of the SuperNode's ClientApp API (default: a free port)")
     add_key_argument(p, help="encrypt this hospital's privacy ledger and released updates at rest with this key")
     p.set_defaults(func=handler("xrayfed.client.supernode", "run_client_cmd"))
+
+
+def register_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="check a hospital's scans before joining a federation",
+                       description="What the data holds, per split and class, and the DP plan its budget buys.")
+    ds = p.add_subparsers(dest="data_command", metavar="ACTION")
+    ds.required = True
+    c = ds.add_parser("check", help="scans, patients, sizes, unreadable files, classes, task; with --config the "
+                                    "DP plan (exit status 1 when the data cannot train)")
+    c.add_argument("path", type=Path, metavar="PATH", help="class folders (with or without train/ and test/), NIH, "
+                                                         ".npz or DICOM with labels.csv")
+    c.add_argument("--config", type=Path, help="hospital.toml: also show the DP plan its budget buys")
+    c.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    c.set_defaults(func=handler("xrayfed.client.data_check", "run_data_check"))
 
 
 def register_inference(sub: argparse._SubParsersAction) -> None:

@@ -6,6 +6,9 @@
   {NORMAL, PNEUMONIA} (any case) is the binary pneumonia task (NORMAL negative); other class
   sets (e.g. healthy / COVID-19 / bacterial / viral) are multi-class, classes in sorted order.
   Patient ids come from Kermany-style file names (or the DICOM PatientID).
+* **flat class folders** ``ROOT/CLASS/*`` (torchvision's ImageFolder, what most hospitals
+  export): the same classes, with ``test`` carved reproducibly by patient (by file when the
+  patient is not known); validation is carved from ``train`` as for every layout.
 * **NIH ChestX-ray14** ``ROOT/Data_Entry_2017.csv`` + ``ROOT/images/`` (or ``images_*/images``):
   pipe-separated ``Finding Labels`` → 14 labels in NIH order (``No Finding`` = all zeros);
   the official ``train_val_list.txt``/``test_list.txt`` when present, else a deterministic
@@ -44,7 +47,7 @@ from xrayfed.common.data.dataset import (  # noqa: F401  (the public API: `from 
     subset,
     targets_array,
 )
-from xrayfed.common.data.folders import load_class_folders
+from xrayfed.common.data.folders import flat_class_dirs, load_class_folders, load_flat_class_folders
 from xrayfed.common.data.labels_csv import load_labels_csv
 from xrayfed.common.data.nih import load_nih, nih_csv
 from xrayfed.common.data.npz import load_npz
@@ -57,7 +60,8 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- entry point
 def detect_format(path: Path | str) -> str:
-    """``npz``, ``nih``, ``labels-csv`` or ``class-folders`` (one-line UserError otherwise)."""
+    """``npz``, ``nih``, ``labels-csv``, ``class-folders`` (split folders) or ``flat-class-folders``
+    (``ROOT/CLASS/*``); one-line UserError otherwise."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"data: no such file or folder {path}")
@@ -72,6 +76,8 @@ def detect_format(path: Path | str) -> str:
         return "labels-csv"
     if any((path / s).is_dir() for s in SPLITS):
         return "class-folders"
+    if len(flat_class_dirs(path)) >= 2:
+        return "flat-class-folders"
     subdirs = [p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     hint = (f"; it holds folders {sorted(subdirs)[:4]} — put class folders under {path}/train/ (and test/)"
             if subdirs else "")
@@ -88,8 +94,9 @@ def load_dataset(path: Path | str, split: str = "train", image_size: int = 224, 
     data's task (one-line UserError otherwise); for NIH data a multilabel ``task`` whose names
     are NIH findings selects those labels. ``label_set`` keeps only those classes (class folders,
     labels.csv, binary/multiclass .npz: other scans are left out) or label columns (NIH,
-    multilabel .npz). ``seed`` and ``test_fraction`` drive the patient-wise NIH split used when
-    the official split lists are absent (``test_fraction`` of the patients → ``test``).
+    multilabel .npz). ``seed`` and ``test_fraction`` drive the patient-wise split of the layouts
+    that have no split of their own (NIH without its official lists, flat ``ROOT/CLASS/*``
+    folders): ``test_fraction`` of the patients → ``test``.
     """
     path = Path(path)
     if int(image_size) < 8:
@@ -108,6 +115,8 @@ def load_dataset(path: Path | str, split: str = "train", image_size: int = 224, 
         ds = load_nih(path, split, int(image_size), label_set, seed, test_fraction)
     elif fmt == "labels-csv":
         ds = load_labels_csv(path, split, int(image_size), label_set)
+    elif fmt == "flat-class-folders":
+        ds = load_flat_class_folders(path, split, int(image_size), label_set, seed, test_fraction)
     else:
         ds = load_class_folders(path, split, int(image_size), label_set)
     if len(ds) == 0:

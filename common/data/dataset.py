@@ -3,6 +3,7 @@ and class names → task."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -218,3 +219,7 @@ def pick_classes(available: Sequence[str], label_set: Sequence[str] | None, wher
     return [by_upper[c.upper()] for c in label_set]
 
 
+def stable_fraction(key: str, seed: int) -> float:
+    """A deterministic pseudo-random number in [0, 1) for ``key`` (SHA-256 of seed:key)."""
+    h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(h[:8], "little") / 2**64

@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from xrayfed.common.data.dataset import (
+    stable_fraction,
     SPLITS,
     XrayDataset,
     decode_files,
@@ -32,19 +33,9 @@ def _split_folder_missing(root: Path, split: str, have: list[str]) -> UserError:
     return UserError(f"data {root}: no '{split}' folder (found {have}); allowed splits: {', '.join(SPLITS)}")
 
 
-def load_class_folders(root: Path, split: str, size: int, label_set: Sequence[str] | None) -> XrayDataset:
-    have = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name in SPLITS)
-    base = root / split
-    if not base.is_dir():
-        raise _split_folder_missing(root, split, have)
-    # Classes: the union over all split folders, so train and test agree even if one lacks a class.
-    all_classes = sorted({c.name for s in have for c in (root / s).iterdir()
-                          if c.is_dir() and not c.name.startswith(".")})
-    classes = pick_classes(all_classes, label_set, str(root))
-    try:
-        task, order = task_from_names(classes)
-    except UserError as e:
-        raise UserError(f"data {base}: {e}") from None
+def list_class_files(base: Path, order: Sequence[str]) -> tuple[list[Path], list[int], list[tuple[str, str]]]:
+    """Every scan below ``base/CLASS`` for the classes in ``order`` (symbolic links followed):
+    ``(files, class index per file, (file, reason) of what is not a scan)``."""
     files: list[Path] = []
     labels: list[int] = []
     unsupported: list[tuple[str, str]] = []
@@ -60,22 +51,77 @@ def load_class_folders(root: Path, split: str, size: int, label_set: Sequence[st
                 labels.append(c)
             else:
                 unsupported.append((str(f), "not a PNG, JPEG or DICOM file"))
+    return files, labels, unsupported
+
+
+def _decode_class_files(where: Path, split: str, size: int, task, order: Sequence[str], files: list[Path],
+                        labels: list[int], unsupported: list[tuple[str, str]],
+                        patients: list[str] | None = None) -> XrayDataset:
     if unsupported:
-        log.warning("data %s: %d file(s) ignored: other types or broken links (e.g. %s: %s)", base.name,
+        log.warning("data %s: %d file(s) ignored: other types or broken links (e.g. %s: %s)", where.name,
                     len(unsupported), Path(unsupported[0][0]).name, unsupported[0][1])
     images, ok, skipped = decode_files(files, size)
     if not ok:
-        raise no_usable_error(base, len(skipped) + len(unsupported))
+        raise no_usable_error(where, len(skipped) + len(unsupported))
     per_class = np.bincount(np.asarray(labels)[ok], minlength=len(order))
     empty = [order[i] for i in range(len(order)) if per_class[i] == 0]
     if empty:
         counts = ", ".join(f"{order[i]} {int(per_class[i])}" for i in range(len(order)))
         if split == "train":
-            raise UserError(f"data {base}: class(es) {empty} have no usable scans ({counts}); a {task.kind} model "
+            raise UserError(f"data {where}: class(es) {empty} have no usable scans ({counts}); a {task.kind} model "
                             "needs scans of every class to train (add them, or choose classes with label_set)")
-        log.warning("data %s: class(es) %s have no usable scans (%s)", base, empty, counts)
-    return XrayDataset(images, np.asarray(labels)[ok], task,
-                       patient_ids=[patient_id_for(files[i]) for i in ok],
-                       skipped=skipped + unsupported, source=str(base), files=[str(files[i]) for i in ok])
+        log.warning("data %s: class(es) %s have no usable scans (%s)", where, empty, counts)
+    pids = [patients[i] if patients is not None else patient_id_for(files[i]) for i in ok]
+    return XrayDataset(images, np.asarray(labels)[ok], task, patient_ids=pids, skipped=skipped + unsupported,
+                       source=f"{where} ({split})" if patients is not None else str(where),
+                       files=[str(files[i]) for i in ok])
 
 
+def load_class_folders(root: Path, split: str, size: int, label_set: Sequence[str] | None) -> XrayDataset:
+    """``ROOT/{train,val,test}/CLASS/*``."""
+    have = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name in SPLITS)
+    base = root / split
+    if not base.is_dir():
+        raise _split_folder_missing(root, split, have)
+    # Classes: the union over all split folders, so train and test agree even if one lacks a class.
+    all_classes = sorted({c.name for s in have for c in (root / s).iterdir()
+                          if c.is_dir() and not c.name.startswith(".")})
+    classes = pick_classes(all_classes, label_set, str(root))
+    try:
+        task, order = task_from_names(classes)
+    except UserError as e:
+        raise UserError(f"data {base}: {e}") from None
+    files, labels, unsupported = list_class_files(base, order)
+    return _decode_class_files(base, split, size, task, order, files, labels, unsupported)
+
+
+def flat_class_dirs(root: Path) -> list[str]:
+    """The class folders of a flat ``ROOT/CLASS/*`` layout (torchvision's ImageFolder): folders
+    of ``root`` (not split names, not hidden) that hold at least one scan."""
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SPLITS):
+        files, _ = walk_files(d)
+        if any(f.suffix.lower() in SCAN_SUFFIXES or is_dicom(f) for f in files[:200]):
+            out.append(d.name)
+    return out
+
+
+def load_flat_class_folders(root: Path, split: str, size: int, label_set: Sequence[str] | None, seed: int,
+                            test_fraction: float) -> XrayDataset:
+    """``ROOT/CLASS/*`` with no split folders: ``test_fraction`` of the patients (of the files
+    when the patient is not known from the file name or DICOM header) form ``test``, chosen
+    reproducibly from ``seed``; ``train`` is the rest (validation is carved from it later)."""
+    if split not in ("train", "test"):
+        raise UserError(f"data {root}: split {split!r} is not available in a ROOT/CLASS layout (train or test); "
+                        "leave data.split = train and set data.val_fraction to carve validation scans out of train")
+    classes = pick_classes(flat_class_dirs(root), label_set, str(root))
+    try:
+        task, order = task_from_names(classes)
+    except UserError as e:
+        raise UserError(f"data {root}: {e}") from None
+    files, labels, unsupported = list_class_files(root, order)
+    patients = [patient_id_for(f) for f in files]
+    want_test = split == "test"
+    keep = [i for i, pid in enumerate(patients) if (stable_fraction(pid, seed) < test_fraction) == want_test]
+    return _decode_class_files(root, split, size, task, order, [files[i] for i in keep], [labels[i] for i in keep],
+                               unsupported, patients=[patients[i] for i in keep])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -11,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from xrayfed.common.data.dataset import (
+    stable_fraction,
     NIH_CSVS,
     XrayDataset,
     decode_files,
@@ -39,12 +39,6 @@ def _nih_image_index(root: Path) -> dict[str, Path]:
                 if f.is_file():
                     index.setdefault(f.name, f)
     return index
-
-
-def stable_fraction(key: str, seed: int) -> float:
-    """A deterministic pseudo-random number in [0, 1) for ``key`` (SHA-256 of seed:key)."""
-    h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(h[:8], "little") / 2**64
 
 
 def _read_list(p: Path) -> set[str]:

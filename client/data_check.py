@@ -1,0 +1,110 @@
+"""``xrayfed data check PATH [--config hospital.toml] [--json]``: what a hospital's data holds and,
+with its config, the DP plan its budget buys — before it joins a federation.
+
+Exit status 0 when the data can train, 1 when it cannot (the reasons are printed); bad input is
+the usual one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from xrayfed.common.data import load_dataset
+from xrayfed.common.data.inventory import CHECK_SIZE, DataReport, inventory
+from xrayfed.common.errors import UserError
+from xrayfed.common.privacy.accounting import compute_epsilon
+
+SHOWN_ROUNDS = 12  # ε after each planned round: at most this many rows (evenly spaced, last included)
+
+
+def plan_summary(cfg, path: Path) -> dict:
+    """The DP plan of ``cfg``'s budget on this hospital's part of the data (as `xrayfed client`
+    computes it): N, validation scans, σ, q, steps per round, ε after planned rounds, warnings."""
+    from xrayfed.client.hospital import split_local
+    from xrayfed.client.privacy import plan_dp
+
+    d = cfg.data
+    ds = load_dataset(path, split=d.split, image_size=CHECK_SIZE)
+    train, val = split_local(ds, d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed)
+    out: dict = {"hospital": cfg.hospital.name, "train_scans": len(train), "validation_scans": 0 if val is None
+                 else len(val), "epsilon_budget": cfg.privacy.epsilon, "delta": cfg.privacy.delta,
+                 "accountant": cfg.privacy.accountant, "warnings": []}
+    try:
+        plan = plan_dp(cfg, len(train))
+    except UserError as e:
+        out["refused"] = str(e)
+        return out
+    r = plan.max_rounds
+    rounds = sorted({max(1, round(r * k / SHOWN_ROUNDS)) for k in range(1, SHOWN_ROUNDS + 1)} | {r})
+    step = (plan.noise_multiplier, plan.sample_rate, plan.steps)
+    out.update(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps_per_round=plan.steps,
+               max_rounds=r, epsilon_after_round={k: compute_epsilon([step] * k, plan.delta, plan.accountant)
+                                                  for k in rounds})
+    if plan.sample_rate >= 1.0:
+        out["warnings"].append(f"batch_size {cfg.training.batch_size} ≥ N = {len(train)}: every step uses every scan "
+                               "(q = 1), so DP-SGD gets no privacy amplification from sampling; lower batch_size")
+    if plan.noise_multiplier > 5.0:
+        out["warnings"].append(f"σ = {plan.noise_multiplier:.2f}: the noise is large for this data size and budget; "
+                               "expect a weak model (more scans, fewer rounds or a larger ε help)")
+    if val is None:
+        out["warnings"].append(f"no validation scans (data.val_fraction = {d.val_fraction:g}): this hospital will "
+                               "send no evaluation metrics")
+    return out
+
+
+def _print(report: DataReport, plan: dict | None) -> None:
+    print(f"{report.path}: {report.layout} layout, {report.task} task, classes {report.class_names}")
+    for s in report.splits:
+        pat = f", {s.patients} patients" if s.patients is not None else ""
+        print(f"  {s.split}: {s.images} usable scans{pat}; sizes {_top(s.sizes)}; bit depth {_top(s.bit_depths)}")
+        total = max(1, sum(c.images for c in s.classes))
+        for c in s.classes:
+            cp = f", {c.patients} patients" if c.patients is not None else ""
+            print(f"    {c.name:<20} {c.images:>7} scans ({100 * c.images / total:.1f} %){cp}")
+        if s.unreadable:
+            print(f"    {len(s.unreadable)} file(s) skipped:")
+            for f, why in s.unreadable[:10]:
+                print(f"      {f}: {why}")
+            if len(s.unreadable) > 10:
+                print(f"      ... and {len(s.unreadable) - 10} more")
+    if plan is not None:
+        print(f"DP plan of {plan['hospital']} (ε = {plan['epsilon_budget']:g}, δ = {plan['delta']:g}, "
+              f"{plan['accountant'].upper()}): {plan['train_scans']} training scans, {plan['validation_scans']} "
+              "for validation")
+        if "refused" in plan:
+            print(f"  REFUSED: {plan['refused']}")
+        else:
+            print(f"  σ = {plan['noise_multiplier']:.3f}, q = {plan['sample_rate']:.4g}, {plan['steps_per_round']} "
+                  f"DP-SGD steps per round, {plan['max_rounds']} rounds planned")
+            print("  ε after round: " + ", ".join(f"{k}: {e:.2f}" for k, e in plan["epsilon_after_round"].items()))
+        for w in plan["warnings"]:
+            print(f"  WARNING: {w}")
+    for w in report.warnings:
+        print(f"WARNING: {w}")
+    for p in report.problems:
+        print(f"CANNOT TRAIN: {p}")
+    ok = not report.problems and not (plan and "refused" in plan)
+    print("ready to join a federation" if ok else "not ready: fix the lines marked above")
+
+
+def _top(counts: dict[str, int], n: int = 3) -> str:
+    items = list(counts.items())
+    text = ", ".join(f"{k} ({v})" for k, v in items[:n])
+    return text + (f", +{len(items) - n} more" if len(items) > n else "") if items else "—"
+
+
+def run_data_check(args: argparse.Namespace) -> int:
+    from xrayfed.common.config import HospitalConfig, load_config
+
+    report = inventory(args.path)
+    plan = None
+    if args.config is not None:
+        cfg = load_config(HospitalConfig, args.config, {"data.path": str(Path(args.path).resolve())})
+        plan = plan_summary(cfg, Path(args.path))
+    if args.json:
+        print(json.dumps({"data": report.to_dict(), "plan": plan}, indent=2, ensure_ascii=False))
+    else:
+        _print(report, plan)
+    return 1 if report.problems or (plan is not None and "refused" in plan) else 0

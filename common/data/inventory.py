@@ -1,0 +1,140 @@
+"""What a hospital's data holds, before it joins a federation (``xrayfed data check``): per split
+and class the usable scans, patients, image sizes and bit depths seen, unreadable files, empty
+classes, patients found in two splits, the class balance and the task it would train.
+
+It reads the data exactly as training does (:func:`xrayfed.common.data.load_dataset`, decoded at a
+small size) and each usable file's header once more for its size and bit depth.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from xrayfed.common.data import SPLITS, detect_format, load_dataset, targets_array
+from xrayfed.common.errors import UserError
+from xrayfed.common.preprocess import _read_dicom, is_dicom
+
+CHECK_SIZE = 16  # px: the decode that proves a file is readable; the model's size does not matter here
+
+
+@dataclass
+class ClassSummary:
+    name: str
+    images: int
+    patients: int | None
+
+
+@dataclass
+class SplitSummary:
+    split: str
+    images: int
+    patients: int | None
+    classes: list[ClassSummary]
+    sizes: dict[str, int]  # "W×H" → count (most common first)
+    bit_depths: dict[str, int]  # "8", "16", "8 (RGB)" → count
+    unreadable: list[tuple[str, str]]  # (file, reason)
+    empty_classes: list[str]
+
+
+@dataclass
+class DataReport:
+    path: str
+    layout: str
+    task: str
+    class_names: list[str]
+    splits: list[SplitSummary]
+    patients_in_two_splits: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # why it cannot train (empty: it can)
+    warnings: list[str] = field(default_factory=list)  # worth fixing, but it can train
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _header(path: str) -> tuple[str, str]:
+    """``("W×H", bit depth)`` from a scan file's header (nothing decoded)."""
+    from PIL import Image
+
+    p = Path(path)
+    if is_dicom(p):
+        ds = _read_dicom(p, pixels=False)
+        bits = str(int(getattr(ds, "BitsStored", 0) or getattr(ds, "BitsAllocated", 0) or 0))
+        return f"{int(ds.Columns)}×{int(ds.Rows)}", bits
+    with Image.open(p) as im:
+        mode = im.mode
+        bits = {"1": "1", "L": "8", "P": "8 (palette)", "RGB": "8 (RGB)", "RGBA": "8 (RGBA)", "LA": "8",
+                "I;16": "16", "I;16B": "16", "I": "32", "F": "32 (float)"}.get(mode, mode)
+        return f"{im.size[0]}×{im.size[1]}", bits
+
+
+def inventory(path: Path | str) -> DataReport:
+    """The :class:`DataReport` of the data at ``path`` (any supported layout)."""
+    path = Path(path)
+    layout = detect_format(path)
+    splits: list[SplitSummary] = []
+    task = None
+    problems: list[str] = []
+    patients_of: dict[str, set[str]] = {}
+    for split in SPLITS:
+        try:
+            ds = load_dataset(path, split=split, image_size=CHECK_SIZE)
+        except UserError as e:
+            msg = str(e)
+            if split == "train":
+                problems.append(msg)
+            elif "no '" not in msg and "not available" not in msg and "no split" not in msg \
+                    and "no rows with split" not in msg and "has no 'split' column" not in msg:
+                problems.append(msg)  # a split that exists but cannot be read
+            continue
+        task = task or ds.task
+        y = targets_array(ds)
+        names = list(ds.task.class_names)
+        pids = list(ds.patient_ids) if getattr(ds, "patient_ids", None) is not None else None
+        if ds.task.kind == "multilabel":
+            counts = [int(np.asarray(y)[:, k].sum()) for k in range(len(names))]
+        else:
+            counts = [int((np.asarray(y).reshape(-1) == k).sum()) for k in range(len(names))]
+        classes = []
+        for k, name in enumerate(names):
+            n_pat = None
+            if pids is not None and ds.task.kind != "multilabel":
+                n_pat = len({pids[i] for i in range(len(pids)) if int(np.asarray(y).reshape(-1)[i]) == k})
+            classes.append(ClassSummary(name=name, images=counts[k], patients=n_pat))
+        sizes: Counter = Counter()
+        depths: Counter = Counter()
+        for f in getattr(ds, "files", None) or []:
+            try:
+                s, b = _header(f)
+            except Exception:  # noqa: BLE001 - it decoded a moment ago; a header oddity is not fatal
+                s, b = "?", "?"
+            sizes[s] += 1
+            depths[b] += 1
+        if layout == "npz":  # one array per split: its shape and dtype
+            with np.load(path, allow_pickle=False) as z:
+                a = z[f"{split}_images"]
+            sizes[f"{a.shape[2]}×{a.shape[1]}"] = len(a)
+            depths[f"{a.dtype.itemsize * 8}" + (" (RGB)" if a.ndim == 4 and a.shape[-1] in (3, 4) else "")] = len(a)
+        splits.append(SplitSummary(
+            split=split, images=len(ds), patients=len(set(pids)) if pids is not None else None, classes=classes,
+            sizes=dict(sizes.most_common()), bit_depths=dict(depths.most_common()),
+            unreadable=[(str(f), str(r)) for f, r in getattr(ds, "skipped", [])],
+            empty_classes=[c.name for c in classes if c.images == 0]))
+        if pids is not None:
+            patients_of[split] = set(pids)
+    if task is None:  # no split could be read: say why, as a report (it cannot train)
+        return DataReport(path=str(path), layout=layout, task="unknown", class_names=[], splits=[],
+                          problems=problems or [f"data {path}: nothing readable"])
+    shared = sorted(set.intersection(*patients_of.values())) if len(patients_of) > 1 else []
+    warnings: list[str] = []
+    if shared:
+        warnings.append(f"{len(shared)} patient(s) appear in more than one split (e.g. {shared[0]}): evaluation "
+                        "would see scans of patients it trained on (or the data reuses patient numbers across splits)")
+    train = next((s for s in splits if s.split == "train"), None)
+    if train is not None and train.empty_classes:
+        problems.append(f"train has no scans of {train.empty_classes}")
+    return DataReport(path=str(path), layout=layout, task=task.kind, class_names=list(task.class_names),
+                      splits=splits, patients_in_two_splits=shared, problems=problems, warnings=warnings)
