@@ -16,7 +16,7 @@ from xrayfed.common.security.atrest import add_key_argument
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the hospital's and the patient's sub-commands to the ``xrayfed`` parser."""
-    for reg in (register_client, register_data, register_inference, register_predict):
+    for reg in (register_client, register_data, register_export, register_inference, register_predict):
         reg(sub)
 
 
@@ -50,6 +50,20 @@ def register_data(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--config", type=Path, help="hospital.toml: also show the DP plan its budget buys")
     c.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     c.set_defaults(func=handler("xrayfed.client.data_check", "run_data_check"))
+
+
+def register_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export the global model (ONNX or TorchScript) for the hospital's own tools",
+                       description="Write the checkpoint's model as ONNX or TorchScript with its preprocessing, "
+                                   "classes and threshold as metadata; the file is verified against the "
+                                   "checkpoint before it is kept.")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a global model (RUN_DIR/checkpoints/...)")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    p.add_argument("--out", required=True, type=Path, help="file to write (mode 0600)")
+    p.add_argument("--data", type=Path, help="verify on these scans (default: synthetic scans)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    add_key_argument(p, help="key the checkpoint is encrypted with")
+    p.set_defaults(func=handler("xrayfed.client.export", "run_export_cmd"))
 
 
 def register_inference(sub: argparse._SubParsersAction) -> None:
