@@ -16,7 +16,8 @@ from xrayfed.common.security.atrest import add_key_argument
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the hospital's and the patient's sub-commands to the ``xrayfed`` parser."""
-    for reg in (register_client, register_data, register_export, register_inference, register_predict):
+    for reg in (register_client, register_data, register_export, register_explain, register_inference,
+                register_predict):
         reg(sub)
 
 
@@ -64,6 +65,20 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     add_key_argument(p, help="key the checkpoint is encrypted with")
     p.set_defaults(func=handler("xrayfed.client.export", "run_export_cmd"))
+
+
+def register_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="show where the model looked (Grad-CAM heatmap over a scan)",
+                       description="For the hospital's clinicians (plaintext, hospital side only): a Grad-CAM "
+                                   "heatmap over each scan for the predicted (or a chosen) class, with the "
+                                   "probabilities. One scan: a PNG; several: an HTML page.")
+    p.add_argument("--model", required=True, type=Path, metavar="CHECKPOINT", help="a global model checkpoint")
+    p.add_argument("--scan", required=True, type=Path, action="append", metavar="FILE",
+                   help="PNG, JPEG or DICOM (repeatable)")
+    p.add_argument("--out", required=True, type=Path, help="heatmap.png (one scan) or page.html")
+    p.add_argument("--class", dest="class_name", metavar="NAME", help="explain this class (default: the prediction)")
+    add_key_argument(p, help="key the checkpoint is encrypted with")
+    p.set_defaults(func=handler("xrayfed.client.explain", "run_explain_cmd"))
 
 
 def register_inference(sub: argparse._SubParsersAction) -> None:

@@ -129,12 +129,15 @@ def _num_classes(task: TaskName, num_classes: int | None) -> int:
 
 
 def make_synthetic(n: int, size: int = 64, task: TaskName = "binary", num_classes: int | None = None,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                   seed: int = 0, findings: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``n`` synthetic scans of ``size`` × ``size`` px.
 
     Returns ``(images, targets)``: images uint8 (n, size, size); targets int64 — (n,) 0/1 for
     binary, (n,) class index for multiclass (K = ``num_classes``, default 4, class 0 normal),
     (n, K) 0/1 for multilabel (K default 14, the NIH findings; each label p = 0.2). Deterministic given ``seed``.
+    ``findings`` (a list) receives ``(scan index, pattern, centre y, centre x, radius)`` of every
+    finding drawn, in fractions of the image size (where the finding is: explanations are tested
+    against it).
     """
     if size < 8:
         raise ValueError("size must be at least 8 px")
@@ -160,7 +163,10 @@ def make_synthetic(n: int, size: int = 64, task: TaskName = "binary", num_classe
             cy, cx, ry, rx = lung
             py = cy + rng.uniform(-0.5, 0.5) * ry
             px = cx + rng.uniform(-0.5, 0.5) * rx
-            img = img + _pattern(kind, y, x, py, px, rng.uniform(0.15, 0.25), lung)
+            r = rng.uniform(0.15, 0.25)
+            img = img + _pattern(kind, y, x, py, px, r, lung)
+            if findings is not None:
+                findings.append((i, kind, float(py), float(px), float(r)))
         img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
         img = img + 0.05 * rng.standard_normal((size, size))
         images[i] = np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8)
