@@ -471,7 +471,8 @@ def test_hospital_never_holds_scan_and_patient_never_holds_weights(pool, tmp_pat
         flat_s = torch.cat([shares[k].ravel() for k in sd])
         flat_w = torch.cat([sd[k].ravel() for k in sd])
         assert float((flat_s == flat_w).double().mean()) < 0.01
-        assert abs(_corr(flat_s, flat_w)) < 0.05
+        # uniform shares: r ~ N(0, 1/n); 4.5 sigma (a fixed 0.05 was only 1.8 sigma at n = 1265: flaky)
+        assert abs(_corr(flat_s, flat_w)) < 4.5 / flat_w.numel() ** 0.5
         assert _looks_uniform_ring(flat_s)
 
 
