@@ -11,23 +11,22 @@ import argparse
 import json
 from pathlib import Path
 
-from xrayfed.common.data import load_dataset
-from xrayfed.common.data.inventory import CHECK_SIZE, DataReport, inventory
+from xrayfed.common.data.inventory import DataReport, inventory
 from xrayfed.common.errors import UserError
 from xrayfed.common.privacy.accounting import compute_epsilon
 
 SHOWN_ROUNDS = 12  # ε after each planned round: at most this many rows (evenly spaced, last included)
 
 
-def plan_summary(cfg, path: Path) -> dict:
+def plan_summary(cfg, ds=None) -> dict:
     """The DP plan of ``cfg``'s budget on this hospital's part of the data (as `xrayfed client`
-    computes it): N, validation scans, σ, q, steps per round, ε after planned rounds, warnings."""
-    from xrayfed.client.hospital import split_local
+    computes it): N, validation scans, σ, q, steps per round, ε after planned rounds, warnings.
+    ``ds``: the ``data.split`` scans when already decoded (else they are loaded)."""
+    from xrayfed.client.hospital import hospital_split
     from xrayfed.client.privacy import plan_dp
 
     d = cfg.data
-    ds = load_dataset(path, split=d.split, image_size=CHECK_SIZE)
-    train, val = split_local(ds, d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed)
+    _, train, val = hospital_split(cfg, ds)
     out: dict = {"hospital": cfg.hospital.name, "train_scans": len(train), "validation_scans": 0 if val is None
                  else len(val), "epsilon_budget": cfg.privacy.epsilon, "delta": cfg.privacy.delta,
                  "accountant": cfg.privacy.accountant, "warnings": []}
@@ -98,11 +97,12 @@ def _top(counts: dict[str, int], n: int = 3) -> str:
 def run_data_check(args: argparse.Namespace) -> int:
     from xrayfed.common.config import HospitalConfig, load_config
 
-    report = inventory(args.path)
+    loaded: dict = {}
+    report = inventory(args.path, loaded)
     plan = None
     if args.config is not None:
         cfg = load_config(HospitalConfig, args.config, {"data.path": str(Path(args.path).resolve())})
-        plan = plan_summary(cfg, Path(args.path))
+        plan = plan_summary(cfg, loaded.get(cfg.data.split))  # the split inventory decoded already
     if args.json:
         print(json.dumps({"data": report.to_dict(), "plan": plan}, indent=2, ensure_ascii=False))
     else:

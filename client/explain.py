@@ -25,10 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xrayfed.common.checkpoint import Checkpoint, load_weights
+from xrayfed.common.checkpoint import Checkpoint
 from xrayfed.common.errors import UserError
 from xrayfed.common.files import atomic_write
-from xrayfed.common.model import build_model
 from xrayfed.common.prediction import probabilities
 
 
@@ -132,9 +131,7 @@ def run_explain_cmd(args: argparse.Namespace) -> int:
     from xrayfed.common.security.atrest import load_checkpoint, load_key
 
     ckpt = load_checkpoint(args.model, load_key(args.atrest_key_file))
-    model = build_model(ckpt.model)
-    load_weights(model, ckpt.state_dict, what=f"checkpoint (model {ckpt.model_version})")
-    model.eval()
+    model = ckpt.build()
     results = [explain_scan(ckpt, model, Path(s), args.class_name) for s in args.scan]
     out = Path(args.out)
     if out.suffix.lower() in (".html", ".htm"):

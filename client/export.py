@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xrayfed.common.checkpoint import Checkpoint, load_weights
+from xrayfed.common.checkpoint import Checkpoint
 from xrayfed.common.errors import UserError
 from xrayfed.common.files import atomic_write
-from xrayfed.common.model import build_model
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # max |Δ logit| between the exported model and the checkpoint (FP32)
@@ -53,12 +52,6 @@ def export_metadata(ckpt: Checkpoint, threshold: float | None = None) -> dict:
                           "(xrayfed.common.preprocess.prepare_scan)"),
         "round": int(ckpt.round),
     }
-
-
-def _model(ckpt: Checkpoint) -> torch.nn.Module:
-    model = build_model(ckpt.model)
-    load_weights(model, ckpt.state_dict, what=f"checkpoint (model {ckpt.model_version})")
-    return model.eval()
 
 
 def verification_scans(ckpt: Checkpoint, data: Path | None, n: int = VERIFY_SCANS) -> torch.Tensor:
@@ -145,7 +138,7 @@ def export_model(ckpt: Checkpoint, fmt: str, out: Path, *, data: Path | None = N
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
-    model = _model(ckpt)
+    model = ckpt.build()
     x = verification_scans(ckpt, data)
     meta = export_metadata(ckpt)
     blob = (_to_onnx if fmt == "onnx" else _to_torchscript)(model, x[:1], meta)

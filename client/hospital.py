@@ -74,6 +74,19 @@ def split_local(ds, val_fraction: float, partition: str | None, scheme: str, alp
     return data.split_train_val(ds, val_fraction, seed)
 
 
+def hospital_split(cfg: HospitalConfig, ds=None):
+    """``(ds, train, val)``: this hospital's scans of ``data.split`` (decoded at
+    :data:`~xrayfed.common.data.CHECK_SIZE` unless ``ds`` is given) split exactly as every round
+    splits them. What `xrayfed client` and `xrayfed data check` plan the DP budget on."""
+    from xrayfed.common import data
+
+    d = cfg.data
+    if ds is None:
+        ds = data.load_dataset(Path(d.path), split=d.split, image_size=data.CHECK_SIZE)
+    train, val = split_local(ds, d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed)
+    return ds, train, val
+
+
 def load_local_data(cfg: HospitalConfig, image_size: int, task: TaskSpec) -> LocalData:
     """This hospital's scans at ``image_size`` px for the federation's ``task``: its partition,
     split into train and validation (cached per process)."""
@@ -111,8 +124,7 @@ def train_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict, a
     device = resolve_device(cfg.hospital.device)
     data = load_local_data(cfg, req.image_size, req.task)
     with StateLock(Path(cfg.hospital.state_dir)):
-        reply = _train_locked(cfg, req, data, state_dict, device, atrest_key)
-    return reply
+        return _train_locked(cfg, req, data, state_dict, device, atrest_key)
 
 
 def _train_locked(cfg: HospitalConfig, req: RoundRequest, data: LocalData, state_dict: dict, device,

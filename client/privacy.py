@@ -188,7 +188,7 @@ class PrivacyLedger:
     """
 
     FILE = LEDGER_FILE
-    #: The budget header's version: 2 = release lines are written (older charges may predate them).
+    #: The ledger format written in each budget line: 2 = every update that leaves has a release line.
     FORMAT = 2
 
     def __init__(self, state_dir: Path, cfg: HospitalConfig, key=None) -> None:
@@ -224,12 +224,6 @@ class PrivacyLedger:
             if r.get("event") == "release" and r.get("request") == key:
                 return r
         return None
-
-    def predates_release_records(self, charge: dict[str, Any]) -> bool:
-        """A charge written before this ledger recorded releases (its update may have left)."""
-        first_v2 = next((r["seq"] for r in self.records
-                         if r.get("event") == "budget" and int(r.get("format", 1)) >= self.FORMAT), None)
-        return first_v2 is None or int(charge["seq"]) < first_v2
 
     def head(self) -> tuple[int, str]:
         """``(seq, hash)`` of the last line: what the server anchors after each reply."""

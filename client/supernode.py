@@ -12,11 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
-from xrayfed.client.hospital import split_local
+from xrayfed.client.hospital import hospital_split
 from xrayfed.client.privacy import PrivacyLedger, plan_dp
 from xrayfed.common.addresses import parse_hostport
 from xrayfed.common.config import HospitalConfig, dump_toml, load_config
-from xrayfed.common.data import load_dataset
 from xrayfed.common.errors import UserError
 from xrayfed.common.flower_launch import flower_env, supernode_args
 from xrayfed.common.logs import FLEET_EXPOSED, warn_insecure
@@ -54,9 +53,8 @@ def check_data(cfg) -> int:
     if not Path(cfg.data.path).exists():
         raise UserError(f"data: no such file or folder {cfg.data.path}")
     d = cfg.data
-    ds = load_dataset(Path(d.path), split=d.split, image_size=16)
+    ds, train, val = hospital_split(cfg)
     skipped = len(getattr(ds, "skipped", []))
-    train, val = split_local(ds, d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed)
     plan = plan_dp(cfg, len(train))
     print(f"[xrayfed] {cfg.hospital.name}: {len(ds)} usable scans in {d.path} ({d.split})"
           + (f", {skipped} unreadable file(s) skipped" if skipped else "")

@@ -81,7 +81,7 @@ class Checkpoint:
         from xrayfed.common.model import build_model
 
         model = build_model(self.model)
-        load_weights(model, self.state_dict, what="checkpoint")
+        load_weights(model, self.state_dict, what=f"checkpoint (model {self.model_version})")
         model.eval()
         return model
 

@@ -90,7 +90,7 @@ def _dicom_luts():
     return apply_modality_lut, apply_voi_lut
 
 
-def _read_dicom(path: Path, *, pixels: bool = True):
+def read_dicom(path: Path, *, pixels: bool = True):
     import pydicom
 
     force = not _has_dicom_preamble(path)  # a .dcm without the 128-byte preamble + 'DICM'
@@ -101,7 +101,7 @@ def _read_dicom(path: Path, *, pixels: bool = True):
 
 
 def _load_dicom(path: Path) -> np.ndarray:
-    ds = _read_dicom(path)
+    ds = read_dicom(path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise UserError(f"{path.name}: DICOM file holds no image (no Pixel Data); {_ALLOWED}")
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
@@ -261,7 +261,7 @@ def read_dicom_patient_id(path: Path | str) -> str | None:
         raise UserError(f"scan: no file at {path}")
     if not is_dicom(path):
         return None
-    ds = _read_dicom(path, pixels=False)
+    ds = read_dicom(path, pixels=False)
     pid = ds.get("PatientID", None)
     pid = str(pid).strip() if pid is not None else ""
     return pid or None

@@ -100,9 +100,6 @@ def register_serve_ttp(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=handler("xrayfed.server.ttp", "_cmd_serve"))
 
 
-# --------------------------------------------------------------------------- CLI
-
-
 def register_certs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("certs", help="make the federation's CA, certificates and hospital keys",
                        description="Keys and certificates for a TLS-protected, authenticated federation.")

@@ -57,6 +57,10 @@ from xrayfed.common.prediction import NIH_LABELS, TaskSpec
 
 log = logging.getLogger(__name__)
 
+#: px at which a data check decodes scans: enough to prove a file is readable and count it (the
+#: model's image size does not change which files are usable).
+CHECK_SIZE = 16
+
 
 # ----------------------------------------------------------------------------- entry point
 def detect_format(path: Path | str) -> str:

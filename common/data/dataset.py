@@ -132,14 +132,12 @@ def is_candidate(f: Path) -> bool:
     return f.is_file() and not f.name.startswith(".")
 
 
-def walk_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Every file below ``folder``, following symbolic links (hospital storage often links scans
-    or whole folders in) with loop protection: a folder reached twice is read once. Returns
-    the files (sorted) and the links that lead nowhere (skipped, with the reason)."""
+def iter_files(folder: Path):
+    """Every file below ``folder`` as ``(path, readable)``, in walk order, following symbolic
+    links (hospital storage often links scans or whole folders in) with loop protection: a folder
+    reached twice is read once. ``readable`` is False for a link that leads nowhere."""
     import os
 
-    files: list[Path] = []
-    broken: list[tuple[str, str]] = []
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         try:
@@ -151,14 +149,26 @@ def walk_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
             continue
         seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
+        for name in sorted(filenames):
             if name.startswith("."):
                 continue
             f = Path(dirpath) / name
             if f.is_file():
-                files.append(f)
+                yield f, True
             elif f.is_symlink():
-                broken.append((str(f), "symbolic link to a missing file"))
+                yield f, False
+
+
+def walk_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """:func:`iter_files` collected: the files (sorted) and the links that lead nowhere
+    (skipped, with the reason)."""
+    files: list[Path] = []
+    broken: list[tuple[str, str]] = []
+    for f, readable in iter_files(folder):
+        if readable:
+            files.append(f)
+        else:
+            broken.append((str(f), "symbolic link to a missing file"))
     return sorted(files), broken
 
 

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import logging
+from itertools import islice
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from xrayfed.common.data.dataset import (
-    stable_fraction,
     SPLITS,
     XrayDataset,
     decode_files,
+    iter_files,
     no_usable_error,
     patient_id_for,
     pick_classes,
+    stable_fraction,
     task_from_names,
     walk_files,
 )
@@ -100,8 +102,8 @@ def flat_class_dirs(root: Path) -> list[str]:
     of ``root`` (not split names, not hidden) that hold at least one scan."""
     out = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SPLITS):
-        files, _ = walk_files(d)
-        if any(f.suffix.lower() in SCAN_SUFFIXES or is_dicom(f) for f in files[:200]):
+        first = islice((f for f, readable in iter_files(d) if readable), 200)  # stops at the first scan
+        if any(f.suffix.lower() in SCAN_SUFFIXES or is_dicom(f) for f in first):
             out.append(d.name)
     return out
 

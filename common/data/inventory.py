@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xrayfed.common.data import SPLITS, detect_format, load_dataset, targets_array
+from xrayfed.common.data import CHECK_SIZE, SPLITS, detect_format, load_dataset, targets_array
 from xrayfed.common.errors import UserError
-from xrayfed.common.preprocess import _read_dicom, is_dicom
-
-CHECK_SIZE = 16  # px: the decode that proves a file is readable; the model's size does not matter here
+from xrayfed.common.preprocess import is_dicom, read_dicom
 
 
 @dataclass
@@ -61,7 +59,7 @@ def _header(path: str) -> tuple[str, str]:
 
     p = Path(path)
     if is_dicom(p):
-        ds = _read_dicom(p, pixels=False)
+        ds = read_dicom(p, pixels=False)
         bits = str(int(getattr(ds, "BitsStored", 0) or getattr(ds, "BitsAllocated", 0) or 0))
         return f"{int(ds.Columns)}×{int(ds.Rows)}", bits
     with Image.open(p) as im:
@@ -71,8 +69,9 @@ def _header(path: str) -> tuple[str, str]:
         return f"{im.size[0]}×{im.size[1]}", bits
 
 
-def inventory(path: Path | str) -> DataReport:
-    """The :class:`DataReport` of the data at ``path`` (any supported layout)."""
+def inventory(path: Path | str, loaded: dict | None = None) -> DataReport:
+    """The :class:`DataReport` of the data at ``path`` (any supported layout). ``loaded``, when
+    given, receives each split's dataset (decoded at ``CHECK_SIZE``) for further checks."""
     path = Path(path)
     layout = detect_format(path)
     splits: list[SplitSummary] = []
@@ -82,6 +81,8 @@ def inventory(path: Path | str) -> DataReport:
     for split in SPLITS:
         try:
             ds = load_dataset(path, split=split, image_size=CHECK_SIZE)
+            if loaded is not None:
+                loaded[split] = ds
         except UserError as e:
             msg = str(e)
             if split == "train":

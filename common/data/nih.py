@@ -10,12 +10,12 @@ from typing import Sequence
 import numpy as np
 
 from xrayfed.common.data.dataset import (
-    stable_fraction,
     NIH_CSVS,
     XrayDataset,
     decode_files,
     no_usable_error,
     pick_classes,
+    stable_fraction,
 )
 from xrayfed.common.errors import UserError
 from xrayfed.common.prediction import NIH_LABELS, TaskSpec
