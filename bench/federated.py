@@ -1,16 +1,31 @@
-"""Benchmark: federated DP training, 3 hospitals, non-IID (Dirichlet α over labels).
+"""Benchmark: federated DP training, 3 hospitals — test AUC beside its non-private references.
 
-Runs the real thing (SuperLink + SuperNodes + ServerApp/ClientApp processes on 127.0.0.1 via
-``xrayfed server``/``xrayfed client``), once per ε. The product has no DP-off switch, so the
-run without DP (the DP overhead ratio) is ``bench/dp_overhead.py``.
+For every ε it runs ``--runs`` fresh federations (seeds 0, 1, …) and reports the mean and
+spread, each run listed. DP runs use ``--engine``:
+
+* ``processes`` (default): the real thing — SuperLink + SuperNodes + ServerApp/ClientApp
+  processes on 127.0.0.1 via ``xrayfed server``/``xrayfed client``;
+* ``inprocess``: the same hospital code for every hospital in one process
+  (:mod:`xrayfed.server.simulate`; what the sweeps use) — run both to see that they agree.
+
+Beside the DP figures (``--references``, default on): the same federation without DP
+(σ = 0, in process: the product has no DP-off switch) and a centralized non-private model
+(one "hospital" holding every training scan), so the price of privacy and the price of
+federation are each visible. The operating point (threshold) is chosen on the ``val`` split,
+which no hospital trains on (``bench/heldout.py`` makes one for Kermany-style folders);
+accuracy, sensitivity and specificity are reported there. The test split is read once per
+figure, after the last round.
 
 Usage::
 
     ./dev bench federated --data ../shared/data/pneumoniamnist.npz --epsilons 8 1
-    ./dev bench federated --data ../shared/data/kermany-cxr-224 --image-size 224 --split patient
+    ./dev bench heldout ../shared/data/kermany-cxr-224 --out bench/results/work-kermany-heldout
+    ./dev bench federated --data bench/results/work-kermany-heldout --name kermany-cxr-224 \\
+        --image-size 224 --split patient --epsilons 8 1
 
-Reports test AUC/accuracy (the official test split, touched once per figure), wall time and
-peak memory (RSS of all processes, sampled), and writes JSON to ``bench/results/``.
+Writes ``bench/results/federated-NAME-SIZEpx.json``: ``epsN.test_auc`` etc. are means over the
+runs (``epsN.runs`` lists each run, ``epsN.test_auc_std`` the spread), ``no_dp`` and
+``central`` likewise, ``price_of_privacy_auc`` = no-DP AUC − DP AUC at each ε.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -26,6 +42,9 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sweep import add_settings_arguments, configs, run_setting  # noqa: E402
+
+KEYS = ("test_auc", "test_accuracy", "test_sensitivity", "test_specificity", "val_auc", "wall_s")
 
 
 def sample_peak_rss(stop: threading.Event, out: dict) -> None:
@@ -43,29 +62,22 @@ def sample_peak_rss(stop: threading.Event, out: dict) -> None:
     out["peak_rss_mb"] = peak / 2**20
 
 
-def run_once(args, eps: float, out_dir: Path) -> dict:
+def run_processes(s: dict, data: Path, out_dir: Path) -> dict:
+    """One federation of real processes (``xrayfed server`` + one ``xrayfed client`` per hospital)."""
     import subprocess
 
-    from xrayfed.common.config import FederationConfig, HospitalConfig, dump_toml
+    from xrayfed.common.config import dump_toml
     from xrayfed.common.data import load_dataset
-    from xrayfed.common.model import ModelSpec
     from xrayfed.common.procs import ProcessGroup, free_port, shared_cpu_env, spawn
 
     if out_dir.exists():  # a fresh federation: the server would resume an old run dir, hospitals reuse ledgers
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    probe = load_dataset(args.data, split="train", image_size=16)
+    probe = load_dataset(data, split="train", image_size=8)
+    fed, hospitals = configs(s, data, out_dir, probe.task)
     port = free_port()
-    pool = args.input_pool or (max(1, args.image_size // 56) if args.image_size >= 112 else 1)
-    fed = FederationConfig.model_validate({
-        "federation": {"name": "bench", "run_dir": str(out_dir / "run"), "rounds": args.rounds,
-                       "min_clients": args.hospitals, "lr": args.lr, "strategy": args.strategy},
-        "model": ModelSpec(num_outputs=probe.task.num_outputs, width=args.width, input_pool=pool).model_dump(),
-        "task": probe.task.to_dict(),
-        "image_size": args.image_size,
-        "eval": {"path": str(args.data), "split": "test"},
-        "network": {"listen": f"127.0.0.1:{port}", "tls": {"insecure": True}},
-    })
+    fed = fed.model_validate({**fed.model_dump(mode="json"), "network": {"listen": f"127.0.0.1:{port}",
+                                                                         "tls": {"insecure": True}}})
     fp = out_dir / "federation.toml"
     fp.write_text(dump_toml(fed))
     cli = [sys.executable, "-m", "xrayfed.common.cli"]
@@ -74,21 +86,11 @@ def run_once(args, eps: float, out_dir: Path) -> dict:
     t0 = time.time()
     sampler.start()
     with ProcessGroup() as group:
-        for i in range(args.hospitals):
-            privacy = {"epsilon": eps, "delta": args.delta, "max_rounds": args.rounds,
-                       "max_grad_norm": args.clip}
-            h = HospitalConfig.model_validate({
-                "hospital": {"name": f"hospital-{i}", "state_dir": str(out_dir / f"state-{i}"), "device": args.device},
-                "data": {"path": str(args.data), "partition": f"{i}/{args.hospitals}",
-                         "partition_scheme": args.split, "dirichlet_alpha": args.alpha, "seed": args.seed},
-                "privacy": privacy,
-                "training": {"local_epochs": args.local_epochs, "batch_size": args.batch_size,
-                             "max_physical_batch_size": args.physical_batch},
-            })
+        for i, h in enumerate(hospitals):
             hp = out_dir / f"hospital-{i}.toml"
             hp.write_text(dump_toml(h))
             group.add(spawn(cli + ["client", "--server", f"127.0.0.1:{port}", "--config", str(hp), "--insecure"],
-                            log=open(out_dir / f"hospital-{i}.log", "w"), env=shared_cpu_env(args.hospitals)))
+                            log=open(out_dir / f"hospital-{i}.log", "w"), env=shared_cpu_env(len(hospitals))))
         r = subprocess.run(cli + ["server", "--config", str(fp)], capture_output=True, text=True)
     stop.set()
     sampler.join()
@@ -97,57 +99,93 @@ def run_once(args, eps: float, out_dir: Path) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"xrayfed server failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     rows = [json.loads(l) for l in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
-    last = rows[-1]
+    ev = rows[-1]["eval"]
     return {
-        "epsilon_budget": eps,
-        "rounds": len(rows),
-        "test_auc": last["eval"]["auc"],
-        "test_accuracy": last["eval"]["accuracy"],
-        "test_sensitivity": last["eval"].get("sensitivity"),
-        "test_specificity": last["eval"].get("specificity"),
-        "max_epsilon_spent": last.get("max_epsilon"),
-        "wall_s": round(wall, 1),
-        "peak_rss_mb": round(mem.get("peak_rss_mb", 0), 0),
+        "seed": s["seed"], "engine": "processes",
+        "test_auc": ev["auc"], "test_accuracy": ev["accuracy"], "test_sensitivity": ev.get("sensitivity"),
+        "test_specificity": ev.get("specificity"), "threshold": ev.get("threshold"), "val_auc": ev.get("val_auc"),
+        "max_epsilon_spent": rows[-1].get("max_epsilon"), "rounds": len(rows),
+        "wall_s": round(wall, 1), "peak_rss_mb": round(mem.get("peak_rss_mb", 0), 0),
         "auc_per_round": [row["eval"]["auc"] for row in rows],
     }
+
+
+def run_inprocess(s: dict, data: Path) -> dict:
+    t0 = time.time()
+    r = run_setting(s, data, test=True)
+    return {"seed": s["seed"], "engine": "inprocess", "dp": bool(s["dp"]), "central": bool(s.get("central")),
+            **{k: r.get(k) for k in ("test_auc", "test_accuracy", "test_sensitivity", "test_specificity",
+                                     "threshold", "val_auc", "epsilon_spent", "noise_multipliers",
+                                     "steps_per_round", "sample_rates", "params")},
+            "wall_s": round(time.time() - t0, 1)}
+
+
+def summarise(runs: list[dict], **extra) -> dict:
+    out: dict = dict(extra)
+    for k in KEYS:
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        if vals:
+            out[k] = statistics.fmean(vals)
+            if len(vals) > 1:
+                out[f"{k}_std"] = statistics.stdev(vals)
+    out["runs"] = runs
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--image-size", type=int, default=28)
+    ap.add_argument("--name", default=None, help="name in the result file (default: the data's file name)")
+    add_settings_arguments(ap)
     ap.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 1.0])
-    ap.add_argument("--hospitals", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--local-epochs", type=float, default=5.0)
-    ap.add_argument("--batch-size", type=int, default=512)
-    ap.add_argument("--physical-batch", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=2.0, help="chosen on validation (in-process FedAvg sweep)")
-    ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--width", type=int, default=32)
-    ap.add_argument("--input-pool", type=int, default=0,
-                    help="XrayNet input average-pool factor (0: image_size // 56 from 112 px up, else 1)")
-    ap.add_argument("--strategy", default="fedavg")
-    ap.add_argument("--split", default="dirichlet")
-    ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--runs", type=int, default=3, help="fresh federations per figure (seeds 0..runs-1)")
+    ap.add_argument("--engine", choices=("processes", "inprocess"), default="processes")
+    ap.add_argument("--references", type=int, default=1, help="also run the no-DP and centralized references")
+    ap.add_argument("--merge", action="store_true", help="keep the other figures of an existing result file")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
-    args.data = args.data.resolve()
-    args.out = args.out.resolve()
-    tag = f"{args.data.stem}-{args.image_size}px" + (f"-pool{args.input_pool}" if args.input_pool else "")
-    results = {"data": str(args.data.name), "image_size": args.image_size, "settings": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("data", "out")}}
-    base = args.out / f"work-{tag}"
+    data = args.data.resolve()
+    out_dir = args.out.resolve()
+    name = args.name or data.stem
+    tag = f"{name}-{args.image_size}px"
+    s0 = {k: v for k, v in vars(args).items() if k not in ("data", "name", "epsilons", "runs", "engine",
+                                                           "references", "out", "merge")}
+    results: dict = {"data": name, "image_size": args.image_size, "engine": args.engine,
+                     "settings": {**s0, "epsilons": args.epsilons, "runs": args.runs}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"federated-{tag}.json"
+    if args.merge and path.is_file():  # add these figures to an earlier run's (other ε, references)
+        old = json.loads(path.read_text())
+        results = {**{k: v for k, v in old.items() if k.startswith(("eps", "no_dp", "central", "price"))},
+                   **results, "settings_before": old.get("settings")}
+
+    def save():
+        path.write_text(json.dumps(results, indent=2))
+
     for eps in args.epsilons:
-        res = run_once(args, eps, base / f"eps{eps:g}")
-        print(json.dumps(res), flush=True)
-        results[f"eps{eps:g}"] = res
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"federated-{tag}.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+        runs = []
+        for seed in range(args.runs):
+            s = dict(s0, epsilon=eps, seed=seed, dp=1)
+            r = (run_processes(s, data, out_dir / f"work-{tag}" / f"eps{eps:g}-seed{seed}")
+                 if args.engine == "processes" else run_inprocess(s, data))
+            print(json.dumps(r), flush=True)
+            runs.append(r)
+        results[f"eps{eps:g}"] = summarise(runs, epsilon_budget=eps)
+        save()
+    if args.references:
+        for key, over in (("no_dp", {"dp": 0}), ("central", {"dp": 0, "central": 1})):
+            runs = []
+            for seed in range(args.runs):
+                r = run_inprocess(dict(s0, epsilon=max(args.epsilons), seed=seed, **over), data)
+                print(json.dumps(r), flush=True)
+                runs.append(r)
+            results[key] = summarise(runs)
+            save()
+        results["price_of_privacy_auc"] = {k: results["no_dp"]["test_auc"] - v["test_auc"]
+                                           for k, v in results.items() if k.startswith("eps") and "test_auc" in v}
+        results["price_of_federation_auc"] = results["central"]["test_auc"] - results["no_dp"]["test_auc"]
+    save()
+    print(json.dumps({k: v for k, v in results.items() if k != "settings"}, indent=1, default=str)[:4000])
 
 
 if __name__ == "__main__":

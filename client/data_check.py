@@ -42,8 +42,9 @@ def plan_summary(cfg, ds=None) -> dict:
                max_rounds=r, epsilon_after_round={k: compute_epsilon([step] * k, plan.delta, plan.accountant)
                                                   for k in rounds})
     if plan.sample_rate >= 1.0:
-        out["warnings"].append(f"batch_size {cfg.training.batch_size} ≥ N = {len(train)}: every step uses every scan "
-                               "(q = 1), so DP-SGD gets no privacy amplification from sampling; lower batch_size")
+        out["warnings"].append(f"batch size {plan.expected_batch_size} ≥ N = {len(train)}: every step uses every scan "
+                               "(q = 1), so DP-SGD gets no privacy amplification from sampling"
+                               + ("; lower batch_size" if cfg.training.batch_size else " (automatic for small N)"))
     if plan.noise_multiplier > 5.0:
         out["warnings"].append(f"σ = {plan.noise_multiplier:.2f}: the noise is large for this data size and budget; "
                                "expect a weak model (more scans, fewer rounds or a larger ε help)")

@@ -44,7 +44,9 @@ def export_metadata(ckpt: Checkpoint, threshold: float | None = None) -> dict:
         "output": {"binary": "1 logit: P(class_names[1]) = sigmoid(logit)",
                    "multiclass": "one logit per class: softmax",
                    "multilabel": "one logit per label: sigmoid each"}[ckpt.task.kind],
-        "decision_threshold": 0.5 if threshold is None else float(threshold),
+        "decision_threshold": float(threshold) if threshold is not None else (
+            None if ckpt.task.kind == "multiclass" else
+            (ckpt.threshold[0] if ckpt.task.kind == "binary" else list(ckpt.threshold)) if ckpt.threshold else 0.5),
         "input": {"name": "scan", "shape": ["batch", int(ckpt.model.in_channels), int(ckpt.image_size),
                                             int(ckpt.image_size)], "dtype": "float32"},
         "preprocessing": ("grayscale (DICOM: modality + VOI LUT, MONOCHROME1 inverted) → resize to "
@@ -138,13 +140,13 @@ def export_model(ckpt: Checkpoint, fmt: str, out: Path, *, data: Path | None = N
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
-    model = ckpt.build()
+    model = ckpt.build(plain=True)  # weight standardisation folded: plain convolutions
     x = verification_scans(ckpt, data)
     meta = export_metadata(ckpt)
     blob = (_to_onnx if fmt == "onnx" else _to_torchscript)(model, x[:1], meta)
     atomic_write(out, blob, mode=0o600)
     with torch.no_grad():
-        want = model(x).numpy()
+        want = ckpt.build()(x).numpy()  # the checkpoint's own model (weight standardisation unfolded)
     got = run_exported(out, fmt, x)
     diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
     if not diff <= TOLERANCE:

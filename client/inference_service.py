@@ -262,6 +262,7 @@ def model_metadata(ckpt) -> dict:
         "image_size": int(ckpt.image_size),
         "task": ckpt.task.to_dict(),
         "model_version": ckpt.model_version,
+        "threshold": ckpt.threshold,
     }
 
 

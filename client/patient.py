@@ -140,15 +140,32 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
         raise UserError(f"the encrypted session failed ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'})") from None
     probs = probabilities(task, logits)[0]
+    threshold = info.get("threshold")
     return {
         "class_names": list(task.class_names),
         "probabilities": [float(p) for p in probs],
         "task": task.kind,
+        "threshold": threshold,
+        "prediction": decide(task, probs, threshold),
         "model_version": sess["model_version"],
         "timing": {"total_s": time.perf_counter() - t_start, "session_s": time.perf_counter() - t_open,
                    "mpc_s": stats.get("mpc_s"), "init_s": stats.get("init_s")},
         "communication": {"rounds": stats.get("rounds"), "bytes": stats.get("bytes")},
     }
+
+
+def decide(task, probs, threshold: list[float] | None) -> list[str]:
+    """The classes predicted at the model's operating point: binary → the positive class when
+    its probability reaches the threshold (0.5 when the model has none), else the negative one;
+    multi-label → every label at or above its threshold; multi-class → the most probable class."""
+    names = list(task.class_names)
+    if task.kind == "multiclass":
+        return [names[int(max(range(len(probs)), key=lambda i: probs[i]))]]
+    if task.kind == "binary":
+        t = threshold[0] if threshold else 0.5
+        return [names[1] if probs[1] >= t else names[0]]
+    ts = threshold if threshold else [0.5] * len(names)
+    return [n for n, p, t in zip(names, probs, ts) if p >= t]
 
 
 def format_result(res: dict) -> str:
@@ -157,6 +174,10 @@ def format_result(res: dict) -> str:
     lines = [f"Encrypted prediction (model {res['model_version']}, {kind}); only you can see this result:"]
     for name, p in zip(res["class_names"], res["probabilities"]):
         lines.append(f"  {name:<{width}}  {p:.4f}")
+    thr = res.get("threshold")
+    point = ("the model's operating point: threshold " + ", ".join(f"{t:.3f}" for t in thr)) if thr else \
+        ("the most probable class" if res["task"] == "multiclass" else "threshold 0.5 (the model has no operating point)")
+    lines.append(f"Prediction: {', '.join(res.get('prediction') or []) or 'no finding'} (at {point})")
     lines.append(f"({res['timing']['total_s']:.1f}s end to end, {res['timing']['session_s']:.1f}s encrypted session)")
     return "\n".join(lines)
 

@@ -95,6 +95,32 @@ class DPPlan:
     delta: float  # δ
     max_rounds: int  # rounds the budget is planned for
     accountant: str
+    local_epochs: float = 1.0  # passes over the data per round (steps = ⌈epochs / q⌉)
+    settings_source: str = "hospital.toml"  # or "auto": B and epochs derived by auto_training
+
+
+#: The rule behind the automatic batch size and local epochs (chosen on validation sweeps with
+#: the in-process simulation, docs/accuracy.md): large logical batches (a quarter of the
+#: hospital's scans, at least 256 — all of them below that — at most 2048) and fewer passes
+#: over the data per round at small ε, where each pass costs more noise.
+AUTO_BATCH = {"fraction_of_n": 0.25, "min": 256, "max": 2048}
+AUTO_EPOCHS = ((2.0, 2.0), (float("inf"), 5.0))  # (ε below, local epochs)
+
+
+def auto_training(num_examples: int, epsilon: float, batch_size: int | None = None,
+                  local_epochs: float | None = None) -> tuple[int, float]:
+    """``(batch size B, local epochs per round)`` for a hospital with ``num_examples`` training
+    scans and budget ``epsilon``; a value the hospital set in ``hospital.toml`` is kept.
+
+    A hospital states only its budget: B = clamp(N/4, 256, 2048) (≤ N) and 2 local epochs
+    below ε = 2, else 5. Both are decided at the hospital, from its own N, and recorded in
+    every ``train`` line of the ledger (as q = B/N and steps)."""
+    if batch_size is None:
+        b = int(round(num_examples * AUTO_BATCH["fraction_of_n"]))
+        batch_size = max(1, min(num_examples, max(AUTO_BATCH["min"], min(AUTO_BATCH["max"], b))))
+    if local_epochs is None:
+        local_epochs = next(e for below, e in AUTO_EPOCHS if epsilon < below)
+    return int(batch_size), float(local_epochs)
 
 
 #: Longest plan (max_rounds × steps per round) each accountant is asked to compose. Opacus' PRV
@@ -117,8 +143,9 @@ def plan_dp(cfg: HospitalConfig, num_examples: int) -> DPPlan:
         raise UserError(f"privacy.delta = {p.delta:g}: must be below 1/N = {1.0 / num_examples:.3g} for this "
                         f"hospital's N = {num_examples} training scans (with δ ≥ 1/N the guarantee allows "
                         f"releasing a scan outright); use e.g. δ = {suggest:g}")
-    q = min(1.0, t.batch_size / num_examples)
-    steps = max(1, math.ceil(t.local_epochs / q))
+    batch_size, local_epochs = auto_training(num_examples, p.epsilon, t.batch_size, t.local_epochs)
+    q = min(1.0, batch_size / num_examples)
+    steps = max(1, math.ceil(local_epochs / q))
     total = steps * p.max_rounds
     if total > MAX_PLANNED_STEPS[p.accountant]:
         raise UserError(
@@ -160,6 +187,8 @@ def plan_dp(cfg: HospitalConfig, num_examples: int) -> DPPlan:
         delta=float(p.delta),
         max_rounds=int(p.max_rounds),
         accountant=p.accountant,
+        local_epochs=float(local_epochs),
+        settings_source="auto" if (t.batch_size is None or t.local_epochs is None) else "hospital.toml",
     )
 
 
@@ -257,6 +286,9 @@ class PrivacyLedger:
             "secure_mode": False,
             "secure_rng": self.cfg.privacy.secure_rng,
             "noise_source": NOISE_SOURCE_SECURE if self.cfg.privacy.secure_rng else NOISE_SOURCE_TORCH,
+            "batch_size": plan.expected_batch_size,
+            "local_epochs": plan.local_epochs,
+            "training_settings": plan.settings_source,
         }
         last = next((r for r in reversed(self.records) if r.get("event") == "budget"), None)
         if last is None or any(last.get(k) != v for k, v in header.items()):
@@ -518,7 +550,7 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
     """
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    from xrayfed.common.train import make_optimizer, train_epoch
+    from xrayfed.common.train import make_optimizer
 
     t0 = time.time()
     model.to(device)
@@ -527,19 +559,121 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
                                                  prox_mu=prox_mu)
     per_epoch = max(1, math.ceil(1.0 / plan.sample_rate))
     chunks = [per_epoch] * (plan.steps // per_epoch) + ([plan.steps % per_epoch] if plan.steps % per_epoch else [])
+    t = cfg.training
+    k = t.augment_multiplicity
+    ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
     total_loss, seen = 0.0, 0
     for e, steps in enumerate(chunks, start=1):
         label = f"{desc} epoch {e}/{len(chunks)}" if desc else None
         with BatchMemoryManager(
-            data_loader=make_loader(steps), max_physical_batch_size=cfg.training.max_physical_batch_size,
+            data_loader=make_loader(steps), max_physical_batch_size=max(1, t.max_physical_batch_size // k),
             optimizer=dp_opt,
         ) as mem_loader:
-            ep = train_epoch(dp_model, mem_loader, dp_opt, task, device, desc=label)
+            ep = dp_sgd_pass(dp_model, mem_loader, dp_opt, task, device, views=k, shift=t.augment_shift, ema=ema,
+                             desc=label)
         total_loss += ep["loss"] * ep["examples"]
         seen += ep["examples"]
         if label:
             log.info("%s: %d DP-SGD steps, loss %.4f", label, steps, ep["loss"])
+    if ema is not None:
+        ema.copy_to(model)  # release the average of the iterates: post-processing, no privacy cost
     dp_model.zero_grad(set_to_none=True)
     dp_model.cleanup()  # remove Opacus hooks and attributes; `model` is the trained plain module
     assert sum(chunks) == plan.steps
     return {"loss": total_loss / max(seen, 1), "examples": seen, "steps": plan.steps, "seconds": time.time() - t0}
+
+
+# ----------------------------------------------------------------------------- DP-SGD techniques
+def random_shift(x: torch.Tensor, max_frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image translated by its own random offset of up to ``max_frac`` of its side (edge
+    pixels repeated). The augmentation behind augmentation multiplicity; no flips (a chest
+    X-ray's left and right are not interchangeable)."""
+    n, _, h, w = x.shape
+    m = int(round(max_frac * min(h, w)))
+    if m == 0 or n == 0:
+        return x
+    dy = torch.randint(-m, m + 1, (n, 1), generator=generator).to(x.device)
+    dx = torch.randint(-m, m + 1, (n, 1), generator=generator).to(x.device)
+    rows = (torch.arange(h, device=x.device)[None, :] + dy).clamp(0, h - 1)  # (n, h)
+    cols = (torch.arange(w, device=x.device)[None, :] + dx).clamp(0, w - 1)  # (n, w)
+    idx = torch.arange(n, device=x.device)[:, None, None]
+    return x[idx, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def average_views(dp_model, views: int) -> None:
+    """Fold per-sample gradients of ``views`` consecutive augmented copies of each example into
+    their mean, before Opacus clips them: the clipped unit is still one training example, so the
+    sensitivity (and the privacy accounting) is unchanged."""
+    if views <= 1:
+        return
+    for p in dp_model.parameters():
+        gs = getattr(p, "grad_sample", None)
+        if gs is None:
+            continue
+        if isinstance(gs, list):  # several backward passes before a step: not how dp_sgd_pass runs
+            raise RuntimeError("grad_sample accumulated over several backward passes")
+        p.grad_sample = gs.view(-1, views, *gs.shape[1:]).mean(dim=1)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters over DP-SGD steps (with the usual
+    warm-up ``min(decay, (1 + t) / (10 + t))``)."""
+
+    def __init__(self, model, decay: float) -> None:
+        self.decay, self.t = decay, 0
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model) -> None:
+        d = min(self.decay, (1 + self.t) / (10 + self.t))
+        self.t += 1
+        for n, p in model.named_parameters():
+            n = n.removeprefix("_module.")
+            self.shadow[n].mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, model) -> None:
+        for n, p in model.named_parameters():
+            p.copy_(self.shadow[n])
+
+
+def dp_sgd_pass(dp_model, loader, optimizer, task, device, *, views: int = 1, shift: float = 0.0, ema: EMA | None = None,
+                desc: str | None = None) -> dict:
+    """DP-SGD over ``loader``'s Poisson batches (physical batches of one logical batch are
+    accumulated by the optimizer): ``views`` augmented copies per example, averaged per
+    example before clipping; ``ema`` updated after every real (not skipped) step.
+
+    Returns ``{"loss": mean training loss, "examples": samples seen}``.
+    """
+    from xrayfed.common.prediction import loss_fn, prepare_targets
+    from xrayfed.common.train import progress
+
+    criterion = loss_fn(task)
+    dp_model.train()
+    total_loss, seen = 0.0, 0
+    for x, y in progress(loader, _len(loader), desc):
+        optimizer.zero_grad(set_to_none=True)
+        if len(x) == 0:  # an empty Poisson batch: DP-SGD still takes its (noise-only) step
+            (dp_model(x.to(device)).sum() * 0.0).backward()
+        else:
+            x = x.to(device, non_blocking=True)
+            y = prepare_targets(task, y.to(device, non_blocking=True))
+            if views > 1:
+                x = random_shift(x.repeat_interleave(views, dim=0), shift)
+                y = y.repeat_interleave(views, dim=0)
+            loss = criterion(dp_model(x), y)
+            loss.backward()
+            average_views(dp_model, views)
+            total_loss += float(loss.detach()) * len(x) / views
+            seen += len(x) // views
+        optimizer.step()
+        if ema is not None and not getattr(optimizer, "_is_last_step_skipped", False):
+            ema.update(dp_model)
+    return {"loss": total_loss / max(seen, 1), "examples": seen}
+
+
+def _len(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None

@@ -4,7 +4,12 @@ A checkpoint is a ``torch.save`` of plain data (loadable with ``weights_only=Tru
 
     {"format": "xrayfed-checkpoint/1", "model": ModelSpec dict, "task": TaskSpec dict,
      "image_size": int (px), "round": int, "run_id": str, "created": ISO-8601 UTC,
-     "model_version": sha256 of the weights (hex, 16 chars), "state_dict": {name: tensor}}
+     "model_version": sha256 of the weights (hex, 16 chars), "state_dict": {name: tensor},
+     "threshold": [float, ...] or absent}
+
+``threshold`` is the operating point the server chose on its validation set (probability of
+the positive class for a binary task, one per label for a multi-label task; absent: 0.5, and
+always absent for a multi-class task, whose prediction is the most probable class).
 
 ``state_dict`` keys are the plain model's keys (no Opacus ``_module.`` prefix). Files are
 written atomically (temp file + rename), so a crash never leaves a half-written checkpoint.
@@ -58,6 +63,7 @@ class Checkpoint:
     round: int = 0
     run_id: str = ""
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    threshold: list[float] | None = None
 
     @property
     def model_version(self) -> str:
@@ -74,14 +80,20 @@ class Checkpoint:
             "created": self.created,
             "model_version": self.model_version,
             "state_dict": strip_prefix(self.state_dict),
+            **({"threshold": [float(t) for t in self.threshold]} if self.threshold is not None else {}),
         }
 
-    def build(self):
-        """The plaintext torch model with these weights (eval mode)."""
-        from xrayfed.common.model import build_model
+    def build(self, plain: bool = False):
+        """The plaintext torch model with these weights (eval mode). ``plain``: weight
+        standardisation folded into plain convolutions (same outputs; what MPC and export run)."""
+        from xrayfed.common.model import build_model, fold_standardization, plain_spec
 
         model = build_model(self.model)
         load_weights(model, self.state_dict, what=f"checkpoint (model {self.model_version})")
+        if plain and self.model.weight_standardization:
+            flat = build_model(plain_spec(self.model))
+            flat.load_state_dict(fold_standardization(self.model, model.state_dict()))
+            model = flat
         model.eval()
         return model
 
@@ -126,7 +138,20 @@ def from_bytes(data: bytes, source: str = "checkpoint") -> Checkpoint:
         round=int(d.get("round", 0)),
         run_id=str(d.get("run_id", "")),
         created=str(d.get("created", "")),
+        threshold=_threshold(d.get("threshold"), source),
     )
+
+
+def _threshold(v, source: str) -> list[float] | None:
+    if v is None:
+        return None
+    try:
+        out = [float(t) for t in v]
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: its decision threshold is not a list of numbers") from None
+    if not all(0.0 <= t <= 1.0 for t in out):
+        raise UserError(f"{source}: decision thresholds must be probabilities in [0, 1], got {out}")
+    return out
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:

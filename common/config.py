@@ -41,16 +41,31 @@ class TLSConfig(_Strict):
 # --------------------------------------------------------------------------- server role
 class FederationSection(_Strict):
     name: str = "xrayfed"
+
+    def effective_server_lr(self) -> float:
+        """``server_lr``, or the strategy's default (1.0 for fedavgm, 0.1 for fedadam)."""
+        return self.server_lr if self.server_lr is not None else (0.1 if self.strategy == "fedadam" else 1.0)
+
     run_dir: Path = Field(Path("runs/xrayfed"), description="checkpoints, metrics.jsonl, reports")
     rounds: int = Field(5, ge=1, le=10_000)
     min_clients: int = Field(2, ge=1, description="wait for this many hospitals before a round")
     fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="share of connected hospitals per round")
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedavgm", "fedprox", "fedadam"] = Field(
+        "fedavgm", description="fedavgm (FedAvg with server momentum; the default, chosen on validation sweeps) | "
+                               "fedavg | fedprox | fedadam")
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx μ (strategy = fedprox)")
-    server_lr: float = Field(0.1, gt=0.0, description="FedAdam server learning rate η")
-    lr: float = Field(0.5, gt=0.0, description="client learning rate sent with each round")
+    server_lr: float | None = Field(None, gt=0.0, description="server learning rate η (fedavgm: default 1.0; "
+                                                              "fedadam: default 0.1)")
+    server_momentum: float = Field(0.5, ge=0.0, lt=1.0, description="server momentum β (strategy = fedavgm)")
+    lr: float = Field(2.0, gt=0.0, description="client learning rate sent with each round (DP-SGD's clipped, "
+                                               "averaged gradient has norm ≤ C, so it takes large steps)")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="client learning rate over rounds")
+    lr_final_fraction: float = Field(0.1, ge=0.0, le=1.0, description="cosine: last round's lr as a fraction of lr")
     round_timeout_s: float = Field(3600.0, gt=0.0)
     secure_aggregation: bool = Field(False, description="Flower SecAgg+: the server sees only the sum of updates")
+    initial_model: Path | None = Field(None, description="xrayfed checkpoint to start from (round-0 global model), "
+                                                         "e.g. one trained on public data: the strongest lever for "
+                                                         "accuracy under DP; same architecture, the head may differ")
     seed: int = 0
 
 
@@ -135,13 +150,18 @@ class SecureAggregationSection(_Strict):
 class EvalData(_Strict):
     path: Path | None = Field(None, description="held-out data for server-side evaluation")
     split: str = "test"
+    val_split: str | None = Field(None, description="split of `path` that no hospital trains on, on which the "
+                                                   "server picks the decision threshold stored with each global "
+                                                   "model (e.g. \"val\"); unset: threshold 0.5")
 
 
 class FederationConfig(_Strict):
     """The operator's configuration (``federation.toml``)."""
 
     federation: FederationSection = FederationSection()
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = Field(None, validate_default=False,  # type: ignore[assignment]
+                             description="the architecture; no [model] section: the recommended XrayNet for "
+                                         "image_size (common.model.default_model)")
     task: TaskSpec = TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA"))
     image_size: int = Field(224, ge=8, le=2048, description="scans are resized to image_size × image_size px")
     eval: EvalData = EvalData()
@@ -150,6 +170,10 @@ class FederationConfig(_Strict):
 
     @model_validator(mode="after")
     def _outputs_match_task(self) -> "FederationConfig":
+        if self.model is None:
+            from xrayfed.common.model import default_model
+
+            object.__setattr__(self, "model", default_model(self.image_size, self.task.num_outputs))
         if self.model.num_outputs != self.task.num_outputs:
             object.__setattr__(self, "model", self.model.model_copy(update={"num_outputs": self.task.num_outputs}))
         return self
@@ -201,11 +225,23 @@ class PrivacySection(_Strict):
 
 
 class TrainingSection(_Strict):
-    local_epochs: float = Field(1.0, gt=0.0, le=100.0, description="passes over local data per round")
-    batch_size: int = Field(64, ge=1, description="expected logical batch (Poisson sampling q = B/N)")
+    """How a hospital trains. Leave ``batch_size`` and ``local_epochs`` unset and the hospital
+    derives them from its own N and budget (:func:`xrayfed.client.privacy.auto_training`)."""
+
+    local_epochs: float | None = Field(None, gt=0.0, le=100.0, description="passes over local data per round; "
+                                                                          "unset: derived from ε (auto)")
+    batch_size: int | None = Field(None, ge=1, description="expected logical batch (Poisson sampling q = B/N); "
+                                                         "unset: derived from N (auto)")
     max_physical_batch_size: int = Field(32, ge=1, description="memory cap per forward pass")
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    augment_multiplicity: int = Field(1, ge=1, le=32, description="K augmented views of each sampled scan, "
+                                                                  "their gradients averaged before clipping "
+                                                                  "(De et al. 2022); 1 = off")
+    augment_shift: float = Field(0.0625, ge=0.0, le=0.25, description="augmentation: random translation up to "
+                                                                       "this fraction of the image side")
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="release the exponential moving average of the "
+                                                              "round's DP-SGD iterates (post-processing); 0 = off")
 
 
 class HospitalConfig(_Strict):

@@ -129,13 +129,50 @@ def _auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return float(roc_auc_score(y_true, y_score))
 
 
-def compute_metrics(task: TaskSpec, logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+def choose_threshold(task: TaskSpec, logits: np.ndarray, targets: np.ndarray) -> list[float] | None:
+    """The operating point chosen on a validation set: for a binary task the probability
+    threshold of the positive class that maximises Youden's J (sensitivity + specificity − 1),
+    ``[t]``; for a multi-label task one such threshold per label (0.5 where a label has only one
+    outcome); ``None`` for a multi-class task (the most probable class is the prediction)."""
+    if task.kind == "multiclass":
+        return None
+    probs = probabilities(task, logits)
+    t = np.asarray(targets)
+    if task.kind == "binary":
+        return [_youden(t.reshape(-1).astype(int), probs[:, 1])]
+    y = t.reshape(len(probs), -1).astype(int)
+    return [_youden(y[:, k], probs[:, k]) for k in range(probs.shape[1])]
+
+
+def _youden(y: np.ndarray, score: np.ndarray) -> float:
+    if len(np.unique(y)) < 2:
+        return 0.5
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(y, score)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(1.0, max(0.0, thr[best])))
+
+
+def _thresholds(threshold, k: int) -> list[float]:
+    if threshold is None:
+        return [0.5] * k
+    if isinstance(threshold, (int, float)):
+        return [float(threshold)] * k
+    if len(threshold) != k:
+        raise ValueError(f"{len(threshold)} threshold(s) for {k} output(s)")
+    return [float(x) for x in threshold]
+
+
+def compute_metrics(task: TaskSpec, logits: np.ndarray, targets: np.ndarray,
+                    threshold: float | list[float] | None = None) -> dict[str, float]:
     """Metrics for ``logits`` (N, num_outputs) against ``targets``.
 
     Returns ``auc`` (macro AUROC over classes that have both outcomes), ``auc/<class>``,
     ``accuracy``, ``sensitivity`` and ``specificity`` (binary: of the positive class at
-    p ≥ 0.5; multiclass/multilabel: macro over classes, one-vs-rest). A class with only
-    one outcome in ``targets`` has AUROC ``nan`` and is left out of the macro average.
+    p ≥ ``threshold``, default 0.5; multilabel: macro over labels, each at its threshold;
+    multiclass: macro over classes, one-vs-rest, of the most probable class). A class with
+    only one outcome in ``targets`` has AUROC ``nan`` and is left out of the macro average.
     """
     probs = probabilities(task, logits)
     t = np.asarray(targets)
@@ -144,7 +181,8 @@ def compute_metrics(task: TaskSpec, logits: np.ndarray, targets: np.ndarray) -> 
         y = t.reshape(-1).astype(int)
         out["auc"] = _auc(y, probs[:, 1])
         out[f"auc/{task.class_names[1]}"] = out["auc"]
-        out["accuracy"], out["sensitivity"], out["specificity"] = _binary_stats(y, probs[:, 1], 0.5)
+        out["accuracy"], out["sensitivity"], out["specificity"] = _binary_stats(
+            y, probs[:, 1], _thresholds(threshold, 1)[0])
         return out
     if task.kind == "multiclass":
         y = t.reshape(-1).astype(int)
@@ -160,8 +198,9 @@ def compute_metrics(task: TaskSpec, logits: np.ndarray, targets: np.ndarray) -> 
     else:
         y = t.reshape(len(probs), -1).astype(int)
         aucs, sens, spec, accs = [], [], [], []
+        thr = _thresholds(threshold, len(task.class_names))
         for k in range(len(task.class_names)):
-            a, s, p = _binary_stats(y[:, k], probs[:, k], 0.5)
+            a, s, p = _binary_stats(y[:, k], probs[:, k], thr[k])
             accs.append(a)
             sens.append(s)
             spec.append(p)

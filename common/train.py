@@ -31,7 +31,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _progress(it: Iterable, total: int | None, desc: str | None):
+def progress(it: Iterable, total: int | None, desc: str | None):
     if desc is None:
         return it
     from tqdm import tqdm
@@ -52,7 +52,7 @@ def train_epoch(model, loader, optimizer, task: TaskSpec, device: torch.device, 
         total = len(loader)
     except TypeError:
         total = None
-    for x, y in _progress(loader, total, desc):
+    for x, y in progress(loader, total, desc):
         if len(x) == 0:  # an empty Poisson batch: DP-SGD still takes its (noise-only) step
             optimizer.zero_grad(set_to_none=True)
             (model(x.to(device)).sum() * 0.0).backward()

@@ -51,10 +51,10 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("iid", "dirichlet", "patient"), default="iid",
                    help="how scans are divided among hospitals")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet α for --split dirichlet")
-    p.add_argument("--local-epochs", type=float, default=5.0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.5)
-    p.add_argument("--width", type=int, default=32, help="XrayNet width")
+    p.add_argument("--local-epochs", type=float, help="default: each hospital's automatic choice from its budget")
+    p.add_argument("--batch-size", type=int, help="default: each hospital's automatic choice from its N")
+    p.add_argument("--lr", type=float, help="client learning rate (default: the federation default)")
+    p.add_argument("--width", type=int, help="XrayNet width (default: the recommended model)")
     p.set_defaults(func=handler("xrayfed.server.demo", "run_demo_cmd"))
 
 

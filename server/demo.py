@@ -19,7 +19,7 @@ from pathlib import Path
 from xrayfed.common.config import FederationConfig, HospitalConfig, dump_toml
 from xrayfed.common.data import load_dataset
 from xrayfed.common.errors import UserError
-from xrayfed.common.model import ModelSpec
+from xrayfed.common.model import default_model
 from xrayfed.common.procs import ProcessGroup, free_port, shared_cpu_env, spawn
 
 MARKER = ".xrayfed-demo"
@@ -44,6 +44,17 @@ def _native_size(path: Path) -> int | None:
     return None
 
 
+def _has_val(data: Path) -> bool:
+    """Whether ``data`` has a ``val`` split of its own (no hospital trains on it): where the
+    server chooses the operating point."""
+    if data.suffix == ".npz":
+        import numpy as np
+
+        with np.load(data) as z:
+            return "val_images" in z.files
+    return (data / "val").is_dir()
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
@@ -52,15 +63,15 @@ def _write(path: Path, text: str) -> Path:
 def write_demo_configs(out: Path, data: Path, args: argparse.Namespace, image_size: int, task,
                        port: int) -> tuple[Path, list[Path]]:
     run_dir = out / "run"
-    pool = max(1, image_size // 56) if image_size >= 112 else 1
     fed = FederationConfig.model_validate(
         {
             "federation": {"name": "demo", "run_dir": str(run_dir), "rounds": args.rounds,
-                           "min_clients": args.hospitals, "lr": args.lr},
-            "model": ModelSpec(num_outputs=task.num_outputs, width=args.width, input_pool=pool).model_dump(),
+                           "min_clients": args.hospitals, **({"lr": args.lr} if args.lr else {})},
+            "model": default_model(image_size, task.num_outputs).model_copy(
+                update={"width": args.width} if args.width else {}).model_dump(),
             "task": task.to_dict(),
             "image_size": image_size,
-            "eval": {"path": str(data), "split": "test"},
+            "eval": {"path": str(data), "split": "test", **({"val_split": "val"} if _has_val(data) else {})},
             "network": {"listen": f"127.0.0.1:{port}", "tls": {"insecure": True}},
         }
     )
@@ -74,7 +85,8 @@ def write_demo_configs(out: Path, data: Path, args: argparse.Namespace, image_si
                 "data": {"path": str(data), "split": "train", "partition": f"{i}/{args.hospitals}",
                          "partition_scheme": args.split, "dirichlet_alpha": args.alpha, "seed": 0},
                 "privacy": {"epsilon": args.epsilon, "delta": args.delta, "max_rounds": args.rounds},
-                "training": {"local_epochs": args.local_epochs, "batch_size": args.batch_size},
+                "training": {k: v for k, v in (("local_epochs", args.local_epochs), ("batch_size", args.batch_size))
+                             if v is not None},  # unset: the hospital derives them from its N and budget
             }
         )
         hospitals.append(_write(out / f"{name}.toml", dump_toml(h)))

@@ -65,13 +65,77 @@ def summary_line(row: dict[str, Any]) -> str:
     )
 
 
-def _load_eval_set(cfg: FederationConfig):
+def _load_eval_set(cfg: FederationConfig, split: str | None = None, what: str = "evaluation"):
     if cfg.eval.path is None:
         return None
-
-    ds = load_dataset(cfg.eval.path, split=cfg.eval.split, image_size=cfg.image_size, task=cfg.task)
-    _say(f"server-side evaluation on {len(ds)} held-out scans ({cfg.eval.split})")
+    split = split or cfg.eval.split
+    ds = load_dataset(cfg.eval.path, split=split, image_size=cfg.image_size, task=cfg.task)
+    _say(f"server-side {what} on {len(ds)} held-out scans ({split})")
     return ds
+
+
+def evaluate_global(model, cfg: FederationConfig, eval_set, val_set, device) -> dict[str, Any]:
+    """Server-side figures of one global model: the operating point chosen on ``val_set`` (no
+    hospital trains on it; see :func:`~xrayfed.common.prediction.choose_threshold`) and the
+    metrics on ``eval_set`` at that threshold (``threshold``, ``threshold/<label>``), plus
+    ``val_auc``."""
+    from xrayfed.common.prediction import choose_threshold, compute_metrics
+    from xrayfed.common.train import predict_logits
+
+    out: dict[str, Any] = {}
+    threshold = None
+    if val_set is not None:
+        vl, vy = predict_logits(model, val_set, device)
+        threshold = choose_threshold(cfg.task, vl, vy)
+        out["val_auc"] = compute_metrics(cfg.task, vl, vy)["auc"]
+    if eval_set is not None:
+        import torch as _t
+
+        from xrayfed.common.prediction import loss_fn, prepare_targets
+
+        logits, targets = predict_logits(model, eval_set, device)
+        out.update(compute_metrics(cfg.task, logits, targets, threshold=threshold))
+        out["loss"] = float(loss_fn(cfg.task)(_t.from_numpy(logits), prepare_targets(cfg.task, _t.from_numpy(targets))))
+        out["examples"] = int(len(targets))
+    if threshold is not None:
+        if cfg.task.kind == "binary":
+            out["threshold"] = threshold[0]
+        else:
+            out.update({f"threshold/{n}": t for n, t in zip(cfg.task.class_names, threshold)})
+    return {"metrics": out, "threshold": threshold}
+
+
+def initial_state(cfg: FederationConfig, atrest_key=None) -> dict:
+    """The round-0 global model from ``[federation] initial_model`` (an xrayfed checkpoint,
+    encrypted at rest or not): every layer is taken from it; only the classification head is
+    kept fresh (the last layer) when the checkpoint was trained for a different task (other classes). A
+    different architecture is refused before any round."""
+    from xrayfed.common.errors import UserError
+    from xrayfed.common.security.atrest import load_checkpoint
+
+    path = cfg.federation.initial_model
+    ckpt = load_checkpoint(path, atrest_key)
+    mine = cfg.model.model_dump(exclude={"num_outputs", "pretrained_path"})
+    theirs = ckpt.model.model_dump(exclude={"num_outputs", "pretrained_path"})
+    if mine != theirs:
+        diff = ", ".join(f"{k} {theirs[k]!r} (federation: {mine[k]!r})" for k in mine if mine[k] != theirs[k])
+        raise UserError(f"federation.initial_model {path}: another architecture: {diff}")
+    state = build_model(cfg.model).state_dict()
+    from xrayfed.common.checkpoint import strip_prefix
+
+    theirs_sd = strip_prefix(ckpt.state_dict)
+    fresh = [k for k in state if k not in theirs_sd or tuple(theirs_sd[k].shape) != tuple(state[k].shape)]
+    same_task = ckpt.task == cfg.task
+    if same_task and fresh:
+        raise UserError(f"federation.initial_model {path}: its weights do not fit the model ({fresh[0]})")
+    if not same_task:  # the head (the last layer: weight and bias in every supported architecture) starts fresh
+        fresh = sorted(set(fresh) | set(list(state)[-2:]), key=list(state).index)
+    for k in state:
+        if k not in fresh:
+            state[k] = theirs_sd[k].clone()
+    _say(f"starting from {path} (model {ckpt.model_version}, {ckpt.task.kind} {list(ckpt.task.class_names)}"
+         + (f"; new head for {list(cfg.task.class_names)}: {', '.join(fresh)}" if fresh else "") + ")")
+    return state
 
 
 def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_key=None) -> RunDir:
@@ -101,12 +165,15 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     else:
         start_round = 0
         state = build_model(cfg.model).state_dict()
+        if cfg.federation.initial_model is not None:
+            state = initial_state(cfg, atrest_key)
     remaining = cfg.federation.rounds - start_round
     if remaining <= 0:
         _say(f"all {cfg.federation.rounds} rounds are done (latest checkpoint: round {start_round})")
         return run
 
     eval_set = _load_eval_set(cfg)
+    val_set = _load_eval_set(cfg, cfg.eval.val_split, "choice of the decision threshold") if cfg.eval.val_split else None
 
     anchors: dict[str, tuple[int, str]] = {}
     for row in run.read_metrics():
@@ -139,16 +206,16 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
             "federation": cfg.federation.name,
         }
         result = None
-        if eval_set is not None:
-            from xrayfed.common.train import evaluate
-
+        threshold = None
+        if eval_set is not None or val_set is not None:
             model = build_model(cfg.model)
             model.load_state_dict(sd)
-            m = evaluate(model, eval_set, cfg.task, device)
-            row["eval"] = {k: v for k, v in m.items()}
+            ev = evaluate_global(model, cfg, eval_set, val_set, device)
+            threshold, m = ev["threshold"], ev["metrics"]
+            row["eval"] = dict(m)
             result = MetricRecord({k: float(v) for k, v in m.items() if k in ("auc", "accuracy", "loss")})
         ckpt = Checkpoint(model=cfg.model, task=cfg.task, image_size=cfg.image_size, state_dict=sd, round=g,
-                          run_id=str(flwr_run_id))
+                          run_id=str(flwr_run_id), threshold=threshold)
         run.save(ckpt)
         rows = strategy.train_rows.get(g, [])
         row["hospitals"] = rows

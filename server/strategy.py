@@ -13,10 +13,11 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Iterable
 
 from flwr.app import ConfigRecord, Message
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from xrayfed.common.config import FederationConfig
 from xrayfed.common.protocol.rounds import FAILED, NUM_EXAMPLES, REFUSED, RoundRequest, has_update, reply_row
@@ -34,6 +35,17 @@ def ledger_anchors(rows: Iterable[dict[str, Any]], anchors: dict[str, tuple[int,
     return anchors
 
 
+def round_lr(cfg: FederationConfig, server_round: int) -> float:
+    """The client learning rate of global round ``server_round`` (1-based) under ``[federation]
+    lr_schedule``: ``constant`` (``lr``) or ``cosine`` (from ``lr`` down to ``lr × lr_final_fraction``
+    at the last round)."""
+    fed = cfg.federation
+    if fed.lr_schedule == "cosine" and fed.rounds > 1:
+        frac = min(1.0, (server_round - 1) / (fed.rounds - 1))
+        return float(fed.lr * (fed.lr_final_fraction + (1 - fed.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * frac))))
+    return float(fed.lr)
+
+
 def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[str, tuple[int, str]] | None = None):
     """The configured strategy, extended with xrayfed's round hooks.
 
@@ -43,7 +55,7 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
     ledger still holds the line it reported: truncation or rollback is caught at its next round.
     """
     fed = cfg.federation
-    base = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[fed.strategy]
+    base = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": FedAvgM}[fed.strategy]
     kwargs: dict[str, Any] = dict(
         fraction_train=fed.fraction_train,
         # Hospitals evaluate on their own validation split only when the server has no held-out
@@ -56,7 +68,10 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
     if fed.strategy == "fedadam":
-        kwargs["eta"] = fed.server_lr
+        kwargs["eta"] = fed.effective_server_lr()
+    if fed.strategy == "fedavgm":
+        kwargs["server_learning_rate"] = fed.effective_server_lr()
+        kwargs["server_momentum"] = fed.server_momentum
 
 
     class XrayStrategy(base):  # type: ignore[misc, valid-type]
@@ -75,7 +90,7 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
 
             request = RoundRequest(
                 federation=fed.name, round=self.global_round(server_round), model=cfg.model, task=cfg.task,
-                image_size=int(cfg.image_size), lr=float(fed.lr),
+                image_size=int(cfg.image_size), lr=round_lr(cfg, self.global_round(server_round)),
                 ledger_anchors=tuple((anchor_id(fed.name, h), seq, head)
                                      for h, (seq, head) in sorted(self.anchors.items())) if anchors else ())
             c = ConfigRecord(dict(config))

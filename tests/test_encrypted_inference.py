@@ -27,7 +27,7 @@ import torch
 from xrayfed.common.security import tokens
 from xrayfed.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from xrayfed.common.errors import UserError
-from xrayfed.common.model import ModelSpec, build_model
+from xrayfed.common.model import ModelSpec, build_model, default_model
 from xrayfed.common.procs import free_port, kill_tree, spawn, venv_bin, wait_for_port
 from xrayfed.common.prediction import NIH_LABELS, TaskSpec, probabilities
 
@@ -44,9 +44,11 @@ AUDIT_FIELDS = {"time", "event", "patient_id", "claimed_patient_id", "token_id",
 
 # --------------------------------------------------------------------------- helpers
 def make_checkpoint(task: TaskSpec, seed: int) -> Checkpoint:
-    """A random XrayNet whose head is scaled so that logits spread over several units."""
+    """A random XrayNet of the default design (weight-standardised convolutions, folded for MPC),
+    narrower for speed, whose head is scaled so that logits spread over several units."""
     torch.manual_seed(seed)
-    spec = ModelSpec(num_outputs=task.num_outputs, width=8, depth=2)
+    spec = default_model(SIZE, task.num_outputs).model_copy(update={"width": 8, "depth": 2})
+    assert spec.weight_standardization
     model = build_model(spec)
     with torch.no_grad():
         model[-1].weight.mul_(60.0)

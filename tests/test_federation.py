@@ -31,15 +31,15 @@ def data_npz(tmp_path_factory) -> Path:
     return path
 
 
-def _configs(tmp: Path, data: Path, port: int, rounds: int, budgets: list[tuple[float, int]]):
+def _configs(tmp: Path, data: Path, port: int, rounds: int, budgets: list[tuple[float, int]], **federation):
     run_dir = tmp / "run"
     fed = FederationConfig.model_validate({
         "federation": {"name": "t", "run_dir": str(run_dir), "rounds": rounds, "min_clients": len(budgets),
-                       "lr": 0.05},
+                       "lr": 0.05, **federation},
         "model": {"num_outputs": 1, "width": 16},
         "task": {"kind": "binary", "class_names": ["NORMAL", "PNEUMONIA"]},
         "image_size": 28,
-        "eval": {"path": str(data), "split": "test"},
+        "eval": {"path": str(data), "split": "test", "val_split": "val"},
         "network": {"listen": f"127.0.0.1:{port}", "tls": {"insecure": True}},
     })
     fp = tmp / "federation.toml"
@@ -71,13 +71,38 @@ def _run(fp: Path, hps: list[Path], port: int, timeout: float = 400) -> subproce
 
 
 def test_two_hospitals_two_rounds_then_resume_and_refuse(tmp_path, data_npz):
+    import torch
+
+    from xrayfed.client.privacy import request_key
+    from xrayfed.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, weights_version
+    from xrayfed.common.data import load_dataset
+    from xrayfed.common.model import build_model
+    from xrayfed.common.prediction import TaskSpec, choose_threshold
+    from xrayfed.common.train import predict_logits
+
     before = _descendants()
     port = free_port()
+    # The federation starts from a given checkpoint (an operator's public-data model).
+    task = TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA"))
+    torch.manual_seed(1234)
+    spec = FederationConfig.model_validate({"model": {"num_outputs": 1, "width": 16}}).model
+    start = build_model(spec).state_dict()
+    save_checkpoint(tmp_path / "public.pt", Checkpoint(model=spec, task=task, image_size=28, state_dict=start))
     # h1's budget is planned for 2 rounds only: a third round must be refused by h1 itself.
-    fp, hps, run_dir = _configs(tmp_path, data_npz, port, rounds=2, budgets=[(8.0, 3), (4.0, 2)])
+    fp, hps, run_dir = _configs(tmp_path, data_npz, port, rounds=2, budgets=[(8.0, 3), (4.0, 2)],
+                                initial_model=str(tmp_path / "public.pt"))
     r = _run(fp, hps, port)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "round 1:" in r.stdout and "round 2:" in r.stdout
+    assert f"starting from {tmp_path / 'public.pt'}" in r.stdout
+    # round 1 was trained from that checkpoint: its request key names those weights
+    charges = [x for x in read_ledger(tmp_path / "state-h0" / "privacy-ledger.jsonl") if x["event"] == "train"]
+    assert charges[0]["request"] == request_key("t", 1, weights_version(start))
+    # the operating point: chosen on the val split, stored with the model, used for the test metrics
+    ck = load_checkpoint(run_dir / "checkpoints" / "round-0002.pt")
+    model = ck.build()
+    val = load_dataset(data_npz, split="val", image_size=28, task=task)
+    assert ck.threshold == choose_threshold(task, *predict_logits(model, val, torch.device("cpu")))
     assert (run_dir / "checkpoints" / "round-0002.pt").is_file()
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [1, 2]
@@ -87,7 +112,7 @@ def test_two_hospitals_two_rounds_then_resume_and_refuse(tmp_path, data_npz):
         for h in row["hospitals"]:
             assert h["status"] == "trained" and 0 < h["epsilon"] <= h["epsilon_budget"]
         assert row["max_epsilon"] == max(h["epsilon"] for h in row["hospitals"])
-        assert 0.0 <= row["eval"]["auc"] <= 1.0
+        assert 0.0 <= row["eval"]["auc"] <= 1.0 and 0.0 <= row["eval"]["threshold"] <= 1.0
     # the ε the server received is the hospital's own ledger figure
     led = [x for x in read_ledger(tmp_path / "state-h1" / "privacy-ledger.jsonl") if x["event"] == "train"]
     assert rows[-1]["hospitals"][[h["hospital"] for h in rows[-1]["hospitals"]].index("h1")]["epsilon"] == \

@@ -62,3 +62,39 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable xrayfed checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_weight_standardised_conv_per_sample_gradients_are_exact_and_fold_into_plain_weights():
+    """Opacus' per-sample gradients of the weight-standardised XrayNet equal autograd on one
+    example at a time, and folding the standardisation gives a plain-conv model (what CrypTen
+    and ONNX run) with the same outputs."""
+    from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
+
+    from xrayfed.common.model import WSConv2d, fold_standardization, plain_spec
+
+    torch.manual_seed(0)
+    spec = ModelSpec(num_outputs=1, width=4, depth=3, weight_standardization=True)
+    model = build_model(spec)
+    assert any(isinstance(m, WSConv2d) for m in model.modules())
+    assert ModuleValidator.validate(model, strict=False) == []
+    x, y = torch.randn(4, 1, 16, 16), torch.rand(4, 1)
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    torch.nn.functional.binary_cross_entropy_with_logits(gsm(x), y, reduction="sum").backward()
+    sd = {k.removeprefix("_module."): v.detach().clone() for k, v in gsm.state_dict().items()}
+    for i in range(4):
+        one = build_model(spec)
+        one.load_state_dict(sd)
+        torch.nn.functional.binary_cross_entropy_with_logits(one(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        for (name, p), (_, q) in zip(gsm.named_parameters(), one.named_parameters()):
+            assert torch.allclose(p.grad_sample[i], q.grad, atol=1e-5, rtol=1e-4), name
+    ws = build_model(spec)
+    ws.load_state_dict(sd)
+    plain = build_model(plain_spec(spec))
+    plain.load_state_dict(fold_standardization(spec, sd))
+    assert not any(isinstance(m, WSConv2d) for m in plain.modules())
+    with torch.no_grad():
+        assert torch.allclose(ws(x), plain(x), atol=1e-5)
+    ckpt = Checkpoint(model=spec, task=TaskSpec(kind="binary", class_names=("a", "b")), image_size=16, state_dict=sd)
+    with torch.no_grad():
+        assert torch.allclose(ckpt.build(plain=True)(x), ws(x), atol=1e-5)

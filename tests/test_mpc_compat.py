@@ -42,8 +42,13 @@ def test_ttp_provider_is_selected_and_tfp_is_refused():
     ModelSpec(num_outputs=1),
     ModelSpec(num_outputs=14, input_pool=4),
     ModelSpec(num_outputs=3, width=8, depth=2, in_channels=3),
+    ModelSpec(num_outputs=1, width=8, input_pool=8, weight_standardization=True),
 ])
 def test_crypten_model_has_torch_keys_and_loads_every_weight(spec):
+    """Every weight lands in the CrypTen model (weight-standardised ones folded: the CrypTen
+    model is plain convolutions)."""
+    from xrayfed.common.model import fold_standardization
+
     torch_model = build_model(spec)
     cmodel = mpc.build_crypten_model(spec)
     t_sd, c_sd = torch_model.state_dict(), dict(cmodel.state_dict())
@@ -52,8 +57,10 @@ def test_crypten_model_has_torch_keys_and_loads_every_weight(spec):
     assert all(float(v.abs().sum()) == 0.0 for v in c_sd.values())  # architecture only until loaded
     mpc.load_crypten_weights(cmodel, spec, t_sd)
     loaded = dict(cmodel.state_dict())
-    for k, v in t_sd.items():
+    for k, v in fold_standardization(spec, t_sd).items():
         assert torch.equal(loaded[k], v), k
+    if spec.weight_standardization:
+        assert not torch.equal(loaded["1.weight"], t_sd["1.weight"])
 
 
 def test_checkpoint_of_another_architecture_is_refused():
@@ -111,7 +118,7 @@ def test_local_interface_for_loopback():
 def test_three_party_ttp_session_matches_plaintext(pool, tmp_path):
     """Real processes on 127.0.0.1: the route CrypTen → our model → logits matches torch."""
     torch.manual_seed(0)
-    spec = ModelSpec(num_outputs=3, width=8, depth=2)
+    spec = ModelSpec(num_outputs=3, width=8, depth=2, weight_standardization=True)
     ckpt = Checkpoint(model=spec, task=TaskSpec(kind="multiclass", class_names=("a", "b", "c")), image_size=16,
                       state_dict=build_model(spec).state_dict())
     x = torch.rand(1, 1, 16, 16)

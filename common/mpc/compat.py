@@ -74,7 +74,7 @@ def assert_ttp_provider() -> None:
 def _crypten_layer(cnn, kind: str, kw: dict):
     if kind == "avgpool":
         return cnn.AvgPool2d(kw["kernel_size"])
-    if kind == "conv":
+    if kind == "conv":  # weight standardisation is folded into the weights (load_crypten_weights)
         return cnn.Conv2d(kw["in_channels"], kw["out_channels"], kw["kernel_size"], padding=kw.get("padding", 0))
     if kind == "relu":
         return cnn.ReLU()
@@ -116,10 +116,11 @@ def load_crypten_weights(cmodel, spec, state_dict: dict, what: str = "checkpoint
     """
     from xrayfed.common.checkpoint import load_weights, strip_prefix
     from xrayfed.common.errors import UserError
-    from xrayfed.common.model import build_model
+    from xrayfed.common.model import build_model, fold_standardization
 
     sd = strip_prefix(state_dict)
     load_weights(build_model(spec), sd, what=what)  # raises UserError on any mismatch
+    sd = fold_standardization(spec, sd)  # weight-standardised convolutions → plain ones, same outputs
     own = dict(cmodel.state_dict())
     if set(own) != set(sd):
         raise UserError(f"{what}: CrypTen model keys differ from the checkpoint's ({sorted(set(own) ^ set(sd))[:3]})")

@@ -66,6 +66,8 @@ def headline(report: Report) -> list[str]:
     if report.final_eval:
         ev = report.final_eval
         parts = [f"{k} {_num_text(ev.get(k))}" for k in ("auc", "accuracy", "sensitivity", "specificity") if k in ev]
+        if ev.get("threshold") is not None:
+            parts.append(f"at threshold {_num_text(ev.get('threshold'))} (chosen on validation)")
         out.append(f"Model after round {report.final_round} (server held-out set): " + ", ".join(parts) + ".")
     return out
 
@@ -240,6 +242,8 @@ def render_html(report: Report, plots: dict[str, tuple[str, bytes]] | None = Non
     if report.final_eval:
         ev = report.final_eval
         parts = [f"{k} {_num_text(ev.get(k))}" for k in ("auc", "accuracy", "sensitivity", "specificity") if k in ev]
+        if ev.get("threshold") is not None:
+            parts.append(f"at threshold {_num_text(ev.get('threshold'))} (chosen on validation)")
         H.append(f'<p class="note">Model after round {report.final_round} on the server\'s held-out set: '
                  f'{e(", ".join(parts))}.</p>')
 

@@ -1,0 +1,197 @@
+"""Tuning sweeps on 2 cores: the real hospital code for N hospitals in one process.
+
+Each setting runs :func:`xrayfed.server.simulate.simulate` (every hospital runs
+``client.hospital.train_round``: its partition, DP plan, ledger, Opacus DP-SGD) and is scored
+on a **validation** set that no hospital trains on (``val`` split: the official one of a
+MedMNIST .npz, or the held-out patients of ``bench/heldout.py``); the test split is never read.
+One JSON line per setting is appended to ``--out``.
+
+Usage::
+
+    ./dev bench sweep --data ../shared/data/pneumoniamnist.npz --epsilon 8 \\
+        --grid batch_size=64,128,256 lr=0.5,1,2
+
+Grid keys: any flag below with ``-`` written as ``_`` (``batch_size``, ``local_epochs``, ``lr``,
+``rounds``, ``views``, ``ema``, ``width``, ``depth``, ``input_pool``, ``ws``, ``momentum``,
+``server_momentum``, ``lr_schedule``, ``clip``, ``seed``, ``dp``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def add_settings_arguments(ap: argparse.ArgumentParser) -> None:
+    """The federation settings shared by ``sweep.py`` and ``federated.py``."""
+    ap.add_argument("--image-size", type=int, default=28)
+    ap.add_argument("--hospitals", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--local-epochs", type=float, default=None, help="default: the hospital's automatic choice")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the hospital's automatic choice")
+    ap.add_argument("--physical-batch", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=None, help="client lr (default: the federation default)")
+    ap.add_argument("--lr-schedule", default="constant")
+    ap.add_argument("--momentum", type=float, default=None, help="client SGD momentum (default 0.9)")
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--epsilon", type=float, default=8.0)
+    ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument("--views", type=int, default=None, help="augmentation multiplicity K")
+    ap.add_argument("--ema", type=float, default=None, help="EMA decay of the released iterate")
+    ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--depth", type=int, default=None)
+    ap.add_argument("--input-pool", type=int, default=None)
+    ap.add_argument("--ws", type=int, default=None, help="1: weight-standardised convolutions")
+    ap.add_argument("--strategy", default="fedavgm")
+    ap.add_argument("--server-momentum", type=float, default=None, help="default: the federation default")
+    ap.add_argument("--server-lr", type=float, default=None)
+    ap.add_argument("--split", default="dirichlet")
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dp", type=int, default=1, help="1: DP-SGD (the product); 0: σ = 0 (benchmark only)")
+    ap.add_argument("--central", type=int, default=0, help="1: one hospital holding every training scan")
+
+
+def configs(s: dict, data: Path, work: Path, task, eval_path: Path | None = None):
+    """``(FederationConfig, [HospitalConfig])`` for settings ``s`` (a dict of the flags above)."""
+    from xrayfed.common.config import FederationConfig, HospitalConfig
+    from xrayfed.common.model import ModelSpec, default_model
+
+    n = 1 if s.get("central") else s["hospitals"]
+    model = default_model(s["image_size"], num_outputs=task.num_outputs).model_dump()
+    for k in ("width", "depth", "input_pool"):
+        if s.get(k) is not None:
+            model[k] = s[k]
+    if s.get("ws") is not None:
+        model["weight_standardization"] = bool(s["ws"])
+    fed_section = {"name": "bench", "run_dir": str(work / "run"), "rounds": s["rounds"], "min_clients": n,
+                   "strategy": s["strategy"], "lr_schedule": s["lr_schedule"], "seed": s["seed"]}
+    if s.get("lr") is not None:
+        fed_section["lr"] = s["lr"]
+    for k in ("server_momentum", "server_lr"):
+        if s.get(k) is not None:
+            fed_section[k] = s[k]
+    fed = FederationConfig.model_validate({
+        "federation": fed_section, "model": ModelSpec(**model).model_dump(), "task": task.to_dict(),
+        "image_size": s["image_size"],
+        "eval": {"path": str(eval_path or data), "split": "test", "val_split": "val"},
+        "network": {"tls": {"insecure": True}},
+    })
+    training = {"max_physical_batch_size": s["physical_batch"]}
+    if s.get("momentum") is not None:
+        training["momentum"] = s["momentum"]
+    for k, key in (("local_epochs", "local_epochs"), ("batch_size", "batch_size"), ("views", "augment_multiplicity"),
+                   ("ema", "ema_decay")):
+        if s.get(k) is not None:
+            training[key] = s[k]
+    hospitals = []
+    for i in range(n):
+        data_section = {"path": str(data), "seed": s["seed"]}
+        if n > 1:
+            data_section.update(partition=f"{i}/{n}", partition_scheme=s["split"], dirichlet_alpha=s["alpha"])
+        hospitals.append(HospitalConfig.model_validate({
+            "hospital": {"name": f"hospital-{i}", "state_dir": str(work / f"state-{i}"), "device": "auto"},
+            "data": data_section,
+            "privacy": {"epsilon": s["epsilon"], "delta": s["delta"], "max_rounds": s["rounds"],
+                        "max_grad_norm": s["clip"]},
+            "training": training,
+        }))
+    return fed, hospitals
+
+
+def run_setting(s: dict, data: Path, *, eval_path: Path | None = None, test: bool = False) -> dict:
+    """Simulate one setting; score the final global model on ``val`` (and ``test`` when asked)."""
+    import torch
+
+    from xrayfed.common.data import load_dataset
+    from xrayfed.common.model import build_model
+    from xrayfed.common.prediction import choose_threshold, compute_metrics
+    from xrayfed.common.train import predict_logits
+    from xrayfed.server.simulate import simulate
+
+    probe = load_dataset(data, split="train", image_size=8)
+    with tempfile.TemporaryDirectory(prefix="xrayfed-sweep-") as tmp:
+        fed, hospitals = configs(s, data, Path(tmp), probe.task, eval_path)
+        val = load_dataset(fed.eval.path, split="val", image_size=fed.image_size, task=probe.task)
+        t0 = time.time()
+        curve = []
+
+        def on_round(r, state, replies):
+            if s.get("curve"):
+                m = build_model(fed.model)
+                m.load_state_dict(state)
+                lg, y = predict_logits(m, val, torch.device("cpu"))
+                curve.append(round(compute_metrics(fed.task, lg, y)["auc"], 4))
+
+        res = simulate(fed, hospitals, dp=bool(s["dp"]), on_round=on_round)
+        model = build_model(fed.model)
+        model.load_state_dict(res.state_dict)
+        logits, y = predict_logits(model, val, torch.device("cpu"))
+        vm = compute_metrics(fed.task, logits, y)
+        out = {"val_auc": round(vm["auc"], 4), "seconds": round(time.time() - t0, 1),
+               "epsilon_spent": max((h.get("epsilon", 0) for h in res.rows[-1]["hospitals"]), default=None),
+               "noise_multipliers": [round(h.get("noise_multiplier", 0), 3) for h in res.rows[-1]["hospitals"]],
+               "steps_per_round": [h.get("steps") for h in res.rows[-1]["hospitals"]],
+               "sample_rates": [round(h.get("sample_rate", 0), 4) for h in res.rows[-1]["hospitals"]],
+               "params": sum(p.numel() for p in model.parameters())}
+        if curve:
+            out["val_auc_per_round"] = curve
+        if test:
+            threshold = choose_threshold(fed.task, logits, y)
+            ts = load_dataset(fed.eval.path, split="test", image_size=fed.image_size, task=probe.task)
+            tl, ty = predict_logits(model, ts, torch.device("cpu"))
+            tm = compute_metrics(fed.task, tl, ty, threshold=threshold)
+            out.update(threshold=threshold, test_auc=tm["auc"], test_accuracy=tm["accuracy"],
+                       test_sensitivity=tm.get("sensitivity"), test_specificity=tm.get("specificity"))
+            out["_state_dict"] = res.state_dict
+            out["_model"] = fed.model
+        return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--eval-data", type=Path, default=None, help="where the val split is (default: --data)")
+    add_settings_arguments(ap)
+    ap.add_argument("--grid", nargs="*", default=[], help="key=v1,v2,... (the product of all keys is run)")
+    ap.add_argument("--curve", action="store_true", help="also record val AUC after every round")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/sweeps.jsonl"))
+    args = ap.parse_args()
+    base = {k: v for k, v in vars(args).items() if k not in ("data", "eval_data", "grid", "out")}
+    keys, values = [], []
+    for g in args.grid:
+        k, _, vs = g.partition("=")
+        if k not in base:
+            raise SystemExit(f"--grid {g}: unknown key {k!r}; allowed: {', '.join(sorted(base))}")
+        keys.append(k)
+        values.append([_parse(v) for v in vs.split(",")])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for combo in itertools.product(*values):
+        s = dict(base, **dict(zip(keys, combo)))
+        res = run_setting(s, args.data.resolve(), eval_path=args.eval_data)
+        line = {"data": args.data.name, "settings": s, **res}
+        print(json.dumps({**dict(zip(keys, combo)), **{k: res[k] for k in ("val_auc", "seconds")},
+                          "sigma": res["noise_multipliers"], "steps": res["steps_per_round"],
+                          **({"curve": res["val_auc_per_round"]} if "val_auc_per_round" in res else {})}), flush=True)
+        with args.out.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def _parse(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""N hospitals in one process, for tuning sweeps (no SuperLink, no SuperNodes, no gRPC).
+
+Every simulated hospital runs the real hospital code, :func:`xrayfed.client.hospital.train_round`
+(its own partition and validation split, DP plan, privacy ledger in its own state folder,
+Opacus DP-SGD, release records), and the global model is the example-weighted mean of the
+updates — what Flower's FedAvg computes — or FedAvgM (server momentum) when
+``[federation] strategy = "fedavgm"``. What it skips is the transport: gRPC, TLS, SecAgg+,
+one process per request. On 2 cores that saves the process start-ups of every round and lets
+a sweep try many settings; ``bench/federated.py --engine inprocess`` and ``--engine processes``
+run the same settings through both paths so their figures can be compared.
+
+``dp=False`` is a benchmark-only switch (not reachable from ``hospital.toml`` or any command):
+the same code with noise σ = 0 and nothing charged, to show the price of privacy beside
+each DP figure. Clipping to C stays (so the learning rate means the same thing).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from xrayfed.common.config import FederationConfig, HospitalConfig
+from xrayfed.common.model import build_model
+from xrayfed.common.protocol.rounds import SENT_AN_UPDATE, RoundRequest
+from xrayfed.server.strategy import round_lr
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SimResult:
+    """The global model after each round, with the hospitals' replies."""
+
+    state_dict: dict[str, torch.Tensor]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _train_without_dp(h: HospitalConfig, req: RoundRequest, state: dict) -> dict[str, Any]:
+    """Benchmark only: the hospital's training code with σ = 0 (no noise, nothing charged)."""
+    from dataclasses import replace
+
+    from xrayfed.client.hospital import _model_from, load_local_data
+    from xrayfed.client.privacy import plan_dp, train_private_round
+
+    data = load_local_data(h, req.image_size, req.task)
+    plan = replace(plan_dp(h, len(data.train)), noise_multiplier=0.0)
+    model = _model_from(req, state, torch.device("cpu"))
+    out = train_private_round(model, data.train, h, plan, req.task, torch.device("cpu"), lr=req.lr)
+    return {"status": "trained", "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "metrics": {"num-examples": len(data.train), "epsilon": float("inf"), "train_loss": out["loss"]}}
+
+
+def weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    total = float(sum(weights))
+    return {k: sum(s[k].double() * (w / total) for s, w in zip(states, weights)).to(states[0][k].dtype)
+            for k in states[0]}
+
+
+class ServerOptimizer:
+    """FedAvg (momentum 0) or FedAvgM: ``v ← βv + Δ; w ← w + η v`` with Δ the mean update."""
+
+    def __init__(self, momentum: float = 0.0, server_lr: float = 1.0) -> None:
+        self.momentum, self.lr, self.v = momentum, server_lr, None
+
+    def step(self, w: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.momentum <= 0 and self.lr == 1.0:
+            return mean
+        delta = {k: mean[k].double() - w[k].double() for k in w}
+        if self.v is None:
+            self.v = delta
+        else:
+            self.v = {k: self.momentum * self.v[k] + delta[k] for k in w}
+        return {k: (w[k].double() + self.lr * self.v[k]).to(w[k].dtype) for k in w}
+
+
+def simulate(cfg: FederationConfig, hospitals: list[HospitalConfig], *, dp: bool = True,
+             initial: dict[str, torch.Tensor] | None = None,
+             on_round: Callable[[int, dict[str, torch.Tensor], list[dict]], None] | None = None) -> SimResult:
+    """Run ``cfg.federation.rounds`` rounds with ``hospitals`` (each config names its own
+    ``state_dir``); ``on_round(round, global_state, replies)`` after each aggregation."""
+    from xrayfed.client import hospital as H
+
+    torch.manual_seed(cfg.federation.seed)
+    state = initial if initial is not None else build_model(cfg.model).state_dict()
+    fed = cfg.federation
+    if fed.strategy not in ("fedavg", "fedavgm"):
+        from xrayfed.common.errors import UserError
+
+        raise UserError(f"federation.strategy = {fed.strategy!r}: the in-process simulation runs fedavg and fedavgm")
+    server = ServerOptimizer(fed.server_momentum, fed.effective_server_lr()) if fed.strategy == "fedavgm" else ServerOptimizer()
+    res = SimResult(state_dict=state)
+    t0 = time.time()
+    for r in range(1, cfg.federation.rounds + 1):
+        req = RoundRequest(federation=cfg.federation.name, round=r, model=cfg.model, task=cfg.task,
+                           image_size=cfg.image_size, lr=round_lr(cfg, r))
+        replies, states, weights = [], [], []
+        for h in hospitals:
+            Path(h.hospital.state_dir).mkdir(parents=True, exist_ok=True)
+            reply = H.train_round(h, req.to_config(), state) if dp else _train_without_dp(h, req, state)
+            replies.append({"hospital": h.hospital.name, "status": reply["status"], **reply["metrics"]})
+            if reply["status"] in SENT_AN_UPDATE:
+                states.append(reply["state_dict"])
+                weights.append(float(reply["metrics"]["num-examples"]))
+        if states:
+            state = server.step(state, weighted_mean(states, weights))
+        res.rows.append({"round": r, "hospitals": replies})
+        if on_round is not None:
+            on_round(r, state, replies)
+    res.state_dict, res.seconds = state, time.time() - t0
+    return res

@@ -1,0 +1,292 @@
+"""Issue 11: the pieces that make the DP model usable — in-process simulation of the real
+hospital code, augmentation multiplicity, EMA, the operating point, a public starting model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from xrayfed.common.config import FederationConfig, HospitalConfig
+from xrayfed.common.model import ModelSpec, build_model
+from xrayfed.common.prediction import TaskSpec, choose_threshold, compute_metrics
+
+BINARY = TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA"))
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    from xrayfed.common.synthetic import write_npz
+
+    p = tmp_path_factory.mktemp("d") / "syn.npz"
+    write_npz(p, n_train=1200, n_val=200, n_test=300, size=28, task="binary", seed=5)
+    return p
+
+
+def _fed(tmp_path, npz, **fed) -> FederationConfig:
+    return FederationConfig.model_validate({
+        "federation": {"name": "sim", "run_dir": str(tmp_path / "run"), "rounds": 3, **fed},
+        "model": {"num_outputs": 1, "width": 16}, "task": BINARY.to_dict(), "image_size": 28,
+        "eval": {"path": str(npz), "split": "test", "val_split": "val"},
+        "network": {"tls": {"insecure": True}},
+    })
+
+
+def _hospitals(tmp_path, npz, n=2, **training) -> list[HospitalConfig]:
+    return [HospitalConfig.model_validate({
+        "hospital": {"name": f"h{i}", "state_dir": str(tmp_path / f"state-{i}"), "device": "cpu"},
+        "data": {"path": str(npz), "partition": f"{i}/{n}"},
+        "privacy": {"epsilon": 8.0, "max_rounds": 3},
+        "training": training,  # batch size and local epochs: the hospital's automatic choice
+    }) for i in range(n)]
+
+
+def _auc(fed: FederationConfig, state, split="test") -> float:
+    from xrayfed.common.data import load_dataset
+    from xrayfed.common.train import evaluate
+
+    model = build_model(fed.model)
+    model.load_state_dict(state)
+    ds = load_dataset(fed.eval.path, split=split, image_size=28, task=fed.task)
+    return evaluate(model, ds, fed.task, torch.device("cpu"))["auc"]
+
+
+@pytest.fixture(scope="module")
+def federated(tmp_path_factory, npz):
+    """One simulated federation with the defaults a hospital gets by stating only its budget."""
+    from xrayfed.server.simulate import simulate
+
+    tmp = tmp_path_factory.mktemp("fed")
+    fed, hs = _fed(tmp, npz), _hospitals(tmp, npz)
+    return fed, hs, simulate(fed, hs)
+
+
+# ----------------------------------------------------------------------------- simulation
+def test_in_process_simulation_runs_the_hospital_code_learns_and_charges_the_ledger(federated):
+    """The sweep path: 2 hospitals × 3 rounds of the real ``train_round`` (ledger, DP-SGD) in
+    one process, with default settings only; the model learns and every hospital's ε is its
+    ledger's and the accountant's."""
+    from xrayfed.client.privacy import PrivacyLedger, plan_dp
+    from xrayfed.common.privacy.accounting import compute_epsilon
+
+    fed, hs, res = federated
+    assert _auc(fed, res.state_dict) >= 0.9
+    for h, reply in zip(hs, res.rows[-1]["hospitals"]):
+        ledger = PrivacyLedger(h.hospital.state_dir, h)
+        assert [r["event"] for r in ledger.records].count("release") == 3
+        plan = plan_dp(h, int(reply["num-examples"]))
+        want = compute_epsilon([(plan.noise_multiplier, plan.sample_rate, plan.steps)] * 3, plan.delta, "prv")
+        assert reply["epsilon"] == pytest.approx(ledger.spent()) == pytest.approx(want, rel=1e-9)
+        assert ledger.spent() <= 8.0
+
+
+def test_simulation_without_dp_is_benchmark_only_and_charges_nothing(tmp_path, npz):
+    from xrayfed.common.config import load_config
+    from xrayfed.server.simulate import simulate
+
+    fed, hs = _fed(tmp_path, npz, rounds=1), _hospitals(tmp_path, npz)
+    res = simulate(fed, hs, dp=False)
+    assert res.rows[0]["hospitals"][0]["epsilon"] == float("inf")
+    assert not any((tmp_path / f"state-{i}" / "privacy-ledger.jsonl").exists() for i in range(2))
+    # and no hospital setting turns DP off
+    for key in ("privacy.dp", "privacy.enabled", "training.dp", "privacy.noise_multiplier"):
+        with pytest.raises(Exception):
+            load_config(HospitalConfig, None, {key: 0})
+
+
+def test_fedavgm_server_momentum_moves_further_than_fedavg():
+    from xrayfed.server.simulate import ServerOptimizer
+
+    w = {"a": torch.zeros(3)}
+    mean = {"a": torch.ones(3)}
+    plain = ServerOptimizer().step(w, mean)
+    m = ServerOptimizer(momentum=0.9, server_lr=1.0)
+    s1 = m.step(w, mean)
+    s2 = m.step(s1, {"a": s1["a"] + 1})
+    assert torch.equal(plain["a"], mean["a"]) and torch.equal(s1["a"], mean["a"])
+    assert torch.allclose(s2["a"], torch.full((3,), 1 + 1.9))  # v = 0.9·1 + 1
+
+
+def test_cosine_schedule_reaches_the_final_fraction(tmp_path, npz):
+    from xrayfed.server.strategy import round_lr
+
+    fed = _fed(tmp_path, npz, rounds=5, lr=1.0, lr_schedule="cosine", lr_final_fraction=0.1)
+    lrs = [round_lr(fed, r) for r in range(1, 6)]
+    assert lrs[0] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert round_lr(_fed(tmp_path, npz, lr=0.7), 3) == 0.7
+
+
+# ----------------------------------------------------------------------------- DP-SGD techniques
+def test_augmentation_multiplicity_clips_one_averaged_gradient_per_example():
+    """K views of each example → one per-example gradient (their mean) reaches Opacus' clipping,
+    so the sensitivity, and hence the accounting, is that of one example."""
+    from opacus import GradSampleModule
+
+    from xrayfed.client.privacy import average_views, random_shift
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(num_outputs=1, width=4, depth=2))
+    gsm = GradSampleModule(model)
+    b, k = 5, 3
+    x = torch.randn(b, 1, 16, 16)
+    xv = random_shift(x.repeat_interleave(k, 0), 0.125)
+    assert xv.shape == (b * k, 1, 16, 16) and not torch.equal(xv, x.repeat_interleave(k, 0))
+    y = torch.randint(0, 2, (b * k, 1)).float()
+    torch.nn.functional.binary_cross_entropy_with_logits(gsm(xv), y).backward()
+    per_view = {n: p.grad_sample.clone() for n, p in gsm.named_parameters()}
+    average_views(gsm, k)
+    for n, p in gsm.named_parameters():
+        assert p.grad_sample.shape[0] == b
+        want = per_view[n].view(b, k, *per_view[n].shape[1:]).mean(1)
+        assert torch.allclose(p.grad_sample, want)
+        # per-view gradient of view j of example i is its own loss's gradient
+    single = build_model(ModelSpec(num_outputs=1, width=4, depth=2))
+    single.load_state_dict({kk.removeprefix("_module."): v for kk, v in gsm.state_dict().items()})
+    torch.nn.functional.binary_cross_entropy_with_logits(single(xv[:1]), y[:1]).backward()
+    name, p0 = next(iter(single.named_parameters()))
+    assert torch.allclose(per_view["_module." + name][0], p0.grad, atol=1e-5)
+
+
+def test_random_shift_translates_with_edge_repeat():
+    from xrayfed.client.privacy import random_shift
+
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    g = torch.Generator().manual_seed(1)
+    out = random_shift(x.repeat(8, 1, 1, 1), 0.25, generator=g)
+    for o in out:  # every output is x moved by at most one pixel, edges repeated
+        ok = False
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                r = (torch.arange(4) + dy).clamp(0, 3)
+                c = (torch.arange(4) + dx).clamp(0, 3)
+                ok |= torch.equal(o[0], x[0, 0][r][:, c])
+        assert ok
+
+
+def test_views_and_ema_train_under_dp_with_the_same_charge(tmp_path, npz, federated):
+    """Augmentation multiplicity and EMA change what is computed, not what is spent."""
+    from xrayfed.server.simulate import simulate
+
+    fed = _fed(tmp_path, npz, rounds=1)
+    tricks = simulate(fed, _hospitals(tmp_path / "b", npz, augment_multiplicity=2, ema_decay=0.9))
+    e_plain = [h["epsilon"] for h in federated[2].rows[0]["hospitals"]]
+    e_tricks = [h["epsilon"] for h in tricks.rows[-1]["hospitals"]]
+    assert e_plain == pytest.approx(e_tricks, rel=1e-12)
+    assert _auc(fed, tricks.state_dict) >= 0.7
+
+
+def test_ema_averages_the_iterates():
+    from xrayfed.client.privacy import EMA
+
+    m = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(0.0)
+    ema = EMA(m, decay=0.5)
+    for v in (1.0, 1.0, 1.0):
+        with torch.no_grad():
+            m.weight.fill_(v)
+        ema.update(m)
+    # warm-up decays min(0.5, (1+t)/(10+t)) = 0.1, 2/11, 0.25
+    want = 0.0
+    for t in range(3):
+        d = min(0.5, (1 + t) / (10 + t))
+        want = d * want + (1 - d)
+    ema.copy_to(m)
+    assert m.weight.item() == pytest.approx(want)
+
+
+# ----------------------------------------------------------------------------- operating point
+def test_threshold_maximises_youden_on_validation_and_is_used_for_the_metrics():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    logits = (y * 1.5 + rng.normal(0, 1, 400) - 1.2).reshape(-1, 1)
+    [t] = choose_threshold(BINARY, logits, y)
+    p = 1 / (1 + np.exp(-logits[:, 0]))
+    best = max(((p[y == 1] >= c).mean() + (p[y == 0] < c).mean() - 1) for c in np.unique(p))
+    got = compute_metrics(BINARY, logits, y, threshold=t)
+    assert got["sensitivity"] + got["specificity"] - 1 == pytest.approx(best)
+    at_half = compute_metrics(BINARY, logits, y)
+    assert got["sensitivity"] + got["specificity"] >= at_half["sensitivity"] + at_half["specificity"]
+    ml = TaskSpec(kind="multilabel", class_names=("a", "b"))
+    two = np.stack([logits[:, 0], -logits[:, 0]], 1)
+    ts = choose_threshold(ml, two, np.stack([y, 1 - y], 1))
+    assert len(ts) == 2 and ts[0] == pytest.approx(t)
+    assert choose_threshold(TaskSpec(kind="multiclass", class_names=("a", "b", "c")), np.zeros((3, 3)), [0, 1, 2]) \
+        is None
+
+
+def test_checkpoint_keeps_its_threshold_and_refuses_a_bad_one(tmp_path):
+    from xrayfed.common.checkpoint import Checkpoint, from_bytes, to_bytes
+    from xrayfed.common.errors import UserError
+
+    spec = ModelSpec(num_outputs=1, width=4, depth=1)
+    c = Checkpoint(model=spec, task=BINARY, image_size=28, state_dict=build_model(spec).state_dict(), threshold=[0.31])
+    assert from_bytes(to_bytes(c)).threshold == [0.31]
+    c.threshold = [1.7]
+    with pytest.raises(UserError, match="probabilities"):
+        from_bytes(to_bytes(c))
+    c.threshold = None
+    assert from_bytes(to_bytes(c)).threshold is None
+
+
+def test_patient_decision_uses_the_models_operating_point():
+    from xrayfed.client.patient import decide
+
+    assert decide(BINARY, [0.7, 0.3], [0.25]) == ["PNEUMONIA"]
+    assert decide(BINARY, [0.7, 0.3], None) == ["NORMAL"]
+    ml = TaskSpec(kind="multilabel", class_names=("a", "b", "c"))
+    assert decide(ml, [0.2, 0.6, 0.4], [0.1, 0.7, 0.4]) == ["a", "c"]
+    mc = TaskSpec(kind="multiclass", class_names=("a", "b", "c"))
+    assert decide(mc, [0.2, 0.5, 0.3], None) == ["b"]
+
+
+def test_server_evaluation_reports_metrics_at_the_validation_threshold(npz, federated):
+    from xrayfed.common.data import load_dataset
+    from xrayfed.common.train import predict_logits
+    from xrayfed.server.federation import evaluate_global
+
+    fed, _, res = federated
+    state = res.state_dict
+    model = build_model(fed.model)
+    model.load_state_dict(state)
+    val = load_dataset(npz, split="val", image_size=28, task=BINARY)
+    test = load_dataset(npz, split="test", image_size=28, task=BINARY)
+    ev = evaluate_global(model, fed, test, val, torch.device("cpu"))
+    vl, vy = predict_logits(model, val, torch.device("cpu"))
+    assert ev["threshold"] == choose_threshold(BINARY, vl, vy)
+    tl, ty = predict_logits(model, test, torch.device("cpu"))
+    assert ev["metrics"]["sensitivity"] == compute_metrics(BINARY, tl, ty, threshold=ev["threshold"])["sensitivity"]
+    assert ev["metrics"]["threshold"] == ev["threshold"][0]
+
+
+# ----------------------------------------------------------------------------- public starting model
+def test_federation_starts_from_a_public_checkpoint(tmp_path, npz, federated):
+    """A model trained on 'public' data (here: the model this module's federation trained) is
+    the round-0 global model: same task → every weight; another task → every layer but a fresh
+    head; another architecture → refused. (The real server using it: tests/test_federation.py.)"""
+    from xrayfed.common.checkpoint import Checkpoint, save_checkpoint
+    from xrayfed.common.errors import UserError
+    from xrayfed.server.federation import initial_state
+
+    fed = federated[0]
+    public = federated[2].state_dict
+    path = tmp_path / "public.pt"
+    save_checkpoint(path, Checkpoint(model=fed.model, task=BINARY, image_size=28, state_dict=public))
+
+    start = _fed(tmp_path, npz, rounds=1, initial_model=str(path))
+    state = initial_state(start)
+    assert all(torch.equal(state[k], public[k]) for k in public)
+    assert _auc(start, state) >= 0.9  # round 0 already knows the finding
+
+    four = FederationConfig.model_validate({**start.model_dump(mode="json"),
+                                            "task": {"kind": "multiclass", "class_names": ["a", "b", "c", "d"]}})
+    s4 = initial_state(four)
+    keys = list(s4)
+    assert all(torch.equal(s4[k], public[k]) for k in keys[:-2])
+    assert s4[keys[-2]].shape[0] == 4
+
+    other = FederationConfig.model_validate({**start.model_dump(mode="json"),
+                                             "model": {**start.model.model_dump(), "width": 8}})
+    with pytest.raises(UserError, match="another architecture: width 16 \\(federation: 8\\)"):
+        initial_state(other)
