@@ -99,9 +99,11 @@ def run_processes(s: dict, data: Path, out_dir: Path) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"xrayfed server failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     rows = [json.loads(l) for l in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
-    ev = rows[-1]["eval"]
+    best = rows[-1].get("best_round", len(rows))  # the server's choice on the val split (checkpoints/best.pt)
+    ev = rows[best - 1]["eval"]
     return {
-        "seed": s["seed"], "engine": "processes",
+        "seed": s["seed"], "engine": "processes", "best_round": best,
+        "last_round_test_auc": rows[-1]["eval"]["auc"],
         "test_auc": ev["auc"], "test_accuracy": ev["accuracy"], "test_sensitivity": ev.get("sensitivity"),
         "test_specificity": ev.get("specificity"), "threshold": ev.get("threshold"), "val_auc": ev.get("val_auc"),
         "max_epsilon_spent": rows[-1].get("max_epsilon"), "rounds": len(rows),
@@ -110,12 +112,24 @@ def run_processes(s: dict, data: Path, out_dir: Path) -> dict:
     }
 
 
-def run_inprocess(s: dict, data: Path) -> dict:
+def run_inprocess(s: dict, data: Path, save: Path | None = None) -> dict:
+    """One in-process federation; ``save``: write its selected model there (an xrayfed checkpoint
+    with its threshold: what ``bench/encrypted_inference.py --checkpoint`` measures)."""
     t0 = time.time()
     r = run_setting(s, data, test=True)
+    if save is not None:
+        from xrayfed.common.checkpoint import Checkpoint, save_checkpoint
+        from xrayfed.common.data import load_dataset
+
+        task = load_dataset(data, split="train", image_size=8).task
+        save.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(save, Checkpoint(model=r["_model"], task=task, image_size=s["image_size"],
+                                         state_dict=r["_state_dict"], round=r["best_round"],
+                                         threshold=r["threshold"]))
     return {"seed": s["seed"], "engine": "inprocess", "dp": bool(s["dp"]), "central": bool(s.get("central")),
             **{k: r.get(k) for k in ("test_auc", "test_accuracy", "test_sensitivity", "test_specificity",
-                                     "threshold", "val_auc", "epsilon_spent", "noise_multipliers",
+                                     "threshold", "val_auc", "best_round", "val_auc_per_round",
+                                     "epsilon_spent", "noise_multipliers",
                                      "steps_per_round", "sample_rates", "params")},
             "wall_s": round(time.time() - t0, 1)}
 
@@ -141,6 +155,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="fresh federations per figure (seeds 0..runs-1)")
     ap.add_argument("--engine", choices=("processes", "inprocess"), default="processes")
     ap.add_argument("--references", type=int, default=1, help="also run the no-DP and centralized references")
+    ap.add_argument("--reference-runs", type=int, default=None, help="runs per reference (default: --runs)")
     ap.add_argument("--merge", action="store_true", help="keep the other figures of an existing result file")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
@@ -149,7 +164,7 @@ def main() -> None:
     name = args.name or data.stem
     tag = f"{name}-{args.image_size}px"
     s0 = {k: v for k, v in vars(args).items() if k not in ("data", "name", "epsilons", "runs", "engine",
-                                                           "references", "out", "merge")}
+                                                           "references", "reference_runs", "out", "merge")}
     results: dict = {"data": name, "image_size": args.image_size, "engine": args.engine,
                      "settings": {**s0, "epsilons": args.epsilons, "runs": args.runs}}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +182,8 @@ def main() -> None:
         for seed in range(args.runs):
             s = dict(s0, epsilon=eps, seed=seed, dp=1)
             r = (run_processes(s, data, out_dir / f"work-{tag}" / f"eps{eps:g}-seed{seed}")
-                 if args.engine == "processes" else run_inprocess(s, data))
+                 if args.engine == "processes" else
+                 run_inprocess(s, data, save=out_dir / f"work-{tag}" / f"eps{eps:g}-seed{seed}-best.pt"))
             print(json.dumps(r), flush=True)
             runs.append(r)
         results[f"eps{eps:g}"] = summarise(runs, epsilon_budget=eps)
@@ -175,7 +191,7 @@ def main() -> None:
     if args.references:
         for key, over in (("no_dp", {"dp": 0}), ("central", {"dp": 0, "central": 1})):
             runs = []
-            for seed in range(args.runs):
+            for seed in range(args.reference_runs or args.runs):
                 r = run_inprocess(dict(s0, epsilon=max(args.epsilons), seed=seed, **over), data)
                 print(json.dumps(r), flush=True)
                 runs.append(r)

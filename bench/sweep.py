@@ -4,7 +4,8 @@ Each setting runs :func:`xrayfed.server.simulate.simulate` (every hospital runs
 ``client.hospital.train_round``: its partition, DP plan, ledger, Opacus DP-SGD) and is scored
 on a **validation** set that no hospital trains on (``val`` split: the official one of a
 MedMNIST .npz, or the held-out patients of ``bench/heldout.py``); the test split is never read.
-One JSON line per setting is appended to ``--out``.
+The model scored is the round with the best validation AUC (what the server keeps as
+``checkpoints/best.pt``). One JSON line per setting is appended to ``--out``.
 
 Usage::
 
@@ -121,28 +122,29 @@ def run_setting(s: dict, data: Path, *, eval_path: Path | None = None, test: boo
         fed, hospitals = configs(s, data, Path(tmp), probe.task, eval_path)
         val = load_dataset(fed.eval.path, split="val", image_size=fed.image_size, task=probe.task)
         t0 = time.time()
-        curve = []
+        curve: list[float] = []
+        best: dict = {}
 
-        def on_round(r, state, replies):
-            if s.get("curve"):
-                m = build_model(fed.model)
-                m.load_state_dict(state)
-                lg, y = predict_logits(m, val, torch.device("cpu"))
-                curve.append(round(compute_metrics(fed.task, lg, y)["auc"], 4))
+        def on_round(r, state, replies):  # the server's model selection: best val AUC so far
+            m = build_model(fed.model)
+            m.load_state_dict(state)
+            lg, y = predict_logits(m, val, torch.device("cpu"))
+            auc = compute_metrics(fed.task, lg, y)["auc"]
+            curve.append(round(auc, 4))
+            if not best or auc > best["auc"]:
+                best.update(auc=auc, round=r, state={k: v.clone() for k, v in state.items()})
 
         res = simulate(fed, hospitals, dp=bool(s["dp"]), on_round=on_round)
         model = build_model(fed.model)
-        model.load_state_dict(res.state_dict)
+        model.load_state_dict(best["state"])
         logits, y = predict_logits(model, val, torch.device("cpu"))
-        vm = compute_metrics(fed.task, logits, y)
-        out = {"val_auc": round(vm["auc"], 4), "seconds": round(time.time() - t0, 1),
+        out = {"val_auc": round(best["auc"], 4), "best_round": best["round"], "last_val_auc": curve[-1],
+               "seconds": round(time.time() - t0, 1),
                "epsilon_spent": max((h.get("epsilon", 0) for h in res.rows[-1]["hospitals"]), default=None),
                "noise_multipliers": [round(h.get("noise_multiplier", 0), 3) for h in res.rows[-1]["hospitals"]],
                "steps_per_round": [h.get("steps") for h in res.rows[-1]["hospitals"]],
                "sample_rates": [round(h.get("sample_rate", 0), 4) for h in res.rows[-1]["hospitals"]],
-               "params": sum(p.numel() for p in model.parameters())}
-        if curve:
-            out["val_auc_per_round"] = curve
+               "params": sum(p.numel() for p in model.parameters()), "val_auc_per_round": curve}
         if test:
             threshold = choose_threshold(fed.task, logits, y)
             ts = load_dataset(fed.eval.path, split="test", image_size=fed.image_size, task=probe.task)
@@ -150,7 +152,7 @@ def run_setting(s: dict, data: Path, *, eval_path: Path | None = None, test: boo
             tm = compute_metrics(fed.task, tl, ty, threshold=threshold)
             out.update(threshold=threshold, test_auc=tm["auc"], test_accuracy=tm["accuracy"],
                        test_sensitivity=tm.get("sensitivity"), test_specificity=tm.get("specificity"))
-            out["_state_dict"] = res.state_dict
+            out["_state_dict"] = best["state"]
             out["_model"] = fed.model
         return out
 
@@ -161,7 +163,6 @@ def main() -> None:
     ap.add_argument("--eval-data", type=Path, default=None, help="where the val split is (default: --data)")
     add_settings_arguments(ap)
     ap.add_argument("--grid", nargs="*", default=[], help="key=v1,v2,... (the product of all keys is run)")
-    ap.add_argument("--curve", action="store_true", help="also record val AUC after every round")
     ap.add_argument("--out", type=Path, default=Path("bench/results/sweeps.jsonl"))
     args = ap.parse_args()
     base = {k: v for k, v in vars(args).items() if k not in ("data", "eval_data", "grid", "out")}
@@ -177,9 +178,9 @@ def main() -> None:
         s = dict(base, **dict(zip(keys, combo)))
         res = run_setting(s, args.data.resolve(), eval_path=args.eval_data)
         line = {"data": args.data.name, "settings": s, **res}
-        print(json.dumps({**dict(zip(keys, combo)), **{k: res[k] for k in ("val_auc", "seconds")},
+        print(json.dumps({**dict(zip(keys, combo)), **{k: res[k] for k in ("val_auc", "best_round", "seconds")},
                           "sigma": res["noise_multipliers"], "steps": res["steps_per_round"],
-                          **({"curve": res["val_auc_per_round"]} if "val_auc_per_round" in res else {})}), flush=True)
+                          "curve": res["val_auc_per_round"]}), flush=True)
         with args.out.open("a") as f:
             f.write(json.dumps(line) + "\n")
 

@@ -44,7 +44,7 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
                                              "default: synthetic scans generated now")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (replaced if it is a demo folder)")
     p.add_argument("--hospitals", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--epsilon", type=float, default=8.0, help="each hospital's total ε budget")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--image-size", type=int, help="px (default: native size of .npz data, 32 synthetic, 224 otherwise)")

@@ -193,6 +193,7 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
                   "the server sees only the sum of the updates)")
     device = torch.device("cpu")
     t_round = [time.time()]
+    best = [run.best_so_far()]  # (round, val AUC): model selection on the validation split
 
     def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -225,6 +226,12 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
         if g in strategy.client_eval:
             row["client_eval"] = strategy.client_eval[g]
         row["model_version"] = ckpt.model_version
+        v = (row.get("eval") or {}).get("val_auc")
+        if v is not None and v == v and (best[0] is None or v > best[0][1]):
+            best[0] = (g, float(v))
+            run.save_best(ckpt)
+        if best[0] is not None:
+            row["best_round"] = best[0][0]
         row["duration_s"] = round(time.time() - t_round[0], 2)
         t_round[0] = time.time()
         run.append_metrics(row)
@@ -248,4 +255,7 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
         evaluate_fn=on_round_end,
     )
     _say(f"done: {cfg.federation.rounds} rounds; checkpoints and metrics in {run.path}")
+    if best[0] is not None:
+        _say(f"best global model on the validation split: round {best[0][0]} (val AUC {best[0][1]:.3f}), "
+             f"{run.best_path}: the one to serve and export")
     return run

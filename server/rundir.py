@@ -4,6 +4,7 @@ Layout::
 
     RUN_DIR/federation.toml          the resolved config of the run
     RUN_DIR/checkpoints/round-NNNN.pt global model after round NNNN (xrayfed checkpoint format)
+    RUN_DIR/checkpoints/best.pt       the round with the best validation AUC (with [eval] val_split)
     RUN_DIR/metrics.jsonl            one JSON line per round (schema in the README)
     RUN_DIR/server.log               full Flower log of the SuperLink and ServerApp
 
@@ -69,6 +70,24 @@ class RunDir:
         p = self.checkpoint_path(ckpt.round)
         atrest.save_checkpoint(p, ckpt, self.key)
         return p
+
+    @property
+    def best_path(self) -> Path:
+        """``checkpoints/best.pt``: the global model with the best validation AUC so far."""
+        return self.checkpoints / "best.pt"
+
+    def save_best(self, ckpt: Checkpoint) -> Path:
+        atrest.save_checkpoint(self.best_path, ckpt, self.key)
+        return self.best_path
+
+    def best_so_far(self) -> tuple[int, float] | None:
+        """``(round, val AUC)`` of the best global model recorded in metrics.jsonl, if any."""
+        best = None
+        for row in self.read_metrics():
+            v = (row.get("eval") or {}).get("val_auc")
+            if v is not None and v == v and (best is None or v > best[1]):
+                best = (int(row["round"]), float(v))
+        return best
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)

@@ -103,6 +103,12 @@ def test_two_hospitals_two_rounds_then_resume_and_refuse(tmp_path, data_npz):
     model = ck.build()
     val = load_dataset(data_npz, split="val", image_size=28, task=task)
     assert ck.threshold == choose_threshold(task, *predict_logits(model, val, torch.device("cpu")))
+    # model selection on the same split: best.pt is the round with the best validation AUC
+    first = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    want = max(first, key=lambda row: row["eval"]["val_auc"])["round"]
+    assert first[-1]["best_round"] == want
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert best.round == want and best.model_version == first[want - 1]["model_version"]
     assert (run_dir / "checkpoints" / "round-0002.pt").is_file()
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [1, 2]
