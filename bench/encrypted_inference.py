@@ -44,11 +44,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def spec_for(size: int, num_outputs: int = 1, full_res: bool = False):
-    from xrayfed.common.model import ModelSpec
+def spec_for(size: int, num_outputs: int = 1, full_res: bool = False, old_pool: bool = False):
+    """The default model at ``size`` px (``default_model``: weight-standardised, pooled to ~28 px);
+    ``full_res``: no input pool; ``old_pool``: the pre-issue-11 pool (size // 56, 4 at 224 px)."""
+    from xrayfed.common.model import default_model
 
-    pool = 1 if full_res or size < 112 else max(1, size // 56)
-    return ModelSpec(num_outputs=num_outputs, input_pool=pool)
+    spec = default_model(size, num_outputs)
+    if full_res:
+        spec = spec.model_copy(update={"input_pool": 1})
+    elif old_pool:
+        spec = spec.model_copy(update={"input_pool": 1 if size < 112 else max(1, size // 56)})
+    return spec
 
 
 def random_checkpoint(size: int, full_res: bool = False, seed: int = 0):
@@ -243,11 +249,12 @@ def agreement(pool, ckpt, data: str, batch: int, limit: int | None) -> dict:
         if (i // batch) % max(1, 50 // batch) == 0:
             print(f"  {min(i + batch, n)}/{n} scans", flush=True)
     elapsed = time.perf_counter() - t0
+    from xrayfed.client.patient import decide
+
     p_plain, p_enc = probabilities(ckpt.task, plain), probabilities(ckpt.task, enc)
-    if ckpt.task.kind == "multilabel":
-        same = ((p_plain >= 0.5) == (p_enc >= 0.5)).all(axis=1)
-    else:
-        same = p_plain.argmax(1) == p_enc.argmax(1)
+    # the class each side would report, at the model's operating point (0.5 / argmax without one)
+    same = np.array([decide(ckpt.task, a, ckpt.threshold) == decide(ckpt.task, b, ckpt.threshold)
+                     for a, b in zip(p_plain, p_enc)])
     return {
         "scans": int(n), "batch_per_session": int(batch), "agreement": float(same.mean()),
         "disagreements": int((~same).sum()),
@@ -255,8 +262,10 @@ def agreement(pool, ckpt, data: str, batch: int, limit: int | None) -> dict:
                          "encrypted_p": p_enc[i].round(6).tolist()} for i in np.flatnonzero(~same)[:20]],
         "max_abs_prob_diff": float(np.abs(p_plain - p_enc).max()),
         "max_abs_logit_diff": float(np.abs(plain - enc).max()),
-        "plaintext_metrics": {k: v for k, v in compute_metrics(ckpt.task, plain, ys).items() if "/" not in k},
-        "encrypted_metrics": {k: v for k, v in compute_metrics(ckpt.task, enc, ys).items() if "/" not in k},
+        "plaintext_metrics": {k: v for k, v in compute_metrics(ckpt.task, plain, ys, threshold=ckpt.threshold).items()
+                              if "/" not in k},
+        "encrypted_metrics": {k: v for k, v in compute_metrics(ckpt.task, enc, ys, threshold=ckpt.threshold).items()
+                              if "/" not in k},
         "seconds": elapsed,
     }
 

@@ -8,7 +8,9 @@ server asks for. How:
 * **Budget owned by the hospital.** ε, δ, C (clip norm), batch size, local epochs and the
   number of rounds the budget is planned for come only from the hospital's config
   (:class:`~xrayfed.common.config.HospitalConfig`). The server's round config carries the
-  learning rate and FedProx μ, never a privacy parameter.
+  learning rate and FedProx μ, never a privacy parameter. Left unset, batch size and local
+  epochs are derived here from the hospital's own N and ε (:func:`auto_training`), never
+  from anything the server sends, and recorded in the ledger's budget line.
 * **σ derived from the budget.** :func:`plan_dp` picks the noise multiplier σ so that
   ``max_rounds`` rounds of ``steps`` DP-SGD steps at Poisson sample rate q = B/N stay within
   (ε, δ) under the PRV accountant (RDP selectable), checked again by composing round by round.
