@@ -34,7 +34,7 @@ def hospital_config(site: Site, state_dir: Path) -> HospitalConfig:
         "hospital.name": site.name, "hospital.state_dir": str(state_dir),
         "privacy.epsilon": site.epsilon, "privacy.delta": site.delta, "privacy.max_rounds": site.max_rounds,
         "privacy.noise_multiplier": site.noise_multiplier, "privacy.secure_rng": site.secure_rng,
-        "privacy.accountant": site.accountant, "training.batch_size": site.batch_size,
+        "privacy.accountant": site.accountant, "training.batch_size": site.batch_size, "training.local_epochs": 1.0,
     })
 
 

@@ -171,7 +171,7 @@ def _hospital(tmp_path, name="st-mary", **privacy):
     from xrayfed.common.config import HospitalConfig, load_config
 
     over = {"hospital.name": name, "hospital.state_dir": str(tmp_path / name), "privacy.noise_multiplier": 1.1,
-            "privacy.epsilon": 2.5, "training.batch_size": 64}
+            "privacy.epsilon": 2.5, "training.batch_size": 64, "training.local_epochs": 1.0}
     over.update({f"privacy.{k}": v for k, v in privacy.items()})
     return load_config(HospitalConfig, None, over)
 
