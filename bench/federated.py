@@ -179,7 +179,10 @@ def main() -> None:
 
     for eps in args.epsilons:
         runs = []
-        for seed in range(args.runs):
+        if args.merge:  # add runs with new seeds to those already in the file
+            runs = [r for r in results.get(f"eps{eps:g}", {}).get("runs", [])]
+        done = {r.get("seed") for r in runs}
+        for seed in [x for x in range(args.runs) if x not in done]:
             s = dict(s0, epsilon=eps, seed=seed, dp=1)
             r = (run_processes(s, data, out_dir / f"work-{tag}" / f"eps{eps:g}-seed{seed}")
                  if args.engine == "processes" else
@@ -197,8 +200,10 @@ def main() -> None:
                 runs.append(r)
             results[key] = summarise(runs)
             save()
+    if "no_dp" in results:
         results["price_of_privacy_auc"] = {k: results["no_dp"]["test_auc"] - v["test_auc"]
                                            for k, v in results.items() if k.startswith("eps") and "test_auc" in v}
+    if "central" in results and "no_dp" in results:
         results["price_of_federation_auc"] = results["central"]["test_auc"] - results["no_dp"]["test_auc"]
     save()
     print(json.dumps({k: v for k, v in results.items() if k != "settings"}, indent=1, default=str)[:4000])
