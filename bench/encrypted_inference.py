@@ -249,7 +249,7 @@ def agreement(pool, ckpt, data: str, batch: int, limit: int | None) -> dict:
         if (i // batch) % max(1, 50 // batch) == 0:
             print(f"  {min(i + batch, n)}/{n} scans", flush=True)
     elapsed = time.perf_counter() - t0
-    from xrayfed.client.patient import decide
+    from xrayfed.common.prediction import decide
 
     p_plain, p_enc = probabilities(ckpt.task, plain), probabilities(ckpt.task, enc)
     # the class each side would report, at the model's operating point (0.5 / argmax without one)

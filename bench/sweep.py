@@ -108,13 +108,14 @@ def configs(s: dict, data: Path, work: Path, task, eval_path: Path | None = None
 
 
 def run_setting(s: dict, data: Path, *, eval_path: Path | None = None, test: bool = False) -> dict:
-    """Simulate one setting; score the final global model on ``val`` (and ``test`` when asked)."""
+    """Simulate one setting; score the round with the best ``val`` AUC (and, when asked, its
+    ``test`` metrics at the threshold chosen on ``val``), as the server would."""
     import torch
 
     from xrayfed.common.data import load_dataset
     from xrayfed.common.model import build_model
-    from xrayfed.common.prediction import choose_threshold, compute_metrics
-    from xrayfed.common.train import predict_logits
+    from xrayfed.common.train import evaluate
+    from xrayfed.server.federation import evaluate_global
     from xrayfed.server.simulate import simulate
 
     probe = load_dataset(data, split="train", image_size=8)
@@ -125,19 +126,18 @@ def run_setting(s: dict, data: Path, *, eval_path: Path | None = None, test: boo
         curve: list[float] = []
         best: dict = {}
 
-        def on_round(r, state, replies):  # the server's model selection: best val AUC so far
+        def on_round(r, state, replies):  # what the server does: threshold and model selection on val
             m = build_model(fed.model)
             m.load_state_dict(state)
-            lg, y = predict_logits(m, val, torch.device("cpu"))
-            auc = compute_metrics(fed.task, lg, y)["auc"]
+            ev = evaluate_global(m, fed, None, val, torch.device("cpu"))
+            auc = ev["metrics"]["val_auc"]
             curve.append(round(auc, 4))
             if not best or auc > best["auc"]:
-                best.update(auc=auc, round=r, state={k: v.clone() for k, v in state.items()})
+                best.update(auc=auc, round=r, threshold=ev["threshold"], state={k: v.clone() for k, v in state.items()})
 
         res = simulate(fed, hospitals, dp=bool(s["dp"]), on_round=on_round)
         model = build_model(fed.model)
         model.load_state_dict(best["state"])
-        logits, y = predict_logits(model, val, torch.device("cpu"))
         out = {"val_auc": round(best["auc"], 4), "best_round": best["round"], "last_val_auc": curve[-1],
                "seconds": round(time.time() - t0, 1),
                "epsilon_spent": max((h.get("epsilon", 0) for h in res.rows[-1]["hospitals"]), default=None),
@@ -146,10 +146,9 @@ def run_setting(s: dict, data: Path, *, eval_path: Path | None = None, test: boo
                "sample_rates": [round(h.get("sample_rate", 0), 4) for h in res.rows[-1]["hospitals"]],
                "params": sum(p.numel() for p in model.parameters()), "val_auc_per_round": curve}
         if test:
-            threshold = choose_threshold(fed.task, logits, y)
+            threshold = best["threshold"]
             ts = load_dataset(fed.eval.path, split="test", image_size=fed.image_size, task=probe.task)
-            tl, ty = predict_logits(model, ts, torch.device("cpu"))
-            tm = compute_metrics(fed.task, tl, ty, threshold=threshold)
+            tm = evaluate(model, ts, fed.task, torch.device("cpu"), threshold=threshold)
             out.update(threshold=threshold, test_auc=tm["auc"], test_accuracy=tm["accuracy"],
                        test_sensitivity=tm.get("sensitivity"), test_specificity=tm.get("specificity"))
             out["_state_dict"] = best["state"]

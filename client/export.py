@@ -34,6 +34,16 @@ METADATA_KEY = "xrayfed"
 VERIFY_SCANS = 32
 
 
+def _operating_point(ckpt: Checkpoint) -> float | list[float] | None:
+    """The checkpoint's decision threshold(s): one number (binary), one per label (multi-label;
+    0.5 each without a stored threshold) or None (multi-class: the most probable class)."""
+    if ckpt.task.kind == "multiclass":
+        return None
+    if ckpt.threshold is None:
+        return 0.5
+    return ckpt.threshold[0] if ckpt.task.kind == "binary" else list(ckpt.threshold)
+
+
 def export_metadata(ckpt: Checkpoint, threshold: float | None = None) -> dict:
     """What a consumer of the exported model needs besides the weights (JSON-serialisable)."""
     return {
@@ -44,9 +54,7 @@ def export_metadata(ckpt: Checkpoint, threshold: float | None = None) -> dict:
         "output": {"binary": "1 logit: P(class_names[1]) = sigmoid(logit)",
                    "multiclass": "one logit per class: softmax",
                    "multilabel": "one logit per label: sigmoid each"}[ckpt.task.kind],
-        "decision_threshold": float(threshold) if threshold is not None else (
-            None if ckpt.task.kind == "multiclass" else
-            (ckpt.threshold[0] if ckpt.task.kind == "binary" else list(ckpt.threshold)) if ckpt.threshold else 0.5),
+        "decision_threshold": float(threshold) if threshold is not None else _operating_point(ckpt),
         "input": {"name": "scan", "shape": ["batch", int(ckpt.model.in_channels), int(ckpt.image_size),
                                             int(ckpt.image_size)], "dtype": "float32"},
         "preprocessing": ("grayscale (DICOM: modality + VOI LUT, MONOCHROME1 inverted) → resize to "

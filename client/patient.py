@@ -82,7 +82,7 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
     from xrayfed.common import rpc
     from xrayfed.common.addresses import parse_hostport
     from xrayfed.common.model import ModelSpec
-    from xrayfed.common.prediction import TaskSpec, probabilities
+    from xrayfed.common.prediction import TaskSpec, decide, probabilities
     from xrayfed.common.security.tokens import read_token_file
 
     t_start = time.perf_counter()
@@ -152,20 +152,6 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
                    "mpc_s": stats.get("mpc_s"), "init_s": stats.get("init_s")},
         "communication": {"rounds": stats.get("rounds"), "bytes": stats.get("bytes")},
     }
-
-
-def decide(task, probs, threshold: list[float] | None) -> list[str]:
-    """The classes predicted at the model's operating point: binary → the positive class when
-    its probability reaches the threshold (0.5 when the model has none), else the negative one;
-    multi-label → every label at or above its threshold; multi-class → the most probable class."""
-    names = list(task.class_names)
-    if task.kind == "multiclass":
-        return [names[int(max(range(len(probs)), key=lambda i: probs[i]))]]
-    if task.kind == "binary":
-        t = threshold[0] if threshold else 0.5
-        return [names[1] if probs[1] >= t else names[0]]
-    ts = threshold if threshold else [0.5] * len(names)
-    return [n for n, p, t in zip(names, probs, ts) if p >= t]
 
 
 def format_result(res: dict) -> str:

@@ -552,7 +552,7 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
     """
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    from xrayfed.common.train import make_optimizer
+    from xrayfed.common.train import make_optimizer, train_epoch
 
     t0 = time.time()
     model.to(device)
@@ -564,6 +564,13 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
     t = cfg.training
     k = t.augment_multiplicity
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
+    hooks: dict = {}
+    if k > 1:  # augmentation multiplicity: K shifted views per example, one averaged gradient clipped
+        hooks["expand"] = lambda x, y: (random_shift(x.repeat_interleave(k, dim=0), t.augment_shift),
+                                        y.repeat_interleave(k, dim=0))
+        hooks["after_backward"] = lambda: average_views(dp_model, k)
+    if ema is not None:  # after every real (not skipped: BatchMemoryManager's partial) step
+        hooks["after_step"] = lambda: None if dp_opt._is_last_step_skipped else ema.update(dp_model)
     total_loss, seen = 0.0, 0
     for e, steps in enumerate(chunks, start=1):
         label = f"{desc} epoch {e}/{len(chunks)}" if desc else None
@@ -571,8 +578,7 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
             data_loader=make_loader(steps), max_physical_batch_size=max(1, t.max_physical_batch_size // k),
             optimizer=dp_opt,
         ) as mem_loader:
-            ep = dp_sgd_pass(dp_model, mem_loader, dp_opt, task, device, views=k, shift=t.augment_shift, ema=ema,
-                             desc=label)
+            ep = train_epoch(dp_model, mem_loader, dp_opt, task, device, desc=label, **hooks)
         total_loss += ep["loss"] * ep["examples"]
         seen += ep["examples"]
         if label:
@@ -612,7 +618,7 @@ def average_views(dp_model, views: int) -> None:
         gs = getattr(p, "grad_sample", None)
         if gs is None:
             continue
-        if isinstance(gs, list):  # several backward passes before a step: not how dp_sgd_pass runs
+        if isinstance(gs, list):  # several backward passes before a step: not how train_epoch runs
             raise RuntimeError("grad_sample accumulated over several backward passes")
         p.grad_sample = gs.view(-1, views, *gs.shape[1:]).mean(dim=1)
 
@@ -637,45 +643,3 @@ class EMA:
     def copy_to(self, model) -> None:
         for n, p in model.named_parameters():
             p.copy_(self.shadow[n])
-
-
-def dp_sgd_pass(dp_model, loader, optimizer, task, device, *, views: int = 1, shift: float = 0.0, ema: EMA | None = None,
-                desc: str | None = None) -> dict:
-    """DP-SGD over ``loader``'s Poisson batches (physical batches of one logical batch are
-    accumulated by the optimizer): ``views`` augmented copies per example, averaged per
-    example before clipping; ``ema`` updated after every real (not skipped) step.
-
-    Returns ``{"loss": mean training loss, "examples": samples seen}``.
-    """
-    from xrayfed.common.prediction import loss_fn, prepare_targets
-    from xrayfed.common.train import progress
-
-    criterion = loss_fn(task)
-    dp_model.train()
-    total_loss, seen = 0.0, 0
-    for x, y in progress(loader, _len(loader), desc):
-        optimizer.zero_grad(set_to_none=True)
-        if len(x) == 0:  # an empty Poisson batch: DP-SGD still takes its (noise-only) step
-            (dp_model(x.to(device)).sum() * 0.0).backward()
-        else:
-            x = x.to(device, non_blocking=True)
-            y = prepare_targets(task, y.to(device, non_blocking=True))
-            if views > 1:
-                x = random_shift(x.repeat_interleave(views, dim=0), shift)
-                y = y.repeat_interleave(views, dim=0)
-            loss = criterion(dp_model(x), y)
-            loss.backward()
-            average_views(dp_model, views)
-            total_loss += float(loss.detach()) * len(x) / views
-            seen += len(x) // views
-        optimizer.step()
-        if ema is not None and not getattr(optimizer, "_is_last_step_skipped", False):
-            ema.update(dp_model)
-    return {"loss": total_loss / max(seen, 1), "examples": seen}
-
-
-def _len(loader) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None

@@ -41,11 +41,6 @@ class TLSConfig(_Strict):
 # --------------------------------------------------------------------------- server role
 class FederationSection(_Strict):
     name: str = "xrayfed"
-
-    def effective_server_lr(self) -> float:
-        """``server_lr``, or the strategy's default (1.0 for fedavgm, 0.1 for fedadam)."""
-        return self.server_lr if self.server_lr is not None else (0.1 if self.strategy == "fedadam" else 1.0)
-
     run_dir: Path = Field(Path("runs/xrayfed"), description="checkpoints, metrics.jsonl, reports")
     rounds: int = Field(5, ge=1, le=10_000)
     min_clients: int = Field(2, ge=1, description="wait for this many hospitals before a round")
@@ -67,6 +62,10 @@ class FederationSection(_Strict):
                                                          "e.g. one trained on public data: the strongest lever for "
                                                          "accuracy under DP; same architecture, the head may differ")
     seed: int = 0
+
+    def effective_server_lr(self) -> float:
+        """``server_lr``, or the strategy's default (1.0 for fedavgm, 0.1 for fedadam)."""
+        return self.server_lr if self.server_lr is not None else (0.1 if self.strategy == "fedadam" else 1.0)
 
 
 class ServerNetwork(_Strict):

@@ -164,6 +164,19 @@ def _thresholds(threshold, k: int) -> list[float]:
     return [float(x) for x in threshold]
 
 
+def decide(task: TaskSpec, probs, threshold: list[float] | None) -> list[str]:
+    """The classes predicted for one scan's probabilities at the model's operating point:
+    binary → the positive class when its probability reaches the threshold (0.5 when the model
+    has none), else the negative one; multi-label → every label at or above its threshold;
+    multi-class → the most probable class."""
+    names = list(task.class_names)
+    if task.kind == "multiclass":
+        return [names[int(np.argmax(probs))]]
+    if task.kind == "binary":
+        return [names[1] if probs[1] >= _thresholds(threshold, 1)[0] else names[0]]
+    return [n for n, p, t in zip(names, probs, _thresholds(threshold, len(names))) if p >= t]
+
+
 def compute_metrics(task: TaskSpec, logits: np.ndarray, targets: np.ndarray,
                     threshold: float | list[float] | None = None) -> dict[str, float]:
     """Metrics for ``logits`` (N, num_outputs) against ``targets``.

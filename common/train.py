@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -40,10 +40,18 @@ def progress(it: Iterable, total: int | None, desc: str | None):
                 disable=None)
 
 
-def train_epoch(model, loader, optimizer, task: TaskSpec, device: torch.device, desc: str | None = None) -> dict:
+def train_epoch(model, loader, optimizer, task: TaskSpec, device: torch.device, desc: str | None = None, *,
+                expand: Callable | None = None, after_backward: Callable[[], None] | None = None,
+                after_step: Callable[[], None] | None = None) -> dict:
     """One pass over ``loader`` (for DP: one round's Poisson-sampled logical batches).
 
-    Returns ``{"loss": mean training loss, "examples": samples seen}``.
+    Hooks (DP-SGD uses them, :func:`xrayfed.client.privacy.train_private_round`):
+    ``expand(x, y) → (x, y)`` turns a batch into the batch the model sees (e.g. several augmented
+    views of each example); ``after_backward()`` runs before the optimizer step;
+    ``after_step()`` after every step, the noise-only step of an empty batch included.
+
+    Returns ``{"loss": mean training loss, "examples": samples seen}`` (examples of ``loader``,
+    before ``expand``).
     """
     criterion = loss_fn(task)
     model.train()
@@ -53,19 +61,24 @@ def train_epoch(model, loader, optimizer, task: TaskSpec, device: torch.device, 
     except TypeError:
         total = None
     for x, y in progress(loader, total, desc):
-        if len(x) == 0:  # an empty Poisson batch: DP-SGD still takes its (noise-only) step
-            optimizer.zero_grad(set_to_none=True)
-            (model(x.to(device)).sum() * 0.0).backward()
-            optimizer.step()
-            continue
-        x = x.to(device, non_blocking=True)
-        y = prepare_targets(task, y.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
-        loss = criterion(model(x), y)
-        loss.backward()
+        if len(x) == 0:  # an empty Poisson batch: DP-SGD still takes its (noise-only) step
+            (model(x.to(device)).sum() * 0.0).backward()
+        else:
+            n = len(x)
+            x = x.to(device, non_blocking=True)
+            y = prepare_targets(task, y.to(device, non_blocking=True))
+            if expand is not None:
+                x, y = expand(x, y)
+            loss = criterion(model(x), y)
+            loss.backward()
+            if after_backward is not None:
+                after_backward()
+            total_loss += float(loss.detach()) * n
+            seen += n
         optimizer.step()
-        total_loss += float(loss.detach()) * len(x)
-        seen += len(x)
+        if after_step is not None:
+            after_step()
     return {"loss": total_loss / max(seen, 1), "examples": seen}
 
 
@@ -81,10 +94,12 @@ def predict_logits(model, dataset, device: torch.device, batch_size: int = 256) 
     return torch.cat(outs).numpy(), torch.cat(ys).numpy()
 
 
-def evaluate(model, dataset, task: TaskSpec, device: torch.device, batch_size: int = 256) -> dict[str, float]:
-    """Task metrics (see :func:`xrayfed.common.prediction.compute_metrics`) plus ``loss``."""
+def evaluate(model, dataset, task: TaskSpec, device: torch.device, batch_size: int = 256,
+             threshold: float | list[float] | None = None) -> dict[str, float]:
+    """Task metrics (see :func:`xrayfed.common.prediction.compute_metrics`, at ``threshold``)
+    plus ``loss`` and ``examples``."""
     logits, targets = predict_logits(model, dataset, device, batch_size)
-    metrics = compute_metrics(task, logits, targets)
+    metrics = compute_metrics(task, logits, targets, threshold=threshold)
     crit = loss_fn(task)
     metrics["loss"] = float(crit(torch.from_numpy(logits), prepare_targets(task, torch.from_numpy(targets))))
     metrics["examples"] = int(len(targets))

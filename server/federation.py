@@ -80,7 +80,7 @@ def evaluate_global(model, cfg: FederationConfig, eval_set, val_set, device) -> 
     metrics on ``eval_set`` at that threshold (``threshold``, ``threshold/<label>``), plus
     ``val_auc``."""
     from xrayfed.common.prediction import choose_threshold, compute_metrics
-    from xrayfed.common.train import predict_logits
+    from xrayfed.common.train import evaluate, predict_logits
 
     out: dict[str, Any] = {}
     threshold = None
@@ -89,14 +89,7 @@ def evaluate_global(model, cfg: FederationConfig, eval_set, val_set, device) -> 
         threshold = choose_threshold(cfg.task, vl, vy)
         out["val_auc"] = compute_metrics(cfg.task, vl, vy)["auc"]
     if eval_set is not None:
-        import torch as _t
-
-        from xrayfed.common.prediction import loss_fn, prepare_targets
-
-        logits, targets = predict_logits(model, eval_set, device)
-        out.update(compute_metrics(cfg.task, logits, targets, threshold=threshold))
-        out["loss"] = float(loss_fn(cfg.task)(_t.from_numpy(logits), prepare_targets(cfg.task, _t.from_numpy(targets))))
-        out["examples"] = int(len(targets))
+        out.update(evaluate(model, eval_set, cfg.task, device, threshold=threshold))
     if threshold is not None:
         if cfg.task.kind == "binary":
             out["threshold"] = threshold[0]

@@ -234,7 +234,7 @@ def test_checkpoint_keeps_its_threshold_and_refuses_a_bad_one(tmp_path):
 
 
 def test_patient_decision_uses_the_models_operating_point():
-    from xrayfed.client.patient import decide
+    from xrayfed.common.prediction import decide
 
     assert decide(BINARY, [0.7, 0.3], [0.25]) == ["PNEUMONIA"]
     assert decide(BINARY, [0.7, 0.3], None) == ["NORMAL"]
