@@ -28,7 +28,8 @@ def main() -> None:
     ap.add_argument("--physical-batch", type=int, default=32)
     ap.add_argument("--examples", type=int, default=640)
     ap.add_argument("--width", type=int, default=32)
-    ap.add_argument("--input-pool", type=int, default=4)
+    ap.add_argument("--input-pool", type=int, default=None,
+                    help="XrayNet input pool (default: the project's default_model for --image-size)")
     ap.add_argument("--arch", default="xraynet")
     args = ap.parse_args()
 
@@ -37,7 +38,7 @@ def main() -> None:
     from xrayfed.client.privacy import plan_dp, train_private_round
     from xrayfed.common.config import HospitalConfig, load_config
     from xrayfed.common.data import XrayDataset
-    from xrayfed.common.model import ModelSpec, build_model, count_parameters
+    from xrayfed.common.model import ModelSpec, build_model, count_parameters, default_model
     from xrayfed.common.synthetic import make_synthetic
     from xrayfed.common.prediction import TaskSpec
     from xrayfed.common.train import resolve_device
@@ -50,8 +51,12 @@ def main() -> None:
         "training.batch_size": args.batch_size, "training.max_physical_batch_size": args.physical_batch,
         "training.local_epochs": 1.0, "privacy.epsilon": 8.0, "privacy.max_rounds": 5, "hospital.device": args.device})
     plan = plan_dp(cfg, len(ds))
-    spec = ModelSpec(arch=args.arch, num_outputs=1, width=args.width,
-                     input_pool=args.input_pool if args.arch == "xraynet" else 1)
+    if args.arch == "xraynet":
+        spec = default_model(args.image_size, 1).model_copy(update={"width": args.width})
+        if args.input_pool is not None:
+            spec = spec.model_copy(update={"input_pool": args.input_pool})
+    else:
+        spec = ModelSpec(arch=args.arch, num_outputs=1)
     model = build_model(spec)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -60,13 +65,14 @@ def main() -> None:
     secs = time.time() - t0
     res = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
-        "arch": args.arch, "params": count_parameters(build_model(spec)), "image_size": args.image_size,
+        "torch": torch.__version__, "arch": args.arch, "params": count_parameters(build_model(spec)), "image_size": args.image_size,
         "batch_size": args.batch_size, "steps": out["steps"], "seconds_per_step": round(secs / out["steps"], 4),
     }
     if device.type == "cuda":
         res["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     res["input_pool"] = spec.input_pool
+    res["weight_standardization"] = spec.weight_standardization
     print(json.dumps(res, indent=2))
     out_dir = Path(__file__).resolve().parent / "results"
     out_dir.mkdir(exist_ok=True)
