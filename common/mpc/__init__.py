@@ -60,31 +60,28 @@ from xrayfed.common.mpc.compat import (  # noqa: F401  (the public API: `from xr
     fresh_process_randomness,
     import_crypten,
     load_crypten_weights,
-    secure_ttp_class,
+    provider,
+    use_link_communicator,
     use_ttp_provider,
     warnings_quiet,
 )
 from xrayfed.common.mpc.parties import (  # noqa: F401
     input_shape,
     model_owner_worker,
-    patient_worker,
+    patient_contributions,
+    provider_worker,
+    record_tape,
     run_local_session,
-    run_model_owner,
-    run_patient,
-    run_ttp,
+    run_party,
     session_tag,
-    ttp_worker,
+    shared_input_shape,
 )
 from xrayfed.common.mpc.pool import WorkerPool, stop_worker, wait_message, watch_worker  # noqa: F401
 from xrayfed.common.mpc.session import (  # noqa: F401
     MODEL_OWNER_RANK,
-    PATIENT_RANK,
-    TTP_RANK,
+    PROVIDER_RANK,
     WORLD_SIZE,
     SessionParams,
     comm_stats,
-    local_interface_for,
-    make_store,
-    party_session,
 )
 from xrayfed.common.mpc.sessions import SessionTable  # noqa: F401

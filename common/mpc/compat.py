@@ -50,24 +50,190 @@ def warnings_quiet():
         yield
 
 
-# --------------------------------------------------------------------------- 3. TTP provider
+# --------------------------------------------------------------------------- 3. the dealt provider
 def use_ttp_provider(crypten=None) -> None:
-    """Select CrypTen's trusted-third-party provider (must happen before ``crypten.init``)."""
+    """Select the trusted-third-party provider slot (``TTP``) and put :class:`DealtProvider`
+    in it: triples dealt by the patient (never CrypTen's ``TFP``, where party 0 makes them)."""
     crypten = crypten or sys.modules["crypten"]
     crypten.cfg.mpc.provider = PROVIDER
+    providers = vars(crypten.mpc)["__SUPPORTED_PROVIDERS"]
+    if not isinstance(providers.get(PROVIDER), _provider_class()):
+        providers[PROVIDER] = _provider_class()()
 
 
 def assert_ttp_provider() -> None:
-    """Refuse to run MPC with any provider but the TTP (``TFP`` lets party 0 open everything)."""
+    """Refuse to run MPC with any provider but the dealt one (``TFP`` lets party 0 open everything;
+    CrypTen's own TTP needs a third MPC party that xrayfed does not run)."""
     import crypten
 
     name = crypten.cfg.mpc.provider
     provider = crypten.mpc.get_default_provider()
-    if name != PROVIDER or getattr(provider, "NAME", None) != PROVIDER or not crypten.mpc.ttp_required():
+    if name != PROVIDER or not isinstance(provider, _provider_class()) or not crypten.mpc.ttp_required():
         raise RuntimeError(
-            f"CrypTen provider is {name!r}; xrayfed only runs with the trusted third party ('TTP'): "
+            f"CrypTen provider is {name!r}; xrayfed only runs with randomness dealt by a third party (the patient): "
             "with the default 'TFP' the model owner would generate the randomness and could open the patient's shares"
         )
+
+
+_PROVIDER_CLASS = None
+
+
+def _provider_class():
+    """:class:`DealtProvider`, defined once CrypTen is imported."""
+    global _PROVIDER_CLASS
+    if _PROVIDER_CLASS is not None:
+        return _PROVIDER_CLASS
+    import json
+
+    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
+    from crypten.mpc.provider.provider import TupleProvider
+
+    from xrayfed.common.mpc.dealer import Stream
+
+    def _norm(v):
+        return json.loads(json.dumps(v, default=list))
+
+    class DealtProvider(TupleProvider):
+        """Correlated randomness dealt by the patient (:mod:`xrayfed.common.mpc.dealer`).
+
+        Party 0 (hospital) draws its shares of ``a``, ``b`` and ``c`` from its seed; party 1
+        (crypto provider) draws ``a`` and ``b`` from its seed and takes ``c`` from the
+        patient's corrections. Every request is checked against the session's tape. With
+        ``record()`` it instead writes the tape (shapes only, zeros returned).
+        """
+
+        NAME = PROVIDER
+
+        def __init__(self) -> None:
+            super().__init__()  # CrypTen's tracing/caching attributes (never used: tracing stays off)
+            self.reset()
+
+        def reset(self) -> None:
+            self.party = None
+            self.stream = None
+            self.tape: list[dict] | None = None
+            self.corrections = None
+            self.pos = self.i = 0
+            self.recording: list[dict] | None = None
+
+        def start(self, rank: int, seed: bytes, tape: list[dict], corrections=None) -> None:
+            self.reset()
+            self.party, self.stream, self.tape = rank, Stream(seed), tape
+            if rank == 1:
+                if corrections is None:
+                    raise RuntimeError("the crypto provider's party needs the patient's corrections")
+                self.corrections = torch.from_numpy(corrections)
+            self.pos = 0
+
+        def record(self) -> list[dict]:
+            self.reset()
+            self.recording = []
+            return self.recording
+
+        def finish(self) -> None:
+            if self.tape is not None and self.i != len(self.tape):
+                raise RuntimeError(f"the session used {self.i} of the tape's {len(self.tape)} requests")
+            if self.corrections is not None and self.pos != self.corrections.numel():
+                raise RuntimeError("the patient's corrections do not match the tape")
+            self.reset()
+
+        # -- one request
+        def _entry(self, entry: dict) -> dict:
+            entry = _norm(entry)
+            if self.recording is not None:
+                self.recording.append(entry)
+                return entry
+            if self.tape is None:
+                raise RuntimeError("no dealt randomness for this session (DealtProvider not started)")
+            if self.i >= len(self.tape) or _norm(self.tape[self.i]) != entry:
+                raise RuntimeError(f"MPC request {self.i} ({entry['f']}) does not match the session's tape")
+            self.i += 1
+            return entry
+
+        def _ring(self, shape):
+            if self.recording is not None:
+                return torch.zeros(tuple(shape), dtype=torch.long)
+            return torch.from_numpy(self.stream.ring(shape))
+
+        def _bits(self, shape):
+            if self.recording is not None:
+                return torch.zeros(tuple(shape), dtype=torch.long)
+            return torch.from_numpy(self.stream.bits(shape))
+
+        def _c(self, shape):
+            if self.recording is not None or self.party == 0:
+                return self._ring(shape)
+            n = 1
+            for s in shape:
+                n *= int(s)
+            if self.pos + n > self.corrections.numel():
+                raise RuntimeError("the patient's corrections are too short for this model")
+            out = self.corrections[self.pos:self.pos + n].reshape(tuple(shape))
+            self.pos += n
+            return out
+
+        # -- the TupleProvider API
+        def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
+            s0, s1 = list(size0), list(size1)
+            out = list(getattr(torch, op)(torch.zeros(s0), torch.zeros(s1), *args, **kwargs).size())
+            self._entry({"f": "additive", "s0": s0, "s1": s1, "op": op, "args": list(args), "kw": kwargs, "out": out})
+            a, b, c = self._ring(s0), self._ring(s1), self._c(out)
+            return (ArithmeticSharedTensor.from_shares(a, precision=0), ArithmeticSharedTensor.from_shares(b, precision=0),
+                    ArithmeticSharedTensor.from_shares(c, precision=0))
+
+        def square(self, size, device=None):
+            s = list(size)
+            self._entry({"f": "square", "s": s, "out": s})
+            r, r2 = self._ring(s), self._c(s)
+            return ArithmeticSharedTensor.from_shares(r, precision=0), ArithmeticSharedTensor.from_shares(r2, precision=0)
+
+        def generate_binary_triple(self, size0, size1, device=None):
+            s0, s1 = list(size0), list(size1)
+            out = list(torch.broadcast_shapes(tuple(s0), tuple(s1)))
+            self._entry({"f": "binary", "s0": s0, "s1": s1, "out": out})
+            a, b, c = self._ring(s0), self._ring(s1), self._c(out)
+            return BinarySharedTensor.from_shares(a), BinarySharedTensor.from_shares(b), BinarySharedTensor.from_shares(c)
+
+        def wrap_rng(self, size, device=None):
+            raise RuntimeError("wrap_rng is only used with more than two computing parties")
+
+        def B2A_rng(self, size, device=None):
+            s = list(size)
+            self._entry({"f": "B2A", "s": s, "out": s})
+            r_bit = self._bits(s)
+            r_arith = self._c(s)
+            return ArithmeticSharedTensor.from_shares(r_arith, precision=0), BinarySharedTensor.from_shares(r_bit)
+
+    _PROVIDER_CLASS = DealtProvider
+    return DealtProvider
+
+
+def provider():
+    """The active :class:`DealtProvider` instance."""
+    import crypten
+
+    assert_ttp_provider()
+    return crypten.mpc.get_default_provider()
+
+
+# --------------------------------------------------------------------------- 5. the communicator
+@contextlib.contextmanager
+def use_link_communicator(communicator):
+    """CrypTen's communicator is ``communicator`` (a two-party
+    :func:`~xrayfed.common.mpc.channel.make_link_communicator`) inside this block: CrypTen's
+    modules call ``crypten.communicator.get()`` at run time, which is pointed at it; the
+    pairwise PRZS seeds are set up over it (``crypten._setup_prng``)."""
+    crypten = import_crypten()
+    import crypten.communicator as comm
+
+    saved = comm.get, comm.is_initialized
+    comm.get = lambda: communicator
+    comm.is_initialized = lambda: True
+    try:
+        crypten._setup_prng()
+        yield crypten
+    finally:
+        comm.get, comm.is_initialized = saved
 
 
 # --------------------------------------------------------------------------- 2. model building
@@ -87,9 +253,21 @@ def _crypten_layer(cnn, kind: str, kw: dict):
     raise ValueError(f"layer kind {kind!r} has no CrypTen implementation")
 
 
-def build_crypten_model(spec):
+def _identity(cnn):
+    class Identity(cnn.Module):
+        def forward(self, x):
+            return x
+
+    return Identity()
+
+
+def build_crypten_model(spec, *, pooled_input: bool = False):
     """A plaintext (not yet encrypted) ``crypten.nn.Sequential`` for ``spec``: same layer plan,
-    same state-dict keys as :func:`xrayfed.common.model.build_model`. Parameters start at zero."""
+    same state-dict keys as :func:`xrayfed.common.model.build_model`. Parameters start at zero.
+
+    ``pooled_input``: the plan's first layer, the input average pool, is applied by the patient
+    to its own scan before sharing it (linear and public), so here it is an identity (same
+    module indices, hence the same keys)."""
     from xrayfed.common.errors import UserError
     from xrayfed.common.model import layer_plan
 
@@ -100,7 +278,11 @@ def build_crypten_model(spec):
         )
     crypten = import_crypten()
     cnn = crypten.nn
-    model = cnn.Sequential(*[_crypten_layer(cnn, k, kw) for k, kw in layer_plan(spec)])
+    plan = layer_plan(spec)
+    layers = [_crypten_layer(cnn, k, kw) for k, kw in plan]
+    if pooled_input and plan and plan[0][0] == "avgpool":
+        layers[0] = _identity(cnn)
+    model = cnn.Sequential(*layers)
     with torch.no_grad():
         for _, p in model.named_parameters():
             p.zero_()
@@ -135,33 +317,7 @@ def load_crypten_weights(cmodel, spec, state_dict: dict, what: str = "checkpoint
             raise RuntimeError(f"CrypTen did not load weight {k!r} (compat shim out of date)")
 
 
-# --------------------------------------------------------------------------- 4. secure TTP
+# --------------------------------------------------------------------------- 4. worker randomness
 def fresh_process_randomness() -> None:
     """Reseed torch's default generator from the OS (forked workers share the parent's state)."""
     torch.manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
-
-
-def secure_ttp_class():
-    import crypten.communicator as comm
-    import torch.distributed as dist
-    from crypten.mpc.provider.ttp_provider import TTPServer
-
-    class SecureTTPServer(TTPServer):
-        """CrypTen's TTP server with per-party seeds from ``os.urandom`` (see module docstring)."""
-
-        def _setup_generators(self):
-            ws = comm.get().get_world_size()
-            seeds = [torch.tensor(int.from_bytes(os.urandom(8), "big", signed=True), dtype=torch.long)
-                     for _ in range(ws)]
-            reqs = [dist.isend(tensor=seeds[i], dst=i, group=self.ttp_group) for i in range(ws)]
-            self.generators = [torch.Generator(device="cpu") for _ in range(ws)]
-            self.generators_cuda = [None for _ in range(ws)]
-            for i in range(ws):
-                self.generators[i].manual_seed(int(seeds[i].item()))
-                reqs[i].wait()
-            self.seeds_sent = len(seeds)
-            dist.barrier(group=self.ttp_group)
-
-    return SecureTTPServer
-
-

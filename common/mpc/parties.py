@@ -1,5 +1,7 @@
-"""The three parties of an encrypted prediction (model owner, patient, crypto provider) and the
-worker processes that run them (one per session, forked from the warm pool)."""
+"""The two computing parties of an encrypted prediction (the hospital's model owner, rank 0, and
+the crypto provider, rank 1) and the worker processes that run them (one per session, forked
+from the warm pool). The third party, the patient, runs :mod:`xrayfed.common.mpc.dealer`
+(numpy only); :func:`run_local_session` plays it in-process for tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -10,32 +12,35 @@ import signal
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
+from xrayfed.common.mpc import channel, dealer
 from xrayfed.common.mpc.compat import (
     build_crypten_model,
     fresh_process_randomness,
+    import_crypten,
     load_crypten_weights,
-    secure_ttp_class,
+    provider,
+    use_link_communicator,
 )
 from xrayfed.common.mpc.pool import WorkerPool, stop_worker, wait_message
-from xrayfed.common.mpc.session import (
-    MODEL_OWNER_RANK,
-    PATIENT_RANK,
-    TTP_RANK,
-    SessionParams,
-    comm_stats,
-    listen_socket,
-    make_store,
-    party_session,
-)
+from xrayfed.common.mpc.session import MODEL_OWNER_RANK, PROVIDER_RANK, SessionParams, comm_stats
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- the parties
 def input_shape(spec, image_size: int, batch: int = 1) -> tuple[int, int, int, int]:
+    """Shape of the scan the model takes."""
     return (int(batch), int(spec.in_channels), int(image_size), int(image_size))
+
+
+def shared_input_shape(spec, image_size: int, batch: int = 1) -> tuple[int, int, int, int]:
+    """Shape of what the patient shares: the scan after the model's input pool (which the
+    patient applies in plaintext, :func:`xrayfed.common.mpc.dealer.input_pool`)."""
+    k = max(1, int(spec.input_pool))
+    return (int(batch), int(spec.in_channels), int(image_size) // k, int(image_size) // k)
 
 
 def _encrypted_forward(crypten, cmodel, x_enc):
@@ -44,71 +49,93 @@ def _encrypted_forward(crypten, cmodel, x_enc):
         return cmodel(x_enc)
 
 
-def run_model_owner(params: SessionParams, store, ckpt, *, observe: Callable[[str, Any], None] | None = None,
-                    stats: bool = False, on_joined: Callable[[], None] | None = None) -> dict:
-    """The hospital's party (rank 0): shares the weights, never sees the scan or the logits.
+class _RecordingLink(channel.Link):
+    """A link to nobody: sends are dropped, receives are zeros (records a tape in one process)."""
 
-    ``observe(name, value)`` (tests only) receives what this party holds: its share of the scan.
-    ``on_joined()`` is called once every party has joined the session.
-    Returns timing/communication statistics (no data).
+    def __init__(self) -> None:
+        self.sent = self.received = self.messages = 0
+
+    def send_bytes(self, data) -> None:
+        pass
+
+    def send_tensor(self, t) -> None:
+        pass
+
+    def recv_tensor_into(self, t):
+        t.zero_()
+        return t
+
+    def recv_bytes(self, limit: int = 0) -> bytes:
+        raise channel.LinkError("a recording link has no peer objects")
+
+    def close(self) -> None:
+        pass
+
+
+def record_tape(spec, image_size: int, batch: int = 1) -> list[dict]:
+    """The correlated-randomness requests of one encrypted forward pass of ``spec`` (public:
+    shapes and products only). Computed in this process with a peerless link; every session's
+    parties check their requests against it."""
+    import_crypten()
+    comm = channel.make_link_communicator(MODEL_OWNER_RANK, _RecordingLink())
+    with use_link_communicator(comm) as crypten:
+        prov = provider()
+        tape = prov.record()
+        try:
+            cmodel = build_crypten_model(spec, pooled_input=True)
+            cmodel.encrypt(src=MODEL_OWNER_RANK)
+            x = crypten.mpc.MPCTensor.from_shares(torch.zeros(shared_input_shape(spec, image_size, batch),
+                                                              dtype=torch.long), precision=dealer.SCALE_BITS)
+            _encrypted_forward(crypten, cmodel, x)
+        finally:
+            prov.reset()
+    return tape
+
+
+def run_party(rank: int, link: channel.Link, spec, image_size: int, tape: list[dict], get_input: Callable[[], dict],
+              *, state_dict: dict | None = None, batch: int = 1, threads: int = 1, stats: bool = False,
+              observe: Callable[[str, Any], None] | None = None, on_ready: Callable[[], None] | None = None):
+    """One computing party of a session over ``link``: rank 0 (hospital, ``state_dict`` given)
+    or rank 1 (crypto provider). Returns ``(y_share, stats)``: this party's share of the logits,
+    re-randomised with a fresh sharing of zero (so the patient learns the logits and nothing else).
+
+    ``get_input()`` blocks until the patient's contribution arrives: ``{"x": int64 share of the
+    pooled scan, "seed": 16 bytes, "corrections": int64 array (rank 1 only)}``.
+    ``on_ready()`` is called once the weights are shared and the party waits for the patient.
+    ``observe(name, value)`` (tests only) receives what this party holds.
     """
+    crypten = import_crypten()
+    torch.set_num_threads(max(1, int(threads)))
+    crypten.cfg.communicator.verbose = bool(stats)
     t0 = time.perf_counter()
-    with party_session(MODEL_OWNER_RANK, params, store, stats=stats) as crypten:
-        if on_joined is not None:
-            on_joined()
-        t_init = time.perf_counter()
-        cmodel = build_crypten_model(ckpt.model)
-        load_crypten_weights(cmodel, ckpt.model, ckpt.state_dict)
+    comm = channel.make_link_communicator(rank, link)
+    with use_link_communicator(comm) as crypten:
+        prov = provider()
+        cmodel = build_crypten_model(spec, pooled_input=True)
+        if rank == MODEL_OWNER_RANK:
+            load_crypten_weights(cmodel, spec, state_dict)
         cmodel.encrypt(src=MODEL_OWNER_RANK)
-        x_enc = crypten.cryptensor(torch.zeros(input_shape(ckpt.model, ckpt.image_size, params.batch)),
-                                  src=PATIENT_RANK)
+        if observe is not None and rank == PROVIDER_RANK:
+            observe("weight_shares", {k: v._tensor.share.clone() for k, v in cmodel.state_dict().items()})
+        t_ready = time.perf_counter()
+        if on_ready is not None:
+            on_ready()
+        got = get_input()
+        t_input = time.perf_counter()
+        shape = shared_input_shape(spec, image_size, batch)
+        x = np.asarray(got["x"], dtype=np.int64).reshape(shape)
+        prov.start(rank, got["seed"], tape, got.get("corrections") if rank == PROVIDER_RANK else None)
+        x_enc = crypten.mpc.MPCTensor.from_shares(torch.from_numpy(x.copy()), precision=dealer.SCALE_BITS)
         if observe is not None:
             observe("scan_share", x_enc._tensor.share.clone())
-        t_mpc = time.perf_counter()
         y = _encrypted_forward(crypten, cmodel, x_enc)
-        revealed = y.get_plain_text(dst=PATIENT_RANK)
-        if revealed is not None:  # only the patient may ever get the plaintext
-            raise RuntimeError("the model owner received the plaintext logits")
-        out = {"init_s": t_init - t0, "mpc_s": time.perf_counter() - t_mpc, **comm_stats()}
+        prov.finish()
+        zero = crypten.mpc.primitives.ArithmeticSharedTensor.PRZS(y.size())
+        y_share = (y._tensor.share + zero.share).numpy().copy()
+        out = {"setup_s": t_ready - t0, "mpc_s": time.perf_counter() - t_input, **comm_stats(comm)}
+    out["link_bytes_sent"], out["link_bytes_received"] = link.sent, link.received
     out["total_s"] = time.perf_counter() - t0
-    return out
-
-
-def run_patient(params: SessionParams, store, spec, image_size: int, scan: torch.Tensor, *,
-                observe: Callable[[str, Any], None] | None = None, stats: bool = False):
-    """The patient's party (rank 1): shares the scan, receives the logits. Returns (logits, stats)."""
-    shape = input_shape(spec, image_size, params.batch)
-    if tuple(scan.shape) != shape:
-        raise ValueError(f"scan tensor has shape {tuple(scan.shape)}, the model expects {shape}")
-    t0 = time.perf_counter()
-    with party_session(PATIENT_RANK, params, store, stats=stats) as crypten:
-        t_init = time.perf_counter()
-        cmodel = build_crypten_model(spec)  # architecture only: parameters are zeros
-        cmodel.encrypt(src=MODEL_OWNER_RANK)  # the weights arrive as shares
-        if observe is not None:
-            observe("weight_shares", {k: v._tensor.share.clone() for k, v in cmodel.state_dict().items()})
-        x_enc = crypten.cryptensor(scan.float(), src=PATIENT_RANK)
-        t_mpc = time.perf_counter()
-        y = _encrypted_forward(crypten, cmodel, x_enc)
-        logits = y.get_plain_text(dst=PATIENT_RANK)
-        out = {"init_s": t_init - t0, "mpc_s": time.perf_counter() - t_mpc, **comm_stats()}
-    out["total_s"] = time.perf_counter() - t0
-    return logits.detach().numpy().reshape(params.batch, -1), out
-
-
-def run_ttp(params: SessionParams, store, *, stats: bool = False) -> dict:
-    """The crypto provider's party (rank 2): deals correlated randomness until rank 0 says stop."""
-    t0 = time.perf_counter()
-    with party_session(TTP_RANK, params, store, stats=stats):
-        server_cls = secure_ttp_class()
-        server = server_cls()  # blocks: serves requests until 'terminate' or a broken connection
-    out = {"total_s": time.perf_counter() - t0, **comm_stats()}
-    import crypten
-
-    with contextlib.suppress(Exception):
-        crypten.uninit()
-    out["seeds_from_os"] = bool(getattr(server, "seeds_sent", 0))
-    return out
+    return y_share, out
 
 
 # --------------------------------------------------------------------------- worker processes
@@ -118,7 +145,7 @@ def _worker_setup(timeout_s: float) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service decides when a session ends
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.alarm(max(1, int(timeout_s) + 5))  # even if the service is gone, the worker dies
-    logging.getLogger().setLevel(logging.WARNING)  # CrypTen logs every TTP request at INFO
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def _observer(path: str | None):
@@ -160,12 +187,29 @@ def _worker_reports(conn):
         os._exit(0)
 
 
-def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, mpc_bind: str, observe_path: str | None = None) -> None:
-    """Entry point of a hospital party process (forked from the warm fork server).
+def _input_from(conn, deadline: float) -> Callable[[], dict]:
+    """``get_input`` of a worker: the patient's contribution, forwarded by the service."""
 
-    Messages to the service on ``conn``: ``("listening", port)`` once the rendezvous store is
-    bound, ``("joined", None)`` once the patient and the TTP are in the session, then
-    ``("done", stats)`` or ``("error", one-line message)``. Never data.
+    def get_input() -> dict:
+        kind, payload = wait_message(conn, ("input",), deadline)
+        if kind != "input":
+            raise TimeoutError("the patient's input did not arrive" if kind == "timeout" else f"service: {kind}")
+        conn.send(("joined", None))
+        return payload
+
+    return get_input
+
+
+def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, provider_at: tuple[str, int], hospital_key: bytes,
+                       tape: list[dict], ttp_ca: str | None, insecure: bool = False,
+                       observe_path: str | None = None) -> None:
+    """Entry point of a hospital party process (rank 0; forked from the warm fork server).
+
+    Connects to the crypto provider's party (TLS, certificate checked against ``ttp_ca``, then
+    the hospital key), shares the weights, waits for the patient's input (``("input", ...)`` on
+    ``conn``), and answers ``("output", y_share)`` then ``("done", stats)``; ``("ready", None)``
+    once it waits for the patient; ``("error", one line)`` on failure. Never data but the
+    re-randomised output share, which only the patient can use.
     """
     from xrayfed.common.checkpoint import from_bytes
 
@@ -173,47 +217,54 @@ def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, mpc_bind: str, obs
     _worker_setup(p.timeout_s)
     observe, flush = _observer(observe_path)
     with _worker_reports(conn):
+        deadline = time.monotonic() + p.timeout_s
         ckpt = from_bytes(ckpt_bytes, source="checkpoint")
-        sock = listen_socket(mpc_bind)
-        p.port = sock.getsockname()[1]
-        store = make_store(p, master=True, listen_sock=sock)
-        conn.send(("listening", p.port))
-        out = run_model_owner(p, store, ckpt, observe=observe, stats=True,
-                              on_joined=lambda: conn.send(("joined", None)))
+        tls = None if insecure else channel.client_context(ttp_ca)
+        link = channel.connect_provider(provider_at[0], int(provider_at[1]), hospital_key, tls=tls,
+                                        server_name=channel.ROLE_NAME, timeout_s=p.timeout_s)
+        try:
+            y, out = run_party(MODEL_OWNER_RANK, link, ckpt.model, ckpt.image_size, tape, _input_from(conn, deadline),
+                               state_dict=ckpt.state_dict, batch=p.batch, threads=p.threads, stats=True,
+                               observe=observe, on_ready=lambda: conn.send(("ready", None)))
+        finally:
+            link.close()
+        conn.send(("output", {"y": dealer.pack(y), "shape": list(y.shape)}))
         if flush:
             flush()
         conn.send(("done", out))
 
 
-def ttp_worker(conn, params: dict) -> None:
-    """Entry point of a TTP party process (forked from the TTP service's warm fork server)."""
-    p = SessionParams(**params)
-    _worker_setup(p.timeout_s)
-    with _worker_reports(conn):
-        store = make_store(p, master=False)
-        conn.send(("connected", None))
-        out = run_ttp(p, store, stats=True)
-        conn.send(("done", out))
-
-
-def patient_worker(conn, params: dict, spec_dict: dict, image_size: int, scan, observe_path: str | None = None) -> None:
-    """A patient party in a worker process (benchmarks and tests; ``xrayfed predict`` runs it inline).
-
-    Sends ``("done", {"logits": [...], **stats})`` — the logits go to the caller, who *is* the
-    patient here.
-    """
+def provider_worker(conn, params: dict, spec_dict: dict, image_size: int, tape: list[dict], hospital_key: bytes,
+                    mpc_host: str, cert: str | None, key: str | None, join_timeout_s: float,
+                    observe_path: str | None = None) -> None:
+    """Entry point of a crypto provider party process (rank 1; forked from its service's warm
+    fork server): listens on ``mpc_host`` (``("listening", port)``), accepts the one connection
+    that proves the hospital key inside TLS, then runs like the hospital's party."""
     from xrayfed.common.model import ModelSpec
 
     p = SessionParams(**params)
     _worker_setup(p.timeout_s)
     observe, flush = _observer(observe_path)
     with _worker_reports(conn):
-        store = make_store(p, master=False)
-        x = torch.from_numpy(scan).float() if not isinstance(scan, torch.Tensor) else scan.float()
-        logits, out = run_patient(p, store, ModelSpec(**spec_dict), image_size, x, observe=observe, stats=True)
+        deadline = time.monotonic() + p.timeout_s
+        tls = channel.server_context(cert, key) if cert else None
+        lsock = channel.listen(mpc_host)
+        conn.send(("listening", lsock.getsockname()[1]))
+        try:
+            link = channel.accept_hospital(lsock, hospital_key, min(deadline, time.monotonic() + join_timeout_s),
+                                           tls=tls, timeout_s=p.timeout_s)
+        finally:
+            lsock.close()
+        try:
+            y, out = run_party(PROVIDER_RANK, link, ModelSpec(**spec_dict), image_size, tape,
+                               _input_from(conn, deadline), batch=p.batch, threads=p.threads, stats=True,
+                               observe=observe, on_ready=lambda: conn.send(("ready", None)))
+        finally:
+            link.close()
+        conn.send(("output", {"y": dealer.pack(y), "shape": list(y.shape)}))
         if flush:
             flush()
-        conn.send(("done", {"logits": logits.tolist(), **out}))
+        conn.send(("done", out))
 
 
 def session_tag(session_id: str) -> str:
@@ -223,48 +274,67 @@ def session_tag(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()[:12]
 
 
-def run_local_session(pool: "WorkerPool", ckpt, scan: torch.Tensor, *, host: str = "127.0.0.1",
-                      timeout_s: float = 120.0, threads: int = 1, observe_dir: str | None = None) -> dict:
-    """One encrypted prediction with the three parties as separate local processes (no gRPC).
+def patient_contributions(spec, image_size: int, scan: np.ndarray, tape: list[dict]) -> tuple[dict, dict]:
+    """What the patient sends to the hospital's and to the crypto provider's party (numpy)."""
+    x = dealer.input_pool(np.asarray(scan, dtype=np.float64), max(1, int(spec.input_pool)))
+    x0, x1 = dealer.share(x)
+    s0, s1 = dealer.new_seed(), dealer.new_seed()
+    return {"x": x0, "seed": s0}, {"x": x1, "seed": s1, "corrections": dealer.deal(tape, s0, s1)}
 
-    For the compatibility test, the share tests and the benchmark. Returns the patient's logits
-    (numpy, (1, K)) and each party's statistics; raises RuntimeError if a party fails.
+
+def run_local_session(pool: "WorkerPool", ckpt, scan: torch.Tensor, *, host: str = "127.0.0.1",
+                      timeout_s: float = 120.0, threads: int = 1, observe_dir: str | None = None,
+                      tape: list[dict] | None = None, tls: tuple[str, str, str] | None = None) -> dict:
+    """One encrypted prediction with the two computing parties as separate local processes and
+    this process as the patient (no gRPC). ``tls = (cert, key, ca)`` protects the party link
+    (plain TCP otherwise). For the compatibility test, the share tests and the benchmark.
+    Returns the logits (numpy, (B, K)) and each party's statistics; RuntimeError if a party fails.
     """
     import secrets
 
-    import numpy as np
-
     from xrayfed.common.checkpoint import to_bytes
 
+    batch = int(scan.shape[0])
     p = SessionParams(session_id=secrets.token_hex(16), host=host, port=0, timeout_s=timeout_s, threads=threads,
-                      batch=int(scan.shape[0]))
+                      batch=batch)
+    tape = tape if tape is not None else record_tape(ckpt.model, ckpt.image_size, batch)
     obs = (lambda name: os.path.join(observe_dir, name)) if observe_dir else (lambda name: None)
     deadline = time.monotonic() + timeout_s
+    key = secrets.token_hex(16).encode()
     procs = []
     try:
         t0 = time.perf_counter()
-        hp, hc = pool.start(model_owner_worker, p.to_dict(), to_bytes(ckpt), host, obs("hospital.pt"))
-        procs.append(hp)
-        kind, port = wait_message(hc, ("listening",), deadline)
+        cp, cc = pool.start(provider_worker, p.to_dict(), ckpt.model.model_dump(), int(ckpt.image_size), tape, key,
+                            host, tls[0] if tls else None, tls[1] if tls else None, timeout_s, obs("provider.pt"))
+        procs.append(cp)
+        kind, port = wait_message(cc, ("listening",), deadline)
         if kind != "listening":
-            raise RuntimeError(f"hospital party: {kind} {port or ''}")
-        p.port = port
-        tp, tc = pool.start(ttp_worker, p.to_dict())
-        procs.append(tp)
-        pp, pc = pool.start(patient_worker, p.to_dict(), ckpt.model.model_dump(), int(ckpt.image_size),
-                            scan.detach().float().contiguous().numpy(), obs("patient.pt"))
-        procs.append(pp)
-        results = {}
-        for name, conn in (("patient", pc), ("hospital", hc), ("ttp", tc)):
+            raise RuntimeError(f"crypto provider party: {kind} {port or ''}")
+        hp, hc = pool.start(model_owner_worker, p.to_dict(), to_bytes(ckpt), (host, port), key, tape,
+                            tls[2] if tls else None, tls is None, obs("hospital.pt"))
+        procs.append(hp)
+        t_deal = time.perf_counter()
+        to_h, to_c = patient_contributions(ckpt.model, ckpt.image_size, scan.detach().double().numpy(), tape)
+        deal_s = time.perf_counter() - t_deal
+        results: dict = {"patient": {"deal_s": deal_s, "bytes_sent": int(to_h["x"].nbytes + to_c["x"].nbytes
+                                                                       + to_c["corrections"].nbytes + 32)}}
+        hc.send(("input", to_h))
+        cc.send(("input", to_c))
+        shares = {}
+        for name, conn in (("hospital", hc), ("provider", cc)):
+            kind, payload = wait_message(conn, ("output",), deadline)
+            if kind != "output":
+                raise RuntimeError(f"{name} party: {kind} {payload or ''}")
+            shares[name] = dealer.unpack(payload["y"], payload["shape"])
             kind, payload = wait_message(conn, ("done",), deadline)
             if kind != "done":
                 raise RuntimeError(f"{name} party: {kind} {payload or ''}")
             results[name] = payload
+        results["patient"]["bytes_received"] = int(sum(v.nbytes for v in shares.values()))
         results["wall_s"] = time.perf_counter() - t0
-        results["logits"] = np.asarray(results["patient"].pop("logits"), dtype=np.float64)
+        results["logits"] = dealer.reconstruct(shares["hospital"], shares["provider"]).reshape(batch, -1)
+        results["shares"] = shares
         return results
     finally:
         for proc in procs:
             stop_worker(proc)
-
-

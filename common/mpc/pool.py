@@ -42,8 +42,9 @@ class WorkerPool:
             forkserver._forkserver._stop()
 
     def start(self, target, *args):
-        """Start ``target(child_conn, *args)`` in a fresh worker; returns (process, parent_conn)."""
-        parent, child = self.ctx.Pipe(duplex=False)
+        """Start ``target(child_conn, *args)`` in a fresh worker; returns (process, parent_conn).
+        The pipe is duplex: the service forwards the patient's input to the worker on it."""
+        parent, child = self.ctx.Pipe(duplex=True)
         proc = self.ctx.Process(target=target, args=(child, *args), daemon=True)
         proc.start()
         child.close()
@@ -54,11 +55,12 @@ def _noop() -> None:
     return None
 
 
-def wait_message(conn, kinds: tuple[str, ...], deadline: float) -> tuple[str, Any]:
+def wait_message(conn, kinds: tuple[str, ...], deadline: float,
+                 on_other: Callable[[str, Any], None] | None = None) -> tuple[str, Any]:
     """Next message of ``kinds`` from a worker before ``deadline`` (monotonic).
 
     Returns ``(kind, payload)``, ``("error", msg)`` if the worker reported one, ``("died", None)``
-    if it exited without a word, or ``("timeout", None)``.
+    if it exited without a word, or ``("timeout", None)``. Other messages go to ``on_other``.
     """
     while True:
         remaining = deadline - time.monotonic()
@@ -72,25 +74,27 @@ def wait_message(conn, kinds: tuple[str, ...], deadline: float) -> tuple[str, An
             return "died", None
         if kind in kinds or kind == "error":
             return kind, payload
+        if on_other is not None:
+            on_other(kind, payload)
 
 
 def watch_worker(proc, conn, deadline: float, on_end: Callable[[str, Any], None],
-                 join_deadline: float | None = None) -> None:
+                 join_deadline: float | None = None, on_other: Callable[[str, Any], None] | None = None) -> None:
     """Wait (in a thread) for a session worker to finish by ``deadline``; always stop and reap it.
 
     With ``join_deadline`` the worker must report ``joined`` (every party is in the session) by
     then, or the session is torn down at once (``not_joined``: a slot held by nobody is freed
-    early). ``on_end(outcome, payload)`` gets ``ok`` (payload: statistics), ``failed``
+    early). Other messages (``output``) go to ``on_other``. ``on_end(outcome, payload)`` gets ``ok`` (payload: statistics), ``failed``
     (one-line message), ``died``, ``timeout`` or ``not_joined``.
     """
     kind, payload = "died", None
     try:
         if join_deadline is not None:
-            kind, payload = wait_message(conn, ("joined", "done"), min(join_deadline, deadline))
+            kind, payload = wait_message(conn, ("joined", "done"), min(join_deadline, deadline), on_other)
             if kind == "timeout":
                 kind = "not_joined"
         if join_deadline is None or kind == "joined":
-            kind, payload = wait_message(conn, ("done",), deadline)
+            kind, payload = wait_message(conn, ("done",), deadline, on_other)
     finally:
         stop_worker(proc)
         with contextlib.suppress(Exception):
