@@ -95,7 +95,7 @@ def register_inference(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ttp", metavar="HOST:PORT", help="the crypto provider's serve-ttp address")
     p.add_argument("--ttp-ca", type=Path, help="CA certificate that signed the TTP's TLS certificate")
     p.add_argument("--ttp-secret", type=Path, help="file with the secret shared with the TTP service")
-    p.add_argument("--mpc-host", help="address the MPC parties reach this host at (tunnel address; default 127.0.0.1)")
+    p.add_argument("--ttp-public", help="the crypto provider's HOST:PORT as patients reach it (default: --ttp)")
     p.add_argument("--session-timeout", type=float, help="seconds before a session is torn down (default 120)")
     p.add_argument("--max-sessions", type=int, help="concurrent MPC sessions (default 4)")
     p.add_argument("--audit-log", type=Path, help="JSON-lines audit log (default inference-audit.jsonl)")
@@ -137,6 +137,8 @@ def register_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token", type=Path, required=True, help="your access token file (from the hospital)")
     p.add_argument("--ca-cert", type=Path, help="CA certificate of the service's TLS certificate "
                    "(default: the system's trusted CAs)")
+    p.add_argument("--ttp-ca-cert", type=Path, help="CA certificate of the crypto provider's TLS certificate "
+                   "(default: --ca-cert); its certificate must carry the name xrayfed-crypto-provider")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the service per request")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")

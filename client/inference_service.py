@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hmac
 import json
 import logging
 import os
@@ -64,9 +65,11 @@ from xrayfed.common.config import InferenceServiceConfig, load_config
 from xrayfed.common.errors import UserError
 from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
 from xrayfed.common.model import build_model
-from xrayfed.common.mpc import WorkerPool
+from xrayfed.common.mpc import WorkerPool, dealer
+from xrayfed.common.mpc.channel import ROLE_NAME
 from xrayfed.common.mpc.sessions import SessionTable
 from xrayfed.common.protocol.inference import (
+    EVALUATE,
     HEALTH,
     INFERENCE_SERVICE,
     MODEL_INFO,
@@ -267,7 +270,8 @@ def model_metadata(ckpt) -> dict:
 
 
 class InferenceService:
-    def __init__(self, cfg, ckpt, ckpt_bytes: bytes, pool, public_keys: dict, audit: AuditLog, ttp) -> None:
+    def __init__(self, cfg, ckpt, ckpt_bytes: bytes, pool, public_keys: dict, audit: AuditLog, ttp,
+                 tape: list | None = None) -> None:
         self.cfg = cfg
         self.ckpt = ckpt
         self.ckpt_bytes = ckpt_bytes
@@ -276,7 +280,10 @@ class InferenceService:
         self.ttp = ttp  # callable(request dict) -> dict, raises UserError
         self.meta = model_metadata(ckpt)
         self.sessions = SessionTable(pool, cfg.max_sessions, name="session")
-        self.host = cfg.mpc_host
+        self.tape = tape if tape is not None else mpc.record_tape(ckpt.model, ckpt.image_size)
+        self.meta["mpc"] = {"tape": self.tape, "tape_digest": dealer.tape_digest(self.tape),
+                            "input_pool": int(ckpt.model.input_pool), "scale_bits": dealer.SCALE_BITS}
+        self.jti_of: dict[str, str] = {}  # session id -> the token id that opened it
         self.admission = Admission(cfg, getattr(audit, "path", None))
         self.revoked = RevocationList(cfg.revoked_tokens)
 
@@ -357,31 +364,36 @@ class InferenceService:
                          claims=claims, reason="busy", t0=t0, identity_claim=ident)
 
         sid = secrets.token_hex(16)
+        hospital_key = secrets.token_hex(16)
         tag = mpc.session_tag(sid)
         timeout_s = float(self.cfg.session_timeout_s)
         deadline = time.monotonic() + timeout_s
-        params = mpc.SessionParams(session_id=sid, host=self.host, port=0, timeout_s=timeout_s,
-                                   threads=self.cfg.threads_per_party)
         join_deadline = time.monotonic() + float(self.cfg.join_timeout_s)
+        params = mpc.SessionParams(session_id=sid, host="", port=0, timeout_s=timeout_s,
+                                   threads=self.cfg.threads_per_party)
         proc = conn = None
         handed_off = False
         try:
-            proc, conn = self.sessions.start(mpc.model_owner_worker, params.to_dict(), self.ckpt_bytes, self.host)
-            kind, port = mpc.wait_message(conn, ("listening",), min(deadline, time.monotonic() + 30))
-            if kind != "listening":
-                raise RuntimeError(f"hospital party did not start ({kind}{': ' + port if port else ''})")
-            params.port = int(port)
             try:
-                self.ttp({"session_id": sid, "host": self.host, "port": params.port, "timeout_s": timeout_s})
-            except UserError as e:
+                at = self.ttp({"session_id": sid, "hospital_key": hospital_key, "model": self.meta["model"],
+                               "image_size": self.meta["image_size"], "tape": self.tape, "timeout_s": timeout_s,
+                               "join_timeout_s": float(self.cfg.join_timeout_s)})
+                provider_at = (str(at["host"]), int(at["port"]))
+            except (UserError, KeyError, TypeError, ValueError) as e:
                 self.audit.write(event="predict", patient_id=claims.sub, token_id=claims.jti, identity_claim=ident,
                                  model_version=self.meta["model_version"], outcome="failed", reason="ttp_unavailable",
                                  duration_s=time.monotonic() - t0, session=tag, peer=peer)
-                log.warning("session %s: TTP unavailable: %s", tag, e)
+                log.warning("session %s: crypto provider unavailable: %s", tag, e)
                 context.abort(grpc.StatusCode.UNAVAILABLE,
-                              "the crypto provider (TTP) is unavailable; try again later")
+                              "the crypto provider is unavailable; try again later")
+            params.host, params.port = provider_at
+            proc, conn = self.sessions.start(mpc.model_owner_worker, params.to_dict(), self.ckpt_bytes, provider_at,
+                                             hospital_key.encode(), self.tape,
+                                             None if self.cfg.ttp_tls.ca_cert is None else str(self.cfg.ttp_tls.ca_cert),
+                                             bool(self.cfg.ttp_tls.insecure))
 
             def on_end(outcome, info):
+                self.jti_of.pop(sid, None)
                 self.admission.release(claims.jti, who)
                 reason = None if outcome == "ok" else (info if isinstance(info, str) else outcome)
                 self.audit.write(event="predict", patient_id=claims.sub, token_id=claims.jti, identity_claim=ident,
@@ -390,6 +402,7 @@ class InferenceService:
                                  duration_s=time.monotonic() - t0, session=tag, peer=peer)
                 log.info("session %s: %s in %.2fs", tag, outcome, time.monotonic() - t0)
 
+            self.jti_of[sid] = claims.jti
             self.sessions.hand_off(sid, tag, proc, conn, deadline, on_end, join_deadline=join_deadline)
             handed_off = True
         except RuntimeError as e:
@@ -400,18 +413,41 @@ class InferenceService:
             context.abort(grpc.StatusCode.INTERNAL, "the service could not start an MPC session")
         finally:
             if not handed_off:
+                self.jti_of.pop(sid, None)
                 self.sessions.discard(proc, conn)
                 self.sessions.release()
                 self.admission.release(claims.jti, who)
-        log.info("session %s opened for a patient (rendezvous port %d)", tag, params.port)
+        log.info("session %s opened for a patient", tag)
         return {
             "session_id": sid,
-            "rendezvous": {"host": self.host, "port": params.port},
-            "rank": mpc.PATIENT_RANK,
-            "world_size": mpc.WORLD_SIZE,
+            "crypto_provider": {"address": self.cfg.ttp_public or self.cfg.ttp, "server_name": ROLE_NAME},
             "timeout_s": timeout_s,
             **self.meta,
         }
+
+    def evaluate(self, request: tuple, context) -> tuple:
+        """The patient's share of the scan and its seed in; this party's share of the logits out."""
+        import grpc
+
+        header, blobs = request
+        t0 = time.monotonic()
+        claims = self._verify(header, context, t0, "evaluate")
+        sid = header.get("session_id")
+        ex = self.sessions.exchange(sid) if isinstance(sid, str) else None
+        if ex is None or not hmac.compare_digest(self.jti_of.get(sid, ""), claims.jti):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "no such session for this token (it ended, or the id "
+                                                             "is wrong)")
+        if not ex.claim():
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "this session already has its input")
+        try:
+            payload = dealer.contribution(blobs, mpc.shared_input_shape(self.ckpt.model, self.ckpt.image_size), None)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            out = ex.run(payload)
+        except RuntimeError as e:
+            context.abort(grpc.StatusCode.ABORTED, f"the encrypted session failed ({e})")
+        return {"shape": out["shape"]}, {"y": out["y"]}
 
     def health(self, request: dict, context) -> dict:
         return {"ok": True, "sessions": len(self.sessions), "model_version": self.meta["model_version"]}
@@ -425,12 +461,13 @@ def ttp_caller(cfg):
     secret = read_secret(cfg.ttp_secret, "TTP secret (--ttp-secret)")
     if cfg.ttp_tls.insecure:
         warn_insecure("serve-inference → TTP", RPC_EXPOSED)
-    channel = rpc.make_channel(cfg.ttp, ca_cert=cfg.ttp_tls.ca_cert, insecure=cfg.ttp_tls.insecure)
+    channel = rpc.make_channel(cfg.ttp, ca_cert=cfg.ttp_tls.ca_cert, insecure=cfg.ttp_tls.insecure,
+                               server_name=ROLE_NAME)
     stub = rpc.method(channel, TTP_SERVICE, START_SESSION)
     metadata = ((TTP_SECRET_HEADER, secret.decode()),) if secret else None
 
     def call(request: dict) -> dict:
-        return rpc.call(stub, request, timeout=35.0, what="TTP service", target=cfg.ttp, metadata=metadata)
+        return rpc.call(stub, request, timeout=35.0, what="crypto provider", target=cfg.ttp, metadata=metadata)
 
     return call
 
@@ -480,7 +517,8 @@ def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | Non
 
     svc = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, keys, audit, ttp)
     server, bound = rpc.start_server(
-        INFERENCE_SERVICE, {MODEL_INFO: svc.model_info, OPEN_SESSION: svc.open_session, HEALTH: svc.health},
+        INFERENCE_SERVICE, {MODEL_INFO: svc.model_info, OPEN_SESSION: svc.open_session, EVALUATE: svc.evaluate,
+                            HEALTH: svc.health},
         host=host, port=port, creds=creds, max_workers=cfg.max_sessions + 8, what="serve-inference",
         listen=cfg.listen)
     print(f"xrayfed serve-inference: listening on {host}:{bound}; model {ckpt.model_version} "
@@ -501,7 +539,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "model": s(args.model), "listen": args.listen,
         "token_keys": [str(k) for k in args.token_key] if args.token_key else None,
         "audience": args.audience, "tls.cert": s(args.cert), "tls.key": s(args.key), "ttp": args.ttp,
-        "ttp_tls.ca_cert": s(args.ttp_ca), "ttp_secret": s(args.ttp_secret), "mpc_host": args.mpc_host,
+        "ttp_tls.ca_cert": s(args.ttp_ca), "ttp_secret": s(args.ttp_secret), "ttp_public": args.ttp_public,
         "session_timeout_s": args.session_timeout, "max_sessions": args.max_sessions,
         "audit_log": s(args.audit_log), "tls.insecure": True if args.insecure else None,
         "max_sessions_per_token": args.max_sessions_per_token, "max_sessions_per_peer": args.max_sessions_per_peer,

@@ -1,19 +1,23 @@
 """``xrayfed predict``: a patient's encrypted prediction on their own chest X-ray.
 
 The scan never leaves the patient's device in the clear and the patient never learns the
-model's weights:
+model's weights. The process opens two outbound TLS connections, to the hospital's inference
+service and to the crypto provider (both on the ports those services listen on), never listens
+on a socket, and imports neither torch nor CrypTen (it starts in a fraction of a second):
 
 1. the scan is read and checked locally (PNG, JPEG or DICOM; a non-image or truncated file is
    refused before anything is sent), with the same preprocessing as training
-   (:func:`xrayfed.common.preprocess.prepare_scan`);
-2. ``ModelInfo`` (TLS, token) tells the image size the model takes; ``OpenSession`` sends the
-   token and the scan's *description* (size, channels, and for DICOM the PatientID — the
-   service refuses a scan that is not the token holder's own);
-3. this process joins the MPC session as rank 1 (:func:`xrayfed.common.mpc.run_patient`):
-   it secret-shares the scan, the hospital secret-shares the weights, the crypto provider
-   deals the randomness, and the logits are revealed to this process only;
-4. probabilities are computed here (sigmoid/softmax, :func:`xrayfed.common.prediction.probabilities`)
-   and printed with the class names.
+   (:func:`xrayfed.common.preprocess.prepare_scan_array`);
+2. ``ModelInfo`` (TLS, token) tells the image size, the input pool and the MPC tape;
+3. the patient shares its (input-pooled) scan, ``x = x0 + x1``, and deals the correlated
+   randomness of the whole forward pass (:mod:`xrayfed.common.mpc.dealer`);
+4. ``OpenSession`` sends the token and the scan's *description* (size, channels, and for DICOM
+   the PatientID — the service refuses a scan that is not the token holder's own); the hospital
+   starts its party and the crypto provider's, which connect to each other over TLS;
+5. ``Evaluate`` to both (in parallel): ``x0`` + a seed to the hospital, ``x1`` + a seed + the
+   dealt corrections to the crypto provider (whose certificate must carry the name
+   ``xrayfed-crypto-provider``); each answers its re-randomised share of the logits;
+6. the logits are the sum of the two shares; probabilities are computed here and printed.
 
 Every failure (bad file, wrong size/channels, unreachable service, refused token, broken
 session) ends as one line ``xrayfed: error: ...``.
@@ -23,14 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import time
 from pathlib import Path
 
 from xrayfed.common.errors import UserError
 from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
-from xrayfed.common.protocol.inference import INFERENCE_SERVICE, MODEL_INFO, OPEN_SESSION
+from xrayfed.common.protocol.inference import EVALUATE, INFERENCE_SERVICE, MODEL_INFO, OPEN_SESSION, TTP_SERVICE
+
+ROLE_NAME = "xrayfed-crypto-provider"  # the name the crypto provider's certificate must carry
 
 
 def _read_scan_identity(path: Path) -> tuple[str, str | None]:
@@ -49,39 +54,46 @@ def _read_scan_identity(path: Path) -> tuple[str, str | None]:
 
 
 def prepare(path: Path, image_size: int, in_channels: int):
-    """The scan as the model's input tensor (1, C, S, S), or a one-line UserError."""
-    import torch
+    """The scan as the model's input array (1, C, S, S) float32 (numpy), or a one-line UserError."""
+    import numpy as np
 
     from xrayfed.common import preprocess
 
     try:
-        x = preprocess.prepare_scan(path, image_size)
+        x = preprocess.prepare_scan_array(path, image_size)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - a preprocessing failure is the user's file
         raise UserError(f"--scan {path}: cannot read the image ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from None
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != 1:
-        raise UserError(f"--scan {path}: preprocessing gave an unexpected shape {tuple(getattr(x, 'shape', ()))}")
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise UserError(f"--scan {path}: preprocessing gave an unexpected shape {tuple(x.shape)}")
     if x.shape[1] != in_channels and x.shape[1] == 1:
-        x = x.repeat(1, in_channels, 1, 1)  # grayscale scan for a model with an RGB stem
+        x = np.repeat(x, in_channels, axis=1)  # grayscale scan for a model with an RGB stem
     if tuple(x.shape) != (1, in_channels, image_size, image_size):
         raise UserError(f"--scan {path}: image is {x.shape[1]} channel(s) x {x.shape[2]}x{x.shape[3]} px; "
                         f"the model takes {in_channels} channel(s) x {image_size}x{image_size} px")
-    if not torch.isfinite(x).all():
+    if not np.isfinite(x).all():
         raise UserError(f"--scan {path}: image has non-finite pixel values")
-    return x.float().contiguous()
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None = None, insecure: bool = False,
-            rpc_timeout: float = 30.0, observe=None) -> dict:
+def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None = None,
+            ttp_ca_cert: Path | None = None, insecure: bool = False, rpc_timeout: float = 30.0,
+            observe=None) -> dict:
     """Run one encrypted prediction; returns ``{class_names, probabilities, model_version, ...}``.
 
-    ``observe`` (tests only) is passed to :func:`xrayfed.common.mpc.run_patient`.
+    Imports neither torch nor CrypTen: the patient's part (sharing the scan, dealing the
+    randomness, adding the two output shares) is numpy (:mod:`xrayfed.common.mpc.dealer`).
+    ``observe(event)`` (tests only) is called at ``"dealt"`` and ``"sent_hospital"``.
     """
-    from xrayfed.common import rpc
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from xrayfed.common import preprocess, rpc
     from xrayfed.common.addresses import parse_hostport
-    from xrayfed.common.model import ModelSpec
+    from xrayfed.common.mpc import dealer
     from xrayfed.common.prediction import TaskSpec, decide, probabilities
     from xrayfed.common.security.tokens import read_token_file
 
@@ -90,8 +102,6 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
     scan = Path(scan)
     token = read_token_file(token_path)
     fmt, dicom_pid = _read_scan_identity(scan)
-    from xrayfed.common import preprocess
-
     try:
         preprocess.load_image(scan)  # a non-image or truncated file fails here, before any network
     except UserError:
@@ -101,44 +111,69 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
 
     if insecure:
         warn_insecure("predict", RPC_EXPOSED)
-    channel = rpc.make_channel(service, ca_cert=ca_cert, insecure=insecure)
+    hospital = rpc.make_channel(service, ca_cert=ca_cert, insecure=insecure)
+    provider = None
     try:
-        info = rpc.call(rpc.method(channel, INFERENCE_SERVICE, MODEL_INFO), {"token": token}, timeout=rpc_timeout,
+        info = rpc.call(rpc.method(hospital, INFERENCE_SERVICE, MODEL_INFO), {"token": token}, timeout=rpc_timeout,
                         what="the inference service", target=service)
-        spec = ModelSpec(**info["model"])
-        task = TaskSpec.from_dict(info["task"])
-        size = int(info["image_size"])
-        x = prepare(scan, size, spec.in_channels)
+        model, task = info["model"], TaskSpec.from_dict(info["task"])
+        size, chans = int(info["image_size"]), int(model.get("in_channels", 1))
+        x = prepare(scan, size, chans)
+        try:
+            tape = dealer.check_tape(info["mpc"]["tape"])
+            pool = int(info["mpc"]["input_pool"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"the inference service sent no usable MPC plan ({e}); is it an older version?") from None
 
-        from xrayfed.common import mpc
-
-        mpc.import_crypten()  # torch + CrypTen (seconds): before the session opens, not inside it
+        # The patient's part, before the session opens: share the (input-pooled) scan and deal
+        # the randomness of the whole forward pass.
+        t_deal = time.perf_counter()
+        x0, x1 = dealer.share(dealer.input_pool(x.astype(np.float64), max(1, pool)))
+        s0, s1 = dealer.new_seed(), dealer.new_seed()
+        corrections = dealer.deal(tape, s0, s1)
+        deal_s = time.perf_counter() - t_deal
+        if observe is not None:
+            observe("dealt")
 
         t_open = time.perf_counter()
-        sess = rpc.call(rpc.method(channel, INFERENCE_SERVICE, OPEN_SESSION),
-                        {"token": token, "scan": {"image_size": size, "channels": int(x.shape[1]), "format": fmt,
+        sess = rpc.call(rpc.method(hospital, INFERENCE_SERVICE, OPEN_SESSION),
+                        {"token": token, "scan": {"image_size": size, "channels": chans, "format": fmt,
                                                   "dicom_patient_id": dicom_pid}},
                         timeout=rpc_timeout, what="the inference service", target=service)
+        if sess.get("model_version") != info.get("model_version") or sess.get("model") != model \
+                or sess.get("mpc", {}).get("tape_digest") != dealer.tape_digest(tape):
+            raise UserError("the service changed its model between requests; run predict again")
+        cp = sess.get("crypto_provider") or {}
+        cp_addr = str(cp.get("address", ""))
+        parse_hostport(cp_addr, "the crypto provider's address (from the service)")
+        provider = rpc.make_channel(cp_addr, ca_cert=ttp_ca_cert or ca_cert, insecure=insecure,
+                                    server_name=None if insecure else str(cp.get("server_name") or ROLE_NAME))
+        sid = str(sess["session_id"])
+        to_h = ({"token": token, "session_id": sid}, {"x": dealer.pack(x0), "seed": s0})
+        to_c = ({"session_id": sid}, {"x": dealer.pack(x1), "seed": s1, "corrections": dealer.pack(corrections)})
+        sent = sum(len(v) for v in to_h[1].values()) + sum(len(v) for v in to_c[1].values())
+
+        def ask(channel, req, what, target):
+            return rpc.call(rpc.method(channel, INFERENCE_SERVICE if channel is hospital else TTP_SERVICE, EVALUATE),
+                            req, timeout=float(sess.get("timeout_s", 120)) + 5, what=what, target=target)
+
+        with ThreadPoolExecutor(2) as ex:
+            fh = ex.submit(ask, hospital, to_h, "the inference service", service)
+            if observe is not None:
+                observe("sent_hospital")
+            fc = ex.submit(ask, provider, to_c, "the crypto provider", cp_addr)
+            (hh, hb), (ch, cb) = fh.result(), fc.result()
     finally:
-        channel.close()
-    if sess.get("model_version") != info.get("model_version") or sess.get("model") != info.get("model"):
-        raise UserError("the service changed its model between requests; run predict again")
-    rv = sess["rendezvous"]
-    params = mpc.SessionParams(session_id=str(sess["session_id"]), host=str(rv["host"]), port=int(rv["port"]),
-                               timeout_s=float(sess["timeout_s"]))
-    try:  # fail fast (not after the whole session timeout) when the MPC path is blocked
-        socket.create_connection((params.host, params.port), timeout=10).close()
-        store = mpc.make_store(params, master=False)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot reach the MPC rendezvous at {params.host}:{params.port} "
-                        f"({type(e).__name__}); is the MPC network path (tunnel) up?") from None
+        hospital.close()
+        if provider is not None:
+            provider.close()
     try:
-        logits, stats = mpc.run_patient(params, store, spec, size, x, observe=observe, stats=True)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a broken session is one line for the patient
-        raise UserError(f"the encrypted session failed ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'})") from None
+        y0, y1 = dealer.unpack(hb["y"], hh["shape"]), dealer.unpack(cb["y"], ch["shape"])
+        logits = dealer.reconstruct(y0, y1).reshape(1, -1)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"the parties' answers do not fit together ({type(e).__name__})") from None
+    if logits.shape[1] != task.num_outputs:
+        raise UserError(f"the parties answered {logits.shape[1]} outputs; the model has {task.num_outputs}")
     probs = probabilities(task, logits)[0]
     threshold = info.get("threshold")
     return {
@@ -149,8 +184,8 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
         "prediction": decide(task, probs, threshold),
         "model_version": sess["model_version"],
         "timing": {"total_s": time.perf_counter() - t_start, "session_s": time.perf_counter() - t_open,
-                   "mpc_s": stats.get("mpc_s"), "init_s": stats.get("init_s")},
-        "communication": {"rounds": stats.get("rounds"), "bytes": stats.get("bytes")},
+                   "deal_s": deal_s},
+        "communication": {"bytes_sent": int(sent), "bytes_received": len(hb["y"]) + len(cb["y"])},
     }
 
 
@@ -172,8 +207,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import logging
 
     logging.getLogger().setLevel(logging.WARNING if not args.verbose else logging.DEBUG)  # CrypTen logs at INFO
-    res = predict(args.scan, args.service, args.token, ca_cert=args.ca_cert, insecure=args.insecure,
-                  rpc_timeout=args.timeout)
+    res = predict(args.scan, args.service, args.token, ca_cert=args.ca_cert, ttp_ca_cert=args.ttp_ca_cert,
+                  insecure=args.insecure, rpc_timeout=args.timeout)
     if args.json:
         print(json.dumps(res))
     else:

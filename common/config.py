@@ -366,8 +366,8 @@ class InferenceServiceConfig(_Strict):
     ttp: str = Field("127.0.0.1:9444", description="the crypto provider's TTP service HOST:PORT")
     ttp_tls: TLSConfig = Field(TLSConfig(), description="ca_cert verifies the TTP's certificate")
     ttp_secret: Path | None = Field(None, description="file with the secret shared with the TTP service")
-    mpc_host: str = Field("127.0.0.1", description="address the MPC parties reach this service's rendezvous "
-                                                  "at (the protected tunnel address in a deployment)")
+    ttp_public: str | None = Field(None, description="the crypto provider's address HOST:PORT as patients reach "
+                                                     "it (default: ttp)")
     session_timeout_s: float = Field(120.0, gt=1.0, le=3600.0, description="an MPC session is torn down after this")
     max_sessions: int = Field(4, ge=1, le=256, description="concurrent MPC sessions; more are refused (busy)")
     max_sessions_per_token: int = Field(1, ge=1, le=256, description="concurrent sessions one token may hold")
@@ -401,5 +401,5 @@ class TTPConfig(_Strict):
     session_timeout_s: float = Field(120.0, gt=1.0, le=3600.0)
     max_sessions: int = Field(8, ge=1, le=256)
     threads_per_party: int = Field(1, ge=1, le=64)
-    allowed_rendezvous: list[str] = Field(default_factory=list,
-                                          description="rendezvous hosts the TTP may join (empty: any)")
+    mpc_host: str = Field("127.0.0.1", description="address this service's MPC parties listen on for the "
+                                                   "hospital's party (TLS; reachable from the inference service)")

@@ -26,9 +26,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: a patient's process never imports it
+    import torch
 
 from xrayfed.common.errors import UserError
 
@@ -222,6 +226,8 @@ def normalize(u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     (S, S) → (1, S, S); a batch (N, S, S) → (N, 1, S, S). Only uint8 is accepted, so an
     already-normalised tensor cannot be normalised twice.
     """
+    import torch
+
     if isinstance(u8, torch.Tensor):
         t = u8
     else:
@@ -235,6 +241,15 @@ def normalize(u8: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise ValueError(f"normalize expects (S, S) or (N, S, S), got shape {tuple(t.shape)}")
     x = t.to(torch.float32).div_(255.0).sub_(0.5).div_(0.5)
     return x.unsqueeze(-3)
+
+
+def normalize_array(u8: np.ndarray) -> np.ndarray:
+    """:func:`normalize` in numpy (float32, same arithmetic): for processes without torch."""
+    a = np.asarray(u8)
+    if a.dtype != np.uint8:
+        raise TypeError(f"normalize expects uint8 scans (from to_uint8), got {a.dtype}")
+    x = ((a.astype(np.float32) / np.float32(255.0)) - np.float32(0.5)) / np.float32(0.5)
+    return x[..., None, :, :]
 
 
 def load_scan_uint8(path: Path | str, size: int) -> np.ndarray:
@@ -251,6 +266,11 @@ def prepare_scan(path: Path | str, size: int) -> torch.Tensor:
     Exactly what a training dataset yields for the same file (plus a batch axis).
     """
     return normalize(load_scan_uint8(path, size)).unsqueeze(0)
+
+
+def prepare_scan_array(path: Path | str, size: int) -> np.ndarray:
+    """:func:`prepare_scan` as a numpy float32 array (1, 1, size, size), without torch."""
+    return normalize_array(load_scan_uint8(path, size))[None]
 
 
 def read_dicom_patient_id(path: Path | str) -> str | None:

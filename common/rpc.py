@@ -14,7 +14,7 @@ from typing import Callable
 
 from xrayfed.common.errors import UserError
 
-MAX_MESSAGE = 1 << 20  # requests/responses are small JSON objects (no scans, no weights)
+MAX_MESSAGE = 64 << 20  # JSON objects, and the patient's shares + dealt randomness (a few MiB; never weights)
 OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
 
 
@@ -27,6 +27,42 @@ def loads(data: bytes) -> dict:
     if not isinstance(obj, dict):
         raise ValueError("message must be a JSON object")
     return obj
+
+
+def dumps_frame(msg: tuple[dict, dict]) -> bytes:
+    """A binary message: a JSON header and named byte blobs, ``(header, {name: bytes})``.
+
+    Layout: ``u32 header length | header JSON | blob bytes...``; the header lists each blob's
+    name and length under ``"_blobs"``. Used where a message carries arrays (MPC shares).
+    """
+    import struct
+
+    header, blobs = msg
+    head = dict(header, _blobs=[[k, len(v)] for k, v in blobs.items()])
+    h = json.dumps(head, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return b"".join([struct.pack("<I", len(h)), h, *blobs.values()])
+
+
+def loads_frame(data: bytes) -> tuple[dict, dict]:
+    import struct
+
+    if len(data) < 4:
+        raise ValueError("frame too short")
+    (n,) = struct.unpack_from("<I", data)
+    if n > 1 << 20 or 4 + n > len(data):
+        raise ValueError("frame header length out of range")
+    head = json.loads(data[4:4 + n].decode("utf-8"))
+    if not isinstance(head, dict) or not isinstance(head.get("_blobs", []), list):
+        raise ValueError("frame header must be a JSON object")
+    blobs, pos = {}, 4 + n
+    for name, size in head.pop("_blobs", []):
+        if not (isinstance(name, str) and isinstance(size, int) and 0 <= size <= len(data) - pos):
+            raise ValueError("frame blob out of range")
+        blobs[name] = data[pos:pos + size]
+        pos += size
+    if pos != len(data):
+        raise ValueError("frame has trailing bytes")
+    return head, blobs
 
 
 def _read(path: Path | None, what: str) -> bytes:
@@ -50,27 +86,39 @@ def server_credentials(cert: Path | None, key: Path | None, what: str):
         raise UserError(f"{what}: unusable TLS certificate/key ({type(e).__name__})") from None
 
 
-def make_channel(target: str, *, ca_cert: Path | None, insecure: bool):
-    """A channel to ``target``: TLS verified by ``ca_cert`` (or the system roots), or plaintext."""
+def make_channel(target: str, *, ca_cert: Path | None, insecure: bool, server_name: str | None = None):
+    """A channel to ``target``: TLS verified by ``ca_cert`` (or the system roots), or plaintext.
+    ``server_name``: the certificate must be valid for this name instead of the target's host
+    (pins a role, e.g. the crypto provider's certificate)."""
     import grpc
 
     if insecure:
         return grpc.insecure_channel(target, options=OPTIONS)
     root = _read(ca_cert, "CA certificate (--ca-cert)") if ca_cert is not None else None
-    return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root), options=OPTIONS)
+    opts = OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root), options=opts)
+
+
+BINARY_METHODS = frozenset({"Evaluate"})  # methods whose messages are frames (header + blobs), not JSON
 
 
 def method(channel, service: str, name: str):
+    if name in BINARY_METHODS:
+        return channel.unary_unary(f"/{service}/{name}", request_serializer=dumps_frame,
+                                   response_deserializer=loads_frame)
     return channel.unary_unary(f"/{service}/{name}", request_serializer=dumps, response_deserializer=loads)
 
 
 def generic_handler(service: str, methods: dict[str, Callable]):
     import grpc
 
-    return grpc.method_handlers_generic_handler(service, {
-        name: grpc.unary_unary_rpc_method_handler(fn, request_deserializer=loads, response_serializer=dumps)
-        for name, fn in methods.items()
-    })
+    def handler(name, fn):
+        if name in BINARY_METHODS:
+            return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=loads_frame,
+                                                       response_serializer=dumps_frame)
+        return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=loads, response_serializer=dumps)
+
+    return grpc.method_handlers_generic_handler(service, {name: handler(name, fn) for name, fn in methods.items()})
 
 
 def start_server(service: str, methods: dict[str, Callable], *, host: str, port: int, creds, max_workers: int,

@@ -84,9 +84,11 @@ def register_report(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- CLI
 def register_serve_ttp(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve-ttp",
-                       help="run the crypto provider (CrypTen trusted third party) for encrypted inference",
-                       description="The crypto provider of encrypted inference: deals CrypTen's multiplication "
-                       "triples. Run it on a host the hospital does not control.")
+                       help="run the crypto provider (the second computing party) for encrypted inference",
+                       description="The crypto provider of encrypted inference: computes every encrypted "
+                       "prediction together with the hospital's service, on shares only. Run it on a host the "
+                       "hospital does not control; its TLS certificate must carry the name "
+                       "'xrayfed-crypto-provider' (xrayfed certs init makes one).")
     p.add_argument("--config", type=Path, help="TOML file with TTPConfig settings")
     p.add_argument("--listen", help="gRPC address HOST:PORT (default 127.0.0.1:9444)")
     p.add_argument("--cert", type=Path, help="TLS certificate (PEM)")
@@ -94,8 +96,8 @@ def register_serve_ttp(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--secret", type=Path, help="file with the secret shared with the inference service")
     p.add_argument("--session-timeout", type=float, help="seconds before a session is torn down (default 120)")
     p.add_argument("--max-sessions", type=int, help="concurrent sessions (default 8)")
-    p.add_argument("--allow-rendezvous", action="append", metavar="HOST",
-                   help="rendezvous host the TTP may join (repeatable; default: any)")
+    p.add_argument("--mpc-host", help="address its MPC parties listen on for the hospital's party "
+                   "(default 127.0.0.1; must be reachable from the inference service)")
     p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
     p.set_defaults(func=handler("xrayfed.server.ttp", "_cmd_serve"))
 

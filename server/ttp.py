@@ -1,18 +1,23 @@
-"""``xrayfed serve-ttp``: the crypto provider — CrypTen's trusted third party (TTP).
+"""``xrayfed serve-ttp``: the crypto provider — the second computing party of every encrypted
+prediction.
 
-Run by someone who does not collude with the hospital (e.g. the federation operator). It deals
-the correlated randomness (Beaver triples, wrap counts, random bits) of each encrypted
-prediction and never sees a scan, a weight or a result: it only generates random values and
-sends them; nothing the parties compute is sent to it. If it colluded with the hospital, the
-two together could open the patient's scan — that is the non-collusion assumption.
+Run by someone who does not collude with the hospital (e.g. the federation operator). Per
+session its party (rank 1) holds a random share of the model's weights and of the patient's
+scan, computes the encrypted forward pass together with the hospital's party over one TLS link,
+and returns its share of the logits to the patient, re-randomised. It never holds a plaintext
+scan, weight or result. If it colluded with the hospital, the two together could open the
+patient's scan; with the patient, the weights — that is the non-collusion assumption.
 
-gRPC API (JSON messages, see :mod:`xrayfed.common.rpc`), service ``xrayfed.ttp.v1.TTP``:
+gRPC API (:mod:`xrayfed.common.rpc`), service ``xrayfed.ttp.v1.TTP``:
 
-* ``StartSession {session_id, host, port, timeout_s}`` → ``{"ok": true}``: joins the session's
-  rendezvous ``host:port`` as rank 2 from a warm pre-forked worker and serves until the
-  hospital's party (rank 0) ends the session, the connection breaks or ``timeout_s`` passes.
-  Only the hospital's inference service may call it: the request must carry the shared secret
-  (metadata ``x-xrayfed-ttp-secret``, compared in constant time) over TLS.
+* ``StartSession {session_id, hospital_key, model, image_size, tape, timeout_s,
+  join_timeout_s}`` → ``{host, port}``: only the hospital's inference service may call it (the
+  shared secret in metadata ``x-xrayfed-ttp-secret``, compared in constant time, over TLS). A
+  warm pre-forked party listens on ``mpc_host`` (port picked by the OS) for the one TLS
+  connection that proves ``hospital_key``.
+* ``Evaluate`` (the patient; binary frame) ``{session_id} + {x, seed, corrections}`` → ``{shape}
+  + {y}``: the session id is the patient's capability (the hospital gave it to the patient and to
+  this service only, both over TLS); a session accepts one input.
 * ``Health {}`` → ``{"ok": true, "sessions": n}``.
 """
 
@@ -30,9 +35,10 @@ from xrayfed.common import mpc, rpc
 from xrayfed.common.addresses import parse_hostport
 from xrayfed.common.config import TTPConfig, load_config
 from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
-from xrayfed.common.mpc import WorkerPool
+from xrayfed.common.mpc import WorkerPool, dealer
 from xrayfed.common.mpc.sessions import SessionTable
 from xrayfed.common.protocol.inference import (
+    EVALUATE,
     HEALTH,
     START_SESSION,
     TTP_SECRET_HEADER,
@@ -49,6 +55,7 @@ class TTPService:
         self.cfg = cfg
         self.secret = secret
         self.sessions = SessionTable(pool, cfg.max_sessions, name="ttp")
+        self.shapes: dict[str, tuple] = {}  # session id -> (input shape, corrections)
 
     # ----------------------------------------------------------------- handlers
     def _authorise(self, context) -> None:
@@ -58,7 +65,7 @@ class TTPService:
             return
         got = dict(context.invocation_metadata()).get(TTP_SECRET_HEADER, "")
         if not hmac.compare_digest(got.encode(), self.secret):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "TTP: missing or wrong service secret")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "crypto provider: missing or wrong service secret")
 
     def health(self, request: dict, context) -> dict:
         self._authorise(context)
@@ -67,46 +74,78 @@ class TTPService:
     def start_session(self, request: dict, context) -> dict:
         import grpc
 
+        from xrayfed.common.model import ModelSpec
 
         self._authorise(context)
         sid = request.get("session_id")
-        host = request.get("host")
-        port = request.get("port")
+        key = request.get("hospital_key")
         timeout_s = request.get("timeout_s", self.cfg.session_timeout_s)
+        join_s = request.get("join_timeout_s", 30.0)
         if not (isinstance(sid, str) and SESSION_ID_RE.match(sid)):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id: 32 hex digits expected")
-        if not (isinstance(host, str) and 0 < len(host) < 256 and isinstance(port, int) and 0 < port < 65536):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "host/port: a rendezvous address is required")
-        if self.cfg.allowed_rendezvous and host not in self.cfg.allowed_rendezvous:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"rendezvous host {host!r} is not allowed")
-        if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+        if not (isinstance(key, str) and SESSION_ID_RE.match(key)):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hospital_key: 32 hex digits expected")
+        if not isinstance(timeout_s, (int, float)) or timeout_s <= 0 or not isinstance(join_s, (int, float)):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "timeout_s must be a positive number")
+        try:
+            spec = ModelSpec(**request.get("model", {}))
+            size = int(request.get("image_size"))
+            tape = dealer.check_tape(request.get("tape"))
+        except Exception as e:  # noqa: BLE001 - one line back to the hospital
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model/tape: {type(e).__name__}")
         timeout_s = min(float(timeout_s), self.cfg.session_timeout_s)
         if not self.sessions.reserve():
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "TTP is busy (max_sessions reached)")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the crypto provider is busy (max_sessions reached)")
         handed_off = False
         proc = conn = None
         try:
-            params = mpc.SessionParams(session_id=sid, host=host, port=port, timeout_s=timeout_s,
+            params = mpc.SessionParams(session_id=sid, host=self.cfg.mpc_host, port=0, timeout_s=timeout_s,
                                        threads=self.cfg.threads_per_party)
             deadline = time.monotonic() + timeout_s
-            proc, conn = self.sessions.start(mpc.ttp_worker, params.to_dict())
-            kind, payload = mpc.wait_message(conn, ("connected",), min(deadline, time.monotonic() + 30))
-            if kind != "connected":
+            join_deadline = time.monotonic() + min(float(join_s), timeout_s)
+            cert = None if self.cfg.tls.insecure else str(self.cfg.tls.cert)
+            tkey = None if self.cfg.tls.insecure else str(self.cfg.tls.key)
+            proc, conn = self.sessions.start(mpc.provider_worker, params.to_dict(), spec.model_dump(), size, tape,
+                                             key.encode(), self.cfg.mpc_host, cert, tkey, float(join_s))
+            kind, port = mpc.wait_message(conn, ("listening",), min(deadline, time.monotonic() + 30))
+            if kind != "listening":
                 context.abort(grpc.StatusCode.UNAVAILABLE,
-                              f"TTP could not join the session rendezvous ({kind}{': ' + payload if payload else ''})")
+                              f"the crypto provider's party did not start ({kind}{': ' + port if port else ''})")
             tag = mpc.session_tag(sid)
+            self.shapes[sid] = (mpc.shared_input_shape(spec, size), dealer.correction_sizes(tape))
 
             def on_end(outcome, info, t0=time.monotonic()):
+                self.shapes.pop(sid, None)
                 log.info("session %s ended: %s (%.2fs)", tag, outcome, time.monotonic() - t0)
 
-            self.sessions.hand_off(sid, tag, proc, conn, deadline, on_end)
+            self.sessions.hand_off(sid, tag, proc, conn, deadline, on_end, join_deadline=join_deadline)
             handed_off = True
-            return {"ok": True}
+            return {"host": self.cfg.mpc_host, "port": int(port)}
         finally:
             if not handed_off:
                 self.sessions.discard(proc, conn)
                 self.sessions.release()
+
+    def evaluate(self, request: tuple, context) -> tuple:
+        import grpc
+
+        header, blobs = request
+        sid = header.get("session_id")
+        ex = self.sessions.exchange(sid) if isinstance(sid, str) and SESSION_ID_RE.match(sid) else None
+        shapes = self.shapes.get(sid) if ex is not None else None
+        if ex is None or shapes is None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "no such session (it ended, or the id is wrong)")
+        if not ex.claim():
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "this session already has its input")
+        try:
+            payload = dealer.contribution(blobs, shapes[0], shapes[1])
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            out = ex.run(payload)
+        except RuntimeError as e:
+            context.abort(grpc.StatusCode.ABORTED, f"the encrypted session failed ({e})")
+        return {"shape": out["shape"]}, {"y": out["y"]}
 
     def stop_all(self) -> None:
         self.sessions.stop_all()
@@ -117,7 +156,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "listen": args.listen, "tls.cert": str(args.cert) if args.cert else None,
         "tls.key": str(args.key) if args.key else None, "secret": str(args.secret) if args.secret else None,
         "session_timeout_s": args.session_timeout, "max_sessions": args.max_sessions,
-        "allowed_rendezvous": args.allow_rendezvous, "tls.insecure": True if args.insecure else None,
+        "mpc_host": args.mpc_host, "tls.insecure": True if args.insecure else None,
     })
     return serve(cfg)
 
@@ -129,19 +168,19 @@ def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | Non
     if cfg.tls.insecure:
         warn_insecure("serve-ttp", RPC_EXPOSED)
     if secret is None:
-        print("xrayfed: WARNING: serve-ttp without --secret: anyone who reaches it can start TTP sessions",
+        print("xrayfed: WARNING: serve-ttp without --secret: anyone who reaches it can start sessions",
               file=sys.stderr, flush=True)
 
     # Warm the zygote (imports torch + CrypTen once) BEFORE any gRPC thread exists.
-
     pool = WorkerPool()
     warm_s = pool.warm()
     svc = TTPService(cfg, pool, secret)
-    server, bound = rpc.start_server(TTP_SERVICE, {START_SESSION: svc.start_session, HEALTH: svc.health},
-                                     host=host, port=port, creds=creds, max_workers=cfg.max_sessions + 4,
+    server, bound = rpc.start_server(TTP_SERVICE, {START_SESSION: svc.start_session, EVALUATE: svc.evaluate,
+                                                   HEALTH: svc.health},
+                                     host=host, port=port, creds=creds, max_workers=2 * cfg.max_sessions + 4,
                                      what="serve-ttp", listen=cfg.listen)
-    print(f"xrayfed serve-ttp: listening on {host}:{bound} (workers warm in {warm_s:.1f}s, "
-          f"max {cfg.max_sessions} sessions, timeout {cfg.session_timeout_s:.0f}s)", flush=True)
+    print(f"xrayfed serve-ttp: listening on {host}:{bound}, MPC party links on {cfg.mpc_host} (workers warm in "
+          f"{warm_s:.1f}s, max {cfg.max_sessions} sessions, timeout {cfg.session_timeout_s:.0f}s)", flush=True)
     try:
         return rpc.run_until_stopped(server, svc.stop_all, ready, stop)
     finally:

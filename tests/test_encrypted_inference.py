@@ -159,7 +159,8 @@ class Stack:
         pki = root / "pki"
         self.ports["ttp"] = free_port()
         self._spawn("ttp", [xr, "serve-ttp", "--listen", f"127.0.0.1:{self.ports['ttp']}", "--cert",
-                            str(pki / "server.pem"), "--key", str(pki / "server.key"), "--secret", str(self.secret),
+                            str(pki / "ttp" / "tls.pem"), "--key", str(pki / "ttp" / "tls.key"),
+                            "--secret", str(self.secret),
                             "--session-timeout", str(SESSION_TIMEOUT)])
         for name in ("binary", "multilabel"):
             self.ports[name] = free_port()

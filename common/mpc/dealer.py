@@ -217,3 +217,25 @@ def check_tape(tape: Any) -> list[dict]:
     if correction_sizes(tape) > 64 << 20:
         raise ValueError("tape asks for more than 512 MiB of corrections")
     return tape
+
+
+def contribution(blobs: dict, shape: Iterable[int], corrections: int | None) -> dict:
+    """The patient's contribution to one party, checked (ValueError with the reason): ``x`` (int64
+    share of ``shape``), ``seed`` (16 bytes) and, for the crypto provider, ``corrections``
+    int64 values."""
+    shape = tuple(int(s) for s in shape)
+    n = int(np.prod(shape))
+    x, seed = blobs.get("x", b""), blobs.get("seed", b"")
+    if len(x) != 8 * n:
+        raise ValueError(f"the scan share has {len(x)} bytes; this model takes {8 * n} ({shape} int64)")
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"the seed must be {SEED_BYTES} bytes")
+    out = {"x": unpack(x, shape), "seed": bytes(seed)}
+    if corrections is not None:
+        c = blobs.get("corrections", b"")
+        if len(c) != 8 * corrections:
+            raise ValueError(f"the dealt randomness has {len(c)} bytes; this model's tape needs {8 * corrections}")
+        out["corrections"] = unpack(c)
+    elif "corrections" in blobs:
+        raise ValueError("only the crypto provider takes dealt randomness")
+    return out

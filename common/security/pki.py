@@ -7,6 +7,10 @@
                                           SAN = --server-name/--server-ip + localhost/127.0.0.1/::1
     DIR/inference/tls.pem, tls.key        TLS certificate of the inference service (same SANs)
     DIR/inference/token-signing.key, .pub Ed25519 key pair that signs inference access tokens
+    DIR/ttp/tls.pem, tls.key              TLS certificate of the crypto provider (``serve-ttp``); its
+                                          SANs include the role name ``xrayfed-crypto-provider``,
+                                          which patients and hospitals require of it (no other
+                                          certificate the CA issues carries that name)
     DIR/hospitals/NAME/auth.key, auth.pub SuperNode authentication key pair (EC P-384, OpenSSH
                                           format: what ``flower-supernode
                                           --auth-supernode-private-key`` and ``flwr supernode
@@ -51,6 +55,9 @@ KEY_MODE = 0o600
 
 
 # --------------------------------------------------------------------------- small helpers
+CRYPTO_PROVIDER_NAME = "xrayfed-crypto-provider"  # = common.mpc.channel.ROLE_NAME
+
+
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
@@ -317,7 +324,7 @@ def init_pki(
     if len(set(names)) != len(names):
         raise UserError(f"--hospital: a name is given twice ({names})")
 
-    keys = [out / "ca.key", out / "server.key", out / "inference" / "tls.key",
+    keys = [out / "ca.key", out / "server.key", out / "inference" / "tls.key", out / "ttp" / "tls.key",
             out / "inference" / "token-signing.key"] + [_hospital_paths(out, n)["auth_key"] for n in names]
     refuse_existing(keys, force, hint=" (use `xrayfed certs add-hospital` to add a hospital to an existing federation)")
     if not dns and not ips:
@@ -345,6 +352,13 @@ def init_pki(
     _write(inf / "tls.key", _pem_private(inf_key), KEY_MODE)
     _write(inf / "tls.pem", inf_cert.public_bytes(serialization.Encoding.PEM))
     _write(inf / "ca.pem", ca_pem)
+    ttp = out / "ttp"
+    ttp.mkdir(exist_ok=True)
+    ttp_key, ttp_cert = _make_leaf(ca_key, ca_cert, CRYPTO_PROVIDER_NAME, [CRYPTO_PROVIDER_NAME] + dns, ips,
+                                   cert_days)
+    _write(ttp / "tls.key", _pem_private(ttp_key), KEY_MODE)
+    _write(ttp / "tls.pem", ttp_cert.public_bytes(serialization.Encoding.PEM))
+    _write(ttp / "ca.pem", ca_pem)
     tok = ed25519.Ed25519PrivateKey.generate()
     _write(inf / "token-signing.key", _pem_private(tok), KEY_MODE)
     _write(inf / "token-signing.pub", _pem_public(tok.public_key()))
@@ -367,6 +381,8 @@ def init_pki(
                       "token_signing_key": "inference/token-signing.key",
                       "token_signing_pub": "inference/token-signing.pub",
                       "fingerprint": _cert_fingerprint(inf_cert)},
+        "crypto_provider": {"cert": "ttp/tls.pem", "key": "ttp/tls.key", "ca": "ttp/ca.pem",
+                            "name": CRYPTO_PROVIDER_NAME, "fingerprint": _cert_fingerprint(ttp_cert)},
         "hospitals": dict(old.get("hospitals", {})) if old else {},
     }
     for name, entry in manifest["hospitals"].items():  # refresh CA copies of kept hospitals
