@@ -158,7 +158,9 @@ def test_secrets_only_where_their_role_needs_them(compose):
     for name, mounts in everything.items():
         for host, _, _ in mounts:
             if host in ("./secrets/server/atrest.key", "./pki/server.key"):
-                assert name in ("superlink", "ttp"), (name, host)
+                assert name == "superlink", (name, host)
+            if host == "./pki/ttp/tls.key":
+                assert name == "ttp", (name, host)
     # each hospital's --auth-key and --atrest-key-file come from its own mounts
     for h in HOSPITALS:
         hosts = {t: hst for hst, t, _ in everything[h]}
@@ -172,7 +174,8 @@ def test_only_public_ports_are_published(compose):
     published = {name: [str(p) for p in svc.get("ports", [])] for name, svc in compose["services"].items()}
     assert published["superlink"] == [f"{listen}:{listen}"]
     assert all(control not in p for ps in published.values() for p in ps)
-    assert {n for n, ps in published.items() if ps} == {"superlink", "inference"}
+    # patients reach the inference service and the crypto provider (both TLS); nothing else
+    assert {n for n, ps in published.items() if ps} == {"superlink", "inference", "ttp"}
     for name, svc in compose["services"].items():  # unprivileged containers
         assert svc.get("user", "").startswith("${XRAYFED_UID") and svc.get("cap_drop") == ["ALL"], name
 
@@ -237,7 +240,7 @@ def test_example_configs_of_every_role_load():
     inf = load_config(InferenceServiceConfig, cfgs / "inference.toml")
     assert not inf.tls.insecure and inf.tls.cert and inf.ttp_secret
     ttp = load_config(TTPConfig, cfgs / "ttp.toml")
-    assert ttp.secret and ttp.allowed_rendezvous == [inf.mpc_host]
+    assert ttp.secret and ttp.mpc_host and inf.ttp_public and "ttp/tls.pem" in str(ttp.tls.cert)
     for f in ("server.env.example", "hospital.env.example"):
         text = (cfgs / f).read_text()
         assert "XRAYFED_ATREST_KEY_FILE=" in text

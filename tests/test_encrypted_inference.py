@@ -379,8 +379,10 @@ def test_killed_patient_mid_session_leaves_service_serving(stack, tmp_path):
     script.write_text(
         "import os, signal, sys\n"
         "from xrayfed.client import patient\n"
-        "def observe(name, value):\n"
-        "    if name == 'weight_shares':\n"
+        "import time\n"
+        "def observe(name):\n"
+        "    if name == 'sent_hospital':  # its share reached the hospital, the crypto provider's never will\n"
+        "        time.sleep(0.5)\n"
         "        os.kill(os.getpid(), signal.SIGKILL)  # dies in the middle of the MPC session\n"
         "patient.predict(sys.argv[1], sys.argv[2], sys.argv[3], ca_cert=sys.argv[4], observe=observe)\n")
     r = subprocess.run([sys.executable, str(script), str(scan), stack.service("binary"), str(stack.token),
@@ -403,21 +405,20 @@ def test_killed_patient_mid_session_leaves_service_serving(stack, tmp_path):
 def test_abandoned_session_is_torn_down_within_timeout(stack):
     from xrayfed.common import rpc
 
+    n_before = len(audit_lines(stack.audit("binary")))
     ch = rpc.make_channel(stack.service("binary"), ca_cert=stack.ca, insecure=False)
     sess = rpc.call(rpc.method(ch, "xrayfed.inference.v1.Inference", "OpenSession"),
                     {"token": stack.token.read_text().strip(), "scan": {"image_size": SIZE, "channels": 1}},
                     timeout=30, what="svc", target="x")
-    port = sess["rendezvous"]["port"]
-    assert "state_dict" not in json.dumps(sess) and sess["rank"] == 1
-    assert not port_closed(port)  # the hospital's party is waiting for us ...
+    assert "state_dict" not in json.dumps(sess) and sess["crypto_provider"]["address"] == stack.service("ttp")
     t0 = time.time()
-    deadline = t0 + SESSION_TIMEOUT + 15
-    while not port_closed(port) and time.time() < deadline:
-        time.sleep(0.3)
-    assert port_closed(port), "rendezvous port still open after the session timeout"
+    assert live_workers(stack.procs["binary"]) and live_workers(stack.procs["ttp"])  # both parties wait for us
+    wait_no_workers(stack.procs["binary"], timeout=SESSION_TIMEOUT + 15)
+    wait_no_workers(stack.procs["ttp"], timeout=SESSION_TIMEOUT + 15)
     assert time.time() - t0 <= SESSION_TIMEOUT + 15
-    wait_no_workers(stack.procs["binary"], timeout=10)
-    wait_no_workers(stack.procs["ttp"], timeout=SESSION_TIMEOUT + 10)
+    rec = wait_audit(stack.audit("binary"), lambda r: r["outcome"] != "ok" and r["event"] == "predict"
+                     and r in audit_lines(stack.audit("binary"))[n_before:])
+    assert rec["outcome"] in ("not_joined", "timeout", "failed")
     health = rpc.call(rpc.method(ch, "xrayfed.inference.v1.Inference", "Health"), {}, timeout=10, what="svc",
                       target="x")
     assert health["ok"] and health["sessions"] == 0
@@ -438,19 +439,21 @@ def _looks_uniform_ring(share: torch.Tensor) -> bool:
 
 
 @pytest.mark.slow
-def test_hospital_never_holds_scan_and_patient_never_holds_weights(pool, tmp_path):
+def test_hospital_never_holds_scan_and_crypto_provider_never_holds_weights(pool, tmp_path):
+    """What each computing party holds of the scan and of the weights is a uniformly random
+    share; the patient gets re-randomised output shares (uniform on their own)."""
     from xrayfed.common import mpc
     from xrayfed.common.preprocess import prepare_scan
 
     ckpt = make_checkpoint(TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")), 3)
     x = prepare_scan(write_png(tmp_path / "scan.png", seed=9), SIZE)
-    encoded = torch.round(x * 2**16).long()  # what CrypTen would hold if it were not shared
+    encoded = torch.round(x * 2**16).long()  # what a party would hold if it were not shared (no input pool at 32 px)
     runs = []
     for i in range(2):
         d = tmp_path / f"run{i}"
         d.mkdir()
         res = mpc.run_local_session(pool, ckpt, x, timeout_s=60, observe_dir=str(d))
-        runs.append((res, torch.load(d / "hospital.pt"), torch.load(d / "patient.pt")))
+        runs.append((res, torch.load(d / "hospital.pt"), torch.load(d / "provider.pt")))
     ref = ckpt.build()(x).detach().numpy()
     for res, _, _ in runs:
         assert np.abs(res["logits"] - ref).max() < 1e-2
@@ -467,9 +470,19 @@ def test_hospital_never_holds_scan_and_patient_never_holds_weights(pool, tmp_pat
     assert float((h0 == h1).double().mean()) < 0.01  # fresh randomness per session
     assert abs(_corr(h0 - h1, x)) < 0.15
 
-    sd = {k: torch.round(v.float() * 2**16).long() for k, v in ckpt.state_dict.items()}
-    for _, _, patient_seen in runs:
-        shares = patient_seen["weight_shares"]
+    for _, _, provider_seen in runs:  # the crypto provider's share of the scan: the same checks
+        share = provider_seen["scan_share"]
+        assert abs(_corr(share, x)) < 0.15 and _looks_uniform_ring(share)
+    for res, _, _ in runs:  # each output share the patient receives is a uniform ring element
+        for y in res["shares"].values():
+            assert (np.abs(y.astype(np.float64)) > 2.0**40).all()
+
+    from xrayfed.common.model import fold_standardization
+
+    sd = {k: torch.round(v.float() * 2**16).long() for k, v in fold_standardization(ckpt.model,
+                                                                                      ckpt.state_dict).items()}
+    for _, _, provider_seen in runs:
+        shares = provider_seen["weight_shares"]
         assert set(shares) == set(sd)
         flat_s = torch.cat([shares[k].ravel() for k in sd])
         flat_w = torch.cat([sd[k].ravel() for k in sd])
@@ -573,18 +586,18 @@ def test_service_and_ttp_configs_from_toml(tmp_path):
     from xrayfed.common.config import InferenceServiceConfig, TTPConfig, load_config
 
     (tmp_path / "inference.toml").write_text(
-        'model = "global.pt"\ntoken_keys = ["keys/token.pub"]\nttp = "10.77.0.3:9444"\nmpc_host = "10.77.0.2"\n'
+        'model = "global.pt"\ntoken_keys = ["keys/token.pub"]\nttp = "10.77.0.3:9444"\nttp_public = "ttp.example:9444"\n'
         'session_timeout_s = 60\n[tls]\ncert = "tls.pem"\nkey = "tls.key"\n[ttp_tls]\nca_cert = "ca.pem"\n')
     cfg = load_config(InferenceServiceConfig, tmp_path / "inference.toml", {"max_sessions": 2})
     assert cfg.model == tmp_path / "global.pt" and cfg.token_keys == [tmp_path / "keys" / "token.pub"]
     assert cfg.tls.cert == tmp_path / "tls.pem" and cfg.ttp_tls.ca_cert == tmp_path / "ca.pem"
-    assert (cfg.mpc_host, cfg.session_timeout_s, cfg.max_sessions) == ("10.77.0.2", 60.0, 2)
+    assert (cfg.ttp_public, cfg.session_timeout_s, cfg.max_sessions) == ("ttp.example:9444", 60.0, 2)
     with pytest.raises(UserError, match="max_sessions"):
         load_config(InferenceServiceConfig, None, {"max_sessions": 0})
     with pytest.raises(UserError, match="unknown setting"):
         load_config(TTPConfig, None, {"provider": "TFP"})
-    ttp = load_config(TTPConfig, None, {"allowed_rendezvous": ["10.77.0.2"], "tls.insecure": True})
-    assert ttp.allowed_rendezvous == ["10.77.0.2"] and ttp.tls.insecure
+    ttp = load_config(TTPConfig, None, {"mpc_host": "10.77.0.3", "tls.insecure": True})
+    assert ttp.mpc_host == "10.77.0.3" and ttp.tls.insecure
 
 
 class PeerContext(FakeContext):
@@ -616,7 +629,14 @@ def test_one_caller_cannot_hold_the_service(pool, tmp_path):
                                  allow_scans_without_patient_id=True, audit_log=tmp_path / "audit.jsonl")
     toks = {n: tokens.issue_token(key, n, int(time.time()) + 600) for n in ("A", "B", "C", "D")}
     audit = AuditLog(cfg.audit_log)
-    svc = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, tokens.load_public_keys([pub]), audit, lambda r: {})
+    silent = socket.socket()  # a crypto provider party that never answers: sessions wait for nobody
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+
+    def provider(request):
+        return {"host": "127.0.0.1", "port": silent.getsockname()[1]}
+
+    svc = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, tokens.load_public_keys([pub]), audit, provider)
     scan = {"image_size": SIZE, "channels": 1}
 
     def open_(tok, peer="ipv4:10.0.0.5:1000"):
@@ -652,9 +672,11 @@ def test_one_caller_cannot_hold_the_service(pool, tmp_path):
     finally:
         svc.stop_all()
         audit.close()
+        silent.close()
     # a restart does not reset the budget (it is counted from the audit log)
     audit2 = AuditLog(cfg.audit_log)
-    svc2 = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, tokens.load_public_keys([pub]), audit2, lambda r: {})
+    svc2 = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, tokens.load_public_keys([pub]), audit2, provider,
+                            tape=svc.tape)
     ctx = PeerContext()
     with pytest.raises(_Aborted):
         svc2.open_session({"token": toks["A"], "scan": scan}, ctx)
