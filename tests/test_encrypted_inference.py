@@ -333,6 +333,86 @@ def test_ttp_only_serves_the_hospital(stack):
     ch.close()
 
 
+@pytest.mark.slow
+def test_no_process_without_the_session_credentials_gets_in(stack, tmp_path):
+    """A fourth process cannot join a session: not at the crypto provider without the session id,
+    not at the hospital with another patient's token, and not a second time with the real one."""
+    import grpc
+
+    from xrayfed.common import rpc
+    from xrayfed.common.mpc import dealer
+
+    tok = stack.token.read_text().strip()
+    other = stack.write_token("other.tok", "PAT-OTHER").read_text().strip()
+    hosp = rpc.make_channel(stack.service("binary"), ca_cert=stack.ca, insecure=False)
+    prov = rpc.make_channel(stack.service("ttp"), ca_cert=stack.ca, insecure=False,
+                            server_name="xrayfed-crypto-provider")
+    info = rpc.call(rpc.method(hosp, "xrayfed.inference.v1.Inference", "ModelInfo"), {"token": tok}, timeout=30,
+                    what="svc", target="x")
+    sess = rpc.call(rpc.method(hosp, "xrayfed.inference.v1.Inference", "OpenSession"),
+                    {"token": tok, "scan": {"image_size": SIZE, "channels": 1}}, timeout=30, what="svc", target="x")
+    sid, tape = sess["session_id"], info["mpc"]["tape"]
+    x = np.zeros((1, 1, SIZE, SIZE))
+    (to_h, to_c) = __import__("xrayfed.common.mpc.parties", fromlist=["x"]).patient_contributions(
+        type("S", (), {"input_pool": info["model"]["input_pool"]})(), SIZE, x, tape)
+    c_blobs = {"x": dealer.pack(to_c["x"]), "seed": to_c["seed"], "corrections": dealer.pack(to_c["corrections"])}
+    h_blobs = {"x": dealer.pack(to_h["x"]), "seed": to_h["seed"]}
+    ev_c = rpc.method(prov, "xrayfed.ttp.v1.TTP", "Evaluate")
+    ev_h = rpc.method(hosp, "xrayfed.inference.v1.Inference", "Evaluate")
+    for bad in ("0" * 32, sid[:-1] + ("0" if sid[-1] != "0" else "1"), "not-a-session"):
+        with pytest.raises(grpc.RpcError) as e:
+            ev_c(({"session_id": bad}, c_blobs), timeout=30)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as e:  # the right session id with another patient's token
+        ev_h(({"token": other, "session_id": sid}, h_blobs), timeout=30)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as e:  # malformed share: refused, one line
+        ev_c(({"session_id": sid}, dict(c_blobs, x=b"123")), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "scan share" in e.value.details()
+    # the patient itself completes the session ... (the malformed attempt above used up the
+    # crypto provider's one input, so this session ends as failed; a fresh one is served)
+    with pytest.raises(grpc.RpcError) as e:
+        ev_c(({"session_id": sid}, c_blobs), timeout=30)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "already" in e.value.details()
+    hosp.close()
+    prov.close()
+    wait_no_workers(stack.procs["binary"], timeout=SESSION_TIMEOUT + 15)
+    wait_no_workers(stack.procs["ttp"], timeout=SESSION_TIMEOUT + 15)
+
+
+@pytest.mark.slow
+def test_patient_only_connects_out_and_imports_no_torch(stack, tmp_path):
+    """``xrayfed predict`` never listens on a socket, connects only to the two services' ports,
+    and never imports torch or CrypTen (the patient's part is numpy)."""
+    scan = write_png(tmp_path / "scan.png", seed=12)
+    script = tmp_path / "patient_probe.py"
+    script.write_text(
+        "import sys\n"
+        "from xrayfed.common.cli import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "print('MODULES', 'torch' in sys.modules, 'crypten' in sys.modules, file=sys.stderr)\n"
+        "sys.exit(rc)\n")
+    proc = subprocess.Popen([sys.executable, str(script), "predict", "--scan", str(scan), "--service",
+                             stack.service("binary"), "--token", str(stack.token), "--ca-cert", str(stack.ca), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = set()
+    ps = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            for c in ps.net_connections(kind="inet"):
+                seen.add((c.status, c.raddr.port if c.raddr else None))
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            break
+        time.sleep(0.005)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "MODULES False False" in err
+    assert seen, "no connection observed"
+    assert not [c for c in seen if c[0] == psutil.CONN_LISTEN], seen
+    assert {port for _, port in seen if port} <= {stack.ports["binary"], stack.ports["ttp"]}, seen
+    assert json.loads(out)["probabilities"]
+
+
 # --------------------------------------------------------------------------- bad input, failures
 @pytest.mark.slow
 def test_bad_input_is_one_clear_line_and_service_stays_up(stack, tmp_path):

@@ -46,42 +46,32 @@ applies sigmoid/softmax in plaintext (:func:`xrayfed.common.prediction.probabili
 The package: :mod:`~xrayfed.common.mpc.compat` (1–4), :mod:`~.session` (5, ranks, session
 parameters), :mod:`~.parties` (the three parties and their worker processes), :mod:`~.pool`
 (warm workers, watching a session), :mod:`~.sessions` (the session table both services use).
-Importing this package imports torch, not CrypTen: CrypTen is imported on first use
+Importing this package imports nothing heavy (its names load on first use); CrypTen is imported on first use
 (:func:`~.compat.import_crypten`), and by the worker pool's zygote (:mod:`~.preload`).
 """
 
-from xrayfed.common.mpc.compat import (  # noqa: F401  (the public API: `from xrayfed.common import mpc`)
-    _NEW_REGISTRATION,
-    _OLD_REGISTRATION,
-    CRYPTEN_VERSION,
-    PROVIDER,
-    assert_ttp_provider,
-    build_crypten_model,
-    fresh_process_randomness,
-    import_crypten,
-    load_crypten_weights,
-    provider,
-    use_link_communicator,
-    use_ttp_provider,
-    warnings_quiet,
-)
-from xrayfed.common.mpc.parties import (  # noqa: F401
-    input_shape,
-    model_owner_worker,
-    patient_contributions,
-    provider_worker,
-    record_tape,
-    run_local_session,
-    run_party,
-    session_tag,
-    shared_input_shape,
-)
-from xrayfed.common.mpc.pool import WorkerPool, stop_worker, wait_message, watch_worker  # noqa: F401
-from xrayfed.common.mpc.session import (  # noqa: F401
-    MODEL_OWNER_RANK,
-    PROVIDER_RANK,
-    WORLD_SIZE,
-    SessionParams,
-    comm_stats,
-)
-from xrayfed.common.mpc.sessions import SessionTable  # noqa: F401
+import importlib
+
+# The public API, loaded on first use (PEP 562): importing the package, or its numpy-only
+# ``dealer`` module (the patient's process), must not import torch or CrypTen.
+_API = {
+    "compat": ("_NEW_REGISTRATION", "_OLD_REGISTRATION", "CRYPTEN_VERSION", "PROVIDER", "assert_ttp_provider",
+               "build_crypten_model", "fresh_process_randomness", "import_crypten", "load_crypten_weights",
+               "provider", "use_link_communicator", "use_ttp_provider", "warnings_quiet"),
+    "parties": ("input_shape", "model_owner_worker", "patient_contributions", "provider_worker", "record_tape",
+                "run_local_session", "run_party", "session_tag", "shared_input_shape"),
+    "pool": ("WorkerPool", "stop_worker", "wait_message", "watch_worker"),
+    "session": ("MODEL_OWNER_RANK", "PROVIDER_RANK", "WORLD_SIZE", "SessionParams", "comm_stats"),
+    "sessions": ("SessionTable",),
+}
+_WHERE = {name: mod for mod, names in _API.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'xrayfed.common.mpc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"xrayfed.common.mpc.{mod}"), name)
+    globals()[name] = value
+    return value
