@@ -1,29 +1,31 @@
-"""Benchmark: encrypted prediction (CrypTen, 2 parties + TTP) on loopback.
+"""Benchmark: encrypted prediction (two computing parties + the patient as dealer) on loopback.
 
 Measures, for each image size (default 28, 64, 224 px):
 
-* **MPC latency**: one encrypted prediction with the three parties as separate processes forked
-  from a warm zygote (:func:`xrayfed.common.mpc.run_local_session`): wall time from forking the
-  hospital's party to the patient holding the logits, and the MPC part alone;
+* **MPC latency**: one encrypted prediction with the hospital's and the crypto provider's
+  parties as separate processes forked from a warm zygote, linked by TLS, and this process as
+  the patient (:func:`xrayfed.common.mpc.run_local_session`): wall time from forking the parties
+  to the logits, the MPC part alone, and the patient's dealing time;
 * **plaintext latency** of the same model on one scan (1 thread) and the ratio;
-* **communication**: CrypTen's counters per party (rounds, bytes sent as counted by CrypTen) and
-  the bytes that crossed the loopback interface during the session (``lo`` counters; other
-  traffic on the machine adds noise, so it is the median of the repeats);
+* **communication**: CrypTen's counters per party, the bytes on the party link, and the bytes
+  the patient sends and receives;
 * **end to end**: the real product path — ``xrayfed serve-ttp`` + ``xrayfed serve-inference``
-  (TLS, tokens, warm workers) and the wall time of a fresh ``xrayfed predict`` process (Python
-  start, torch + CrypTen import, preprocessing, gRPC, MPC, output).
+  (TLS, tokens, warm workers) and the wall time of a fresh ``xrayfed predict`` process on a
+  full-size 2,500 × 1,900 px PNG (Python start, imports, preprocessing, dealing, gRPC to both
+  services, MPC, output);
+* **load**: 8 patients at once (8 tokens, fresh ``xrayfed predict`` processes), several waves:
+  failures, throughput (predictions per minute) and p50/p95 latency.
 
-And on the whole PneumoniaMNIST test split (624 scans): the share of encrypted predictions
-whose class equals the plaintext model's (bar ≥ 99.5 %), for a model trained here in
-plaintext for a few epochs (or ``--checkpoint``). Scans go through the project's data loader
-(the training preprocessing) for both the plaintext and the encrypted prediction.
+And on a test split (``--data``): the share of encrypted predictions whose class equals the
+plaintext model's (bar ≥ 99.5 %).
 
 Usage::
 
     ./dev bench encrypted_inference --data /work/shared/data/pneumoniamnist.npz
-    ./dev bench encrypted_inference --data ... --sizes 224 --repeats 5 --skip-agreement
+    ./dev bench encrypted_inference --sizes 224 --repeats 6 --skip-agreement --load-waves 3
 
-Writes JSON to ``bench/results/encrypted_inference.json``.
+Writes JSON to ``bench/results/encrypted_inference.json`` (``end_to_end.224px.cli_wall_s``:
+median seconds; ``end_to_end.224px.patient_bytes``).
 """
 
 from __future__ import annotations
@@ -90,20 +92,25 @@ def plaintext_latency(ckpt, n: int = 30) -> float:
     return statistics.median(ts)
 
 
-def mpc_latency(pool, ckpt, repeats: int) -> dict:
+def mpc_latency(pool, ckpt, repeats: int, work: Path) -> dict:
     from xrayfed.common import mpc
+    from xrayfed.common.security.pki import init_pki
 
+    pki = work / "pki"
+    if not (pki / "ca.pem").exists():
+        init_pki(pki)
+    tls = (str(pki / "ttp" / "tls.pem"), str(pki / "ttp" / "tls.key"), str(pki / "ca.pem"))
+    tape = mpc.record_tape(ckpt.model, ckpt.image_size)
     runs = []
     for _ in range(repeats):
         x = torch.rand(1, ckpt.model.in_channels, ckpt.image_size, ckpt.image_size)
-        b0 = lo_bytes()
-        res = mpc.run_local_session(pool, ckpt, x, timeout_s=300)
-        lo = lo_bytes() - b0
+        res = mpc.run_local_session(pool, ckpt, x, timeout_s=300, tape=tape, tls=tls)
         ref = ckpt.build()(x).detach().numpy()
-        runs.append({"wall_s": res["wall_s"], "patient_mpc_s": res["patient"]["mpc_s"],
-                     "hospital_mpc_s": res["hospital"]["mpc_s"], "lo_bytes": lo,
-                     "patient_rounds": res["patient"]["rounds"], "patient_bytes": res["patient"]["bytes"],
-                     "hospital_rounds": res["hospital"]["rounds"], "hospital_bytes": res["hospital"]["bytes"],
+        runs.append({"wall_s": res["wall_s"], "hospital_mpc_s": res["hospital"]["mpc_s"],
+                     "provider_mpc_s": res["provider"]["mpc_s"], "patient_deal_s": res["patient"]["deal_s"],
+                     "patient_bytes": res["patient"]["bytes_sent"] + res["patient"]["bytes_received"],
+                     "link_bytes": res["hospital"]["link_bytes_sent"] + res["hospital"]["link_bytes_received"],
+                     "rounds": res["hospital"]["rounds"],
                      "max_abs_logit_err": float(np.abs(res["logits"] - ref).max())})
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     med["max_abs_logit_err"] = max(r["max_abs_logit_err"] for r in runs)
@@ -130,14 +137,21 @@ class Services:
         self.token = work / "patient.tok"
         tok = tokens.issue_token(tokens.load_private_key(key), "BENCH-1", tokens.parse_expires("2h"))
         self.token.write_text(tok + "\n")
+        self.load_tokens = []
+        for i in range(8):  # one per concurrent patient (one session per token at a time)
+            t = work / f"patient-{i}.tok"
+            t.write_text(tokens.issue_token(tokens.load_private_key(key), f"BENCH-{i + 2}", tokens.parse_expires("2h"))
+                         + "\n")
+            self.load_tokens.append(t)
         secret = work / "ttp.secret"
         secret.write_text(os.urandom(32).hex())
         xr = venv_bin("xrayfed")
         self.ttp_port, self.svc_port = free_port(), free_port()
         self.logs = [open(work / "ttp.log", "ab"), open(work / "svc.log", "ab")]
         self.procs = [
-            spawn([xr, "serve-ttp", "--listen", f"127.0.0.1:{self.ttp_port}", "--cert", str(pki / "server.pem"),
-                   "--key", str(pki / "server.key"), "--secret", str(secret)], log=self.logs[0]),
+            spawn([xr, "serve-ttp", "--listen", f"127.0.0.1:{self.ttp_port}", "--cert", str(pki / "ttp" / "tls.pem"),
+                   "--key", str(pki / "ttp" / "tls.key"), "--secret", str(secret), "--max-sessions", "16"],
+                  log=self.logs[0]),
         ]
         wait_for_port("127.0.0.1", self.ttp_port, timeout=120, proc=self.procs[0], what="serve-ttp")
         self.procs.append(spawn([
@@ -146,11 +160,12 @@ class Services:
             "--key", str(pki / "inference" / "tls.key"), "--ttp", f"127.0.0.1:{self.ttp_port}",
             "--ttp-ca", str(pki / "ca.pem"), "--ttp-secret", str(secret), "--audit-log", str(work / "audit.jsonl"),
             "--session-timeout", "300", "--allow-scans-without-patient-id", "--rate-per-hour", "100000",
-            "--budget-per-token", "100000"], log=self.logs[1]))
+            "--budget-per-token", "100000", "--max-sessions", "12", "--max-sessions-per-peer", "12"],
+            log=self.logs[1]))
         wait_for_port("127.0.0.1", self.svc_port, timeout=180, proc=self.procs[1], what="serve-inference")
         self.ca = pki / "inference" / "ca.pem"
 
-    def predict(self, scan: Path) -> dict:
+    def predict(self, scan: Path, token: Path | None = None) -> dict:
         from xrayfed.common.procs import venv_bin
 
         import resource
@@ -158,16 +173,18 @@ class Services:
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         r = subprocess.run([venv_bin("xrayfed"), "predict", "--scan", str(scan), "--service",
-                            f"127.0.0.1:{self.svc_port}", "--token", str(self.token), "--ca-cert", str(self.ca),
-                            "--json"], capture_output=True, text=True, timeout=600)
+                            f"127.0.0.1:{self.svc_port}", "--token", str(token or self.token), "--ca-cert",
+                            str(self.ca), "--json"], capture_output=True, text=True, timeout=600)
         wall = time.perf_counter() - t0
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         if r.returncode != 0:
             raise RuntimeError(f"predict failed: {r.stderr.strip()[-500:]}")
         res = json.loads(r.stdout.strip().splitlines()[-1])
+        com = res["communication"]
         return {"cli_wall_s": wall, "cli_cpu_s": cpu, "in_process_s": res["timing"]["total_s"],
-                "session_s": res["timing"]["session_s"], "mpc_s": res["timing"]["mpc_s"]}
+                "session_s": res["timing"]["session_s"], "deal_s": res["timing"]["deal_s"],
+                "patient_bytes": com["bytes_sent"] + com["bytes_received"]}
 
     def close(self) -> None:
         from xrayfed.common.procs import kill_tree
@@ -188,19 +205,58 @@ def write_png(path: Path, size: int, seed: int = 0) -> Path:
     return path
 
 
-def end_to_end(work: Path, ckpt, repeats: int) -> dict:
+def write_fullsize_png(path: Path, width: int = 2500, height: int = 1900, seed: int = 0) -> Path:
+    """A full-size 8-bit chest-X-ray-sized PNG (synthetic texture): what a patient exports."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    img = 0.5 + 0.3 * np.sin(xx / 200.0) * np.cos(yy / 150.0) + 0.05 * rng.standard_normal((height, width))
+    Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def load_test(svc: Services, scan: Path, waves: int) -> dict:
+    """8 patients at once (fresh processes, one token each), ``waves`` times."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lat, failures = [], []
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as ex:
+        for _ in range(waves):
+            futs = [ex.submit(svc.predict, scan, tok) for tok in svc.load_tokens]
+            for f in futs:
+                try:
+                    lat.append(f.result()["cli_wall_s"])
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    failures.append(str(e)[-200:])
+    elapsed = time.perf_counter() - t0
+    lat.sort()
+    return {"concurrent_patients": 8, "waves": waves, "predictions": len(lat), "failures": len(failures),
+            "failure_messages": failures[:5], "elapsed_s": elapsed,
+            "throughput_per_min": 60.0 * len(lat) / elapsed if elapsed else None,
+            "p50_s": statistics.median(lat) if lat else None,
+            "p95_s": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))] if lat else None}
+
+
+def end_to_end(work: Path, ckpt, repeats: int, load_waves: int = 0) -> dict:
     from xrayfed.common.checkpoint import save_checkpoint
 
     ckpt_path = work / f"model-{ckpt.image_size}.pt"
     save_checkpoint(ckpt_path, ckpt)
-    scan = write_png(work / f"scan-{ckpt.image_size}.png", ckpt.image_size)
+    scan = write_fullsize_png(work / "scan-fullsize.png")
     svc = Services(work, ckpt_path)
     try:
+        svc.predict(scan)  # warm-up (first fork of each service's zygote, page cache)
         runs = [svc.predict(scan) for _ in range(repeats)]
+        load = load_test(svc, scan, load_waves) if load_waves else None
     finally:
         svc.close()
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    med["scan"] = "2500x1900 8-bit PNG"
     med["runs"] = runs
+    if load is not None:
+        med["load"] = load
     return med
 
 
@@ -242,9 +298,13 @@ def agreement(pool, ckpt, data: str, batch: int, limit: int | None) -> dict:
     with torch.no_grad():
         plain = model(xs).numpy()
     enc = np.zeros_like(plain)
+    tapes: dict = {}
     t0 = time.perf_counter()
     for i in range(0, n, batch):
-        res = mpc.run_local_session(pool, ckpt, xs[i:i + batch], timeout_s=300)
+        b = len(xs[i:i + batch])
+        if b not in tapes:
+            tapes[b] = mpc.record_tape(ckpt.model, ckpt.image_size, b)
+        res = mpc.run_local_session(pool, ckpt, xs[i:i + batch], timeout_s=300, tape=tapes[b])
         enc[i:i + batch] = res["logits"]
         if (i // batch) % max(1, 50 // batch) == 0:
             print(f"  {min(i + batch, n)}/{n} scans", flush=True)
@@ -277,6 +337,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--full-res-224", action="store_true", help="also time 224 px without the input pool")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--load-waves", type=int, default=3, help="waves of 8 concurrent patients (224 px only; 0: none)")
     ap.add_argument("--skip-agreement", action="store_true")
     ap.add_argument("--checkpoint", type=Path, help="model for the agreement run (default: train one quickly)")
     ap.add_argument("--epochs", type=int, default=3)
@@ -298,20 +359,27 @@ def main() -> int:
         ckpt = random_checkpoint(size, full_res=full)
         print(f"[{name}] model {ckpt.model.model_dump(exclude={'pretrained_path'})}", flush=True)
         plain = plaintext_latency(ckpt)
-        lat = mpc_latency(pool, ckpt, args.repeats)
+        with tempfile.TemporaryDirectory(prefix="xrayfed-bench-") as d:
+            lat = mpc_latency(pool, ckpt, args.repeats, Path(d))
         lat["plaintext_s"] = plain
-        lat["ratio_mpc_to_plaintext"] = lat["patient_mpc_s"] / plain
+        lat["ratio_mpc_to_plaintext"] = lat["hospital_mpc_s"] / plain
         lat["input_pool"] = ckpt.model.input_pool
         report["latency"][name] = lat
-        print(f"[{name}] MPC {lat['patient_mpc_s']:.3f}s (session wall {lat['wall_s']:.3f}s), plaintext "
-              f"{plain * 1e3:.2f}ms (×{lat['ratio_mpc_to_plaintext']:.0f}), lo {lat['lo_bytes'] / 2**20:.1f} MiB, "
-              f"rounds patient/hospital {lat['patient_rounds']}/{lat['hospital_rounds']}", flush=True)
+        print(f"[{name}] MPC {lat['hospital_mpc_s']:.3f}s (session wall {lat['wall_s']:.3f}s, dealing "
+              f"{lat['patient_deal_s']:.3f}s), plaintext {plain * 1e3:.2f}ms (×{lat['ratio_mpc_to_plaintext']:.0f}), "
+              f"patient {lat['patient_bytes'] / 2**20:.1f} MiB, link {lat['link_bytes'] / 2**20:.1f} MiB, "
+              f"{lat['rounds']} rounds", flush=True)
         if not args.skip_e2e and not full:
             with tempfile.TemporaryDirectory(prefix="xrayfed-bench-") as d:
-                e2e = end_to_end(Path(d), ckpt, args.repeats)
+                e2e = end_to_end(Path(d), ckpt, args.repeats, args.load_waves if size == 224 else 0)
             report["end_to_end"][name] = e2e
             print(f"[{name}] end to end: `xrayfed predict` {e2e['cli_wall_s']:.2f}s wall, {e2e['cli_cpu_s']:.2f}s CPU "
-                  f"({e2e['in_process_s']:.2f}s after imports, session {e2e['session_s']:.2f}s)", flush=True)
+                  f"({e2e['in_process_s']:.2f}s in process, session {e2e['session_s']:.2f}s), patient "
+                  f"{e2e['patient_bytes'] / 2**20:.1f} MiB", flush=True)
+            if e2e.get("load"):
+                ld = e2e["load"]
+                print(f"[{name}] load: {ld['predictions']} predictions, {ld['failures']} failures, "
+                      f"{ld['throughput_per_min']:.0f}/min, p50 {ld['p50_s']:.2f}s p95 {ld['p95_s']:.2f}s", flush=True)
 
     if not args.skip_agreement:
         from xrayfed.common.checkpoint import load_checkpoint
