@@ -1,26 +1,29 @@
 """``xrayfed serve-inference`` and ``xrayfed issue-token``: the hospital's encrypted-inference service.
 
 The service holds the federated global model and answers prediction requests without ever
-seeing the patient's scan or the prediction: each request runs one MPC session (CrypTen over
-torch.distributed/gloo) between the patient (rank 1, holds the scan), a party process of this
-service (rank 0, holds the weights) and the crypto provider's TTP (rank 2, ``serve-ttp``).
+seeing the patient's scan or the prediction: each request runs one MPC session between a party
+process of this service (rank 0, holds the weights) and the crypto provider's party (rank 1,
+``serve-ttp``), linked by TLS; the patient shares its scan, deals the randomness and adds the
+two output shares (:mod:`xrayfed.common.mpc.dealer`).
 
-gRPC API (JSON messages, :mod:`xrayfed.common.rpc`), service ``xrayfed.inference.v1.Inference``:
+gRPC API (:mod:`xrayfed.common.rpc`), service ``xrayfed.inference.v1.Inference``:
 
-* ``ModelInfo {token}`` → what the patient needs to prepare the scan: ``{model (architecture),
-  image_size, task: {kind, class_names}, model_version}`` — never weights.
+* ``ModelInfo {token}`` → what the patient needs: ``{model (architecture), image_size, task,
+  model_version, threshold, mpc: {tape, tape_digest, input_pool, scale_bits}}`` — never weights.
 * ``OpenSession {token, scan: {image_size, channels, dicom_patient_id|null}}`` → ``{session_id,
-  rendezvous: {host, port}, rank, world_size, timeout_s, model, image_size, task,
-  model_version}``. The service
+  crypto_provider: {address, server_name}, timeout_s, ...ModelInfo}``. The service
   1. verifies the token (Ed25519 signature by a trusted key, audience, expiry) and, for a DICOM
      scan, that the PatientID the patient's software reports is the token's subject;
-  2. checks the scan metadata against the model (size, channels);
-  3. forks its party from a warm zygote (:class:`xrayfed.common.mpc.WorkerPool`), which binds
-     the session's rendezvous store on ``mpc_host`` (port picked by the OS);
-  4. asks the TTP service to join (``StartSession``);
-  5. returns the rendezvous; the patient joins, and the session runs without this process.
-  A watcher thread tears the session down when it ends or after ``session_timeout_s``
-  (worker killed, store port closed with it); the service keeps serving.
+  2. checks the scan metadata against the model (size, channels) and the caller's admission;
+  3. asks the crypto provider to start its party (``StartSession``: session id, a fresh
+     hospital key, architecture, tape);
+  4. forks its party from a warm zygote (:class:`xrayfed.common.mpc.WorkerPool`), which
+     connects to the crypto provider's party over TLS and shares the weights.
+  A watcher thread tears the session down when it ends, when the patient's input has not come
+  within ``join_timeout_s`` or after ``session_timeout_s``; the service keeps serving.
+* ``Evaluate`` (binary frame) ``{token, session_id} + {x, seed}`` → ``{shape} + {y}``: the
+  patient's share of its scan and its seed, for the session this token opened (once); answers
+  this party's re-randomised share of the logits.
 
 Audit log: one JSON line per request (``time, event, patient_id, claimed_patient_id, token_id,
 identity_claim, model_version, outcome, reason, duration_s, session, peer``;
