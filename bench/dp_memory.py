@@ -39,8 +39,8 @@ def main() -> None:
     from xrayfed.common.config import HospitalConfig, load_config
     from xrayfed.common.data import XrayDataset
     from xrayfed.common.model import ModelSpec, build_model, count_parameters, default_model
-    from xrayfed.common.synthetic import make_synthetic
     from xrayfed.common.prediction import TaskSpec
+    from xrayfed.common.synthetic import make_synthetic
     from xrayfed.common.train import resolve_device
 
     device = resolve_device(args.device)

@@ -123,9 +123,9 @@ class Services:
     """serve-ttp + serve-inference as real processes (TLS, tokens) for one checkpoint."""
 
     def __init__(self, work: Path, ckpt_path: Path) -> None:
+        from xrayfed.common.procs import free_port, spawn, venv_bin, wait_for_port
         from xrayfed.common.security import tokens
         from xrayfed.common.security.pki import init_pki
-        from xrayfed.common.procs import free_port, spawn, venv_bin, wait_for_port
 
         self.work = work
         pki = work / "pki"
@@ -166,9 +166,9 @@ class Services:
         self.ca = pki / "inference" / "ca.pem"
 
     def predict(self, scan: Path, token: Path | None = None) -> dict:
-        from xrayfed.common.procs import venv_bin
-
         import resource
+
+        from xrayfed.common.procs import venv_bin
 
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()

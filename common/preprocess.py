@@ -25,7 +25,6 @@ file (name only) and what is allowed; no pixel data ever appears in a message.
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -19,19 +19,18 @@ import threading
 import time
 from pathlib import Path
 
+import dicom_files
 import numpy as np
 import psutil
 import pytest
 import torch
 
-from xrayfed.common.security import tokens
 from xrayfed.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from xrayfed.common.errors import UserError
 from xrayfed.common.model import ModelSpec, build_model, default_model
-from xrayfed.common.procs import free_port, kill_tree, spawn, venv_bin, wait_for_port
 from xrayfed.common.prediction import NIH_LABELS, TaskSpec, probabilities
-
-import dicom_files
+from xrayfed.common.procs import free_port, kill_tree, spawn, venv_bin, wait_for_port
+from xrayfed.common.security import tokens
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -341,6 +340,7 @@ def test_no_process_without_the_session_credentials_gets_in(stack, tmp_path):
 
     from xrayfed.common import rpc
     from xrayfed.common.mpc import dealer
+    from xrayfed.common.mpc.parties import patient_contributions
 
     tok = stack.token.read_text().strip()
     other = stack.write_token("other.tok", "PAT-OTHER").read_text().strip()
@@ -353,8 +353,7 @@ def test_no_process_without_the_session_credentials_gets_in(stack, tmp_path):
                     {"token": tok, "scan": {"image_size": SIZE, "channels": 1}}, timeout=30, what="svc", target="x")
     sid, tape = sess["session_id"], info["mpc"]["tape"]
     x = np.zeros((1, 1, SIZE, SIZE))
-    (to_h, to_c) = __import__("xrayfed.common.mpc.parties", fromlist=["x"]).patient_contributions(
-        type("S", (), {"input_pool": info["model"]["input_pool"]})(), SIZE, x, tape)
+    to_h, to_c = patient_contributions(ModelSpec(**info["model"]), SIZE, x, tape)
     c_blobs = {"x": dealer.pack(to_c["x"]), "seed": to_c["seed"], "corrections": dealer.pack(to_c["corrections"])}
     h_blobs = {"x": dealer.pack(to_h["x"]), "seed": to_h["seed"]}
     ev_c = rpc.method(prov, "xrayfed.ttp.v1.TTP", "Evaluate")
@@ -416,8 +415,8 @@ def test_patient_only_connects_out_and_imports_no_torch(stack, tmp_path):
 # --------------------------------------------------------------------------- bad input, failures
 @pytest.mark.slow
 def test_bad_input_is_one_clear_line_and_service_stays_up(stack, tmp_path):
-    from xrayfed.common import rpc
     from xrayfed.client.patient import predict
+    from xrayfed.common import rpc
 
     good = write_png(tmp_path / "good.png", seed=7)
     not_image = tmp_path / "notes.png"
