@@ -70,7 +70,7 @@ from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
 from xrayfed.common.model import build_model
 from xrayfed.common.mpc import WorkerPool, dealer
 from xrayfed.common.mpc.channel import ROLE_NAME
-from xrayfed.common.mpc.sessions import SessionTable
+from xrayfed.common.mpc.sessions import SessionTable, answer_patient
 from xrayfed.common.protocol.inference import (
     EVALUATE,
     HEALTH,
@@ -440,17 +440,7 @@ class InferenceService:
         if ex is None or not hmac.compare_digest(self.jti_of.get(sid, ""), claims.jti):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "no such session for this token (it ended, or the id "
                                                              "is wrong)")
-        if not ex.claim():
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "this session already has its input")
-        try:
-            payload = dealer.contribution(blobs, mpc.shared_input_shape(self.ckpt.model, self.ckpt.image_size), None)
-        except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        try:
-            out = ex.run(payload)
-        except RuntimeError as e:
-            context.abort(grpc.StatusCode.ABORTED, f"the encrypted session failed ({e})")
-        return {"shape": out["shape"]}, {"y": out["y"]}
+        return answer_patient(ex, context, blobs, mpc.shared_input_shape(self.ckpt.model, self.ckpt.image_size), None)
 
     def health(self, request: dict, context) -> dict:
         return {"ok": True, "sessions": len(self.sessions), "model_version": self.meta["model_version"]}

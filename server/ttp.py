@@ -36,7 +36,7 @@ from xrayfed.common.addresses import parse_hostport
 from xrayfed.common.config import TTPConfig, load_config
 from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
 from xrayfed.common.mpc import WorkerPool, dealer
-from xrayfed.common.mpc.sessions import SessionTable
+from xrayfed.common.mpc.sessions import SessionTable, answer_patient
 from xrayfed.common.protocol.inference import (
     EVALUATE,
     HEALTH,
@@ -135,17 +135,7 @@ class TTPService:
         shapes = self.shapes.get(sid) if ex is not None else None
         if ex is None or shapes is None:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "no such session (it ended, or the id is wrong)")
-        if not ex.claim():
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "this session already has its input")
-        try:
-            payload = dealer.contribution(blobs, shapes[0], shapes[1])
-        except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        try:
-            out = ex.run(payload)
-        except RuntimeError as e:
-            context.abort(grpc.StatusCode.ABORTED, f"the encrypted session failed ({e})")
-        return {"shape": out["shape"]}, {"y": out["y"]}
+        return answer_patient(ex, context, blobs, shapes[0], shapes[1])
 
     def stop_all(self) -> None:
         self.sessions.stop_all()

@@ -62,6 +62,27 @@ class Exchange:
         return self.output
 
 
+def answer_patient(ex: Exchange, context, blobs: dict, shape, corrections: int | None) -> tuple[dict, dict]:
+    """The ``Evaluate`` handler both services share: take the patient's one input for ``ex``
+    (checked by :func:`xrayfed.common.mpc.dealer.contribution`), run it, answer this party's
+    output share as a frame; every refusal is one gRPC status with a reason."""
+    import grpc
+
+    from xrayfed.common.mpc import dealer
+
+    if not ex.claim():
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, "this session already has its input")
+    try:
+        payload = dealer.contribution(blobs, shape, corrections)
+    except ValueError as e:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    try:
+        out = ex.run(payload)
+    except RuntimeError as e:
+        context.abort(grpc.StatusCode.ABORTED, f"the encrypted session failed ({e})")
+    return {"shape": out["shape"]}, {"y": out["y"]}
+
+
 class SessionTable:
     def __init__(self, pool: WorkerPool, max_sessions: int, name: str = "session") -> None:
         self.pool = pool
