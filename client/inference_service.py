@@ -69,9 +69,9 @@ from xrayfed.common.errors import UserError
 from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
 from xrayfed.common.model import build_model
 from xrayfed.common.mpc import WorkerPool, dealer
-from xrayfed.common.mpc.channel import ROLE_NAME
 from xrayfed.common.mpc.sessions import SessionTable, answer_patient
 from xrayfed.common.protocol.inference import (
+    CRYPTO_PROVIDER_NAME,
     EVALUATE,
     HEALTH,
     INFERENCE_SERVICE,
@@ -423,7 +423,7 @@ class InferenceService:
         log.info("session %s opened for a patient", tag)
         return {
             "session_id": sid,
-            "crypto_provider": {"address": self.cfg.ttp_public or self.cfg.ttp, "server_name": ROLE_NAME},
+            "crypto_provider": {"address": self.cfg.ttp_public or self.cfg.ttp, "server_name": CRYPTO_PROVIDER_NAME},
             "timeout_s": timeout_s,
             **self.meta,
         }
@@ -455,7 +455,7 @@ def ttp_caller(cfg):
     if cfg.ttp_tls.insecure:
         warn_insecure("serve-inference → TTP", RPC_EXPOSED)
     channel = rpc.make_channel(cfg.ttp, ca_cert=cfg.ttp_tls.ca_cert, insecure=cfg.ttp_tls.insecure,
-                               server_name=ROLE_NAME)
+                               server_name=CRYPTO_PROVIDER_NAME)
     stub = rpc.method(channel, TTP_SERVICE, START_SESSION)
     metadata = ((TTP_SECRET_HEADER, secret.decode()),) if secret else None
 

@@ -33,9 +33,14 @@ from pathlib import Path
 
 from xrayfed.common.errors import UserError
 from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
-from xrayfed.common.protocol.inference import EVALUATE, INFERENCE_SERVICE, MODEL_INFO, OPEN_SESSION, TTP_SERVICE
-
-ROLE_NAME = "xrayfed-crypto-provider"  # the name the crypto provider's certificate must carry
+from xrayfed.common.protocol.inference import (
+    CRYPTO_PROVIDER_NAME,
+    EVALUATE,
+    INFERENCE_SERVICE,
+    MODEL_INFO,
+    OPEN_SESSION,
+    TTP_SERVICE,
+)
 
 
 def _read_scan_identity(path: Path) -> tuple[str, str | None]:
@@ -147,7 +152,7 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
         cp_addr = str(cp.get("address", ""))
         parse_hostport(cp_addr, "the crypto provider's address (from the service)")
         provider = rpc.make_channel(cp_addr, ca_cert=ttp_ca_cert or ca_cert, insecure=insecure,
-                                    server_name=None if insecure else str(cp.get("server_name") or ROLE_NAME))
+                                    server_name=None if insecure else str(cp.get("server_name") or CRYPTO_PROVIDER_NAME))
         sid = str(sess["session_id"])
         to_h = ({"token": token, "session_id": sid}, {"x": dealer.pack(x0), "seed": s0})
         to_c = ({"session_id": sid}, {"x": dealer.pack(x1), "seed": s1, "corrections": dealer.pack(corrections)})

@@ -29,8 +29,10 @@ import time
 
 import torch
 
+from xrayfed.common.protocol.inference import CRYPTO_PROVIDER_NAME
+
 HELLO_MAX = 1024
-ROLE_NAME = "xrayfed-crypto-provider"  # the TLS name every crypto provider certificate carries
+ROLE_NAME = CRYPTO_PROVIDER_NAME  # the TLS name the crypto provider's party must present
 
 
 class LinkError(RuntimeError):

@@ -28,5 +28,6 @@ INFERENCE_SERVICE = "xrayfed.inference.v1.Inference"
 MODEL_INFO, OPEN_SESSION, EVALUATE, HEALTH = "ModelInfo", "OpenSession", "Evaluate", "Health"
 
 TTP_SERVICE = "xrayfed.ttp.v1.TTP"
+CRYPTO_PROVIDER_NAME = "xrayfed-crypto-provider"  # the TLS name every crypto provider certificate carries
 START_SESSION = "StartSession"
 TTP_SECRET_HEADER = "x-xrayfed-ttp-secret"

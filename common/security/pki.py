@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from xrayfed.common.errors import UserError
+from xrayfed.common.protocol.inference import CRYPTO_PROVIDER_NAME
 
 MANIFEST = "certs.json"
 FORMAT = "xrayfed-certs/1"
@@ -55,7 +56,6 @@ KEY_MODE = 0o600
 
 
 # --------------------------------------------------------------------------- small helpers
-CRYPTO_PROVIDER_NAME = "xrayfed-crypto-provider"  # = common.mpc.channel.ROLE_NAME
 
 
 def _now() -> _dt.datetime:
