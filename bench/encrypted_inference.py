@@ -70,13 +70,6 @@ def random_checkpoint(size: int, full_res: bool = False, seed: int = 0):
                       image_size=size, state_dict=build_model(spec).state_dict())
 
 
-def lo_bytes() -> int:
-    import psutil
-
-    c = psutil.net_io_counters(pernic=True).get("lo")
-    return int(c.bytes_sent) if c else 0
-
-
 def plaintext_latency(ckpt, n: int = 30) -> float:
     torch.set_num_threads(1)
     model = ckpt.build()

@@ -286,7 +286,6 @@ class InferenceService:
         self.tape = tape if tape is not None else mpc.record_tape(ckpt.model, ckpt.image_size)
         self.meta["mpc"] = {"tape": self.tape, "tape_digest": dealer.tape_digest(self.tape),
                             "input_pool": int(ckpt.model.input_pool), "scale_bits": dealer.SCALE_BITS}
-        self.jti_of: dict[str, str] = {}  # session id -> the token id that opened it
         self.admission = Admission(cfg, getattr(audit, "path", None))
         self.revoked = RevocationList(cfg.revoked_tokens)
 
@@ -372,8 +371,7 @@ class InferenceService:
         timeout_s = float(self.cfg.session_timeout_s)
         deadline = time.monotonic() + timeout_s
         join_deadline = time.monotonic() + float(self.cfg.join_timeout_s)
-        params = mpc.SessionParams(session_id=sid, host="", port=0, timeout_s=timeout_s,
-                                   threads=self.cfg.threads_per_party)
+        params = mpc.SessionParams(session_id=sid, timeout_s=timeout_s, threads=self.cfg.threads_per_party)
         proc = conn = None
         handed_off = False
         try:
@@ -389,14 +387,12 @@ class InferenceService:
                 log.warning("session %s: crypto provider unavailable: %s", tag, e)
                 context.abort(grpc.StatusCode.UNAVAILABLE,
                               "the crypto provider is unavailable; try again later")
-            params.host, params.port = provider_at
             proc, conn = self.sessions.start(mpc.model_owner_worker, params.to_dict(), self.ckpt_bytes, provider_at,
                                              hospital_key.encode(), self.tape,
                                              None if self.cfg.ttp_tls.ca_cert is None else str(self.cfg.ttp_tls.ca_cert),
                                              bool(self.cfg.ttp_tls.insecure))
 
             def on_end(outcome, info):
-                self.jti_of.pop(sid, None)
                 self.admission.release(claims.jti, who)
                 reason = None if outcome == "ok" else (info if isinstance(info, str) else outcome)
                 self.audit.write(event="predict", patient_id=claims.sub, token_id=claims.jti, identity_claim=ident,
@@ -405,8 +401,9 @@ class InferenceService:
                                  duration_s=time.monotonic() - t0, session=tag, peer=peer)
                 log.info("session %s: %s in %.2fs", tag, outcome, time.monotonic() - t0)
 
-            self.jti_of[sid] = claims.jti
-            self.sessions.hand_off(sid, tag, proc, conn, deadline, on_end, join_deadline=join_deadline)
+            # meta: the token id that opened the session (Evaluate must come with the same token)
+            self.sessions.hand_off(sid, tag, proc, conn, deadline, on_end, join_deadline=join_deadline,
+                                   meta=claims.jti)
             handed_off = True
         except RuntimeError as e:
             log.error("session %s: %s", tag, e)
@@ -416,7 +413,6 @@ class InferenceService:
             context.abort(grpc.StatusCode.INTERNAL, "the service could not start an MPC session")
         finally:
             if not handed_off:
-                self.jti_of.pop(sid, None)
                 self.sessions.discard(proc, conn)
                 self.sessions.release()
                 self.admission.release(claims.jti, who)
@@ -437,7 +433,7 @@ class InferenceService:
         claims = self._verify(header, context, t0, "evaluate")
         sid = header.get("session_id")
         ex = self.sessions.exchange(sid) if isinstance(sid, str) else None
-        if ex is None or not hmac.compare_digest(self.jti_of.get(sid, ""), claims.jti):
+        if ex is None or not hmac.compare_digest(str(ex.meta), claims.jti):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "no such session for this token (it ended, or the id "
                                                              "is wrong)")
         return answer_patient(ex, context, blobs, mpc.shared_input_shape(self.ckpt.model, self.ckpt.image_size), None)

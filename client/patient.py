@@ -94,8 +94,6 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    import numpy as np
-
     from xrayfed.common import preprocess, rpc
     from xrayfed.common.addresses import parse_hostport
     from xrayfed.common.mpc import dealer
@@ -133,9 +131,7 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
         # The patient's part, before the session opens: share the (input-pooled) scan and deal
         # the randomness of the whole forward pass.
         t_deal = time.perf_counter()
-        x0, x1 = dealer.share(dealer.input_pool(x.astype(np.float64), max(1, pool)))
-        s0, s1 = dealer.new_seed(), dealer.new_seed()
-        corrections = dealer.deal(tape, s0, s1)
+        to_h, to_c = dealer.contributions(x, pool, tape)
         deal_s = time.perf_counter() - t_deal
         if observe is not None:
             observe("dealt")
@@ -154,19 +150,18 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
         provider = rpc.make_channel(cp_addr, ca_cert=ttp_ca_cert or ca_cert, insecure=insecure,
                                     server_name=None if insecure else str(cp.get("server_name") or CRYPTO_PROVIDER_NAME))
         sid = str(sess["session_id"])
-        to_h = ({"token": token, "session_id": sid}, {"x": dealer.pack(x0), "seed": s0})
-        to_c = ({"session_id": sid}, {"x": dealer.pack(x1), "seed": s1, "corrections": dealer.pack(corrections)})
-        sent = sum(len(v) for v in to_h[1].values()) + sum(len(v) for v in to_c[1].values())
+        req_h = ({"token": token, "session_id": sid}, dealer.to_blobs(to_h))
+        req_c = ({"session_id": sid}, dealer.to_blobs(to_c))
+        sent = sum(len(v) for v in req_h[1].values()) + sum(len(v) for v in req_c[1].values())
 
-        def ask(channel, req, what, target):
-            return rpc.call(rpc.method(channel, INFERENCE_SERVICE if channel is hospital else TTP_SERVICE, EVALUATE),
-                            req, timeout=float(sess.get("timeout_s", 120)) + 5, what=what, target=target)
-
+        wait_s = float(sess.get("timeout_s", 120)) + 5
         with ThreadPoolExecutor(2) as ex:
-            fh = ex.submit(ask, hospital, to_h, "the inference service", service)
+            fh = ex.submit(rpc.call, rpc.method(hospital, INFERENCE_SERVICE, EVALUATE), req_h, timeout=wait_s,
+                           what="the inference service", target=service)
             if observe is not None:
                 observe("sent_hospital")
-            fc = ex.submit(ask, provider, to_c, "the crypto provider", cp_addr)
+            fc = ex.submit(rpc.call, rpc.method(provider, TTP_SERVICE, EVALUATE), req_c, timeout=wait_s,
+                           what="the crypto provider", target=cp_addr)
             (hh, hb), (ch, cb) = fh.result(), fc.result()
     finally:
         hospital.close()

@@ -55,7 +55,6 @@ class TTPService:
         self.cfg = cfg
         self.secret = secret
         self.sessions = SessionTable(pool, cfg.max_sessions, name="ttp")
-        self.shapes: dict[str, tuple] = {}  # session id -> (input shape, corrections)
 
     # ----------------------------------------------------------------- handlers
     def _authorise(self, context) -> None:
@@ -99,8 +98,7 @@ class TTPService:
         handed_off = False
         proc = conn = None
         try:
-            params = mpc.SessionParams(session_id=sid, host=self.cfg.mpc_host, port=0, timeout_s=timeout_s,
-                                       threads=self.cfg.threads_per_party)
+            params = mpc.SessionParams(session_id=sid, timeout_s=timeout_s, threads=self.cfg.threads_per_party)
             deadline = time.monotonic() + timeout_s
             join_deadline = time.monotonic() + min(float(join_s), timeout_s)
             cert = None if self.cfg.tls.insecure else str(self.cfg.tls.cert)
@@ -112,13 +110,12 @@ class TTPService:
                 context.abort(grpc.StatusCode.UNAVAILABLE,
                               f"the crypto provider's party did not start ({kind}{': ' + port if port else ''})")
             tag = mpc.session_tag(sid)
-            self.shapes[sid] = (mpc.shared_input_shape(spec, size), dealer.correction_sizes(tape))
 
             def on_end(outcome, info, t0=time.monotonic()):
-                self.shapes.pop(sid, None)
                 log.info("session %s ended: %s (%.2fs)", tag, outcome, time.monotonic() - t0)
 
-            self.sessions.hand_off(sid, tag, proc, conn, deadline, on_end, join_deadline=join_deadline)
+            self.sessions.hand_off(sid, tag, proc, conn, deadline, on_end, join_deadline=join_deadline,
+                                   meta=(mpc.shared_input_shape(spec, size), dealer.correction_sizes(tape)))
             handed_off = True
             return {"host": self.cfg.mpc_host, "port": int(port)}
         finally:
@@ -132,10 +129,10 @@ class TTPService:
         header, blobs = request
         sid = header.get("session_id")
         ex = self.sessions.exchange(sid) if isinstance(sid, str) and SESSION_ID_RE.match(sid) else None
-        shapes = self.shapes.get(sid) if ex is not None else None
-        if ex is None or shapes is None:
+        if ex is None:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "no such session (it ended, or the id is wrong)")
-        return answer_patient(ex, context, blobs, shapes[0], shapes[1])
+        shape, corrections = ex.meta
+        return answer_patient(ex, context, blobs, shape, corrections)
 
     def stop_all(self) -> None:
         self.sessions.stop_all()

@@ -340,7 +340,6 @@ def test_no_process_without_the_session_credentials_gets_in(stack, tmp_path):
 
     from xrayfed.common import rpc
     from xrayfed.common.mpc import dealer
-    from xrayfed.common.mpc.parties import patient_contributions
 
     tok = stack.token.read_text().strip()
     other = stack.write_token("other.tok", "PAT-OTHER").read_text().strip()
@@ -353,9 +352,8 @@ def test_no_process_without_the_session_credentials_gets_in(stack, tmp_path):
                     {"token": tok, "scan": {"image_size": SIZE, "channels": 1}}, timeout=30, what="svc", target="x")
     sid, tape = sess["session_id"], info["mpc"]["tape"]
     x = np.zeros((1, 1, SIZE, SIZE))
-    to_h, to_c = patient_contributions(ModelSpec(**info["model"]), SIZE, x, tape)
-    c_blobs = {"x": dealer.pack(to_c["x"]), "seed": to_c["seed"], "corrections": dealer.pack(to_c["corrections"])}
-    h_blobs = {"x": dealer.pack(to_h["x"]), "seed": to_h["seed"]}
+    to_h, to_c = dealer.contributions(x, info["mpc"]["input_pool"], tape)
+    c_blobs, h_blobs = dealer.to_blobs(to_c), dealer.to_blobs(to_h)
     ev_c = rpc.method(prov, "xrayfed.ttp.v1.TTP", "Evaluate")
     ev_h = rpc.method(hosp, "xrayfed.inference.v1.Inference", "Evaluate")
     for bad in ("0" * 32, sid[:-1] + ("0" if sid[-1] != "0" else "1"), "not-a-session"):

@@ -219,6 +219,20 @@ def check_tape(tape: Any) -> list[dict]:
     return tape
 
 
+def contributions(scan: np.ndarray, pool: int, tape: list[dict]) -> tuple[dict, dict]:
+    """The patient's part of a session: its (input-pooled) scan shared ``x = x0 + x1``, two fresh
+    seeds, and the corrections of the whole ``tape``. Returns what goes to the hospital
+    ``{x, seed}`` and to the crypto provider ``{x, seed, corrections}`` (int64 arrays)."""
+    x0, x1 = share(input_pool(np.asarray(scan, dtype=np.float64), max(1, int(pool))))
+    s0, s1 = new_seed(), new_seed()
+    return {"x": x0, "seed": s0}, {"x": x1, "seed": s1, "corrections": deal(tape, s0, s1)}
+
+
+def to_blobs(c: dict) -> dict:
+    """A contribution as the byte blobs of an ``Evaluate`` frame (read back by :func:`contribution`)."""
+    return {k: v if isinstance(v, bytes) else pack(v) for k, v in c.items()}
+
+
 def contribution(blobs: dict, shape: Iterable[int], corrections: int | None) -> dict:
     """The patient's contribution to one party, checked (ValueError with the reason): ``x`` (int64
     share of ``shape``), ``seed`` (16 bytes) and, for the crypto provider, ``corrections``

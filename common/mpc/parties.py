@@ -31,11 +31,6 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- the parties
-def input_shape(spec, image_size: int, batch: int = 1) -> tuple[int, int, int, int]:
-    """Shape of the scan the model takes."""
-    return (int(batch), int(spec.in_channels), int(image_size), int(image_size))
-
-
 def shared_input_shape(spec, image_size: int, batch: int = 1) -> tuple[int, int, int, int]:
     """Shape of what the patient shares: the scan after the model's input pool (which the
     patient applies in plaintext, :func:`xrayfed.common.mpc.dealer.input_pool`)."""
@@ -94,14 +89,13 @@ def record_tape(spec, image_size: int, batch: int = 1) -> list[dict]:
 
 def run_party(rank: int, link: channel.Link, spec, image_size: int, tape: list[dict], get_input: Callable[[], dict],
               *, state_dict: dict | None = None, batch: int = 1, threads: int = 1, stats: bool = False,
-              observe: Callable[[str, Any], None] | None = None, on_ready: Callable[[], None] | None = None):
+              observe: Callable[[str, Any], None] | None = None):
     """One computing party of a session over ``link``: rank 0 (hospital, ``state_dict`` given)
     or rank 1 (crypto provider). Returns ``(y_share, stats)``: this party's share of the logits,
     re-randomised with a fresh sharing of zero (so the patient learns the logits and nothing else).
 
     ``get_input()`` blocks until the patient's contribution arrives: ``{"x": int64 share of the
     pooled scan, "seed": 16 bytes, "corrections": int64 array (rank 1 only)}``.
-    ``on_ready()`` is called once the weights are shared and the party waits for the patient.
     ``observe(name, value)`` (tests only) receives what this party holds.
     """
     crypten = import_crypten()
@@ -118,8 +112,6 @@ def run_party(rank: int, link: channel.Link, spec, image_size: int, tape: list[d
         if observe is not None and rank == PROVIDER_RANK:
             observe("weight_shares", {k: v._tensor.share.clone() for k, v in cmodel.state_dict().items()})
         t_ready = time.perf_counter()
-        if on_ready is not None:
-            on_ready()
         got = get_input()
         t_input = time.perf_counter()
         shape = shared_input_shape(spec, image_size, batch)
@@ -200,6 +192,21 @@ def _input_from(conn, deadline: float) -> Callable[[], dict]:
     return get_input
 
 
+def _run_and_report(conn, rank: int, link: channel.Link, spec, image_size: int, tape: list[dict], p: SessionParams,
+                    deadline: float, observe, flush, state_dict: dict | None = None) -> None:
+    """A worker's session on an established ``link``: run the party, then send the service
+    ``("output", y_share)`` and ``("done", stats)``; the link is always closed."""
+    try:
+        y, out = run_party(rank, link, spec, image_size, tape, _input_from(conn, deadline), state_dict=state_dict,
+                           batch=p.batch, threads=p.threads, stats=True, observe=observe)
+    finally:
+        link.close()
+    conn.send(("output", {"y": dealer.pack(y), "shape": list(y.shape)}))
+    if flush:
+        flush()
+    conn.send(("done", out))
+
+
 def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, provider_at: tuple[str, int], hospital_key: bytes,
                        tape: list[dict], ttp_ca: str | None, insecure: bool = False,
                        observe_path: str | None = None) -> None:
@@ -207,9 +214,9 @@ def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, provider_at: tuple
 
     Connects to the crypto provider's party (TLS, certificate checked against ``ttp_ca``, then
     the hospital key), shares the weights, waits for the patient's input (``("input", ...)`` on
-    ``conn``), and answers ``("output", y_share)`` then ``("done", stats)``; ``("ready", None)``
-    once it waits for the patient; ``("error", one line)`` on failure. Never data but the
-    re-randomised output share, which only the patient can use.
+    ``conn``), and answers ``("output", y_share)`` then ``("done", stats)``; ``("error", one
+    line)`` on failure. Never data but the re-randomised output share, which only the patient
+    can use.
     """
     from xrayfed.common.checkpoint import from_bytes
 
@@ -222,16 +229,8 @@ def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, provider_at: tuple
         tls = None if insecure else channel.client_context(ttp_ca)
         link = channel.connect_provider(provider_at[0], int(provider_at[1]), hospital_key, tls=tls,
                                         server_name=channel.ROLE_NAME, timeout_s=p.timeout_s)
-        try:
-            y, out = run_party(MODEL_OWNER_RANK, link, ckpt.model, ckpt.image_size, tape, _input_from(conn, deadline),
-                               state_dict=ckpt.state_dict, batch=p.batch, threads=p.threads, stats=True,
-                               observe=observe, on_ready=lambda: conn.send(("ready", None)))
-        finally:
-            link.close()
-        conn.send(("output", {"y": dealer.pack(y), "shape": list(y.shape)}))
-        if flush:
-            flush()
-        conn.send(("done", out))
+        _run_and_report(conn, MODEL_OWNER_RANK, link, ckpt.model, ckpt.image_size, tape, p, deadline, observe, flush,
+                        state_dict=ckpt.state_dict)
 
 
 def provider_worker(conn, params: dict, spec_dict: dict, image_size: int, tape: list[dict], hospital_key: bytes,
@@ -255,16 +254,8 @@ def provider_worker(conn, params: dict, spec_dict: dict, image_size: int, tape: 
                                            tls=tls, timeout_s=p.timeout_s)
         finally:
             lsock.close()
-        try:
-            y, out = run_party(PROVIDER_RANK, link, ModelSpec(**spec_dict), image_size, tape,
-                               _input_from(conn, deadline), batch=p.batch, threads=p.threads, stats=True,
-                               observe=observe, on_ready=lambda: conn.send(("ready", None)))
-        finally:
-            link.close()
-        conn.send(("output", {"y": dealer.pack(y), "shape": list(y.shape)}))
-        if flush:
-            flush()
-        conn.send(("done", out))
+        _run_and_report(conn, PROVIDER_RANK, link, ModelSpec(**spec_dict), image_size, tape, p, deadline, observe,
+                        flush)
 
 
 def session_tag(session_id: str) -> str:
@@ -272,14 +263,6 @@ def session_tag(session_id: str) -> str:
     import hashlib
 
     return hashlib.sha256(session_id.encode()).hexdigest()[:12]
-
-
-def patient_contributions(spec, image_size: int, scan: np.ndarray, tape: list[dict]) -> tuple[dict, dict]:
-    """What the patient sends to the hospital's and to the crypto provider's party (numpy)."""
-    x = dealer.input_pool(np.asarray(scan, dtype=np.float64), max(1, int(spec.input_pool)))
-    x0, x1 = dealer.share(x)
-    s0, s1 = dealer.new_seed(), dealer.new_seed()
-    return {"x": x0, "seed": s0}, {"x": x1, "seed": s1, "corrections": dealer.deal(tape, s0, s1)}
 
 
 def run_local_session(pool: "WorkerPool", ckpt, scan: torch.Tensor, *, host: str = "127.0.0.1",
@@ -295,8 +278,7 @@ def run_local_session(pool: "WorkerPool", ckpt, scan: torch.Tensor, *, host: str
     from xrayfed.common.checkpoint import to_bytes
 
     batch = int(scan.shape[0])
-    p = SessionParams(session_id=secrets.token_hex(16), host=host, port=0, timeout_s=timeout_s, threads=threads,
-                      batch=batch)
+    p = SessionParams(session_id=secrets.token_hex(16), timeout_s=timeout_s, threads=threads, batch=batch)
     tape = tape if tape is not None else record_tape(ckpt.model, ckpt.image_size, batch)
     obs = (lambda name: os.path.join(observe_dir, name)) if observe_dir else (lambda name: None)
     deadline = time.monotonic() + timeout_s
@@ -314,7 +296,7 @@ def run_local_session(pool: "WorkerPool", ckpt, scan: torch.Tensor, *, host: str
                             tls[2] if tls else None, tls is None, obs("hospital.pt"))
         procs.append(hp)
         t_deal = time.perf_counter()
-        to_h, to_c = patient_contributions(ckpt.model, ckpt.image_size, scan.detach().double().numpy(), tape)
+        to_h, to_c = dealer.contributions(scan.detach().double().numpy(), ckpt.model.input_pool, tape)
         deal_s = time.perf_counter() - t_deal
         results: dict = {"patient": {"deal_s": deal_s, "bytes_sent": int(to_h["x"].nbytes + to_c["x"].nbytes
                                                                        + to_c["corrections"].nbytes + 32)}}

@@ -15,8 +15,6 @@ class SessionParams:
     """How one MPC session runs. ``session_id`` is secret (a TLS-protected capability of the patient)."""
 
     session_id: str
-    host: str  # the crypto provider party's MPC address (its MPC host; port set once it listens)
-    port: int
     timeout_s: float = 120.0
     threads: int = 1  # torch intra-op threads per party
     batch: int = 1  # scans per session (the service: always 1; the benchmark may batch)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from typing import Any, Callable
 
 from xrayfed.common.mpc.pool import WorkerPool, stop_worker, watch_worker
@@ -19,10 +20,12 @@ from xrayfed.common.mpc.pool import WorkerPool, stop_worker, watch_worker
 
 class Exchange:
     """The patient's one exchange with a session's party: its input is forwarded to the worker
-    (once: a second attempt is refused) and this party's output share is handed back."""
+    (once: a second attempt is refused) and this party's output share is handed back.
+    ``meta`` is what the service needs to check the patient's request (e.g. the token id that
+    opened the session, or the expected input shape)."""
 
-    def __init__(self, conn, deadline: float) -> None:
-        self.conn, self.deadline = conn, deadline
+    def __init__(self, conn, deadline: float, meta: Any = None) -> None:
+        self.conn, self.deadline, self.meta = conn, deadline, meta
         self._done = threading.Event()
         self._lock = threading.Lock()
         self.used = False
@@ -49,8 +52,6 @@ class Exchange:
 
     def run(self, payload: dict) -> Any:
         """Forward ``payload`` to the worker; wait for its output (RuntimeError with a reason)."""
-        import time
-
         try:
             self.conn.send(("input", payload))
         except (OSError, ValueError):
@@ -113,11 +114,13 @@ class SessionTable:
                 conn.close()
 
     def hand_off(self, session_id: str, tag: str, proc, conn, deadline: float,
-                 on_end: Callable[[str, Any], None], join_deadline: float | None = None) -> Exchange:
+                 on_end: Callable[[str, Any], None], join_deadline: float | None = None,
+                 meta: Any = None) -> Exchange:
         """The session runs on its own from here: a watcher thread stops and reaps its worker by
         ``deadline`` (or ``join_deadline`` if the patient's input has not arrived by then), frees
-        the slot and calls ``on_end(outcome, info)``. Returns the session's :class:`Exchange`."""
-        ex = Exchange(conn, deadline)
+        the slot and calls ``on_end(outcome, info)``. Returns the session's :class:`Exchange`
+        (carrying ``meta``)."""
+        ex = Exchange(conn, deadline, meta)
         with self._lock:
             self._workers[session_id] = proc
             self._exchanges[session_id] = ex
