@@ -54,6 +54,10 @@ def test_normalize_values_and_shapes():
     assert torch.equal(P.normalize(torch.from_numpy(u8)), x)
     with pytest.raises(TypeError):
         P.normalize(x)  # already normalised: refused, never normalised twice
+    # the numpy twin (a patient's process has no torch) gives the same values, bit for bit
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert np.array_equal(P.normalize_array(every), P.normalize(every).numpy())
+    assert P.normalize_array(np.stack([u8, u8])).shape == (2, 1, 8, 8)
 
 
 @pytest.mark.parametrize("size", [8, 13, 28, 64])

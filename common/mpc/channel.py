@@ -71,10 +71,13 @@ class Link:
             self._send(view)
         self.messages += 1
 
-    def recv_bytes(self, limit: int = 1 << 30) -> bytes:
+    def _recv_length(self) -> int:
         hdr = bytearray(8)
         self._recv_into(memoryview(hdr))
-        (n,) = struct.unpack("<Q", hdr)
+        return struct.unpack("<Q", hdr)[0]
+
+    def recv_bytes(self, limit: int = 1 << 30) -> bytes:
+        n = self._recv_length()
         if n > limit:
             raise LinkError(f"MPC message of {n} bytes exceeds the limit of {limit}")
         buf = bytearray(n)
@@ -87,9 +90,7 @@ class Link:
         self.send_bytes(memoryview(t.detach().contiguous().numpy()).cast("B"))
 
     def recv_tensor_into(self, t: torch.Tensor) -> torch.Tensor:
-        hdr = bytearray(8)
-        self._recv_into(memoryview(hdr))
-        (n,) = struct.unpack("<Q", hdr)
+        n = self._recv_length()
         if not t.is_contiguous():
             raise LinkError("receive buffer must be contiguous")
         if n != t.numel() * t.element_size():
