@@ -118,7 +118,7 @@ def _provider_class():
 
         def start(self, rank: int, seed: bytes, tape: list[dict], corrections=None) -> None:
             self.reset()
-            self.party, self.stream, self.tape = rank, Stream(seed), tape
+            self.party, self.stream, self.tape = rank, Stream(seed), _norm(tape)
             if rank == 1:
                 if corrections is None:
                     raise RuntimeError("the crypto provider's party needs the patient's corrections")
@@ -145,7 +145,7 @@ def _provider_class():
                 return entry
             if self.tape is None:
                 raise RuntimeError("no dealt randomness for this session (DealtProvider not started)")
-            if self.i >= len(self.tape) or _norm(self.tape[self.i]) != entry:
+            if self.i >= len(self.tape) or self.tape[self.i] != entry:
                 raise RuntimeError(f"MPC request {self.i} ({entry['f']}) does not match the session's tape")
             self.i += 1
             return entry
