@@ -12,6 +12,13 @@ Every export verifies itself before it is kept: the exported model's outputs on 
 (the hospital's own, ``--data``; synthetic scans otherwise) must equal the checkpoint's within
 ``1e-4``; ONNX is run with onnxruntime when it is installed, else with ONNX's reference
 evaluator. A file that fails the check is deleted and the command ends with one line.
+
+``--int8`` quantizes statically (:mod:`xrayfed.client.quantize`: onnxruntime for ONNX,
+``torch.ao`` for TorchScript), calibrated on up to ``--calibration-scans`` of the hospital's
+own training scans (``--data`` is required), and replaces the 1e-4 check by a measured one: the
+FP32 and INT8 models are scored on the data's held-out split (``test``, else ``val``) and the
+export is refused when the macro AUROC drops by more than 0.005. The figures go into the
+metadata (``quantization``) and the command's output.
 """
 
 from __future__ import annotations
@@ -64,15 +71,25 @@ def export_metadata(ckpt: Checkpoint, threshold: float | None = None) -> dict:
     }
 
 
-def verification_scans(ckpt: Checkpoint, data: Path | None, n: int = VERIFY_SCANS) -> torch.Tensor:
-    """Model inputs for the self-check: ``n`` of the hospital's scans (``data``), else synthetic."""
-    size, ch = int(ckpt.image_size), int(ckpt.model.in_channels)
-    if data is not None:
-        from xrayfed.common.data import load_dataset
+def _spread(ds, n: int, ch: int) -> torch.Tensor:
+    """``n`` scans of ``ds`` spread evenly over it (reproducible), as model inputs."""
+    idx = np.linspace(0, len(ds) - 1, num=min(n, len(ds))).astype(int)
+    x = torch.stack([ds[int(i)][0] for i in idx])
+    return x.repeat(1, ch, 1, 1) if ch > 1 and x.shape[1] == 1 else x
 
-        ds = load_dataset(Path(data), split="train", image_size=size)
-        idx = np.linspace(0, len(ds) - 1, num=min(n, len(ds))).astype(int)
-        x = torch.stack([ds[int(i)][0] for i in idx])
+
+def _load(ckpt: Checkpoint, data: Path, split: str):
+    from xrayfed.common.data import load_dataset
+
+    return load_dataset(Path(data), split=split, image_size=int(ckpt.image_size), task=ckpt.task)
+
+
+def verification_scans(ckpt: Checkpoint, data: Path | None, n: int = VERIFY_SCANS, train=None) -> torch.Tensor:
+    """Model inputs for the self-check: ``n`` of the hospital's scans (``data``, or its already
+    loaded training split ``train``), else synthetic."""
+    size, ch = int(ckpt.image_size), int(ckpt.model.in_channels)
+    if train is not None or data is not None:
+        return _spread(train if train is not None else _load(ckpt, data, "train"), n, ch)
     else:
         from xrayfed.common.preprocess import normalize
         from xrayfed.common.synthetic import make_synthetic
@@ -140,14 +157,99 @@ def read_metadata(path: Path, fmt: str) -> dict:
     return json.loads(props[METADATA_KEY])
 
 
-def export_model(ckpt: Checkpoint, fmt: str, out: Path, *, data: Path | None = None, force: bool = False) -> dict:
+def held_out(ckpt: Checkpoint, data: Path):
+    """``(split name, dataset)``: the data's test split, else its validation split — scans the
+    INT8 check scores both models on."""
+    for split in ("test", "val"):
+        try:
+            return split, _load(ckpt, data, split)
+        except UserError:
+            continue
+    raise UserError(f"--int8: {data} has neither a test nor a val split to measure the INT8 model on")
+
+
+def _export_int8(ckpt: Checkpoint, fmt: str, out: Path, data: Path | None, calibration_scans: int) -> dict:
+    """Quantize, measure on held-out scans, refuse a drop above the bar, then write ``out``."""
+    from xrayfed.client import quantize as Q
+    from xrayfed.common.data import targets_array
+
+    if data is None:
+        raise UserError("--int8 calibrates on your own scans and measures the AUROC change on their held-out split: "
+                        "pass --data PATH")
+    if calibration_scans < 1:
+        raise UserError(f"--calibration-scans {calibration_scans}: must be at least 1")
+    ch = int(ckpt.model.in_channels)
+    train = _load(ckpt, data, "train")
+    calib = _spread(train, calibration_scans, ch)
+    split, test = held_out(ckpt, data)
+    x_test, y_test = _spread(test, len(test), ch), targets_array(test)
+    model = ckpt.build(plain=True).eval()
+    reference = ckpt.build().eval()
+    meta = export_metadata(ckpt)
+
+    def fp32(x):
+        with torch.no_grad():
+            return reference(x).numpy()
+
+    if fmt == "onnx":
+        import onnx
+        import onnxruntime as ort
+
+        blob = Q.quantize_onnx(_to_onnx(model, calib[:1], meta), calib)
+        sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+        cmp = Q.compare(ckpt.task, ckpt.threshold, fp32, lambda x: sess.run(None, {"scan": x.numpy()})[0],
+                        x_test, y_test)
+        tool = f"onnxruntime {ort.__version__} quantize_static: QDQ, INT8 weights per channel, UINT8 activations"
+    else:
+        scripted = Q.quantize_torch(model, calib)
+        with torch.no_grad():
+            cmp = Q.compare(ckpt.task, ckpt.threshold, fp32, lambda x: scripted(x).numpy(), x_test, y_test)
+        tool = (f"torch {torch.__version__.split('+')[0]} torch.ao FX static quantization, engine "
+                f"{Q.quantized_engine()} (CPU only; set torch.backends.quantized.engine to it before loading)")
+    where = f"the {split} split of {Path(data).name}"
+    Q.check_drop(cmp, where)
+    meta["quantization"] = {
+        "scheme": "static int8", "tool": tool, "calibration_scans": int(len(calib)),
+        "held_out": {"split": split, "scans": cmp["scans"], "auc_fp32": cmp["fp32"]["auc"],
+                     "auc_int8": cmp["int8"]["auc"], "accuracy_fp32": cmp["fp32"]["accuracy"],
+                     "accuracy_int8": cmp["int8"]["accuracy"], "agreement": cmp["agreement"]},
+        "max_auc_drop": Q.MAX_AUC_DROP,
+    }
+    if fmt == "onnx":
+        proto = onnx.load_from_string(blob)
+        del proto.metadata_props[:]
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(meta)
+        blob = proto.SerializeToString()
+    else:
+        blob = Q.torchscript_bytes(scripted, {f"{METADATA_KEY}.json": json.dumps(meta)})
+    atomic_write(out, blob, mode=0o600)
+    probe = x_test[:8]  # read back from disk the way a consumer would: the same outputs as measured
+    with torch.no_grad():
+        want = sess.run(None, {"scan": probe.numpy()})[0] if fmt == "onnx" else scripted(probe).numpy()
+    got = run_exported(out, fmt, probe)
+    if got.shape != want.shape or not np.allclose(got, want, atol=1e-6):
+        out.unlink(missing_ok=True)
+        raise UserError(f"export to {fmt} --int8: the file read back differs from the model measured; nothing was written")
+    return {"path": str(out), "format": fmt, "int8": cmp, "split": split, "calibration_scans": int(len(calib)),
+            "scans": cmp["scans"], "bytes": len(blob)}
+
+
+def export_model(ckpt: Checkpoint, fmt: str, out: Path, *, data: Path | None = None, force: bool = False,
+                 int8: bool = False, calibration_scans: int | None = None) -> dict:
     """Export ``ckpt`` as ``fmt`` to ``out`` and verify it; returns ``{"path", "format",
-    "max_abs_diff", "scans", "bytes"}``. Nothing is left at ``out`` when the check fails."""
+    "max_abs_diff", "scans", "bytes"}`` (FP32) or ``{"path", "format", "int8", "split",
+    "calibration_scans", "scans", "bytes"}`` (``int8``: ``"int8"`` is
+    :func:`xrayfed.client.quantize.compare`'s result). Nothing is left at ``out`` when a check fails."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: allowed are {', '.join(FORMATS)}")
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
+    if int8:
+        from xrayfed.client.quantize import CALIBRATION_SCANS
+
+        return _export_int8(ckpt, fmt, out, data, CALIBRATION_SCANS if calibration_scans is None else calibration_scans)
     model = ckpt.build(plain=True)  # weight standardisation folded: plain convolutions
     x = verification_scans(ckpt, data)
     meta = export_metadata(ckpt)
@@ -168,7 +270,17 @@ def run_export_cmd(args: argparse.Namespace) -> int:
     from xrayfed.common.security.atrest import load_checkpoint, load_key
 
     ckpt = load_checkpoint(args.checkpoint, load_key(args.atrest_key_file))
-    res = export_model(ckpt, args.format, args.out, data=args.data, force=args.force)
+    res = export_model(ckpt, args.format, args.out, data=args.data, force=args.force, int8=args.int8,
+                       calibration_scans=args.calibration_scans)
+    if args.int8:
+        c = res["int8"]
+        print(f"exported model {ckpt.model_version} ({ckpt.task.kind}, {list(ckpt.task.class_names)}, "
+              f"{ckpt.image_size} px) as static INT8 to {res['path']} ({args.format}, {res['bytes'] / 1e6:.2f} MB), "
+              f"calibrated on {res['calibration_scans']} of your training scans; on {c['scans']} scans of your "
+              f"{res['split']} split: macro AUROC FP32 {c['fp32']['auc']:.4f} → INT8 {c['int8']['auc']:.4f} "
+              f"(drop {c['auc_drop']:+.4f}, allowed ≤ 0.005), accuracy {c['fp32']['accuracy']:.4f} → "
+              f"{c['int8']['accuracy']:.4f}, same decision on {100 * c['agreement']:.1f} %")
+        return 0
     print(f"exported model {ckpt.model_version} ({ckpt.task.kind}, {list(ckpt.task.class_names)}, {ckpt.image_size} px) "
           f"to {res['path']} ({args.format}, {res['bytes'] / 1e6:.2f} MB); verified on {res['scans']} "
           f"{'of your' if args.data else 'synthetic'} scans: max |Δ logit| = {res['max_abs_diff']:.2g} "

@@ -173,9 +173,19 @@ def make_synthetic(n: int, size: int = 64, task: TaskName = "binary", num_classe
     return images, targets
 
 
-def class_names_for(task: TaskName, k: int) -> list[str]:
-    """Class/label names the writers store: NORMAL/PNEUMONIA (binary); normal, finding1..
+#: The 4-class set of the projects xrayfed grew from, in generator order (class 0 is normal):
+#: ``write_*(..., class_names=FOUR_CLASS)`` writes it as class folders.
+FOUR_CLASS = ("healthy", "COVID-19", "bacterial", "viral")
+
+
+def class_names_for(task: TaskName, k: int, names=None) -> list[str]:
+    """Class/label names the writers store: ``names`` when given (K of them, generator order:
+    the first is the normal class); else NORMAL/PNEUMONIA (binary); normal, finding1..
     (multiclass); the NIH findings for 14 labels, else label0.. (multilabel)."""
+    if names is not None:
+        if len(names) != k or len(set(names)) != k:
+            raise ValueError(f"class_names {list(names)}: need {k} distinct names")
+        return list(names)
     if task == "binary":
         return ["NORMAL", "PNEUMONIA"]
     if task == "multilabel":
@@ -184,10 +194,12 @@ def class_names_for(task: TaskName, k: int) -> list[str]:
 
 
 def write_npz(path: Path | str, n_train: int = 600, n_val: int = 100, n_test: int = 200, size: int = 28,
-              task: TaskName = "binary", seed: int = 0, num_classes: int | None = None) -> Path:
+              task: TaskName = "binary", seed: int = 0, num_classes: int | None = None,
+              class_names=None) -> Path:
     """Write a MedMNIST-like ``.npz``: ``{train,val,test}_images`` uint8 (N, size, size),
-    ``{split}_labels`` uint8 (N, 1) or (N, K) for multilabel, plus ``class_names`` (str array)
-    and ``task_kind`` (0-d str). The splits use different seeds (seed·1000 + 0/1/2)."""
+    ``{split}_labels`` uint8 (N, 1) or (N, K) for multilabel, plus ``class_names`` (str array;
+    ``class_names`` or :func:`class_names_for`'s) and ``task_kind`` (0-d str). The splits use
+    different seeds (seed·1000 + 0/1/2)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     k = _num_classes(task, num_classes)
@@ -196,7 +208,7 @@ def write_npz(path: Path | str, n_train: int = 600, n_val: int = 100, n_test: in
         imgs, t = make_synthetic(n, size, task, k, seed=seed * 1000 + j)
         out[f"{split}_images"] = imgs
         out[f"{split}_labels"] = t.reshape(n, -1).astype(np.uint8)
-    out["class_names"] = np.array(class_names_for(task, k))
+    out["class_names"] = np.array(class_names_for(task, k, class_names))
     out["task_kind"] = np.array(task)
     np.savez_compressed(path, **out)
     return path
@@ -204,12 +216,14 @@ def write_npz(path: Path | str, n_train: int = 600, n_val: int = 100, n_test: in
 
 def write_class_folders(root: Path | str, n_train: int = 60, n_test: int = 20, size: int = 64, seed: int = 0,
                         task: TaskName = "binary", num_classes: int | None = None, ext: str = ".png",
-                        n_val: int = 0) -> Path:
+                        n_val: int = 0, class_names=None, flat: bool = False) -> Path:
     """Write ``ROOT/{train,[val,]test}/{CLASS}/*.png`` (or ``ext`` = ``.jpg``/``.jpeg``).
 
     Binary data uses Kermany-style names (``personN_bacteria_M`` for pneumonia,
     ``IM-NNNN-MMMM`` for normal; two scans per patient, patient ids distinct across splits);
-    multiclass data uses ``personN_M``. Returns ``root``.
+    multiclass data uses ``personN_M``. ``class_names`` names the folders (generator order, e.g.
+    :data:`FOUR_CLASS`). ``flat``: the ImageFolder layout ``ROOT/{CLASS}/*`` instead (every
+    split's scans together, file names prefixed by the split). Returns ``root``.
     """
     from PIL import Image
 
@@ -217,17 +231,18 @@ def write_class_folders(root: Path | str, n_train: int = 60, n_test: int = 20, s
     if task == "multilabel":
         raise ValueError("class folders hold binary or multiclass data")
     k = _num_classes(task, num_classes)
-    names = class_names_for(task, k)
+    names = class_names_for(task, k, class_names)
     splits = [("train", n_train, 0), ("test", n_test, 1)] + ([("val", n_val, 2)] if n_val else [])
     for split, n, j in splits:
         imgs, t = make_synthetic(n, size, task, k, seed=seed * 1000 + j)
+        base = root if flat else root / split
         for name in names:
-            (root / split / name).mkdir(parents=True, exist_ok=True)
+            (base / name).mkdir(parents=True, exist_ok=True)
         for i, (img, c) in enumerate(zip(imgs, t)):
             patient = j * 100_000 + i // 2
             if task == "binary":
                 stem = f"person{patient}_bacteria_{i}" if c == 1 else f"IM-{patient:04d}-{i:04d}"
             else:
                 stem = f"person{patient}_{i}"
-            Image.fromarray(img, mode="L").save(root / split / names[int(c)] / f"{stem}{ext}")
+            Image.fromarray(img, mode="L").save(base / names[int(c)] / f"{split + '-' if flat else ''}{stem}{ext}")
     return root

@@ -131,9 +131,10 @@ def port_closed(port: int) -> bool:
 
 
 class Stack:
-    """TTP + binary service + 14-label service, started as real CLI processes."""
+    """TTP + binary service + 14-label service (or the services of ``models``: name →
+    checkpoint file), started as real CLI processes."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, models: dict[str, Path] | None = None) -> None:
         from xrayfed.common.security.pki import init_pki
 
         self.root = root
@@ -145,12 +146,14 @@ class Stack:
         self.secret = root / "ttp.secret"
         self.secret.write_text(os.urandom(32).hex())
         self.token = self.write_token("patient.tok", PATIENT)
-        self.ckpt = {
-            "binary": make_checkpoint(TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")), 1),
-            "multilabel": make_checkpoint(TaskSpec(kind="multilabel", class_names=NIH_LABELS), 2),
-        }
-        for name, ck in self.ckpt.items():
-            save_checkpoint(root / f"{name}.pt", ck)
+        if models is None:
+            self.ckpt = {
+                "binary": make_checkpoint(TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")), 1),
+                "multilabel": make_checkpoint(TaskSpec(kind="multilabel", class_names=NIH_LABELS), 2),
+            }
+            models = {name: root / f"{name}.pt" for name in self.ckpt}
+            for name, ck in self.ckpt.items():
+                save_checkpoint(models[name], ck)
         self.logs: list = []
         self.procs: dict[str, subprocess.Popen] = {}
         self.ports: dict[str, int] = {}
@@ -161,17 +164,17 @@ class Stack:
                             str(pki / "ttp" / "tls.pem"), "--key", str(pki / "ttp" / "tls.key"),
                             "--secret", str(self.secret),
                             "--session-timeout", str(SESSION_TIMEOUT)])
-        for name in ("binary", "multilabel"):
+        for name, model in models.items():
             self.ports[name] = free_port()
             self._spawn(name, [
-                xr, "serve-inference", "--model", str(root / f"{name}.pt"), "--listen",
+                xr, "serve-inference", "--model", str(model), "--listen",
                 f"127.0.0.1:{self.ports[name]}", "--token-key", str(self.pub_path), "--cert",
                 str(pki / "inference" / "tls.pem"), "--key", str(pki / "inference" / "tls.key"),
                 "--ttp", f"127.0.0.1:{self.ports['ttp']}", "--ttp-ca", str(pki / "ca.pem"),
                 "--ttp-secret", str(self.secret), "--audit-log", str(self.audit(name)),
                 "--session-timeout", str(SESSION_TIMEOUT), "--max-sessions", "3", "--rate-per-hour", "1000",
                 "--budget-per-token", "1000"]
-                + (["--allow-scans-without-patient-id"] if name == "binary" else []))
+                + (["--allow-scans-without-patient-id"] if name != "multilabel" else []))
         for name, proc in self.procs.items():
             wait_for_port("127.0.0.1", self.ports[name], timeout=240, proc=proc, what=name)
 

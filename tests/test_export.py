@@ -12,6 +12,7 @@ from xrayfed.common import cli
 from xrayfed.common.checkpoint import Checkpoint, save_checkpoint
 from xrayfed.common.model import ModelSpec, build_model
 from xrayfed.common.prediction import TaskSpec
+from xrayfed.common.synthetic import FOUR_CLASS
 
 
 def _ckpt(task: TaskSpec, seed: int, size: int = 32, **spec) -> Checkpoint:
@@ -66,3 +67,101 @@ def test_a_failing_check_keeps_nothing(tmp_path, monkeypatch):
     with pytest.raises(E.UserError, match="failed its check"):
         E.export_model(ck, "onnx", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+# --------------------------------------------------------------------------- INT8
+MULTI = TaskSpec(kind="multiclass", class_names=FOUR_CLASS)
+
+
+@pytest.fixture(scope="module")
+def int8_setup(tmp_path_factory):
+    """A 4-class synthetic .npz and a small XrayNet trained on its train split (a few seconds)."""
+    from xrayfed.common.data import load_dataset
+    from xrayfed.common.synthetic import write_npz
+
+    d = tmp_path_factory.mktemp("int8")
+    data = write_npz(d / "scans.npz", n_train=600, n_val=60, n_test=300, size=32, task="multiclass",
+                     class_names=FOUR_CLASS, seed=4)
+    ds = load_dataset(data, "train", image_size=32)
+    x, y = torch.stack([ds[i][0] for i in range(len(ds))]), ds.targets.long()
+    torch.manual_seed(0)
+    ms = ModelSpec(num_outputs=4, width=8, weight_standardization=True)
+    model = build_model(ms)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(10):
+        for idx in torch.randperm(len(x)).split(50):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    path = d / "round-0005.pt"
+    save_checkpoint(path, Checkpoint(model=ms, task=ds.task, image_size=32, state_dict=model.state_dict(), round=5))
+    return data, path
+
+
+def _quantized_ops(path, fmt) -> set[str]:
+    if fmt == "onnx":
+        import onnx
+
+        return {n.op_type for n in onnx.load(str(path)).graph.node}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = torch.jit.load(str(path)).inlined_graph
+    return {n.kind() for n in graph.nodes()}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_int8_export_is_quantized_measured_and_within_the_bar(tmp_path, int8_setup, fmt, capsys):
+    from xrayfed.client.quantize import MAX_AUC_DROP
+    from xrayfed.common.security.atrest import load_checkpoint
+
+    data, ckpt_path = int8_setup
+    out = tmp_path / f"m8.{fmt}"
+    assert cli.main(["export", str(ckpt_path), "--format", fmt, "--int8", "--data", str(data),
+                     "--calibration-scans", "200", "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    assert "static INT8" in line and "on 300 scans of your test split" in line and "calibrated on 200" in line
+    ops = _quantized_ops(out, fmt)
+    assert ({"QuantizeLinear", "DequantizeLinear"} <= ops) if fmt == "onnx" else any(o.startswith("quantized::conv2d") for o in ops), ops
+    meta = E.read_metadata(out, fmt)
+    q = meta["quantization"]
+    assert meta["task"] == MULTI.to_dict() and q["calibration_scans"] == 200 and q["held_out"]["split"] == "test"
+    # measured independently: the file on disk against the checkpoint on the held-out scans
+    from xrayfed.common.data import load_dataset
+    from xrayfed.common.prediction import compute_metrics
+
+    ck = load_checkpoint(ckpt_path, None)
+    test = load_dataset(data, "test", image_size=32)
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    with torch.no_grad():
+        want = ck.build()(x).numpy()
+    got = E.run_exported(out, fmt, x)
+    auc32 = compute_metrics(MULTI, want, test.targets.numpy())["auc"]
+    auc8 = compute_metrics(MULTI, got, test.targets.numpy())["auc"]
+    assert auc32 > 0.75  # a model that learned something, so the AUROC change means something
+    assert auc32 - auc8 <= MAX_AUC_DROP and abs(auc8 - q["held_out"]["auc_int8"]) < 1e-9
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95 and np.abs(got - want).max() > 0  # really quantized
+    if fmt == "onnx":  # the weights themselves are stored as INT8
+        import onnx
+        from onnx import TensorProto
+
+        inits = onnx.load(str(out)).graph.initializer
+        int8 = sum(int(np.prod(t.dims)) for t in inits if t.data_type == TensorProto.INT8)
+        assert int8 >= 0.95 * sum(p.numel() for p in build_model(ck.model).parameters() if p.dim() > 1)
+
+
+def test_int8_refusals_are_one_line_and_write_nothing(tmp_path, int8_setup, monkeypatch, capsys):
+    from xrayfed.client import quantize as Q
+
+    data, ckpt_path = int8_setup
+    out = tmp_path / "m8.onnx"
+    assert cli.main(["export", str(ckpt_path), "--format", "onnx", "--int8", "--out", str(out)]) == 2
+    assert "pass --data" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr(Q, "MAX_AUC_DROP", -1.0)  # a bar no model can meet: the measured check must refuse
+    assert cli.main(["export", str(ckpt_path), "--format", "onnx", "--int8", "--data", str(data),
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "AUROC" in err and "nothing was written" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

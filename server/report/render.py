@@ -63,13 +63,27 @@ def headline(report: Report) -> list[str]:
     out.append(f"Findings: {report.count('critical')} critical, {report.count('warning')} warning(s), "
                f"{report.count('info')} note(s). Second opinion: {report.accounting.checks - report.accounting.disagreements}"
                f" of {report.accounting.checks} ε values agree with {report.accounting.independent_library}.")
-    if report.final_eval:
-        ev = report.final_eval
-        parts = [f"{k} {_num_text(ev.get(k))}" for k in ("auc", "accuracy", "sensitivity", "specificity") if k in ev]
-        if ev.get("threshold") is not None:
-            parts.append(f"at threshold {_num_text(ev.get('threshold'))} (chosen on validation)")
-        out.append(f"Model after round {report.final_round} (server held-out set): " + ", ".join(parts) + ".")
+    summary = model_summary(report)
+    if summary:
+        out.append(f"Model after round {report.final_round} (server held-out set): {summary}.")
     return out
+
+
+def model_summary(report: Report) -> str | None:
+    """The final model's figures on the server's held-out set; with several classes or labels
+    the AUROC is the macro average and each class's AUROC follows."""
+    ev = report.final_eval
+    if not ev:
+        return None
+    per_class = {k.split("/", 1)[1]: v for k, v in ev.items() if k.startswith("auc/")}
+    several = len(per_class) > 1
+    parts = [f"{'macro auc' if several and k == 'auc' else k} {_num_text(ev.get(k))}"
+             for k in ("auc", "accuracy", "sensitivity", "specificity") if k in ev]
+    if ev.get("threshold") is not None:
+        parts.append(f"at threshold {_num_text(ev.get('threshold'))} (chosen on validation)")
+    if several:
+        parts.append("AUROC per class: " + ", ".join(f"{n} {_num_text(v)}" for n, v in per_class.items()))
+    return ", ".join(parts)
 
 
 def _second_opinion_rows(report: Report) -> list[list[str]]:
@@ -239,13 +253,10 @@ def render_html(report: Report, plots: dict[str, tuple[str, bytes]] | None = Non
                   "</span>", "ε values confirmed independently"))
     H.append('<div class="cards">' + "".join(f'<div class="card"><div class="v">{v}</div><div class="k">{k}</div></div>'
                                              for v, k in cards) + "</div>")
-    if report.final_eval:
-        ev = report.final_eval
-        parts = [f"{k} {_num_text(ev.get(k))}" for k in ("auc", "accuracy", "sensitivity", "specificity") if k in ev]
-        if ev.get("threshold") is not None:
-            parts.append(f"at threshold {_num_text(ev.get('threshold'))} (chosen on validation)")
+    summary = model_summary(report)
+    if summary:
         H.append(f'<p class="note">Model after round {report.final_round} on the server\'s held-out set: '
-                 f'{e(", ".join(parts))}.</p>')
+                 f'{e(summary)}.</p>')
 
     H.append("<h2>Hospitals</h2>")
     rows = hospital_rows(report)
