@@ -44,24 +44,32 @@ class LocalData:
     skipped: int
 
 
-@lru_cache(maxsize=4)
-def _load_local(path: str, split: str, image_size: int, task_json: str, val_fraction: float, partition: str | None,
-                scheme: str, alpha: float, seed: int) -> LocalData:
+@lru_cache(maxsize=2)
+def _load_full(path: str, split: str, image_size: int, task_json: str):
+    """The whole ``split`` at ``path`` (cached per process: in a simulation one worker process
+    serves many hospitals that share a data file, each taking its own partition)."""
     from xrayfed.common import data
 
-    t = json.loads(task_json)
-    task = TaskSpec.from_dict(t)
+    task = TaskSpec.from_dict(json.loads(task_json))
     ds = data.load_dataset(Path(path), split=split, image_size=image_size, task=task)
     if ds.task.class_names != task.class_names or ds.task.kind != task.kind:
         raise UserError(
             f"data {path}: its classes {list(ds.task.class_names)} ({ds.task.kind}) differ from the federation's "
             f"{list(task.class_names)} ({task.kind})"
         )
-    train, val = split_local(ds, val_fraction, partition, scheme, alpha, seed)
+    return ds
+
+
+@lru_cache(maxsize=4)
+def _load_local(path: str, split: str, image_size: int, task_json: str, val_fraction: float, partition: str | None,
+                scheme: str, alpha: float, seed: int, size_skew: float = 0.0) -> LocalData:
+    ds = _load_full(path, split, image_size, task_json)
+    train, val = split_local(ds, val_fraction, partition, scheme, alpha, seed, size_skew)
     return LocalData(train=train, val=val, skipped=len(getattr(ds, "skipped", [])))
 
 
-def split_local(ds, val_fraction: float, partition: str | None, scheme: str, alpha: float, seed: int):
+def split_local(ds, val_fraction: float, partition: str | None, scheme: str, alpha: float, seed: int,
+                size_skew: float = 0.0):
     """This hospital's part of ``ds`` (``data.partition``), split into ``(train, val)``: the
     same split at `xrayfed client` start (N for the DP plan) and in every round."""
     from xrayfed.common import data
@@ -70,7 +78,7 @@ def split_local(ds, val_fraction: float, partition: str | None, scheme: str, alp
         i, n = (int(x) for x in partition.split("/"))
         if not 0 <= i < n:
             raise UserError(f"data.partition {partition!r}: part must be in 0..{n - 1}")
-        ds = data.subset(ds, data.partition(ds, n, scheme, seed=seed, alpha=alpha)[i])
+        ds = data.subset(ds, data.partition(ds, n, scheme, seed=seed, alpha=alpha, size_skew=size_skew)[i])
     return data.split_train_val(ds, val_fraction, seed)
 
 
@@ -83,7 +91,8 @@ def hospital_split(cfg: HospitalConfig, ds=None):
     d = cfg.data
     if ds is None:
         ds = data.load_dataset(Path(d.path), split=d.split, image_size=data.CHECK_SIZE)
-    train, val = split_local(ds, d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed)
+    train, val = split_local(ds, d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed,
+                             d.size_skew)
     return ds, train, val
 
 
@@ -96,7 +105,7 @@ def load_local_data(cfg: HospitalConfig, image_size: int, task: TaskSpec) -> Loc
     return _load_local(
         str(d.path), d.split, image_size,
         json.dumps(task.to_dict()),
-        d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed,
+        d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed, d.size_skew,
     )
 
 
@@ -233,9 +242,21 @@ def evaluate_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict
                                                if k in ("auc", "accuracy", "loss", "sensitivity", "specificity")}}
 
 
+#: Set by ``xrayfed simulate`` for its Simulation Engine workers: the folder of the simulated
+#: hospitals' configs (``hospital-NNN.toml`` by ``partition-id``). Never read when the node
+#: names its own config (every real SuperNode started by ``xrayfed client`` does).
+SIM_HOSPITALS_ENV = "XRAYFED_SIM_HOSPITALS"
+
+
 def hospital_config_from_node(node_config: dict[str, Any]) -> HospitalConfig:
-    """The hospital's own config, named by the hospital when it started its SuperNode."""
+    """The hospital's own config, named by the hospital when it started its SuperNode; in a
+    simulation (no ``config``, a ``partition-id`` from Flower's Simulation Engine), the simulated
+    hospital's config that ``xrayfed simulate`` wrote."""
+    import os
+
     path = node_config.get("config")
+    if not path and "partition-id" in node_config and os.environ.get(SIM_HOSPITALS_ENV):
+        path = Path(os.environ[SIM_HOSPITALS_ENV]) / f"hospital-{int(node_config['partition-id']):03d}.toml"
     if not path:
         raise UserError("node config: no 'config' path (start the client with `xrayfed client`)")
     return load_config(HospitalConfig, str(path))

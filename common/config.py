@@ -57,6 +57,8 @@ class FederationSection(_Strict):
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="client learning rate over rounds")
     lr_final_fraction: float = Field(0.1, ge=0.0, le=1.0, description="cosine: last round's lr as a fraction of lr")
     round_timeout_s: float = Field(3600.0, gt=0.0)
+    max_update_norm: float = Field(1e3, gt=0.0, description="an update farther than this from the global model "
+                                                            "(L2 over all weights) is rejected as malformed")
     secure_aggregation: bool = Field(False, description="Flower SecAgg+: the server sees only the sum of updates")
     initial_model: Path | None = Field(None, description="xrayfed checkpoint to start from (round-0 global model), "
                                                          "e.g. one trained on public data: the strongest lever for "
@@ -205,8 +207,17 @@ class DataSection(_Strict):
     partition: str | None = Field(None, pattern=r"^\d+/\d+$", description="'i/n': use part i of n (demos)")
     partition_scheme: Literal["iid", "dirichlet", "patient"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0.0)
+    size_skew: float = Field(0.0, ge=0.0, le=4.0, description="iid partitions of unequal size (simulations): part "
+                                                               "k gets a share ∝ (k + 1)^−size_skew; 0 = equal")
     seed: int = 0
     num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _skew_needs_iid(self):
+        if self.size_skew > 0 and self.partition_scheme != "iid":
+            raise ValueError(f"size_skew {self.size_skew:g} applies to partition_scheme 'iid' only, "
+                             f"not {self.partition_scheme!r}")
+        return self
 
 
 class PrivacySection(_Strict):

@@ -18,7 +18,7 @@ from xrayfed.common.security.atrest import add_key_argument
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the server-side sub-commands to the ``xrayfed`` parser."""
-    for reg in (register_server, register_demo, register_report, register_serve_ttp, register_certs):
+    for reg in (register_server, register_demo, register_simulate, register_report, register_serve_ttp, register_certs):
         reg(sub)
 
 
@@ -56,6 +56,35 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="client learning rate (default: the federation default)")
     p.add_argument("--width", type=int, help="XrayNet width (default: the recommended model)")
     p.set_defaults(func=handler("xrayfed.server.demo", "run_demo_cmd"))
+
+
+def register_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="N simulated hospitals on Flower's Simulation Engine (Ray), one machine",
+                       description="Run the federation's ServerApp and the hospitals' ClientApp unchanged on Flower's "
+                                   "Simulation Engine: N hospitals with their own DP plans, budgets and ledgers, "
+                                   "sampled per round; a run folder that `xrayfed report` reads. Planning only: "
+                                   "no TLS, no SecAgg+, one machine.")
+    p.add_argument("--hospitals", type=int, required=True, help="number of simulated hospitals N")
+    p.add_argument("--data", type=Path, help="scans to split across the hospitals (default: synthetic)")
+    p.add_argument("--config", type=Path, help="federation.toml to take the model, strategy and rounds from")
+    p.add_argument("--out", type=Path, default=Path("runs/simulate"), help="simulation folder (replaced if it is one)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--epsilon", type=float, default=8.0, help="each hospital's total ε budget")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--split", choices=("iid", "dirichlet", "patient"), default="iid")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet α for --split dirichlet")
+    p.add_argument("--size-skew", type=float, default=0.0,
+                   help="hospitals of unequal size (--split iid): hospital k gets a share ∝ (k+1)^-SKEW")
+    p.add_argument("--fraction", type=float, default=None, help="share of the hospitals sampled per round (default 1)")
+    p.add_argument("--min-clients", type=int, default=None,
+                   help="at least this many hospitals per round (default: all N when --fraction is 1, else 2)")
+    p.add_argument("--workers", type=int, help="Ray worker processes (default: the CPU count)")
+    p.add_argument("--image-size", type=int, help="px (default: native size of .npz data, 32 synthetic, 224 otherwise)")
+    p.add_argument("--local-epochs", type=float, help="default: each hospital's automatic choice from its budget")
+    p.add_argument("--batch-size", type=int, help="default: each hospital's automatic choice from its N")
+    p.add_argument("--lr", type=float, help="client learning rate (default: the federation default)")
+    p.add_argument("--width", type=int, help="XrayNet width (default: the recommended model)")
+    p.set_defaults(func=handler("xrayfed.server.flower_simulation", "run_simulate_cmd"), name="simulation")
 
 
 # ============================================================================ CLI

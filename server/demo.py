@@ -60,13 +60,20 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def hospital_name(i: int, n: int) -> str:
+    """``hospital-a``, ``hospital-b``, … (up to 26 hospitals), else ``hospital-001``, …"""
+    return f"hospital-{chr(ord('a') + i)}" if n <= 26 else f"hospital-{i + 1:03d}"
+
+
 def write_demo_configs(out: Path, data: Path, args: argparse.Namespace, image_size: int, task,
                        port: int) -> tuple[Path, list[Path]]:
     run_dir = out / "run"
     fed = FederationConfig.model_validate(
         {
-            "federation": {"name": "demo", "run_dir": str(run_dir), "rounds": args.rounds,
-                           "min_clients": args.hospitals, **({"lr": args.lr} if args.lr else {})},
+            "federation": {"name": getattr(args, "name", "demo"), "run_dir": str(run_dir), "rounds": args.rounds,
+                           "min_clients": getattr(args, "min_clients", None) or args.hospitals,
+                           "fraction_train": getattr(args, "fraction", None) or 1.0,
+                           **({"lr": args.lr} if args.lr else {})},
             "model": default_model(image_size, task.num_outputs).model_copy(
                 update={"width": args.width} if args.width else {}).model_dump(),
             "task": task.to_dict(),
@@ -78,12 +85,13 @@ def write_demo_configs(out: Path, data: Path, args: argparse.Namespace, image_si
     fed_path = _write(out / "federation.toml", dump_toml(fed))
     hospitals = []
     for i in range(args.hospitals):
-        name = f"hospital-{chr(ord('a') + i)}"
+        name = hospital_name(i, args.hospitals)
         h = HospitalConfig.model_validate(
             {
                 "hospital": {"name": name, "state_dir": str(run_dir / "hospitals" / name), "device": "auto"},
                 "data": {"path": str(data), "split": "train", "partition": f"{i}/{args.hospitals}",
-                         "partition_scheme": args.split, "dirichlet_alpha": args.alpha, "seed": 0},
+                         "partition_scheme": args.split, "dirichlet_alpha": args.alpha, "seed": 0,
+                         "size_skew": getattr(args, "size_skew", 0.0) or 0.0},
                 "privacy": {"epsilon": args.epsilon, "delta": args.delta, "max_rounds": args.rounds},
                 "training": {k: v for k, v in (("local_epochs", args.local_epochs), ("batch_size", args.batch_size))
                              if v is not None},  # unset: the hospital derives them from its N and budget

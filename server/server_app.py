@@ -8,6 +8,7 @@ from flwr.serverapp import Grid, ServerApp
 from xrayfed.common.config import FederationConfig, load_config
 from xrayfed.common.logs import configure_logging
 
+SIM_FEDERATION_ENV = "XRAYFED_SIM_FEDERATION"
 app = ServerApp()
 
 
@@ -15,6 +16,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     from xrayfed.server.federation import run_federation
 
+    import os
+
     configure_logging()
-    cfg = load_config(FederationConfig, str(context.run_config["config-path"]))
+    # `xrayfed server` passes the path as run config; `xrayfed simulate` (Flower's Simulation
+    # Engine runs this app in its own process with an empty run config) through the environment.
+    path = context.run_config.get("config-path") or os.environ.get(SIM_FEDERATION_ENV)
+    cfg = load_config(FederationConfig, str(path))
     run_federation(grid, cfg, flwr_run_id=str(context.run_id))

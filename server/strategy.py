@@ -7,7 +7,12 @@
 * send the federation's model/task description and the round's learning rate to hospitals,
 * record every hospital's reply (trained / refused / resent / failed, with its reported ε),
 * aggregate only updates that were actually trained; a hospital that refused because its
-  privacy budget is spent contributes nothing (and is not counted as a failure).
+  privacy budget is spent contributes nothing (and is not counted as a failure);
+* reject a malformed update before it is aggregated (:func:`check_update`: other keys or
+  shapes than the global model, NaN/Inf, or an L2 distance from the global model above
+  ``[federation] max_update_norm``): the hospital's row says ``rejected`` and why, a warning is
+  logged, and the round goes on with the others. Under SecAgg+ the server only sees the sum, so
+  the check applies to the sum: one malformed update voids that round's aggregate.
 """
 
 from __future__ import annotations
@@ -20,9 +25,40 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from xrayfed.common.config import FederationConfig
-from xrayfed.common.protocol.rounds import FAILED, NUM_EXAMPLES, REFUSED, RoundRequest, has_update, reply_row
+from xrayfed.common.protocol.rounds import (
+    FAILED,
+    NUM_EXAMPLES,
+    REFUSED,
+    REJECTED,
+    RoundRequest,
+    has_update,
+    reply_row,
+)
 
 log = logging.getLogger(__name__)
+
+
+def check_update(update: dict[str, Any], reference: dict[str, Any], max_norm: float) -> str | None:
+    """Why the update ``update`` (name → numpy array) cannot be aggregated with the global model
+    ``reference``, or None when it can: keys and shapes must match, every value must be finite,
+    and ‖update − reference‖₂ (over all arrays) must not exceed ``max_norm``."""
+    import numpy as np
+
+    if set(update) != set(reference):
+        extra, missing = sorted(set(update) - set(reference)), sorted(set(reference) - set(update))
+        return f"arrays differ from the global model's (unexpected {extra[:3]}, missing {missing[:3]})"
+    sq = 0.0
+    for k, ref in reference.items():
+        u = np.asarray(update[k])
+        if u.shape != np.shape(ref):
+            return f"array {k!r} has shape {list(u.shape)}, the global model's is {list(np.shape(ref))}"
+        if not np.all(np.isfinite(u)):
+            return f"array {k!r} holds NaN or Inf"
+        if np.issubdtype(u.dtype, np.floating):
+            sq += float(np.sum((u.astype(np.float64) - np.asarray(ref, dtype=np.float64)) ** 2))
+    if not math.sqrt(sq) <= max_norm:
+        return f"update norm ‖Δ‖₂ = {math.sqrt(sq):.3g} exceeds max_update_norm {max_norm:g}"
+    return None
 
 
 def ledger_anchors(rows: Iterable[dict[str, Any]], anchors: dict[str, tuple[int, str]] | None = None
@@ -81,6 +117,7 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
             self.train_rows: dict[int, list[dict[str, Any]]] = {}
             self.client_eval: dict[int, dict[str, float]] = {}
             self.anchors: dict[str, tuple[int, str]] = dict(anchors or {})
+            self.reference: dict[str, Any] | None = None
 
         def global_round(self, server_round: int) -> int:
             return self.round_offset + server_round
@@ -98,8 +135,25 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
             return c
 
         def configure_train(self, server_round, arrays, config, grid):
+            self.reference = {k: v.numpy() for k, v in arrays.items()}  # what this round's updates must match
             return super().configure_train(server_round, arrays, self._with_info(server_round, config, anchors=True),
                                            grid)
+
+        def _screen(self, server_round: int, replies: list[Message], rows: list[dict[str, Any]]) -> list[Message]:
+            ok = []
+            for m, r in zip(replies, rows):
+                if not has_update(m):
+                    continue
+                rec = next(iter(m.content.array_records.values()))
+                problem = check_update({k: v.numpy() for k, v in rec.items()}, self.reference,
+                                       fed.max_update_norm) if self.reference is not None else None
+                if problem is None:
+                    ok.append(m)
+                    continue
+                log.warning("round %d: update of %s rejected, not aggregated: %s", self.global_round(server_round),
+                            r["hospital"], problem)
+                r["status"], r["reason"] = REJECTED, problem
+            return ok
 
         def configure_evaluate(self, server_round, arrays, config, grid):
             return super().configure_evaluate(server_round, arrays, self._with_info(server_round, config), grid)
@@ -113,7 +167,7 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
                 if r["status"] == REFUSED:
                     log.warning("hospital %s refused round %d: %s", r["hospital"], self.global_round(server_round),
                                 r.get("reason", "privacy budget"))
-            updates = [m for m in replies if has_update(m)]
+            updates = self._screen(server_round, replies, rows)
             if not updates:
                 log.warning("round %d: no hospital sent an update; the global model is unchanged",
                             self.global_round(server_round))

@@ -69,11 +69,12 @@ def split_train_val(ds: XrayDataset, val_fraction: float, seed: int = 0) -> tupl
 
 
 def partition(ds: XrayDataset, num_parts: int, scheme: str = "iid", seed: int = 0, alpha: float = 0.5,
-              min_size: int = 10) -> list[np.ndarray]:
+              min_size: int = 10, size_skew: float = 0.0) -> list[np.ndarray]:
     """Split the indices of ``ds`` into ``num_parts`` disjoint, sorted int64 arrays that cover
     every index exactly once (e.g. to simulate hospitals).
 
-    * ``iid``: a random permutation cut into equal parts;
+    * ``iid``: a random permutation cut into equal parts, or with ``size_skew`` > 0 into parts
+      of unequal size, part k's share ∝ (k + 1)^−size_skew (hospitals of different sizes);
     * ``dirichlet``: label-skewed (non-IID): for each class, the shares of the parts are drawn
       from Dirichlet(``alpha``) (smaller α → more skew; multilabel scans count under their first
       positive label or "none");
@@ -90,7 +91,13 @@ def partition(ds: XrayDataset, num_parts: int, scheme: str = "iid", seed: int = 
     rng = np.random.default_rng(seed)
     floor = min(int(min_size), n // num_parts)
     if scheme == "iid":
-        return [np.sort(p).astype(np.int64) for p in np.array_split(rng.permutation(n), num_parts)]
+        perm = rng.permutation(n)
+        if size_skew > 0:
+            share = (np.arange(num_parts) + 1.0) ** -float(size_skew)
+            sizes = floor + np.floor(share / share.sum() * (n - floor * num_parts)).astype(int)
+            sizes[0] += n - sizes.sum()  # rounding remainder to the largest part
+            return [np.sort(p).astype(np.int64) for p in np.split(perm, np.cumsum(sizes)[:-1])]
+        return [np.sort(p).astype(np.int64) for p in np.array_split(perm, num_parts)]
     if scheme == "patient":
         groups = _groups(ds)
         if len(groups) < num_parts:

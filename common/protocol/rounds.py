@@ -38,6 +38,7 @@ NUM_EXAMPLES = "num-examples"  # the FedAvg weight (Flower's key)
 
 # Statuses.
 TRAINED, RESENT, REFUSED, FAILED = "trained", "resent", "refused", "failed"
+REJECTED = "rejected"  # set by the server: the update was malformed and not aggregated
 SENT_AN_UPDATE = (TRAINED, RESENT)
 
 #: Numeric fields a hospital reports with each training reply (its MetricRecord).

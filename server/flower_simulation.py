@@ -1,0 +1,143 @@
+"""``xrayfed simulate``: N hospitals on Flower's Simulation Engine (Ray backend), one machine.
+
+The Simulation Engine runs the project's own ServerApp (:mod:`xrayfed.server.server_app`:
+``run_federation`` with its strategy, checkpoints, metrics and server-side evaluation) and
+ClientApp (:mod:`xrayfed.client.client_app`: ``train_round`` with each hospital's DP plan,
+budget and privacy ledger) unchanged; what it replaces is the transport — Flower's in-memory
+Grid instead of SuperLink/SuperNodes over gRPC, and a pool of Ray worker processes that run the
+ClientApp for one virtual SuperNode after another. So nothing here is TLS-protected or
+authenticated, and SecAgg+ is not run (``secure_aggregation`` is switched off): a simulation is
+for planning (accuracy, ε, round time as N grows), never for patient data across sites.
+
+* Hospital ``i`` (Flower's ``partition-id``) gets ``hospital-NNN.toml`` written here: part i of
+  N of ``--data`` (``--split iid|dirichlet|patient``, ``--size-skew`` for unequal sizes), its own
+  ε budget and state folder under ``RUN_DIR/hospitals/``.
+* Per round the strategy samples ``--fraction`` of the hospitals (at least ``--min-clients``).
+* Ray is started by this process bound to 127.0.0.1 (``_node_ip_address``; no dashboard),
+  with ``--workers`` worker processes (default: the CPU count), one CPU each, and stopped at the end.
+* The output is a normal run folder: ``metrics.jsonl``, checkpoints, every hospital's ledger;
+  ``xrayfed report RUN_DIR`` works on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from xrayfed.common.errors import UserError
+
+MARKER = ".xrayfed-simulation"
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists():
+        if not (out / MARKER).exists():
+            raise UserError(f"--out {out}: folder exists and is not a simulation folder; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("created by xrayfed simulate\n")
+
+
+def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, Path, int]:
+    """Federation config and one ``hospital-NNN.toml`` per simulated hospital; returns
+    ``(federation.toml, hospitals folder, N)``."""
+    from xrayfed.common.config import FederationConfig, dump_toml, load_config
+    from xrayfed.common.data import load_dataset
+    from xrayfed.server.demo import _native_size, write_demo_configs
+
+    if args.data is None:
+        from xrayfed.common.synthetic import write_npz
+
+        data = out / "data" / "synthetic.npz"
+        data.parent.mkdir(parents=True)
+        write_npz(data, n_train=max(2400, 600 * args.hospitals), n_val=200, n_test=400, size=args.image_size or 32,
+                  task="binary", seed=0)
+        print(f"[simulate] no --data: generated synthetic scans at {data}", flush=True)
+    else:
+        data = args.data.resolve()
+    image_size = args.image_size or _native_size(data) or 224
+    probe = load_dataset(data, split="train", image_size=16)
+    fed_path, hospital_paths = write_demo_configs(out, data, args, image_size, probe.task, port=9092)
+    if args.config is not None:  # the operator's own federation settings; run folder and overrides from here
+        fed = load_config(FederationConfig, args.config, {
+            "federation.run_dir": str(out / "run"), "federation.rounds": args.rounds,
+            "federation.min_clients": args.min_clients, "federation.fraction_train": args.fraction})
+        fed_path.write_text(dump_toml(fed), encoding="utf-8")
+    fed = load_config(FederationConfig, fed_path)
+    if fed.federation.secure_aggregation:
+        print("[simulate] SecAgg+ is not run in a simulation (no transport to protect): plain FedAvg sums", flush=True)
+        fed = fed.model_copy(update={"federation": fed.federation.model_copy(update={"secure_aggregation": False})})
+        fed_path.write_text(dump_toml(fed), encoding="utf-8")
+    hdir = out / "hospital-configs"
+    hdir.mkdir()
+    for i, p in enumerate(hospital_paths):
+        p.rename(hdir / f"hospital-{i:03d}.toml")
+    return fed_path, hdir, len(hospital_paths)
+
+
+def run_simulation(fed_path: Path, hospitals_dir: Path, n: int, workers: int, verbose: bool = False,
+                   client_app=None) -> None:
+    """Run the federation of ``fed_path`` with ``n`` simulated hospitals on Flower's Simulation
+    Engine (Ray, ``workers`` processes, 127.0.0.1 only). ``client_app``: the hospitals' ClientApp
+    (default: the project's; tests wrap it to inject faults)."""
+    import ray
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    if client_app is None:
+        from xrayfed.client.client_app import app as client_app
+    from xrayfed.client.hospital import SIM_HOSPITALS_ENV
+    from xrayfed.server.server_app import SIM_FEDERATION_ENV
+    from xrayfed.server.server_app import app as server_app
+
+    env = {SIM_HOSPITALS_ENV: str(hospitals_dir.resolve()), SIM_FEDERATION_ENV: str(fed_path.resolve()),
+           # one CPU per worker: torch's own threads would oversubscribe the cores
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    os.environ.update({SIM_HOSPITALS_ENV: env[SIM_HOSPITALS_ENV], SIM_FEDERATION_ENV: env[SIM_FEDERATION_ENV]})
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)  # its deprecation notice for run_simulation: see docs
+    ray.init(num_cpus=workers, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=verbose, logging_level=logging.ERROR, configure_logging=False,
+             runtime_env={"env_vars": {**env, "PYTHONPATH": os.pathsep.join(p for p in __import__("sys").path if p)}})
+    try:
+        flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
+                            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    finally:
+        ray.shutdown()
+
+
+def run_simulate_cmd(args: argparse.Namespace) -> int:
+    import warnings
+
+    if args.hospitals < 1 or args.rounds < 1:
+        raise UserError("--hospitals and --rounds must be at least 1")
+    if args.data is not None and not args.data.exists():
+        raise UserError(f"--data: no such file or folder {args.data}")
+    if args.min_clients is not None and not 1 <= args.min_clients <= args.hospitals:
+        raise UserError(f"--min-clients {args.min_clients}: must be between 1 and --hospitals ({args.hospitals})")
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        raise UserError("xrayfed simulate runs on Flower's Simulation Engine, which needs Ray: "
+                        "pip install 'xrayfed[simulation]'") from e
+    if args.fraction is not None and not 0 < args.fraction <= 1:
+        raise UserError(f"--fraction {args.fraction}: must be in (0, 1]")
+    if args.fraction is not None and args.fraction < 1 and args.min_clients is None:
+        args.min_clients = min(2, args.hospitals)  # else every round would wait for all N
+    t0 = time.time()
+    out = args.out.resolve()
+    _prepare_out(out)
+    fed_path, hdir, n = write_configs(args, out)
+    workers = max(1, min(args.workers or os.cpu_count() or 1, n))
+    print(f"[simulate] {n} hospitals on Flower's Simulation Engine (Ray, {workers} worker process(es), 127.0.0.1), "
+          f"{args.rounds} rounds, ε = {args.epsilon:g} each, split {args.split}"
+          + (f", size skew {args.size_skew:g}" if args.size_skew else "") + f"; folder {out}", flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        run_simulation(fed_path, hdir, n, workers, verbose=bool(getattr(args, "verbose", False)))
+    print(f"[simulate] finished in {time.time() - t0:.0f}s; run folder {out / 'run'}; "
+          f"report: xrayfed report {out / 'run'}", flush=True)
+    return 0
