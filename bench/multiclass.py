@@ -52,8 +52,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-
     from encrypted_inference import Services
+
     from xrayfed.common.preprocess import prepare_scan
     from xrayfed.common.procs import venv_bin
     from xrayfed.common.security.atrest import load_checkpoint

@@ -14,9 +14,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from xrayfed.server.federation import run_federation
-
     import os
+
+    from xrayfed.server.federation import run_federation
 
     configure_logging()
     # `xrayfed server` passes the path as run config; `xrayfed simulate` (Flower's Simulation
