@@ -54,6 +54,7 @@ server asks for. How:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -130,6 +131,30 @@ def auto_training(num_examples: int, epsilon: float, batch_size: int | None = No
 MAX_PLANNED_STEPS = {"prv": 50_000, "rdp": 10_000_000}
 
 
+@functools.lru_cache(maxsize=64)
+def _noise_for_budget(epsilon: float, delta: float, q: float, steps: int, max_rounds: int, accountant: str) -> float:
+    """The smallest σ (searched to 1 %) for which ``max_rounds`` rounds of ``steps`` DP-SGD steps
+    at sample rate ``q`` spend at most (``epsilon``, ``delta``), checked with the exact
+    round-by-round composition the ledger uses. A pure function of its arguments, so cached: a
+    hospital plans every round with the same inputs (the search costs seconds)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" (PRV is used)
+            warnings.simplefilter("ignore")
+            sigma = float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
+                                               steps=steps * max_rounds, accountant=accountant,
+                                               epsilon_tolerance=0.01))
+    except (ValueError, OverflowError, MemoryError, FloatingPointError):
+        raise UserError(
+            f"privacy.epsilon = {epsilon:g} (δ = {delta:g}) cannot be met by {max_rounds} round(s) of "
+            f"{steps} DP-SGD steps at q = {q:.3g}, even with noise σ = 10⁶; raise epsilon, or lower max_rounds "
+            "or training.local_epochs") from None
+    while compute_epsilon([(sigma, q, steps)] * max_rounds, delta, accountant) > epsilon:
+        sigma *= 1.01
+    return sigma
+
+
 def plan_dp(cfg: HospitalConfig, num_examples: int) -> DPPlan:
     """σ, q and steps for one round so that ``max_rounds`` rounds fit the hospital's (ε, δ).
 
@@ -157,27 +182,8 @@ def plan_dp(cfg: HospitalConfig, num_examples: int) -> DPPlan:
             + (", or use privacy.accountant = \"rdp\"" if p.accountant == "prv" else ""))
     sigma = p.noise_multiplier
     if sigma is None:
-        from opacus.accountants.utils import get_noise_multiplier
-
-        try:
-            with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" (PRV is used)
-                warnings.simplefilter("ignore")
-                sigma = float(get_noise_multiplier(
-                    target_epsilon=p.epsilon,
-                    target_delta=p.delta,
-                    sample_rate=q,
-                    steps=total,
-                    accountant=p.accountant,
-                    epsilon_tolerance=0.01,
-                ))
-        except (ValueError, OverflowError, MemoryError, FloatingPointError):
-            raise UserError(
-                f"privacy.epsilon = {p.epsilon:g} (δ = {p.delta:g}) cannot be met by {p.max_rounds} round(s) of "
-                f"{steps} DP-SGD steps at q = {q:.3g}, even with noise σ = 10⁶; raise epsilon, or lower max_rounds "
-                "or training.local_epochs") from None
-        # Check with the exact round-by-round composition that the ledger will use.
-        while compute_epsilon([(sigma, q, steps)] * p.max_rounds, p.delta, p.accountant) > p.epsilon:
-            sigma *= 1.01
+        sigma = _noise_for_budget(float(p.epsilon), float(p.delta), float(q), int(steps), int(p.max_rounds),
+                                  p.accountant)
     return DPPlan(
         noise_multiplier=float(sigma),
         sample_rate=float(q),
