@@ -44,6 +44,13 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
                                              "default: synthetic scans generated now")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (replaced if it is a demo folder)")
     p.add_argument("--hospitals", type=int, default=3)
+    add_local_federation_args(p)
+    p.set_defaults(func=handler("xrayfed.server.demo", "run_demo_cmd"))
+
+
+def add_local_federation_args(p: argparse.ArgumentParser) -> None:
+    """What `demo` and `simulate` share: rounds, each hospital's budget, the data split and the
+    training settings a hospital would otherwise choose itself."""
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--epsilon", type=float, default=8.0, help="each hospital's total ε budget")
     p.add_argument("--delta", type=float, default=1e-5)
@@ -55,7 +62,6 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="default: each hospital's automatic choice from its N")
     p.add_argument("--lr", type=float, help="client learning rate (default: the federation default)")
     p.add_argument("--width", type=int, help="XrayNet width (default: the recommended model)")
-    p.set_defaults(func=handler("xrayfed.server.demo", "run_demo_cmd"))
 
 
 def register_simulate(sub: argparse._SubParsersAction) -> None:
@@ -68,22 +74,13 @@ def register_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="scans to split across the hospitals (default: synthetic)")
     p.add_argument("--config", type=Path, help="federation.toml to take the model, strategy and rounds from")
     p.add_argument("--out", type=Path, default=Path("runs/simulate"), help="simulation folder (replaced if it is one)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--epsilon", type=float, default=8.0, help="each hospital's total ε budget")
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--split", choices=("iid", "dirichlet", "patient"), default="iid")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet α for --split dirichlet")
+    add_local_federation_args(p)
     p.add_argument("--size-skew", type=float, default=0.0,
                    help="hospitals of unequal size (--split iid): hospital k gets a share ∝ (k+1)^-SKEW")
     p.add_argument("--fraction", type=float, default=None, help="share of the hospitals sampled per round (default 1)")
     p.add_argument("--min-clients", type=int, default=None,
                    help="at least this many hospitals per round (default: all N when --fraction is 1, else 2)")
     p.add_argument("--workers", type=int, help="Ray worker processes (default: the CPU count)")
-    p.add_argument("--image-size", type=int, help="px (default: native size of .npz data, 32 synthetic, 224 otherwise)")
-    p.add_argument("--local-epochs", type=float, help="default: each hospital's automatic choice from its budget")
-    p.add_argument("--batch-size", type=int, help="default: each hospital's automatic choice from its N")
-    p.add_argument("--lr", type=float, help="client learning rate (default: the federation default)")
-    p.add_argument("--width", type=int, help="XrayNet width (default: the recommended model)")
     p.set_defaults(func=handler("xrayfed.server.flower_simulation", "run_simulate_cmd"), name="simulation")
 
 

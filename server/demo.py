@@ -25,13 +25,15 @@ from xrayfed.common.procs import ProcessGroup, free_port, shared_cpu_env, spawn
 MARKER = ".xrayfed-demo"
 
 
-def _prepare_out(out: Path) -> None:
+def prepare_out(out: Path, marker: str = MARKER, what: str = "demo") -> None:
+    """Create ``out`` afresh; an existing folder is replaced only when ``marker`` says this
+    command made it (never someone's own folder)."""
     if out.exists():
-        if not (out / MARKER).exists():
-            raise UserError(f"--out {out}: folder exists and is not a demo folder; choose another --out")
+        if not (out / marker).exists():
+            raise UserError(f"--out {out}: folder exists and is not a {what} folder; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / MARKER).write_text("created by xrayfed demo\n")
+    (out / marker).write_text(f"created by xrayfed {what}\n")
 
 
 def _native_size(path: Path) -> int | None:
@@ -108,7 +110,7 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
     out = args.out.resolve()
     if args.data is not None and not args.data.exists():
         raise UserError(f"--data: no such file or folder {args.data}")
-    _prepare_out(out)
+    prepare_out(out)
     if args.data is None:
         from xrayfed.common.synthetic import write_npz
 

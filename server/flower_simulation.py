@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -34,12 +33,9 @@ MARKER = ".xrayfed-simulation"
 
 
 def _prepare_out(out: Path) -> None:
-    if out.exists():
-        if not (out / MARKER).exists():
-            raise UserError(f"--out {out}: folder exists and is not a simulation folder; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / MARKER).write_text("created by xrayfed simulate\n")
+    from xrayfed.server.demo import prepare_out
+
+    prepare_out(out, MARKER, "simulation")
 
 
 def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, Path, int]:
