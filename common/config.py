@@ -57,6 +57,8 @@ class FederationSection(_Strict):
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="client learning rate over rounds")
     lr_final_fraction: float = Field(0.1, ge=0.0, le=1.0, description="cosine: last round's lr as a fraction of lr")
     round_timeout_s: float = Field(3600.0, gt=0.0)
+    join_timeout_s: float = Field(600.0, gt=0.0, description="seconds a round waits for min_clients hospitals to be "
+                                                            "connected; then the run stops (resumable)")
     max_update_norm: float = Field(1e3, gt=0.0, description="an update farther than this from the global model "
                                                             "(L2 over all weights) is rejected as malformed")
     secure_aggregation: bool = Field(False, description="Flower SecAgg+: the server sees only the sum of updates")

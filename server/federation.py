@@ -35,7 +35,7 @@ from xrayfed.common.data import load_dataset
 from xrayfed.common.model import build_model
 from xrayfed.common.protocol.rounds import SENT_AN_UPDATE
 from xrayfed.server.rundir import RunDir
-from xrayfed.server.strategy import ledger_anchors, make_strategy
+from xrayfed.server.strategy import HospitalsMissing, ledger_anchors, make_strategy
 
 log = logging.getLogger(__name__)
 PREFIX = "[xrayfed]"
@@ -238,15 +238,19 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
         f"strategy {cfg.federation.strategy}, ≥{cfg.federation.min_clients} hospitals, run dir {run.path}"
         + secure + (", checkpoints encrypted at rest" if atrest_key is not None else "")
     )
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(state),
-        num_rounds=remaining,
-        timeout=cfg.federation.round_timeout_s,
-        train_config=ConfigRecord({}),
-        evaluate_config=ConfigRecord({}),
-        evaluate_fn=on_round_end,
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(state),
+            num_rounds=remaining,
+            timeout=cfg.federation.round_timeout_s,
+            train_config=ConfigRecord({}),
+            evaluate_config=ConfigRecord({}),
+            evaluate_fn=on_round_end,
+        )
+    except HospitalsMissing as e:
+        _say(f"stopped: {e}")
+        return run
     _say(f"done: {cfg.federation.rounds} rounds; checkpoints and metrics in {run.path}")
     if best[0] is not None:
         _say(f"best global model on the validation split: round {best[0][0]} (val AUC {best[0][1]:.3f}), "

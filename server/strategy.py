@@ -8,6 +8,10 @@
 * record every hospital's reply (trained / refused / resent / failed, with its reported ε),
 * aggregate only updates that were actually trained; a hospital that refused because its
   privacy budget is spent contributes nothing (and is not counted as a failure);
+* wait for ``min_clients`` connected hospitals before each round with a server line every 30 s,
+  and stop the run (:class:`HospitalsMissing`, resumable from the last checkpoint) when they are
+  not there within ``[federation] join_timeout_s``; a hospital that joins late is simply
+  sampled once it is connected;
 * reject a malformed update before it is aggregated (:func:`check_update`: other keys or
   shapes than the global model, NaN/Inf, or an L2 distance from the global model above
   ``[federation] max_update_norm``): the hospital's row says ``rejected`` and why, a warning is
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any, Iterable
 
 from flwr.app import ConfigRecord, Message
@@ -36,6 +41,38 @@ from xrayfed.common.protocol.rounds import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class HospitalsMissing(RuntimeError):
+    """Fewer than ``min_clients`` hospitals were connected within ``join_timeout_s``."""
+
+
+def _say(msg: str) -> None:
+    print(f"[xrayfed] {msg}", flush=True)
+
+
+def await_hospitals(grid, need: int, timeout_s: float, global_round: int, every_s: float = 30.0) -> int:
+    """Block until ``need`` hospitals are connected to ``grid`` (returns how many are), saying so
+    every ``every_s``; :class:`HospitalsMissing` after ``timeout_s``."""
+    t0 = time.monotonic()
+    said = None
+    while True:
+        n = len(list(grid.get_node_ids()))
+        waited = time.monotonic() - t0
+        if n >= need:
+            if said is not None:
+                _say(f"starting round {global_round}: {n} hospitals connected after {waited:.0f} s")
+            return n
+        if waited >= timeout_s:
+            raise HospitalsMissing(
+                f"before round {global_round}: only {n} of the {need} hospitals needed (min_clients) connected within "
+                f"join_timeout_s = {timeout_s:g} s; the run stops here. Start `xrayfed server` again to resume from "
+                "the last checkpoint once the hospitals are back")
+        if said is None or waited - said >= every_s:
+            _say(f"waiting for hospitals before round {global_round}: {n} of {need} connected "
+                 f"(gives up after {timeout_s:g} s)")
+            said = waited
+        time.sleep(0.5)
 
 
 def check_update(update: dict[str, Any], reference: dict[str, Any], max_norm: float) -> str | None:
@@ -135,6 +172,7 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
             return c
 
         def configure_train(self, server_round, arrays, config, grid):
+            await_hospitals(grid, fed.min_clients, fed.join_timeout_s, self.global_round(server_round))
             self.reference = {k: v.numpy() for k, v in arrays.items()}  # what this round's updates must match
             return super().configure_train(server_round, arrays, self._with_info(server_round, config, anchors=True),
                                            grid)

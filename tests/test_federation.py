@@ -150,3 +150,55 @@ def test_two_hospitals_two_rounds_then_resume_and_refuse(tmp_path, data_npz):
     assert "refused" in (tmp_path / "h1.log").read_text()
     # nothing left running
     assert _descendants() - before == set()
+
+
+def test_too_few_hospitals_stop_the_run_then_a_late_hospital_is_waited_for(tmp_path, data_npz):
+    """min_clients = 2: with one hospital the server says it waits and stops after join_timeout_s
+    (nothing trained, nothing charged); started again, it waits for the hospital that joins late
+    and trains the round with both."""
+    import time
+
+    from xrayfed.common.procs import kill_tree, spawn
+
+    before = _descendants()
+    port = free_port()
+    fp, hps, run_dir = _configs(tmp_path, data_npz, port, rounds=1, budgets=[(8.0, 1), (8.0, 1)], join_timeout_s=6)
+
+    def client(hp):
+        return spawn(CLI + ["client", "--server", f"127.0.0.1:{port}", "--config", str(hp), "--insecure"],
+                     log=open(hp.with_suffix(".log"), "a"))
+
+    h0 = client(hps[0])
+    try:
+        t0 = time.time()
+        r = subprocess.run(CLI + ["server", "--config", str(fp)], capture_output=True, text=True, timeout=300)
+        assert "waiting for hospitals before round 1:" in r.stdout and "of 2 connected" in r.stdout, r.stdout[-2000:]
+        assert "stopped: before round 1: only" in r.stdout and "join_timeout_s = 6 s" in r.stdout
+        assert time.time() - t0 < 120 and not (run_dir / "metrics.jsonl").exists()
+        assert not (tmp_path / "state-h0" / "privacy-ledger.jsonl").exists() or not [
+            x for x in read_ledger(tmp_path / "state-h0" / "privacy-ledger.jsonl") if x["event"] == "train"]
+    finally:
+        kill_tree(h0)
+    # again, with a generous timeout: h0 from the start, h1 only once the server says it waits
+    fp.write_text(fp.read_text().replace("join_timeout_s = 6", "join_timeout_s = 240"))
+    h0 = client(hps[0])
+    server = subprocess.Popen(CLI + ["server", "--config", str(fp)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    h1 = None
+    try:
+        seen = ""
+        for line in server.stdout:
+            seen += line
+            if "waiting for hospitals before round 1" in line and h1 is None:
+                h1 = client(hps[1])
+        assert server.wait(timeout=300) == 0, seen[-3000:]
+        assert h1 is not None and "starting round 1: 2 hospitals connected after" in seen, seen[-2000:]
+        rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [1] and sorted(rows[0]["participants"]) == ["h0", "h1"]
+    finally:
+        if server.poll() is None:
+            kill_tree(server)
+        for c in (h0, h1):
+            if c is not None:
+                kill_tree(c)
+    assert _descendants() <= before
