@@ -96,10 +96,12 @@ def plot(results: list[dict], path: Path) -> None:
     ax[0].plot(ns, [r["test_auc"] for r in results], "o-")
     ax[0].set(xscale="log", xlabel="hospitals N", ylabel="test AUC after the last round", title="accuracy")
     ax[1].plot(ns, [r["round_s_median_after_first"] for r in results], "o-")
-    ax[1].set(xscale="log", yscale="log", xlabel="hospitals N", ylabel="s per round (median, rounds ≥ 2)",
-              title="round time")
+    ax[1].set(xscale="log", xlabel="hospitals N", ylabel="s per round (median, rounds ≥ 2)", title="round time")
+    ax[1].set_ylim(bottom=0)
     ax[2].plot(ns, [r["peak_rss_mb"] for r in results], "o-")
     ax[2].set(xscale="log", xlabel="hospitals N", ylabel="peak RSS of the process tree (MB)", title="memory")
+    ax[2].set_ylim(bottom=0)
+    ax[0].set_ylim(0, 1)
     for a in ax:
         a.grid(alpha=0.3)
     fig.tight_layout()
@@ -108,6 +110,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--plot-only", action="store_true", help="redraw --plot from --out without running")
     ap.add_argument("--hospitals", type=int, nargs="+", default=[3, 10, 30, 100])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--epsilon", type=float, default=8.0)
@@ -117,6 +120,9 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=HERE.parent / "docs" / "img" / "simulation-scaling.png")
     args = ap.parse_args()
 
+    if args.plot_only:
+        plot(json.loads(args.out.read_text())["runs"], args.plot)
+        return
     report: dict = {"cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(), "data": str(args.data),
                     "rounds": args.rounds, "epsilon": args.epsilon, "size_skew": args.size_skew, "runs": []}
     with tempfile.TemporaryDirectory(prefix="xrayfed-bench-sim-") as tmp:
