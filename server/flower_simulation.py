@@ -102,7 +102,37 @@ def run_simulation(fed_path: Path, hospitals_dir: Path, n: int, workers: int, ve
         flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
                             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     finally:
+        ray_procs = _ray_processes()  # before shutdown: its workers outlive the raylet, reparented
         ray.shutdown()
+        _reap(ray_procs)
+
+
+def _ray_processes() -> list:
+    """Ray's processes under this one (GCS, raylet, workers)."""
+    import psutil
+
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "ray" in " ".join(p.cmdline()).lower():
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _reap(ray_procs: list, timeout_s: float = 15.0) -> None:
+    """``ray.shutdown()`` returns before Ray's worker processes have exited: wait for them, then
+    kill what is left, so a simulation leaves no process behind."""
+    import psutil
+
+    _, alive = psutil.wait_procs(ray_procs, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def run_simulate_cmd(args: argparse.Namespace) -> int:

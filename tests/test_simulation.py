@@ -117,11 +117,13 @@ def test_malformed_updates_are_rejected_with_a_reason_and_the_round_goes_on(tmp_
     from xrayfed.client.privacy import PrivacyLedger
     from xrayfed.common.config import HospitalConfig, load_config
     from xrayfed.common.security.atrest import load_checkpoint
+    from xrayfed.common.synthetic import write_npz
     from xrayfed.server import flower_simulation as S
 
     out = tmp_path / "sim"
     S._prepare_out(out)
-    args = argparse.Namespace(hospitals=4, rounds=1, data=None, config=None, epsilon=8.0, delta=1e-5, split="iid",
+    data = write_npz(tmp_path / "small.npz", n_train=400, n_val=60, n_test=100, size=28, task="binary", seed=2)
+    args = argparse.Namespace(hospitals=4, rounds=1, data=data, config=None, epsilon=8.0, delta=1e-5, split="iid",
                               alpha=0.5, size_skew=0.0, fraction=None, min_clients=None, image_size=None,
                               local_epochs=None, batch_size=None, lr=None, width=None, name="faults")
     fed_path, hdir, n = S.write_configs(args, out)
