@@ -84,12 +84,11 @@ def _load(ckpt: Checkpoint, data: Path, split: str):
     return load_dataset(Path(data), split=split, image_size=int(ckpt.image_size), task=ckpt.task)
 
 
-def verification_scans(ckpt: Checkpoint, data: Path | None, n: int = VERIFY_SCANS, train=None) -> torch.Tensor:
-    """Model inputs for the self-check: ``n`` of the hospital's scans (``data``, or its already
-    loaded training split ``train``), else synthetic."""
+def verification_scans(ckpt: Checkpoint, data: Path | None, n: int = VERIFY_SCANS) -> torch.Tensor:
+    """Model inputs for the self-check: ``n`` of the hospital's scans (``data``), else synthetic."""
     size, ch = int(ckpt.image_size), int(ckpt.model.in_channels)
-    if train is not None or data is not None:
-        return _spread(train if train is not None else _load(ckpt, data, "train"), n, ch)
+    if data is not None:
+        return _spread(_load(ckpt, data, "train"), n, ch)
     else:
         from xrayfed.common.preprocess import normalize
         from xrayfed.common.synthetic import make_synthetic
@@ -102,28 +101,42 @@ def verification_scans(ckpt: Checkpoint, data: Path | None, n: int = VERIFY_SCAN
 def _to_onnx(model, example: torch.Tensor, meta: dict) -> bytes:
     import io
 
-    import onnx
 
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript-based exporter warns that it is deprecated
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), buf, dynamo=False, input_names=["scan"], output_names=["logits"],
                           dynamic_axes={"scan": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
-    proto = onnx.load_from_string(buf.getvalue())
+    return _onnx_with_metadata(buf.getvalue(), meta)
+
+
+def _onnx_with_metadata(blob: bytes, meta: dict) -> bytes:
+    """``blob`` (an ONNX model) with ``meta`` as its only ``metadata_props[METADATA_KEY]``."""
+    import onnx
+
+    proto = onnx.load_from_string(blob)
+    del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta)
     return proto.SerializeToString()
 
 
-def _to_torchscript(model, example: torch.Tensor, meta: dict) -> bytes:
+def _torchscript_with_metadata(module: torch.jit.ScriptModule, meta: dict) -> bytes:
+    """``module`` saved as TorchScript with ``meta`` in the extra file ``xrayfed.json``."""
     import io
 
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, not gone
+        torch.jit.save(module, buf, _extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
+    return buf.getvalue()
+
+
+def _to_torchscript(model, example: torch.Tensor, meta: dict) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scripted = torch.jit.trace(model, example)
-    buf = io.BytesIO()
-    torch.jit.save(scripted, buf, _extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
-    return buf.getvalue()
+    return _torchscript_with_metadata(scripted, meta)
 
 
 def run_exported(path: Path, fmt: str, x: torch.Tensor) -> np.ndarray:
@@ -192,7 +205,6 @@ def _export_int8(ckpt: Checkpoint, fmt: str, out: Path, data: Path | None, calib
             return reference(x).numpy()
 
     if fmt == "onnx":
-        import onnx
         import onnxruntime as ort
 
         blob = Q.quantize_onnx(_to_onnx(model, calib[:1], meta), calib)
@@ -215,14 +227,7 @@ def _export_int8(ckpt: Checkpoint, fmt: str, out: Path, data: Path | None, calib
                      "accuracy_int8": cmp["int8"]["accuracy"], "agreement": cmp["agreement"]},
         "max_auc_drop": Q.MAX_AUC_DROP,
     }
-    if fmt == "onnx":
-        proto = onnx.load_from_string(blob)
-        del proto.metadata_props[:]
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(meta)
-        blob = proto.SerializeToString()
-    else:
-        blob = Q.torchscript_bytes(scripted, {f"{METADATA_KEY}.json": json.dumps(meta)})
+    blob = _onnx_with_metadata(blob, meta) if fmt == "onnx" else _torchscript_with_metadata(scripted, meta)
     atomic_write(out, blob, mode=0o600)
     probe = x_test[:8]  # read back from disk the way a consumer would: the same outputs as measured
     with torch.no_grad():

@@ -17,7 +17,6 @@ of the decided class), and the export is refused when the AUROC drops by more th
 
 from __future__ import annotations
 
-import io
 import logging
 import tempfile
 import warnings
@@ -98,14 +97,6 @@ def quantize_torch(model: torch.nn.Module, calibration: torch.Tensor) -> torch.j
             prepared(calibration[i:i + CALIBRATION_BATCH])
         quantized = convert_fx(prepared)
         return torch.jit.freeze(torch.jit.trace(quantized, calibration[:1]))
-
-
-def torchscript_bytes(module: torch.jit.ScriptModule, extra: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, not gone
-        torch.jit.save(module, buf, _extra_files=extra)
-    return buf.getvalue()
 
 
 def compare(task: TaskSpec, threshold, fp32: Callable[[torch.Tensor], np.ndarray],

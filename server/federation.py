@@ -171,7 +171,7 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     anchors: dict[str, tuple[int, str]] = {}
     for row in run.read_metrics():
         ledger_anchors(row.get("hospitals") or [], anchors)
-    strategy = make_strategy(cfg, round_offset=start_round, anchors=anchors)
+    strategy = make_strategy(cfg, round_offset=start_round, anchors=anchors, say=_say)
     secure = ""
     if cfg.federation.secure_aggregation:
         from xrayfed.server.secagg import SecAggPlusConfig, SecAggPlusGrid

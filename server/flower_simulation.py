@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, Path, int]
         data = args.data.resolve()
     image_size = args.image_size or _native_size(data) or 224
     probe = load_dataset(data, split="train", image_size=16)
+    # the listen port is never opened: the Simulation Engine has no network
     fed_path, hospital_paths = write_demo_configs(out, data, args, image_size, probe.task, port=9092)
     if args.config is not None:  # the operator's own federation settings; run folder and overrides from here
         fed = load_config(FederationConfig, args.config, {
@@ -97,7 +99,7 @@ def run_simulation(fed_path: Path, hospitals_dir: Path, n: int, workers: int, ve
         logging.getLogger("flwr").setLevel(logging.ERROR)  # its deprecation notice for run_simulation: see docs
     ray.init(num_cpus=workers, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=verbose, logging_level=logging.ERROR, configure_logging=False,
-             runtime_env={"env_vars": {**env, "PYTHONPATH": os.pathsep.join(p for p in __import__("sys").path if p)}})
+             runtime_env={"env_vars": {**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
     try:
         flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
                             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
@@ -47,13 +47,10 @@ class HospitalsMissing(RuntimeError):
     """Fewer than ``min_clients`` hospitals were connected within ``join_timeout_s``."""
 
 
-def _say(msg: str) -> None:
-    print(f"[xrayfed] {msg}", flush=True)
-
-
-def await_hospitals(grid, need: int, timeout_s: float, global_round: int, every_s: float = 30.0) -> int:
-    """Block until ``need`` hospitals are connected to ``grid`` (returns how many are), saying so
-    every ``every_s``; :class:`HospitalsMissing` after ``timeout_s``."""
+def await_hospitals(grid, need: int, timeout_s: float, global_round: int, say: Callable[[str], None],
+                    every_s: float = 30.0) -> int:
+    """Block until ``need`` hospitals are connected to ``grid`` (returns how many are), telling the
+    operator through ``say`` every ``every_s``; :class:`HospitalsMissing` after ``timeout_s``."""
     t0 = time.monotonic()
     said = None
     while True:
@@ -61,7 +58,7 @@ def await_hospitals(grid, need: int, timeout_s: float, global_round: int, every_
         waited = time.monotonic() - t0
         if n >= need:
             if said is not None:
-                _say(f"starting round {global_round}: {n} hospitals connected after {waited:.0f} s")
+                say(f"starting round {global_round}: {n} hospitals connected after {waited:.0f} s")
             return n
         if waited >= timeout_s:
             raise HospitalsMissing(
@@ -69,8 +66,8 @@ def await_hospitals(grid, need: int, timeout_s: float, global_round: int, every_
                 f"join_timeout_s = {timeout_s:g} s; the run stops here. Start `xrayfed server` again to resume from "
                 "the last checkpoint once the hospitals are back")
         if said is None or waited - said >= every_s:
-            _say(f"waiting for hospitals before round {global_round}: {n} of {need} connected "
-                 f"(gives up after {timeout_s:g} s)")
+            say(f"waiting for hospitals before round {global_round}: {n} of {need} connected "
+                f"(gives up after {timeout_s:g} s)")
             said = waited
         time.sleep(0.5)
 
@@ -119,13 +116,15 @@ def round_lr(cfg: FederationConfig, server_round: int) -> float:
     return float(fed.lr)
 
 
-def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[str, tuple[int, str]] | None = None):
+def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[str, tuple[int, str]] | None = None,
+                  say: Callable[[str], None] = log.info):
     """The configured strategy, extended with xrayfed's round hooks.
 
     ``anchors``: ``{hospital: (seq, head)}``, the ledger heads recorded so far (a resumed run
     reads them from metrics.jsonl). Every training request carries them (keyed by
     :func:`xrayfed.common.privacy.ledger.anchor_id`, not by name) so each hospital can check that its
     ledger still holds the line it reported: truncation or rollback is caught at its next round.
+    ``say``: where the operator's lines go (the server's summary lines).
     """
     fed = cfg.federation
     base = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": FedAvgM}[fed.strategy]
@@ -172,7 +171,7 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
             return c
 
         def configure_train(self, server_round, arrays, config, grid):
-            await_hospitals(grid, fed.min_clients, fed.join_timeout_s, self.global_round(server_round))
+            await_hospitals(grid, fed.min_clients, fed.join_timeout_s, self.global_round(server_round), say)
             self.reference = {k: v.numpy() for k, v in arrays.items()}  # what this round's updates must match
             return super().configure_train(server_round, arrays, self._with_info(server_round, config, anchors=True),
                                            grid)
