@@ -20,7 +20,7 @@ from xrayfed.common.errors import UserError
 from xrayfed.common.flower_launch import flower_env, supernode_args
 from xrayfed.common.logs import FLEET_EXPOSED, warn_insecure
 from xrayfed.common.privacy.ledger import read_ledger
-from xrayfed.common.procs import ProcessGroup, free_port, spawn, venv_bin
+from xrayfed.common.procs import ProcessGroup, free_port, kill_tree, spawn, venv_bin
 from xrayfed.common.security.atrest import ENV_KEY_FILE, load_key
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,21 @@ _REFUSAL_CAUSES = (
                                        "hospital's registered auth.key"),
     ("401 Unauthorized", "the server refused this hospital's key (it was revoked or unregistered)"),
 )
+#: flower-supernode's line once the server has admitted it (it then holds a node id).
+JOINED = "SuperNode ID:"
+#: flower-supernode's line when the server refuses to activate its key. The server says the same
+#: for a key it does not know (unregistered, revoked) and for a registered key whose previous
+#: connection it still counts as online (the process died less than Flower's heartbeat patience,
+#: 2 × 30 s, ago): the hospital tells them apart by its own ``ALIVE_FILE``.
+REFUSED = "Failed to activate SuperNode"
+#: Touched every ``ALIVE_EVERY_S`` in the state folder while this hospital is joined.
+ALIVE_FILE, ALIVE_EVERY_S = "supernode.alive", 10.0
+#: How long after the last touch the server may still count the old connection as online:
+#: Flower's patience (2 heartbeats of 30 s) plus a margin.
+STILL_ONLINE_S = 75.0
+#: Seconds between rejoin attempts after the link was lost (then the last value, forever).
+REJOIN_BACKOFF_S = (2.0, 5.0, 10.0, 30.0, 60.0)
+RETRY_REFUSED_S = 10.0
 
 
 def _pump(stream, seen: list[str]) -> None:
@@ -85,14 +100,40 @@ def _pump(stream, seen: list[str]) -> None:
         line = raw.decode(errors="replace")
         sys.stdout.write(line)
         sys.stdout.flush()
-        for marker, _ in _REFUSAL_CAUSES:
+        for marker in (*(m for m, _ in _REFUSAL_CAUSES), JOINED):
             if marker in line and marker not in seen:
                 seen.append(marker)
+
+
+def next_attempt(seen: list[str], losses: int, alive_age_s: float | None) -> tuple[str, float] | None:
+    """What ``xrayfed client`` does after its SuperNode stopped: ``(why, wait_s)`` to start a new
+    SuperNode after ``wait_s``, or None to stop with the SuperNode's cause.
+
+    ``seen``: the markers found in the SuperNode's output; ``losses``: links lost in a row so far;
+    ``alive_age_s``: seconds since this hospital was last joined (its ``ALIVE_FILE``), None if never.
+
+    * It had joined (it held a node id): the link was lost because the server restarted (a new
+      SuperLink no longer knows the node id and answers 401) or dropped the node. Rejoin, with
+      back-off. A revoked hospital also lands here once; its next activation is refused, which
+      ends it.
+    * Its activation was refused while this hospital was joined less than ``STILL_ONLINE_S``
+      ago (the process was restarted soon after a crash, and the server still counts the old
+      connection of the same key as online): try again every ``RETRY_REFUSED_S``.
+    * Anything else (a key the server does not know, a wrong CA, no key where one is required): stop.
+    """
+    if JOINED in seen:
+        wait = REJOIN_BACKOFF_S[min(losses, len(REJOIN_BACKOFF_S) - 1)]
+        return "lost its link to the server (it restarted, or dropped this hospital's connection)", wait
+    if REFUSED in seen and alive_age_s is not None and alive_age_s < STILL_ONLINE_S:
+        return (f"was refused while the server still counts its previous connection as online (joined "
+                f"{alive_age_s:.0f} s ago; Flower lets it lapse within {STILL_ONLINE_S:g} s)"), RETRY_REFUSED_S
+    return None
 
 
 def run_client_cmd(args: argparse.Namespace) -> int:
     import subprocess
     import threading
+    import time
 
 
     parse_hostport(args.server, "--server")
@@ -127,18 +168,40 @@ def run_client_cmd(args: argparse.Namespace) -> int:
           + (f" (encrypted at rest, key id {atrest_key.key_id.hex()})" if atrest_key is not None else "")
           + ("; only secure-aggregation (SecAgg+) training requests are accepted"
              if cfg.hospital.require_secure_aggregation else ""), flush=True)
-    seen: list[str] = []
+    alive = state / ALIVE_FILE
+    losses = 0
     with ProcessGroup() as group:
-        node = group.add(spawn(cmd, env=env, stdout=subprocess.PIPE))
-        pump = threading.Thread(target=_pump, args=(node.stdout, seen), daemon=True)
-        pump.start()
-        rc = node.wait()
-        pump.join(timeout=5)
-    if rc != 0:
-        cause = next((c for m, c in _REFUSAL_CAUSES if m in seen), None)
-        if cause is None:
-            cause = ("the SuperNode stopped (see the lines above): the server refused this hospital or the "
-                     "connection failed")
-        print(f"xrayfed: error: hospital {cfg.hospital.name} could not join {args.server}: {cause}",
-              file=sys.stderr, flush=True)
-    return rc
+        while True:
+            seen: list[str] = []
+            node = group.add(spawn(cmd, env=env, stdout=subprocess.PIPE))
+            pump = threading.Thread(target=_pump, args=(node.stdout, seen), daemon=True)
+            pump.start()
+            started = time.monotonic()
+            while True:
+                try:
+                    rc = node.wait(timeout=ALIVE_EVERY_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    if JOINED in seen:
+                        alive.touch()
+            pump.join(timeout=5)
+            group.procs.remove(node)
+            kill_tree(node)  # its SuperExec and any ClientApp it started
+            if JOINED in seen:
+                alive.touch()
+                losses = 0 if time.monotonic() - started > 600 else losses
+            age = time.time() - alive.stat().st_mtime if alive.exists() else None
+            again = next_attempt(seen, losses, age)
+            if again is None:
+                break
+            why, wait = again
+            losses += JOINED in seen
+            print(f"[xrayfed] hospital {cfg.hospital.name} {why}; joining {args.server} again in {wait:g} s "
+                  "(the privacy ledger decides what a repeated round may release)", flush=True)
+            time.sleep(wait)
+    cause = next((c for m, c in _REFUSAL_CAUSES if m in seen),
+                 "the SuperNode stopped (see the lines above): the server refused this hospital or the connection "
+                 "failed")
+    print(f"xrayfed: error: hospital {cfg.hospital.name} could not join {args.server}: {cause}",
+          file=sys.stderr, flush=True)
+    return rc or 1

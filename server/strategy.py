@@ -154,6 +154,8 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
             self.client_eval: dict[int, dict[str, float]] = {}
             self.anchors: dict[str, tuple[int, str]] = dict(anchors or {})
             self.reference: dict[str, Any] | None = None
+            self.requests: list[Message] = []  # this round's training requests (their ids are set when sent)
+            self.names: dict[int, str] = {}  # node id -> the hospital name it reported
 
         def global_round(self, server_round: int) -> int:
             return self.round_offset + server_round
@@ -173,8 +175,31 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
         def configure_train(self, server_round, arrays, config, grid):
             await_hospitals(grid, fed.min_clients, fed.join_timeout_s, self.global_round(server_round), say)
             self.reference = {k: v.numpy() for k, v in arrays.items()}  # what this round's updates must match
-            return super().configure_train(server_round, arrays, self._with_info(server_round, config, anchors=True),
-                                           grid)
+            self._learn_names(grid)
+            self.requests = list(super().configure_train(
+                server_round, arrays, self._with_info(server_round, config, anchors=True), grid))
+            return self.requests
+
+        def _learn_names(self, grid) -> None:
+            """Names the operator registered the hospitals' keys under (``flwr supernode register
+            --name``; none in insecure mode), so a hospital that fails before it ever replied is named."""
+            try:
+                for n in grid.get_nodes():
+                    if getattr(n, "name", ""):
+                        self.names.setdefault(int(n.node_id), str(n.name))
+            except Exception as e:  # noqa: BLE001 - naming is a convenience; the ids are still recorded
+                log.debug("node names unavailable: %s", e)
+
+        def _name_rows(self, replies: list[Message], rows: list[dict[str, Any]]) -> None:
+            """Name every row by its hospital. An error reply (the hospital died, or timed out) comes
+            from the SuperLink, not from the hospital: its node is the one the request went to."""
+            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.requests}
+            for m, r in zip(replies, rows):
+                if r["status"] == FAILED:
+                    r["node_id"] = int(sent_to.get(m.metadata.reply_to_message_id, r["node_id"]))
+                    r["hospital"] = self.names.get(r["node_id"], f"node-{r['node_id']}")
+                elif not str(r["hospital"]).startswith("node-"):
+                    self.names.setdefault(r["node_id"], str(r["hospital"]))
 
         def _screen(self, server_round: int, replies: list[Message], rows: list[dict[str, Any]]) -> list[Message]:
             ok = []
@@ -198,6 +223,7 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
         def aggregate_train(self, server_round: int, replies: Iterable[Message]):
             replies = list(replies)
             rows = [reply_row(m) for m in replies]
+            self._name_rows(replies, rows)
             self.train_rows[self.global_round(server_round)] = rows
             ledger_anchors(rows, self.anchors)
             for r in rows:

@@ -168,9 +168,17 @@ class _RefusalLog:
         413: "request body too large (unauthenticated requests are refused after 64 KiB, others after 16 MiB)",
         503: "too many requests in flight from it (or in total): refused before reading",
     }
+    #: The same refusals for a hospital whose key IS registered: a reconnect, not an intruder.
+    REGISTERED_REASONS = {
+        401: "a node id this SuperLink does not know (from before a server restart) or a revoked key; "
+             "its `xrayfed client` rejoins on its own unless revoked",
+        412: "Flower still counts its previous connection as online (it reconnected within the 60 s heartbeat "
+             "patience); its `xrayfed client` retries every 10 s",
+    }
 
-    def __init__(self, out: _Log, names: dict[str, str], quiet_s: float = 60.0) -> None:
-        self.out, self.names, self.quiet_s = out, names, quiet_s
+    def __init__(self, out: _Log, names: dict[str, str], quiet_s: float = 60.0, registered: set[str] = frozenset()
+                 ) -> None:
+        self.out, self.names, self.quiet_s, self.registered = out, names, quiet_s, set(registered)
         self.last: dict[tuple, float] = {}
         self.lock = threading.Lock()
 
@@ -186,14 +194,17 @@ class _RefusalLog:
             if now - self.last.get(k, 0.0) < self.quiet_s:
                 return
             self.last[k] = now
+        reasons = self.REASONS
         if fp and fp in self.names:
             who = f"hospital {self.names[fp]} (key {fp})"
+            if fp in self.registered:
+                reasons = {**self.REASONS, **self.REGISTERED_REASONS}
         elif fp:
             who = f"an unknown hospital key {fp}"
         else:
             who = "a request without a hospital key"
         self.out.say(f"REFUSED {who} from {info.get('client', '?')}: {path} -> HTTP {status} "
-                     f"({self.REASONS.get(status, 'refused')})")
+                     f"({reasons.get(status, 'refused')})")
 
 
 def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atrest_key_file: Path | None = None) -> int:
@@ -247,7 +258,7 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atres
         gateway = FleetGateway(
             host, port, f"{'http' if insecure else 'https'}://{chost}:{cport}", insecure=insecure,
             certfile=cfg.network.tls.cert, keyfile=cfg.network.tls.key, upstream_ca=cfg.network.tls.ca_cert,
-            on_refusal=_RefusalLog(out, names),
+            on_refusal=_RefusalLog(out, names, registered={public_key_fingerprint(k) for k in keys.values()}),
             registered_keys=_registered_fingerprints(home) if cfg.network.auth_enabled else None,
         )
         try:

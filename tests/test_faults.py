@@ -1,0 +1,283 @@
+"""Real faults in a real federation (issue 14): TLS, registered hospital keys, real processes.
+
+One federation of 3 hospitals (``min_clients`` 2) lives through, in this order:
+
+0. a late start: one hospital is there at first, and the server says it waits for a second one
+   (``join_timeout_s`` not reached); the others join late and round 1 starts once two are in;
+1. a hospital killed (SIGKILL, its whole process tree) mid-round, after its round was charged
+   and before anything was released: the round completes with the other two, the dead
+   hospital's row says ``failed`` under its own name, and it is charged once, released nothing;
+2. that hospital restarted at once: the server still counts its old connection as online
+   (Flower's heartbeat patience), so ``xrayfed client`` retries its activation until the old
+   one lapses, then it trains in a later round;
+3. the server killed (SIGKILL, SuperLink and ServerApp included) mid-round, after at least one
+   hospital released its update for that round: restarted, it resumes from the last
+   checkpoint, the hospitals' ``xrayfed client`` processes rejoin on their own, the hospital that
+   had released gets the identical request and sends the identical update again (a ``resend``
+   line: no new charge), and the run finishes every round once.
+
+Every hospital's ledger then verifies: at most one charge per round, every release paid for.
+
+The same run also carries the checks of a normal federation: it starts from an operator's
+checkpoint (``initial_model``), one hospital's budget is planned for one round fewer than the
+run (it refuses the last round itself), the server's decision threshold and ``best.pt`` come
+from the validation split, the ε in the metrics is each hospital's own ledger figure, and the
+ledger heads the server recorded (sent back after the restart) are all in the ledgers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from xrayfed.common.config import FederationConfig, HospitalConfig, dump_toml
+from xrayfed.common.privacy.ledger import read_ledger, unpaid_releases
+from xrayfed.common.procs import free_port, kill_tree, spawn
+from xrayfed.common.security.pki import init_pki
+
+CLI = [sys.executable, "-m", "xrayfed.common.cli"]
+ROUNDS = 5
+
+
+def _descendants() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _sigkill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and every descendant at once: a crash, no clean-up of any kind."""
+    root = psutil.Process(proc.pid)
+    everyone = [root, *root.children(recursive=True)]
+    for p in everyone:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(everyone, timeout=10)
+    proc.wait(timeout=10)
+
+
+def _wait(what: str, check, timeout: float, procs: dict[str, subprocess.Popen], logs: dict[str, Path]):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.3)
+    tails = "\n".join(f"--- {n}\n{p.read_text(errors='replace')[-2500:]}" for n, p in logs.items() if p.exists())
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+
+
+def _rounds_charged(ledger: Path) -> list[int]:
+    return [int(r["round"]) for r in read_ledger(ledger) if r["event"] == "train"]
+
+
+def test_what_the_client_does_after_its_supernode_stopped():
+    """`xrayfed client` rejoins after a lost link (back-off), waits out a previous connection the
+    server still counts online, and stops on every other refusal."""
+    from xrayfed.client.supernode import JOINED, REFUSED, REJOIN_BACKOFF_S, STILL_ONLINE_S, next_attempt
+
+    assert next_attempt([JOINED], 0, 1.0)[1] == REJOIN_BACKOFF_S[0]
+    assert next_attempt([JOINED, "401 Unauthorized"], 99, 1.0)[1] == REJOIN_BACKOFF_S[-1]
+    assert next_attempt([REFUSED], 0, 20.0) is not None  # restarted soon after a crash: wait it out
+    assert next_attempt([REFUSED], 0, None) is None  # never joined from this state folder: unknown key
+    assert next_attempt([REFUSED], 0, STILL_ONLINE_S + 1) is None  # long gone: revoked, not stale
+    assert next_attempt(["CERTIFICATE_VERIFY_FAILED"], 0, 5.0) is None
+    assert next_attempt([], 0, None) is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
+    import torch
+
+    from xrayfed.client.privacy import request_key
+    from xrayfed.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, weights_version
+    from xrayfed.common.data import load_dataset
+    from xrayfed.common.model import build_model
+    from xrayfed.common.prediction import TaskSpec, choose_threshold
+    from xrayfed.common.privacy.ledger import check_anchor
+    from xrayfed.common.synthetic import write_npz
+    from xrayfed.common.train import predict_logits
+
+    before = _descendants()
+    pki = tmp_path / "pki"
+    names = ("h0", "h1", "h2")
+    init_pki(pki, hospitals=list(names))
+    data = write_npz(tmp_path / "data.npz", n_train=600, n_val=100, n_test=200, size=28, task="binary", seed=5)
+    port = free_port()
+    run_dir = tmp_path / "run"
+    # The federation starts from a given checkpoint (an operator's public-data model).
+    task = TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA"))
+    spec = FederationConfig.model_validate({"model": {"num_outputs": 1, "width": 16,
+                                                      "weight_standardization": True}}).model
+    torch.manual_seed(1234)
+    start_weights = build_model(spec).state_dict()
+    save_checkpoint(tmp_path / "public.pt", Checkpoint(model=spec, task=task, image_size=28, state_dict=start_weights))
+    fed = FederationConfig.model_validate({
+        "federation": {"name": "faults", "run_dir": str(run_dir), "rounds": ROUNDS, "min_clients": 2, "lr": 0.5,
+                       "round_timeout_s": 300, "join_timeout_s": 300, "initial_model": str(tmp_path / "public.pt")},
+        "model": spec.model_dump(),
+        "task": {"kind": "binary", "class_names": ["NORMAL", "PNEUMONIA"]},
+        "image_size": 28,
+        "eval": {"path": str(data), "split": "test", "val_split": "val"},
+        "network": {"listen": f"127.0.0.1:{port}",
+                    "hospital_keys": [str(pki / "hospitals" / h / "auth.pub") for h in names],
+                    "tls": {"ca_cert": str(pki / "ca.pem"), "cert": str(pki / "server.pem"),
+                            "key": str(pki / "server.key")}},
+    })
+    fp = tmp_path / "federation.toml"
+    fp.write_text(dump_toml(fed))
+    ledgers = {}
+    hcfg = {}
+    for i, name in enumerate(names):
+        h = HospitalConfig.model_validate({
+            "hospital": {"name": name, "state_dir": str(tmp_path / f"state-{name}"), "device": "cpu"},
+            "data": {"path": str(data), "partition": f"{i}/3"},
+            # h1's budget is planned for one round fewer: it refuses the last round itself.
+            "privacy": {"epsilon": 8.0, "max_rounds": ROUNDS - (name == "h1")},
+        })
+        hcfg[name] = tmp_path / f"{name}.toml"
+        hcfg[name].write_text(dump_toml(h))
+        ledgers[name] = tmp_path / f"state-{name}" / "privacy-ledger.jsonl"
+
+    procs: dict[str, subprocess.Popen] = {}
+    logs: dict[str, Path] = {}
+
+    def start(tag: str, cmd: list[str]) -> None:
+        logs[tag] = tmp_path / f"{tag}.log"
+        with logs[tag].open("wb") as f:
+            procs[tag] = spawn(cmd, log=f)
+
+    def hospital(name: str, tag: str) -> None:
+        start(tag, CLI + ["client", "--server", f"127.0.0.1:{port}", "--config", str(hcfg[name]),
+                          "--root-cert", str(pki / "hospitals" / name / "ca.pem"),
+                          "--auth-key", str(pki / "hospitals" / name / "auth.key")])
+
+    def text(tag: str) -> str:
+        return logs[tag].read_text(errors="replace") if tag in logs and logs[tag].exists() else ""
+
+    def metrics() -> list[dict]:
+        p = run_dir / "metrics.jsonl"
+        return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+    try:
+        start("server", CLI + ["server", "--config", str(fp)])
+        _wait("the server to listen", lambda: "SuperLink listening" in text("server"), 120, procs, logs)
+        # 0. One hospital at first: the server waits (and says so); the others join late.
+        hospital("h0", "h0")
+        _wait("the server's waiting line", lambda: "waiting for hospitals before round 1: 1 of 2" in text("server"),
+              180, procs, logs)
+        hospital("h1", "h1")
+        hospital("h2", "h2")
+        _wait("round 1", lambda: len(metrics()) >= 1, 240, procs, logs)
+
+        # 1. h2 dies mid-round 2: once its round-2 charge is on disk, before its update leaves.
+        _wait("h2's round-2 charge", lambda: 2 in _rounds_charged(ledgers["h2"]), 120, procs, logs)
+        _sigkill_tree(procs["h2"])
+        killed_at = time.time()
+        assert [r["event"] for r in read_ledger(ledgers["h2"])][-1] == "train"  # charged, not released
+        # 2. ... and is restarted at once (same key, same state folder).
+        hospital("h2", "h2-restarted")
+        _wait("round 2 without h2", lambda: len(metrics()) >= 2, 240, procs, logs)
+        round2_s = time.time() - killed_at
+
+        # 3. The server dies mid-round: after a hospital released its update for that round
+        #    (its `release` line is fsync'ed before the update leaves), before the round ends.
+        _wait("h2 to rejoin", lambda: text("h2-restarted").count("SuperNode ID:") >= 1, 180, procs, logs)
+        last = len(metrics())
+        target = last + 1
+        assert target <= ROUNDS, "the run ended before the server could be killed mid-round"
+
+        def released_target():
+            for n in ("h0", "h1"):
+                recs = read_ledger(ledgers[n])
+                if any(r["event"] == "release" and int(r.get("round", -1)) == target for r in recs):
+                    return n
+            return None
+
+        _wait(f"a release in round {target}", released_target, 240, procs, logs)
+        assert len(metrics()) == last, "the round ended before the server was killed"
+        _sigkill_tree(procs["server"])
+        released = {n for n in names for r in read_ledger(ledgers[n])
+                    if r["event"] == "release" and int(r.get("round", -1)) == target}
+        # Restarted with min_clients = 3 (an operator may change it between starts), so that every
+        # hospital takes part in the resumed round: each one that had released must resend.
+        fp.write_text(fp.read_text().replace("min_clients = 2", "min_clients = 3"))
+        start("server-restarted", CLI + ["server", "--config", str(fp)])
+        assert procs["server-restarted"].wait(timeout=420) == 0, text("server-restarted")[-4000:]
+    finally:
+        for p in reversed(list(procs.values())):
+            kill_tree(p)
+    leftover = [p for p in _descendants() - before if psutil.pid_exists(p)]
+    assert not leftover, f"processes left behind: {leftover}"
+
+    rows = metrics()
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))  # every round once, none twice
+    # 0. The late hospitals were waited for, not timed out on.
+    assert re.search(r"starting round 1: [23] hospitals connected after \d+ s", text("server"))
+    # 1. The round with the dead hospital completed with the other two, well before round_timeout_s:
+    #    Flower dropped the dead node within its heartbeat patience (2 × 30 s after the last heartbeat).
+    r2 = {h["hospital"]: h["status"] for h in rows[1]["hospitals"]}
+    assert r2 == {"h0": "trained", "h1": "trained", "h2": "failed"}, rows[1]["hospitals"]
+    assert round2_s < 120, round2_s
+    assert _rounds_charged(ledgers["h2"]).count(2) == 1
+    assert not any(r["event"] == "release" and int(r.get("round", -1)) == 2 for r in read_ledger(ledgers["h2"]))
+    # 2. The restarted hospital waited for its old connection to lapse, then trained again.
+    assert "still counts its previous connection as online" in text("h2-restarted")
+    assert any(h["hospital"] == "h2" and h["status"] == "trained" for r in rows[2:] for h in r["hospitals"])
+    # 3. The server resumed from the checkpoint of the last finished round; each hospital's
+    #    `xrayfed client` rejoined on its own; the hospital that had released got the same request
+    #    and resent the identical update (no second charge).
+    restarted = text("server-restarted")
+    assert f"resuming from checkpoint of round {target - 1}" in restarted
+    assert all("lost its link to the server" in text(n) for n in ("h0", "h1"))
+    resumed = {h["hospital"]: h["status"] for h in rows[target - 1]["hospitals"]}
+    assert set(resumed) == set(names) and released, (resumed, released)
+    for name in released:
+        assert resumed[name] == "resent", (name, resumed)
+        assert [r["event"] for r in read_ledger(ledgers[name]) if int(r.get("round", -1)) == target] == \
+            ["train", "release", "resend"]
+    for name in names:
+        recs = read_ledger(ledgers[name])
+        charged = _rounds_charged(ledgers[name])
+        assert len(charged) == len(set(charged)), (name, charged)  # never charged twice for a round
+        assert not unpaid_releases(recs), name
+        releases = [r["digest"] for r in recs if r["event"] == "release"]
+        assert len(releases) == len(set(releases)), name  # nothing released twice
+    # The federation still learned (the held-out AUC of the best round).
+    assert max(r["eval"]["auc"] for r in rows) >= 0.85, [r["eval"]["auc"] for r in rows]
+    assert re.search(rf"done: {ROUNDS} rounds", restarted)
+
+    # -- the checks of a normal run --
+    # Round 1 was trained from the operator's checkpoint: its request key names those weights.
+    assert f"starting from {tmp_path / 'public.pt'}" in text("server")
+    r1 = [r for r in read_ledger(ledgers["h0"]) if r["event"] == "train"][0]
+    assert r1["request"] == request_key("faults", 1, weights_version(start_weights))
+    # h1 refused the last round itself (its budget was planned for ROUNDS - 1); the others trained it.
+    last_round = {h["hospital"]: h["status"] for h in rows[-1]["hospitals"]}
+    assert last_round == {"h0": "trained", "h1": "refused", "h2": "trained"}, last_round
+    assert read_ledger(ledgers["h1"])[-1]["event"] == "refused" and "h1" not in rows[-1]["participants"]
+    # The operating point: chosen on the val split, stored with the model, used for the metrics.
+    ck = load_checkpoint(run_dir / "checkpoints" / f"round-{ROUNDS:04d}.pt")
+    val = load_dataset(data, split="val", image_size=28, task=task)
+    assert ck.threshold == choose_threshold(task, *predict_logits(ck.build(), val, torch.device("cpu")))
+    # Model selection on the same split: best.pt is the round with the best validation AUC.
+    want = max(rows, key=lambda row: row["eval"]["val_auc"])["round"]
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert rows[-1]["best_round"] == want and best.round == want
+    assert best.model_version == rows[want - 1]["model_version"]
+    for row in rows:
+        for h in row["hospitals"]:
+            if h["status"] != "failed":
+                # The ε the server received is the hospital's own ledger figure at that reply, and
+                # the ledger head the server recorded is in the ledger.
+                recs = read_ledger(ledgers[h["hospital"]])
+                assert h["epsilon"] == pytest.approx(recs[h["ledger_seq"]]["epsilon"]), h
+                assert check_anchor(recs, h["ledger_seq"], h["ledger_head"]) is None, h
