@@ -242,7 +242,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--hospital-kills", type=int, default=4)
     ap.add_argument("--server-kills", type=int, default=2)
-    ap.add_argument("--scans", type=int, default=1800, help="synthetic training scans, split over 3 hospitals")
+    ap.add_argument("--scans", type=int, default=600, help="synthetic training scans, split over 3 hospitals")
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--baseline", action="store_true", help="also run the same federation without faults")
