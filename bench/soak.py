@@ -229,6 +229,8 @@ def run(work: Path, args, faults: bool) -> dict:
         "round_s_median": statistics.median(r["duration_s"] for r in rows),
         "round_s_max": max(r["duration_s"] for r in rows),
         "test_auc_last": rows[-1]["eval"]["auc"], "best_round": best.round, "test_auc_best": best_auc,
+        "test_auc_per_round": [r["eval"]["auc"] for r in rows],
+        "test_auc_mean_last_10": statistics.mean(r["eval"]["auc"] for r in rows[-10:]),
         "failed_rows": sum(s.count("failed") for s in status), "resent_rows": sum(s.count("resent") for s in status),
         "server_starts": fed.starts.get("server", 0), "ledgers": ledgers,
         "resources": {k: {"early_max": peak(early, k), "late_max": peak(late, k), "overall_max": peak(samples, k)}

@@ -172,6 +172,10 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     for row in run.read_metrics():
         ledger_anchors(row.get("hospitals") or [], anchors)
     strategy = make_strategy(cfg, round_offset=start_round, anchors=anchors, say=_say)
+    if latest is not None:
+        restored = strategy.load_server_state(run.load_server_state(start_round) or {})
+        if restored:
+            _say(f"server optimizer state restored from round {start_round} ({', '.join(restored)})")
     secure = ""
     if cfg.federation.secure_aggregation:
         from xrayfed.server.secagg import SecAggPlusConfig, SecAggPlusGrid
@@ -211,6 +215,9 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
         ckpt = Checkpoint(model=cfg.model, task=cfg.task, image_size=cfg.image_size, state_dict=sd, round=g,
                           run_id=str(flwr_run_id), threshold=threshold)
         run.save(ckpt)
+        server_state = strategy.server_state()
+        if server_state:
+            run.save_server_state(g, server_state)
         rows = strategy.train_rows.get(g, [])
         row["hospitals"] = rows
         row["participants"] = [r["hospital"] for r in rows if r.get("status") in SENT_AN_UPDATE]

@@ -71,6 +71,37 @@ class RunDir:
         atrest.save_checkpoint(p, ckpt, self.key)
         return p
 
+    def server_state_path(self, server_round: int) -> Path:
+        return self.checkpoints / f"server-state-{server_round:04d}.pt"
+
+    def save_server_state(self, server_round: int, state: dict[str, Any]) -> Path:
+        """The strategy's own state after ``server_round`` (server momentum, Adam moments: tensors),
+        encrypted like the checkpoints; only the latest round's is kept."""
+        import io
+
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        p = self.server_state_path(server_round)
+        atrest.write_encrypted(p, buf.getvalue(), self.key, context=b"server-state")
+        for old in self.checkpoints.glob("server-state-*.pt"):
+            if old != p:
+                old.unlink(missing_ok=True)
+        return p
+
+    def load_server_state(self, server_round: int) -> dict[str, Any] | None:
+        """The strategy state saved after ``server_round``, or None when there is none."""
+        import io
+
+        import torch
+
+        p = self.server_state_path(server_round)
+        if not p.is_file():
+            return None
+        data = atrest.read_maybe_encrypted(p, self.key, context=b"server-state", require_encrypted=self.key is not None)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
     @property
     def best_path(self) -> Path:
         """``checkpoints/best.pt``: the global model with the best validation AUC so far."""

@@ -217,6 +217,40 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
                 r["status"], r["reason"] = REJECTED, problem
             return ok
 
+        #: Flower's attributes that carry the server optimizer across rounds (FedAvgM, FedAdam).
+        STATE = ("momentum_vector", "m_t", "v_t")
+
+        def server_state(self) -> dict[str, Any]:
+            """The server optimizer's state as tensors (empty for FedAvg/FedProx): saved with each
+            checkpoint so that a resumed run continues with it instead of from zero."""
+            import numpy as np
+            import torch
+
+            def t(v):
+                if isinstance(v, dict):
+                    return {k: t(x) for k, x in v.items()}
+                if isinstance(v, (list, tuple)):
+                    return [t(x) for x in v]
+                return torch.from_numpy(np.array(v, copy=True))
+
+            return {a: t(getattr(self, a)) for a in self.STATE if getattr(self, a, None) is not None}
+
+        def load_server_state(self, state: dict[str, Any]) -> list[str]:
+            """Restore :meth:`server_state` (what is restored, by name)."""
+            def n(v):
+                if isinstance(v, dict):
+                    return {k: n(x) for k, x in v.items()}
+                if isinstance(v, (list, tuple)):
+                    return [n(x) for x in v]
+                return v.numpy()
+
+            done = []
+            for a, v in state.items():
+                if a in self.STATE and hasattr(self, a):
+                    setattr(self, a, n(v))
+                    done.append(a)
+            return done
+
         def configure_evaluate(self, server_round, arrays, config, grid):
             return super().configure_evaluate(server_round, arrays, self._with_info(server_round, config), grid)
 

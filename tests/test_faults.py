@@ -237,6 +237,7 @@ def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
     #    and resent the identical update (no second charge).
     restarted = text("server-restarted")
     assert f"resuming from checkpoint of round {target - 1}" in restarted
+    assert f"server optimizer state restored from round {target - 1} (momentum_vector)" in restarted
     assert all("lost its link to the server" in text(n) for n in ("h0", "h1"))
     resumed = {h["hospital"]: h["status"] for h in rows[target - 1]["hospitals"]}
     assert set(resumed) == set(names) and released, (resumed, released)
@@ -281,3 +282,42 @@ def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
                 recs = read_ledger(ledgers[h["hospital"]])
                 assert h["epsilon"] == pytest.approx(recs[h["ledger_seq"]]["epsilon"]), h
                 assert check_anchor(recs, h["ledger_seq"], h["ledger_head"]) is None, h
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
+def test_server_optimizer_state_survives_a_restart(tmp_path, strategy):
+    """A resumed server continues with the server momentum (FedAvgM) or Adam moments (FedAdam)
+    saved after the last round, encrypted at rest like the checkpoints, not from zero."""
+    import numpy as np
+
+    from xrayfed.common.security.atrest import AtRestKey, is_encrypted
+    from xrayfed.server.rundir import RunDir
+    from xrayfed.server.strategy import make_strategy
+
+    cfg = FederationConfig.model_validate({"federation": {"name": "s", "strategy": strategy},
+                                           "network": {"tls": {"insecure": True}}})
+    rng = np.random.default_rng(0)
+    before = make_strategy(cfg)
+    if strategy == "fedavgm":
+        before.momentum_vector = [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=4).astype(np.float32)]
+    else:
+        before.m_t = {"w": rng.normal(size=(2, 2)).astype(np.float32)}
+        before.v_t = {"w": rng.random(size=(2, 2)).astype(np.float32)}
+    key = AtRestKey.generate()
+    run = RunDir(tmp_path / "run", key=key).create()
+    run.save_server_state(1, before.server_state())
+    p = run.save_server_state(2, before.server_state())
+    assert [f.name for f in run.checkpoints.glob("server-state-*")] == [p.name]  # only the latest is kept
+    assert is_encrypted(p.read_bytes()) and run.latest_checkpoint() is None  # not mistaken for a checkpoint
+    after = make_strategy(cfg)
+    restored = after.load_server_state(RunDir(tmp_path / "run", key=key).load_server_state(2))
+    for attr in before.STATE:
+        a, b = getattr(before, attr, None), getattr(after, attr, None)
+        if a is None:
+            assert b is None and attr not in restored
+            continue
+        assert attr in restored
+        pairs = zip(a, b) if isinstance(a, list) else ((a[k], b[k]) for k in a)
+        for x, y in pairs:
+            np.testing.assert_array_equal(x, y)
+    assert make_strategy(cfg).load_server_state(RunDir(tmp_path / "run", key=key).load_server_state(7) or {}) == []
