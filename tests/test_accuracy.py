@@ -19,7 +19,7 @@ def npz(tmp_path_factory):
     from xrayfed.common.synthetic import write_npz
 
     p = tmp_path_factory.mktemp("d") / "syn.npz"
-    write_npz(p, n_train=1200, n_val=200, n_test=300, size=28, task="binary", seed=5)
+    write_npz(p, n_train=600, n_val=200, n_test=300, size=28, task="binary", seed=5)
     return p
 
 

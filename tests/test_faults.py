@@ -19,8 +19,8 @@ One federation of 3 hospitals (``min_clients`` 2) lives through, in this order:
 Every hospital's ledger then verifies: at most one charge per round, every release paid for.
 
 The same run also carries the checks of a normal federation: it starts from an operator's
-checkpoint (``initial_model``), one hospital's budget is planned for one round fewer than the
-run (it refuses the last round itself), the server's decision threshold and ``best.pt`` come
+checkpoint (``initial_model``), one hospital's budget is planned for 2 rounds only (it refuses
+every later round itself), the server's decision threshold and ``best.pt`` come
 from the validation split, the ε in the metrics is each hospital's own ledger figure, and the
 ledger heads the server recorded (sent back after the restart) are all in the ledgers.
 """
@@ -140,8 +140,8 @@ def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
         h = HospitalConfig.model_validate({
             "hospital": {"name": name, "state_dir": str(tmp_path / f"state-{name}"), "device": "cpu"},
             "data": {"path": str(data), "partition": f"{i}/3"},
-            # h1's budget is planned for one round fewer: it refuses the last round itself.
-            "privacy": {"epsilon": 8.0, "max_rounds": ROUNDS - (name == "h1")},
+            # h1's budget is planned for 2 rounds only: it refuses every later round itself.
+            "privacy": {"epsilon": 8.0, "max_rounds": 2 if name == "h1" else ROUNDS},
         })
         hcfg[name] = tmp_path / f"{name}.toml"
         hcfg[name].write_text(dump_toml(h))
@@ -196,7 +196,7 @@ def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
         assert target <= ROUNDS, "the run ended before the server could be killed mid-round"
 
         def released_target():
-            for n in ("h0", "h1"):
+            for n in names:
                 recs = read_ledger(ledgers[n])
                 if any(r["event"] == "release" and int(r.get("round", -1)) == target for r in recs):
                     return n
@@ -261,10 +261,13 @@ def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
     assert f"starting from {tmp_path / 'public.pt'}" in text("server")
     r1 = [r for r in read_ledger(ledgers["h0"]) if r["event"] == "train"][0]
     assert r1["request"] == request_key("faults", 1, weights_version(start_weights))
-    # h1 refused the last round itself (its budget was planned for ROUNDS - 1); the others trained it.
-    last_round = {h["hospital"]: h["status"] for h in rows[-1]["hospitals"]}
-    assert last_round == {"h0": "trained", "h1": "refused", "h2": "trained"}, last_round
+    # h1 refused every round after its 2 planned ones itself; the others trained them.
+    h1_charged = _rounds_charged(ledgers["h1"])
+    h1_later = [h["status"] for r in rows if r["round"] > max(h1_charged) for h in r["hospitals"] if h["hospital"] == "h1"]
+    assert len(h1_charged) == 2 and h1_later and set(h1_later) == {"refused"}, (h1_charged, h1_later)
     assert read_ledger(ledgers["h1"])[-1]["event"] == "refused" and "h1" not in rows[-1]["participants"]
+    assert {h["hospital"]: h["status"] for h in rows[-1]["hospitals"] if h["hospital"] != "h1"} == \
+        {"h0": "trained", "h2": "trained"}
     # The operating point: chosen on the val split, stored with the model, used for the metrics.
     ck = load_checkpoint(run_dir / "checkpoints" / f"round-{ROUNDS:04d}.pt")
     val = load_dataset(data, split="val", image_size=28, task=task)
