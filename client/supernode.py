@@ -92,7 +92,7 @@ ALIVE_FILE, ALIVE_EVERY_S = "supernode.alive", 10.0
 STILL_ONLINE_S = 75.0
 #: Seconds between rejoin attempts after the link was lost (then the last value, forever).
 REJOIN_BACKOFF_S = (2.0, 5.0, 10.0, 30.0, 60.0)
-RETRY_REFUSED_S = 10.0
+RETRY_REFUSED_S = 5.0
 
 
 def _pump(stream, seen: list[str]) -> None:

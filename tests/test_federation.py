@@ -79,7 +79,7 @@ def test_too_few_hospitals_stop_the_run_with_nothing_charged(tmp_path, data_npz)
 
     before = _descendants()
     port = free_port()
-    fp, hps, run_dir = _configs(tmp_path, data_npz, port, rounds=1, budgets=[(8.0, 1), (8.0, 1)], join_timeout_s=6)
+    fp, hps, run_dir = _configs(tmp_path, data_npz, port, rounds=1, budgets=[(8.0, 1), (8.0, 1)], join_timeout_s=2)
 
     def client(hp):
         return spawn(CLI + ["client", "--server", f"127.0.0.1:{port}", "--config", str(hp), "--insecure"],
@@ -90,7 +90,7 @@ def test_too_few_hospitals_stop_the_run_with_nothing_charged(tmp_path, data_npz)
         t0 = time.time()
         r = subprocess.run(CLI + ["server", "--config", str(fp)], capture_output=True, text=True, timeout=300)
         assert "waiting for hospitals before round 1:" in r.stdout and "of 2 connected" in r.stdout, r.stdout[-2000:]
-        assert "stopped: before round 1: only" in r.stdout and "join_timeout_s = 6 s" in r.stdout
+        assert "stopped: before round 1: only" in r.stdout and "join_timeout_s = 2 s" in r.stdout
         assert time.time() - t0 < 120 and not (run_dir / "metrics.jsonl").exists()
         assert not (tmp_path / "state-h0" / "privacy-ledger.jsonl").exists() or not [
             x for x in read_ledger(tmp_path / "state-h0" / "privacy-ledger.jsonl") if x["event"] == "train"]
