@@ -39,23 +39,6 @@ sys.path.insert(0, str(HERE.parent))
 NAMES = ("h0", "h1", "h2")
 
 
-def _sigkill_tree(proc: subprocess.Popen) -> None:
-    import psutil
-
-    try:
-        root = psutil.Process(proc.pid)
-        everyone = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in everyone:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(everyone, timeout=10)
-    proc.wait(timeout=10)
-
-
 def _sample() -> dict:
     import psutil
 
@@ -142,6 +125,7 @@ class Federation:
 
 def run(work: Path, args, faults: bool) -> dict:
     from xrayfed.common.privacy.ledger import read_ledger, unpaid_releases
+    from xrayfed.common.procs import sigkill_tree
 
     fed = Federation(work, args)
     rng = random.Random(args.seed)
@@ -180,7 +164,7 @@ def run(work: Path, args, faults: bool) -> dict:
                 r, who = pending.pop(0)
                 time.sleep(rng.uniform(1.0, 8.0))  # a random moment of round r
                 at = len(fed.metrics()) + 1
-                _sigkill_tree(fed.procs[who])
+                sigkill_tree(fed.procs[who])
                 fed.start(who)
                 log.append({"round": at, "killed": who, "t": round(time.time() - t0, 1)})
                 print(f"[soak] round {at}: SIGKILLed {who} and started it again", flush=True)

@@ -87,6 +87,23 @@ def kill_tree(proc: subprocess.Popen | int | None, timeout: float = 5.0) -> None
             proc.wait(timeout=timeout)
 
 
+def sigkill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and every descendant at once, with no chance to clean up: what a crash or
+    a power cut looks like to the others (fault tests and benchmarks). See :func:`kill_tree` for
+    a clean stop."""
+    try:
+        root = psutil.Process(proc.pid)
+        everyone = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        everyone = []
+    for p in everyone:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(everyone, timeout=10)
+    with contextlib.suppress(Exception):
+        proc.wait(timeout=10)
+
+
 class ProcessGroup:
     """Context manager owning child processes; all are stopped on exit, Ctrl-C or SIGTERM."""
 

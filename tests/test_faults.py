@@ -39,7 +39,7 @@ import pytest
 
 from xrayfed.common.config import FederationConfig, HospitalConfig, dump_toml
 from xrayfed.common.privacy.ledger import read_ledger, unpaid_releases
-from xrayfed.common.procs import free_port, kill_tree, spawn
+from xrayfed.common.procs import free_port, kill_tree, sigkill_tree, spawn
 from xrayfed.common.security.pki import init_pki
 
 CLI = [sys.executable, "-m", "xrayfed.common.cli"]
@@ -48,19 +48,6 @@ ROUNDS = 6  # planned; the restarted server ends the run with the interrupted ro
 
 def _descendants() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
-
-
-def _sigkill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a process and every descendant at once: a crash, no clean-up of any kind."""
-    root = psutil.Process(proc.pid)
-    everyone = [root, *root.children(recursive=True)]
-    for p in everyone:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(everyone, timeout=10)
-    proc.wait(timeout=10)
 
 
 def _wait(what: str, check, timeout: float, procs: dict[str, subprocess.Popen], logs: dict[str, Path]):
@@ -180,7 +167,7 @@ def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
 
         # 1. h2 dies mid-round 2: once its round-2 charge is on disk, before its update leaves.
         _wait("h2's round-2 charge", lambda: 2 in _rounds_charged(ledgers["h2"]), 120, procs, logs)
-        _sigkill_tree(procs["h2"])
+        sigkill_tree(procs["h2"])
         killed_at = time.time()
         assert [r["event"] for r in read_ledger(ledgers["h2"])][-1] == "train"  # charged, not released
         # 2. ... and is restarted at once (same key, same state folder).
@@ -204,7 +191,7 @@ def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
 
         _wait(f"a release in round {target}", released_target, 240, procs, logs)
         assert len(metrics()) == last, "the round ended before the server was killed"
-        _sigkill_tree(procs["server"])
+        sigkill_tree(procs["server"])
         released = {n for n in names for r in read_ledger(ledgers[n])
                     if r["event"] == "release" and int(r.get("round", -1)) == target}
         # Restarted with min_clients = 3 (an operator may change it between starts), so that every
