@@ -95,6 +95,16 @@ def check_update(update: dict[str, Any], reference: dict[str, Any], max_norm: fl
     return None
 
 
+def _map_arrays(v: Any, fn: Callable[[Any], Any]) -> Any:
+    """``v`` (arrays nested in dicts and lists, as Flower's strategies keep them) with ``fn``
+    applied to every array."""
+    if isinstance(v, dict):
+        return {k: _map_arrays(x, fn) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_map_arrays(x, fn) for x in v]
+    return fn(v)
+
+
 def ledger_anchors(rows: Iterable[dict[str, Any]], anchors: dict[str, tuple[int, str]] | None = None
                    ) -> dict[str, tuple[int, str]]:
     """Update ``{hospital: (seq, head)}`` with the ledger heads reported in metrics rows (later wins)."""
@@ -226,28 +236,15 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
             import numpy as np
             import torch
 
-            def t(v):
-                if isinstance(v, dict):
-                    return {k: t(x) for k, x in v.items()}
-                if isinstance(v, (list, tuple)):
-                    return [t(x) for x in v]
-                return torch.from_numpy(np.array(v, copy=True))
-
-            return {a: t(getattr(self, a)) for a in self.STATE if getattr(self, a, None) is not None}
+            return {a: _map_arrays(getattr(self, a), lambda x: torch.from_numpy(np.array(x, copy=True)))
+                    for a in self.STATE if getattr(self, a, None) is not None}
 
         def load_server_state(self, state: dict[str, Any]) -> list[str]:
             """Restore :meth:`server_state` (what is restored, by name)."""
-            def n(v):
-                if isinstance(v, dict):
-                    return {k: n(x) for k, x in v.items()}
-                if isinstance(v, (list, tuple)):
-                    return [n(x) for x in v]
-                return v.numpy()
-
             done = []
             for a, v in state.items():
                 if a in self.STATE and hasattr(self, a):
-                    setattr(self, a, n(v))
+                    setattr(self, a, _map_arrays(v, lambda x: x.numpy()))
                     done.append(a)
             return done
 
