@@ -85,11 +85,24 @@ JOINED = "SuperNode ID:"
 #: connection it still counts as online (the process died less than Flower's heartbeat patience,
 #: 2 × 30 s, ago): the hospital tells them apart by its own ``ALIVE_FILE``.
 REFUSED = "Failed to activate SuperNode"
-#: Touched every ``ALIVE_EVERY_S`` in the state folder while this hospital is joined.
+#: flower-supernode's last line when it stopped on its own terms: it deactivated its node, or the
+#: server no longer knew it (a restarted SuperLink answers 401). Either way the server does not
+#: count the old connection as online, so joining again at once is safe. A SuperNode that was
+#: killed (SIGKILL, out of memory, power) prints nothing.
+GRACEFUL = "SuperNode terminated gracefully"
+#: Touched every ``ALIVE_EVERY_S`` in the state folder while this hospital is joined; removed
+#: when ``xrayfed client`` is stopped cleanly.
 ALIVE_FILE, ALIVE_EVERY_S = "supernode.alive", 10.0
-#: How long after the last touch the server may still count the old connection as online:
-#: Flower's patience (2 heartbeats of 30 s) plus a margin.
-STILL_ONLINE_S = 75.0
+#: How long after the last touch the server may still count a killed SuperNode's connection as
+#: online: its last heartbeat (at most ``ALIVE_EVERY_S`` before the last touch) plus Flower's
+#: patience (2 heartbeats of 30 s) is 70 s; 10 s more lets the server notice the lapse (its
+#: ServerApp polls every 3 s) before this hospital's key becomes active again. Joining inside
+#: that window would hand the node id back to a new connection while the server still waits
+#: for the dead one's reply: the round would then wait for ``round_timeout_s``.
+STILL_ONLINE_S = 80.0
+#: A refusal this soon after the last touch may still be the server's view of the old
+#: connection (a clock or a loaded server a little late): try again; later, the key is refused.
+REFUSED_WINDOW_S = STILL_ONLINE_S + 20.0
 #: Seconds between rejoin attempts after the link was lost (then the last value, forever).
 REJOIN_BACKOFF_S = (2.0, 5.0, 10.0, 30.0, 60.0)
 RETRY_REFUSED_S = 5.0
@@ -100,9 +113,18 @@ def _pump(stream, seen: list[str]) -> None:
         line = raw.decode(errors="replace")
         sys.stdout.write(line)
         sys.stdout.flush()
-        for marker in (*(m for m, _ in _REFUSAL_CAUSES), JOINED):
+        for marker in (*(m for m, _ in _REFUSAL_CAUSES), JOINED, GRACEFUL):
             if marker in line and marker not in seen:
                 seen.append(marker)
+
+
+def lapse_wait(alive_age_s: float | None) -> float:
+    """Seconds to wait before activating this hospital's key, so that the server has dropped a
+    killed SuperNode's connection first (``STILL_ONLINE_S``); 0 when none can be pending.
+
+    ``alive_age_s``: seconds since ``ALIVE_FILE`` was last touched, None when there is none (never
+    joined, or stopped cleanly)."""
+    return 0.0 if alive_age_s is None else max(0.0, STILL_ONLINE_S - alive_age_s)
 
 
 def next_attempt(seen: list[str], losses: int, alive_age_s: float | None) -> tuple[str, float] | None:
@@ -112,21 +134,25 @@ def next_attempt(seen: list[str], losses: int, alive_age_s: float | None) -> tup
     ``seen``: the markers found in the SuperNode's output; ``losses``: links lost in a row so far;
     ``alive_age_s``: seconds since this hospital was last joined (its ``ALIVE_FILE``), None if never.
 
-    * It had joined (it held a node id): the link was lost because the server restarted (a new
-      SuperLink no longer knows the node id and answers 401) or dropped the node. Rejoin, with
-      back-off. A revoked hospital also lands here once; its next activation is refused, which
-      ends it.
-    * Its activation was refused while this hospital was joined less than ``STILL_ONLINE_S``
-      ago (the process was restarted soon after a crash, and the server still counts the old
-      connection of the same key as online): try again every ``RETRY_REFUSED_S``.
+    * It had joined and stopped gracefully: the server restarted (a new SuperLink no longer knows
+      the node id and answers 401) or dropped the node. Rejoin, with back-off. A revoked hospital
+      also lands here once; its next activation is refused, which ends it.
+    * It had joined and was killed (no graceful line): the server still counts that connection
+      as online for up to ``STILL_ONLINE_S``; rejoin once it has lapsed (:func:`lapse_wait`).
+    * Its activation was refused less than ``REFUSED_WINDOW_S`` after this hospital was last
+      joined: the server may still count the old connection as online; try again once it lapsed.
     * Anything else (a key the server does not know, a wrong CA, no key where one is required): stop.
     """
     if JOINED in seen:
         wait = REJOIN_BACKOFF_S[min(losses, len(REJOIN_BACKOFF_S) - 1)]
-        return "lost its link to the server (it restarted, or dropped this hospital's connection)", wait
-    if REFUSED in seen and alive_age_s is not None and alive_age_s < STILL_ONLINE_S:
+        if GRACEFUL in seen:
+            return "lost its link to the server (it restarted, or dropped this hospital's connection)", wait
+        return ("lost its SuperNode (killed); the server drops that connection within "
+                f"{STILL_ONLINE_S:g} s"), max(wait, lapse_wait(alive_age_s))
+    if REFUSED in seen and alive_age_s is not None and alive_age_s < REFUSED_WINDOW_S:
         return (f"was refused while the server still counts its previous connection as online (joined "
-                f"{alive_age_s:.0f} s ago; Flower lets it lapse within {STILL_ONLINE_S:g} s)"), RETRY_REFUSED_S
+                f"{alive_age_s:.0f} s ago; Flower lets it lapse within {STILL_ONLINE_S:g} s)"), \
+            max(RETRY_REFUSED_S, lapse_wait(alive_age_s))
     return None
 
 
@@ -170,35 +196,45 @@ def run_client_cmd(args: argparse.Namespace) -> int:
              if cfg.hospital.require_secure_aggregation else ""), flush=True)
     alive = state / ALIVE_FILE
     losses = 0
+    wait = lapse_wait(time.time() - alive.stat().st_mtime if alive.exists() else None)
+    if wait > 0:  # the previous `xrayfed client` was killed while joined: let the server drop it first
+        print(f"[xrayfed] hospital {cfg.hospital.name} was joined until {STILL_ONLINE_S - wait:.0f} s ago and "
+              f"did not leave cleanly; joining in {wait:.0f} s, once the server has dropped that connection",
+              flush=True)
+        time.sleep(wait)
     with ProcessGroup() as group:
-        while True:
-            seen: list[str] = []
-            node = group.add(spawn(cmd, env=env, stdout=subprocess.PIPE))
-            pump = threading.Thread(target=_pump, args=(node.stdout, seen), daemon=True)
-            pump.start()
-            started = time.monotonic()
+        try:
             while True:
-                try:
-                    rc = node.wait(timeout=ALIVE_EVERY_S)
+                seen: list[str] = []
+                node = group.add(spawn(cmd, env=env, stdout=subprocess.PIPE))
+                pump = threading.Thread(target=_pump, args=(node.stdout, seen), daemon=True)
+                pump.start()
+                started = time.monotonic()
+                while True:
+                    try:
+                        rc = node.wait(timeout=ALIVE_EVERY_S)
+                        break
+                    except subprocess.TimeoutExpired:
+                        if JOINED in seen:
+                            alive.touch()
+                pump.join(timeout=5)
+                group.procs.remove(node)
+                kill_tree(node)  # its SuperExec and any ClientApp it started
+                if JOINED in seen:
+                    alive.touch()
+                    losses = 0 if time.monotonic() - started > 600 else losses
+                age = time.time() - alive.stat().st_mtime if alive.exists() else None
+                again = next_attempt(seen, losses, age)
+                if again is None:
                     break
-                except subprocess.TimeoutExpired:
-                    if JOINED in seen:
-                        alive.touch()
-            pump.join(timeout=5)
-            group.procs.remove(node)
-            kill_tree(node)  # its SuperExec and any ClientApp it started
-            if JOINED in seen:
-                alive.touch()
-                losses = 0 if time.monotonic() - started > 600 else losses
-            age = time.time() - alive.stat().st_mtime if alive.exists() else None
-            again = next_attempt(seen, losses, age)
-            if again is None:
-                break
-            why, wait = again
-            losses += JOINED in seen
-            print(f"[xrayfed] hospital {cfg.hospital.name} {why}; joining {args.server} again in {wait:g} s "
-                  "(the privacy ledger decides what a repeated round may release)", flush=True)
-            time.sleep(wait)
+                why, wait = again
+                losses += JOINED in seen
+                print(f"[xrayfed] hospital {cfg.hospital.name} {why}; joining {args.server} again in {wait:g} s "
+                      "(the privacy ledger decides what a repeated round may release)", flush=True)
+                time.sleep(wait)
+        except KeyboardInterrupt:  # stopped cleanly: the SuperNode deactivates its node on SIGTERM
+            alive.unlink(missing_ok=True)
+            raise
     cause = next((c for m, c in _REFUSAL_CAUSES if m in seen),
                  "the SuperNode stopped (see the lines above): the server refused this hospital or the connection "
                  "failed")

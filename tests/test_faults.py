@@ -8,8 +8,9 @@ One federation of 3 hospitals (``min_clients`` 2) lives through, in this order:
    and before anything was released: the round completes with the other two, the dead
    hospital's row says ``failed`` under its own name, and it is charged once, released nothing;
 2. that hospital restarted at once: the server still counts its old connection as online
-   (Flower's heartbeat patience), so ``xrayfed client`` retries its activation until the old
-   one lapses, then it trains in a later round;
+   (Flower's heartbeat patience), so ``xrayfed client`` waits until the server has dropped it
+   before joining (joining earlier would orphan the request the dead process had taken and
+   make the round wait for ``round_timeout_s``), then it trains in a later round;
 3. the server killed (SIGKILL, SuperLink and ServerApp included) mid-round, after at least one
    hospital released its update for that round: restarted, it resumes from the last
    checkpoint, the hospitals' ``xrayfed client`` processes rejoin on their own, the hospital that
@@ -68,15 +69,32 @@ def _rounds_charged(ledger: Path) -> list[int]:
 def test_what_the_client_does_after_its_supernode_stopped():
     """`xrayfed client` rejoins after a lost link (back-off), waits out a previous connection the
     server still counts online, and stops on every other refusal."""
-    from xrayfed.client.supernode import JOINED, REFUSED, REJOIN_BACKOFF_S, STILL_ONLINE_S, next_attempt
+    from xrayfed.client.supernode import (
+        GRACEFUL,
+        JOINED,
+        REFUSED,
+        REFUSED_WINDOW_S,
+        REJOIN_BACKOFF_S,
+        STILL_ONLINE_S,
+        lapse_wait,
+        next_attempt,
+    )
 
-    assert next_attempt([JOINED], 0, 1.0)[1] == REJOIN_BACKOFF_S[0]
-    assert next_attempt([JOINED, "401 Unauthorized"], 99, 1.0)[1] == REJOIN_BACKOFF_S[-1]
-    assert next_attempt([REFUSED], 0, 20.0) is not None  # restarted soon after a crash: wait it out
+    # The server restarted (its SuperNode got 401 and left gracefully): rejoin at once, with back-off.
+    assert next_attempt([JOINED, GRACEFUL], 0, 1.0)[1] == REJOIN_BACKOFF_S[0]
+    assert next_attempt([JOINED, "401 Unauthorized", GRACEFUL], 99, 1.0)[1] == REJOIN_BACKOFF_S[-1]
+    # Its SuperNode was killed: the server counts that connection online until it lapses; wait it out.
+    assert next_attempt([JOINED], 0, 0.0)[1] == STILL_ONLINE_S
+    assert next_attempt([JOINED], 4, STILL_ONLINE_S)[1] == REJOIN_BACKOFF_S[4]  # lapsed: the back-off alone
+    # Refused soon after a crash: wait until the old connection lapsed, then try again.
+    assert next_attempt([REFUSED], 0, 20.0)[1] == STILL_ONLINE_S - 20.0
+    assert next_attempt([REFUSED], 0, STILL_ONLINE_S + 1)[1] > 0  # a late server still gets a retry
     assert next_attempt([REFUSED], 0, None) is None  # never joined from this state folder: unknown key
-    assert next_attempt([REFUSED], 0, STILL_ONLINE_S + 1) is None  # long gone: revoked, not stale
+    assert next_attempt([REFUSED], 0, REFUSED_WINDOW_S + 1) is None  # long gone: revoked, not stale
     assert next_attempt(["CERTIFICATE_VERIFY_FAILED"], 0, 5.0) is None
     assert next_attempt([], 0, None) is None
+    # At start: wait only when a previous process was joined lately and did not leave cleanly.
+    assert lapse_wait(None) == 0 and lapse_wait(STILL_ONLINE_S) == 0 and lapse_wait(30.0) == STILL_ONLINE_S - 30.0
 
 
 @pytest.mark.slow
@@ -219,7 +237,7 @@ def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
     assert _rounds_charged(ledgers["h2"]).count(2) == 1
     assert not any(r["event"] == "release" and int(r.get("round", -1)) == 2 for r in read_ledger(ledgers["h2"]))
     # 2. The restarted hospital waited for its old connection to lapse, then trained again.
-    assert "still counts its previous connection as online" in text("h2-restarted")
+    assert "did not leave cleanly; joining in" in text("h2-restarted")
     assert any(h["hospital"] == "h2" and h["status"] == "trained" for r in rows[2:] for h in r["hospitals"])
     # 3. The server resumed from the checkpoint of the last finished round; each hospital's
     #    `xrayfed client` rejoined on its own; the hospital that had released got the same request
