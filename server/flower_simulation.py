@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -97,20 +98,46 @@ def run_simulation(fed_path: Path, hospitals_dir: Path, n: int, workers: int, ve
     os.environ.update({SIM_HOSPITALS_ENV: env[SIM_HOSPITALS_ENV], SIM_FEDERATION_ENV: env[SIM_FEDERATION_ENV]})
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)  # its deprecation notice for run_simulation: see docs
-    ray.init(num_cpus=workers, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=verbose, logging_level=logging.ERROR, configure_logging=False,
-             runtime_env={"env_vars": {**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+    # Every process Ray starts for this run inherits this tag (GCS, raylet, then its workers and
+    # actors): they can be found and stopped at the end even after they were reparented, and only
+    # this run's (two simulations of one user may run side by side).
+    tag, known = secrets.token_hex(8), []
+    os.environ[_RUN_TAG_ENV] = tag
     try:
-        flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
-                            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+        ray.init(num_cpus=workers, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=verbose, logging_level=logging.ERROR, configure_logging=False,
+                 runtime_env={"env_vars": {**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+        try:
+            flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
+                                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+        finally:
+            known = _ray_processes()  # Ray's agents rename themselves and lose the tag: list them now
+            ray.shutdown()
     finally:
-        ray_procs = _ray_processes()  # before shutdown: its workers outlive the raylet, reparented
-        ray.shutdown()
-        _reap(ray_procs)
+        os.environ.pop(_RUN_TAG_ENV, None)
+        _reap(tag, known)
+
+
+_RUN_TAG_ENV = "XRAYFED_SIMULATION_RUN"
+
+
+def _tagged(tag: str) -> list:
+    """This user's processes, other than this one, that carry this run's tag in their environment."""
+    import psutil
+
+    me, out = os.getpid(), []
+    for p in psutil.process_iter(["uids"]):
+        try:
+            if p.pid != me and p.info["uids"] and p.info["uids"].real == os.getuid() \
+                    and p.environ().get(_RUN_TAG_ENV) == tag and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
 
 
 def _ray_processes() -> list:
-    """Ray's processes under this one (GCS, raylet, workers)."""
+    """Ray's processes under this one (GCS, raylet, agents, workers), now."""
     import psutil
 
     out = []
@@ -123,18 +150,24 @@ def _ray_processes() -> list:
     return out
 
 
-def _reap(ray_procs: list, timeout_s: float = 15.0) -> None:
-    """``ray.shutdown()`` returns before Ray's worker processes have exited: wait for them, then
-    kill what is left, so a simulation leaves no process behind."""
+def _reap(tag: str, known: list, timeout_s: float = 15.0) -> None:
+    """``ray.shutdown()`` returns before Ray's processes have exited, and Ray may still be
+    starting a worker as it shuts down: wait for every process of this run (``known`` before the
+    shutdown, and :func:`_tagged`), look again for any started meanwhile, then kill what is left,
+    so that a simulation leaves no process behind."""
     import psutil
 
-    _, alive = psutil.wait_procs(ray_procs, timeout=timeout_s)
-    for p in alive:
+    deadline = time.monotonic() + timeout_s
+    _, known = psutil.wait_procs(known, timeout=timeout_s)
+    while (procs := _tagged(tag) + known) and time.monotonic() < deadline:
+        known = []
+        psutil.wait_procs(procs, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+    for p in procs:
         try:
             p.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=5)
+    psutil.wait_procs(procs, timeout=5)
 
 
 def run_simulate_cmd(args: argparse.Namespace) -> int:
