@@ -195,7 +195,8 @@ def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
 
         # 3. The server dies mid-round: after a hospital released its update for that round
         #    (its `release` line is fsync'ed before the update leaves), before the round ends.
-        _wait("h2 to rejoin", lambda: text("h2-restarted").count("SuperNode ID:") >= 1, 180, procs, logs)
+        #    h2 is still waiting out its old connection meanwhile (about 80 s after the kill); it
+        #    joins the old server or the restarted one, whichever is up then.
         last = len(metrics())
         target = last + 1
         assert target <= ROUNDS, "the run ended before the server could be killed mid-round"
