@@ -3,8 +3,9 @@
 The end-to-end tests run a server and several hospital processes side by side on a small
 machine (CI: 2 cores). Each torch process would start one compute thread per core and they
 would oversubscribe the cores (see ``xrayfed.common.procs.shared_cpu_env``), so child
-processes get one thread each, while this pytest process keeps all cores for the in-process
-tests.
+processes get one thread each, while this pytest process keeps its share of the cores for the
+in-process tests: all of them, or cores / workers when ``./dev test`` runs the files in
+parallel workers (pytest-xdist, ``-n``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(os.cpu_count() or 1)
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
@@ -28,3 +29,18 @@ def pool():
     p.warm()
     yield p
     p.close()
+
+# Ray starts its workers at nice 15 (``RAY_worker_niceness``): beside another test worker of
+# this suite they would get almost no CPU, and the simulation tests would take minutes.
+os.environ.setdefault("RAY_worker_niceness", "0")
+
+#: The files with the longest end-to-end tests, longest first. ``./dev test`` runs the files in
+#: two workers (pytest-xdist, ``--dist loadfile``), which take files in collection order: starting
+#: with these lets the short files fill the gaps at the end instead of one long test running alone.
+LONGEST_FIRST = ("test_faults.py", "test_secure_federation.py", "test_demo.py", "test_encrypted_inference.py",
+                 "test_flower_security.py", "test_simulation.py", "test_federation.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: test order within a file kept

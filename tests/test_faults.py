@@ -103,6 +103,7 @@ def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
     import torch
 
     from xrayfed.client.privacy import request_key
+    from xrayfed.client.supernode import ALIVE_FILE
     from xrayfed.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, weights_version
     from xrayfed.common.data import load_dataset
     from xrayfed.common.model import build_model
@@ -225,6 +226,8 @@ def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
             kill_tree(p)
     leftover = [p for p in _descendants() - before if psutil.pid_exists(p)]
     assert not leftover, f"processes left behind: {leftover}"
+    # Stopped cleanly (SIGTERM), a hospital forgets it was joined: its next start joins at once.
+    assert not [n for n in names if (tmp_path / f"state-{n}" / ALIVE_FILE).exists()]
 
     rows = metrics()
     assert [r["round"] for r in rows] == list(range(1, target + 1))  # every round once, none twice
