@@ -140,7 +140,8 @@ def next_attempt(seen: list[str], losses: int, alive_age_s: float | None) -> tup
     * It had joined and was killed (no graceful line): the server still counts that connection
       as online for up to ``STILL_ONLINE_S``; rejoin once it has lapsed (:func:`lapse_wait`).
     * Its activation was refused less than ``REFUSED_WINDOW_S`` after this hospital was last
-      joined: the server may still count the old connection as online; try again once it lapsed.
+      joined: the server may be a little late dropping the old connection, or (restarted) not
+      have registered the keys again yet: try again every ``RETRY_REFUSED_S``.
     * Anything else (a key the server does not know, a wrong CA, no key where one is required): stop.
     """
     if JOINED in seen:
@@ -150,9 +151,10 @@ def next_attempt(seen: list[str], losses: int, alive_age_s: float | None) -> tup
         return ("lost its SuperNode (killed); the server drops that connection within "
                 f"{STILL_ONLINE_S:g} s"), max(wait, lapse_wait(alive_age_s))
     if REFUSED in seen and alive_age_s is not None and alive_age_s < REFUSED_WINDOW_S:
-        return (f"was refused while the server still counts its previous connection as online (joined "
-                f"{alive_age_s:.0f} s ago; Flower lets it lapse within {STILL_ONLINE_S:g} s)"), \
-            max(RETRY_REFUSED_S, lapse_wait(alive_age_s))
+        # Every wait for a killed connection's lapse came before this attempt, so this is a server
+        # a little late (or one that restarted and has not registered the keys again yet): retry soon.
+        return (f"was refused while the server may still count its previous connection as online (joined "
+                f"{alive_age_s:.0f} s ago; Flower lets it lapse within {STILL_ONLINE_S:g} s)"), RETRY_REFUSED_S
     return None
 
 
