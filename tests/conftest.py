@@ -18,6 +18,9 @@ import torch
 torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# Ray starts its workers at nice 15 (``RAY_worker_niceness``): beside another test worker of
+# this suite they would get almost no CPU, and the simulation tests would take minutes.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +33,6 @@ def pool():
     yield p
     p.close()
 
-# Ray starts its workers at nice 15 (``RAY_worker_niceness``): beside another test worker of
-# this suite they would get almost no CPU, and the simulation tests would take minutes.
-os.environ.setdefault("RAY_worker_niceness", "0")
 
 #: The files with the longest end-to-end tests, longest first. ``./dev test`` runs the files in
 #: two workers (pytest-xdist, ``--dist loadfile``), which take files in collection order: starting
