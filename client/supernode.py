@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from xrayfed.client.hospital import hospital_split
@@ -127,6 +128,14 @@ def lapse_wait(alive_age_s: float | None) -> float:
     return 0.0 if alive_age_s is None else max(0.0, STILL_ONLINE_S - alive_age_s)
 
 
+def _age_s(path: Path) -> float | None:
+    """Seconds since ``path`` was last touched; None when there is no such file."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def next_attempt(seen: list[str], losses: int, alive_age_s: float | None) -> tuple[str, float] | None:
     """What ``xrayfed client`` does after its SuperNode stopped: ``(why, wait_s)`` to start a new
     SuperNode after ``wait_s``, or None to stop with the SuperNode's cause.
@@ -161,8 +170,6 @@ def next_attempt(seen: list[str], losses: int, alive_age_s: float | None) -> tup
 def run_client_cmd(args: argparse.Namespace) -> int:
     import subprocess
     import threading
-    import time
-
 
     parse_hostport(args.server, "--server")
     cfg = load_hospital_config(args)
@@ -198,7 +205,7 @@ def run_client_cmd(args: argparse.Namespace) -> int:
              if cfg.hospital.require_secure_aggregation else ""), flush=True)
     alive = state / ALIVE_FILE
     losses = 0
-    wait = lapse_wait(time.time() - alive.stat().st_mtime if alive.exists() else None)
+    wait = lapse_wait(_age_s(alive))
     if wait > 0:  # the previous `xrayfed client` was killed while joined: let the server drop it first
         print(f"[xrayfed] hospital {cfg.hospital.name} was joined until {STILL_ONLINE_S - wait:.0f} s ago and "
               f"did not leave cleanly; joining in {wait:.0f} s, once the server has dropped that connection",
@@ -225,7 +232,7 @@ def run_client_cmd(args: argparse.Namespace) -> int:
                 if JOINED in seen:
                     alive.touch()
                     losses = 0 if time.monotonic() - started > 600 else losses
-                age = time.time() - alive.stat().st_mtime if alive.exists() else None
+                age = _age_s(alive)
                 again = next_attempt(seen, losses, age)
                 if again is None:
                     break

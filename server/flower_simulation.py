@@ -158,16 +158,19 @@ def _reap(tag: str, known: list, timeout_s: float = 15.0) -> None:
     import psutil
 
     deadline = time.monotonic() + timeout_s
-    _, known = psutil.wait_procs(known, timeout=timeout_s)
-    while (procs := _tagged(tag) + known) and time.monotonic() < deadline:
-        known = []
-        psutil.wait_procs(procs, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
-    for p in procs:
+    alive = list(known)
+    while True:
+        alive = list({*alive, *_tagged(tag)})  # those still running, and any started meanwhile
+        left = deadline - time.monotonic()
+        if not alive or left <= 0:
+            break
+        _, alive = psutil.wait_procs(alive, timeout=min(2.0, left))
+    for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(procs, timeout=5)
+    psutil.wait_procs(alive, timeout=5)
 
 
 def run_simulate_cmd(args: argparse.Namespace) -> int:

@@ -173,7 +173,7 @@ class _RefusalLog:
         401: "a node id this SuperLink does not know (from before a server restart) or a revoked key; "
              "its `xrayfed client` rejoins on its own unless revoked",
         412: "Flower still counts its previous connection as online (it reconnected within the 60 s heartbeat "
-             "patience); its `xrayfed client` retries every 5 s",
+             "patience); its `xrayfed client` joins again once that connection has lapsed",
     }
 
     def __init__(self, out: _Log, names: dict[str, str], quiet_s: float = 60.0, registered: set[str] = frozenset()
