@@ -13,7 +13,7 @@ Usage::
         --grid batch_size=64,128,256 lr=0.5,1,2
 
 Grid keys: any flag below with ``-`` written as ``_`` (``batch_size``, ``local_epochs``, ``lr``,
-``rounds``, ``views``, ``ema``, ``width``, ``depth``, ``input_pool``, ``ws``, ``momentum``,
+``rounds``, ``views``, ``ema``, ``width``, ``depth``, ``input_pool``, ``ws``, ``scatter``, ``momentum``,
 ``server_momentum``, ``lr_schedule``, ``clip``, ``seed``, ``dp``, ...).
 """
 
@@ -49,6 +49,7 @@ def add_settings_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--input-pool", type=int, default=None)
+    ap.add_argument("--scatter", type=int, default=None, help="1: the ScatterNet front end (Tramèr & Boneh 2021)")
     ap.add_argument("--ws", type=int, default=None, help="1: weight-standardised convolutions")
     ap.add_argument("--strategy", default="fedavgm")
     ap.add_argument("--server-momentum", type=float, default=None, help="default: the federation default")
@@ -72,6 +73,8 @@ def configs(s: dict, data: Path, work: Path, task, eval_path: Path | None = None
             model[k] = s[k]
     if s.get("ws") is not None:
         model["weight_standardization"] = bool(s["ws"])
+    if s.get("scatter") is not None:
+        model["scattering"] = bool(s["scatter"])
     fed_section = {"name": "bench", "run_dir": str(work / "run"), "rounds": s["rounds"], "min_clients": n,
                    "strategy": s["strategy"], "lr_schedule": s["lr_schedule"], "seed": s["seed"]}
     if s.get("lr") is not None:

@@ -9,7 +9,7 @@ two output shares (:mod:`xrayfed.common.mpc.dealer`).
 gRPC API (:mod:`xrayfed.common.rpc`), service ``xrayfed.inference.v1.Inference``:
 
 * ``ModelInfo {token}`` → what the patient needs: ``{model (architecture), image_size, task,
-  model_version, threshold, mpc: {tape, tape_digest, input_pool, scale_bits}}`` — never weights.
+  model_version, threshold, mpc: {tape, tape_digest, input_pool, scattering, scale_bits}}`` — never weights.
 * ``OpenSession {token, scan: {image_size, channels, dicom_patient_id|null}}`` → ``{session_id,
   crypto_provider: {address, server_name}, timeout_s, ...ModelInfo}``. The service
   1. verifies the token (Ed25519 signature by a trusted key, audience, expiry) and, for a DICOM
@@ -285,7 +285,7 @@ class InferenceService:
         self.sessions = SessionTable(pool, cfg.max_sessions, name="session")
         self.tape = tape if tape is not None else mpc.record_tape(ckpt.model, ckpt.image_size)
         self.meta["mpc"] = {"tape": self.tape, "tape_digest": dealer.tape_digest(self.tape),
-                            "input_pool": int(ckpt.model.input_pool), "scale_bits": dealer.SCALE_BITS}
+                            **mpc.front_of(ckpt.model), "scale_bits": dealer.SCALE_BITS}
         self.admission = Admission(cfg, getattr(audit, "path", None))
         self.revoked = RevocationList(cfg.revoked_tokens)
 

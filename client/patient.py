@@ -124,14 +124,15 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
         x = prepare(scan, size, chans)
         try:
             tape = dealer.check_tape(info["mpc"]["tape"])
-            pool = int(info["mpc"]["input_pool"])
+            front = info["mpc"]
+            dealer.front_plan(front)  # refuses a plan the patient will not run
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"the inference service sent no usable MPC plan ({e}); is it an older version?") from None
 
         # The patient's part, before the session opens: share the (input-pooled) scan and deal
         # the randomness of the whole forward pass.
         t_deal = time.perf_counter()
-        to_h, to_c = dealer.contributions(x, pool, tape)
+        to_h, to_c = dealer.contributions(x, front, tape)
         deal_s = time.perf_counter() - t_deal
         if observe is not None:
             observe("dealt")

@@ -34,9 +34,12 @@ CALIBRATION_SCANS = 300  # scans of the hospital's training data the activation 
 CALIBRATION_BATCH = 25
 
 
-def quantize_onnx(fp32: bytes, calibration: torch.Tensor) -> bytes:
+def quantize_onnx(fp32: bytes, calibration: torch.Tensor, *, fp32_front: bool = False) -> bytes:
     """A static INT8 (QDQ) version of the FP32 ONNX model ``fp32``, its activation ranges
-    calibrated on ``calibration`` (N, C, H, W) normalised scans."""
+    calibrated on ``calibration`` (N, C, H, W) normalised scans. ``fp32_front``: quantize only
+    the convolutions and the head (a ScatterNet model's fixed front end, matrix products and a
+    modulus, stays in FP32: it is not the trained part, and 8 bits would blur its small
+    second-order coefficients)."""
     try:
         from onnxruntime.quantization import (
             CalibrationDataReader,
@@ -67,7 +70,8 @@ def quantize_onnx(fp32: bytes, calibration: torch.Tensor) -> bytes:
             ort_log.setLevel(logging.ERROR)
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             quantize_static(str(pre), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=["Conv", "Gemm"] if fp32_front else None)
         finally:
             ort_log.setLevel(level)
         return dst.read_bytes()
@@ -83,7 +87,8 @@ def quantized_engine() -> str:
 
 
 def quantize_torch(model: torch.nn.Module, calibration: torch.Tensor) -> torch.jit.ScriptModule:
-    """``model`` (FP32, eval) statically quantized to INT8 with FX graph mode, traced and frozen."""
+    """``model`` (FP32, eval) statically quantized to INT8 with FX graph mode, traced and frozen.
+    A ScatterNet front end is a leaf that FX does not trace into: it stays FP32."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -92,7 +97,11 @@ def quantize_torch(model: torch.nn.Module, calibration: torch.Tensor) -> torch.j
     model = model.cpu().eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-        prepared = prepare_fx(model, get_default_qconfig_mapping(engine), example_inputs=(calibration[:1],))
+        from xrayfed.common.model import ScatterFront
+
+        qmap = get_default_qconfig_mapping(engine).set_object_type(ScatterFront, None)
+        prepared = prepare_fx(model, qmap, example_inputs=(calibration[:1],),
+                              prepare_custom_config={"non_traceable_module_class": [ScatterFront]})
         for i in range(0, len(calibration), CALIBRATION_BATCH):
             prepared(calibration[i:i + CALIBRATION_BATCH])
         quantized = convert_fx(prepared)

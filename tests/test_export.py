@@ -26,10 +26,13 @@ def _ckpt(task: TaskSpec, seed: int, size: int = 32, **spec) -> Checkpoint:
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-@pytest.mark.parametrize("task", [TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")),
-                                  TaskSpec(kind="multiclass", class_names=("bacterial", "covid", "healthy", "viral"))])
-def test_export_equals_checkpoint_and_carries_metadata(tmp_path, fmt, task):
-    ck = _ckpt(task, seed=1)
+@pytest.mark.parametrize("task,scattering", [
+    (TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")), True),
+    (TaskSpec(kind="multiclass", class_names=("bacterial", "covid", "healthy", "viral")), False)])
+def test_export_equals_checkpoint_and_carries_metadata(tmp_path, fmt, task, scattering):
+    """Also for a ScatterNet model: its front end is exported as real matrix products (the
+    checkpoint runs it with FFTs), still within the 1e-4 check."""
+    ck = _ckpt(task, seed=1, scattering=scattering, depth=2)
     res = E.export_model(ck, fmt, tmp_path / f"model.{fmt}")
     assert res["max_abs_diff"] <= E.TOLERANCE and res["scans"] == E.VERIFY_SCANS
     # independently of the self-check: other inputs, batch size 5, read back from disk
@@ -73,9 +76,10 @@ def test_a_failing_check_keeps_nothing(tmp_path, monkeypatch):
 MULTI = TaskSpec(kind="multiclass", class_names=FOUR_CLASS)
 
 
-@pytest.fixture(scope="module")
-def int8_setup(tmp_path_factory):
-    """A 4-class synthetic .npz and a small XrayNet trained on its train split (a few seconds)."""
+@pytest.fixture(scope="module", params=[False, True], ids=["xraynet", "scatternet"])
+def int8_setup(tmp_path_factory, request):
+    """A 4-class synthetic .npz and a small XrayNet trained on its train split (a few seconds);
+    also with the ScatterNet front end (which stays FP32 in the INT8 model)."""
     from xrayfed.common.data import load_dataset
     from xrayfed.common.synthetic import write_npz
 
@@ -85,12 +89,14 @@ def int8_setup(tmp_path_factory):
     ds = load_dataset(data, "train", image_size=32)
     x, y = torch.stack([ds[i][0] for i in range(len(ds))]), ds.targets.long()
     torch.manual_seed(0)
-    ms = ModelSpec(num_outputs=4, width=8, weight_standardization=True)
+    ms = ModelSpec(num_outputs=4, width=8, weight_standardization=True, scattering=request.param,
+                   depth=2 if request.param else 3)
     model = build_model(ms)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
+    trained, inputs = (model[1:], model[0](x)) if request.param else (model, x)  # the fixed front once
     for _ in range(10):
         for idx in torch.randperm(len(x)).split(50):
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss = torch.nn.functional.cross_entropy(trained(inputs[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

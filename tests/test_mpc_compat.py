@@ -44,6 +44,7 @@ def test_ttp_provider_is_selected_and_tfp_is_refused():
     ModelSpec(num_outputs=14, input_pool=4),
     ModelSpec(num_outputs=3, width=8, depth=2, in_channels=3),
     ModelSpec(num_outputs=1, width=8, input_pool=8, weight_standardization=True),
+    ModelSpec(num_outputs=1, width=8, depth=2, input_pool=8, weight_standardization=True, scattering=True),
 ])
 def test_crypten_model_has_torch_keys_and_loads_every_weight(spec):
     """Every weight lands in the CrypTen model (weight-standardised ones folded: the CrypTen
@@ -209,18 +210,20 @@ def test_forked_workers_reseed_torch():
     assert len(out) == 2 and out[0] != out[1]
 
 
-def test_two_party_session_over_tls_matches_plaintext(pool, tmp_path):
+@pytest.mark.parametrize("scattering,size", [(False, 16), (True, 32)])
+def test_two_party_session_over_tls_matches_plaintext(pool, tmp_path, scattering, size):
     """Real party processes on 127.0.0.1 over the TLS link, this process dealing as the patient:
-    the route CrypTen → our model → logits matches torch."""
+    the route CrypTen → our model → logits matches torch (for a ScatterNet model the patient
+    computes the scattering features in numpy and shares those)."""
     from xrayfed.common.security.pki import init_pki
 
     init_pki(tmp_path / "pki")
     pki = tmp_path / "pki"
     torch.manual_seed(0)
-    spec = ModelSpec(num_outputs=3, width=8, depth=2, weight_standardization=True)
-    ckpt = Checkpoint(model=spec, task=TaskSpec(kind="multiclass", class_names=("a", "b", "c")), image_size=16,
+    spec = ModelSpec(num_outputs=3, width=8, depth=2, weight_standardization=True, scattering=scattering)
+    ckpt = Checkpoint(model=spec, task=TaskSpec(kind="multiclass", class_names=("a", "b", "c")), image_size=size,
                       state_dict=build_model(spec).state_dict())
-    x = torch.rand(1, 1, 16, 16)
+    x = torch.rand(1, 1, size, size)
     res = mpc.run_local_session(pool, ckpt, x, timeout_s=60, tls=(str(pki / "ttp" / "tls.pem"),
                                                                   str(pki / "ttp" / "tls.key"), str(pki / "ca.pem")))
     ref = ckpt.build()(x).detach().numpy()

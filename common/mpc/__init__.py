@@ -37,7 +37,7 @@ _API = {
                "build_crypten_model", "fresh_process_randomness", "import_crypten", "load_crypten_weights",
                "provider", "use_link_communicator", "use_ttp_provider", "warnings_quiet"),
     "parties": ("model_owner_worker", "provider_worker", "record_tape",
-                "run_local_session", "run_party", "session_tag", "shared_input_shape"),
+                "run_local_session", "run_party", "session_tag", "shared_input_shape", "front_of"),
     "pool": ("WorkerPool", "stop_worker", "wait_message", "watch_worker"),
     "session": ("MODEL_OWNER_RANK", "PROVIDER_RANK", "WORLD_SIZE", "SessionParams", "comm_stats"),
     "sessions": ("SessionTable",),

@@ -267,7 +267,9 @@ def build_crypten_model(spec, *, pooled_input: bool = False):
 
     ``pooled_input``: the plan's first layer, the input average pool, is applied by the patient
     to its own scan before sharing it (linear and public), so here it is an identity (same
-    module indices, hence the same keys)."""
+    module indices, hence the same keys). A ScatterNet model's first layer (the fixed scattering
+    transform) is always the patient's: here it is always an identity, and the model's input is
+    the scattering features."""
     from xrayfed.common.errors import UserError
     from xrayfed.common.model import layer_plan
 
@@ -279,9 +281,8 @@ def build_crypten_model(spec, *, pooled_input: bool = False):
     crypten = import_crypten()
     cnn = crypten.nn
     plan = layer_plan(spec)
-    layers = [_crypten_layer(cnn, k, kw) for k, kw in plan]
-    if pooled_input and plan and plan[0][0] == "avgpool":
-        layers[0] = _identity(cnn)
+    layers = [_identity(cnn) if i == 0 and (k == "scatter" or (pooled_input and k == "avgpool"))
+              else _crypten_layer(cnn, k, kw) for i, (k, kw) in enumerate(plan)]
     model = cnn.Sequential(*layers)
     with torch.no_grad():
         for _, p in model.named_parameters():

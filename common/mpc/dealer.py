@@ -219,11 +219,48 @@ def check_tape(tape: Any) -> list[dict]:
     return tape
 
 
-def contributions(scan: np.ndarray, pool: int, tape: list[dict]) -> tuple[dict, dict]:
-    """The patient's part of a session: its (input-pooled) scan shared ``x = x0 + x1``, two fresh
-    seeds, and the corrections of the whole ``tape``. Returns what goes to the hospital
-    ``{x, seed}`` and to the crypto provider ``{x, seed, corrections}`` (int64 arrays)."""
-    x0, x1 = share(input_pool(np.asarray(scan, dtype=np.float64), max(1, int(pool))))
+MAX_SCATTER_J, MAX_SCATTER_L = 3, 16
+
+
+def front_plan(front) -> tuple[int, tuple[int, int] | None]:
+    """``(pool, (J, L) or None)`` from what the inference service announces (``ModelInfo.mpc``:
+    ``input_pool`` and ``scattering``), or from a bare pool factor. ValueError with the reason
+    for anything else (a service cannot make the patient run an unbounded transform)."""
+    if isinstance(front, (int, np.integer)):
+        return max(1, int(front)), None
+    pool = front["input_pool"]
+    if not isinstance(pool, int) or not 1 <= pool <= 64:
+        raise ValueError(f"input_pool must be an integer 1-64, not {pool!r}")
+    sc = front.get("scattering")
+    if sc is None:
+        return pool, None
+    if (not isinstance(sc, (list, tuple)) or len(sc) != 2 or not all(isinstance(v, int) for v in sc)
+            or not 1 <= sc[0] <= MAX_SCATTER_J or not 1 <= sc[1] <= MAX_SCATTER_L):
+        raise ValueError(f"scattering must be [J, L] with J 1-{MAX_SCATTER_J} and L 1-{MAX_SCATTER_L}, not {sc!r}")
+    return pool, (sc[0], sc[1])
+
+
+def public_front(scan: np.ndarray, front) -> np.ndarray:
+    """The model's public first layer, applied by the patient in plaintext to its own scan: the
+    input pool, then (for a ScatterNet model) the scattering transform
+    (:func:`xrayfed.common.scatter.scatter_numpy`, identical to the model's ``ScatterFront``).
+    Nothing in it depends on the weights; its non-linear parts never run under MPC."""
+    pool, sc = front_plan(front)
+    x = input_pool(np.asarray(scan, dtype=np.float64), pool)
+    if sc is not None:
+        from xrayfed.common.scatter import scatter_numpy
+
+        x = scatter_numpy(x, *sc)
+    return x
+
+
+def contributions(scan: np.ndarray, front, tape: list[dict]) -> tuple[dict, dict]:
+    """The patient's part of a session: its scan after the model's public first layer
+    (:func:`public_front`; ``front``: a pool factor or the service's ``mpc`` plan) shared
+    ``x = x0 + x1``, two fresh seeds, and the corrections of the whole ``tape``. Returns what goes
+    to the hospital ``{x, seed}`` and to the crypto provider ``{x, seed, corrections}`` (int64
+    arrays)."""
+    x0, x1 = share(public_front(scan, front))
     s0, s1 = new_seed(), new_seed()
     return {"x": x0, "seed": s0}, {"x": x1, "seed": s1, "corrections": deal(tape, s0, s1)}
 

@@ -31,11 +31,27 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- the parties
+def front_of(spec) -> dict:
+    """The model's public first layer as the inference service announces it (``ModelInfo.mpc``):
+    ``input_pool`` and ``scattering`` (``[J, L]`` for a ScatterNet model, else ``None``)."""
+    from xrayfed.common.model import SCATTER_J, SCATTER_L
+
+    return {"input_pool": int(spec.input_pool),
+            "scattering": [SCATTER_J, SCATTER_L] if getattr(spec, "scattering", False) else None}
+
+
 def shared_input_shape(spec, image_size: int, batch: int = 1) -> tuple[int, int, int, int]:
-    """Shape of what the patient shares: the scan after the model's input pool (which the
-    patient applies in plaintext, :func:`xrayfed.common.mpc.dealer.input_pool`)."""
+    """Shape of what the patient shares: the scan after the model's public first layer (input
+    pool, and the scattering transform for a ScatterNet model), which the patient applies in
+    plaintext (:func:`xrayfed.common.mpc.dealer.public_front`)."""
     k = max(1, int(spec.input_pool))
-    return (int(batch), int(spec.in_channels), int(image_size) // k, int(image_size) // k)
+    c, s = int(spec.in_channels), int(image_size) // k
+    if getattr(spec, "scattering", False):
+        from xrayfed.common.model import SCATTER_J, SCATTER_L
+        from xrayfed.common.scatter import n_features
+
+        c, s = c * n_features(SCATTER_J, SCATTER_L), -(-s // 2**SCATTER_J)
+    return (int(batch), c, s, s)
 
 
 def _encrypted_forward(crypten, cmodel, x_enc):
@@ -296,7 +312,7 @@ def run_local_session(pool: "WorkerPool", ckpt, scan: torch.Tensor, *, host: str
                             tls[2] if tls else None, tls is None, obs("hospital.pt"))
         procs.append(hp)
         t_deal = time.perf_counter()
-        to_h, to_c = dealer.contributions(scan.detach().double().numpy(), ckpt.model.input_pool, tape)
+        to_h, to_c = dealer.contributions(scan.detach().double().numpy(), front_of(ckpt.model), tape)
         deal_s = time.perf_counter() - t_deal
         results: dict = {"patient": {"deal_s": deal_s, "bytes_sent": int(to_h["x"].nbytes + to_c["x"].nbytes
                                                                        + to_c["corrections"].nbytes + 32)}}

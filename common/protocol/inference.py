@@ -5,7 +5,7 @@ with the crypto provider. Both sides import these names from here.
 Inference service (the hospital's ``serve-inference``; the patient's ``predict`` calls it):
 
 * ``ModelInfo {token}`` → ``{model, image_size, task: {kind, class_names}, model_version,
-  threshold, mpc: {tape, tape_digest, input_pool, scale_bits}}``
+  threshold, mpc: {tape, tape_digest, input_pool, scattering, scale_bits}}``
 * ``OpenSession {token, scan: {image_size, channels, format, dicom_patient_id|null}}`` →
   ``{session_id, crypto_provider: {address, server_name}, timeout_s, model, image_size, task,
   model_version, mpc}``
