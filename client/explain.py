@@ -1,7 +1,8 @@
 """``xrayfed explain --model CHECKPOINT --scan FILE [--scan FILE ...] --out heatmap.png|page.html``:
 where the model looked, for a clinician at the hospital (plaintext, hospital side only).
 
-Grad-CAM (Selvaraju et al. 2017) on the model's last convolution: the gradients of the chosen
+Grad-CAM (Selvaraju et al. 2017) on the model's last convolution (the first one behind a
+ScatterNet front end, :func:`explained_conv`): the gradients of the chosen
 class's logit with respect to that layer's activations, averaged over space, weight its channels;
 the ReLU of the weighted sum, upsampled to the scan, is the heatmap. The class is the predicted
 one unless ``--class`` names another (binary: ``PNEUMONIA`` is the logit, ``NORMAL`` its
@@ -31,12 +32,17 @@ from xrayfed.common.files import atomic_write
 from xrayfed.common.prediction import probabilities
 
 
-def last_conv(model: torch.nn.Module) -> torch.nn.Module:
-    """The model's last ``Conv2d`` (XrayNet's last stage; a torchvision backbone's last block)."""
+def explained_conv(model: torch.nn.Module) -> torch.nn.Module:
+    """The convolution Grad-CAM reads: the model's last ``Conv2d`` (XrayNet's last stage; a
+    torchvision backbone's last block) — except behind a ScatterNet front end, where the first
+    convolution already sees the scattering features (7 × 7 at 28 px) and the last one only a
+    3 × 3 grid, too coarse to point at a finding: there it is the first."""
+    from xrayfed.common.model import ScatterFront
+
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     if not convs:
         raise UserError("this model has no convolution to explain")
-    return convs[-1]
+    return convs[0] if any(isinstance(m, ScatterFront) for m in model.modules()) else convs[-1]
 
 
 def class_index(ckpt: Checkpoint, name: str | None, logits: torch.Tensor) -> tuple[int, str]:
@@ -54,7 +60,7 @@ def class_index(ckpt: Checkpoint, name: str | None, logits: torch.Tensor) -> tup
 def grad_cam(model: torch.nn.Module, x: torch.Tensor, output: int) -> np.ndarray:
     """Grad-CAM heatmap (H, W) in [0, 1] of ``x`` (1, C, H, W) for output ``output`` (−1: minus
     output 0, binary's negative class)."""
-    layer = last_conv(model)
+    layer = explained_conv(model)
     seen: dict[str, torch.Tensor] = {}
     fwd = layer.register_forward_hook(lambda m, i, o: seen.__setitem__("a", o))
     bwd = layer.register_full_backward_hook(lambda m, gi, go: seen.__setitem__("g", go[0]))

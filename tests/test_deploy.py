@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from xrayfed.common.cli import build_parser
-from xrayfed.common.config import (FederationConfig, HospitalConfig, InferenceServiceConfig, TTPConfig,
-                                   load_config)
+from xrayfed.common.config import FederationConfig, HospitalConfig, InferenceServiceConfig, TTPConfig, load_config
+from xrayfed.common.model import default_model
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -233,6 +233,7 @@ def test_example_configs_of_every_role_load():
     cfgs = ROOT / "deploy" / "config"
     for f in ("federation.toml", "federation.compose.toml"):
         c = load_config(FederationConfig, cfgs / f)
+        assert c.model == default_model(c.image_size, c.task.num_outputs)  # the deploy examples use the default
         assert c.federation.secure_aggregation and c.network.auth_enabled and not c.network.tls.insecure
         assert c.network.control.startswith("127.0.0.1:")
     for f in ("hospital.toml", "hospital.compose.toml"):

@@ -11,7 +11,7 @@ from PIL import Image
 from xrayfed.client.explain import grad_cam
 from xrayfed.common import cli
 from xrayfed.common.checkpoint import Checkpoint, save_checkpoint
-from xrayfed.common.model import ModelSpec, build_model
+from xrayfed.common.model import ModelSpec, build_model, default_model
 from xrayfed.common.prediction import TaskSpec
 from xrayfed.common.preprocess import normalize
 from xrayfed.common.synthetic import make_synthetic
@@ -20,13 +20,15 @@ SIZE = 64
 BINARY = TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA"))
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """A small XrayNet trained (plainly, a few seconds) to find the synthetic opacity."""
+@pytest.fixture(scope="module", params=["xraynet", "default"])
+def trained(request):
+    """A small XrayNet trained (plainly, a few seconds) to find the synthetic opacity; also the
+    default design (ScatterNet front end, whose last convolution sees 4 × 4 positions at 64 px)."""
     torch.manual_seed(0)
     imgs, y = make_synthetic(800, SIZE, "binary", seed=1)
     x, yt = normalize(torch.as_tensor(imgs)), torch.as_tensor(y).float()
-    spec = ModelSpec(num_outputs=1, width=8, depth=3)
+    spec = (ModelSpec(num_outputs=1, width=8, depth=3) if request.param == "xraynet"
+            else default_model(SIZE, 1).model_copy(update={"width": 8}))
     model = build_model(spec)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     for _ in range(8):
