@@ -73,10 +73,12 @@ def main() -> None:
     res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     res["input_pool"] = spec.input_pool
     res["weight_standardization"] = spec.weight_standardization
+    res["scattering"] = spec.scattering
     print(json.dumps(res, indent=2))
     out_dir = Path(__file__).resolve().parent / "results"
     out_dir.mkdir(exist_ok=True)
-    tag = f"{args.arch}-{args.image_size}px-pool{spec.input_pool}-b{args.batch_size}-{device.type}"
+    tag = (f"{args.arch}-{args.image_size}px-pool{spec.input_pool}{'-scatter' if spec.scattering else ''}"
+           f"-b{args.batch_size}-{device.type}")
     (out_dir / f"dp-memory-{tag}.json").write_text(json.dumps(res, indent=2))
 
 

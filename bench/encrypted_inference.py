@@ -46,12 +46,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def spec_for(size: int, num_outputs: int = 1, full_res: bool = False, old_pool: bool = False):
+def spec_for(size: int, num_outputs: int = 1, full_res: bool = False, old_pool: bool = False,
+             scattering: bool = False):
     """The default model at ``size`` px (``default_model``: weight-standardised, pooled to ~28 px);
-    ``full_res``: no input pool; ``old_pool``: the pre-issue-11 pool (size // 56, 4 at 224 px)."""
+    ``full_res``: no input pool; ``old_pool``: the pre-issue-11 pool (size // 56, 4 at 224 px);
+    ``scattering``: the ScatterNet design (front end + 2 stages) at this size."""
     from xrayfed.common.model import default_model
 
     spec = default_model(size, num_outputs)
+    if scattering:
+        spec = spec.model_copy(update={"scattering": True, "depth": 2})
     if full_res:
         spec = spec.model_copy(update={"input_pool": 1})
     elif old_pool:
@@ -59,13 +63,13 @@ def spec_for(size: int, num_outputs: int = 1, full_res: bool = False, old_pool: 
     return spec
 
 
-def random_checkpoint(size: int, full_res: bool = False, seed: int = 0):
+def random_checkpoint(size: int, full_res: bool = False, seed: int = 0, scattering: bool = False):
     from xrayfed.common.checkpoint import Checkpoint
     from xrayfed.common.model import build_model
     from xrayfed.common.prediction import TaskSpec
 
     torch.manual_seed(seed)
-    spec = spec_for(size, full_res=full_res)
+    spec = spec_for(size, full_res=full_res, scattering=scattering)
     return Checkpoint(model=spec, task=TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")),
                       image_size=size, state_dict=build_model(spec).state_dict())
 
@@ -329,6 +333,7 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[28, 64, 224])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--full-res-224", action="store_true", help="also time 224 px without the input pool")
+    ap.add_argument("--scattering-224", action="store_true", help="also time 224 px with the ScatterNet design")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--load-waves", type=int, default=3, help="waves of 8 concurrent patients (224 px only; 0: none)")
     ap.add_argument("--skip-agreement", action="store_true")
@@ -346,10 +351,11 @@ def main() -> int:
                     "latency": {}, "end_to_end": {}}
     pool = mpc.WorkerPool()
     report["zygote_warm_s"] = pool.warm()
-    variants = [(s, False) for s in args.sizes] + ([(224, True)] if args.full_res_224 else [])
-    for size, full in variants:
-        name = f"{size}px" + ("-fullres" if full else "")
-        ckpt = random_checkpoint(size, full_res=full)
+    variants = ([(s, "") for s in args.sizes] + ([(224, "fullres")] if args.full_res_224 else [])
+                + ([(224, "scatternet")] if args.scattering_224 else []))
+    for size, variant in variants:
+        name, full = f"{size}px" + (f"-{variant}" if variant else ""), variant == "fullres"
+        ckpt = random_checkpoint(size, full_res=full, scattering=variant == "scatternet")
         print(f"[{name}] model {ckpt.model.model_dump(exclude={'pretrained_path'})}", flush=True)
         plain = plaintext_latency(ckpt)
         with tempfile.TemporaryDirectory(prefix="xrayfed-bench-") as d:
@@ -362,7 +368,7 @@ def main() -> int:
               f"{lat['patient_deal_s']:.3f}s), plaintext {plain * 1e3:.2f}ms (×{lat['ratio_mpc_to_plaintext']:.0f}), "
               f"patient {lat['patient_bytes'] / 2**20:.1f} MiB, link {lat['link_bytes'] / 2**20:.1f} MiB, "
               f"{lat['rounds']} rounds", flush=True)
-        if not args.skip_e2e and not full:
+        if not args.skip_e2e and not variant:
             with tempfile.TemporaryDirectory(prefix="xrayfed-bench-") as d:
                 e2e = end_to_end(Path(d), ckpt, args.repeats, args.load_waves if size == 224 else 0)
             report["end_to_end"][name] = e2e

@@ -54,17 +54,24 @@ class ModelSpec(BaseModel):
 
 def default_model(image_size: int, num_outputs: int = 1, in_channels: int = 1) -> ModelSpec:
     """The XrayNet the project recommends at ``image_size`` px (chosen on validation sweeps,
-    docs/accuracy.md): an input pool that brings the scan to about 28 px (8 at 224 px; 1 below
-    56 px), then the fixed ScatterNet front end (Tramèr & Boneh 2021; 81 feature maps at 1/4
-    of that) and two weight-standardised convolution stages — under DP at these data sizes the
-    fixed features trained faster and steadier than a third learned stage (PneumoniaMNIST,
-    ε = 1: val AUC 0.935 vs 0.925 over 3 seeds, no round-1 collapse). Below 16 px after the
-    pool there is too little image for the transform: three learned stages as before."""
-    pool = max(1, image_size // 28) if image_size >= 56 else 1
-    if image_size // pool >= 16:
-        return ModelSpec(num_outputs=num_outputs, in_channels=in_channels, input_pool=pool,
-                         weight_standardization=True, scattering=True, depth=2)
-    return ModelSpec(num_outputs=num_outputs, in_channels=in_channels, input_pool=pool, weight_standardization=True)
+    docs/accuracy.md), weight-standardised:
+
+    * scans of 16–55 px (PneumoniaMNIST's 28 px, the demo's 32 px): the fixed ScatterNet front
+      end (Tramèr & Boneh 2021; 81 feature maps at 1/4 size) and two convolution stages. Under
+      DP it trained faster and steadier (PneumoniaMNIST val AUC at ε = 1: 0.935 vs 0.911 over
+      3 seeds, no round-1 collapse; ε = 8: 0.98 either way);
+    * scans of 56 px and more: an input pool to about 28 px (8 at 224 px) and three convolution
+      stages. On Kermany 224 px the ScatterNet front end lost on validation at ε = 8 (0.969 vs
+      0.987) and without DP (0.931 vs 0.990); it won on validation at ε = 1 (0.952 vs 0.921)
+      but not on test (0.868 vs 0.884);
+    * below 16 px: three stages, no front end (too little image for the transform)."""
+    if image_size >= 56:
+        return ModelSpec(num_outputs=num_outputs, in_channels=in_channels, input_pool=max(1, image_size // 28),
+                         weight_standardization=True)
+    if image_size >= 16:
+        return ModelSpec(num_outputs=num_outputs, in_channels=in_channels, weight_standardization=True,
+                         scattering=True, depth=2)
+    return ModelSpec(num_outputs=num_outputs, in_channels=in_channels, weight_standardization=True)
 
 
 # A layer plan entry: (kind, kwargs). Kinds: avgpool, conv, relu, gap, flatten, linear, and
