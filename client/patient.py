@@ -8,8 +8,9 @@ on a socket, and imports neither torch nor CrypTen (it starts in a fraction of a
 1. the scan is read and checked locally (PNG, JPEG or DICOM; a non-image or truncated file is
    refused before anything is sent), with the same preprocessing as training
    (:func:`xrayfed.common.preprocess.prepare_scan_array`);
-2. ``ModelInfo`` (TLS, token) tells the image size, the input pool and the MPC tape;
-3. the patient shares its (input-pooled) scan, ``x = x0 + x1``, and deals the correlated
+2. ``ModelInfo`` (TLS, token) tells the image size, the model's public first layer (input pool,
+   ScatterNet front end) and the MPC tape;
+3. the patient shares its scan after that first layer, ``x = x0 + x1``, and deals the correlated
    randomness of the whole forward pass (:mod:`xrayfed.common.mpc.dealer`);
 4. ``OpenSession`` sends the token and the scan's *description* (size, channels, and for DICOM
    the PatientID — the service refuses a scan that is not the token holder's own); the hospital
@@ -129,8 +130,8 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"the inference service sent no usable MPC plan ({e}); is it an older version?") from None
 
-        # The patient's part, before the session opens: share the (input-pooled) scan and deal
-        # the randomness of the whole forward pass.
+        # The patient's part, before the session opens: share the scan (after the model's public
+        # first layer) and deal the randomness of the whole forward pass.
         t_deal = time.perf_counter()
         to_h, to_c = dealer.contributions(x, front, tape)
         deal_s = time.perf_counter() - t_deal

@@ -8,7 +8,8 @@ integer products, so a patient's process starts in a fraction of a second (no to
 
 What the patient sends and receives (:mod:`xrayfed.common.mpc.parties` is the other side):
 
-* to the hospital: its share ``x0`` of the (input-pooled, fixed-point) scan and a 128-bit seed
+* to the hospital: its share ``x0`` of the fixed-point scan after the model's public first layer
+  (:func:`public_front`: input pool, ScatterNet features) and a 128-bit seed
   ``s0``; the hospital derives all its triple shares from ``s0``;
 * to the crypto provider: ``x1`` (``x0 + x1 = encode(x)`` mod 2⁶⁴), a seed ``s1`` for the
   ``a``/``b`` halves of its triples, and the *corrections* — its shares of every ``c`` (``c1 =
