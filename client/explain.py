@@ -62,8 +62,11 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, output: int) -> np.ndarray
     output 0, binary's negative class)."""
     layer = explained_conv(model)
     seen: dict[str, torch.Tensor] = {}
-    fwd = layer.register_forward_hook(lambda m, i, o: seen.__setitem__("a", o))
-    bwd = layer.register_full_backward_hook(lambda m, gi, go: seen.__setitem__("g", go[0]))
+    def keep(module, inputs, out):  # the activations, and (a tensor hook) their gradient
+        seen["a"] = out
+        out.register_hook(lambda g: seen.__setitem__("g", g))
+
+    fwd = layer.register_forward_hook(keep)
     try:
         model.zero_grad(set_to_none=True)
         x = x.clone().requires_grad_(True)
@@ -72,7 +75,6 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, output: int) -> np.ndarray
         score.backward()
     finally:
         fwd.remove()
-        bwd.remove()
     a, g = seen["a"].detach(), seen["g"].detach()
     cam = F.relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]

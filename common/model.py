@@ -218,12 +218,13 @@ class ScatterFront(nn.Module):
         raw = flat.numpy().reshape(len(flat), -1)
         tag = (self.in_channels, self.j, self.orientations, self.pool, tuple(x.shape[1:]), str(x.dtype))
         keys = [(tag, hashlib.blake2b(r.tobytes(), digest_size=16).digest()) for r in raw]
-        miss = [i for i, k in enumerate(keys) if k not in _SCATTER_CACHE]
+        got = {i: _SCATTER_CACHE.get(k) for i, k in enumerate(keys) if k in _SCATTER_CACHE}
+        miss = [i for i in range(len(keys)) if i not in got]
         if miss:
-            fresh = self._forward_fft(flat[miss])
-            for i, f in zip(miss, fresh):
-                _SCATTER_CACHE.put(keys[i], f.clone())
-        return torch.stack([_SCATTER_CACHE.get(k) for k in keys])
+            for i, f in zip(miss, self._forward_fft(flat[miss])):
+                got[i] = f.clone()
+                _SCATTER_CACHE.put(keys[i], got[i])  # may evict others; this batch is assembled from `got`
+        return torch.stack([got[i] for i in range(len(keys))])
 
     def _forward_fft(self, x):
         import torch

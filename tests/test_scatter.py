@@ -102,3 +102,14 @@ def test_feature_cache_is_exact_and_bounded():
     for i in range(8):
         cache.put(i, direct[i].clone())
     assert cache.bytes <= cache.max_bytes and 7 in cache and 4 not in cache
+
+
+def test_a_batch_larger_than_the_cache_is_still_served(monkeypatch):
+    from xrayfed.common import model as M
+
+    small = M._FeatureCache(max_bytes=2 * 81 * 7 * 7 * 4)  # room for two scans' features
+    monkeypatch.setattr(M, "_SCATTER_CACHE", small)
+    x = torch.rand(6, 1, 28, 28)
+    front = ScatterFront()
+    assert torch.equal(front(x), front._forward_fft(x)) and small.bytes <= small.max_bytes
+    assert torch.equal(front(x), front._forward_fft(x))  # again, with evictions inside the batch
