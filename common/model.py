@@ -172,8 +172,10 @@ _SCATTER_CACHE = _FeatureCache(256 << 20)  # 256 MiB: ~16 000 scans' features at
 class ScatterFront(nn.Module):
     """The fixed scattering front end (:mod:`xrayfed.common.scatter`) as a parameter-free module:
     input pool by ``pool``, then the order-2 scattering and its per-image standardisation, with
-    the arithmetic of :func:`xrayfed.common.scatter.scatter_numpy` (what the patient runs). No
-    gradient flows through it (nothing in it trains), so Opacus sees only the layers after it.
+    the arithmetic of :func:`xrayfed.common.scatter.scatter_numpy` (what the patient runs), in
+    float64 like it (so training, the patient and an exported model agree to float32 rounding
+    of the features, not to an FFT's float32 error amplified by the weights). No gradient flows
+    through it (nothing in it trains), so Opacus sees only the layers after it.
     The filters are rebuilt per input size and device and are not part of the state dict."""
 
     def __init__(self, in_channels: int = 1, j: int = 2, orientations: int = 8, pool: int = 1) -> None:
@@ -192,8 +194,8 @@ class ScatterFront(nn.Module):
 
         if self._cache is None or self._cache[0] != n or self._cache[1] != device:
             psi, phi = filter_bank(n, self.j, self.orientations)
-            self._cache = (n, device, torch.from_numpy(psi.astype(np.complex64)).to(device),
-                           torch.from_numpy(phi.astype(np.complex64)).to(device))
+            self._cache = (n, device, torch.from_numpy(np.array(psi)).to(device),
+                           torch.from_numpy(np.array(phi)).to(device))
         return self._cache[2], self._cache[3]
 
     def forward(self, x):
@@ -243,7 +245,7 @@ class ScatterFront(nn.Module):
             b, c, h, w = x.shape
             pad, n = _geometry(h, w, j)
             psi, phi = self._filters(n, x.device)
-            xp = F.pad(x.float(), (pad, n - w - pad, pad, n - h - pad), mode="reflect")
+            xp = F.pad(x.double(), (pad, n - w - pad, pad, n - h - pad), mode="reflect")
             xh = torch.fft.fft2(xp)[:, :, None]
             u1h = torch.fft.fft2(modulus(torch.fft.ifft2(xh * psi)))
             step = 2**j
@@ -280,7 +282,10 @@ class ScatterFront(nn.Module):
         """:meth:`_forward_fft` with every complex step written as real tensors and each 2-D DFT
         as two matrix products (``F X F``, ``F`` the symmetric DFT matrix): only MatMul, Mul,
         Add, Sqrt, Pad and reductions, which every ONNX runtime and TorchScript run. Shapes are
-        fixed by the example input (the export's), except the batch."""
+        fixed by the example input (the export's), except the batch. Computed in float64 (the
+        DFT as matrix products accumulates more rounding than an FFT; in float32 a trained
+        model's logits drifted by 1.2e-4, over the export's 1e-4 check), returned in the
+        input's dtype."""
         import numpy as np
         import torch
         import torch.nn.functional as F
@@ -295,8 +300,10 @@ class ScatterFront(nn.Module):
         pad, n = _geometry(h, w, j)
         psi_np, phi_np = filter_bank(n, j, L)
 
+        dtype = x.dtype
+
         def const(a):
-            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(x.device)
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(x.device)
 
         mats = {}
 
@@ -322,7 +329,7 @@ class ScatterFront(nn.Module):
             return a * cr - b * ci, a * ci + b * cr
 
         psi_r, psi_i, phi_r = const(psi_np.real), const(psi_np.imag), const(phi_np.real)
-        xp = F.pad(x.float(), (pad, n - w - pad, pad, n - h - pad), mode="reflect")
+        xp = F.pad(x.double(), (pad, n - w - pad, pad, n - h - pad), mode="reflect")
         xr, xi = fft2(xp, torch.zeros_like(xp))
         xr, xi = xr.unsqueeze(2), xi.unsqueeze(2)
         ar, ai = ifft2(*mul(xr, xi, psi_r, psi_i))
@@ -345,7 +352,7 @@ class ScatterFront(nn.Module):
             lr, _ = ifft2(fold(ur * pr, step // k), fold(ui * pr, step // k))
             groups[order].append(lr[..., o:o + hh, o:o + ww])
         assert c == x.shape[1]
-        return self._standardise(groups).to(x.dtype)
+        return self._standardise(groups).to(dtype)
 
 
 WS_EPS = 1e-5
