@@ -207,8 +207,7 @@ def _export_int8(ckpt: Checkpoint, fmt: str, out: Path, data: Path | None, calib
     if fmt == "onnx":
         import onnxruntime as ort
 
-        blob = Q.quantize_onnx(_to_onnx(model, calib[:1], meta), calib,
-                              fp32_front=bool(getattr(ckpt.model, "scattering", False)))
+        blob = Q.quantize_onnx(_to_onnx(model, calib[:1], meta), calib, fp32_front=ckpt.model.scattering)
         sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
         cmp = Q.compare(ckpt.task, ckpt.threshold, fp32, lambda x: sess.run(None, {"scan": x.numpy()})[0],
                         x_test, y_test)

@@ -161,10 +161,6 @@ class _FeatureCache:
             _, old = self._d.popitem(last=False)
             self.bytes -= old.numel() * old.element_size()
 
-    def clear(self) -> None:
-        self._d.clear()
-        self.bytes = 0
-
 
 _SCATTER_CACHE = _FeatureCache(256 << 20)  # 256 MiB: ~16 000 scans' features at 28 px
 
@@ -229,54 +225,22 @@ class ScatterFront(nn.Module):
         return torch.stack([got[i] for i in range(len(keys))])
 
     def _forward_fft(self, x):
+        """:func:`xrayfed.common.scatter.scatter` with torch (FFTs, float64), after the input pool."""
         import torch
         import torch.nn.functional as F
 
-        from xrayfed.common.scatter import _geometry, fold
+        from xrayfed.common.scatter import scatter
 
-        def modulus(z):
-            return torch.view_as_real(z).square().sum(-1).sqrt()
-
-        j, L = self.j, self.orientations
         with torch.no_grad():
             dtype = x.dtype
             if self.pool > 1:
                 x = F.avg_pool2d(x, self.pool)
-            b, c, h, w = x.shape
-            pad, n = _geometry(h, w, j)
-            psi, phi = self._filters(n, x.device)
-            xp = F.pad(x.double(), (pad, n - w - pad, pad, n - h - pad), mode="reflect")
-            xh = torch.fft.fft2(xp)[:, :, None]
-            u1h = torch.fft.fft2(modulus(torch.fft.ifft2(xh * psi)))
-            step = 2**j
-            lows = [(xh, 1, 0), (u1h, 1, 1)]
-            for s1 in range(j - 1):
-                for s2 in range(s1 + 1, j):
-                    k = 2**s2
-                    z = fold(u1h[:, :, s1 * L:(s1 + 1) * L, None] * psi[None, s2 * L:(s2 + 1) * L], k)
-                    u2h = torch.fft.fft2(modulus(torch.fft.ifft2(z)))
-                    lows.append((u2h.reshape(b, c, -1, n // k, n // k), k, 2))
-            groups: list[list] = [[], [], []]
-            o, hh, ww = pad // step, -(-h // step), -(-w // step)
-            for uh, k, order in lows:
-                low = torch.fft.ifft2(fold(uh * fold(phi, k), step // k)).real
-                groups[order].append(low[..., o:o + hh, o:o + ww])
-            return self._standardise(groups).to(dtype)
-
-    @staticmethod
-    def _standardise(groups):
-        import torch
-
-        from xrayfed.common.scatter import NORM_EPS
-
-        orders = []
-        for g in groups:
-            if g:
-                s = torch.cat(g, dim=2)
-                mu = s.mean(dim=(2, 3, 4), keepdim=True)
-                var = (s - mu).square().mean(dim=(2, 3, 4), keepdim=True)
-                orders.append((s - mu) / torch.sqrt(var + NORM_EPS))
-        return torch.cat(orders, dim=2).flatten(1, 2)
+            out = scatter(x.double(), self.j, self.orientations, filters=lambda n: self._filters(n, x.device),
+                          fft=torch.fft, pad=lambda a, widths: F.pad(a, (widths[2], widths[3], widths[0], widths[1]),
+                                                                      mode="reflect"),
+                          modulus=lambda z: torch.view_as_real(z).square().sum(-1).sqrt(),
+                          cat=lambda parts, axis: torch.cat(parts, dim=axis))
+            return out.to(dtype)
 
     def _forward_real(self, x):
         """:meth:`_forward_fft` with every complex step written as real tensors and each 2-D DFT
@@ -290,7 +254,7 @@ class ScatterFront(nn.Module):
         import torch
         import torch.nn.functional as F
 
-        from xrayfed.common.scatter import _geometry, filter_bank, fold
+        from xrayfed.common.scatter import _geometry, filter_bank, fold, standardise_orders
 
         j, L = self.j, self.orientations
         if self.pool > 1:
@@ -352,7 +316,7 @@ class ScatterFront(nn.Module):
             lr, _ = ifft2(fold(ur * pr, step // k), fold(ui * pr, step // k))
             groups[order].append(lr[..., o:o + hh, o:o + ww])
         assert c == x.shape[1]
-        return self._standardise(groups).to(dtype)
+        return standardise_orders(groups, lambda parts, axis: torch.cat(parts, dim=axis)).to(dtype)
 
 
 WS_EPS = 1e-5

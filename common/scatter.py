@@ -13,10 +13,10 @@ accounting: per-example, no state). For an encrypted prediction the *patient* co
 its own plaintext scan before sharing the features, so its non-linear parts (modulus,
 normalisation) cost nothing under MPC and are exact.
 
-One filter bank (:func:`filter_bank`, numpy) and two appliers with the same arithmetic:
-:func:`scatter_numpy` (the patient; numpy only, no torch import) and
-:class:`xrayfed.common.model.ScatterFront` (``torch.nn.Module`` for training and plaintext
-evaluation, CPU or CUDA).
+One filter bank (:func:`filter_bank`, numpy), one transform (:func:`scatter`, written against
+the array library it is given) and its two appliers: :func:`scatter_numpy` (the patient; numpy
+only, no torch import) and :class:`xrayfed.common.model.ScatterFront` (``torch.nn.Module`` for
+training and plaintext evaluation, CPU or CUDA; it also has a real-arithmetic form for export).
 """
 
 from __future__ import annotations
@@ -97,41 +97,59 @@ def fold(xh, k: int):
     return xh.reshape(*xh.shape[:-2], k, m, k, m).sum(-4).sum(-2) / (k * k)
 
 
-def scatter_numpy(x: np.ndarray, j: int = 2, orientations: int = 8) -> np.ndarray:
-    """The scattering features of ``x`` (N, C, H, W) in numpy (float64): (N, C·K, ⌈H/2**J⌉,
-    ⌈W/2**J⌉), standardised per image and order. The same arithmetic as
-    :class:`xrayfed.common.model.ScatterFront` (each step at the resolution its band allows:
-    first order at full size, second order at ``1/2**j1+1``, everything low-passed at ``1/2**J``)."""
-    x = np.asarray(x, dtype=np.float64)
+def scatter(x, j: int, orientations: int, *, filters, fft, pad, modulus, cat):
+    """The scattering features of ``x`` (N, C, H, W, float64): (N, C·K, ⌈H/2**J⌉, ⌈W/2**J⌉),
+    standardised per image and order. Each step runs at the resolution its band allows: first
+    order at full size, second order at ``1/2**j2``, everything low-passed at ``1/2**J``.
+
+    Written once for both appliers (:func:`scatter_numpy`, and ``ScatterFront`` in
+    :mod:`xrayfed.common.model`), which pass their array library's pieces: ``filters(n)`` gives
+    :func:`filter_bank`'s ``(psi_hat, phi_hat)`` as that library's arrays; ``fft`` is
+    ``numpy.fft`` or ``torch.fft``; ``pad(x, widths)`` reflect-pads the last two axes
+    (``widths``: top, bottom, left, right); ``modulus(z)`` is ``|z|``; ``cat(parts, axis)``
+    concatenates."""
     n_, c, h, w = x.shape
-    pad, n = _geometry(h, w, j)
-    psi, phi = filter_bank(n, j, orientations)
-    xp = np.pad(x, ((0, 0), (0, 0), (pad, n - h - pad), (pad, n - w - pad)), mode="reflect")
-    xh = np.fft.fft2(xp)[:, :, None]                                      # N, C, 1, n, n
-    u1h = np.fft.fft2(np.abs(np.fft.ifft2(xh * psi[:j * orientations])))  # full resolution
-    step = 2 ** j
-    lows = [xh, u1h]
+    p, n = _geometry(h, w, j)
+    psi, phi = filters(n)
+    L = orientations
+    xh = fft.fft2(pad(x, (p, n - h - p, p, n - w - p)))[:, :, None]     # N, C, 1, n, n
+    u1h = fft.fft2(modulus(fft.ifft2(xh * psi)))                          # first order, full size
+    lows = [(xh, 1, 0), (u1h, 1, 1)]
     for s1 in range(j - 1):
         for s2 in range(s1 + 1, j):
             k = 2 ** s2
-            z = fold(u1h[:, :, s1 * orientations:(s1 + 1) * orientations, None]
-                     * psi[None, s2 * orientations:(s2 + 1) * orientations], k)
-            u2h = np.fft.fft2(np.abs(np.fft.ifft2(z)))
-            lows.append((u2h.reshape(n_, c, -1, n // k, n // k), k))
-    s0, s1_, s2_ = [], [], []
-    for i, item in enumerate(lows):
-        uh, k = (item, 1) if i < 2 else item
-        low = np.fft.ifft2(fold(uh * fold(phi, k), step // k)).real
-        o = pad // step
-        low = low[..., o:o + -(-h // step), o:o + -(-w // step)]
-        (s0 if i == 0 else s1_ if i == 1 else s2_).append(low)
-    orders = [_standardise_np(np.concatenate(g, axis=2)) for g in (s0, s1_, s2_) if g]
-    return np.concatenate(orders, axis=2).reshape(n_, -1, *orders[0].shape[-2:])
+            z = fold(u1h[:, :, s1 * L:(s1 + 1) * L, None] * psi[None, s2 * L:(s2 + 1) * L], k)
+            u2h = fft.fft2(modulus(fft.ifft2(z)))
+            lows.append((u2h.reshape(n_, c, -1, n // k, n // k), k, 2))
+    step = 2 ** j
+    o, hh, ww = p // step, -(-h // step), -(-w // step)
+    groups: list[list] = [[], [], []]
+    for uh, k, order in lows:
+        low = fft.ifft2(fold(uh * fold(phi, k), step // k)).real
+        groups[order].append(low[..., o:o + hh, o:o + ww])
+    return standardise_orders(groups, cat)
 
 
-def _standardise_np(s: np.ndarray) -> np.ndarray:
-    if s.shape[2] == 0:
-        return s
-    mu = s.mean(axis=(2, 3, 4), keepdims=True)
-    var = s.var(axis=(2, 3, 4), keepdims=True)
-    return (s - mu) / np.sqrt(var + NORM_EPS)
+def standardise_orders(groups: list[list], cat):
+    """The transform's last step, per image and per order (0, 1, 2): ``(s − mean) /
+    sqrt(var + NORM_EPS)`` over the order's maps and positions; then all maps as channels
+    (N, C·K, H', W'). ``groups[order]`` lists that order's low-passed maps (N, C, m, H', W')."""
+    orders = []
+    for g in groups:
+        if g:
+            s = cat(g, 2)
+            mu = s.mean(axis=(2, 3, 4), keepdims=True)
+            var = ((s - mu) ** 2).mean(axis=(2, 3, 4), keepdims=True)
+            orders.append((s - mu) / (var + NORM_EPS) ** 0.5)
+    out = cat(orders, 2)
+    return out.reshape(out.shape[0], -1, *out.shape[-2:])
+
+
+def scatter_numpy(x: np.ndarray, j: int = 2, orientations: int = 8) -> np.ndarray:
+    """:func:`scatter` in numpy (the patient's applier; no torch import), float64."""
+    def pad(a, widths):
+        t, b, left, r = widths
+        return np.pad(a, ((0, 0), (0, 0), (t, b), (left, r)), mode="reflect")
+
+    return scatter(np.asarray(x, dtype=np.float64), j, orientations, filters=lambda n: filter_bank(n, j, orientations),
+                   fft=np.fft, pad=pad, modulus=np.abs, cat=lambda parts, axis: np.concatenate(parts, axis=axis))

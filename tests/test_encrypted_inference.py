@@ -355,7 +355,7 @@ def test_no_process_without_the_session_credentials_gets_in(stack, tmp_path):
                     {"token": tok, "scan": {"image_size": SIZE, "channels": 1}}, timeout=30, what="svc", target="x")
     sid, tape = sess["session_id"], info["mpc"]["tape"]
     x = np.zeros((1, 1, SIZE, SIZE))
-    to_h, to_c = dealer.contributions(x, info["mpc"]["input_pool"], tape)
+    to_h, to_c = dealer.contributions(x, info["mpc"], tape)  # as the patient does
     c_blobs, h_blobs = dealer.to_blobs(to_c), dealer.to_blobs(to_h)
     ev_c = rpc.method(prov, "xrayfed.ttp.v1.TTP", "Evaluate")
     ev_h = rpc.method(hosp, "xrayfed.inference.v1.Inference", "Evaluate")

@@ -225,10 +225,8 @@ MAX_SCATTER_J, MAX_SCATTER_L = 3, 16
 
 def front_plan(front) -> tuple[int, tuple[int, int] | None]:
     """``(pool, (J, L) or None)`` from what the inference service announces (``ModelInfo.mpc``:
-    ``input_pool`` and ``scattering``), or from a bare pool factor. ValueError with the reason
-    for anything else (a service cannot make the patient run an unbounded transform)."""
-    if isinstance(front, (int, np.integer)):
-        return max(1, int(front)), None
+    ``input_pool`` and ``scattering``). ValueError with the reason for anything else (a service
+    cannot make the patient run an unbounded transform)."""
     pool = front["input_pool"]
     if not isinstance(pool, int) or not 1 <= pool <= 64:
         raise ValueError(f"input_pool must be an integer 1-64, not {pool!r}")
@@ -257,7 +255,7 @@ def public_front(scan: np.ndarray, front) -> np.ndarray:
 
 def contributions(scan: np.ndarray, front, tape: list[dict]) -> tuple[dict, dict]:
     """The patient's part of a session: its scan after the model's public first layer
-    (:func:`public_front`; ``front``: a pool factor or the service's ``mpc`` plan) shared
+    (:func:`public_front`; ``front``: the service's ``mpc`` plan) shared
     ``x = x0 + x1``, two fresh seeds, and the corrections of the whole ``tape``. Returns what goes
     to the hospital ``{x, seed}`` and to the crypto provider ``{x, seed, corrections}`` (int64
     arrays)."""

@@ -37,7 +37,7 @@ def front_of(spec) -> dict:
     from xrayfed.common.model import SCATTER_J, SCATTER_L
 
     return {"input_pool": int(spec.input_pool),
-            "scattering": [SCATTER_J, SCATTER_L] if getattr(spec, "scattering", False) else None}
+            "scattering": [SCATTER_J, SCATTER_L] if spec.scattering else None}
 
 
 def shared_input_shape(spec, image_size: int, batch: int = 1) -> tuple[int, int, int, int]:
@@ -46,7 +46,7 @@ def shared_input_shape(spec, image_size: int, batch: int = 1) -> tuple[int, int,
     plaintext (:func:`xrayfed.common.mpc.dealer.public_front`)."""
     k = max(1, int(spec.input_pool))
     c, s = int(spec.in_channels), int(image_size) // k
-    if getattr(spec, "scattering", False):
+    if spec.scattering:
         from xrayfed.common.model import SCATTER_J, SCATTER_L
         from xrayfed.common.scatter import n_features
 
