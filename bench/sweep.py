@@ -13,8 +13,9 @@ Usage::
         --grid batch_size=64,128,256 lr=0.5,1,2
 
 Grid keys: any flag below with ``-`` written as ``_`` (``batch_size``, ``local_epochs``, ``lr``,
-``rounds``, ``views``, ``ema``, ``width``, ``depth``, ``input_pool``, ``ws``, ``scatter``, ``momentum``,
-``server_momentum``, ``lr_schedule``, ``clip``, ``seed``, ``dp``, ...).
+``rounds``, ``views``, ``ema``, ``augment``, ``zoom``, ``rotate``, ``contrast``, ``width``, ``depth``,
+``input_pool``, ``ws``, ``scatter``, ``momentum``, ``server_momentum``, ``lr_schedule``, ``clip``, ``seed``,
+``dp``, ...).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def add_settings_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--views", type=int, default=None, help="augmentation multiplicity K")
     ap.add_argument("--ema", type=float, default=None, help="EMA decay of the released iterate")
+    ap.add_argument("--augment", type=int, default=None, help="1: one random view of each sampled scan")
+    ap.add_argument("--shift", type=float, default=None, help="augmentation: translation, fraction of the side")
+    ap.add_argument("--zoom", type=float, default=None, help="augmentation: zoom range ±z")
+    ap.add_argument("--rotate", type=float, default=None, help="augmentation: rotation range ± degrees")
+    ap.add_argument("--contrast", type=float, default=None, help="augmentation: contrast/brightness range ±c")
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--input-pool", type=int, default=None)
@@ -92,7 +98,8 @@ def configs(s: dict, data: Path, work: Path, task, eval_path: Path | None = None
     if s.get("momentum") is not None:
         training["momentum"] = s["momentum"]
     for k, key in (("local_epochs", "local_epochs"), ("batch_size", "batch_size"), ("views", "augment_multiplicity"),
-                   ("ema", "ema_decay")):
+                   ("ema", "ema_decay"), ("augment", "augment"), ("shift", "augment_shift"),
+                   ("zoom", "augment_zoom"), ("rotate", "augment_rotate"), ("contrast", "augment_contrast")):
         if s.get(k) is not None:
             training[key] = s[k]
     hospitals = []

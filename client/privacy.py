@@ -70,6 +70,7 @@ import numpy as np
 import torch
 
 from xrayfed.common.config import HospitalConfig
+from xrayfed.common.model import feature_cache
 from xrayfed.common.errors import UserError
 from xrayfed.common.privacy.accounting import compute_epsilon
 from xrayfed.common.privacy.ledger import LEDGER_FILE, append_record, read_ledger
@@ -571,9 +572,11 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
     k = t.augment_multiplicity
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
     hooks: dict = {}
-    if k > 1:  # augmentation multiplicity: K shifted views per example, one averaged gradient clipped
-        hooks["expand"] = lambda x, y: (random_shift(x.repeat_interleave(k, dim=0), t.augment_shift),
-                                        y.repeat_interleave(k, dim=0))
+    augmenting = k > 1 or t.augment
+    if augmenting:  # K random views per sampled example (K = 1: plain augmentation)
+        hooks["expand"] = lambda x, y: (random_view(x.repeat_interleave(k, dim=0) if k > 1 else x, t),
+                                        y.repeat_interleave(k, dim=0) if k > 1 else y)
+    if k > 1:  # augmentation multiplicity: one averaged gradient per example is clipped
         hooks["after_backward"] = lambda: average_views(dp_model, k)
     if ema is not None:  # after every real (not skipped: BatchMemoryManager's partial) step
         hooks["after_step"] = lambda: None if dp_opt._is_last_step_skipped else ema.update(dp_model)
@@ -583,7 +586,7 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
         with BatchMemoryManager(
             data_loader=make_loader(steps), max_physical_batch_size=max(1, t.max_physical_batch_size // k),
             optimizer=dp_opt,
-        ) as mem_loader:
+        ) as mem_loader, feature_cache(not augmenting):  # an augmented view is never seen twice
             ep = train_epoch(dp_model, mem_loader, dp_opt, task, device, desc=label, **hooks)
         total_loss += ep["loss"] * ep["examples"]
         seen += ep["examples"]
@@ -612,6 +615,40 @@ def random_shift(x: torch.Tensor, max_frac: float, generator: torch.Generator | 
     cols = (torch.arange(w, device=x.device)[None, :] + dx).clamp(0, w - 1)  # (n, w)
     idx = torch.arange(n, device=x.device)[:, None, None]
     return x[idx, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def random_view(x: torch.Tensor, t, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image of a batch (N, C, H, W) in model units ([−1, 1]) under its own random transform,
+    with the ranges of a :class:`~xrayfed.common.config.TrainingSection` ``t``: translation up to
+    ``augment_shift`` of the side, zoom in [1 − z, 1 + z], rotation up to ``augment_rotate``
+    degrees (bilinear, edge pixels repeated), then contrast in [1 − c, 1 + c] about the image's
+    mean and a brightness offset up to ±c, clipped to [−1, 1]. No flips (a chest X-ray's left and
+    right are not interchangeable). With zoom, rotation and contrast all 0 it is
+    :func:`random_shift` (whole-pixel translation)."""
+    import torch.nn.functional as F
+
+    if not (t.augment_zoom or t.augment_rotate or t.augment_contrast):
+        return random_shift(x, t.augment_shift, generator)
+    n = x.shape[0]
+    if n == 0:
+        return x
+
+    def uniform() -> torch.Tensor:  # U(−1, 1), one per image
+        return (torch.rand(n, generator=generator, dtype=torch.float32) * 2 - 1).to(x.device)
+
+    angle = uniform() * math.radians(t.augment_rotate)
+    zoom = 1 + uniform() * t.augment_zoom
+    shift = 2 * t.augment_shift  # affine_grid's coordinates span [−1, 1]: a side is 2 units
+    a, b = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([a, -b, uniform() * shift], 1), torch.stack([b, a, uniform() * shift], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if t.augment_contrast:
+        c = t.augment_contrast
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = (out - mean) * (1 + uniform() * c).view(n, 1, 1, 1) + mean + (uniform() * c).view(n, 1, 1, 1)
+        out = out.clamp(-1.0, 1.0)
+    return out
 
 
 def average_views(dp_model, views: int) -> None:

@@ -250,8 +250,18 @@ class TrainingSection(_Strict):
     augment_multiplicity: int = Field(1, ge=1, le=32, description="K augmented views of each sampled scan, "
                                                                   "their gradients averaged before clipping "
                                                                   "(De et al. 2022); 1 = off")
+    augment: bool = Field(False, description="train on one randomly transformed view of every sampled scan "
+                                             "(the ranges below); implied by augment_multiplicity > 1")
     augment_shift: float = Field(0.0625, ge=0.0, le=0.25, description="augmentation: random translation up to "
                                                                        "this fraction of the image side")
+    augment_zoom: float = Field(0.0, ge=0.0, le=0.5, description="augmentation: random zoom factor in "
+                                                                  "[1 − z, 1 + z]; 0 = off")
+    augment_rotate: float = Field(0.0, ge=0.0, le=30.0, description="augmentation: random rotation up to this many "
+                                                                     "degrees either way; 0 = off")
+    augment_contrast: float = Field(0.0, ge=0.0, le=0.5, description="augmentation: random contrast factor in "
+                                                                      "[1 − c, 1 + c] about the scan's mean and "
+                                                                      "brightness offset up to ±c (input units, "
+                                                                      "range [−1, 1]); 0 = off")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="release the exponential moving average of the "
                                                               "round's DP-SGD iterates (post-processing); 0 = off")
 

@@ -22,6 +22,7 @@ made DP-compatible (BatchNorm → GroupNorm, no in-place ops); they train in pla
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Literal
 
@@ -163,6 +164,20 @@ class _FeatureCache:
 
 
 _SCATTER_CACHE = _FeatureCache(256 << 20)  # 256 MiB: ~16 000 scans' features at 28 px
+_CACHE_ON = [True]
+
+
+@contextlib.contextmanager
+def feature_cache(enabled: bool = True):
+    """Within the block, :class:`ScatterFront` uses the per-scan feature cache only if
+    ``enabled`` (off while training on augmented views, which would only fill it with views that
+    never come back)."""
+    before = _CACHE_ON[0]
+    _CACHE_ON[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _CACHE_ON[0] = before
 
 
 class ScatterFront(nn.Module):
@@ -199,7 +214,7 @@ class ScatterFront(nn.Module):
 
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return self._forward_real(x)  # export: the same transform in real matmuls (ONNX has no complex)
-        if x.is_cuda or torch.is_grad_enabled() and x.requires_grad:
+        if x.is_cuda or torch.is_grad_enabled() and x.requires_grad or not _CACHE_ON[0]:
             return self._forward_fft(x)
         return self._forward_cached(x)
 

@@ -166,17 +166,66 @@ def test_random_shift_translates_with_edge_repeat():
         assert ok
 
 
+def _radial(n: int) -> torch.Tensor:
+    c = (torch.arange(n, dtype=torch.float32) - (n - 1) / 2) / (n / 2)  # pixel centres, affine_grid's units
+    return (c[:, None] ** 2 + c[None, :] ** 2).sqrt().view(1, 1, n, n)
+
+
+def test_random_view_rotates_zooms_and_jitters_within_its_ranges():
+    """The ranges of TrainingSection are what the views get: a radially symmetric image is
+    unchanged by rotation and scaled by 1/zoom by zoom; contrast/brightness is an affine map of
+    the pixels with slope within 1 ± c and offset within ± c (before clipping)."""
+    from xrayfed.client.privacy import random_view
+    from xrayfed.common.config import TrainingSection
+
+    g = torch.Generator().manual_seed(0)
+    x = _radial(64).repeat(16, 1, 1, 1) * 0.5  # values in [0, 0.71]: inside [−1, 1]
+    inner = (slice(None), slice(None), slice(8, 56), slice(8, 56))  # away from the repeated border
+    rot = random_view(x, TrainingSection(augment_shift=0, augment_rotate=30), generator=g)
+    assert (rot - x)[inner].abs().max() < 0.02
+    zoom = random_view(x, TrainingSection(augment_shift=0, augment_zoom=0.2), generator=g)
+    ratio = (zoom[inner] / x[inner].clamp_min(1e-3))[:, :, 8:-8, 8:-8].flatten(1)  # ≈ 1/zoom, one per image
+    assert (ratio.std(dim=1) < 0.02).all()
+    assert ((ratio.mean(1) > 1 / 1.2 - 0.01) & (ratio.mean(1) < 1 / 0.8 + 0.01)).all() and ratio.mean(1).std() > 0.02
+    jit = random_view(x, TrainingSection(augment_shift=0, augment_contrast=0.1), generator=g)
+    for xi, ji in zip(x.flatten(1), jit.flatten(1)):
+        slope, offset = torch.linalg.lstsq(torch.stack([xi, torch.ones_like(xi)], 1), ji[:, None]).solution[:, 0]
+        assert 0.9 - 1e-4 <= slope <= 1.1 + 1e-4
+        mean = xi.mean()
+        assert abs(offset + slope * mean - mean) <= 0.1 + 1e-4  # brightness offset about the mean
+    assert random_view(x, TrainingSection(augment_contrast=0.5), generator=g).abs().max() <= 1.0
+    assert torch.equal(random_view(x, TrainingSection(augment_shift=0)), x)  # nothing asked: nothing changed
+
+
+def test_augmented_training_bypasses_the_feature_cache():
+    """Augmented views never come back, so they must not fill (and evict) the ScatterNet cache."""
+    from xrayfed.common import model as model_mod
+
+    front = model_mod.ScatterFront()
+    x = torch.randn(3, 1, 16, 16)
+    before = len(model_mod._SCATTER_CACHE._d)
+    with torch.no_grad(), model_mod.feature_cache(False):
+        off = front(x)
+    assert len(model_mod._SCATTER_CACHE._d) == before
+    with torch.no_grad():
+        on = front(x)
+    assert len(model_mod._SCATTER_CACHE._d) == before + 3 and torch.equal(on, off)
+
+
 def test_views_and_ema_train_under_dp_with_the_same_charge(tmp_path, npz, federated):
     """Augmentation multiplicity and EMA change what is computed, not what is spent."""
     from xrayfed.server.simulate import simulate
 
     fed = _fed(tmp_path, npz, rounds=1)
-    tricks = simulate(fed, _hospitals(tmp_path / "b", npz, augment_multiplicity=2, ema_decay=0.9))
     e_plain = [h["epsilon"] for h in federated[2].rows[0]["hospitals"]]
-    e_tricks = [h["epsilon"] for h in tricks.rows[-1]["hospitals"]]
-    assert e_plain == pytest.approx(e_tricks, rel=1e-12)
-    assert all(torch.isfinite(v).all() for v in tricks.state_dict.values())
-    assert tricks.rows[-1]["hospitals"][0]["status"] == "trained" and tricks.rows[-1]["hospitals"][0]["train_loss"] > 0
+    for i, options in enumerate(({"augment_multiplicity": 2, "ema_decay": 0.9},
+                                 {"augment": True, "augment_zoom": 0.1, "augment_rotate": 10, "augment_contrast": 0.2})):
+        tricks = simulate(fed, _hospitals(tmp_path / f"b{i}", npz, **options))
+        e_tricks = [h["epsilon"] for h in tricks.rows[-1]["hospitals"]]
+        assert e_plain == pytest.approx(e_tricks, rel=1e-12)
+        assert all(torch.isfinite(v).all() for v in tricks.state_dict.values())
+        row = tricks.rows[-1]["hospitals"][0]
+        assert row["status"] == "trained" and row["train_loss"] > 0
 
 
 def test_ema_averages_the_iterates():
