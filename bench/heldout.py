@@ -5,32 +5,62 @@ scans of a reproducible ``--fraction`` of the *patients* of ``ROOT/train`` (so n
 both sides), ``train`` the rest, ``test`` is ``ROOT/test`` unchanged. Hospitals partition
 ``OUT/train``; the server chooses its operating point on ``OUT/val``; test is read once per figure.
 
+``--order earliest`` holds out by study order instead, where the file names number the
+studies (Kermany's normals: ``IM-NNNN`` and ``NORMAL2-IM-NNNN``): ``val`` then takes the
+lowest-numbered ``--fraction`` of the studies of each such series, and the rest of each class
+(``personN``, not numbered by time) by patient as above. Kermany's official test normals are
+the series' first studies (``IM-0001``–``0111``, ``NORMAL2-IM-0007``–``0381``; train starts at
+``IM-0115`` and ``NORMAL2-IM-0383``), so this validation split sits next to test in
+acquisition order: a temporal validation (the split's layout only; no test scan is read).
+
 Usage::
 
     ./dev bench heldout ../shared/data/kermany-cxr-224 --out bench/results/work-kermany-heldout
+    ./dev bench heldout ../shared/data/kermany-cxr-224 --order earliest --out bench/results/work-kermany-earliest
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def build(root: Path, out: Path, fraction: float = 0.1, seed: int = 0) -> dict[str, int]:
+_SERIES = re.compile(r"^(.*?)(\d+)$")  # "NORMAL2-IM-0383" -> ("NORMAL2-IM-", "0383")
+
+
+def earliest_studies(patients: list[str], fraction: float) -> set[str]:
+    """The lowest-numbered ``fraction`` of the studies of each numbered series among
+    ``patients`` (ids such as ``IM-0115``: series ``IM-``, study 115); ``person`` ids are not
+    numbered by time and are left out (they are held out at random)."""
+    series: dict[str, list[tuple[int, str]]] = {}
+    for pid in set(patients):
+        m = _SERIES.match(pid)
+        if m and not pid.startswith("person"):
+            series.setdefault(m.group(1), []).append((int(m.group(2)), pid))
+    chosen: set[str] = set()
+    for studies in series.values():
+        studies.sort()
+        chosen.update(pid for _, pid in studies[: round(len(studies) * fraction)])
+    return chosen
+
+
+def build(root: Path, out: Path, fraction: float = 0.1, seed: int = 0, order: str = "random") -> dict[str, int]:
     from xrayfed.common.data.dataset import kermany_patient_id, stable_fraction
 
     root, out = root.resolve(), out.resolve()
     counts: dict[str, int] = {}
     for split in ("train", "test"):
         for cls_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
-            for f in sorted(cls_dir.iterdir()):
-                if not f.is_file():
-                    continue
+            files = sorted(f for f in cls_dir.iterdir() if f.is_file())
+            pids = [kermany_patient_id(f.name) for f in files]
+            early = earliest_studies(pids, fraction) if order == "earliest" and split == "train" else set()
+            for f, pid in zip(files, pids):
                 dest = split
-                if split == "train" and stable_fraction(kermany_patient_id(f.name), seed) < fraction:
+                if split == "train" and (pid in early if early else stable_fraction(pid, seed) < fraction):
                     dest = "val"
                 link = out / dest / cls_dir.name / f.name
                 link.parent.mkdir(parents=True, exist_ok=True)
@@ -46,8 +76,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--order", choices=("random", "earliest"), default="random",
+                    help="random: val by patient at random; earliest: numbered series by study order")
     a = ap.parse_args()
-    print(build(a.root, a.out, a.fraction, a.seed))
+    print(build(a.root, a.out, a.fraction, a.seed, a.order))
 
 
 if __name__ == "__main__":

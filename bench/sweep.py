@@ -13,7 +13,7 @@ Usage::
         --grid batch_size=64,128,256 lr=0.5,1,2
 
 Grid keys: any flag below with ``-`` written as ``_`` (``batch_size``, ``local_epochs``, ``lr``,
-``rounds``, ``views``, ``ema``, ``augment``, ``zoom``, ``rotate``, ``contrast``, ``width``, ``depth``,
+``batch_fraction``, ``rounds``, ``views``, ``ema``, ``augment``, ``zoom``, ``rotate``, ``contrast``, ``width``, ``depth``,
 ``input_pool``, ``ws``, ``scatter``, ``momentum``, ``server_momentum``, ``lr_schedule``, ``clip``, ``seed``,
 ``dp``, ...).
 """
@@ -21,6 +21,7 @@ Grid keys: any flag below with ``-`` written as ``_`` (``batch_size``, ``local_e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
@@ -38,6 +39,8 @@ def add_settings_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--local-epochs", type=float, default=None, help="default: the hospital's automatic choice")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the hospital's automatic choice")
+    ap.add_argument("--batch-fraction", type=float, default=None,
+                    help="automatic batch as this fraction of each hospital's N (q; default: the product's rule)")
     ap.add_argument("--physical-batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=None, help="client lr (default: the federation default)")
     ap.add_argument("--lr-schedule", default="constant")
@@ -145,7 +148,8 @@ def run_setting(s: dict, data: Path, *, eval_path: Path | None = None, test: boo
             if not best or auc > best["auc"]:
                 best.update(auc=auc, round=r, threshold=ev["threshold"], state={k: v.clone() for k, v in state.items()})
 
-        res = simulate(fed, hospitals, dp=bool(s["dp"]), on_round=on_round)
+        with _auto_batch_fraction(s.get("batch_fraction")):
+            res = simulate(fed, hospitals, dp=bool(s["dp"]), on_round=on_round)
         model = build_model(fed.model)
         model.load_state_dict(best["state"])
         out = {"val_auc": round(best["auc"], 4), "best_round": best["round"], "last_val_auc": curve[-1],
@@ -192,6 +196,22 @@ def main() -> None:
                           "curve": res["val_auc_per_round"]}), flush=True)
         with args.out.open("a") as f:
             f.write(json.dumps(line) + "\n")
+
+
+@contextlib.contextmanager
+def _auto_batch_fraction(fraction: float | None):
+    """Within the block, the hospitals' automatic batch is ``fraction`` of their N (a sweep knob
+    for the rule in ``client.privacy.AUTO_BATCH``; the hospitals still derive B from their own N)."""
+    from xrayfed.client import privacy
+
+    before = dict(privacy.AUTO_BATCH)
+    if fraction is not None:
+        privacy.AUTO_BATCH["fraction_of_n"] = fraction
+    try:
+        yield
+    finally:
+        privacy.AUTO_BATCH.clear()
+        privacy.AUTO_BATCH.update(before)
 
 
 def _parse(v: str):

@@ -283,7 +283,9 @@ def test_class_folders_names(tmp_path):
 @pytest.mark.parametrize("name,pid", [
     ("person12_bacteria_3.jpeg", "person12"), ("person1_virus_6.jpeg", "person1"),
     ("IM-0115-0001.jpeg", "IM-0115"), ("NORMAL2-IM-1427-0001.jpeg", "NORMAL2-IM-1427"),
-    ("scan.png", "scan"),
+    # a study's further images belong to the same patient (they sit beside IM-0429-0001.jpeg):
+    ("IM-0429-0001-0002.jpeg", "IM-0429"), ("NORMAL2-IM-0381-0001-0001.jpeg", "NORMAL2-IM-0381"),
+    ("scan-3.png", "scan"), ("scan.png", "scan"),
 ])
 def test_kermany_patient_ids(name, pid):
     assert D.kermany_patient_id(name) == pid

@@ -175,18 +175,24 @@ def walk_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
 # ----------------------------------------------------------------------------- patient ids
 _KERMANY_PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
 _TRAILING_NUMBER = re.compile(r"^(.+)-\d+$")
+_KERMANY_STUDY = re.compile(r"^((?:NORMAL2-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)  # IM-0429-0001-0002
 
 
 def kermany_patient_id(name: str) -> str:
     """Patient id from a Kermany-style file name.
 
     ``person12_bacteria_3.jpeg`` → ``person12``; ``IM-0115-0001.jpeg`` → ``IM-0115``;
-    ``NORMAL2-IM-1427-0001.jpeg`` → ``NORMAL2-IM-1427``; anything else → the file stem.
+    ``NORMAL2-IM-1427-0001.jpeg`` → ``NORMAL2-IM-1427``; a study's further images
+    (``IM-0429-0001-0002.jpeg``, beside ``IM-0429-0001.jpeg``) → the same ``IM-0429``; another
+    name ending in ``-N`` → the name without it; anything else → the file stem.
     """
     stem = Path(name).stem
     m = _KERMANY_PERSON.match(stem)
     if m:
         return m.group(1).lower()
+    m = _KERMANY_STUDY.match(stem)
+    if m:
+        return m.group(1)
     m = _TRAILING_NUMBER.match(stem)
     return m.group(1) if m else stem
 
