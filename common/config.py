@@ -52,8 +52,9 @@ class FederationSection(_Strict):
     server_lr: float | None = Field(None, gt=0.0, description="server learning rate η (fedavgm: default 1.0; "
                                                               "fedadam: default 0.1)")
     server_momentum: float = Field(0.5, ge=0.0, lt=1.0, description="server momentum β (strategy = fedavgm)")
-    lr: float = Field(0.5, gt=0.0, description="client learning rate sent with each round (SGD, momentum 0.9; "
-                                               "chosen on validation sweeps for XrayNet under DP-SGD, docs/accuracy.md)")
+    lr: float = Field(0.125, gt=0.0, description="client learning rate sent with each round (SGD, momentum 0.9; "
+                                                 "chosen on validation sweeps under DP-SGD at ε = 1 and 8, "
+                                                 "docs/accuracy.md)")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="client learning rate over rounds")
     lr_final_fraction: float = Field(0.1, ge=0.0, le=1.0, description="cosine: last round's lr as a fraction of lr")
     round_timeout_s: float = Field(3600.0, gt=0.0)
