@@ -32,20 +32,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 _SERIES = re.compile(r"^(.*?)(\d+)$")  # "NORMAL2-IM-0383" -> ("NORMAL2-IM-", "0383")
 
 
-def earliest_studies(patients: list[str], fraction: float) -> set[str]:
-    """The lowest-numbered ``fraction`` of the studies of each numbered series among
-    ``patients`` (ids such as ``IM-0115``: series ``IM-``, study 115); ``person`` ids are not
-    numbered by time and are left out (they are held out at random)."""
+def earliest_studies(patients: list[str], fraction: float) -> dict[str, bool]:
+    """For each id among ``patients`` that belongs to a numbered series (``IM-0115``: series
+    ``IM-``, study 115), whether it is among the lowest-numbered ``fraction`` of its series'
+    studies. ``person`` ids and unnumbered ones are not numbered by time and are left out (the
+    caller holds them out at random)."""
     series: dict[str, list[tuple[int, str]]] = {}
     for pid in set(patients):
         m = _SERIES.match(pid)
         if m and not pid.startswith("person"):
             series.setdefault(m.group(1), []).append((int(m.group(2)), pid))
-    chosen: set[str] = set()
+    held: dict[str, bool] = {}
     for studies in series.values():
         studies.sort()
-        chosen.update(pid for _, pid in studies[: round(len(studies) * fraction)])
-    return chosen
+        cut = round(len(studies) * fraction)
+        held.update((pid, i < cut) for i, (_, pid) in enumerate(studies))
+    return held
 
 
 def build(root: Path, out: Path, fraction: float = 0.1, seed: int = 0, order: str = "random") -> dict[str, int]:
@@ -57,10 +59,11 @@ def build(root: Path, out: Path, fraction: float = 0.1, seed: int = 0, order: st
         for cls_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
             files = sorted(f for f in cls_dir.iterdir() if f.is_file())
             pids = [kermany_patient_id(f.name) for f in files]
-            early = earliest_studies(pids, fraction) if order == "earliest" and split == "train" else set()
+            by_order = earliest_studies(pids, fraction) if order == "earliest" and split == "train" else {}
             for f, pid in zip(files, pids):
                 dest = split
-                if split == "train" and (pid in early if early else stable_fraction(pid, seed) < fraction):
+                held = by_order.get(pid)
+                if split == "train" and (stable_fraction(pid, seed) < fraction if held is None else held):
                     dest = "val"
                 link = out / dest / cls_dir.name / f.name
                 link.parent.mkdir(parents=True, exist_ok=True)

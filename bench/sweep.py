@@ -13,9 +13,9 @@ Usage::
         --grid batch_size=64,128,256 lr=0.5,1,2
 
 Grid keys: any flag below with ``-`` written as ``_`` (``batch_size``, ``local_epochs``, ``lr``,
-``batch_fraction``, ``rounds``, ``views``, ``ema``, ``augment``, ``zoom``, ``rotate``, ``contrast``, ``width``, ``depth``,
-``input_pool``, ``ws``, ``scatter``, ``momentum``, ``server_momentum``, ``lr_schedule``, ``clip``, ``seed``,
-``dp``, ...).
+``batch_fraction``, ``rounds``, ``views``, ``ema``, ``augment``, ``zoom``, ``rotate``, ``contrast``,
+``width``, ``depth``, ``input_pool``, ``ws``, ``scatter``, ``momentum``, ``server_momentum``,
+``lr_schedule``, ``clip``, ``seed``, ``dp``, ...).
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ import numpy as np
 import torch
 
 from xrayfed.common.config import HospitalConfig
-from xrayfed.common.model import feature_cache
 from xrayfed.common.errors import UserError
+from xrayfed.common.model import feature_cache
 from xrayfed.common.privacy.accounting import compute_epsilon
 from xrayfed.common.privacy.ledger import LEDGER_FILE, append_record, read_ledger
 
