@@ -172,7 +172,11 @@ def main() -> None:
     if args.merge and path.is_file():  # add these figures to an earlier run's (other ε, references)
         old = json.loads(path.read_text())
         results = {**{k: v for k, v in old.items() if k.startswith(("eps", "no_dp", "central", "price"))},
-                   **results, "settings_before": old.get("settings")}
+                   **results}
+        if old.get("settings") != results["settings"]:  # a change of settings: say what the old runs used
+            results["settings_before"] = old.get("settings")
+        elif "settings_before" in old:
+            results["settings_before"] = old["settings_before"]
 
     def save():
         path.write_text(json.dumps(results, indent=2))
@@ -194,7 +198,10 @@ def main() -> None:
     if args.references:
         for key, over in (("no_dp", {"dp": 0}), ("central", {"dp": 0, "central": 1})):
             runs = []
-            for seed in range(args.reference_runs or args.runs):
+            if args.merge:  # add reference runs with new seeds to those already in the file
+                runs = [r for r in results.get(key, {}).get("runs", [])]
+            done = {r.get("seed") for r in runs}
+            for seed in [x for x in range(args.reference_runs or args.runs) if x not in done]:
                 r = run_inprocess(dict(s0, epsilon=max(args.epsilons), seed=seed, **over), data)
                 print(json.dumps(r), flush=True)
                 runs.append(r)

@@ -1,0 +1,59 @@
+"""bench/federated.py --merge: more runs (DP rows and references) are added to a result file
+without re-running (or dropping) the seeds it already holds. The federations are replaced by a
+recorder here: this tests the benchmark's bookkeeping, not training (tests/test_accuracy.py
+runs the real in-process federation)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def federated(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # it imports its sibling bench/sweep.py
+    spec = importlib.util.spec_from_file_location("bench_federated", ROOT / "bench" / "federated.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    calls: list[dict] = []
+
+    def fake_run(s, data, save=None):
+        calls.append(s)
+        auc = 0.9 + 0.01 * s["seed"] + (0.05 if not s["dp"] else 0.0)
+        return {"seed": s["seed"], "dp": s["dp"], "central": s["central"], "test_auc": auc, "val_auc": auc}
+
+    monkeypatch.setattr(mod, "run_inprocess", fake_run)
+    return mod, calls
+
+
+def _main(mod, monkeypatch, out: Path, *extra: str) -> dict:
+    monkeypatch.setattr(sys, "argv", ["federated.py", "--data", str(out / "d.npz"), "--engine", "inprocess",
+                                      "--epsilons", "8", "--out", str(out), *extra])
+    mod.main()
+    return json.loads((out / "federated-d-28px.json").read_text())
+
+
+def test_merge_adds_only_new_seeds_to_dp_rows_and_references(federated, monkeypatch, tmp_path):
+    mod, calls = federated
+    first = _main(mod, monkeypatch, tmp_path, "--runs", "2", "--reference-runs", "1")
+    assert [(c["dp"], c["central"], c["seed"]) for c in calls] == [(1, 0, 0), (1, 0, 1), (0, 0, 0), (0, 1, 0)]
+    calls.clear()
+    merged = _main(mod, monkeypatch, tmp_path, "--runs", "2", "--reference-runs", "2", "--merge")
+    # only the references' seed 1 ran; the DP row's seeds 0 and 1 were kept, not re-run
+    assert [(c["dp"], c["central"], c["seed"]) for c in calls] == [(0, 0, 1), (0, 1, 1)]
+    assert merged["eps8"]["runs"] == first["eps8"]["runs"]
+    for key in ("no_dp", "central"):
+        assert [r["seed"] for r in merged[key]["runs"]] == [0, 1]
+        assert merged[key]["test_auc"] == pytest.approx((0.95 + 0.96) / 2)
+    assert merged["price_of_privacy_auc"]["eps8"] == pytest.approx(0.955 - 0.905)
+    # same settings: no "settings_before" appears (it would claim the old runs used others)
+    assert "settings_before" not in merged
+    calls.clear()
+    changed = _main(mod, monkeypatch, tmp_path, "--runs", "2", "--reference-runs", "2", "--merge", "--lr", "0.3")
+    assert calls == [] and changed["settings_before"] == merged["settings"]
