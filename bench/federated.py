@@ -181,12 +181,16 @@ def main() -> None:
     def save():
         path.write_text(json.dumps(results, indent=2))
 
-    for eps in args.epsilons:
-        runs = []
-        if args.merge:  # add runs with new seeds to those already in the file
-            runs = [r for r in results.get(f"eps{eps:g}", {}).get("runs", [])]
+    def kept_and_missing(key: str, n: int) -> tuple[list[dict], list[int]]:
+        """The runs row ``key`` keeps (``results`` holds the file's earlier rows only with
+        ``--merge``) and the seeds of 0..n-1 it still lacks."""
+        runs = list(results.get(key, {}).get("runs", []))
         done = {r.get("seed") for r in runs}
-        for seed in [x for x in range(args.runs) if x not in done]:
+        return runs, [x for x in range(n) if x not in done]
+
+    for eps in args.epsilons:
+        runs, seeds = kept_and_missing(f"eps{eps:g}", args.runs)
+        for seed in seeds:
             s = dict(s0, epsilon=eps, seed=seed, dp=1)
             r = (run_processes(s, data, out_dir / f"work-{tag}" / f"eps{eps:g}-seed{seed}")
                  if args.engine == "processes" else
@@ -197,11 +201,8 @@ def main() -> None:
         save()
     if args.references:
         for key, over in (("no_dp", {"dp": 0}), ("central", {"dp": 0, "central": 1})):
-            runs = []
-            if args.merge:  # add reference runs with new seeds to those already in the file
-                runs = [r for r in results.get(key, {}).get("runs", [])]
-            done = {r.get("seed") for r in runs}
-            for seed in [x for x in range(args.reference_runs or args.runs) if x not in done]:
+            runs, seeds = kept_and_missing(key, args.reference_runs or args.runs)
+            for seed in seeds:
                 r = run_inprocess(dict(s0, epsilon=max(args.epsilons), seed=seed, **over), data)
                 print(json.dumps(r), flush=True)
                 runs.append(r)
