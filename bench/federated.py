@@ -146,6 +146,15 @@ def summarise(runs: list[dict], **extra) -> dict:
     return out
 
 
+def same_settings(old: dict | None, new: dict) -> bool:
+    """Whether two runs' settings are the same; an option added to the benchmark since the old
+    run counts as the same while it is unset (None)."""
+    if old is None:
+        return False
+    keys = set(old) | set(new)
+    return all(old.get(k) == new.get(k) for k in keys)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True)
@@ -173,7 +182,7 @@ def main() -> None:
         old = json.loads(path.read_text())
         results = {**{k: v for k, v in old.items() if k.startswith(("eps", "no_dp", "central", "price"))},
                    **results}
-        if old.get("settings") != results["settings"]:  # a change of settings: say what the old runs used
+        if not same_settings(old.get("settings"), results["settings"]):  # say what the old runs used
             results["settings_before"] = old.get("settings")
         elif "settings_before" in old:
             results["settings_before"] = old["settings_before"]

@@ -13,10 +13,18 @@ the series' first studies (``IM-0001``–``0111``, ``NORMAL2-IM-0007``–``0381`
 ``IM-0115`` and ``NORMAL2-IM-0383``), so this validation split sits next to test in
 acquisition order: a temporal validation (the split's layout only; no test scan is read).
 
+``--order series --series NORMAL2-IM-`` holds out a whole acquisition series instead: every
+study of that numbered series goes to ``val`` (none of it is trained on), the other series
+stay in ``train``, and the rest of each class (``personN``) is held out by patient at
+``--fraction`` as above. Validation then asks whether the model recognises normal scans of a
+series it never saw, the kind of shift that a random patient split cannot show.
+
 Usage::
 
     ./dev bench heldout ../shared/data/kermany-cxr-224 --out bench/results/work-kermany-heldout
     ./dev bench heldout ../shared/data/kermany-cxr-224 --order earliest --out bench/results/work-kermany-earliest
+    ./dev bench heldout ../shared/data/kermany-cxr-224 --order series --series NORMAL2-IM- \
+        --out bench/results/work-kermany-series-normal2
 """
 
 from __future__ import annotations
@@ -50,16 +58,35 @@ def earliest_studies(patients: list[str], fraction: float) -> dict[str, bool]:
     return held
 
 
-def build(root: Path, out: Path, fraction: float = 0.1, seed: int = 0, order: str = "random") -> dict[str, int]:
+def whole_series(patients: list[str], series: str) -> dict[str, bool]:
+    """For each id among ``patients`` that belongs to a numbered series, whether it is in the
+    series ``series`` (``"NORMAL2-IM-"``: every ``NORMAL2-IM-NNNN`` study). As in
+    :func:`earliest_studies`, ``person`` ids and unnumbered ones are left out."""
+    held: dict[str, bool] = {}
+    for pid in set(patients):
+        m = _SERIES.match(pid)
+        if m and not pid.startswith("person"):
+            held[pid] = m.group(1) == series
+    return held
+
+
+def build(root: Path, out: Path, fraction: float = 0.1, seed: int = 0, order: str = "random",
+          series: str | None = None) -> dict[str, int]:
     from xrayfed.common.data.dataset import kermany_patient_id, stable_fraction
 
+    if (order == "series") != (series is not None):
+        raise ValueError("a series is named with order 'series', and only then")
     root, out = root.resolve(), out.resolve()
     counts: dict[str, int] = {}
     for split in ("train", "test"):
         for cls_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
             files = sorted(f for f in cls_dir.iterdir() if f.is_file())
             pids = [kermany_patient_id(f.name) for f in files]
-            by_order = earliest_studies(pids, fraction) if order == "earliest" and split == "train" else {}
+            by_order: dict[str, bool] = {}
+            if split == "train" and order == "earliest":
+                by_order = earliest_studies(pids, fraction)
+            elif split == "train" and order == "series":
+                by_order = whole_series(pids, series)
             for f, pid in zip(files, pids):
                 dest = split
                 held = by_order.get(pid)
@@ -79,10 +106,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--order", choices=("random", "earliest"), default="random",
-                    help="random: val by patient at random; earliest: numbered series by study order")
+    ap.add_argument("--order", choices=("random", "earliest", "series"), default="random",
+                    help="random: val by patient at random; earliest: numbered series by study order; "
+                         "series: the whole series named by --series")
+    ap.add_argument("--series", default=None, help="with --order series: the held-out series (e.g. NORMAL2-IM-)")
     a = ap.parse_args()
-    print(build(a.root, a.out, a.fraction, a.seed, a.order))
+    if (a.order == "series") != (a.series is not None):
+        ap.error("--series names the held-out series with --order series, and only then")
+    print(build(a.root, a.out, a.fraction, a.seed, a.order, a.series))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Usage::
         --grid batch_size=64,128,256 lr=0.5,1,2
 
 Grid keys: any flag below with ``-`` written as ``_`` (``batch_size``, ``local_epochs``, ``lr``,
-``batch_fraction``, ``rounds``, ``views``, ``ema``, ``augment``, ``zoom``, ``rotate``, ``contrast``,
+``batch_fraction``, ``rounds``, ``views``, ``ema``, ``augment``, ``zoom``, ``aspect``, ``rotate``, ``contrast``,
 ``width``, ``depth``, ``input_pool``, ``ws``, ``scatter``, ``momentum``, ``server_momentum``,
 ``lr_schedule``, ``clip``, ``seed``, ``dp``, ...).
 """
@@ -53,6 +53,8 @@ def add_settings_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--augment", type=int, default=None, help="1: one random view of each sampled scan")
     ap.add_argument("--shift", type=float, default=None, help="augmentation: translation, fraction of the side")
     ap.add_argument("--zoom", type=float, default=None, help="augmentation: zoom range ±z")
+    ap.add_argument("--aspect", type=float, default=None, help="augmentation: aspect change range (width × s, "
+                                                                 "s in [1/(1+a), 1+a])")
     ap.add_argument("--rotate", type=float, default=None, help="augmentation: rotation range ± degrees")
     ap.add_argument("--contrast", type=float, default=None, help="augmentation: contrast/brightness range ±c")
     ap.add_argument("--width", type=int, default=None)
@@ -66,6 +68,9 @@ def add_settings_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--split", default="dirichlet")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--global-ema", type=float, default=None,
+                    help="also score an exponential moving average of the global models over rounds "
+                         "(decay d; post-processing at the server, the federation itself is unchanged)")
     ap.add_argument("--dp", type=int, default=1, help="1: DP-SGD (the product); 0: σ = 0 (benchmark only)")
     ap.add_argument("--central", type=int, default=0, help="1: one hospital holding every training scan")
 
@@ -102,7 +107,8 @@ def configs(s: dict, data: Path, work: Path, task, eval_path: Path | None = None
         training["momentum"] = s["momentum"]
     for k, key in (("local_epochs", "local_epochs"), ("batch_size", "batch_size"), ("views", "augment_multiplicity"),
                    ("ema", "ema_decay"), ("augment", "augment"), ("shift", "augment_shift"),
-                   ("zoom", "augment_zoom"), ("rotate", "augment_rotate"), ("contrast", "augment_contrast")):
+                   ("zoom", "augment_zoom"), ("aspect", "augment_aspect"), ("rotate", "augment_rotate"),
+                   ("contrast", "augment_contrast")):
         if s.get(k) is not None:
             training[key] = s[k]
     hospitals = []
@@ -138,15 +144,28 @@ def run_setting(s: dict, data: Path, *, eval_path: Path | None = None, test: boo
         t0 = time.time()
         curve: list[float] = []
         best: dict = {}
+        d = s.get("global_ema")
+        ema: dict = {"state": None, "curve": [], "best": {}}
 
-        def on_round(r, state, replies):  # what the server does: threshold and model selection on val
+        def score(state):
             m = build_model(fed.model)
             m.load_state_dict(state)
-            ev = evaluate_global(m, fed, None, val, torch.device("cpu"))
+            return evaluate_global(m, fed, None, val, torch.device("cpu"))
+
+        def on_round(r, state, replies):  # what the server does: threshold and model selection on val
+            ev = score(state)
             auc = ev["metrics"]["val_auc"]
             curve.append(round(auc, 4))
             if not best or auc > best["auc"]:
                 best.update(auc=auc, round=r, threshold=ev["threshold"], state={k: v.clone() for k, v in state.items()})
+            if d is not None:  # a probe: the average of the global models so far, scored beside them
+                prev = ema["state"]
+                ema["state"] = {k: v.detach().clone().float() if prev is None else prev[k] * d + v.float() * (1 - d)
+                                for k, v in state.items()}
+                e_auc = score(ema["state"])["metrics"]["val_auc"]
+                ema["curve"].append(round(e_auc, 4))
+                if not ema["best"] or e_auc > ema["best"]["auc"]:
+                    ema["best"].update(auc=e_auc, round=r)
 
         with _auto_batch_fraction(s.get("batch_fraction")):
             res = simulate(fed, hospitals, dp=bool(s["dp"]), on_round=on_round)
@@ -159,6 +178,9 @@ def run_setting(s: dict, data: Path, *, eval_path: Path | None = None, test: boo
                "steps_per_round": [h.get("steps") for h in res.rows[-1]["hospitals"]],
                "sample_rates": [round(h.get("sample_rate", 0), 4) for h in res.rows[-1]["hospitals"]],
                "params": sum(p.numel() for p in model.parameters()), "val_auc_per_round": curve}
+        if d is not None:
+            out.update(ema_val_auc=round(ema["best"]["auc"], 4), ema_best_round=ema["best"]["round"],
+                       ema_val_auc_per_round=ema["curve"])
         if test:
             threshold = best["threshold"]
             ts = load_dataset(fed.eval.path, split="test", image_size=fed.image_size, task=probe.task)
@@ -193,7 +215,9 @@ def main() -> None:
         line = {"data": args.data.name, "settings": s, **res}
         print(json.dumps({**dict(zip(keys, combo)), **{k: res[k] for k in ("val_auc", "best_round", "seconds")},
                           "sigma": res["noise_multipliers"], "steps": res["steps_per_round"],
-                          "curve": res["val_auc_per_round"]}), flush=True)
+                          "curve": res["val_auc_per_round"],
+                          **({"ema_val_auc": res["ema_val_auc"], "ema_curve": res["ema_val_auc_per_round"]}
+                             if "ema_val_auc" in res else {})}), flush=True)
         with args.out.open("a") as f:
             f.write(json.dumps(line) + "\n")
 

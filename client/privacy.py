@@ -620,14 +620,17 @@ def random_shift(x: torch.Tensor, max_frac: float, generator: torch.Generator | 
 def random_view(x: torch.Tensor, t, generator: torch.Generator | None = None) -> torch.Tensor:
     """Each image of a batch (N, C, H, W) in model units ([−1, 1]) under its own random transform,
     with the ranges of a :class:`~xrayfed.common.config.TrainingSection` ``t``: translation up to
-    ``augment_shift`` of the side, zoom in [1 − z, 1 + z], rotation up to ``augment_rotate``
-    degrees (bilinear, edge pixels repeated), then contrast in [1 − c, 1 + c] about the image's
+    ``augment_shift`` of the side, zoom in [1 − z, 1 + z], an aspect change (width × s, height
+    ÷ s, log s uniform in ±log(1 + ``augment_aspect``): scans squashed to a square from films of
+    another shape), rotation up to ``augment_rotate`` degrees (bilinear, edge pixels repeated),
+    then contrast in [1 − c, 1 + c] about the image's
     mean and a brightness offset up to ±c, clipped to [−1, 1]. No flips (a chest X-ray's left and
-    right are not interchangeable). With zoom, rotation and contrast all 0 it is
+    right are not interchangeable). With zoom, aspect, rotation and contrast all 0 it is
     :func:`random_shift` (whole-pixel translation)."""
     import torch.nn.functional as F
 
-    if not (t.augment_zoom or t.augment_rotate or t.augment_contrast):
+    aspect = getattr(t, "augment_aspect", 0.0)
+    if not (t.augment_zoom or aspect or t.augment_rotate or t.augment_contrast):
         return random_shift(x, t.augment_shift, generator)
     n = x.shape[0]
     if n == 0:
@@ -639,8 +642,12 @@ def random_view(x: torch.Tensor, t, generator: torch.Generator | None = None) ->
     angle = uniform() * math.radians(t.augment_rotate)
     zoom = 1 + uniform() * t.augment_zoom
     shift = 2 * t.augment_shift  # affine_grid's coordinates span [−1, 1]: a side is 2 units
-    a, b = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([a, -b, uniform() * shift], 1), torch.stack([b, a, uniform() * shift], 1)], 1)
+    stretch = torch.exp(uniform() * math.log1p(aspect))  # content width × s, height ÷ s
+    c, s = torch.cos(angle), torch.sin(angle)
+    # affine_grid maps output to input coordinates: the inverse of (rotate · scale(zoom·s, zoom/s))
+    sx, sy = zoom * stretch, zoom / stretch
+    theta = torch.stack([torch.stack([c / sx, -s / sx, uniform() * shift], 1),
+                         torch.stack([s / sy, c / sy, uniform() * shift], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if t.augment_contrast:

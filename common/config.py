@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from xrayfed.common.addresses import split_hostport
 from xrayfed.common.errors import UserError
-from xrayfed.common.model import ModelSpec
+from xrayfed.common.modelspec import ModelSpec
 from xrayfed.common.prediction import TaskSpec
 
 T = TypeVar("T", bound=BaseModel)
@@ -175,7 +175,7 @@ class FederationConfig(_Strict):
     @model_validator(mode="after")
     def _outputs_match_task(self) -> "FederationConfig":
         if self.model is None:
-            from xrayfed.common.model import default_model
+            from xrayfed.common.modelspec import default_model
 
             object.__setattr__(self, "model", default_model(self.image_size, self.task.num_outputs))
         if self.model.num_outputs != self.task.num_outputs:
@@ -257,6 +257,9 @@ class TrainingSection(_Strict):
                                                                        "this fraction of the image side")
     augment_zoom: float = Field(0.0, ge=0.0, le=0.5, description="augmentation: random zoom factor in "
                                                                   "[1 − z, 1 + z]; 0 = off")
+    augment_aspect: float = Field(0.0, ge=0.0, le=0.5, description="augmentation: random aspect change, width "
+                                                                    "× s and height ÷ s with s in [1/(1 + a), "
+                                                                    "1 + a] (log-uniform); 0 = off")
     augment_rotate: float = Field(0.0, ge=0.0, le=30.0, description="augmentation: random rotation up to this many "
                                                                      "degrees either way; 0 = off")
     augment_contrast: float = Field(0.0, ge=0.0, le=0.5, description="augmentation: random contrast factor in "

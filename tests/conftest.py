@@ -35,7 +35,7 @@ def pool():
 
 
 #: The files with the longest end-to-end tests, longest first. ``./dev test`` runs the files in
-#: two workers (pytest-xdist, ``--dist loadfile``), which take files in collection order: starting
+#: three workers (pytest-xdist, ``--dist loadfile``), which take files in collection order: starting
 #: with these lets the short files fill the gaps at the end instead of one long test running alone.
 LONGEST_FIRST = ("test_faults.py", "test_secure_federation.py", "test_demo.py", "test_encrypted_inference.py",
                  "test_flower_security.py", "test_simulation.py", "test_federation.py")

@@ -197,6 +197,30 @@ def test_random_view_rotates_zooms_and_jitters_within_its_ranges():
     assert torch.equal(random_view(x, TrainingSection(augment_shift=0)), x)  # nothing asked: nothing changed
 
 
+def test_random_view_changes_the_aspect_within_its_range():
+    """augment_aspect stretches the width by s and shrinks the height by 1/s (one s per image,
+    within [1/(1 + a), 1 + a]): on a ramp along the columns the slope becomes 1/s, on a ramp along
+    the rows it becomes s, drawn from the same random numbers."""
+    from xrayfed.client.privacy import random_view
+    from xrayfed.common.config import TrainingSection
+
+    n, a = 64, 0.3
+    c = (torch.arange(n, dtype=torch.float32) - (n - 1) / 2) / (n / 2)
+    cols, rows = c[None, :].expand(n, n) * 0.5, c[:, None].expand(n, n) * 0.5
+    t = TrainingSection(augment_shift=0, augment_aspect=a)
+    out_cols = random_view(cols.repeat(16, 1, 1, 1), t, generator=torch.Generator().manual_seed(3))
+    out_rows = random_view(rows.repeat(16, 1, 1, 1), t, generator=torch.Generator().manual_seed(3))
+    mid = slice(24, 40)  # the centre, where no border pixel is repeated for s ≤ 1.3
+
+    def slope(img, axis):  # per image, the mean step along `axis` in the centre, against the input's
+        d = img[:, 0, mid, mid].diff(dim=axis).mean(dim=(1, 2))
+        return d / (0.5 * 2 / n)
+
+    s_cols, s_rows = slope(out_cols, 2), slope(out_rows, 1)  # 1/s and s
+    assert torch.allclose(s_cols * s_rows, torch.ones(16), atol=1e-3)
+    assert ((s_rows > 1 / (1 + a) - 1e-3) & (s_rows < 1 + a + 1e-3)).all() and s_rows.std() > 0.05
+
+
 def test_augmented_training_bypasses_the_feature_cache():
     """Augmented views never come back, so they must not fill (and evict) the ScatterNet cache."""
     from xrayfed.common import model as model_mod

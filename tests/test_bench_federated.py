@@ -57,3 +57,11 @@ def test_merge_adds_only_new_seeds_to_dp_rows_and_references(federated, monkeypa
     calls.clear()
     changed = _main(mod, monkeypatch, tmp_path, "--runs", "2", "--reference-runs", "2", "--merge", "--lr", "0.3")
     assert calls == [] and changed["settings_before"] == merged["settings"]
+
+
+def test_an_option_added_since_an_old_run_does_not_count_as_a_change_while_unset(federated):
+    mod, _ = federated
+    old = {"lr": 0.125, "epsilons": [8.0]}
+    assert mod.same_settings(old, {**old, "aspect": None})  # new option, unset: the same settings
+    assert not mod.same_settings(old, {**old, "aspect": 0.25})  # set: a change
+    assert not mod.same_settings(old, {**old, "lr": 0.5}) and not mod.same_settings(None, old)

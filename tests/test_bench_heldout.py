@@ -65,3 +65,18 @@ def test_earliest_holds_out_the_first_studies_of_each_series(tmp_path, heldout):
     # person ids carry no study order: held out at random by patient, about the fraction asked
     val_persons = _patients(tmp_path / "out", "val") & {f"person{i}" for i in range(1, 41)}
     assert 2 <= len(val_persons) <= 16
+
+
+def test_series_holds_out_one_whole_series_and_trains_on_the_others(tmp_path, heldout):
+    _layout(tmp_path / "src")
+    heldout.build(tmp_path / "src", tmp_path / "out", fraction=0.2, order="series", series="NORMAL2-IM-")
+    out = tmp_path / "out"
+    val = {p.name for p in (out / "val" / "NORMAL").iterdir() if not p.name.startswith("scan_")}
+    train = {p.name for p in (out / "train" / "NORMAL").iterdir() if not p.name.startswith("scan_")}
+    assert val == {f"NORMAL2-IM-{i:04d}-0001.jpeg" for i in range(400, 410)}  # all of it, nothing else
+    assert len(train) == 21 and all(n.startswith("IM-") for n in train)  # the other series, further image included
+    assert not _patients(out, "train") & _patients(out, "val")
+    val_persons = _patients(out, "val") & {f"person{i}" for i in range(1, 41)}
+    assert 2 <= len(val_persons) <= 16  # pneumonia patients: held out at random, as before
+    with pytest.raises(ValueError):
+        heldout.build(tmp_path / "src", tmp_path / "out2", order="random", series="IM-")

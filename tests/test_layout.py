@@ -114,6 +114,22 @@ def test_help_imports_no_heavy_library():
     assert out.strip() == "[]", out
 
 
+def test_clientapp_loads_without_torch():
+    """Flower starts a fresh ClientApp process for every message, four per SecAgg+ round; three of
+    those stages only exchange keys and shares. Loading the app (and reading a hospital config or
+    a round request) must not load torch or Opacus: that took 3–4 s per process on these cores.
+    Only the training stage imports them, when it trains."""
+    code = ("import sys; import xrayfed.client.client_app, xrayfed.common.config, xrayfed.common.protocol.rounds; "
+            "from xrayfed.common.config import HospitalConfig; HospitalConfig.model_validate({'hospital': {'name': 'h'}, "
+            "'data': {'path': 'x.npz'}, 'privacy': {'epsilon': 8.0}}); "
+            "print(sorted(m for m in ('torch', 'opacus', 'crypten', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+    from xrayfed.common import model, modelspec
+
+    assert model.ModelSpec is modelspec.ModelSpec and model.default_model is modelspec.default_model
+
+
 def test_the_walk_sees_what_it_should(tmp_path):
     """The checker itself can fail: a planted upward import and a planted cycle are found."""
     mods = {"xrayfed.common.a": tmp_path / "a.py", "xrayfed.common.b": tmp_path / "b.py",

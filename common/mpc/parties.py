@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def front_of(spec) -> dict:
     """The model's public first layer as the inference service announces it (``ModelInfo.mpc``):
     ``input_pool`` and ``scattering`` (``[J, L]`` for a ScatterNet model, else ``None``)."""
-    from xrayfed.common.model import SCATTER_J, SCATTER_L
+    from xrayfed.common.modelspec import SCATTER_J, SCATTER_L
 
     return {"input_pool": int(spec.input_pool),
             "scattering": [SCATTER_J, SCATTER_L] if spec.scattering else None}
@@ -47,7 +47,7 @@ def shared_input_shape(spec, image_size: int, batch: int = 1) -> tuple[int, int,
     k = max(1, int(spec.input_pool))
     c, s = int(spec.in_channels), int(image_size) // k
     if spec.scattering:
-        from xrayfed.common.model import SCATTER_J, SCATTER_L
+        from xrayfed.common.modelspec import SCATTER_J, SCATTER_L
         from xrayfed.common.scatter import n_features
 
         c, s = c * n_features(SCATTER_J, SCATTER_L), -(-s // 2**SCATTER_J)

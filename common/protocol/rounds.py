@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xrayfed.common.errors import UserError
-from xrayfed.common.model import ModelSpec
+from xrayfed.common.modelspec import ModelSpec
 from xrayfed.common.prediction import TaskSpec
 
 # Keys of the round's ConfigRecord.
