@@ -242,7 +242,7 @@ class TrainingSection(_Strict):
     derives them from its own N and budget (:func:`xrayfed.client.privacy.auto_training`)."""
 
     local_epochs: float | None = Field(None, gt=0.0, le=100.0, description="passes over local data per round; "
-                                                                          "unset: derived from ε (auto)")
+                                                                          "unset: derived from ε and max_rounds (auto)")
     batch_size: int | None = Field(None, ge=1, description="expected logical batch (Poisson sampling q = B/N); "
                                                          "unset: derived from N (auto)")
     max_physical_batch_size: int = Field(32, ge=1, description="memory cap per forward pass")

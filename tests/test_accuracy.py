@@ -379,6 +379,13 @@ def test_a_hospital_states_only_its_budget_and_gets_batch_epochs_and_sigma(tmp_p
     assert auto_training(200, 8.0) == (200, 5.0)  # all of a small hospital's scans
     assert auto_training(100_000, 1.0) == (2048, 2.0)
     assert auto_training(4000, 1.0, batch_size=64, local_epochs=3.0) == (64, 3.0)
+    # the same epochs in all, spread over the rounds the budget is planned for
+    assert auto_training(4000, 1.0, max_rounds=20) == (1000, 0.5)
+    assert auto_training(4000, 8.0, max_rounds=20) == (1000, 1.25)
+    assert auto_training(4000, 8.0, local_epochs=3.0, max_rounds=20) == (1000, 3.0)  # hospital.toml wins
+    assert auto_training(4000, 8.0, max_rounds=2) == (1000, 5.0)  # a short plan: not longer per round
+    long = plan_dp(load_config(HospitalConfig, None, {"privacy.epsilon": 1.0, "privacy.max_rounds": 20}), 2000)
+    assert long.local_epochs == 0.5 and long.steps == 2  # q = 500/2000: 0.5 epochs = 2 steps per round
     cfg = load_config(HospitalConfig, None, {"hospital.state_dir": str(tmp_path), "privacy.epsilon": 3.0})
     assert cfg.training.batch_size is None and cfg.training.local_epochs is None
     plan = plan_dp(cfg, 2000)
