@@ -40,18 +40,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 _SERIES = re.compile(r"^(.*?)(\d+)$")  # "NORMAL2-IM-0383" -> ("NORMAL2-IM-", "0383")
 
 
-def earliest_studies(patients: list[str], fraction: float) -> dict[str, bool]:
-    """For each id among ``patients`` that belongs to a numbered series (``IM-0115``: series
-    ``IM-``, study 115), whether it is among the lowest-numbered ``fraction`` of its series'
-    studies. ``person`` ids and unnumbered ones are not numbered by time and are left out (the
-    caller holds them out at random)."""
+def numbered_series(patients: list[str]) -> dict[str, list[tuple[int, str]]]:
+    """The ids among ``patients`` that belong to a numbered series (``IM-0115``: series ``IM-``,
+    study 115), as ``{series: [(study number, id), ...]}``. ``person`` ids and unnumbered ones
+    are not numbered by time and are left out (the caller holds them out at random)."""
     series: dict[str, list[tuple[int, str]]] = {}
     for pid in set(patients):
         m = _SERIES.match(pid)
         if m and not pid.startswith("person"):
             series.setdefault(m.group(1), []).append((int(m.group(2)), pid))
+    return series
+
+
+def earliest_studies(patients: list[str], fraction: float) -> dict[str, bool]:
+    """For each id of a numbered series among ``patients`` (:func:`numbered_series`), whether
+    it is among the lowest-numbered ``fraction`` of its series' studies."""
     held: dict[str, bool] = {}
-    for studies in series.values():
+    for studies in numbered_series(patients).values():
         studies.sort()
         cut = round(len(studies) * fraction)
         held.update((pid, i < cut) for i, (_, pid) in enumerate(studies))
@@ -59,15 +64,9 @@ def earliest_studies(patients: list[str], fraction: float) -> dict[str, bool]:
 
 
 def whole_series(patients: list[str], series: str) -> dict[str, bool]:
-    """For each id among ``patients`` that belongs to a numbered series, whether it is in the
-    series ``series`` (``"NORMAL2-IM-"``: every ``NORMAL2-IM-NNNN`` study). As in
-    :func:`earliest_studies`, ``person`` ids and unnumbered ones are left out."""
-    held: dict[str, bool] = {}
-    for pid in set(patients):
-        m = _SERIES.match(pid)
-        if m and not pid.startswith("person"):
-            held[pid] = m.group(1) == series
-    return held
+    """For each id of a numbered series among ``patients`` (:func:`numbered_series`), whether
+    it is in the series ``series`` (``"NORMAL2-IM-"``: every ``NORMAL2-IM-NNNN`` study)."""
+    return {pid: name == series for name, studies in numbered_series(patients).items() for _, pid in studies}
 
 
 def build(root: Path, out: Path, fraction: float = 0.1, seed: int = 0, order: str = "random",
@@ -75,7 +74,7 @@ def build(root: Path, out: Path, fraction: float = 0.1, seed: int = 0, order: st
     from xrayfed.common.data.dataset import kermany_patient_id, stable_fraction
 
     if (order == "series") != (series is not None):
-        raise ValueError("a series is named with order 'series', and only then")
+        raise ValueError("--series names the held-out series with --order series, and only then")
     root, out = root.resolve(), out.resolve()
     counts: dict[str, int] = {}
     for split in ("train", "test"):
@@ -111,9 +110,10 @@ def main() -> None:
                          "series: the whole series named by --series")
     ap.add_argument("--series", default=None, help="with --order series: the held-out series (e.g. NORMAL2-IM-)")
     a = ap.parse_args()
-    if (a.order == "series") != (a.series is not None):
-        ap.error("--series names the held-out series with --order series, and only then")
-    print(build(a.root, a.out, a.fraction, a.seed, a.order, a.series))
+    try:
+        print(build(a.root, a.out, a.fraction, a.seed, a.order, a.series))
+    except ValueError as e:
+        ap.error(f"--order {a.order} --series {a.series}: {e}")
 
 
 if __name__ == "__main__":

@@ -115,21 +115,22 @@ AUTO_MIN_ROUNDS = 5
 
 
 def auto_training(num_examples: int, epsilon: float, batch_size: int | None = None,
-                  local_epochs: float | None = None, max_rounds: int = 5) -> tuple[int, float]:
+                  local_epochs: float | None = None, max_rounds: int = AUTO_MIN_ROUNDS) -> tuple[int, float]:
     """``(batch size B, local epochs per round)`` for a hospital with ``num_examples`` training
     scans, budget ``epsilon`` planned for ``max_rounds`` rounds; a value the hospital set in
     ``hospital.toml`` is kept.
 
     A hospital states only its budget: B = clamp(N/4, 256, 2048) (≤ N), and 10 local epochs in
     all below ε = 2, else 25, spread evenly over the planned rounds (2 or 5 per round over 5
-    rounds or fewer, 0.5 or 1.25 over 20). The same epochs over more rounds were better at ε = 1 and no
-    worse at ε = 8 (docs/accuracy.md, session 25). Both are decided at the hospital, from its own
+    rounds or fewer, 0.5 or 1.25 over 20). The same epochs over more rounds were better at
+    ε = 1 and no worse at ε = 8 (docs/accuracy.md, session 25). Both are decided at the hospital, from its own
     N and plan, and recorded in every ``train`` line of the ledger (as q = B/N and steps)."""
     if batch_size is None:
         b = int(round(num_examples * AUTO_BATCH["fraction_of_n"]))
         batch_size = max(1, min(num_examples, max(AUTO_BATCH["min"], min(AUTO_BATCH["max"], b))))
     if local_epochs is None:
-        local_epochs = next(e for below, e in AUTO_EPOCHS if epsilon < below) / max(AUTO_MIN_ROUNDS, int(max_rounds))
+        total = next(e for below, e in AUTO_EPOCHS if epsilon < below)
+        local_epochs = total / max(AUTO_MIN_ROUNDS, int(max_rounds))
     return int(batch_size), float(local_epochs)
 
 
@@ -629,14 +630,12 @@ def random_view(x: torch.Tensor, t, generator: torch.Generator | None = None) ->
     ``augment_shift`` of the side, zoom in [1 − z, 1 + z], an aspect change (width × s, height
     ÷ s, log s uniform in ±log(1 + ``augment_aspect``): scans squashed to a square from films of
     another shape), rotation up to ``augment_rotate`` degrees (bilinear, edge pixels repeated),
-    then contrast in [1 − c, 1 + c] about the image's
-    mean and a brightness offset up to ±c, clipped to [−1, 1]. No flips (a chest X-ray's left and
+    then contrast in [1 − c, 1 + c] about the image's mean and a brightness offset up to ±c, clipped to [−1, 1]. No flips (a chest X-ray's left and
     right are not interchangeable). With zoom, aspect, rotation and contrast all 0 it is
     :func:`random_shift` (whole-pixel translation)."""
     import torch.nn.functional as F
 
-    aspect = getattr(t, "augment_aspect", 0.0)
-    if not (t.augment_zoom or aspect or t.augment_rotate or t.augment_contrast):
+    if not (t.augment_zoom or t.augment_aspect or t.augment_rotate or t.augment_contrast):
         return random_shift(x, t.augment_shift, generator)
     n = x.shape[0]
     if n == 0:
@@ -648,7 +647,7 @@ def random_view(x: torch.Tensor, t, generator: torch.Generator | None = None) ->
     angle = uniform() * math.radians(t.augment_rotate)
     zoom = 1 + uniform() * t.augment_zoom
     shift = 2 * t.augment_shift  # affine_grid's coordinates span [−1, 1]: a side is 2 units
-    stretch = torch.exp(uniform() * math.log1p(aspect))  # content width × s, height ÷ s
+    stretch = torch.exp(uniform() * math.log1p(t.augment_aspect))  # content width × s, height ÷ s
     c, s = torch.cos(angle), torch.sin(angle)
     # affine_grid maps output to input coordinates: the inverse of (rotate · scale(zoom·s, zoom/s))
     sx, sy = zoom * stretch, zoom / stretch

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+
 import torch.nn as nn
 
 # The architecture description is torch-free (config, round protocol and SecAgg+ stages read it
