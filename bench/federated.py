@@ -155,6 +155,14 @@ def same_settings(old: dict | None, new: dict) -> bool:
     return all(old.get(k) == new.get(k) for k in keys)
 
 
+def changed_settings(old: dict | None, new: dict) -> list[str]:
+    """The training settings (not the list of ε or the run count) that differ between two
+    runs, as ``name old → new``; the same rule as :func:`same_settings`."""
+    old = old or {}
+    return [f"{k} {old.get(k)} → {new.get(k)}" for k in sorted(set(old) | set(new))
+            if k not in ("epsilons", "runs") and old.get(k) != new.get(k)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True)
@@ -178,8 +186,10 @@ def main() -> None:
                      "settings": {**s0, "epsilons": args.epsilons, "runs": args.runs}}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"federated-{tag}.json"
+    changed: list[str] = []  # what the file's earlier runs did differently (only with --merge)
     if args.merge and path.is_file():  # add these figures to an earlier run's (other ε, references)
         old = json.loads(path.read_text())
+        changed = changed_settings(old.get("settings"), results["settings"])
         results = {**{k: v for k, v in old.items() if k.startswith(("eps", "no_dp", "central", "price"))},
                    **results}
         if not same_settings(old.get("settings"), results["settings"]):  # say what the old runs used
@@ -196,6 +206,15 @@ def main() -> None:
         runs = list(results.get(key, {}).get("runs", []))
         done = {r.get("seed") for r in runs}
         return runs, [x for x in range(n) if x not in done]
+
+    rows = [(f"eps{eps:g}", args.runs) for eps in args.epsilons]
+    rows += [(k, args.reference_runs or args.runs) for k in ("no_dp", "central")] if args.references else []
+    for key, n in rows:  # one row, one setting: refuse before anything runs or is written
+        runs, missing = kept_and_missing(key, n)
+        if runs and missing and changed:
+            raise SystemExit(f"bench/federated.py: row {key} of {path} was run with other settings "
+                             f"({', '.join(changed)}); adding seeds {missing} would mix them. "
+                             "Run without --merge, or with another --out")
 
     for eps in args.epsilons:
         runs, seeds = kept_and_missing(f"eps{eps:g}", args.runs)

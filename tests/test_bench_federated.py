@@ -57,6 +57,11 @@ def test_merge_adds_only_new_seeds_to_dp_rows_and_references(federated, monkeypa
     calls.clear()
     changed = _main(mod, monkeypatch, tmp_path, "--runs", "2", "--reference-runs", "2", "--merge", "--lr", "0.3")
     assert calls == [] and changed["settings_before"] == merged["settings"]
+    # other settings and a row that lacks seeds: refused before anything runs, the file unchanged
+    before = (tmp_path / "federated-d-28px.json").read_text()
+    with pytest.raises(SystemExit, match=r"row no_dp .*rounds 5 → 20.*seeds \[2\]"):
+        _main(mod, monkeypatch, tmp_path, "--runs", "2", "--reference-runs", "3", "--merge", "--rounds", "20")
+    assert calls == [] and (tmp_path / "federated-d-28px.json").read_text() == before
 
 
 def test_an_option_added_since_an_old_run_does_not_count_as_a_change_while_unset(federated):
