@@ -15,7 +15,13 @@ Usage::
 Grid keys: any flag below with ``-`` written as ``_`` (``batch_size``, ``local_epochs``, ``lr``,
 ``batch_fraction``, ``rounds``, ``views``, ``ema``, ``augment``, ``zoom``, ``aspect``, ``rotate``, ``contrast``,
 ``width``, ``depth``, ``input_pool``, ``ws``, ``scatter``, ``momentum``, ``server_momentum``,
-``lr_schedule``, ``clip``, ``seed``, ``dp``, ...).
+``lr_schedule``, ``clip``, ``seed``, ``dp``, ``tan_scale``, ...).
+
+``--tan-scale k`` makes 224 px sweeps affordable (Sander et al. 2023, "TAN without a burn"): every
+hospital plans its round from its own budget, then trains at batch B/k and noise σ/k for the same
+number of steps, so the noise in each averaged step is the plan's at 1/k of the compute. Such a
+run has no privacy guarantee of its own (nothing is charged); it only ranks settings. Confirm a
+winner at k = 1 before it becomes a default (docs/accuracy.md compares the two).
 """
 
 from __future__ import annotations
@@ -168,7 +174,7 @@ def run_setting(s: dict, data: Path, *, eval_path: Path | None = None, test: boo
                     ema["best"].update(auc=e_auc, round=r)
 
         with _auto_batch_fraction(s.get("batch_fraction")):
-            res = simulate(fed, hospitals, dp=bool(s["dp"]), on_round=on_round)
+            res = simulate(fed, hospitals, dp=bool(s["dp"]), tan_scale=s.get("tan_scale", 1), on_round=on_round)
         model = build_model(fed.model)
         model.load_state_dict(best["state"])
         out = {"val_auc": round(best["auc"], 4), "best_round": best["round"], "last_val_auc": curve[-1],
@@ -197,6 +203,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--eval-data", type=Path, default=None, help="where the val split is (default: --data)")
     add_settings_arguments(ap)
+    ap.add_argument("--tan-scale", type=float, default=1,
+                    help="k > 1: train each hospital's plan at batch B/k and σ/k, same steps (TAN, Sander et al. "
+                         "2023): about 1/k of the compute, accuracy close to the real plan's; no privacy guarantee, "
+                         "for choosing settings only")
     ap.add_argument("--grid", nargs="*", default=[], help="key=v1,v2,... (the product of all keys is run)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/sweeps.jsonl"))
     args = ap.parse_args()

@@ -12,15 +12,24 @@ run the same settings through both paths so their figures can be compared.
 ``dp=False`` is a benchmark-only switch (not reachable from ``hospital.toml`` or any command):
 the same code with noise σ = 0 and nothing charged, to show the price of privacy beside
 each DP figure. Clipping to C stays (so the learning rate means the same thing).
+
+``tan_scale=k`` is the other benchmark-only switch, for cheap tuning sweeps (Sander et al. 2023,
+"TAN without a burn"): each hospital plans its round from its own budget as usual, then trains a
+stand-in of that plan with batch B/k and noise σ/k at the same number of steps
+(:func:`tan_plan`). The noise in each averaged step (σC/B) and the number of steps are the
+plan's, so the accuracy tracks the real plan's while every step costs 1/k of the compute. Its
+own privacy is far weaker than the plan's, so it is never a hospital's run: nothing is charged
+and its replies report ε = ∞.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -28,6 +37,9 @@ from xrayfed.common.config import FederationConfig, HospitalConfig
 from xrayfed.common.model import build_model
 from xrayfed.common.protocol.rounds import SENT_AN_UPDATE, RoundRequest
 from xrayfed.server.strategy import round_lr
+
+if TYPE_CHECKING:
+    from xrayfed.client.privacy import DPPlan
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +53,34 @@ class SimResult:
     seconds: float = 0.0
 
 
-def _train_without_dp(h: HospitalConfig, req: RoundRequest, state: dict) -> dict[str, Any]:
-    """Benchmark only: the hospital's training code with σ = 0 (no noise, nothing charged)."""
-    from dataclasses import replace
+def tan_plan(plan: DPPlan, k: float) -> DPPlan:
+    """Benchmark only: the stand-in of ``plan`` at 1/``k`` of its compute (TAN, Sander et al.
+    2023): expected batch B/k (sample rate q/k) and noise multiplier σ/k, at the same number of
+    steps. σ/B, the standard deviation of the noise in each averaged gradient (in units of C),
+    and the steps are unchanged; the local epochs per round fall to 1/k."""
+    if k < 1:
+        raise ValueError(f"tan_scale = {k:g}: must be at least 1 (a smaller batch than the plan's)")
+    return replace(plan, noise_multiplier=plan.noise_multiplier / k, sample_rate=plan.sample_rate / k,
+                   expected_batch_size=max(1, round(plan.expected_batch_size / k)),
+                   local_epochs=plan.local_epochs / k)
 
+
+def _train_benchmark(h: HospitalConfig, req: RoundRequest, state: dict,
+                     adjust: Callable[[DPPlan], DPPlan]) -> dict[str, Any]:
+    """Benchmark only: the hospital's training code under ``adjust(plan)`` of its own plan (σ = 0
+    for the no-DP reference, :func:`tan_plan` for a TAN sweep). No ledger: nothing is charged,
+    and the reply's ε is ∞ (the run has no guarantee worth stating)."""
     from xrayfed.client.hospital import _model_from, load_local_data
     from xrayfed.client.privacy import plan_dp, train_private_round
 
     data = load_local_data(h, req.image_size, req.task)
-    plan = replace(plan_dp(h, len(data.train)), noise_multiplier=0.0)
+    plan = adjust(plan_dp(h, len(data.train)))
     model = _model_from(req, state, torch.device("cpu"))
     out = train_private_round(model, data.train, h, plan, req.task, torch.device("cpu"), lr=req.lr)
     return {"status": "trained", "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "metrics": {"num-examples": len(data.train), "epsilon": float("inf"), "train_loss": out["loss"]}}
+            "metrics": {"num-examples": len(data.train), "epsilon": float("inf"), "train_loss": out["loss"],
+                        "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+                        "steps": plan.steps, "examples_seen": out["examples"]}}
 
 
 def weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -79,11 +106,12 @@ class ServerOptimizer:
         return {k: (w[k].double() + self.lr * self.v[k]).to(w[k].dtype) for k in w}
 
 
-def simulate(cfg: FederationConfig, hospitals: list[HospitalConfig], *, dp: bool = True,
+def simulate(cfg: FederationConfig, hospitals: list[HospitalConfig], *, dp: bool = True, tan_scale: float = 1.0,
              initial: dict[str, torch.Tensor] | None = None,
              on_round: Callable[[int, dict[str, torch.Tensor], list[dict]], None] | None = None) -> SimResult:
     """Run ``cfg.federation.rounds`` rounds with ``hospitals`` (each config names its own
-    ``state_dir``); ``on_round(round, global_state, replies)`` after each aggregation."""
+    ``state_dir``); ``on_round(round, global_state, replies)`` after each aggregation. ``dp=False``
+    and ``tan_scale`` > 1 are the benchmark-only switches of the module docstring."""
     from xrayfed.client import hospital as H
 
     torch.manual_seed(cfg.federation.seed)
@@ -94,6 +122,12 @@ def simulate(cfg: FederationConfig, hospitals: list[HospitalConfig], *, dp: bool
 
         raise UserError(f"federation.strategy = {fed.strategy!r}: the in-process simulation runs fedavg and fedavgm")
     server = ServerOptimizer(fed.server_momentum, fed.effective_server_lr()) if fed.strategy == "fedavgm" else ServerOptimizer()
+    if not dp:
+        adjust: Callable[[DPPlan], DPPlan] | None = lambda plan: replace(plan, noise_multiplier=0.0)
+    elif tan_scale != 1:
+        adjust = functools.partial(tan_plan, k=tan_scale)
+    else:
+        adjust = None  # the product: train_round with its ledger
     res = SimResult(state_dict=state)
     t0 = time.time()
     for r in range(1, cfg.federation.rounds + 1):
@@ -102,7 +136,7 @@ def simulate(cfg: FederationConfig, hospitals: list[HospitalConfig], *, dp: bool
         replies, states, weights = [], [], []
         for h in hospitals:
             Path(h.hospital.state_dir).mkdir(parents=True, exist_ok=True)
-            reply = H.train_round(h, req.to_config(), state) if dp else _train_without_dp(h, req, state)
+            reply = H.train_round(h, req.to_config(), state) if adjust is None else _train_benchmark(h, req, state, adjust)
             replies.append({"hospital": h.hospital.name, "status": reply["status"], **reply["metrics"]})
             if reply["status"] in SENT_AN_UPDATE:
                 states.append(reply["state_dict"])

@@ -3,6 +3,8 @@ hospital code, augmentation multiplicity, EMA, the operating point, a public sta
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -94,6 +96,32 @@ def test_simulation_without_dp_is_benchmark_only_and_charges_nothing(tmp_path, n
     for key in ("privacy.dp", "privacy.enabled", "training.dp", "privacy.noise_multiplier"):
         with pytest.raises(Exception):
             load_config(HospitalConfig, None, {key: 0})
+
+
+def test_tan_stand_in_keeps_steps_and_step_noise_at_a_fraction_of_the_compute(tmp_path, npz):
+    """``tan_scale=k`` (sweeps only, Sander et al. 2023): each hospital trains its own plan at
+    batch B/k and σ/k for the same steps, so the noise in each averaged step (σ/B) is the plan's;
+    it sees about 1/k of the examples, still learns, and charges nothing (no ledger, ε = ∞)."""
+    from xrayfed.client.privacy import plan_dp
+    from xrayfed.server.simulate import simulate, tan_plan
+
+    fed, hs = _fed(tmp_path, npz), _hospitals(tmp_path, npz)
+    res = simulate(fed, hs, tan_scale=4)
+    assert _auc(fed, res.state_dict) >= 0.9
+    for h, reply in zip(hs, res.rows[-1]["hospitals"]):
+        full = plan_dp(h, int(reply["num-examples"]))
+        small = tan_plan(full, 4)
+        assert reply["steps"] == small.steps == full.steps
+        assert reply["noise_multiplier"] == pytest.approx(full.noise_multiplier / 4)
+        assert reply["sample_rate"] == pytest.approx(full.sample_rate / 4)
+        assert small.noise_multiplier / small.expected_batch_size == pytest.approx(
+            full.noise_multiplier / full.expected_batch_size, rel=0.02)
+        # Poisson batches of mean B/4: the examples seen are about a quarter of the real plan's
+        assert 0.15 * full.steps * full.expected_batch_size < reply["examples_seen"] < 0.35 * full.steps * full.expected_batch_size
+        assert reply["epsilon"] == float("inf")
+        assert not (Path(h.hospital.state_dir) / "privacy-ledger.jsonl").exists()
+    with pytest.raises(ValueError, match="at least 1"):
+        tan_plan(full, 0.5)
 
 
 def test_fedavgm_server_momentum_moves_further_than_fedavg():
