@@ -3,9 +3,9 @@
 Every simulated hospital runs the real hospital code, :func:`xrayfed.client.hospital.train_round`
 (its own partition and validation split, DP plan, privacy ledger in its own state folder,
 Opacus DP-SGD, release records), and the global model is the example-weighted mean of the
-updates — what Flower's FedAvg computes — or FedAvgM (server momentum) when
-``[federation] strategy = "fedavgm"``. What it skips is the transport: gRPC, TLS, SecAgg+,
-one process per request. On 2 cores that saves the process start-ups of every round and lets
+updates — what Flower's FedAvg computes — or FedAvgM (server momentum) or FedAdam when
+``[federation] strategy`` says so (:class:`ServerOptimizer`, :class:`ServerAdam`). What it
+skips is the transport: gRPC, TLS, SecAgg+, one process per request. On 2 cores that saves the process start-ups of every round and lets
 a sweep try many settings; ``bench/federated.py --engine inprocess`` and ``--engine processes``
 run the same settings through both paths so their figures can be compared.
 
@@ -106,6 +106,29 @@ class ServerOptimizer:
         return {k: (w[k].double() + self.lr * self.v[k]).to(w[k].dtype) for k in w}
 
 
+class ServerAdam:
+    """FedAdam exactly as Flower's ``flwr.serverapp.strategy.FedAdam`` computes it (Reddi et al.
+    2021): with Δ the mean update of round t, ``m ← β₁m + (1 − β₁)Δ``, ``v ← β₂v + (1 − β₂)Δ²``,
+    ``w ← w + η_t m / (√v + τ)``, ``η_t = η √(1 − β₂^(t+1)) / (1 − β₁^(t+1))``; η is the server lr
+    (``[federation] server_lr``, 0.1 by default), β₁ = 0.9, β₂ = 0.99, τ = 1e-3 (Flower's defaults)."""
+
+    def __init__(self, eta: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> None:
+        self.eta, self.beta_1, self.beta_2, self.tau = eta, beta_1, beta_2, tau
+        self.t, self.m, self.v = 0, None, None
+
+    def step(self, w: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.t += 1
+        delta = {k: mean[k].double() - w[k].double() for k in w}
+        if self.m is None:
+            self.m = {k: torch.zeros_like(d) for k, d in delta.items()}
+            self.v = {k: torch.zeros_like(d) for k, d in delta.items()}
+        b1, b2 = self.beta_1, self.beta_2
+        self.m = {k: b1 * self.m[k] + (1 - b1) * delta[k] for k in w}
+        self.v = {k: b2 * self.v[k] + (1 - b2) * delta[k] ** 2 for k in w}
+        eta_t = self.eta * (1 - b2 ** (self.t + 1)) ** 0.5 / (1 - b1 ** (self.t + 1))
+        return {k: (w[k].double() + eta_t * self.m[k] / (self.v[k].sqrt() + self.tau)).to(w[k].dtype) for k in w}
+
+
 def simulate(cfg: FederationConfig, hospitals: list[HospitalConfig], *, dp: bool = True, tan_scale: float = 1.0,
              initial: dict[str, torch.Tensor] | None = None,
              on_round: Callable[[int, dict[str, torch.Tensor], list[dict]], None] | None = None) -> SimResult:
@@ -117,11 +140,14 @@ def simulate(cfg: FederationConfig, hospitals: list[HospitalConfig], *, dp: bool
     torch.manual_seed(cfg.federation.seed)
     state = initial if initial is not None else build_model(cfg.model).state_dict()
     fed = cfg.federation
-    if fed.strategy not in ("fedavg", "fedavgm"):
+    if fed.strategy not in ("fedavg", "fedavgm", "fedadam"):
         from xrayfed.common.errors import UserError
 
-        raise UserError(f"federation.strategy = {fed.strategy!r}: the in-process simulation runs fedavg and fedavgm")
-    server = ServerOptimizer(fed.server_momentum, fed.effective_server_lr()) if fed.strategy == "fedavgm" else ServerOptimizer()
+        raise UserError(f"federation.strategy = {fed.strategy!r}: the in-process simulation runs fedavg, fedavgm "
+                        "and fedadam")
+    server = {"fedavgm": lambda: ServerOptimizer(fed.server_momentum, fed.effective_server_lr()),
+              "fedadam": lambda: ServerAdam(fed.effective_server_lr()),
+              "fedavg": ServerOptimizer}[fed.strategy]()
     if not dp:
         adjust: Callable[[DPPlan], DPPlan] | None = lambda plan: replace(plan, noise_multiplier=0.0)
     elif tan_scale != 1:

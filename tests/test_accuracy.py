@@ -137,6 +137,35 @@ def test_fedavgm_server_momentum_moves_further_than_fedavg():
     assert torch.allclose(s2["a"], torch.full((3,), 1 + 1.9))  # v = 0.9·1 + 1
 
 
+def test_in_process_fedadam_is_flowers_fedadam(monkeypatch):
+    """The sweeps' FedAdam (``ServerAdam``) takes the same steps as Flower's own strategy, which
+    the real server runs: two rounds of example-weighted replies, compared array by array."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAdam
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from xrayfed.server.simulate import ServerAdam, weighted_mean
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # a Message needs them
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+    gen = torch.Generator().manual_seed(0)
+    w = {"conv": torch.randn(4, 3, generator=gen), "bias": torch.randn(4, generator=gen)}
+    flower, ours = FedAdam(eta=0.05), ServerAdam(eta=0.05)
+    flower.current_arrays = {k: v.numpy().copy() for k, v in w.items()}
+    for rnd in (1, 2):
+        states = [{k: v + torch.randn(v.shape, generator=gen) * 0.1 for k, v in w.items()} for _ in range(3)]
+        counts = [120, 30, 250]
+        replies = [Message(content=RecordDict({"arrays": ArrayRecord({k: Array(v.numpy()) for k, v in st.items()}),
+                                                "metrics": MetricRecord({"num-examples": n})}),
+                           dst_node_id=1, message_type="train") for st, n in zip(states, counts)]
+        arrays, _ = flower.aggregate_train(rnd, replies)
+        w = ours.step(w, weighted_mean(states, [float(n) for n in counts]))
+        for k in w:
+            assert np.allclose(w[k].numpy(), arrays[k].numpy(), rtol=1e-5, atol=1e-6), (rnd, k)
+        flower.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+    assert not torch.allclose(w["bias"], states[0]["bias"])  # it moved by Adam's step, not to a reply
+
+
 def test_cosine_schedule_reaches_the_final_fraction(tmp_path, npz):
     from xrayfed.server.strategy import round_lr
 
