@@ -5,9 +5,10 @@ Every simulated hospital runs the real hospital code, :func:`xrayfed.client.hosp
 Opacus DP-SGD, release records), and the global model is the example-weighted mean of the
 updates — what Flower's FedAvg computes — or FedAvgM (server momentum) or FedAdam when
 ``[federation] strategy`` says so (:class:`ServerOptimizer`, :class:`ServerAdam`). What it
-skips is the transport: gRPC, TLS, SecAgg+, one process per request. On 2 cores that saves the process start-ups of every round and lets
-a sweep try many settings; ``bench/federated.py --engine inprocess`` and ``--engine processes``
-run the same settings through both paths so their figures can be compared.
+skips is the transport: gRPC, TLS, SecAgg+, one process per request. On 2 cores that saves the
+process start-ups of every round and lets a sweep try many settings; ``bench/federated.py
+--engine inprocess`` and ``--engine processes`` run the same settings through both paths so
+their figures can be compared.
 
 ``dp=False`` is a benchmark-only switch (not reachable from ``hospital.toml`` or any command):
 the same code with noise σ = 0 and nothing charged, to show the price of privacy beside
