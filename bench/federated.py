@@ -25,7 +25,9 @@ Usage::
 
 Writes ``bench/results/federated-NAME-SIZEpx.json``: ``epsN.test_auc`` etc. are means over the
 runs (``epsN.runs`` lists each run, ``epsN.test_auc_std`` the spread), ``no_dp`` and
-``central`` likewise, ``price_of_privacy_auc`` = no-DP AUC − DP AUC at each ε.
+``central`` likewise, ``price_of_privacy_auc`` = no-DP AUC − DP AUC at each ε. The references
+train with the largest ε's automatic settings (its local epochs, σ = 0), so at a smaller ε, whose
+hospitals train fewer epochs, that difference also holds the shorter training.
 """
 
 from __future__ import annotations
