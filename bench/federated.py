@@ -26,8 +26,9 @@ Usage::
 Writes ``bench/results/federated-NAME-SIZEpx.json``: ``epsN.test_auc`` etc. are means over the
 runs (``epsN.runs`` lists each run, ``epsN.test_auc_std`` the spread), ``no_dp`` and
 ``central`` likewise, ``price_of_privacy_auc`` = no-DP AUC − DP AUC at each ε. The references
-train with the largest ε's automatic settings (its local epochs, σ = 0), so at a smaller ε, whose
-hospitals train fewer epochs, that difference also holds the shorter training.
+train with the largest ε's automatic settings (its local epochs, σ = 0). ``--reference-epsilons
+1`` adds references with the ε = 1 hospitals' settings (fewer local epochs) as ``no_dp_at_eps1``
+and ``central_at_eps1``; the price of privacy at ε = 1 is then taken against those.
 """
 
 from __future__ import annotations
@@ -175,6 +176,9 @@ def main() -> None:
     ap.add_argument("--engine", choices=("processes", "inprocess"), default="processes")
     ap.add_argument("--references", type=int, default=1, help="also run the no-DP and centralized references")
     ap.add_argument("--reference-runs", type=int, default=None, help="runs per reference (default: --runs)")
+    ap.add_argument("--reference-epsilons", type=float, nargs="+", default=None,
+                    help="train the references with the automatic settings of these ε (default: the largest "
+                         "of --epsilons); a smaller one's rows are no_dp_at_epsE and central_at_epsE")
     ap.add_argument("--merge", action="store_true", help="keep the other figures of an existing result file")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
@@ -183,7 +187,8 @@ def main() -> None:
     name = args.name or data.stem
     tag = f"{name}-{args.image_size}px"
     s0 = {k: v for k, v in vars(args).items() if k not in ("data", "name", "epsilons", "runs", "engine",
-                                                           "references", "reference_runs", "out", "merge")}
+                                                           "references", "reference_runs", "reference_epsilons",
+                                                           "out", "merge")}
     results: dict = {"data": name, "image_size": args.image_size, "engine": args.engine,
                      "settings": {**s0, "epsilons": args.epsilons, "runs": args.runs}}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,8 +214,15 @@ def main() -> None:
         done = {r.get("seed") for r in runs}
         return runs, [x for x in range(n) if x not in done]
 
+    top = max([*args.epsilons, *(float(k[3:]) for k in results if k.startswith("eps"))])
+    ref_eps = args.reference_epsilons or [max(args.epsilons)]
+
+    def ref_key(kind: str, eps: float) -> str:  # the largest ε's references keep the plain keys
+        return kind if eps == top else f"{kind}_at_eps{eps:g}"
+
     rows = [(f"eps{eps:g}", args.runs) for eps in args.epsilons]
-    rows += [(k, args.reference_runs or args.runs) for k in ("no_dp", "central")] if args.references else []
+    rows += [(ref_key(k, e), args.reference_runs or args.runs) for e in ref_eps
+             for k in ("no_dp", "central")] if args.references else []
     for key, n in rows:  # one row, one setting: refuse before anything runs or is written
         runs, missing = kept_and_missing(key, n)
         if runs and missing and changed:
@@ -229,18 +241,23 @@ def main() -> None:
             runs.append(r)
         results[f"eps{eps:g}"] = summarise(runs, epsilon_budget=eps)
         save()
-    if args.references:
-        for key, over in (("no_dp", {"dp": 0}), ("central", {"dp": 0, "central": 1})):
+    for e in ref_eps if args.references else []:
+        for kind, over in (("no_dp", {"dp": 0}), ("central", {"dp": 0, "central": 1})):
+            key = ref_key(kind, e)
             runs, seeds = kept_and_missing(key, args.reference_runs or args.runs)
             for seed in seeds:
-                r = run_inprocess(dict(s0, epsilon=max(args.epsilons), seed=seed, **over), data)
+                r = run_inprocess(dict(s0, epsilon=e, seed=seed, **over), data)
                 print(json.dumps(r), flush=True)
                 runs.append(r)
-            results[key] = summarise(runs)
+            results[key] = summarise(runs, reference_epsilon=e)
             save()
-    if "no_dp" in results:
-        results["price_of_privacy_auc"] = {k: results["no_dp"]["test_auc"] - v["test_auc"]
-                                           for k, v in results.items() if k.startswith("eps") and "test_auc" in v}
+    price = {}
+    for k, v in results.items():  # each DP row against the no-DP run with its own ε's settings, if there is one
+        ref = results.get(f"no_dp_at_{k}", results.get("no_dp")) if k.startswith("eps") else None
+        if ref is not None and "test_auc" in v:
+            price[k] = ref["test_auc"] - v["test_auc"]
+    if price:
+        results["price_of_privacy_auc"] = price
     if "central" in results and "no_dp" in results:
         results["price_of_federation_auc"] = results["central"]["test_auc"] - results["no_dp"]["test_auc"]
     save()

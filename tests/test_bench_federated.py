@@ -70,3 +70,27 @@ def test_an_option_added_since_an_old_run_does_not_count_as_a_change_while_unset
     assert mod.same_settings(old, {**old, "aspect": None})  # new option, unset: the same settings
     assert not mod.same_settings(old, {**old, "aspect": 0.25})  # set: a change
     assert not mod.same_settings(old, {**old, "lr": 0.5}) and not mod.same_settings(None, old)
+
+
+def test_references_with_a_smaller_epsilons_settings_get_their_own_rows(federated, monkeypatch, tmp_path):
+    """``--reference-epsilons 1``: the no-DP and central runs train with the ε = 1 hospitals'
+    settings, land in ``no_dp_at_eps1``/``central_at_eps1`` beside the ε = 8 references, and the
+    price of privacy at ε = 1 is taken against them (ε = 8's stays against ``no_dp``)."""
+    mod, calls = federated
+
+    def fake_run(s, data, save=None):
+        calls.append(s)
+        auc = 0.9 if s["dp"] else (0.97 if s["epsilon"] == 8 else 0.93)
+        return {"seed": s["seed"], "dp": s["dp"], "central": s["central"], "test_auc": auc, "val_auc": auc}
+
+    monkeypatch.setattr(mod, "run_inprocess", fake_run)
+    _main(mod, monkeypatch, tmp_path, "--runs", "1", "--epsilons", "8", "1")
+    assert [(c["dp"], c["central"], c["epsilon"]) for c in calls] == [(1, 0, 8), (1, 0, 1), (0, 0, 8), (0, 1, 8)]
+    calls.clear()
+    out = _main(mod, monkeypatch, tmp_path, "--runs", "1", "--epsilons", "8", "1", "--reference-epsilons", "1",
+                "--merge")
+    assert [(c["dp"], c["central"], c["epsilon"]) for c in calls] == [(0, 0, 1), (0, 1, 1)]
+    assert out["no_dp"]["test_auc"] == 0.97 and out["no_dp_at_eps1"]["test_auc"] == 0.93
+    assert out["central_at_eps1"]["reference_epsilon"] == 1
+    assert out["price_of_privacy_auc"] == pytest.approx({"eps8": 0.97 - 0.9, "eps1": 0.93 - 0.9})
+    assert "settings_before" not in out  # which references were added is not a training setting
