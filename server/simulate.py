@@ -141,14 +141,15 @@ def simulate(cfg: FederationConfig, hospitals: list[HospitalConfig], *, dp: bool
     torch.manual_seed(cfg.federation.seed)
     state = initial if initial is not None else build_model(cfg.model).state_dict()
     fed = cfg.federation
-    if fed.strategy not in ("fedavg", "fedavgm", "fedadam"):
+    servers = {"fedavg": ServerOptimizer,
+               "fedavgm": lambda: ServerOptimizer(fed.server_momentum, fed.effective_server_lr()),
+               "fedadam": lambda: ServerAdam(fed.effective_server_lr())}
+    if fed.strategy not in servers:
         from xrayfed.common.errors import UserError
 
-        raise UserError(f"federation.strategy = {fed.strategy!r}: the in-process simulation runs fedavg, fedavgm "
-                        "and fedadam")
-    server = {"fedavgm": lambda: ServerOptimizer(fed.server_momentum, fed.effective_server_lr()),
-              "fedadam": lambda: ServerAdam(fed.effective_server_lr()),
-              "fedavg": ServerOptimizer}[fed.strategy]()
+        raise UserError(f"federation.strategy = {fed.strategy!r}: the in-process simulation runs "
+                        f"{', '.join(servers)}")
+    server = servers[fed.strategy]()
     if not dp:
         adjust: Callable[[DPPlan], DPPlan] | None = lambda plan: replace(plan, noise_multiplier=0.0)
     elif tan_scale != 1:

@@ -166,6 +166,15 @@ def test_in_process_fedadam_is_flowers_fedadam(monkeypatch):
     assert not torch.allclose(w["bias"], states[0]["bias"])  # it moved by Adam's step, not to a reply
 
 
+def test_in_process_simulation_refuses_a_strategy_it_cannot_run(tmp_path, npz):
+    from xrayfed.common.errors import UserError
+    from xrayfed.server.simulate import simulate
+
+    with pytest.raises(UserError, match=r"'fedprox': the in-process simulation runs fedavg, fedavgm, fedadam"):
+        simulate(_fed(tmp_path, npz, strategy="fedprox"), _hospitals(tmp_path, npz))
+    assert not (tmp_path / "state-0").exists()  # refused before any hospital trained
+
+
 def test_cosine_schedule_reaches_the_final_fraction(tmp_path, npz):
     from xrayfed.server.strategy import round_lr
 
