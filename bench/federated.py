@@ -149,6 +149,28 @@ def summarise(runs: list[dict], **extra) -> dict:
     return out
 
 
+def code_rules(s: dict) -> dict[str, str]:
+    """Digests of what the product's code decides for settings ``s`` (the flags leave it to
+    the defaults): the resolved federation and hospital configs (model, learning rates,
+    momentum, clipping, every default) and the hospitals' automatic batch/epochs rule. Stored
+    in the settings, so ``--merge`` refuses to add runs to a row whose earlier runs were
+    trained under other defaults (a change of ``AUTO_EPOCHS`` moves no flag)."""
+    import hashlib
+
+    from xrayfed.client import privacy
+    from xrayfed.common.prediction import TaskSpec
+
+    task = TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA"))
+    fed, hospitals = configs({**s, "seed": 0}, Path("/data"), Path("/work"), task)
+    parts = {"federation": fed.model_dump(mode="json"), "hospital": hospitals[0].model_dump(mode="json"),
+             "auto_training": [privacy.AUTO_BATCH, privacy.AUTO_EPOCHS, privacy.AUTO_MIN_ROUNDS]}
+
+    def digest(v) -> str:
+        return hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    return {f"rules_{k}": digest(v) for k, v in parts.items()}
+
+
 def same_settings(old: dict | None, new: dict) -> bool:
     """Whether two runs' settings are the same; an option added to the benchmark since the old
     run counts as the same while it is unset (None)."""
@@ -190,7 +212,7 @@ def main() -> None:
                                                            "references", "reference_runs", "reference_epsilons",
                                                            "out", "merge")}
     results: dict = {"data": name, "image_size": args.image_size, "engine": args.engine,
-                     "settings": {**s0, "epsilons": args.epsilons, "runs": args.runs}}
+                     "settings": {**s0, **code_rules(s0), "epsilons": args.epsilons, "runs": args.runs}}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"federated-{tag}.json"
     changed: list[str] = []  # what the file's earlier runs did differently (only with --merge)

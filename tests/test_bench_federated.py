@@ -64,6 +64,30 @@ def test_merge_adds_only_new_seeds_to_dp_rows_and_references(federated, monkeypa
     assert calls == [] and (tmp_path / "federated-d-28px.json").read_text() == before
 
 
+def test_merge_refuses_runs_trained_under_other_code_defaults(federated, monkeypatch, tmp_path):
+    """A rule in code (here the hospitals' automatic local epochs) changes no flag; the
+    settings carry digests of the resolved configs and rules, so ``--merge`` still refuses to
+    add seeds to a row whose earlier runs were trained under the old rule."""
+    from xrayfed.client import privacy
+
+    mod, calls = federated
+    _main(mod, monkeypatch, tmp_path, "--runs", "1", "--references", "0")
+    path = tmp_path / "federated-d-28px.json"
+    before = path.read_text()
+    monkeypatch.setattr(privacy, "AUTO_EPOCHS", ((2.0, 10.0), (float("inf"), 50.0)))
+    calls.clear()
+    with pytest.raises(SystemExit, match=r"row eps8 .*rules_auto_training [0-9a-f]{12} → [0-9a-f]{12}.*seeds \[1\]"):
+        _main(mod, monkeypatch, tmp_path, "--runs", "2", "--references", "0", "--merge")
+    assert calls == [] and path.read_text() == before
+    # The digests are a pure function of the settings and the code: recomputed, the same; they
+    # cover the resolved federation config (the client lr is one of its defaults).
+    monkeypatch.undo()
+    s = json.loads(before)["settings"]
+    assert mod.code_rules(s) == {k: v for k, v in s.items() if k.startswith("rules_")}
+    other = mod.code_rules({**s, "lr": 0.3})
+    assert other["rules_federation"] != s["rules_federation"] and other["rules_hospital"] == s["rules_hospital"]
+
+
 def test_an_option_added_since_an_old_run_does_not_count_as_a_change_while_unset(federated):
     mod, _ = federated
     old = {"lr": 0.125, "epsilons": [8.0]}
