@@ -26,9 +26,11 @@ Usage::
 Writes ``bench/results/federated-NAME-SIZEpx.json``: ``epsN.test_auc`` etc. are means over the
 runs (``epsN.runs`` lists each run, ``epsN.test_auc_std`` the spread), ``no_dp`` and
 ``central`` likewise, ``price_of_privacy_auc`` = no-DP AUC − DP AUC at each ε. The references
-train with the largest ε's automatic settings (its local epochs, σ = 0). ``--reference-epsilons
-1`` adds references with the ε = 1 hospitals' settings (fewer local epochs) as ``no_dp_at_eps1``
-and ``central_at_eps1``; the price of privacy at ε = 1 is then taken against those.
+train with each ε's automatic settings (its local epochs, σ = 0): the largest ε's are ``no_dp``
+and ``central``, a smaller one's (ε = 1: fewer local epochs) ``no_dp_at_eps1`` and
+``central_at_eps1``, and the price of privacy at each ε is taken against the no-DP run with its
+own settings. ``--reference-epsilons 8`` runs the largest ε's references only (the default
+before session 28, when ε = 1 was priced against the ε = 8 settings' reference).
 """
 
 from __future__ import annotations
@@ -199,8 +201,9 @@ def main() -> None:
     ap.add_argument("--references", type=int, default=1, help="also run the no-DP and centralized references")
     ap.add_argument("--reference-runs", type=int, default=None, help="runs per reference (default: --runs)")
     ap.add_argument("--reference-epsilons", type=float, nargs="+", default=None,
-                    help="train the references with the automatic settings of these ε (default: the largest "
-                         "of --epsilons); a smaller one's rows are no_dp_at_epsE and central_at_epsE")
+                    help="train the references with the automatic settings of these ε (default: every one of "
+                         "--epsilons); the largest one's rows are no_dp and central, a smaller one's "
+                         "no_dp_at_epsE and central_at_epsE")
     ap.add_argument("--merge", action="store_true", help="keep the other figures of an existing result file")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
@@ -237,7 +240,7 @@ def main() -> None:
         return runs, [x for x in range(n) if x not in done]
 
     top = max([*args.epsilons, *(float(k[3:]) for k in results if k.startswith("eps"))])
-    ref_eps = args.reference_epsilons or [max(args.epsilons)]
+    ref_eps = args.reference_epsilons or sorted(set(args.epsilons), reverse=True)
 
     def ref_key(kind: str, eps: float) -> str:  # the largest ε's references keep the plain keys
         return kind if eps == top else f"{kind}_at_eps{eps:g}"

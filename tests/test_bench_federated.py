@@ -108,7 +108,7 @@ def test_references_with_a_smaller_epsilons_settings_get_their_own_rows(federate
         return {"seed": s["seed"], "dp": s["dp"], "central": s["central"], "test_auc": auc, "val_auc": auc}
 
     monkeypatch.setattr(mod, "run_inprocess", fake_run)
-    _main(mod, monkeypatch, tmp_path, "--runs", "1", "--epsilons", "8", "1")
+    _main(mod, monkeypatch, tmp_path, "--runs", "1", "--epsilons", "8", "1", "--reference-epsilons", "8")
     assert [(c["dp"], c["central"], c["epsilon"]) for c in calls] == [(1, 0, 8), (1, 0, 1), (0, 0, 8), (0, 1, 8)]
     calls.clear()
     out = _main(mod, monkeypatch, tmp_path, "--runs", "1", "--epsilons", "8", "1", "--reference-epsilons", "1",
@@ -118,3 +118,14 @@ def test_references_with_a_smaller_epsilons_settings_get_their_own_rows(federate
     assert out["central_at_eps1"]["reference_epsilon"] == 1
     assert out["price_of_privacy_auc"] == pytest.approx({"eps8": 0.97 - 0.9, "eps1": 0.93 - 0.9})
     assert "settings_before" not in out  # which references were added is not a training setting
+
+
+def test_by_default_every_epsilon_gets_references_with_its_own_settings(federated, monkeypatch, tmp_path):
+    """Without ``--reference-epsilons`` each DP row is priced against the no-DP run trained with
+    its own ε's automatic settings, never against another ε's."""
+    mod, calls = federated
+    out = _main(mod, monkeypatch, tmp_path, "--runs", "1", "--epsilons", "1", "8")
+    assert sorted((c["dp"], c["central"], c["epsilon"]) for c in calls if not c["dp"]) == \
+        [(0, 0, 1), (0, 0, 8), (0, 1, 1), (0, 1, 8)]
+    assert {"no_dp", "central", "no_dp_at_eps1", "central_at_eps1"} <= set(out)
+    assert out["no_dp"]["reference_epsilon"] == 8 and out["no_dp_at_eps1"]["reference_epsilon"] == 1
