@@ -160,9 +160,10 @@ def code_rules(s: dict) -> dict[str, str]:
     import hashlib
 
     from xrayfed.client import privacy
+    from xrayfed.common.data import BINARY_NAMES
     from xrayfed.common.prediction import TaskSpec
 
-    task = TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA"))
+    task = TaskSpec(kind="binary", class_names=BINARY_NAMES)  # the rules, not the data's task
     fed, hospitals = configs({**s, "seed": 0}, Path("/data"), Path("/work"), task)
     parts = {"federation": fed.model_dump(mode="json"), "hospital": hospitals[0].model_dump(mode="json"),
              "auto_training": [privacy.AUTO_BATCH, privacy.AUTO_EPOCHS, privacy.AUTO_MIN_ROUNDS]}

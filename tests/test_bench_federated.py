@@ -74,14 +74,15 @@ def test_merge_refuses_runs_trained_under_other_code_defaults(federated, monkeyp
     _main(mod, monkeypatch, tmp_path, "--runs", "1", "--references", "0")
     path = tmp_path / "federated-d-28px.json"
     before = path.read_text()
-    monkeypatch.setattr(privacy, "AUTO_EPOCHS", ((2.0, 10.0), (float("inf"), 50.0)))
     calls.clear()
-    with pytest.raises(SystemExit, match=r"row eps8 .*rules_auto_training [0-9a-f]{12} → [0-9a-f]{12}.*seeds \[1\]"):
-        _main(mod, monkeypatch, tmp_path, "--runs", "2", "--references", "0", "--merge")
+    with monkeypatch.context() as m:
+        m.setattr(privacy, "AUTO_EPOCHS", ((2.0, 10.0), (float("inf"), 50.0)))
+        with pytest.raises(SystemExit, match=r"row eps8 .*rules_auto_training [0-9a-f]{12} → [0-9a-f]{12}.*seeds \[1\]"):
+            _main(mod, monkeypatch, tmp_path, "--runs", "2", "--references", "0", "--merge")
     assert calls == [] and path.read_text() == before
-    # The digests are a pure function of the settings and the code: recomputed, the same; they
-    # cover the resolved federation config (the client lr is one of its defaults).
-    monkeypatch.undo()
+    # The digests are a pure function of the settings and the code: recomputed (the rule
+    # restored), the same; they cover the resolved federation config (the client lr is one of
+    # its defaults).
     s = json.loads(before)["settings"]
     assert mod.code_rules(s) == {k: v for k, v in s.items() if k.startswith("rules_")}
     other = mod.code_rules({**s, "lr": 0.3})
