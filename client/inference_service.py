@@ -37,7 +37,9 @@ concurrent sessions per token and ``max_sessions_per_peer`` per IP address, at m
 ``predictions_per_token_per_hour`` per token and ``prediction_budget_per_token`` per token
 ever (counted from the audit log, so a restart does not reset them; this also bounds model
 extraction through the prediction API), and a session that nobody joins is torn down after
-``join_timeout_s``. Revoked tokens (by ``jti``, ``revoked_tokens`` file) are refused.
+``join_timeout_s``. Revoked tokens (by ``jti``, ``revoked_tokens`` file) are refused. No request
+may be larger than the largest legitimate one (:func:`request_limit`): gRPC refuses it before
+any handler reads it, so unauthenticated callers cannot make the service buffer large messages.
 
 Patient identity: the service never sees the scan, so it cannot prove that a scan belongs to
 the token's patient. It enforces what it can: a DICOM scan's PatientID, as reported by the
@@ -484,6 +486,32 @@ def check_model(ckpt, *, crypten: bool = True) -> None:
         mpc.load_crypten_weights(cmodel, ckpt.model, ckpt.state_dict, what=what)
 
 
+def request_limit(ckpt) -> int:
+    """The largest request the inference service accepts, in bytes: an ``Evaluate`` frame with the
+    patient's int64 share of the scan for this model (after its public first layer) and its seed,
+    plus ``rpc.REQUEST_OVERHEAD`` for the token and the rest (the JSON requests are far smaller).
+    gRPC refuses anything larger (RESOURCE_EXHAUSTED) before a handler sees it, so an
+    unauthenticated caller cannot make the service buffer more than this per request."""
+    import numpy as np
+
+    from xrayfed.common.mpc.dealer import SEED_BYTES
+
+    shape = mpc.shared_input_shape(ckpt.model, ckpt.image_size)
+    return 8 * int(np.prod(shape)) + SEED_BYTES + rpc.REQUEST_OVERHEAD
+
+
+def start_grpc(svc: InferenceService, *, host: str, port: int, creds, listen: str):
+    """The service's gRPC server: requests no larger than :func:`request_limit`, at most
+    ``max_sessions + 8`` handled at once and twice that many in progress or queued (more are
+    refused with RESOURCE_EXHAUSTED). Returns ``(server, bound_port)``."""
+    workers = svc.cfg.max_sessions + 8
+    return rpc.start_server(
+        INFERENCE_SERVICE, {MODEL_INFO: svc.model_info, OPEN_SESSION: svc.open_session, EVALUATE: svc.evaluate,
+                            HEALTH: svc.health},
+        host=host, port=port, creds=creds, max_workers=workers, what="serve-inference", listen=listen,
+        max_request=request_limit(svc.ckpt), max_concurrent_rpcs=2 * workers)
+
+
 def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
     host, port = parse_hostport(cfg.listen, "listen")
     if cfg.model is None:
@@ -505,11 +533,7 @@ def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | Non
     audit = AuditLog(cfg.audit_log)
 
     svc = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, keys, audit, ttp)
-    server, bound = rpc.start_server(
-        INFERENCE_SERVICE, {MODEL_INFO: svc.model_info, OPEN_SESSION: svc.open_session, EVALUATE: svc.evaluate,
-                            HEALTH: svc.health},
-        host=host, port=port, creds=creds, max_workers=cfg.max_sessions + 8, what="serve-inference",
-        listen=cfg.listen)
+    server, bound = start_grpc(svc, host=host, port=port, creds=creds, listen=cfg.listen)
     print(f"xrayfed serve-inference: listening on {host}:{bound}; model {ckpt.model_version} "
           f"({ckpt.task.kind}, {len(ckpt.task.class_names)} classes, {ckpt.image_size} px); "
           f"TTP {cfg.ttp}; workers warm in {warm_s:.1f}s", flush=True)

@@ -109,6 +109,44 @@ REJOIN_BACKOFF_S = (2.0, 5.0, 10.0, 30.0, 60.0)
 RETRY_REFUSED_S = 5.0
 
 
+#: Seconds the pre-flight TLS handshake with the server may take (connect included).
+PREFLIGHT_TIMEOUT_S = 10.0
+
+
+def check_server_certificate(server: str, root_cert: Path | str, timeout: float = PREFLIGHT_TIMEOUT_S) -> bool:
+    """Before the SuperNode starts: one TLS handshake with ``server`` (HOST:PORT), verifying its
+    certificate with ``root_cert`` as Flower's SuperNode will. A certificate this CA does not
+    accept (another federation's ca.pem, or a server not signed by it) is one line naming the
+    CA file; otherwise the SuperNode would retry for minutes without saying why. Returns False
+    when the server cannot be reached now (the SuperNode keeps trying, as before), True when
+    the handshake succeeded."""
+    import socket
+    import ssl
+
+    host, port = parse_hostport(server, "--server")
+    try:
+        ctx = ssl.create_default_context(cafile=str(root_cert))
+    except (ssl.SSLError, ValueError) as e:
+        raise UserError(f"--root-cert {root_cert}: not a PEM CA certificate ({type(e).__name__}); give the "
+                        "federation's ca.pem") from None
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host):
+                return True
+    except ssl.SSLCertVerificationError as e:
+        why = e.verify_message or e.reason or "verification failed"
+        if "mismatch" in why:
+            cause = (f"it is not issued for {host}: connect with a name or address its certificate lists "
+                     "(`xrayfed certs init --server-name/--server-ip`)")
+        else:
+            cause = ("it is not signed by this CA (wrong ca.pem, or not the federation's server): use the "
+                     "federation's ca.pem from the server's operator")
+        raise UserError(f"--root-cert {root_cert}: the TLS certificate of the server at {server} does not verify "
+                        f"({why}); {cause}") from None
+    except (OSError, ssl.SSLError):
+        return False
+
+
 def _pump(stream, seen: list[str]) -> None:
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
@@ -182,6 +220,9 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     atrest_key = load_key(key_file)  # a bad key fails here, before joining
     if args.insecure:
         warn_insecure(f"hospital {cfg.hospital.name}", FLEET_EXPOSED)
+    elif not check_server_certificate(args.server, args.root_cert):
+        print(f"[xrayfed] hospital {cfg.hospital.name}: the server at {args.server} is not reachable yet; the "
+              "SuperNode keeps trying", flush=True)
     check_data(cfg)
     state = Path(cfg.hospital.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ from xrayfed.common.errors import UserError
 
 MAX_MESSAGE = 64 << 20  # JSON objects, and the patient's shares + dealt randomness (a few MiB; never weights)
 OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+#: Room for a request's JSON (token, session id, scan description) next to its arrays.
+REQUEST_OVERHEAD = 64 << 10
 
 
 def dumps(obj: dict) -> bytes:
@@ -122,14 +124,23 @@ def generic_handler(service: str, methods: dict[str, Callable]):
 
 
 def start_server(service: str, methods: dict[str, Callable], *, host: str, port: int, creds, max_workers: int,
-                 what: str, listen: str):
+                 what: str, listen: str, max_request: int | None = None, max_concurrent_rpcs: int | None = None):
     """Start a gRPC server for ``service`` on ``host:port`` (TLS with ``creds``, plaintext when
-    ``None``). Returns ``(server, bound_port)``; a port that cannot be bound is one line."""
+    ``None``). Returns ``(server, bound_port)``; a port that cannot be bound is one line.
+
+    ``max_request``: the largest request message, in bytes (default ``MAX_MESSAGE``). gRPC reads a
+    whole message before any handler can authenticate it, so a service sizes this to its largest
+    legitimate request; a larger one is refused with RESOURCE_EXHAUSTED as soon as its length is
+    read, never buffered. ``max_concurrent_rpcs``: calls in progress or queued at once; more are
+    refused with RESOURCE_EXHAUSTED."""
     from concurrent import futures
 
     import grpc
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=OPTIONS)
+    options = OPTIONS if max_request is None else [("grpc.max_receive_message_length", int(max_request)),
+                                                   ("grpc.max_send_message_length", MAX_MESSAGE)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
+                         maximum_concurrent_rpcs=max_concurrent_rpcs)
     server.add_generic_rpc_handlers((generic_handler(service, methods),))
     addr = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     bound = server.add_secure_port(addr, creds) if creds is not None else server.add_insecure_port(addr)

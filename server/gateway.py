@@ -31,6 +31,22 @@ GATEWAY_MAX_BODY = 16 << 20
 GATEWAY_MAX_UNAUTHENTICATED_BODY = 64 << 10
 GATEWAY_MAX_CONCURRENT = 64  # requests in flight through the gateway
 GATEWAY_MAX_PER_CLIENT = 16  # requests in flight from one IP address
+#: Requests in flight that are not signed by a registered key (hospital authentication on): a
+#: pool smaller than GATEWAY_MAX_CONCURRENT, so such requests never hold every slot and signed
+#: hospital requests always find one.
+GATEWAY_MAX_UNAUTHENTICATED_CONCURRENT = 16
+#: Seconds from a connection's start (after the TLS handshake), or from the end of its previous
+#: response plus the keep-alive idle time, to the end of the next request's headers; a
+#: connection whose headers take longer is closed.
+GATEWAY_HEADER_TIMEOUT_S = 10.0
+#: A request not signed by a registered key (every request when hospital authentication is off)
+#: must deliver its body within GATEWAY_BODY_FLOOR_S + size / GATEWAY_MIN_RATE seconds of its
+#: headers (size: its Content-Length, or the most it may send), or it is answered 408 and its
+#: connection closed: slow senders cannot hold slots (64 KiB unauthenticated: 26 s at most).
+GATEWAY_BODY_FLOOR_S = 10.0
+GATEWAY_MIN_RATE = 4096  # bytes/s
+#: Any request: at most this many seconds without a byte of its body (then 408, closed).
+GATEWAY_READ_TIMEOUT_S = 60.0
 SIGNATURE_WINDOW_S = 305  # Flower's TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                "transfer-encoding", "upgrade", "host", "content-length"}
@@ -76,7 +92,11 @@ class FleetGateway:
     """A TLS (or, with ``insecure``, plain HTTP) front door that passes only the Fleet API.
 
     Bounds against one caller exhausting the server: at most ``max_concurrent`` requests in
-    flight (``max_per_client`` per IP address; more get 503 at once); a body over
+    flight (``max_per_client`` per IP address, ``max_unauthenticated_concurrent`` not signed by a
+    registered key; more get 503 at once); slow senders are cut off (see the ``GATEWAY_*_S``
+    constants: request headers within ``header_timeout_s``, a body not signed by a registered
+    key within ``body_floor_s + size / min_rate``, no body byte for ``read_timeout_s``: 408 and
+    the connection closed); a body over
     ``max_body`` is refused (413) from its Content-Length or as soon as the streamed bytes pass
     it; and when ``registered_keys`` is given (hospital authentication on) a request whose
     headers are not a fresh ECDSA signature by a registered hospital key is read no further
@@ -95,18 +115,32 @@ class FleetGateway:
                  upstream_ca: Path | str | None = None, on_refusal=None, registered_keys=None,
                  max_body: int = GATEWAY_MAX_BODY, max_unauthenticated_body: int = GATEWAY_MAX_UNAUTHENTICATED_BODY,
                  max_concurrent: int = GATEWAY_MAX_CONCURRENT, max_per_client: int = GATEWAY_MAX_PER_CLIENT,
-                 refresh_s: float = 15.0) -> None:
+                 max_unauthenticated_concurrent: int | None = None, header_timeout_s: float | None = None,
+                 body_floor_s: float | None = None, min_rate: float | None = None,
+                 read_timeout_s: float | None = None, refresh_s: float = 15.0) -> None:
         self.host, self.port, self.upstream = host, int(port), upstream.rstrip("/")
         # Denial-of-service bounds (see the class docstring).
         self.registered_keys = registered_keys  # callable → fingerprints of registered keys; None: auth off
         self.max_body, self.max_unauth = int(max_body), int(max_unauthenticated_body)
         self.max_concurrent, self.max_per_client = int(max_concurrent), int(max_per_client)
+
+        def pick(value, default):  # None: the module constant as it is now
+            return default if value is None else value
+
+        self.max_unauth_concurrent = min(self.max_concurrent, int(pick(max_unauthenticated_concurrent,
+                                                                      GATEWAY_MAX_UNAUTHENTICATED_CONCURRENT)))
+        self.header_timeout_s = float(pick(header_timeout_s, GATEWAY_HEADER_TIMEOUT_S))
+        self.body_floor_s = float(pick(body_floor_s, GATEWAY_BODY_FLOOR_S))
+        self.min_rate = float(pick(min_rate, GATEWAY_MIN_RATE))
+        self.read_timeout_s = float(pick(read_timeout_s, GATEWAY_READ_TIMEOUT_S))
         self.refresh_s = refresh_s
         self._known: set[str] = set()
         self._known_at = -1e9
         self._active = 0
+        self._unauth_active = 0
         self._per_client: dict[str, int] = {}
-        self.stats = {"too_large": 0, "busy": 0, "unauthenticated": 0, "max_body_read": 0}
+        self.stats = {"too_large": 0, "busy": 0, "unauthenticated": 0, "max_body_read": 0, "slow_body": 0,
+                      "slow_headers": 0}
         self.insecure = insecure
         self.certfile = None if insecure else existing_file(certfile, "network.tls.cert")
         self.keyfile = None if insecure else existing_file(keyfile, "network.tls.key")
@@ -117,8 +151,11 @@ class FleetGateway:
         self._client = None
 
     # -- ASGI application
-    async def _respond(self, send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None):
+    async def _respond(self, send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None,
+                       close: bool = False):
         hdrs = [(b"content-length", str(len(body)).encode())] + (headers or [(b"content-type", b"text/plain")])
+        if close:  # the rest of the request body is not read: end the connection after this answer
+            hdrs.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": hdrs})
         await send({"type": "http.response.body", "body": body})
 
@@ -157,17 +194,25 @@ class FleetGateway:
             await self._respond(send, 403, b"xrayfed gateway: only the Flower Fleet API is served on this port\n")
             return
         client = (scope.get("client") or ("?", 0))[0]
-        if self._active >= self.max_concurrent or self._per_client.get(client, 0) >= self.max_per_client:
+        # Whether the headers are a fresh signature by a registered key: decided before any slot
+        # is taken or any body byte is read.
+        trusted = await self._authenticated(headers, fp)
+        pooled = self.registered_keys is not None and not trusted  # counted against the smaller pool
+        if (self._active >= self.max_concurrent or self._per_client.get(client, 0) >= self.max_per_client
+                or (pooled and self._unauth_active >= self.max_unauth_concurrent)):
             self.stats["busy"] += 1
             self._report(path, 503, fp, scope.get("client"))
-            await self._respond(send, 503, b"xrayfed gateway: too many requests in flight; retry shortly\n")
+            await self._respond(send, 503, b"xrayfed gateway: too many requests in flight; retry shortly\n",
+                                close=True)
             return
         self._active += 1
+        self._unauth_active += pooled
         self._per_client[client] = self._per_client.get(client, 0) + 1
         try:
-            await self._forward(scope, receive, send, path, headers, fp)
+            await self._forward(scope, receive, send, path, headers, fp, trusted)
         finally:
             self._active -= 1
+            self._unauth_active -= pooled
             left = self._per_client.get(client, 1) - 1
             if left > 0:
                 self._per_client[client] = left
@@ -175,11 +220,12 @@ class FleetGateway:
                 self._per_client.pop(client, None)
 
     async def _authenticated(self, headers: dict[str, str], fp: str) -> bool:
-        """Whether the request is signed (fresh timestamp) by a registered hospital key."""
+        """Whether the request is signed (fresh timestamp) by a registered hospital key (False
+        for every request when hospital authentication is off: nobody is registered)."""
         import asyncio
 
         if self.registered_keys is None:
-            return True
+            return False
         if not fp or not verify_fleet_signature(headers):
             return False
         if fp in self._known:
@@ -193,22 +239,39 @@ class FleetGateway:
                 pass
         return fp in self._known
 
-    async def _forward(self, scope, receive, send, path: str, headers: dict[str, str], fp: str) -> None:
+    async def _forward(self, scope, receive, send, path: str, headers: dict[str, str], fp: str,
+                       trusted: bool) -> None:
+        import asyncio
+
         import httpx
 
+        start = time.monotonic()
         limit = self.max_body
-        if not await self._authenticated(headers, fp):
+        if not trusted and self.registered_keys is not None:
             limit = self.max_unauth
             self.stats["unauthenticated"] += 1
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             self.stats["too_large"] += 1
             self._report(path, 413, fp, scope.get("client"))
-            await self._respond(send, 413, b"xrayfed gateway: request too large\n")
+            await self._respond(send, 413, b"xrayfed gateway: request too large\n", close=True)
             return
+        # Not signed by a registered key: the whole body within floor + size / minimum rate.
+        expected = int(declared) if declared.isdigit() else limit
+        body_deadline = None if trusted else start + self.body_floor_s + expected / self.min_rate
         chunks, size = [], 0
         while True:
-            msg = await receive()
+            wait = self.read_timeout_s if body_deadline is None else min(self.read_timeout_s,
+                                                                        body_deadline - time.monotonic())
+            try:
+                if wait <= 0:
+                    raise asyncio.TimeoutError
+                msg = await asyncio.wait_for(receive(), wait)
+            except asyncio.TimeoutError:
+                self.stats["slow_body"] += 1
+                self._report(path, 408, fp, scope.get("client"))
+                await self._respond(send, 408, b"xrayfed gateway: request body too slow\n", close=True)
+                return
             if msg["type"] == "http.disconnect":
                 return
             chunk = msg.get("body", b"")
@@ -217,7 +280,7 @@ class FleetGateway:
             if size > limit:
                 self.stats["too_large"] += 1
                 self._report(path, 413, fp, scope.get("client"))
-                await self._respond(send, 413, b"xrayfed gateway: request too large\n")
+                await self._respond(send, 413, b"xrayfed gateway: request too large\n", close=True)
                 return
             chunks.append(chunk)
             if not msg.get("more_body", False):
@@ -250,7 +313,7 @@ class FleetGateway:
 
         config = uvicorn.Config(self, host=self.host, port=self.port, ssl_certfile=self.certfile,
                                 ssl_keyfile=self.keyfile, log_level="warning", access_log=False, lifespan="on",
-                                http="h11", ws="none", interface="asgi3",
+                                http=_header_deadline_protocol(self), ws="none", interface="asgi3",
                                 timeout_keep_alive=75, server_header=False, date_header=False)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="xrayfed-fleet-gateway", daemon=True)
@@ -269,3 +332,47 @@ class FleetGateway:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def _header_deadline_protocol(gateway: FleetGateway):
+    """uvicorn's h11 protocol with a deadline on request headers (uvicorn has none: a client
+    sending one header byte at a time kept its connection forever). The headers of a request
+    must be complete ``gateway.header_timeout_s`` after the connection starts, or after the
+    previous response plus the keep-alive idle time; otherwise the connection is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineH11(H11Protocol):
+        _timer = None
+        _armed_cycle = None
+
+        def _arm(self, seconds: float) -> None:
+            self._disarm()
+            self._armed_cycle = self.cycle
+            self._timer = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _expired(self) -> None:
+            self._timer = None
+            # no request's headers were completed since the deadline was set (same cycle)
+            if self.cycle is self._armed_cycle and not self.transport.is_closing():
+                gateway.stats["slow_headers"] += 1
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm(gateway.header_timeout_s)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._arm(self.timeout_keep_alive + gateway.header_timeout_s)
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadlineH11

@@ -166,7 +166,9 @@ class _RefusalLog:
         403: "not a Fleet API request: the Control and Runtime APIs are not served on the public port",
         412: "its key is not registered, or was revoked",
         413: "request body too large (unauthenticated requests are refused after 64 KiB, others after 16 MiB)",
-        503: "too many requests in flight from it (or in total): refused before reading",
+        408: "request sent too slowly (an unauthenticated body below the gateway's minimum rate, or no byte for "
+             "60 s): cut off",
+        503: "too many requests in flight from it, unauthenticated, or in total: refused before reading",
     }
     #: The same refusals for a hospital whose key IS registered: a reconnect, not an intruder.
     REGISTERED_REASONS = {

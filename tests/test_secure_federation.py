@@ -244,10 +244,13 @@ def test_unregistered_hospital_is_refused_and_the_server_log_names_it(run):
 
 
 def test_hospital_trusting_another_ca_is_refused(run):
-    assert run["rc:h1-other-ca"] != 0
+    assert run["rc:h1-other-ca"] == 2
     out = _log(run, "h1-other-ca")
-    assert "CERTIFICATE_VERIFY_FAILED" in out
-    assert "could not join" in out and "not signed by the CA given with --root-cert" in out
+    # one line naming the CA file, before any SuperNode is started
+    line = [x for x in out.splitlines() if x.startswith("xrayfed: error:")]
+    assert len(line) == 1 and f"--root-cert {run['root'] / 'other-ca' / 'ca.pem'}" in line[0], out[-3000:]
+    assert "does not verify" in line[0] and "not signed by this CA" in line[0]
+    assert " joining 127.0.0.1:" not in out  # stopped before starting its SuperNode
     log = (run["run_dir"] / "server.log").read_text(errors="replace")
     assert "REFUSED hospital h1" not in log  # refused by the hospital itself, before it sent anything
 

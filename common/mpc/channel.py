@@ -7,6 +7,8 @@ connection, authenticated both ways, and a CrypTen communicator that runs over i
   128-bit secret the hospital's service generated for this session and gave the crypto
   provider over its authenticated ``StartSession`` call); the crypto provider's party compares
   it in constant time and accepts exactly one such connection. Anything else is closed.
+  Connections are handshaken concurrently, each within ``PREAUTH_TIMEOUT_S``, so idle ones
+  cannot keep the hospital's party out (:func:`accept_hospital`).
 * Every message is framed (8-byte length) so that a peer that sends something unexpected ends
   the session with an error instead of desynchronising it.
 
@@ -25,6 +27,7 @@ import pickle
 import socket
 import ssl
 import struct
+import sys
 import time
 
 import torch
@@ -135,38 +138,115 @@ def listen(host: str) -> socket.socket:
     return s
 
 
+#: Seconds a connection to the crypto provider's MPC port has to finish its TLS handshake and
+#: prove the session's hospital key; the hospital's party does both in well under a second.
+PREAUTH_TIMEOUT_S = 5.0
+#: Connections handshaking at once; when one more arrives the oldest is dropped, so idle
+#: connections can neither hold the port nor pile up.
+MAX_PENDING_HANDSHAKES = 16
+
+
 def accept_hospital(lsock: socket.socket, key: bytes, deadline: float, *, tls: ssl.SSLContext | None,
                     timeout_s: float) -> Link:
     """Crypto provider side: accept connections until one proves the session's hospital key
-    (inside TLS); wrong or slow ones are closed. Raises :class:`LinkError` at ``deadline``."""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise LinkError("the hospital's party did not connect in time")
-        lsock.settimeout(remaining)
-        try:
-            raw, _ = lsock.accept()
-        except socket.timeout:
-            raise LinkError("the hospital's party did not connect in time") from None
-        try:
-            raw.settimeout(min(10.0, max(0.1, remaining)))
-            conn = tls.wrap_socket(raw, server_side=True) if tls is not None else raw
-            link = Link(conn, min(10.0, max(0.1, remaining)))
-            hello = json.loads(link.recv_bytes(limit=HELLO_MAX).decode())
-            got = hello.get("key", "") if isinstance(hello, dict) else ""
-            if not (isinstance(got, str) and hmac.compare_digest(got.encode(), key)):
-                link.send_bytes(b'{"ok":false}')
-                link.close()
-                continue
-            link.send_bytes(b'{"ok":true}')
-            link.sock.settimeout(timeout_s)
-            return link
-        except (OSError, ValueError, LinkError, ssl.SSLError):
+    (inside TLS). Handshakes run concurrently, one thread each, at most
+    ``MAX_PENDING_HANDSHAKES`` at once (one more connection drops the oldest), each given
+    ``PREAUTH_TIMEOUT_S`` in all: idle or slow connections cannot keep the hospital's party out.
+    The first connection that proves the key wins; every other one is closed. Raises
+    :class:`LinkError` at ``deadline``."""
+    import threading
+
+    lock = threading.Lock()
+    # connections still handshaking, oldest first: n -> (a duplicate of its socket, by when it must
+    # have proved the key). Shutting the duplicate down wakes the thread blocked on the connection;
+    # whoever removes an entry closes its duplicate, so no descriptor is ever shut down twice.
+    pending: dict[int, tuple[socket.socket, float]] = {}
+    threads: list[threading.Thread] = []
+    won: list[Link] = []
+    done = threading.Event()
+    preauth_s, cap = float(PREAUTH_TIMEOUT_S), max(1, int(MAX_PENDING_HANDSHAKES))
+
+    def release(n: int, drop: bool) -> None:  # with ``lock`` held
+        entry = pending.pop(n, None)
+        if entry is None:
+            return
+        if drop:
             try:
-                raw.close()
+                entry[0].shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            continue
+        entry[0].close()
+
+    def handshake(n: int, raw: socket.socket) -> None:
+        link = None
+        try:
+            raw.settimeout(preauth_s)
+            conn = tls.wrap_socket(raw, server_side=True) if tls is not None else raw
+            link = Link(conn, preauth_s)
+            hello = json.loads(link.recv_bytes(limit=HELLO_MAX).decode())
+            got = hello.get("key", "") if isinstance(hello, dict) else ""
+            proved = isinstance(got, str) and hmac.compare_digest(got.encode(), key)
+            with lock:
+                first = proved and n in pending and not won and not done.is_set()
+                if first:
+                    won.append(link)
+                release(n, False)
+            if not first:
+                link.send_bytes(b'{"ok":false}')
+                link.close()
+                return
+            link.send_bytes(b'{"ok":true}')
+            link.sock.settimeout(timeout_s)
+            done.set()
+        except (OSError, ValueError, LinkError, ssl.SSLError):
+            with lock:
+                release(n, False)
+                if won and won[0] is link:  # the winner could not be answered: keep waiting
+                    won.clear()
+            (link.sock if link is not None else raw).close()
+
+    n = 0
+    try:
+        while not done.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            with lock:
+                for k in [k for k, (_, until) in pending.items() if until <= now]:
+                    release(k, True)  # too slow to prove the key
+            lsock.settimeout(min(0.2, deadline - now))
+            try:
+                raw, _ = lsock.accept()
+            except socket.timeout:
+                continue
+            n += 1
+            try:
+                ctl = raw.dup()
+            except OSError:
+                raw.close()
+                continue
+            with lock:
+                while len(pending) >= cap:
+                    release(next(iter(pending)), True)  # the oldest handshake still pending
+                pending[n] = (ctl, time.monotonic() + preauth_s)
+            threads[:] = [t for t in threads if t.is_alive()]
+            t = threading.Thread(target=handshake, args=(n, raw), name="xrayfed-mpc-accept", daemon=True)
+            threads.append(t)
+            t.start()
+    finally:
+        with lock:
+            done.set()
+            for k in list(pending):
+                release(k, True)
+        for t in threads:
+            t.join(timeout=preauth_s + 1)
+        if sys.exc_info()[0] is not None:  # the listening socket failed: no session
+            for link in won:
+                link.close()
+    with lock:
+        if won:
+            return won[0]
+    raise LinkError("the hospital's party did not connect in time")
 
 
 def connect_provider(host: str, port: int, key: bytes, *, tls: ssl.SSLContext | None, server_name: str | None,
