@@ -71,6 +71,8 @@ def add_settings_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--strategy", default="fedavgm")
     ap.add_argument("--server-momentum", type=float, default=None, help="default: the federation default")
     ap.add_argument("--server-lr", type=float, default=None)
+    ap.add_argument("--aggregator", default="mean", help="mean | median | trimmed_mean ([federation] aggregator)")
+    ap.add_argument("--trim-fraction", type=float, default=0.1)
     ap.add_argument("--split", default="dirichlet")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
@@ -96,7 +98,8 @@ def configs(s: dict, data: Path, work: Path, task, eval_path: Path | None = None
     if s.get("scatter") is not None:
         model["scattering"] = bool(s["scatter"])
     fed_section = {"name": "bench", "run_dir": str(work / "run"), "rounds": s["rounds"], "min_clients": n,
-                   "strategy": s["strategy"], "lr_schedule": s["lr_schedule"], "seed": s["seed"]}
+                   "strategy": s["strategy"], "lr_schedule": s["lr_schedule"], "seed": s["seed"],
+                   "aggregator": s["aggregator"], "trim_fraction": s["trim_fraction"]}
     if s.get("lr") is not None:
         fed_section["lr"] = s["lr"]
     for k in ("server_momentum", "server_lr"):

@@ -22,14 +22,18 @@ sets the former for the SuperNode and its ClientApp processes).
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from xrayfed.client.secagg import make_secagg_mod
+from xrayfed.common.errors import UserError
 from xrayfed.common.logs import configure_logging
-from xrayfed.common.protocol.rounds import METRICS, TrainReply, finite_metrics
+from xrayfed.common.protocol.rounds import METRICS, REFUSED, TrainReply, finite_metrics
 
 configure_logging()
+log = logging.getLogger(__name__)
 
 
 def _requires_secure_aggregation(context: Context) -> bool:
@@ -47,13 +51,27 @@ def _atrest_key():
     return load_key()  # $XRAYFED_ATREST_KEY_FILE / $XRAYFED_ATREST_KEY; None: plaintext
 
 
+def _unhandled(cfg, what: str, e: BaseException) -> str:
+    """Log an error of this hospital's in full, here, and return what the server may read of it:
+    the kind of error only, never its text (which can name the hospital's files)."""
+    log.error("%s could not be handled: %s", what, e, exc_info=not isinstance(e, UserError))
+    return (f"hospital {cfg.hospital.name}: {what} could not be handled ({type(e).__name__}); the details are in "
+            "the hospital's own log")
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from xrayfed.client.hospital import hospital_config_from_node, train_round
 
     cfg = hospital_config_from_node(dict(context.node_config))
-    reply = train_round(cfg, dict(msg.content["config"]), msg.content["arrays"].to_torch_state_dict(),
-                        atrest_key=_atrest_key())
+    try:
+        reply = train_round(cfg, dict(msg.content["config"]), msg.content["arrays"].to_torch_state_dict(),
+                            atrest_key=_atrest_key())
+    except Exception as e:  # noqa: BLE001 - nothing of the hospital's file system goes back to the server
+        reason = _unhandled(cfg, "a training request", e)
+        content = TrainReply(hospital=cfg.hospital.name, status=REFUSED, accountant=cfg.privacy.accountant,
+                             metrics={}, reason=reason).to_content()
+        return Message(content=content, reply_to=msg)
     # Plaintext records (see the module docstring); under SecAgg+ only the arrays are masked.
     content = TrainReply(hospital=cfg.hospital.name, status=reply["status"], accountant=cfg.privacy.accountant,
                          metrics=reply["metrics"], reason=reply.get("reason", ""), ledger_head=reply["ledger"]["head"],
@@ -66,5 +84,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     from xrayfed.client.hospital import evaluate_round, hospital_config_from_node
 
     cfg = hospital_config_from_node(dict(context.node_config))
-    metrics = evaluate_round(cfg, dict(msg.content["config"]), msg.content["arrays"].to_torch_state_dict())
+    try:
+        metrics = evaluate_round(cfg, dict(msg.content["config"]), msg.content["arrays"].to_torch_state_dict())
+    except Exception as e:  # noqa: BLE001 - as in train: the server learns the error's kind only
+        _unhandled(cfg, "an evaluation request", e)
+        metrics = {"num-examples": 0}
     return Message(content=RecordDict({METRICS: MetricRecord(finite_metrics(metrics))}), reply_to=msg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +30,7 @@ from xrayfed.client.privacy import (
 from xrayfed.common.checkpoint import load_weights, weights_version
 from xrayfed.common.config import HospitalConfig, load_config
 from xrayfed.common.errors import UserError
+from xrayfed.common.logs import untrusted
 from xrayfed.common.model import build_model
 from xrayfed.common.prediction import TaskSpec
 from xrayfed.common.protocol.rounds import REFUSED, RESENT, TRAINED, RoundRequest
@@ -115,6 +117,89 @@ def _model_from(req: RoundRequest, state_dict: dict, device: torch.device):
     return model.to(device)
 
 
+class RequestRefused(UserError):
+    """A round request the hospital will not act on (checked before anything is charged). The
+    message goes back to the server, so it names nothing on the hospital's machine."""
+
+
+def check_request(cfg: HospitalConfig, req: RoundRequest) -> None:
+    """Refuse (:class:`RequestRefused`) a request whose settings are outside what this hospital
+    accepts (``[hospital] max_*``, which may only tighten the project's limits): a learning rate
+    or FedProx μ that is not finite or out of range, a scan size too large to decode, a model
+    that names a file to load. Runs before the hospital's scans are loaded, so it costs nothing."""
+    h = cfg.hospital
+    if req.model.pretrained_path is not None:
+        raise RequestRefused("the round's model names a file to load (pretrained_path); a hospital never opens "
+                             "a file the server names (the server sends the weights themselves)")
+    if not (math.isfinite(req.lr) and 0 < req.lr <= h.max_server_lr):
+        raise RequestRefused(f"learning rate {req.lr:g} is outside (0, {h.max_server_lr:g}] "
+                             "(hospital.max_server_lr)")
+    if not (math.isfinite(req.proximal_mu) and 0 <= req.proximal_mu <= h.max_proximal_mu):
+        raise RequestRefused(f"FedProx μ {req.proximal_mu:g} is outside [0, {h.max_proximal_mu:g}] "
+                             "(hospital.max_proximal_mu)")
+    if not 8 <= req.image_size <= h.max_image_size:
+        raise RequestRefused(f"scan size {req.image_size} px is outside [8, {h.max_image_size}] "
+                             "(hospital.max_image_size)")
+    if req.round < 1:
+        raise RequestRefused(f"round number {req.round}: rounds count from 1")
+
+
+def checked_model(cfg: HospitalConfig, req: RoundRequest, state_dict: dict, device: torch.device):
+    """The global model of ``req`` with the weights ``state_dict``, after checking everything the
+    hospital can check before it trains: the architecture's size (``[hospital]
+    max_model_parameters``), the same names, shapes and dtypes as the architecture's own, and
+    finite values. :class:`RequestRefused` otherwise."""
+    try:
+        model = build_model(req.model)
+    except Exception as e:  # noqa: BLE001 - a hostile spec: one line back, nothing charged
+        raise RequestRefused(f"the round's model cannot be built ({type(e).__name__})") from None
+    n = sum(p.numel() for p in model.parameters())
+    if n > cfg.hospital.max_model_parameters:
+        raise RequestRefused(f"the round's model has {n} weights, more than {cfg.hospital.max_model_parameters} "
+                             "(hospital.max_model_parameters)")
+    own = model.state_dict()
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            raise RequestRefused(f"global model array {untrusted(k, 80)!r} is not a tensor")
+        if k in own and v.dtype != own[k].dtype:
+            raise RequestRefused(f"global model array {untrusted(k, 80)!r} is {v.dtype}, the architecture's is "
+                                 f"{own[k].dtype}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise RequestRefused(f"global model array {untrusted(k, 80)!r} holds NaN or Inf")
+    try:
+        load_weights(model, state_dict, what="global model from the server")
+    except UserError as e:
+        raise RequestRefused(untrusted(e)) from None
+    return model.to(device)
+
+
+def charged_plan(charge: dict[str, Any], plan):
+    """The plan a ``train`` line charged (σ, q, steps, C, expected batch), to retrain exactly it
+    after a crash whatever ``hospital.toml`` says now. :class:`RequestRefused` naming what is
+    missing when the line does not state it."""
+    from dataclasses import replace
+
+    need = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm")
+    missing = [k for k in need if not isinstance(charge.get(k), (int, float))]
+    if missing:
+        raise RequestRefused(f"the charge of this round (ledger line {charge.get('seq', -1) + 1}) does not state "
+                             f"{', '.join(missing)}, so the retry cannot train exactly what was charged")
+    return replace(plan, noise_multiplier=float(charge["noise_multiplier"]),
+                   sample_rate=float(charge["sample_rate"]), steps=int(charge["steps"]),
+                   max_grad_norm=float(charge["max_grad_norm"]),
+                   expected_batch_size=int(charge.get("expected_batch_size") or plan.expected_batch_size))
+
+
+def plan_differences(a, b) -> list[str]:
+    """``name a → b`` for the DP settings where plans ``a`` and ``b`` differ."""
+    out = []
+    for f, label in (("noise_multiplier", "σ"), ("sample_rate", "q"), ("steps", "steps"), ("max_grad_norm", "C")):
+        x, y = getattr(a, f), getattr(b, f)
+        if not math.isclose(float(x), float(y), rel_tol=1e-9):
+            out.append(f"{label} {x:g} → {y:g}")
+    return out
+
+
 def train_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict, atrest_key=None) -> dict[str, Any]:
     """Handle one training request. Returns a reply dict:
 
@@ -130,10 +215,25 @@ def train_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict, a
     the cached released updates are written encrypted with it (and need it to be read).
     """
     req = RoundRequest.from_config(config)
+    try:
+        check_request(cfg, req)  # before the scans are decoded at the size the request names
+    except RequestRefused as e:
+        return _refused_unchecked(cfg, req, str(e), atrest_key)
     device = resolve_device(cfg.hospital.device)
     data = load_local_data(cfg, req.image_size, req.task)
     with StateLock(Path(cfg.hospital.state_dir)):
         return _train_locked(cfg, req, data, state_dict, device, atrest_key)
+
+
+def _refused_unchecked(cfg: HospitalConfig, req: RoundRequest, why: str, atrest_key) -> dict[str, Any]:
+    """The reply to a request refused before anything else (no charge, no ledger line)."""
+    with StateLock(Path(cfg.hospital.state_dir)):
+        ledger = PrivacyLedger(Path(cfg.hospital.state_dir), cfg, key=atrest_key)
+        seq, head = ledger.head()
+        reason = f"hospital {cfg.hospital.name}: round {req.round} refused: {why}; nothing was charged"
+        log.warning("%s", reason)
+        return {"status": REFUSED, "metrics": {"epsilon": ledger.spent(), "train_loss": 0.0, "ledger_seq": seq},
+                "ledger": {"seq": seq, "head": head}, "reason": reason}
 
 
 def _train_locked(cfg: HospitalConfig, req: RoundRequest, data: LocalData, state_dict: dict, device,
@@ -157,17 +257,22 @@ def _train_locked(cfg: HospitalConfig, req: RoundRequest, data: LocalData, state
     except UserError as e:  # also refused at `xrayfed client` start; a backstop, never a traceback
         return refuse(f"hospital {cfg.hospital.name}: round {req.round} refused: {e}",
                       {"num-examples": len(data.train)})
-    base_metrics = {
-        "num-examples": len(data.train),
-        "delta": plan.delta,
-        "epsilon_budget": plan.epsilon_budget,
-        "noise_multiplier": plan.noise_multiplier,
-        "sample_rate": plan.sample_rate,
-        "steps": plan.steps,
-        "max_grad_norm": plan.max_grad_norm,
-        "secure_rng": int(cfg.privacy.secure_rng),
-        "secure_mode": 0,  # Opacus' own secure_mode (torchcsprng) is not available; see privacy.py
-    }
+    def metrics_of(plan) -> dict[str, Any]:
+        return {
+            "num-examples": len(data.train),
+            "delta": plan.delta,
+            "epsilon_budget": plan.epsilon_budget,
+            "noise_multiplier": plan.noise_multiplier,
+            "sample_rate": plan.sample_rate,
+            "steps": plan.steps,
+            "max_grad_norm": plan.max_grad_norm,
+            "momentum": 0.0 if cfg.training.optimizer == "adam" else cfg.training.momentum,
+            "adam": int(cfg.training.optimizer == "adam"),
+            "secure_rng": int(cfg.privacy.secure_rng),
+            "secure_mode": 0,  # Opacus' own secure_mode (torchcsprng) is not available; see privacy.py
+        }
+
+    base_metrics = metrics_of(plan)
     anchor = req.anchor_for(cfg.hospital.name)
     if anchor is not None:
         problem = check_anchor(ledger.records, *anchor)
@@ -175,6 +280,11 @@ def _train_locked(cfg: HospitalConfig, req: RoundRequest, data: LocalData, state
             log.error("privacy ledger %s: %s", ledger.path, problem)
             return refuse(f"hospital {cfg.hospital.name}: round {req.round} refused: privacy ledger check failed: "
                           f"{problem}; no training until the ledger is restored", base_metrics)
+    try:  # everything that can be checked is checked before anything is charged
+        model = checked_model(cfg, req, state_dict, device)
+    except RequestRefused as e:
+        return refuse(f"hospital {cfg.hospital.name}: round {req.round} refused: {e}; nothing was charged",
+                      base_metrics)
     ledger.ensure_header(plan)
     cache = ReleaseCache(state_dir, key=atrest_key)
     key = request_key(req.federation, req.round, weights_version(state_dict))
@@ -200,6 +310,16 @@ def _train_locked(cfg: HospitalConfig, req: RoundRequest, data: LocalData, state
 
     charge = ledger.find(key)
     if charge is not None:
+        # A retry trains exactly what was charged, whatever hospital.toml says now.
+        try:
+            charged = charged_plan(charge, plan)
+        except RequestRefused as e:
+            return refuse(f"hospital {cfg.hospital.name}: round {req.round} refused: {e}", base_metrics)
+        diff = plan_differences(charged, plan)
+        if diff:
+            log.warning("round %d: hospital.toml now plans %s; the retry trains the plan this round was charged "
+                        "for (ledger line %d)", req.round, ", ".join(diff), int(charge["seq"]) + 1)
+        plan, base_metrics = charged, metrics_of(charged)
         ledger.note("retry", federation=req.federation, round=req.round, request=key)
         log.info("round %d: retraining after an interrupted attempt (its spend is recorded, nothing was released)",
                  req.round)
@@ -208,7 +328,6 @@ def _train_locked(cfg: HospitalConfig, req: RoundRequest, data: LocalData, state
             charge = ledger.charge(plan, federation=req.federation, server_round=req.round, key=key)
         except BudgetExceeded as e:
             return refuse(str(e), base_metrics)
-    model = _model_from(req, state_dict, device)
     out = train_private_round(
         model, data.train, cfg, plan, req.task, device, lr=req.lr, prox_mu=req.proximal_mu,
         desc=f"{cfg.hospital.name} round {req.round}",
@@ -231,13 +350,14 @@ def evaluate_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict
     of scans outside the DP-protected training set).
     """
     req = RoundRequest.from_config(config)
+    check_request(cfg, req)  # the same limits as training (an evaluation spends no ε)
     device = resolve_device(cfg.hospital.device)
     data = load_local_data(cfg, req.image_size, req.task)
     if data.val is None or len(data.val) == 0:
         log.info("round %d: no validation scans (data.val_fraction = %g): no evaluation metrics are sent",
                  req.round, cfg.data.val_fraction)
         return {"num-examples": 0}
-    m = evaluate(_model_from(req, state_dict, device), data.val, req.task, device)
+    m = evaluate(checked_model(cfg, req, state_dict, device), data.val, req.task, device)
     return {"num-examples": len(data.val), **{k: float(v) for k, v in m.items()
                                                if k in ("auc", "accuracy", "loss", "sensitivity", "specificity")}}
 

@@ -29,15 +29,23 @@ server asks for. How:
   replaying it) gets the byte-identical update again from the release cache — post-processing,
   no new spend — or, when that copy is gone, unreadable or altered, a refusal naming why;
   never a retrain. A request charged but never released (the hospital crashed while training)
-  retrains under the spend already recorded. The whole decision runs under an exclusive lock
+  retrains under the spend already recorded, and exactly the plan that line charged (σ, q,
+  steps, C: ``xrayfed.client.hospital.charged_plan``), whatever ``hospital.toml`` says after
+  the restart. The whole decision runs under an exclusive lock
   on the state folder (:class:`StateLock`), so two concurrent requests cannot both use one
   charge. ``xrayfed report`` shows releases against charges and flags any release without its
   own charge.
+* **A refused request costs nothing** (``xrayfed.client.hospital.check_request`` and
+  ``checked_model``, before the charge): the round's settings (learning rate, FedProx μ, scan
+  size within ``[hospital] max_*``), a model spec that names no file, and a global model with
+  the architecture's names, shapes and dtypes and finite values. A server cannot spend a
+  hospital's budget with requests the hospital would never train on.
 * **Tamper-evident ledger.** Editing a line or re-chaining the file needs the ledger key;
   removing lines from the end is caught by the head anchor (``privacy-ledger.head``) and, if
   that is rolled back too, by the head the server recorded after the hospital's last reply,
   which it sends back with the next round: the hospital then refuses to train
-  (``ledger.check_anchor``). With an at-rest key, every line must be encrypted.
+  (``ledger.check_anchor``). The server's anchor never moves backwards
+  (``xrayfed.server.strategy.ledger_anchors``), so the refusal lasts until the ledger is restored. With an at-rest key, every line must be encrypted.
 * **Plans that cannot give a meaningful guarantee are refused before work starts**
   (:func:`plan_dp`, also run by ``xrayfed client`` before joining): δ ≥ 1/N, a budget no σ can
   meet, a plan longer than the accountant composes.

@@ -62,11 +62,26 @@ class FederationSection(_Strict):
                                                             "connected; then the run stops (resumable)")
     max_update_norm: float = Field(1e3, gt=0.0, description="an update farther than this from the global model "
                                                             "(L2 over all weights) is rejected as malformed")
+    max_examples_per_hospital: int = Field(100_000, ge=1, description="the largest FedAvg weight (num-examples) "
+                                                                       "one hospital may claim; a hospital's weight "
+                                                                       "is also capped at the N of its first reply")
+    aggregator: Literal["mean", "median", "trimmed_mean"] = Field(
+        "mean", description="mean (example-weighted, FedAvg) | median | trimmed_mean (coordinate-wise, "
+                            "unweighted: robust to a hospital that poisons its update; not with SecAgg+)")
+    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="trimmed_mean: share of the largest and of "
+                                                                  "the smallest values dropped per coordinate")
     secure_aggregation: bool = Field(False, description="Flower SecAgg+: the server sees only the sum of updates")
     initial_model: Path | None = Field(None, description="xrayfed checkpoint to start from (round-0 global model), "
                                                          "e.g. one trained on public data: the strongest lever for "
                                                          "accuracy under DP; same architecture, the head may differ")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _robust_needs_the_updates(self) -> "FederationSection":
+        if self.aggregator != "mean" and self.secure_aggregation:
+            raise ValueError(f"aggregator = {self.aggregator!r} needs each hospital's update, but under "
+                             "secure_aggregation the server sees only their sum; use aggregator = \"mean\"")
+        return self
 
     def effective_server_lr(self) -> float:
         """``server_lr``, or the strategy's default (1.0 for fedavgm, 0.1 for fedadam)."""
@@ -191,12 +206,28 @@ class FederationConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- hospital role
+#: The most a round request may ask of a hospital (``[hospital] max_*`` may only lower them).
+MAX_SERVER_LR = 10.0
+MAX_PROXIMAL_MU = 10.0
+MAX_IMAGE_SIZE = 2048
+MAX_MODEL_PARAMETERS = 50_000_000
+
 class HospitalSection(_Strict):
     name: str = Field("hospital", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     state_dir: Path = Field(Path("hospital-state"), description="privacy ledger, cached updates")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     require_secure_aggregation: bool = Field(
         False, description="train only under SecAgg+: plain (unmasked) training requests are refused")
+    # What a round request may ask of this hospital; checked before anything is charged (a refused
+    # request costs no ε). The defaults are the most the project accepts; a hospital may tighten them.
+    max_server_lr: float = Field(MAX_SERVER_LR, gt=0.0, le=MAX_SERVER_LR,
+                                 description="largest client learning rate a round request may set")
+    max_proximal_mu: float = Field(MAX_PROXIMAL_MU, ge=0.0, le=MAX_PROXIMAL_MU,
+                                   description="largest FedProx μ a round request may set")
+    max_image_size: int = Field(MAX_IMAGE_SIZE, ge=8, le=MAX_IMAGE_SIZE,
+                                description="largest scan size (px) a round request may ask for")
+    max_model_parameters: int = Field(MAX_MODEL_PARAMETERS, ge=1, le=MAX_MODEL_PARAMETERS,
+                                      description="largest global model (weights) a round request may send")
     ledger_key_file: Path | None = Field(
         None, description="key of the privacy ledger's HMAC chain (default: derived from the at-rest key when "
                           "one is set, else state_dir/ledger.key, created on first use); keep it where the "

@@ -32,3 +32,29 @@ def warn_insecure(what: str, exposed: str, stream: IO[str] | None = None) -> str
     line = f"xrayfed: WARNING: --insecure: {what} runs WITHOUT TLS ({exposed}); use it for local experiments only"
     print(line, file=stream or sys.stderr, flush=True)
     return line
+
+
+#: Longest text of another party's (a hospital's refusal reason, a peer's error) put in one log line.
+UNTRUSTED_MAX_CHARS = 300
+
+
+def untrusted(text: object, limit: int = UNTRUSTED_MAX_CHARS) -> str:
+    """``text`` from another party made safe for one log or report line: every control or line-
+    separator character (newline, carriage return, escape sequences, U+2028…) is written as its
+    escape (``\\n``, ``\\x1b``), and the text is cut to ``limit`` characters (``…``). Callers put
+    it in quotes after whose text it is (``hospital h1's reason: "…"``), so it can never pass
+    for a line of this process's own."""
+    s = str(text)
+    out = []
+    for ch in s[: limit + 1]:
+        o = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif o < 0x20 or o == 0x7F or 0x80 <= o < 0xA0 or ch in "\u2028\u2029\u0085":
+            out.append(repr(ch)[1:-1] if ch not in "\u2028\u2029" else f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    s2 = "".join(out)
+    if len(s) > limit:
+        s2 = s2[: max(0, limit - 1)] + "…"
+    return s2

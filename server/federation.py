@@ -35,7 +35,7 @@ from xrayfed.common.data import load_dataset
 from xrayfed.common.model import build_model
 from xrayfed.common.protocol.rounds import SENT_AN_UPDATE
 from xrayfed.server.rundir import RunDir
-from xrayfed.server.strategy import HospitalsMissing, ledger_anchors, make_strategy
+from xrayfed.server.strategy import HospitalsMissing, ledger_anchors, make_strategy, pinned_plans
 
 log = logging.getLogger(__name__)
 PREFIX = "[xrayfed]"
@@ -169,9 +169,11 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     val_set = _load_eval_set(cfg, cfg.eval.val_split, "choice of the decision threshold") if cfg.eval.val_split else None
 
     anchors: dict[str, tuple[int, str]] = {}
+    plans: dict = {}
     for row in run.read_metrics():
         ledger_anchors(row.get("hospitals") or [], anchors)
-    strategy = make_strategy(cfg, round_offset=start_round, anchors=anchors, say=_say)
+        pinned_plans(row.get("hospitals") or [], plans)
+    strategy = make_strategy(cfg, round_offset=start_round, anchors=anchors, say=_say, plans=plans)
     if latest is not None:
         restored = strategy.load_server_state(run.load_server_state(start_round) or {})
         if restored:

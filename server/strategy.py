@@ -14,9 +14,16 @@
   sampled once it is connected;
 * reject a malformed update before it is aggregated (:func:`check_update`: other keys or
   shapes than the global model, NaN/Inf, or an L2 distance from the global model above
-  ``[federation] max_update_norm``): the hospital's row says ``rejected`` and why, a warning is
-  logged, and the round goes on with the others. Under SecAgg+ the server only sees the sum, so
-  the check applies to the sum: one malformed update voids that round's aggregate.
+  ``[federation] max_update_norm`` or above what one DP-SGD round of the hospital's pinned plan
+  can reach, :mod:`xrayfed.server.aggregation`): the hospital's row says ``rejected`` and why, a
+  warning is logged, and the round goes on with the others. Under SecAgg+ the server only sees
+  the sum, so the check applies to the sum: one malformed update voids that round's aggregate;
+* cap each hospital's FedAvg weight, and aggregate with the median or trimmed mean when
+  ``[federation] aggregator`` says so;
+* bind every reply to the hospital its key was registered as (a reply naming another hospital
+  is rejected), and keep each hospital's ledger anchor moving forward only
+  (:func:`ledger_anchors`);
+* log another party's text (names, reasons) escaped to one line and quoted as theirs.
 """
 
 from __future__ import annotations
@@ -30,14 +37,25 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from xrayfed.common.config import FederationConfig
+from xrayfed.common.logs import untrusted
 from xrayfed.common.protocol.rounds import (
     FAILED,
     NUM_EXAMPLES,
     REFUSED,
     REJECTED,
+    RESENT,
+    TRAINED,
     RoundRequest,
     has_update,
     reply_row,
+)
+from xrayfed.server.aggregation import (
+    HospitalPlan,
+    capped_weight,
+    dp_update_bound,
+    num_parameters,
+    robust_aggregate,
+    update_distance,
 )
 
 log = logging.getLogger(__name__)
@@ -72,26 +90,29 @@ def await_hospitals(grid, need: int, timeout_s: float, global_round: int, say: C
         time.sleep(0.5)
 
 
-def check_update(update: dict[str, Any], reference: dict[str, Any], max_norm: float) -> str | None:
+def check_update(update: dict[str, Any], reference: dict[str, Any], max_norm: float,
+                 plan_bound: float = math.inf) -> str | None:
     """Why the update ``update`` (name → numpy array) cannot be aggregated with the global model
     ``reference``, or None when it can: keys and shapes must match, every value must be finite,
-    and ‖update − reference‖₂ (over all arrays) must not exceed ``max_norm``."""
+    and ‖update − reference‖₂ (over all arrays) must not exceed ``max_norm`` nor ``plan_bound``
+    (what a DP-SGD round of the hospital's plan can reach, :func:`~xrayfed.server.aggregation.dp_update_bound`)."""
     import numpy as np
 
     if set(update) != set(reference):
         extra, missing = sorted(set(update) - set(reference)), sorted(set(reference) - set(update))
         return f"arrays differ from the global model's (unexpected {extra[:3]}, missing {missing[:3]})"
-    sq = 0.0
     for k, ref in reference.items():
         u = np.asarray(update[k])
         if u.shape != np.shape(ref):
             return f"array {k!r} has shape {list(u.shape)}, the global model's is {list(np.shape(ref))}"
         if not np.all(np.isfinite(u)):
             return f"array {k!r} holds NaN or Inf"
-        if np.issubdtype(u.dtype, np.floating):
-            sq += float(np.sum((u.astype(np.float64) - np.asarray(ref, dtype=np.float64)) ** 2))
-    if not math.sqrt(sq) <= max_norm:
-        return f"update norm ‖Δ‖₂ = {math.sqrt(sq):.3g} exceeds max_update_norm {max_norm:g}"
+    norm = update_distance(update, reference)
+    if not norm <= max_norm:
+        return f"update norm ‖Δ‖₂ = {norm:.3g} exceeds max_update_norm {max_norm:g}"
+    if not norm <= plan_bound:
+        return (f"update norm ‖Δ‖₂ = {norm:.3g} exceeds {plan_bound:.3g}, the most a DP-SGD round of the "
+                "hospital's own plan (N, σ, q, steps, C, momentum, at this round's lr) can reach")
     return None
 
 
@@ -105,14 +126,54 @@ def _map_arrays(v: Any, fn: Callable[[Any], Any]) -> Any:
     return fn(v)
 
 
-def ledger_anchors(rows: Iterable[dict[str, Any]], anchors: dict[str, tuple[int, str]] | None = None
-                   ) -> dict[str, tuple[int, str]]:
-    """Update ``{hospital: (seq, head)}`` with the ledger heads reported in metrics rows (later wins)."""
+#: Replies whose ledger head becomes the hospital's anchor: an update left the hospital (trained,
+#: resent, or trained and then rejected by the server's checks).
+ADVANCES_ANCHOR = (TRAINED, RESENT, REJECTED)
+
+
+def ledger_anchors(rows: Iterable[dict[str, Any]], anchors: dict[str, tuple[int, str]] | None = None,
+                   findings: list[str] | None = None) -> dict[str, tuple[int, str]]:
+    """Advance ``{hospital: (seq, head)}`` with the ledger heads reported in metrics rows.
+
+    An anchor only moves forward, and only with a reply that sent an update
+    (:data:`ADVANCES_ANCHOR`): a refusal never moves it. A head *behind* the anchor (a lower
+    ``seq``, or the same ``seq`` with another hash) means the hospital's ledger was rolled back:
+    it is a finding (appended to ``findings``, and the row gets ``ledger_rollback``), never the
+    new anchor, so every later request still carries the anchor the rolled-back ledger lacks and
+    the hospital keeps refusing until its ledger is restored. A row whose claimed name did not
+    match its key (``claimed_hospital``) moves nothing."""
     anchors = {} if anchors is None else anchors
     for r in rows:
-        if r.get("status") != FAILED and r.get("ledger_head") and r.get("ledger_seq") is not None:
-            anchors[str(r["hospital"])] = (int(r["ledger_seq"]), str(r["ledger_head"]))
+        if r.get("claimed_hospital") or not r.get("ledger_head") or r.get("ledger_seq") is None:
+            continue
+        name, seq, head = str(r["hospital"]), int(r["ledger_seq"]), str(r["ledger_head"])
+        old = anchors.get(name)
+        if old is not None and (seq < old[0] or (seq == old[0] and head != old[1])):
+            why = (f"hospital {untrusted(name, 64)} reported ledger line {seq + 1}, behind line {old[0] + 1} that it "
+                   "reported before: its privacy ledger was rolled back or replaced (the anchor is kept; the "
+                   "hospital refuses to train until the ledger is restored)")
+            r["ledger_rollback"] = why
+            if findings is not None:
+                findings.append(why)
+            continue
+        if r.get("status") in ADVANCES_ANCHOR:
+            anchors[name] = (seq, head)
     return anchors
+
+
+def pinned_plans(rows: Iterable[dict[str, Any]], plans: dict[str, HospitalPlan] | None = None
+                 ) -> dict[str, HospitalPlan]:
+    """``{hospital: plan}``: the DP plan of each hospital's first reply that sent an update (what
+    :mod:`xrayfed.server.aggregation` bounds its updates and weight with). Later rows never
+    change it."""
+    plans = {} if plans is None else plans
+    for r in rows:
+        if r.get("claimed_hospital") or r.get("status") not in ADVANCES_ANCHOR or str(r.get("hospital")) in plans:
+            continue
+        plan = HospitalPlan.from_row(r)
+        if plan is not None:
+            plans[str(r["hospital"])] = plan
+    return plans
 
 
 def round_lr(cfg: FederationConfig, server_round: int) -> float:
@@ -127,7 +188,7 @@ def round_lr(cfg: FederationConfig, server_round: int) -> float:
 
 
 def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[str, tuple[int, str]] | None = None,
-                  say: Callable[[str], None] = log.info):
+                  say: Callable[[str], None] = log.info, plans: dict[str, HospitalPlan] | None = None):
     """The configured strategy, extended with xrayfed's round hooks.
 
     ``anchors``: ``{hospital: (seq, head)}``, the ledger heads recorded so far (a resumed run
@@ -135,6 +196,8 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
     :func:`xrayfed.common.privacy.ledger.anchor_id`, not by name) so each hospital can check that its
     ledger still holds the line it reported: truncation or rollback is caught at its next round.
     ``say``: where the operator's lines go (the server's summary lines).
+    ``plans``: ``{hospital: plan}`` pinned at each hospital's first reply (:func:`pinned_plans`;
+    a resumed run reads them from metrics.jsonl).
     """
     fed = cfg.federation
     base = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": FedAvgM}[fed.strategy]
@@ -166,6 +229,8 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
             self.reference: dict[str, Any] | None = None
             self.requests: list[Message] = []  # this round's training requests (their ids are set when sent)
             self.names: dict[int, str] = {}  # node id -> the hospital name it reported
+            self.registered: dict[int, str] = {}  # node id -> the name its key was registered under
+            self.plans: dict[str, HospitalPlan] = dict(plans or {})
 
         def global_round(self, server_round: int) -> int:
             return self.round_offset + server_round
@@ -174,7 +239,10 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
             from xrayfed.common.privacy.ledger import anchor_id
 
             request = RoundRequest(
-                federation=fed.name, round=self.global_round(server_round), model=cfg.model, task=cfg.task,
+                # the operator's pretrained_path is read here, into the round-0 model; a hospital
+                # never opens a file the server names
+                federation=fed.name, round=self.global_round(server_round),
+                model=cfg.model.model_copy(update={"pretrained_path": None}), task=cfg.task,
                 image_size=int(cfg.image_size), lr=round_lr(cfg, self.global_round(server_round)),
                 ledger_anchors=tuple((anchor_id(fed.name, h), seq, head)
                                      for h, (seq, head) in sorted(self.anchors.items())) if anchors else ())
@@ -196,7 +264,8 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
             try:
                 for n in grid.get_nodes():
                     if getattr(n, "name", ""):
-                        self.names.setdefault(int(n.node_id), str(n.name))
+                        self.registered[int(n.node_id)] = str(n.name)
+                        self.names[int(n.node_id)] = str(n.name)
             except Exception as e:  # noqa: BLE001 - naming is a convenience; the ids are still recorded
                 log.debug("node names unavailable: %s", e)
 
@@ -211,21 +280,85 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
                 elif not str(r["hospital"]).startswith("node-"):
                     self.names.setdefault(r["node_id"], str(r["hospital"]))
 
+        def _bind_names(self, server_round: int, rows: list[dict[str, Any]]) -> None:
+            """A reply speaks for the hospital its key was registered as (``flwr supernode register
+            --name``, read from the SuperLink): a reply that names another hospital is rejected, its
+            row is filed under the registered name with the claimed one beside it, and it moves no
+            anchor and no plan. (Without hospital authentication, ``--insecure``, names are the
+            hospitals' own claims: there is no key to bind them to.)"""
+            for r in rows:
+                registered = self.registered.get(int(r["node_id"]))
+                if r["status"] == FAILED or registered is None or r["hospital"] == registered:
+                    continue
+                claimed = r["hospital"]
+                r.update(claimed_hospital=claimed, hospital=registered, status=REJECTED,
+                         reason=f"the reply names hospital \"{claimed}\" but its key is registered as "
+                                f"\"{registered}\"")
+                log.warning("round %d: reply of node %d rejected, not aggregated: it names hospital \"%s\" but its "
+                            "key is registered as \"%s\"", self.global_round(server_round), r["node_id"], claimed,
+                            registered)
+
+        def _bound(self, server_round: int, r: dict[str, Any]) -> tuple[float, str | None]:
+            """``(plan bound, problem)`` for a reply's update: its plan must be the one pinned at the
+            hospital's first update, and the bound is what a DP-SGD round of it can reach."""
+            plan = HospitalPlan.from_row(r)
+            name = str(r["hospital"])
+            if plan is None:
+                return math.inf, "the reply does not state its DP plan (N, σ, q, steps, C)"
+            pinned = self.plans.setdefault(name, plan)
+            diff = pinned.differences(plan)
+            if diff:
+                return math.inf, (f"its DP plan differs from the one of its first update in this run "
+                                  f"({'; '.join(diff)}): a hospital's plan is fixed for the whole run")
+            n = num_parameters(self.reference.values()) if self.reference is not None else 0
+            return dp_update_bound(pinned, round_lr(cfg, self.global_round(server_round)), n), None
+
         def _screen(self, server_round: int, replies: list[Message], rows: list[dict[str, Any]]) -> list[Message]:
             ok = []
+            secagg = fed.secure_aggregation
             for m, r in zip(replies, rows):
-                if not has_update(m):
+                if not has_update(m) or r["status"] not in (TRAINED, RESENT):
                     continue
                 rec = next(iter(m.content.array_records.values()))
-                problem = check_update({k: v.numpy() for k, v in rec.items()}, self.reference,
-                                       fed.max_update_norm) if self.reference is not None else None
+                bound, problem = (math.inf, None) if secagg else self._bound(server_round, r)
+                if problem is None and self.reference is not None:
+                    problem = check_update({k: v.numpy() for k, v in rec.items()}, self.reference,
+                                           fed.max_update_norm, bound)
                 if problem is None:
+                    self._cap_weight(m, r)
                     ok.append(m)
                     continue
                 log.warning("round %d: update of %s rejected, not aggregated: %s", self.global_round(server_round),
                             r["hospital"], problem)
                 r["status"], r["reason"] = REJECTED, problem
             return ok
+
+        def _cap_weight(self, m: Message, r: dict[str, Any]) -> None:
+            """The reply's FedAvg weight, capped (:func:`~xrayfed.server.aggregation.capped_weight`);
+            the row records the weight used when it is lower than the claim."""
+            if fed.secure_aggregation:
+                return  # the weight travels masked with the update; SecAgg+'s max_weight caps it
+            for rec in m.content.metric_records.values():
+                if NUM_EXAMPLES in rec:
+                    claimed = float(rec[NUM_EXAMPLES])
+                    w = capped_weight(claimed, self.plans.get(str(r["hospital"])), fed.max_examples_per_hospital)
+                    if w != claimed:
+                        rec[NUM_EXAMPLES] = w
+                        r["weight"] = w
+
+        def _robust(self, updates: list[Message]) -> None:
+            """``[federation] aggregator``: every accepted reply's arrays become the coordinate-wise
+            median / trimmed mean of all of them, so the (weighted) mean Flower's strategy then
+            computes — and its server optimizer steps from — is that robust aggregate."""
+            from flwr.app import Array, ArrayRecord
+
+            if fed.aggregator == "mean" or not updates:
+                return
+            keys = [next(iter(m.content.array_records)) for m in updates]
+            states = [{k: v.numpy() for k, v in m.content[key].items()} for m, key in zip(updates, keys)]
+            agg = robust_aggregate(states, fed.aggregator, fed.trim_fraction)
+            for m, key in zip(updates, keys):
+                m.content[key] = ArrayRecord({k: Array(v) for k, v in agg.items()})
 
         #: Flower's attributes that carry the server optimizer across rounds (FedAvgM, FedAdam).
         STATE = ("momentum_vector", "m_t", "v_t")
@@ -255,17 +388,22 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
             replies = list(replies)
             rows = [reply_row(m) for m in replies]
             self._name_rows(replies, rows)
+            self._bind_names(server_round, rows)
             self.train_rows[self.global_round(server_round)] = rows
-            ledger_anchors(rows, self.anchors)
+            findings: list[str] = []
+            ledger_anchors(rows, self.anchors, findings)
+            for why in findings:
+                log.warning("round %d: %s", self.global_round(server_round), why)
             for r in rows:
                 if r["status"] == REFUSED:
-                    log.warning("hospital %s refused round %d: %s", r["hospital"], self.global_round(server_round),
-                                r.get("reason", "privacy budget"))
+                    log.warning("hospital %s refused round %d; its reason: \"%s\"", r["hospital"],
+                                self.global_round(server_round), r.get("reason", "privacy budget"))
             updates = self._screen(server_round, replies, rows)
             if not updates:
                 log.warning("round %d: no hospital sent an update; the global model is unchanged",
                             self.global_round(server_round))
                 return None, None
+            self._robust(updates)
             return super().aggregate_train(server_round, updates)
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):

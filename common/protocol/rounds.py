@@ -20,6 +20,7 @@ for a reply that is an error.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,8 +43,12 @@ REJECTED = "rejected"  # set by the server: the update was malformed and not agg
 SENT_AN_UPDATE = (TRAINED, RESENT)
 
 #: Numeric fields a hospital reports with each training reply (its MetricRecord).
+#: ``momentum`` and ``adam`` (the hospital's optimizer) complete the plan the server bounds each
+#: update with (:mod:`xrayfed.server.aggregation`).
 HOSPITAL_METRICS = (NUM_EXAMPLES, "epsilon", "delta", "epsilon_budget", "train_loss", "noise_multiplier",
-                    "sample_rate", "steps", "max_grad_norm", "secure_rng", "secure_mode", "ledger_seq")
+                    "sample_rate", "steps", "max_grad_norm", "secure_rng", "secure_mode", "ledger_seq",
+                    "momentum", "adam")
+_FLAGS = ("secure_rng", "secure_mode", "adam")
 
 
 @dataclass(frozen=True)
@@ -130,23 +135,30 @@ def finite_metrics(metrics: dict) -> dict[str, float]:
 
 
 def reply_row(msg) -> dict[str, Any]:
-    """One hospital's row for metrics.jsonl from its training reply (a Flower ``Message``)."""
+    """One hospital's row for metrics.jsonl from its training reply (a Flower ``Message``).
+
+    Every text in it is the hospital's own words: made one line and bounded
+    (:func:`xrayfed.common.logs.untrusted`) before any log or report shows it. The name is what
+    the hospital *claims*; the strategy checks it against the name its key was registered under."""
     from flwr.app import ConfigRecord, MetricRecord
+
+    from xrayfed.common.logs import untrusted
 
     row: dict[str, Any] = {"node_id": int(msg.metadata.src_node_id)}
     if msg.has_error():
-        row.update(hospital=f"node-{row['node_id']}", status=FAILED, error=str(msg.error.reason)[:200])
+        row.update(hospital=f"node-{row['node_id']}", status=FAILED, error=untrusted(msg.error.reason, 200))
         return row
     content = msg.content
     info = content.get(HOSPITAL)
     if isinstance(info, ConfigRecord):
-        row["hospital"] = str(info.get("name", f"node-{row['node_id']}"))
-        row["status"] = str(info.get("status", TRAINED))
-        row["accountant"] = str(info.get("accountant", ""))
+        row["hospital"] = untrusted(info.get("name", f"node-{row['node_id']}"), 64)
+        status = str(info.get("status", TRAINED))
+        row["status"] = status if status in (TRAINED, RESENT, REFUSED) else untrusted(status, 32)
+        row["accountant"] = untrusted(info.get("accountant", ""), 16)
         if info.get("reason"):
-            row["reason"] = str(info["reason"])
+            row["reason"] = untrusted(info["reason"])
         if info.get("ledger_head"):
-            row["ledger_head"] = str(info["ledger_head"])
+            row["ledger_head"] = untrusted(info["ledger_head"], 64)
     else:
         row.update(hospital=f"node-{row['node_id']}", status=TRAINED)
     metrics = content.get(METRICS)
@@ -154,8 +166,10 @@ def reply_row(msg) -> dict[str, Any]:
         for k in HOSPITAL_METRICS:
             if k in metrics:
                 v = metrics[k]
+                if not isinstance(v, (int, float)) or not math.isfinite(v):
+                    continue  # a hostile or broken reply: the number is left out, never trusted
                 key = "num_examples" if k == NUM_EXAMPLES else k
-                row[key] = bool(v) if k in ("secure_rng", "secure_mode") else int(v) if k == "ledger_seq" else v
+                row[key] = bool(v) if k in _FLAGS else int(v) if k == "ledger_seq" else v
     return row
 
 

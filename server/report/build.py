@@ -421,6 +421,7 @@ def build_federation_report(run_dir: Path | str, extra_ledgers: list[Path] | Non
             findings.append(Finding(level="warning", code="hospital_failed", hospital=h.hospital,
                                     message=f"{h.hospital} failed in {h.rounds_failed} round(s)"))
     secure_mode_note(hospitals, findings)
+    findings.extend(server_findings(rows))
 
     rounds = _round_summaries(rows, node_name, findings)
     final = next((r for r in reversed(rounds) if r.eval), None)
@@ -439,12 +440,33 @@ def build_federation_report(run_dir: Path | str, extra_ledgers: list[Path] | Non
     return _finish(report)
 
 
+def server_findings(rows: list[dict[str, Any]]) -> list[Finding]:
+    """What the server itself detected in a round and recorded in metrics.jsonl: a ledger head
+    behind the hospital's anchor (``ledger_rollback``), a reply naming another hospital than the
+    one its key is registered as (``claimed_hospital``)."""
+    out = []
+    for row in rows:
+        rnd = row.get("round")
+        for h in row.get("hospitals") or []:
+            if h.get("ledger_rollback"):
+                out.append(Finding(level="critical", code="ledger_rolled_back", hospital=str(h.get("hospital")),
+                                   round=rnd, message=f"round {rnd}: {h['ledger_rollback']}"))
+            if h.get("claimed_hospital"):
+                out.append(Finding(level="critical", code="reply_names_another_hospital",
+                                   hospital=str(h.get("hospital")), round=rnd,
+                                   message=f"round {rnd}: a reply from {h.get('hospital')}'s key named hospital "
+                                           f"\"{h['claimed_hospital']}\"; it was rejected"))
+    return out
+
+
 def _attach_reported(h: HospitalReport, entries: list[tuple[int, dict[str, Any]]], fed: str | None,
                      findings: list[Finding]) -> None:
     """Cross-check the ε a hospital reported to the server with its own ledger, round by round,
     and that the ledger still holds every head the server recorded (truncation, rollback)."""
     want = {"trained": "trained", "resent": "trained", "refused": "refused"}
     for rnd, row in entries:
+        if row.get("claimed_hospital"):
+            continue  # another key's reply: nothing in it is this hospital's
         if row.get("ledger_head") and row.get("ledger_seq") is not None and h._records:
             problem = check_anchor(h._records, int(row["ledger_seq"]), str(row["ledger_head"]))
             if problem:
