@@ -21,7 +21,7 @@ plaintext model's (bar ≥ 99.5 %).
 
 Usage::
 
-    ./dev bench encrypted_inference --data /work/shared/data/pneumoniamnist.npz
+    ./dev bench encrypted_inference --data ../shared/data/pneumoniamnist.npz
     ./dev bench encrypted_inference --sizes 224 --repeats 6 --skip-agreement --load-waves 3
 
 Writes JSON to ``bench/results/encrypted_inference.json`` (``end_to_end.224px.cli_wall_s``:
@@ -329,7 +329,8 @@ def agreement(pool, ckpt, data: str, batch: int, limit: int | None) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="/work/shared/data/pneumoniamnist.npz")
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "pneumoniamnist.npz"),
+                    help="default: ../shared/data/pneumoniamnist.npz beside the repository")
     ap.add_argument("--sizes", type=int, nargs="+", default=[28, 64, 224])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--full-res-224", action="store_true", help="also time 224 px without the input pool")

@@ -29,8 +29,8 @@ runs (``epsN.runs`` lists each run, ``epsN.test_auc_std`` the spread), ``no_dp``
 train with each ε's automatic settings (its local epochs, σ = 0): the largest ε's are ``no_dp``
 and ``central``, a smaller one's (ε = 1: fewer local epochs) ``no_dp_at_eps1`` and
 ``central_at_eps1``, and the price of privacy at each ε is taken against the no-DP run with its
-own settings. ``--reference-epsilons 8`` runs the largest ε's references only (the default
-before session 28, when ε = 1 was priced against the ε = 8 settings' reference).
+own settings. ``--reference-epsilons 8`` runs the largest ε's references only (the former
+default, under which ε = 1 was priced against the ε = 8 settings' reference).
 """
 
 from __future__ import annotations

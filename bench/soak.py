@@ -1,4 +1,4 @@
-"""Benchmark: a long federation with faults (issue 14): hospitals and the server SIGKILLed and
+"""Benchmark: a long federation with faults: hospitals and the server SIGKILLed and
 restarted at random points, with the process count, open file descriptors and memory sampled.
 
 One real federation on 127.0.0.1 — `xrayfed server` with TLS and registered hospital keys, 3 ×

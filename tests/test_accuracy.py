@@ -1,4 +1,4 @@
-"""Issue 11: the pieces that make the DP model usable — in-process simulation of the real
+"""Accuracy under DP: the pieces that make the DP model usable — in-process simulation of the real
 hospital code, augmentation multiplicity, EMA, the operating point, a public starting model."""
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from xrayfed.common.prediction import NIH_LABELS, TaskSpec
 
 from dicom_files import write_dicom as _write_dicom
 
-REAL_NPZ = Path("/work/shared/data/pneumoniamnist.npz")
+REAL_NPZ = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "pneumoniamnist.npz"  # ../shared/data
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -533,7 +533,7 @@ def test_synthetic_finding_is_visible():
     assert lungs[y == 1].mean() > lungs[y == 0].mean() + 5
 
 
-# ----------------------------------------------------------------------------- bad input (issue 9)
+# ----------------------------------------------------------------------------- bad input
 def test_nih_short_row_is_skipped_and_counted(tmp_path, caplog):
     root = tmp_path / "nih"
     _nih(root, lists=True)

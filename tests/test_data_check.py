@@ -1,4 +1,4 @@
-"""The flat ROOT/CLASS/* layout and `xrayfed data check` (issue 13, first part)."""
+"""The flat ROOT/CLASS/* layout and `xrayfed data check` (multi-class data support)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def test_data_check_reports_and_plans(tmp_path, capsys):
     assert cli.main(["data", "check", str(root), "--config", str(cfg), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     train = next(s for s in doc["data"]["splits"] if s["split"] == "train")
-    assert sum(c["images"] for c in train["classes"]) == train["images"] and len(train["unreadable"]) >= 0
+    assert sum(c["images"] for c in train["classes"]) == train["images"]
+    assert [Path(f).name for f, _ in train["unreadable"]] == ["person999_virus_0.jpeg"]  # its patient is in train
     total_unreadable = sum(len(s["unreadable"]) for s in doc["data"]["splits"])
     assert total_unreadable == 1
     eps = list(doc["plan"]["epsilon_after_round"].values())

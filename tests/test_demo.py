@@ -27,7 +27,7 @@ def _procs_mentioning(text: str) -> list[psutil.Process]:
 
 
 def test_four_class_flat_folders_train_federated_then_predict_encrypted_export_explain(tmp_path):
-    """Issue 13's multi-class path with the real commands at every step: a healthy / COVID-19 /
+    """The multi-class path with the real commands at every step: a healthy / COVID-19 /
     bacterial / viral set in the flat ``ROOT/CLASS/*`` layout trains federated (`xrayfed demo`:
     server, SuperLink, hospitals and SuperNodes as processes), the report gives macro and
     per-class AUROC, and the global model is predicted encrypted (patient CLI → hospital service

@@ -1,9 +1,13 @@
-"""Every benchmark command the README and docs/ print still parses: a reader who copies one gets
-the benchmark, not ``error: unrecognized arguments`` (nothing is run; parsing stops the script)."""
+"""Every command the README and the docs print still parses: a reader who copies a benchmark
+command gets the benchmark, not ``error: unrecognized arguments``, and an ``xrayfed`` command is
+written with today's names, not an old spelling that only warns (nothing is run; parsing stops
+before any handler)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import re
 import runpy
 import shlex
@@ -13,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+GUIDES = [*DOCS, *sorted((ROOT / "deploy").glob("*.md"))]
 
 
 def documented_bench_commands() -> list[tuple[str, str]]:
@@ -63,3 +68,36 @@ def test_documented_benchmark_command_parses(where, command, monkeypatch):
             runpy.run_path(str(script), run_name="__main__")
         except SystemExit as e:
             pytest.fail(f"{where}: `{command}` does not parse (exit {e.code})")
+
+
+def documented_xrayfed_commands() -> list[tuple[str, str]]:
+    """``(where, command)`` for each complete ``xrayfed …`` line in a fenced block of the README,
+    docs/ and deploy/ (``\\`` continuations joined, trailing ``# comments`` and a ``$ `` prompt
+    dropped). Lines that elide (``...``) or show optional or alternative arguments (``[``, ``|``)
+    are not commands."""
+    out = []
+    for path in GUIDES:
+        for block in re.findall(r"^```[a-z]*\n(.*?)^```", path.read_text(), re.S | re.M):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                line = re.split(r"\s#\s", line)[0].strip().removeprefix("$ ")
+                if line.startswith("xrayfed ") and not any(c in line for c in ("...", "[", "|")):
+                    out.append((path.name, line))
+    return out
+
+
+def test_the_docs_show_xrayfed_commands():
+    names = {c.split()[1] for _, c in documented_xrayfed_commands()}
+    assert {"server", "client", "serve-inference", "serve-crypto-provider", "predict", "certs", "token"} <= names
+
+
+@pytest.mark.parametrize("where,command", documented_xrayfed_commands(), ids=lambda v: v[:60])
+def test_documented_xrayfed_command_parses_with_current_names(where, command):
+    from xrayfed.common.cli import build_parser
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            build_parser().parse_args(shlex.split(command)[1:])
+        except SystemExit as e:
+            pytest.fail(f"{where}: `{command}` does not parse (exit {e.code}): {err.getvalue().strip()}")
+    assert "WARNING" not in err.getvalue(), f"{where}: `{command}` uses an old spelling: {err.getvalue().strip()}"

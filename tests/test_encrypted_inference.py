@@ -695,7 +695,7 @@ class PeerContext(FakeContext):
 
 @pytest.mark.slow
 def test_one_caller_cannot_hold_the_service(pool, tmp_path):
-    """Issue 9: one valid token could open every session slot and never join. Now: one session
+    """One valid token used to open every session slot and never join. Now: one session
     per token, two per address, a session nobody joins is freed after join_timeout_s, a rate and
     a lifetime budget per token (kept across a restart), and revoked tokens are refused."""
     import grpc

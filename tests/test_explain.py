@@ -1,4 +1,4 @@
-"""`xrayfed explain` (issue 13, third part): the Grad-CAM heatmap concentrates on the finding the
+"""`xrayfed explain`: the Grad-CAM heatmap concentrates on the finding the
 synthetic generator drew, and the command writes a PNG for one scan or an HTML page for several."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`xrayfed export` (issue 13, second part): the exported model equals the checkpoint and carries
+"""`xrayfed export`: the exported model equals the checkpoint and carries
 what a consumer needs (preprocessing, classes, threshold)."""
 
 from __future__ import annotations

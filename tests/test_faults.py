@@ -1,4 +1,4 @@
-"""Real faults in a real federation (issue 14): TLS, registered hospital keys, real processes.
+"""Real faults in a real federation: TLS, registered hospital keys, real processes.
 
 One federation of 3 hospitals (``min_clients`` 2) lives through, in this order:
 

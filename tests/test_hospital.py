@@ -125,7 +125,7 @@ def test_crash_before_release_retrains_under_recorded_spend(tmp_path, npz):
     assert ledger.releases_without_charge() == []
 
 
-# --------------------------------------------------------------------------- attacks (issue 9)
+# --------------------------------------------------------------------------- attacks
 @pytest.fixture(scope="module")
 def small_npz(tmp_path_factory):
     return _synthetic_npz(tmp_path_factory, "small.npz", 300, 20, 20, 16, seed=5)

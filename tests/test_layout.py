@@ -1,4 +1,4 @@
-"""The layout rule, checked on the code so that it stays true (issue 10).
+"""The layout rule, checked on the code so that it stays true.
 
 * ``xrayfed.common`` serves every role and imports none: no module of ``common/`` imports
   ``xrayfed.server`` or ``xrayfed.client`` — except the command-line entry point

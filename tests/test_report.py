@@ -1,4 +1,4 @@
-"""Privacy-budget reports (issue 4): exact figures, plots, second opinion, tamper evidence, warnings."""
+"""Privacy-budget reports: exact figures, plots, second opinion, tamper evidence, warnings."""
 
 from __future__ import annotations
 

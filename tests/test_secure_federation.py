@@ -1,4 +1,4 @@
-"""The real product, secured (issue 5): `xrayfed certs init` material, `xrayfed server` with TLS,
+"""The real product, secured: `xrayfed certs init` material, `xrayfed server` with TLS,
 SuperNode authentication, SecAgg+ and encrypted checkpoints, and real `xrayfed client`
 processes on 127.0.0.1.
 
@@ -78,7 +78,7 @@ def run(tmp_path_factory):
         "image_size": 28,
         "eval": {"path": str(data), "split": "test"},
         # No supernode_auth setting: listing hospital_keys must be enough to turn authentication on
-        # (issue 9: it used to be silently off, and a hospital without a key was aggregated).
+        # (it used to be silently off, and a hospital without a key was aggregated).
         "network": {"listen": f"127.0.0.1:{port}",
                     "hospital_keys": [str(pki / "hospitals" / h / "auth.pub") for h in (*GOOD, BROKE)],
                     "tls": {"ca_cert": str(pki / "ca.pem"), "cert": str(pki / "server.pem"),

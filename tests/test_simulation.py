@@ -1,4 +1,4 @@
-"""Issue 14: `xrayfed simulate` on Flower's Simulation Engine (Ray) runs the real ServerApp and
+"""`xrayfed simulate` on Flower's Simulation Engine (Ray) runs the real ServerApp and
 ClientApp; malformed updates are rejected before aggregation and the round goes on."""
 
 from __future__ import annotations
