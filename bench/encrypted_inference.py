@@ -9,7 +9,7 @@ Measures, for each image size (default 28, 64, 224 px):
 * **plaintext latency** of the same model on one scan (1 thread) and the ratio;
 * **communication**: CrypTen's counters per party, the bytes on the party link, and the bytes
   the patient sends and receives;
-* **end to end**: the real product path — ``xrayfed serve-ttp`` + ``xrayfed serve-inference``
+* **end to end**: the real product path — ``xrayfed serve-crypto-provider`` + ``xrayfed serve-inference``
   (TLS, tokens, warm workers) and the wall time of a fresh ``xrayfed predict`` process on a
   full-size 2,500 × 1,900 px PNG (Python start, imports, preprocessing, dealing, gRPC to both
   services, MPC, output);
@@ -96,7 +96,7 @@ def mpc_latency(pool, ckpt, repeats: int, work: Path) -> dict:
     pki = work / "pki"
     if not (pki / "ca.pem").exists():
         init_pki(pki)
-    tls = (str(pki / "ttp" / "tls.pem"), str(pki / "ttp" / "tls.key"), str(pki / "ca.pem"))
+    tls = (str(pki / "crypto-provider" / "tls.pem"), str(pki / "crypto-provider" / "tls.key"), str(pki / "ca.pem"))
     tape = mpc.record_tape(ckpt.model, ckpt.image_size)
     runs = []
     for _ in range(repeats):
@@ -117,7 +117,7 @@ def mpc_latency(pool, ckpt, repeats: int, work: Path) -> dict:
 
 # --------------------------------------------------------------------------- end to end
 class Services:
-    """serve-ttp + serve-inference as real processes (TLS, tokens) for one checkpoint."""
+    """serve-crypto-provider + serve-inference as real processes (TLS, tokens) for one checkpoint."""
 
     def __init__(self, work: Path, ckpt_path: Path) -> None:
         from xrayfed.common.procs import free_port, spawn, venv_bin, wait_for_port
@@ -140,22 +140,25 @@ class Services:
             t.write_text(tokens.issue_token(tokens.load_private_key(key), f"BENCH-{i + 2}", tokens.parse_expires("2h"))
                          + "\n")
             self.load_tokens.append(t)
-        secret = work / "ttp.secret"
+        secret = work / "crypto-provider.secret"
         secret.write_text(os.urandom(32).hex())
         xr = venv_bin("xrayfed")
-        self.ttp_port, self.svc_port = free_port(), free_port()
-        self.logs = [open(work / "ttp.log", "ab"), open(work / "svc.log", "ab")]
+        self.provider_port, self.svc_port = free_port(), free_port()
+        self.logs = [open(work / "crypto-provider.log", "ab"), open(work / "svc.log", "ab")]
         self.procs = [
-            spawn([xr, "serve-ttp", "--listen", f"127.0.0.1:{self.ttp_port}", "--cert", str(pki / "ttp" / "tls.pem"),
-                   "--key", str(pki / "ttp" / "tls.key"), "--secret", str(secret), "--max-sessions", "16"],
+            spawn([xr, "serve-crypto-provider", "--listen", f"127.0.0.1:{self.provider_port}",
+                   "--cert", str(pki / "crypto-provider" / "tls.pem"),
+                   "--key", str(pki / "crypto-provider" / "tls.key"),
+                   "--secret", str(secret), "--max-sessions", "16"],
                   log=self.logs[0]),
         ]
-        wait_for_port("127.0.0.1", self.ttp_port, timeout=120, proc=self.procs[0], what="serve-ttp")
+        wait_for_port("127.0.0.1", self.provider_port, timeout=120, proc=self.procs[0], what="serve-crypto-provider")
         self.procs.append(spawn([
             xr, "serve-inference", "--model", str(ckpt_path), "--listen", f"127.0.0.1:{self.svc_port}",
             "--token-key", str(key.with_suffix(".pub")), "--cert", str(pki / "inference" / "tls.pem"),
-            "--key", str(pki / "inference" / "tls.key"), "--ttp", f"127.0.0.1:{self.ttp_port}",
-            "--ttp-ca", str(pki / "ca.pem"), "--ttp-secret", str(secret), "--audit-log", str(work / "audit.jsonl"),
+            "--key", str(pki / "inference" / "tls.key"), "--crypto-provider", f"127.0.0.1:{self.provider_port}",
+            "--ca-cert", str(pki / "ca.pem"), "--crypto-provider-secret", str(secret),
+            "--audit-log", str(work / "audit.jsonl"),
             "--session-timeout", "300", "--allow-scans-without-patient-id", "--rate-per-hour", "100000",
             "--budget-per-token", "100000", "--max-sessions", "12", "--max-sessions-per-peer", "12"],
             log=self.logs[1]))

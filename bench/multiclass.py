@@ -95,8 +95,8 @@ def main() -> None:
         finally:
             svc.close()
         report["encrypted_predict"] = {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"runs": runs}
-        report["export_onnx_s"] = _timed([xr, "export", str(ckpt_path), "--format", "onnx", "--data", str(data),
-                                          "--out", str(tmp / "m.onnx")])
+        report["export_onnx_s"] = _timed([xr, "export", "--model", str(ckpt_path), "--format", "onnx",
+                                          "--data", str(data), "--out", str(tmp / "m.onnx")])
         each = [a for s in scans[:4] for a in ("--scan", str(s))]
         report["explain_4_scans_s"] = _timed([xr, "explain", "--model", str(ckpt_path), *each, "--out",
                                               str(tmp / "page.html")])

@@ -108,7 +108,7 @@ class Federation:
             cmd = cli + ["server", "--config", str(self.fp)]
         else:
             cmd = cli + ["client", "--server", f"127.0.0.1:{self.port}", "--config", str(self.hcfg[tag]),
-                         "--root-cert", str(self.pki / "hospitals" / tag / "ca.pem"),
+                         "--ca-cert", str(self.pki / "hospitals" / tag / "ca.pem"),
                          "--auth-key", str(self.pki / "hospitals" / tag / "auth.key")]
         self.procs[tag] = spawn(cmd, log=log)
 

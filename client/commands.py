@@ -1,5 +1,6 @@
-"""The sub-commands run at the edges: ``client`` (a hospital), ``serve-inference`` and
-``issue-token`` (a hospital's inference service and staff), ``predict`` (a patient).
+"""The sub-commands run at the edges: ``client``, ``data check``, ``export`` and ``explain`` (a
+hospital), ``serve-inference`` and ``token`` (a hospital's inference service and staff),
+``predict`` (a patient).
 
 Only argument definitions live here, so ``xrayfed --help`` stays fast; each command's handler
 is imported when that command runs (:func:`xrayfed.common.cli_args.handler`).
@@ -10,14 +11,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from xrayfed.common.cli_args import handler
+from xrayfed.common.cli_args import add_model_argument, handler, old_option
 from xrayfed.common.security.atrest import add_key_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the hospital's and the patient's sub-commands to the ``xrayfed`` parser."""
     for reg in (register_client, register_data, register_export, register_explain, register_inference,
-                register_predict):
+                register_token, register_predict):
         reg(sub)
 
 
@@ -32,7 +33,9 @@ def register_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override [hospital] device (default auto)")
     p.add_argument("--epsilon", type=float, help="override [privacy] epsilon (this hospital's total ε budget)")
     p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only; prints a warning)")
-    p.add_argument("--root-cert", type=Path, help="CA certificate (PEM) that signed the server's certificate")
+    ca = p.add_argument("--ca-cert", type=Path, metavar="FILE",
+                        help="CA certificate (PEM) that signed the server's certificate (the federation's ca.pem)")
+    old_option(p, ca, "--root-cert")
     p.add_argument("--auth-key", type=Path, help="this hospital's SuperNode authentication private key")
     p.add_argument("--port", type=int, help="local port of the SuperNode's ClientApp API (default: a free port)")
     add_key_argument(p, help="encrypt this hospital's privacy ledger and released updates at rest with this key")
@@ -58,8 +61,8 @@ def register_export(sub: argparse._SubParsersAction) -> None:
                        description="Write the checkpoint's model as ONNX or TorchScript with its preprocessing, "
                                    "classes and threshold as metadata; the file is verified against the "
                                    "checkpoint before it is kept.")
-    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a global model (RUN_DIR/checkpoints/...)")
-    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    add_model_argument(p, help="a global model checkpoint (RUN_DIR/checkpoints/...)", old_positional=True)
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="file format to write")
     p.add_argument("--out", required=True, type=Path, help="file to write (mode 0600)")
     p.add_argument("--data", type=Path, help="verify on these scans (default: synthetic scans)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
@@ -77,7 +80,7 @@ def register_explain(sub: argparse._SubParsersAction) -> None:
                        description="For the hospital's clinicians (plaintext, hospital side only): a Grad-CAM "
                                    "heatmap over each scan for the predicted (or a chosen) class, with the "
                                    "probabilities. One scan: a PNG; several: an HTML page.")
-    p.add_argument("--model", required=True, type=Path, metavar="CHECKPOINT", help="a global model checkpoint")
+    add_model_argument(p, help="a global model checkpoint")
     p.add_argument("--scan", required=True, type=Path, action="append", metavar="FILE",
                    help="PNG, JPEG or DICOM (repeatable)")
     p.add_argument("--out", required=True, type=Path, help="heatmap.png (one scan) or page.html")
@@ -91,16 +94,24 @@ def register_inference(sub: argparse._SubParsersAction) -> None:
                        description="The hospital's encrypted-inference service: patients get predictions on "
                        "their scans without revealing them; the model's weights stay secret.")
     p.add_argument("--config", type=Path, help="TOML file with InferenceServiceConfig settings")
-    p.add_argument("--model", type=Path, help="federated checkpoint to serve")
+    add_model_argument(p, help="federated checkpoint to serve (or model in --config)", required=False)
     p.add_argument("--listen", help="gRPC address HOST:PORT (default 127.0.0.1:9443)")
     p.add_argument("--token-key", type=Path, action="append", help="trusted token public key (PEM; repeatable)")
     p.add_argument("--audience", help="token audience this service accepts (default xrayfed-inference)")
     p.add_argument("--cert", type=Path, help="TLS certificate of the service (PEM)")
     p.add_argument("--key", type=Path, help="TLS private key of the service (PEM)")
-    p.add_argument("--ttp", metavar="HOST:PORT", help="the crypto provider's serve-ttp address")
-    p.add_argument("--ttp-ca", type=Path, help="CA certificate that signed the TTP's TLS certificate")
-    p.add_argument("--ttp-secret", type=Path, help="file with the secret shared with the TTP service")
-    p.add_argument("--ttp-public", help="the crypto provider's HOST:PORT as patients reach it (default: --ttp)")
+    a = p.add_argument("--crypto-provider", metavar="HOST:PORT",
+                       help="the crypto provider's address (xrayfed serve-crypto-provider)")
+    old_option(p, a, "--ttp")
+    a = p.add_argument("--ca-cert", type=Path, metavar="FILE",
+                       help="CA certificate that signed the crypto provider's TLS certificate")
+    old_option(p, a, "--ttp-ca")
+    a = p.add_argument("--crypto-provider-secret", type=Path, metavar="FILE",
+                       help="file with the secret shared with the crypto provider")
+    old_option(p, a, "--ttp-secret")
+    a = p.add_argument("--crypto-provider-public", metavar="HOST:PORT",
+                       help="the crypto provider's HOST:PORT as patients reach it (default: --crypto-provider)")
+    old_option(p, a, "--ttp-public")
     p.add_argument("--session-timeout", type=float, help="seconds before a session is torn down (default 120)")
     p.add_argument("--max-sessions", type=int, help="concurrent MPC sessions (default 4)")
     p.add_argument("--audit-log", type=Path, help="JSON-lines audit log (default inference-audit.jsonl)")
@@ -109,28 +120,65 @@ def register_inference(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--join-timeout", type=float, help="seconds for the parties to join a session (default 30)")
     p.add_argument("--rate-per-hour", type=int, help="predictions per token per hour (default 30)")
     p.add_argument("--budget-per-token", type=int, help="predictions one token may ever get (default 200)")
-    p.add_argument("--revoked-tokens", type=Path, help="file of revoked token ids (jti), one per line")
+    p.add_argument("--revoked-tokens", type=Path, help="file of revoked token ids (jti), one per line "
+                                                       "(xrayfed token revoke adds to it)")
     p.add_argument("--allow-scans-without-patient-id", action="store_true", default=None,
                    help="also serve PNG/JPEG scans, which carry no patient identity (default: DICOM only)")
     p.add_argument("--insecure", action="store_true",
-                   help="no TLS, towards patients and the TTP (local experiments only)")
-    p.set_defaults(func=handler("xrayfed.client.inference_service", "_cmd_serve"))
+                   help="no TLS, towards patients and the crypto provider (local experiments only)")
+    p.set_defaults(func=handler("xrayfed.client.inference.cli", "serve_cmd"))
 
-    t = sub.add_parser("issue-token", help="sign a patient's access token for encrypted inference",
-                       description="Hospital staff: sign a token that lets one patient request predictions "
-                       "until it expires. `--init-key` makes the Ed25519 signing key pair first.")
+
+def register_token(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("token", help="patients' access tokens for encrypted inference: make the signing key, "
+                                     "issue, revoke",
+                       description="Hospital staff: the Ed25519 key that signs patients' access tokens, the tokens "
+                                   "themselves, and their revocation.")
+    ts = p.add_subparsers(dest="token_command", metavar="ACTION")
+    ts.required = True
+
+    k = ts.add_parser("init-key", help="make the Ed25519 signing key pair (KEY and KEY.pub)",
+                      description="Make the key pair that signs patients' tokens: KEY (mode 0600, stays with "
+                                  "staff) and KEY.pub (give it to serve-inference --token-key).")
+    k.add_argument("--signing-key", required=True, type=Path, metavar="KEY", help="signing key file to create")
+    k.add_argument("--force", action="store_true", help="replace an existing key")
+    k.set_defaults(func=handler("xrayfed.client.inference.cli", "token_init_key_cmd"))
+
+    i = ts.add_parser("issue", help="sign a patient's access token",
+                      description="Sign a token that lets one patient request predictions until it expires.")
+    i.add_argument("--signing-key", required=True, type=Path, metavar="KEY",
+                   help="Ed25519 signing key (PEM; from `xrayfed token init-key` or `xrayfed certs init`)")
+    i.add_argument("--patient-id", required=True, help="the patient's id (the DICOM PatientID of their scans)")
+    add_token_claims(i)
+    i.add_argument("--out", type=Path, help="write the token to this file (mode 0600) instead of stdout")
+    i.set_defaults(func=handler("xrayfed.client.inference.cli", "token_issue_cmd"))
+
+    r = ts.add_parser("revoke", help="revoke a token: add its id to the service's revocation list",
+                      description="Add a token's id (jti) to the revocation list that serve-inference "
+                                  "--revoked-tokens reads; the service refuses the token from then on.")
+    r.add_argument("token", metavar="TOKEN|FILE|JTI", help="the token, a file holding it, or its id (jti)")
+    r.add_argument("--revocation-list", required=True, type=Path, metavar="FILE",
+                   help="the revocation list file (serve-inference --revoked-tokens)")
+    r.set_defaults(func=handler("xrayfed.client.inference.cli", "token_revoke_cmd"))
+
+    t = sub.add_hidden_parser("issue-token", "token init-key, token issue or token revoke",
+                              description="Old form of `xrayfed token init-key | issue | revoke`.")
     t.add_argument("--key", type=Path, help="Ed25519 signing key (PEM); with --init-key: file to create")
     t.add_argument("--init-key", action="store_true", help="create the signing key pair (KEY and KEY.pub) and exit")
     t.add_argument("--force", action="store_true", help="with --init-key: replace an existing key")
     t.add_argument("--patient-id", help="the patient's id (the DICOM PatientID of their scans)")
-    t.add_argument("--expires", default="24h", help="lifetime (90m, 12h, 30d) or ISO time (default 24h)")
-    t.add_argument("--audience", default=None, help="service audience (default xrayfed-inference)")
-    t.add_argument("--issuer", default=None, help="issuer name written into the token")
+    add_token_claims(t)
     t.add_argument("--out", type=Path, help="write the token to this file (mode 0600) instead of stdout")
     t.add_argument("--revoke", metavar="TOKEN|FILE|JTI",
                    help="revoke a token instead: add its id to --revocation-list (serve-inference --revoked-tokens)")
     t.add_argument("--revocation-list", type=Path, help="with --revoke: the revocation list file")
-    t.set_defaults(func=handler("xrayfed.client.inference_service", "_cmd_issue"))
+    t.set_defaults(func=handler("xrayfed.client.inference.cli", "issue_token_cmd"))
+
+
+def add_token_claims(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expires", default="24h", help="lifetime (90m, 12h, 30d) or ISO time (default 24h)")
+    p.add_argument("--audience", default=None, help="service audience (default xrayfed-inference)")
+    p.add_argument("--issuer", default=None, help="issuer name written into the token")
 
 
 def register_predict(sub: argparse._SubParsersAction) -> None:
@@ -140,11 +188,13 @@ def register_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scan", type=Path, required=True, help="your scan: PNG, JPEG or DICOM file")
     p.add_argument("--service", required=True, metavar="HOST:PORT", help="the hospital's inference service")
     p.add_argument("--token", type=Path, required=True, help="your access token file (from the hospital)")
-    p.add_argument("--ca-cert", type=Path, help="CA certificate of the service's TLS certificate "
+    p.add_argument("--ca-cert", type=Path, metavar="FILE", help="CA certificate of the service's TLS certificate "
                    "(default: the system's trusted CAs)")
-    p.add_argument("--ttp-ca-cert", type=Path, help="CA certificate of the crypto provider's TLS certificate "
-                   "(default: --ca-cert); its certificate must carry the name xrayfed-crypto-provider")
+    a = p.add_argument("--crypto-provider-ca-cert", type=Path, metavar="FILE",
+                       help="CA certificate of the crypto provider's TLS certificate (default: --ca-cert); its "
+                            "certificate must carry the name xrayfed-crypto-provider")
+    old_option(p, a, "--ttp-ca-cert")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the service per request")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
-    p.set_defaults(func=handler("xrayfed.client.patient", "_cmd_predict"))
+    p.set_defaults(func=handler("xrayfed.client.patient", "predict_cmd"))

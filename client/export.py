@@ -1,4 +1,4 @@
-"""``xrayfed export CHECKPOINT --format onnx|torchscript --out FILE``: the global model for a
+"""``xrayfed export --model CHECKPOINT --format onnx|torchscript --out FILE``: the global model for a
 hospital's own inference stack, usable without xrayfed.
 
 The exported file carries what a consumer needs besides the weights, as JSON metadata
@@ -274,7 +274,7 @@ def export_model(ckpt: Checkpoint, fmt: str, out: Path, *, data: Path | None = N
 def run_export_cmd(args: argparse.Namespace) -> int:
     from xrayfed.common.security.atrest import load_checkpoint, load_key
 
-    ckpt = load_checkpoint(args.checkpoint, load_key(args.atrest_key_file))
+    ckpt = load_checkpoint(args.model, load_key(args.atrest_key_file))
     res = export_model(ckpt, args.format, args.out, data=args.data, force=args.force, int8=args.int8,
                        calibration_scans=args.calibration_scans)
     if args.int8:

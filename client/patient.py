@@ -36,11 +36,11 @@ from xrayfed.common.errors import UserError
 from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
 from xrayfed.common.protocol.inference import (
     CRYPTO_PROVIDER_NAME,
+    CRYPTO_PROVIDER_SERVICE,
     EVALUATE,
     INFERENCE_SERVICE,
     MODEL_INFO,
     OPEN_SESSION,
-    TTP_SERVICE,
 )
 
 
@@ -85,7 +85,7 @@ def prepare(path: Path, image_size: int, in_channels: int):
 
 
 def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None = None,
-            ttp_ca_cert: Path | None = None, insecure: bool = False, rpc_timeout: float = 30.0,
+            crypto_provider_ca_cert: Path | None = None, insecure: bool = False, rpc_timeout: float = 30.0,
             observe=None) -> dict:
     """Run one encrypted prediction; returns ``{class_names, probabilities, model_version, ...}``.
 
@@ -149,7 +149,7 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
         cp = sess.get("crypto_provider") or {}
         cp_addr = str(cp.get("address", ""))
         parse_hostport(cp_addr, "the crypto provider's address (from the service)")
-        provider = rpc.make_channel(cp_addr, ca_cert=ttp_ca_cert or ca_cert, insecure=insecure,
+        provider = rpc.make_channel(cp_addr, ca_cert=crypto_provider_ca_cert or ca_cert, insecure=insecure,
                                     server_name=None if insecure else str(cp.get("server_name") or CRYPTO_PROVIDER_NAME))
         sid = str(sess["session_id"])
         req_h = ({"token": token, "session_id": sid}, dealer.to_blobs(to_h))
@@ -162,7 +162,7 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
                            what="the inference service", target=service)
             if observe is not None:
                 observe("sent_hospital")
-            fc = ex.submit(rpc.call, rpc.method(provider, TTP_SERVICE, EVALUATE), req_c, timeout=wait_s,
+            fc = ex.submit(rpc.call, rpc.method(provider, CRYPTO_PROVIDER_SERVICE, EVALUATE), req_c, timeout=wait_s,
                            what="the crypto provider", target=cp_addr)
             (hh, hb), (ch, cb) = fh.result(), fc.result()
     finally:
@@ -205,11 +205,12 @@ def format_result(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
+def predict_cmd(args: argparse.Namespace) -> int:
     import logging
 
     logging.getLogger().setLevel(logging.WARNING if not args.verbose else logging.DEBUG)  # CrypTen logs at INFO
-    res = predict(args.scan, args.service, args.token, ca_cert=args.ca_cert, ttp_ca_cert=args.ttp_ca_cert,
+    res = predict(args.scan, args.service, args.token, ca_cert=args.ca_cert,
+                  crypto_provider_ca_cert=args.crypto_provider_ca_cert,
                   insecure=args.insecure, rpc_timeout=args.timeout)
     if args.json:
         print(json.dumps(res))

@@ -71,7 +71,7 @@ def check_data(cfg) -> int:
 
 # What flower-supernode prints when the server does not let the hospital in -> our one-line cause.
 _REFUSAL_CAUSES = (
-    ("CERTIFICATE_VERIFY_FAILED", "the server's TLS certificate is not signed by the CA given with --root-cert "
+    ("CERTIFICATE_VERIFY_FAILED", "the server's TLS certificate is not signed by the CA given with --ca-cert "
                                   "(wrong ca.pem, or not the federation's server)"),
     ("Failed to activate SuperNode", "the server refused this hospital's key (--auth-key): it is not registered, "
                                      "or it was revoked"),
@@ -113,9 +113,9 @@ RETRY_REFUSED_S = 5.0
 PREFLIGHT_TIMEOUT_S = 10.0
 
 
-def check_server_certificate(server: str, root_cert: Path | str, timeout: float = PREFLIGHT_TIMEOUT_S) -> bool:
+def check_server_certificate(server: str, ca_cert: Path | str, timeout: float = PREFLIGHT_TIMEOUT_S) -> bool:
     """Before the SuperNode starts: one TLS handshake with ``server`` (HOST:PORT), verifying its
-    certificate with ``root_cert`` as Flower's SuperNode will. A certificate this CA does not
+    certificate with ``ca_cert`` as Flower's SuperNode will. A certificate this CA does not
     accept (another federation's ca.pem, or a server not signed by it) is one line naming the
     CA file; otherwise the SuperNode would retry for minutes without saying why. Returns False
     when the server cannot be reached now (the SuperNode keeps trying, as before), True when
@@ -125,9 +125,9 @@ def check_server_certificate(server: str, root_cert: Path | str, timeout: float 
 
     host, port = parse_hostport(server, "--server")
     try:
-        ctx = ssl.create_default_context(cafile=str(root_cert))
+        ctx = ssl.create_default_context(cafile=str(ca_cert))
     except (ssl.SSLError, ValueError) as e:
-        raise UserError(f"--root-cert {root_cert}: not a PEM CA certificate ({type(e).__name__}); give the "
+        raise UserError(f"--ca-cert {ca_cert}: not a PEM CA certificate ({type(e).__name__}); give the "
                         "federation's ca.pem") from None
     try:
         with socket.create_connection((host, port), timeout=timeout) as raw:
@@ -141,7 +141,7 @@ def check_server_certificate(server: str, root_cert: Path | str, timeout: float 
         else:
             cause = ("it is not signed by this CA (wrong ca.pem, or not the federation's server): use the "
                      "federation's ca.pem from the server's operator")
-        raise UserError(f"--root-cert {root_cert}: the TLS certificate of the server at {server} does not verify "
+        raise UserError(f"--ca-cert {ca_cert}: the TLS certificate of the server at {server} does not verify "
                         f"({why}); {cause}") from None
     except (OSError, ssl.SSLError):
         return False
@@ -211,16 +211,16 @@ def run_client_cmd(args: argparse.Namespace) -> int:
 
     parse_hostport(args.server, "--server")
     cfg = load_hospital_config(args)
-    if not args.insecure and args.root_cert is None:
-        raise UserError("--root-cert: required with TLS (the federation's ca.pem from `xrayfed certs init`), "
+    if not args.insecure and args.ca_cert is None:
+        raise UserError("--ca-cert: required with TLS (the federation's ca.pem from `xrayfed certs init`), "
                         "or pass --insecure for a local experiment")
-    link_args = supernode_args(superlink=args.server, insecure=args.insecure, root_certificates=args.root_cert,
+    link_args = supernode_args(superlink=args.server, insecure=args.insecure, root_certificates=args.ca_cert,
                                auth_private_key=args.auth_key)
     key_file = getattr(args, "atrest_key_file", None)
     atrest_key = load_key(key_file)  # a bad key fails here, before joining
     if args.insecure:
         warn_insecure(f"hospital {cfg.hospital.name}", FLEET_EXPOSED)
-    elif not check_server_certificate(args.server, args.root_cert):
+    elif not check_server_certificate(args.server, args.ca_cert):
         print(f"[xrayfed] hospital {cfg.hospital.name}: the server at {args.server} is not reachable yet; the "
               "SuperNode keeps trying", flush=True)
     check_data(cfg)

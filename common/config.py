@@ -17,6 +17,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xrayfed.common.addresses import split_hostport
+from xrayfed.common.cli_args import warn_deprecated
 from xrayfed.common.errors import UserError
 from xrayfed.common.modelspec import ModelSpec
 from xrayfed.common.prediction import TaskSpec
@@ -412,7 +413,12 @@ def dump_toml(cfg: BaseModel) -> str:
 
 
 # =========================================================================== encrypted inference
-# (appended section: serve-inference / serve-ttp; owned by the encrypted-inference feature)
+# (appended section: serve-inference / serve-crypto-provider; owned by the encrypted-inference feature)
+# Old keys of InferenceServiceConfig → their names now.
+RENAMED_INFERENCE_KEYS = {"ttp": "crypto_provider", "ttp_tls": "crypto_provider_tls",
+                          "ttp_secret": "crypto_provider_secret", "ttp_public": "crypto_provider_public"}
+
+
 class InferenceServiceConfig(_Strict):
     """The hospital's encrypted-inference service (``xrayfed serve-inference``)."""
 
@@ -421,11 +427,14 @@ class InferenceServiceConfig(_Strict):
     token_keys: list[Path] = Field(default_factory=list, description="trusted Ed25519 token public keys (PEM)")
     audience: str = Field("xrayfed-inference", min_length=1, description="tokens must name this audience")
     tls: TLSConfig = TLSConfig()
-    ttp: str = Field("127.0.0.1:9444", description="the crypto provider's TTP service HOST:PORT")
-    ttp_tls: TLSConfig = Field(TLSConfig(), description="ca_cert verifies the TTP's certificate")
-    ttp_secret: Path | None = Field(None, description="file with the secret shared with the TTP service")
-    ttp_public: str | None = Field(None, description="the crypto provider's address HOST:PORT as patients reach "
-                                                     "it (default: ttp)")
+    crypto_provider: str = Field("127.0.0.1:9444", description="the crypto provider's HOST:PORT "
+                                                                "(xrayfed serve-crypto-provider)")
+    crypto_provider_tls: TLSConfig = Field(TLSConfig(), description="ca_cert verifies the crypto provider's "
+                                                                     "certificate")
+    crypto_provider_secret: Path | None = Field(None, description="file with the secret shared with the crypto "
+                                                                  "provider")
+    crypto_provider_public: str | None = Field(None, description="the crypto provider's address HOST:PORT as "
+                                                                 "patients reach it (default: crypto_provider)")
     session_timeout_s: float = Field(120.0, gt=1.0, le=3600.0, description="an MPC session is torn down after this")
     max_sessions: int = Field(4, ge=1, le=256, description="concurrent MPC sessions; more are refused (busy)")
     max_sessions_per_token: int = Field(1, ge=1, le=256, description="concurrent sessions one token may hold")
@@ -443,6 +452,24 @@ class InferenceServiceConfig(_Strict):
     threads_per_party: int = Field(1, ge=1, le=64, description="torch threads per MPC party process")
     audit_log: Path = Field(Path("inference-audit.jsonl"), description="JSON-lines audit log (no scans, no results)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        """Old keys (the crypto provider was called the TTP) are still read, with one warning line."""
+        if not isinstance(data, dict) or not any(k in data for k in RENAMED_INFERENCE_KEYS):
+            return data
+        data = dict(data)
+        for old, new in RENAMED_INFERENCE_KEYS.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            warn_deprecated(f"inference config key {old!r}", repr(new))
+            if new not in data:
+                data[new] = value
+            elif isinstance(value, dict) and isinstance(data[new], dict):  # a flag overrides part of the table
+                data[new] = {**value, **data[new]}
+        return data
+
     @model_validator(mode="after")
     def _join_before_end(self) -> "InferenceServiceConfig":
         if self.join_timeout_s > self.session_timeout_s:
@@ -450,8 +477,9 @@ class InferenceServiceConfig(_Strict):
         return self
 
 
-class TTPConfig(_Strict):
-    """The crypto provider's trusted-third-party service (``xrayfed serve-ttp``)."""
+class CryptoProviderConfig(_Strict):
+    """The crypto provider, the second computing party of encrypted inference
+    (``xrayfed serve-crypto-provider``)."""
 
     listen: str = Field("127.0.0.1:9444", description="gRPC address HOST:PORT the hospital service calls (TLS)")
     tls: TLSConfig = TLSConfig()

@@ -1,9 +1,9 @@
-"""The operator's and the crypto provider's sub-commands: ``server``, ``demo``, ``report``,
-``serve-ttp`` and ``certs``.
+"""The operator's and the crypto provider's sub-commands: ``server``, ``demo``, ``simulate``,
+``report``, ``serve-crypto-provider`` and ``certs``.
 
 Only argument definitions live here (no torch, flwr or CrypTen is imported), so ``xrayfed
 --help`` stays fast; each command's handler is imported when that command runs
-(:func:`xrayfed.common.cli.handler`).
+(:func:`xrayfed.common.cli_args.handler`).
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from xrayfed.common.cli_args import handler
+from xrayfed.common.cli_args import add_model_argument, handler
 from xrayfed.common.privacy.ledger import LEDGER_FILE
 from xrayfed.common.security.atrest import add_key_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the server-side sub-commands to the ``xrayfed`` parser."""
-    for reg in (register_server, register_demo, register_simulate, register_report, register_serve_ttp, register_certs):
+    for reg in (register_server, register_demo, register_simulate, register_report, register_crypto_provider,
+                register_certs):
         reg(sub)
 
 
@@ -43,7 +44,7 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="scans to split across hospitals (.npz, class folders, NIH, DICOM); "
                                              "default: synthetic scans generated now")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (replaced if it is a demo folder)")
-    p.add_argument("--hospitals", type=int, default=3)
+    p.add_argument("--hospitals", type=int, default=3, help="number of hospitals (processes) to start (default 3)")
     add_local_federation_args(p)
     p.set_defaults(func=handler("xrayfed.server.demo", "run_demo_cmd"))
 
@@ -51,9 +52,9 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
 def add_local_federation_args(p: argparse.ArgumentParser) -> None:
     """What `demo` and `simulate` share: rounds, each hospital's budget, the data split and the
     training settings a hospital would otherwise choose itself."""
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
     p.add_argument("--epsilon", type=float, default=8.0, help="each hospital's total ε budget")
-    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--delta", type=float, default=1e-5, help="each hospital's DP δ (default 1e-5)")
     p.add_argument("--image-size", type=int, help="px (default: native size of .npz data, 32 synthetic, 224 otherwise)")
     p.add_argument("--split", choices=("iid", "dirichlet", "patient"), default="iid",
                    help="how scans are divided among hospitals")
@@ -107,15 +108,14 @@ def register_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=handler("xrayfed.server.report.command", "report_cmd"))
 
 
-# --------------------------------------------------------------------------- CLI
-def register_serve_ttp(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve-ttp",
+def register_crypto_provider(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve-crypto-provider",
                        help="run the crypto provider (the second computing party) for encrypted inference",
                        description="The crypto provider of encrypted inference: computes every encrypted "
                        "prediction together with the hospital's service, on shares only. Run it on a host the "
                        "hospital does not control; its TLS certificate must carry the name "
-                       "'xrayfed-crypto-provider' (xrayfed certs init makes one).")
-    p.add_argument("--config", type=Path, help="TOML file with TTPConfig settings")
+                       "'xrayfed-crypto-provider' (xrayfed certs init makes one: pki/crypto-provider/).")
+    p.add_argument("--config", type=Path, help="TOML file with CryptoProviderConfig settings (crypto-provider.toml)")
     p.add_argument("--listen", help="gRPC address HOST:PORT (default 127.0.0.1:9444)")
     p.add_argument("--cert", type=Path, help="TLS certificate (PEM)")
     p.add_argument("--key", type=Path, help="TLS private key (PEM)")
@@ -125,7 +125,8 @@ def register_serve_ttp(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mpc-host", help="address its MPC parties listen on for the hospital's party "
                    "(default 127.0.0.1; must be reachable from the inference service)")
     p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
-    p.set_defaults(func=handler("xrayfed.server.ttp", "_cmd_serve"))
+    p.set_defaults(func=handler("xrayfed.server.crypto_provider", "serve_cmd"))
+    sub.deprecate("serve-ttp", "serve-crypto-provider")
 
 
 def register_certs(sub: argparse._SubParsersAction) -> None:
@@ -147,41 +148,42 @@ def register_certs(sub: argparse._SubParsersAction) -> None:
                         "(the SuperLink's own ServerApp runner then needs --server-ip of its listen address)")
     i.add_argument("--federation", default="xrayfed", help="name used in the CA's subject")
     i.add_argument("--force", action="store_true", help="replace existing keys")
-    i.set_defaults(func=handler("xrayfed.server.pki_cli", "_cmd_init"))
+    i.set_defaults(func=handler("xrayfed.server.pki_cli", "init_cmd"))
 
     a = cs.add_parser("add-hospital", help="add a hospital: make its SuperNode key pair, or import its public key")
-    a.add_argument("name")
+    a.add_argument("name", metavar="NAME", help="the hospital's name (letters, digits, '.', '-', '_')")
     a.add_argument("--out", required=True, type=Path, help="the folder made by `certs init`")
     a.add_argument("--public-key", type=Path, metavar="AUTH_PUB",
                    help="the hospital's own auth.pub (from `xrayfed certs hospital-key` on its machine): "
                         "only the public key is stored here")
     a.add_argument("--force", action="store_true", help="replace the hospital's existing key")
-    a.set_defaults(func=handler("xrayfed.server.pki_cli", "_cmd_add"))
+    a.set_defaults(func=handler("xrayfed.server.pki_cli", "add_hospital_cmd"))
 
     h = cs.add_parser("hospital-key", help="on a hospital's machine: make its SuperNode key pair "
                                            "(send only auth.pub to the operator)")
     h.add_argument("--out", required=True, type=Path, help="folder for auth.key (mode 0600) and auth.pub")
     h.add_argument("--name", default="", help="hospital name (a comment in auth.pub)")
     h.add_argument("--force", action="store_true", help="replace an existing auth.key")
-    h.set_defaults(func=handler("xrayfed.server.pki_cli", "_cmd_hospital_key"))
+    h.set_defaults(func=handler("xrayfed.server.pki_cli", "hospital_key_cmd"))
 
     r = cs.add_parser("revoke-hospital", help="revoke a hospital: not registered again; "
                                               "--superlink also unregisters it now")
-    r.add_argument("name")
+    r.add_argument("name", metavar="NAME", help="the hospital's name, as given to `certs init` or `certs add-hospital`")
     r.add_argument("--out", required=True, type=Path, help="the folder made by `certs init`")
     r.add_argument("--superlink", metavar="HOST:PORT",
                    help="also unregister the hospital from this running SuperLink (TLS with DIR/ca.pem)")
-    r.set_defaults(func=handler("xrayfed.server.pki_cli", "_cmd_revoke"))
+    r.set_defaults(func=handler("xrayfed.server.pki_cli", "revoke_hospital_cmd"))
 
     k = cs.add_parser("atrest-key", help="make a 256-bit key for encrypting checkpoints/ledgers at rest")
     k.add_argument("--out", required=True, type=Path, help="key file to write (mode 0600)")
     k.add_argument("--force", action="store_true", help="replace an existing key file")
-    k.set_defaults(func=handler("xrayfed.server.pki_cli", "_cmd_atrest"))
+    k.set_defaults(func=handler("xrayfed.server.pki_cli", "atrest_key_cmd"))
 
-    e = cs.add_parser("export-model", help="decrypt a checkpoint encrypted at rest into a plaintext model file "
-                                           "(e.g. for serve-inference)")
-    e.add_argument("checkpoint", type=Path, help="checkpoint (RUN_DIR/checkpoints/round-NNNN.pt)")
+    e = cs.add_parser("decrypt-checkpoint", help="decrypt a checkpoint encrypted at rest into a plaintext "
+                                                 "checkpoint (e.g. for serve-inference)")
+    add_model_argument(e, help="checkpoint encrypted at rest (RUN_DIR/checkpoints/round-NNNN.pt)", old_positional=True)
     e.add_argument("--out", required=True, type=Path, help="plaintext checkpoint to write (mode 0600)")
     e.add_argument("--force", action="store_true", help="replace an existing output file")
     add_key_argument(e, help="key the checkpoint was encrypted with")
-    e.set_defaults(func=handler("xrayfed.server.pki_cli", "_cmd_export_model"))
+    e.set_defaults(func=handler("xrayfed.server.pki_cli", "decrypt_checkpoint_cmd"))
+    cs.deprecate("export-model", "decrypt-checkpoint")

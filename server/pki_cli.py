@@ -24,7 +24,7 @@ from xrayfed.common.security.pki import (
 )
 
 
-def _cmd_init(args: argparse.Namespace) -> int:
+def init_cmd(args: argparse.Namespace) -> int:
     m = init_pki(args.out, server_names=args.server_name, server_ips=args.server_ip, hospitals=args.hospital,
                  loopback=not args.no_loopback, force=args.force, federation=args.federation)
     srv = m["server"]
@@ -35,7 +35,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_add(args: argparse.Namespace) -> int:
+def add_hospital_cmd(args: argparse.Namespace) -> int:
     e = add_hospital(args.out, args.name, force=args.force, public_key=args.public_key)
     where = args.out / "hospitals" / args.name
     if args.public_key is None:
@@ -49,14 +49,14 @@ def _cmd_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_hospital_key(args: argparse.Namespace) -> int:
+def hospital_key_cmd(args: argparse.Namespace) -> int:
     key, pub = make_hospital_key(args.out, name=args.name, force=args.force)
     print(f"hospital key: {key} (mode 0600, never leaves this machine); send {pub} to the federation operator "
           f"({public_key_fingerprint(pub.read_bytes())}; confirm the fingerprint with them by phone or in person)")
     return 0
 
 
-def _cmd_revoke(args: argparse.Namespace) -> int:
+def revoke_hospital_cmd(args: argparse.Namespace) -> int:
     out = Path(args.out)
     manifest = read_manifest(out)
     if args.name not in manifest["hospitals"]:
@@ -82,14 +82,14 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_atrest(args: argparse.Namespace) -> int:
+def atrest_key_cmd(args: argparse.Namespace) -> int:
     path = make_atrest_key(args.out, force=args.force)
     print(f"at-rest key written to {path} (mode 0600); set XRAYFED_ATREST_KEY_FILE={path} or pass --atrest-key-file",
           file=sys.stdout)
     return 0
 
 
-def export_model(checkpoint: Path | str, out: Path | str, key, *, force: bool = False) -> Path:
+def decrypt_checkpoint(checkpoint: Path | str, out: Path | str, key, *, force: bool = False) -> Path:
     """Write a plaintext copy (mode 0600) of a (possibly encrypted) checkpoint; returns ``out``."""
     out = Path(out)
     refuse_existing([out], force)
@@ -98,9 +98,9 @@ def export_model(checkpoint: Path | str, out: Path | str, key, *, force: bool = 
     return out
 
 
-def _cmd_export_model(args: argparse.Namespace) -> int:
+def decrypt_checkpoint_cmd(args: argparse.Namespace) -> int:
     key = load_key(args.atrest_key_file)
-    path = export_model(args.checkpoint, args.out, key, force=args.force)
+    path = decrypt_checkpoint(args.model, args.out, key, force=args.force)
     print(f"plaintext model written to {path} (mode 0600): it holds the model weights, keep it on the "
           "inference host only")
     return 0

@@ -279,7 +279,7 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atres
             out.say(f"SuperLink listening on {host}:{port} ({'no TLS' if insecure else 'TLS'}, Fleet API only; "
                     f"Control API on {control}, operator only); hospitals connect with: "
                     f"xrayfed client --server {local}:{port} ..."
-                    + ("" if insecure else " --root-cert ca.pem"
+                    + ("" if insecure else " --ca-cert ca.pem"
                        + (" --auth-key auth.key" if cfg.network.auth_enabled else "")))
             if atrest_key is not None:
                 out.say(f"checkpoints are encrypted at rest (key id {atrest_key.key_id.hex()})")

@@ -270,7 +270,7 @@ def test_rundir_checkpoints_encrypted(tmp_path, key, key_hex):
                                              state_dict={"w": torch.zeros(2)}, round=3))
     with pytest.raises(UserError, match="not encrypted, but an at-rest key is configured"):
         run.load_latest()
-    # `xrayfed certs export-model`: a plaintext copy for serve-inference (only with the right key)
+    # `xrayfed certs decrypt-checkpoint`: a plaintext copy for serve-inference (only with the right key)
     from xrayfed.common import cli
     from xrayfed.common.checkpoint import load_checkpoint
 
@@ -279,7 +279,7 @@ def test_rundir_checkpoints_encrypted(tmp_path, key, key_hex):
     bad.write_text(os.urandom(32).hex())
     kf.chmod(0o600), bad.chmod(0o600)
     out = tmp_path / "model.pt"
-    args = ["certs", "export-model", str(p), "--out", str(out), "--atrest-key-file"]
+    args = ["certs", "decrypt-checkpoint", "--model", str(p), "--out", str(out), "--atrest-key-file"]
     assert cli.main(args + [str(bad)]) == 2 and not out.exists()
     assert cli.main(args + [str(kf)]) == 0
     assert load_checkpoint(out).round == 2 and stat.S_IMODE(out.stat().st_mode) == 0o600

@@ -90,7 +90,8 @@ def test_four_class_flat_folders_train_federated_then_predict_encrypted_export_e
         stack.close()
 
     onnx_out = tmp_path / "model.onnx"
-    assert cli.main(["export", str(ckpt_path), "--format", "onnx", "--data", str(data), "--out", str(onnx_out)]) == 0
+    assert cli.main(["export", "--model", str(ckpt_path), "--format", "onnx", "--data", str(data),
+                     "--out", str(onnx_out)]) == 0
     assert E.read_metadata(onnx_out, "onnx")["task"] == ckpt.task.to_dict()
     page = tmp_path / "explained.html"
     each = [a for f in scans.values() for a in ("--scan", str(f))]

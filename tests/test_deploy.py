@@ -20,7 +20,13 @@ import pytest
 import yaml
 
 from xrayfed.common.cli import build_parser
-from xrayfed.common.config import FederationConfig, HospitalConfig, InferenceServiceConfig, TTPConfig, load_config
+from xrayfed.common.config import (
+    CryptoProviderConfig,
+    FederationConfig,
+    HospitalConfig,
+    InferenceServiceConfig,
+    load_config,
+)
 from xrayfed.common.model import default_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +34,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 RUNBOOK = ROOT / "deploy" / "RUNBOOK.md"
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 ROLE = {"superlink": "server", "hospital-a": "client", "hospital-b": "client", "hospital-c": "client",
-        "inference": "serve-inference", "ttp": "serve-ttp"}
+        "inference": "serve-inference", "crypto-provider": "serve-crypto-provider"}
 SECRET_NAME = re.compile(r"(\.key$|\.secret$|/secrets?(/|$)|token-signing\.key|ca\.key|atrest)")
 
 
@@ -70,10 +76,10 @@ def pki_files(tmp_path_factory) -> set[str]:
     argv = shlex.split(m.group(1).replace("\\\n", " "))
     names = [argv[i + 1] for i, a in enumerate(argv) if a == "--server-name"]
     hospitals = [argv[i + 1] for i, a in enumerate(argv) if a == "--hospital"]
-    assert sorted(hospitals) == list(HOSPITALS) and {"superlink", "inference", "ttp"} <= set(names)
+    assert sorted(hospitals) == list(HOSPITALS) and {"superlink", "inference", "crypto-provider"} <= set(names)
     out = tmp_path_factory.mktemp("pki") / "pki"
     manifest = init_pki(out, server_names=names, hospitals=hospitals)
-    assert {"superlink", "inference", "ttp"} <= set(manifest["server"]["dns"])  # SANs the services dial
+    assert {"superlink", "inference", "crypto-provider"} <= set(manifest["server"]["dns"])  # SANs the services dial
     return {str(p.relative_to(out)) for p in out.rglob("*")}
 
 
@@ -159,8 +165,8 @@ def test_secrets_only_where_their_role_needs_them(compose):
         for host, _, _ in mounts:
             if host in ("./secrets/server/atrest.key", "./pki/server.key"):
                 assert name == "superlink", (name, host)
-            if host == "./pki/ttp/tls.key":
-                assert name == "ttp", (name, host)
+            if host == "./pki/crypto-provider/tls.key":
+                assert name == "crypto-provider", (name, host)
     # each hospital's --auth-key and --atrest-key-file come from its own mounts
     for h in HOSPITALS:
         hosts = {t: hst for hst, t, _ in everything[h]}
@@ -175,7 +181,7 @@ def test_only_public_ports_are_published(compose):
     assert published["superlink"] == [f"{listen}:{listen}"]
     assert all(control not in p for ps in published.values() for p in ps)
     # patients reach the inference service and the crypto provider (both TLS); nothing else
-    assert {n for n, ps in published.items() if ps} == {"superlink", "inference", "ttp"}
+    assert {n for n, ps in published.items() if ps} == {"superlink", "inference", "crypto-provider"}
     for name, svc in compose["services"].items():  # unprivileged containers
         assert svc.get("user", "").startswith("${XRAYFED_UID") and svc.get("cap_drop") == ["ALL"], name
 
@@ -239,9 +245,10 @@ def test_example_configs_of_every_role_load():
     for f in ("hospital.toml", "hospital.compose.toml"):
         assert load_config(HospitalConfig, cfgs / f).hospital.require_secure_aggregation
     inf = load_config(InferenceServiceConfig, cfgs / "inference.toml")
-    assert not inf.tls.insecure and inf.tls.cert and inf.ttp_secret
-    ttp = load_config(TTPConfig, cfgs / "ttp.toml")
-    assert ttp.secret and ttp.mpc_host and inf.ttp_public and "ttp/tls.pem" in str(ttp.tls.cert)
+    assert not inf.tls.insecure and inf.tls.cert and inf.crypto_provider_secret
+    provider = load_config(CryptoProviderConfig, cfgs / "crypto-provider.toml")
+    assert provider.secret and provider.mpc_host and inf.crypto_provider_public
+    assert "crypto-provider/tls.pem" in str(provider.tls.cert)
     for f in ("server.env.example", "hospital.env.example"):
         text = (cfgs / f).read_text()
         assert "XRAYFED_ATREST_KEY_FILE=" in text

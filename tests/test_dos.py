@@ -199,7 +199,7 @@ def test_idle_connections_do_not_keep_the_hospital_off_the_mpc_port(tmp_path, mo
 
     init_pki(tmp_path / "pki")
     pki = tmp_path / "pki"
-    srv = channel.server_context(str(pki / "ttp" / "tls.pem"), str(pki / "ttp" / "tls.key"))
+    srv = channel.server_context(str(pki / "crypto-provider" / "tls.pem"), str(pki / "crypto-provider" / "tls.key"))
     cli = channel.client_context(str(pki / "ca.pem"))
     key = b"0123456789abcdef0123456789abcdef"
     monkeypatch.setattr(channel, "MAX_PENDING_HANDSHAKES", 4)
@@ -279,7 +279,8 @@ def test_oversized_request_is_refused_before_authentication(tmp_path):
     import numpy as np
     import torch
 
-    from xrayfed.client.inference_service import AuditLog, InferenceService, request_limit, start_grpc
+    from xrayfed.client.inference.gate import AuditLog
+    from xrayfed.client.inference.service import InferenceService, request_limit, start_grpc
     from xrayfed.common import rpc
     from xrayfed.common.checkpoint import Checkpoint, to_bytes
     from xrayfed.common.config import InferenceServiceConfig
@@ -360,7 +361,7 @@ def _tls_server(cert: Path, key: Path, stop: threading.Event) -> tuple[socket.so
 
 
 def test_hospital_with_another_ca_gets_one_clear_line_at_once(tmp_path, capsys):
-    """A hospital whose --root-cert is another federation's CA: `xrayfed client` stops before
+    """A hospital whose --ca-cert is another federation's CA: `xrayfed client` stops before
     starting its SuperNode with one line naming that CA file (it used to retry for minutes)."""
     from xrayfed.client.supernode import check_server_certificate
     from xrayfed.common import cli
@@ -379,11 +380,11 @@ def test_hospital_with_another_ca_gets_one_clear_line_at_once(tmp_path, capsys):
         assert str(other) in msg and "not signed by this CA" in msg and "\n" not in msg
         # the command itself: one line, before anything else (the data folder does not even exist)
         t0 = time.monotonic()
-        rc = cli.main(["client", "--server", server, "--root-cert", str(other), "--name", "h1",
+        rc = cli.main(["client", "--server", server, "--ca-cert", str(other), "--name", "h1",
                        "--data", str(tmp_path / "no-data"), "--state-dir", str(tmp_path / "state")])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and time.monotonic() - t0 < 15
-        assert err.count("\n") == 0 and err.startswith("xrayfed: error: --root-cert ") and str(other) in err, err
+        assert err.count("\n") == 0 and err.startswith("xrayfed: error: --ca-cert ") and str(other) in err, err
         assert "does not verify" in err and "not signed by this CA" in err
         # a server that is not listening yet is not an error: the SuperNode keeps trying
         assert check_server_certificate(f"127.0.0.1:{free_port()}", ours, timeout=5) is False

@@ -1,7 +1,8 @@
-"""Encrypted prediction end to end: real processes (patient, hospital service, TTP) on 127.0.0.1.
+"""Encrypted prediction end to end: real processes (patient, hospital service, crypto provider) on
+127.0.0.1.
 
-One TTP and two inference services (a binary and a 14-label model, 32 px) are started once
-for the module (``xrayfed serve-ttp`` / ``xrayfed serve-inference`` with TLS, tokens, a short
+One crypto provider and two inference services (a binary and a 14-label model, 32 px) are started once
+for the module (``xrayfed serve-crypto-provider`` / ``xrayfed serve-inference`` with TLS, tokens, a short
 session timeout) and every test talks to them like a patient does. Teardown kills the process
 groups and checks with psutil that nothing is left.
 """
@@ -131,7 +132,7 @@ def port_closed(port: int) -> bool:
 
 
 class Stack:
-    """TTP + binary service + 14-label service (or the services of ``models``: name →
+    """Crypto provider + binary service + 14-label service (or the services of ``models``: name →
     checkpoint file), started as real CLI processes."""
 
     def __init__(self, root: Path, models: dict[str, Path] | None = None) -> None:
@@ -143,7 +144,7 @@ class Stack:
         self.key_path, self.pub_path = tokens.generate_key(root / "hospital-token.key")
         self.key = tokens.load_private_key(self.key_path)
         self.foreign_key = tokens.load_private_key(tokens.generate_key(root / "other-hospital.key")[0])
-        self.secret = root / "ttp.secret"
+        self.secret = root / "crypto-provider.secret"
         self.secret.write_text(os.urandom(32).hex())
         self.token = self.write_token("patient.tok", PATIENT)
         if models is None:
@@ -159,9 +160,11 @@ class Stack:
         self.ports: dict[str, int] = {}
         xr = venv_bin("xrayfed")
         pki = root / "pki"
-        self.ports["ttp"] = free_port()
-        self._spawn("ttp", [xr, "serve-ttp", "--listen", f"127.0.0.1:{self.ports['ttp']}", "--cert",
-                            str(pki / "ttp" / "tls.pem"), "--key", str(pki / "ttp" / "tls.key"),
+        self.ports["crypto-provider"] = free_port()
+        self._spawn("crypto-provider", [xr, "serve-crypto-provider", "--listen",
+                                        f"127.0.0.1:{self.ports['crypto-provider']}", "--cert",
+                                        str(pki / "crypto-provider" / "tls.pem"),
+                                        "--key", str(pki / "crypto-provider" / "tls.key"),
                             "--secret", str(self.secret),
                             "--session-timeout", str(SESSION_TIMEOUT)])
         for name, model in models.items():
@@ -170,8 +173,8 @@ class Stack:
                 xr, "serve-inference", "--model", str(model), "--listen",
                 f"127.0.0.1:{self.ports[name]}", "--token-key", str(self.pub_path), "--cert",
                 str(pki / "inference" / "tls.pem"), "--key", str(pki / "inference" / "tls.key"),
-                "--ttp", f"127.0.0.1:{self.ports['ttp']}", "--ttp-ca", str(pki / "ca.pem"),
-                "--ttp-secret", str(self.secret), "--audit-log", str(self.audit(name)),
+                "--crypto-provider", f"127.0.0.1:{self.ports['crypto-provider']}", "--ca-cert", str(pki / "ca.pem"),
+                "--crypto-provider-secret", str(self.secret), "--audit-log", str(self.audit(name)),
                 "--session-timeout", str(SESSION_TIMEOUT), "--max-sessions", "3", "--rate-per-hour", "1000",
                 "--budget-per-token", "1000"]
                 + (["--allow-scans-without-patient-id"] if name != "multilabel" else []))
@@ -322,13 +325,13 @@ def test_bad_tokens_and_foreign_dicom_are_refused(stack, tmp_path):
 
 
 @pytest.mark.slow
-def test_ttp_only_serves_the_hospital(stack):
+def test_crypto_provider_only_serves_the_hospital(stack):
     import grpc
 
     from xrayfed.common import rpc
 
-    ch = rpc.make_channel(stack.service("ttp"), ca_cert=stack.root / "pki" / "ca.pem", insecure=False)
-    stub = rpc.method(ch, "xrayfed.ttp.v1.TTP", "StartSession")
+    ch = rpc.make_channel(stack.service("crypto-provider"), ca_cert=stack.root / "pki" / "ca.pem", insecure=False)
+    stub = rpc.method(ch, "xrayfed.crypto_provider.v1.CryptoProvider", "StartSession")
     with pytest.raises(grpc.RpcError) as e:
         stub({"session_id": "0" * 32, "host": "127.0.0.1", "port": 1, "timeout_s": 5}, timeout=10)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -347,7 +350,7 @@ def test_no_process_without_the_session_credentials_gets_in(stack, tmp_path):
     tok = stack.token.read_text().strip()
     other = stack.write_token("other.tok", "PAT-OTHER").read_text().strip()
     hosp = rpc.make_channel(stack.service("binary"), ca_cert=stack.ca, insecure=False)
-    prov = rpc.make_channel(stack.service("ttp"), ca_cert=stack.ca, insecure=False,
+    prov = rpc.make_channel(stack.service("crypto-provider"), ca_cert=stack.ca, insecure=False,
                             server_name="xrayfed-crypto-provider")
     info = rpc.call(rpc.method(hosp, "xrayfed.inference.v1.Inference", "ModelInfo"), {"token": tok}, timeout=30,
                     what="svc", target="x")
@@ -357,7 +360,7 @@ def test_no_process_without_the_session_credentials_gets_in(stack, tmp_path):
     x = np.zeros((1, 1, SIZE, SIZE))
     to_h, to_c = dealer.contributions(x, info["mpc"], tape)  # as the patient does
     c_blobs, h_blobs = dealer.to_blobs(to_c), dealer.to_blobs(to_h)
-    ev_c = rpc.method(prov, "xrayfed.ttp.v1.TTP", "Evaluate")
+    ev_c = rpc.method(prov, "xrayfed.crypto_provider.v1.CryptoProvider", "Evaluate")
     ev_h = rpc.method(hosp, "xrayfed.inference.v1.Inference", "Evaluate")
     for bad in ("0" * 32, sid[:-1] + ("0" if sid[-1] != "0" else "1"), "not-a-session"):
         with pytest.raises(grpc.RpcError) as e:
@@ -377,7 +380,7 @@ def test_no_process_without_the_session_credentials_gets_in(stack, tmp_path):
     hosp.close()
     prov.close()
     wait_no_workers(stack.procs["binary"], timeout=SESSION_TIMEOUT + 15)
-    wait_no_workers(stack.procs["ttp"], timeout=SESSION_TIMEOUT + 15)
+    wait_no_workers(stack.procs["crypto-provider"], timeout=SESSION_TIMEOUT + 15)
 
 
 @pytest.mark.slow
@@ -409,7 +412,7 @@ def test_patient_only_connects_out_and_imports_no_torch(stack, tmp_path):
     assert "MODULES False False" in err
     assert seen, "no connection observed"
     assert not [c for c in seen if c[0] == psutil.CONN_LISTEN], seen
-    assert {port for _, port in seen if port} <= {stack.ports["binary"], stack.ports["ttp"]}, seen
+    assert {port for _, port in seen if port} <= {stack.ports["binary"], stack.ports["crypto-provider"]}, seen
     assert json.loads(out)["probabilities"]
 
 
@@ -475,7 +478,7 @@ def test_killed_patient_mid_session_leaves_service_serving(stack, tmp_path):
         time.sleep(0.2)
     assert new and new[0]["outcome"] in ("failed", "died", "timeout"), audit_lines(stack.audit("binary"))[n_before:]
     wait_no_workers(stack.procs["binary"], timeout=SESSION_TIMEOUT + 10)
-    wait_no_workers(stack.procs["ttp"], timeout=SESSION_TIMEOUT + 10)
+    wait_no_workers(stack.procs["crypto-provider"], timeout=SESSION_TIMEOUT + 10)
     # the next patient is served
     r = stack.predict_cli("binary", scan, None, "--json")
     assert r.returncode == 0, r.stderr
@@ -490,11 +493,13 @@ def test_abandoned_session_is_torn_down_within_timeout(stack):
     sess = rpc.call(rpc.method(ch, "xrayfed.inference.v1.Inference", "OpenSession"),
                     {"token": stack.token.read_text().strip(), "scan": {"image_size": SIZE, "channels": 1}},
                     timeout=30, what="svc", target="x")
-    assert "state_dict" not in json.dumps(sess) and sess["crypto_provider"]["address"] == stack.service("ttp")
+    assert "state_dict" not in json.dumps(sess)
+    assert sess["crypto_provider"]["address"] == stack.service("crypto-provider")
     t0 = time.time()
-    assert live_workers(stack.procs["binary"]) and live_workers(stack.procs["ttp"])  # both parties wait for us
+    # both parties wait for us
+    assert live_workers(stack.procs["binary"]) and live_workers(stack.procs["crypto-provider"])
     wait_no_workers(stack.procs["binary"], timeout=SESSION_TIMEOUT + 15)
-    wait_no_workers(stack.procs["ttp"], timeout=SESSION_TIMEOUT + 15)
+    wait_no_workers(stack.procs["crypto-provider"], timeout=SESSION_TIMEOUT + 15)
     assert time.time() - t0 <= SESSION_TIMEOUT + 15
     rec = wait_audit(stack.audit("binary"), lambda r: r["outcome"] != "ok" and r["event"] == "predict"
                      and r in audit_lines(stack.audit("binary"))[n_before:])
@@ -595,10 +600,11 @@ class FakeContext:
 
 
 @pytest.mark.slow
-def test_ttp_outage_is_refused_cleanly_and_frees_the_slot(pool, tmp_path):
+def test_crypto_provider_outage_is_refused_cleanly_and_frees_the_slot(pool, tmp_path):
     import grpc
 
-    from xrayfed.client.inference_service import AuditLog, InferenceService
+    from xrayfed.client.inference.gate import AuditLog
+    from xrayfed.client.inference.service import InferenceService
     from xrayfed.common.checkpoint import to_bytes
     from xrayfed.common.config import InferenceServiceConfig
 
@@ -607,11 +613,11 @@ def test_ttp_outage_is_refused_cleanly_and_frees_the_slot(pool, tmp_path):
     cfg = InferenceServiceConfig(max_sessions=1, session_timeout_s=20, audit_log=tmp_path / "audit.jsonl",
                                  allow_scans_without_patient_id=True)
 
-    def ttp_down(request):
-        raise UserError("cannot reach TTP service at 127.0.0.1:1 (connection refused)")
+    def provider_down(request):
+        raise UserError("cannot reach crypto provider at 127.0.0.1:1 (connection refused)")
 
     audit = AuditLog(cfg.audit_log)
-    svc = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, tokens.load_public_keys([pub]), audit, ttp_down)
+    svc = InferenceService(cfg, ckpt, to_bytes(ckpt), pool, tokens.load_public_keys([pub]), audit, provider_down)
     tok = tokens.issue_token(tokens.load_private_key(priv), "P1", int(time.time()) + 600)
     for _ in range(2):  # with max_sessions = 1, a leaked slot would make the 2nd answer "busy"
         ctx = FakeContext()
@@ -620,7 +626,7 @@ def test_ttp_outage_is_refused_cleanly_and_frees_the_slot(pool, tmp_path):
         assert ctx.code == grpc.StatusCode.UNAVAILABLE and "crypto provider" in ctx.details
     audit.close()
     recs = audit_lines(cfg.audit_log)
-    assert [(r["outcome"], r["reason"]) for r in recs] == [("failed", "ttp_unavailable")] * 2
+    assert [(r["outcome"], r["reason"]) for r in recs] == [("failed", "crypto_provider_unavailable")] * 2
     me = psutil.Process(os.getpid())
     servers = []
     for c in me.children():
@@ -638,7 +644,7 @@ def test_ttp_outage_is_refused_cleanly_and_frees_the_slot(pool, tmp_path):
 
 # --------------------------------------------------------------------------- model checks
 def test_checkpoint_with_mismatching_architecture_is_refused(tmp_path):
-    from xrayfed.client.inference_service import check_model
+    from xrayfed.client.inference.cli import check_model
     from xrayfed.common.cli import main
 
     good = make_checkpoint(TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")), 4)
@@ -667,22 +673,23 @@ def test_format_result_prints_class_names():
     assert "PNEUMONIA  0.7500" in text and "NORMAL     0.2500" in text
 
 
-def test_service_and_ttp_configs_from_toml(tmp_path):
-    from xrayfed.common.config import InferenceServiceConfig, TTPConfig, load_config
+def test_service_and_crypto_provider_configs_from_toml(tmp_path):
+    from xrayfed.common.config import CryptoProviderConfig, InferenceServiceConfig, load_config
 
     (tmp_path / "inference.toml").write_text(
-        'model = "global.pt"\ntoken_keys = ["keys/token.pub"]\nttp = "10.77.0.3:9444"\nttp_public = "ttp.example:9444"\n'
-        'session_timeout_s = 60\n[tls]\ncert = "tls.pem"\nkey = "tls.key"\n[ttp_tls]\nca_cert = "ca.pem"\n')
+        'model = "global.pt"\ntoken_keys = ["keys/token.pub"]\ncrypto_provider = "10.77.0.3:9444"\n'
+        'crypto_provider_public = "provider.example:9444"\n'
+        'session_timeout_s = 60\n[tls]\ncert = "tls.pem"\nkey = "tls.key"\n[crypto_provider_tls]\nca_cert = "ca.pem"\n')
     cfg = load_config(InferenceServiceConfig, tmp_path / "inference.toml", {"max_sessions": 2})
     assert cfg.model == tmp_path / "global.pt" and cfg.token_keys == [tmp_path / "keys" / "token.pub"]
-    assert cfg.tls.cert == tmp_path / "tls.pem" and cfg.ttp_tls.ca_cert == tmp_path / "ca.pem"
-    assert (cfg.ttp_public, cfg.session_timeout_s, cfg.max_sessions) == ("ttp.example:9444", 60.0, 2)
+    assert cfg.tls.cert == tmp_path / "tls.pem" and cfg.crypto_provider_tls.ca_cert == tmp_path / "ca.pem"
+    assert (cfg.crypto_provider_public, cfg.session_timeout_s, cfg.max_sessions) == ("provider.example:9444", 60.0, 2)
     with pytest.raises(UserError, match="max_sessions"):
         load_config(InferenceServiceConfig, None, {"max_sessions": 0})
     with pytest.raises(UserError, match="unknown setting"):
-        load_config(TTPConfig, None, {"provider": "TFP"})
-    ttp = load_config(TTPConfig, None, {"mpc_host": "10.77.0.3", "tls.insecure": True})
-    assert ttp.mpc_host == "10.77.0.3" and ttp.tls.insecure
+        load_config(CryptoProviderConfig, None, {"provider": "TFP"})
+    provider = load_config(CryptoProviderConfig, None, {"mpc_host": "10.77.0.3", "tls.insecure": True})
+    assert provider.mpc_host == "10.77.0.3" and provider.tls.insecure
 
 
 class PeerContext(FakeContext):
@@ -700,7 +707,8 @@ def test_one_caller_cannot_hold_the_service(pool, tmp_path):
     a lifetime budget per token (kept across a restart), and revoked tokens are refused."""
     import grpc
 
-    from xrayfed.client.inference_service import AuditLog, InferenceService, revoke_token
+    from xrayfed.client.inference.gate import AuditLog, revoke_token
+    from xrayfed.client.inference.service import InferenceService
     from xrayfed.common.checkpoint import to_bytes
     from xrayfed.common.config import InferenceServiceConfig
 
@@ -779,7 +787,8 @@ def test_scan_without_patient_identity_is_refused_by_default(pool, tmp_path):
     default the service now requires the identity claim a DICOM scan carries."""
     import grpc
 
-    from xrayfed.client.inference_service import AuditLog, InferenceService
+    from xrayfed.client.inference.gate import AuditLog
+    from xrayfed.client.inference.service import InferenceService
     from xrayfed.common.checkpoint import to_bytes
     from xrayfed.common.config import InferenceServiceConfig
 

@@ -125,7 +125,7 @@ def test_int8_export_is_quantized_measured_and_within_the_bar(tmp_path, int8_set
 
     data, ckpt_path = int8_setup
     out = tmp_path / f"m8.{fmt}"
-    assert cli.main(["export", str(ckpt_path), "--format", fmt, "--int8", "--data", str(data),
+    assert cli.main(["export", "--model", str(ckpt_path), "--format", fmt, "--int8", "--data", str(data),
                      "--calibration-scans", "200", "--out", str(out)]) == 0
     line = capsys.readouterr().out
     assert "static INT8" in line and "on 300 scans of your test split" in line and "calibrated on 200" in line
@@ -163,10 +163,10 @@ def test_int8_refusals_are_one_line_and_write_nothing(tmp_path, int8_setup, monk
 
     data, ckpt_path = int8_setup
     out = tmp_path / "m8.onnx"
-    assert cli.main(["export", str(ckpt_path), "--format", "onnx", "--int8", "--out", str(out)]) == 2
+    assert cli.main(["export", "--model", str(ckpt_path), "--format", "onnx", "--int8", "--out", str(out)]) == 2
     assert "pass --data" in capsys.readouterr().err and not out.exists()
     monkeypatch.setattr(Q, "MAX_AUC_DROP", -1.0)  # a bar no model can meet: the measured check must refuse
-    assert cli.main(["export", str(ckpt_path), "--format", "onnx", "--int8", "--data", str(data),
+    assert cli.main(["export", "--model", str(ckpt_path), "--format", "onnx", "--int8", "--data", str(data),
                      "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "AUROC" in err and "nothing was written" in err and len(err.strip().splitlines()) == 1

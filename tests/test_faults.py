@@ -165,7 +165,7 @@ def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
 
     def hospital(name: str, tag: str) -> None:
         start(tag, CLI + ["client", "--server", f"127.0.0.1:{port}", "--config", str(hcfg[name]),
-                          "--root-cert", str(pki / "hospitals" / name / "ca.pem"),
+                          "--ca-cert", str(pki / "hospitals" / name / "ca.pem"),
                           "--auth-key", str(pki / "hospitals" / name / "auth.key")])
 
     def text(tag: str) -> str:

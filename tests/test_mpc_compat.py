@@ -141,7 +141,7 @@ def test_link_refuses_wrong_key_and_untrusted_certificate(tmp_path):
 
     init_pki(tmp_path / "pki")
     pki = tmp_path / "pki"
-    srv = channel.server_context(str(pki / "ttp" / "tls.pem"), str(pki / "ttp" / "tls.key"))
+    srv = channel.server_context(str(pki / "crypto-provider" / "tls.pem"), str(pki / "crypto-provider" / "tls.key"))
     cli = channel.client_context(str(pki / "ca.pem"))
     lsock = channel.listen("127.0.0.1")
     port = lsock.getsockname()[1]
@@ -224,8 +224,8 @@ def test_two_party_session_over_tls_matches_plaintext(pool, tmp_path, scattering
     ckpt = Checkpoint(model=spec, task=TaskSpec(kind="multiclass", class_names=("a", "b", "c")), image_size=size,
                       state_dict=build_model(spec).state_dict())
     x = torch.rand(1, 1, size, size)
-    res = mpc.run_local_session(pool, ckpt, x, timeout_s=60, tls=(str(pki / "ttp" / "tls.pem"),
-                                                                  str(pki / "ttp" / "tls.key"), str(pki / "ca.pem")))
+    tls = (str(pki / "crypto-provider" / "tls.pem"), str(pki / "crypto-provider" / "tls.key"), str(pki / "ca.pem"))
+    res = mpc.run_local_session(pool, ckpt, x, timeout_s=60, tls=tls)
     ref = ckpt.build()(x).detach().numpy()
     assert res["logits"].shape == ref.shape
     assert np.abs(res["logits"] - ref).max() < 1e-2

@@ -112,7 +112,7 @@ def run(tmp_path_factory):
 
     def client(config: str, auth: str, ca: Path, atrest_key: str | None = None) -> list[str]:
         cmd = CLI + ["client", "--server", f"127.0.0.1:{port}", "--config", str(hcfg[config]),
-                     "--root-cert", str(ca), "--auth-key", str(pki / "hospitals" / auth / "auth.key")]
+                     "--ca-cert", str(ca), "--auth-key", str(pki / "hospitals" / auth / "auth.key")]
         return cmd + (["--atrest-key-file", str(keys[atrest_key])] if atrest_key else [])
 
     result: dict = {"root": root, "pki": pki, "keys": keys, "run_dir": run_dir, "logs": logs, "port": port}
@@ -248,7 +248,7 @@ def test_hospital_trusting_another_ca_is_refused(run):
     out = _log(run, "h1-other-ca")
     # one line naming the CA file, before any SuperNode is started
     line = [x for x in out.splitlines() if x.startswith("xrayfed: error:")]
-    assert len(line) == 1 and f"--root-cert {run['root'] / 'other-ca' / 'ca.pem'}" in line[0], out[-3000:]
+    assert len(line) == 1 and f"--ca-cert {run['root'] / 'other-ca' / 'ca.pem'}" in line[0], out[-3000:]
     assert "does not verify" in line[0] and "not signed by this CA" in line[0]
     assert " joining 127.0.0.1:" not in out  # stopped before starting its SuperNode
     log = (run["run_dir"] / "server.log").read_text(errors="replace")

@@ -1,4 +1,4 @@
-"""Patient tokens: Ed25519 signatures, expiry, audience, DICOM PatientID; the issue-token CLI."""
+"""Patient tokens: Ed25519 signatures, expiry, audience, DICOM PatientID; the token CLI."""
 
 from __future__ import annotations
 
@@ -126,14 +126,15 @@ def test_certs_token_signing_key_is_accepted(tmp_path):
     tokens.verify_token(tokens.issue_token(key, "P1", NOW + 60, now=NOW), pubs, now=NOW)
 
 
-def test_issue_token_cli(tmp_path, capsys):
+def test_token_cli(tmp_path, capsys):
     key = tmp_path / "k.key"
-    assert main(["issue-token", "--init-key", "--key", str(key)]) == 0
+    assert main(["token", "init-key", "--signing-key", str(key)]) == 0
     out = tmp_path / "p.tok"
-    assert main(["issue-token", "--key", str(key), "--patient-id", "P7", "--expires", "2h", "--out", str(out)]) == 0
+    assert main(["token", "issue", "--signing-key", str(key), "--patient-id", "P7", "--expires", "2h",
+                 "--out", str(out)]) == 0
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
     tok = tokens.read_token_file(out)
     assert tokens.verify_token(tok, tokens.load_public_keys([key.with_suffix(".pub")])).sub == "P7"
-    assert main(["issue-token", "--key", str(key), "--patient-id", "P7", "--expires", "soon"]) == 2
+    assert main(["token", "issue", "--signing-key", str(key), "--patient-id", "P7", "--expires", "soon"]) == 2
     assert "--expires 'soon'" in capsys.readouterr().err
-    assert main(["issue-token", "--key", str(tmp_path / "missing.key"), "--patient-id", "P7"]) == 2
+    assert main(["token", "issue", "--signing-key", str(tmp_path / "missing.key"), "--patient-id", "P7"]) == 2

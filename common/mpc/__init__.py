@@ -8,8 +8,8 @@ one (``from_pytorch`` is broken), the dealt provider in the ``TTP`` slot (never 
 communicator with :class:`~.channel.Link` over TLS.
 
 Parties: rank ``0`` = the hospital's inference service (model owner), rank ``1`` = the crypto
-provider (``serve-ttp``); the patient is no CrypTen rank: it shares its scan, deals the
-correlated randomness of the whole forward pass from the public tape and adds the two
+provider (``serve-crypto-provider``); the patient is no CrypTen rank: it shares its scan, deals
+the correlated randomness of the whole forward pass from the public tape and adds the two
 re-randomised output shares, in numpy (:mod:`~.dealer`).
 
 Protocol of one session: the hospital's party connects to the crypto provider's (TLS,

@@ -2,7 +2,7 @@
 connection, authenticated both ways, and a CrypTen communicator that runs over it.
 
 * **Server authentication**: the crypto provider's party presents its TLS certificate; the
-  hospital's party verifies it against the CA it trusts for the crypto provider (``ttp_ca``).
+  hospital's party verifies it against the CA it trusts for the crypto provider (``provider_ca``).
 * **Client authentication**: the first message inside TLS is the session's hospital key (a
   128-bit secret the hospital's service generated for this session and gave the crypto
   provider over its authenticated ``StartSession`` call); the crypto provider's party compares

@@ -224,11 +224,11 @@ def _run_and_report(conn, rank: int, link: channel.Link, spec, image_size: int, 
 
 
 def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, provider_at: tuple[str, int], hospital_key: bytes,
-                       tape: list[dict], ttp_ca: str | None, insecure: bool = False,
+                       tape: list[dict], provider_ca: str | None, insecure: bool = False,
                        observe_path: str | None = None) -> None:
     """Entry point of a hospital party process (rank 0; forked from the warm fork server).
 
-    Connects to the crypto provider's party (TLS, certificate checked against ``ttp_ca``, then
+    Connects to the crypto provider's party (TLS, certificate checked against ``provider_ca``, then
     the hospital key), shares the weights, waits for the patient's input (``("input", ...)`` on
     ``conn``), and answers ``("output", y_share)`` then ``("done", stats)``; ``("error", one
     line)`` on failure. Never data but the re-randomised output share, which only the patient
@@ -242,7 +242,7 @@ def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, provider_at: tuple
     with _worker_reports(conn):
         deadline = time.monotonic() + p.timeout_s
         ckpt = from_bytes(ckpt_bytes, source="checkpoint")
-        tls = None if insecure else channel.client_context(ttp_ca)
+        tls = None if insecure else channel.client_context(provider_ca)
         link = channel.connect_provider(provider_at[0], int(provider_at[1]), hospital_key, tls=tls,
                                         server_name=channel.ROLE_NAME, timeout_s=p.timeout_s)
         _run_and_report(conn, MODEL_OWNER_RANK, link, ckpt.model, ckpt.image_size, tape, p, deadline, observe, flush,

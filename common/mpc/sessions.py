@@ -1,5 +1,5 @@
 """The table of MPC sessions a service runs (the hospital's inference service and the crypto
-provider's TTP service use the same one).
+provider use the same one).
 
 A bounded number of slots; one worker process per session, forked from the warm
 :class:`~xrayfed.common.mpc.pool.WorkerPool`; a watcher thread per session that tears it down when

@@ -13,7 +13,7 @@ Inference service (the hospital's ``serve-inference``; the patient's ``predict``
   ``{shape} + {y: int64 share of the logits}``
 * ``Health {}`` → ``{ok, sessions, model_version}``
 
-Crypto provider (``serve-ttp``):
+Crypto provider (``serve-crypto-provider``):
 
 * ``StartSession {session_id, hospital_key, model, image_size, tape, timeout_s, join_timeout_s}``
   → ``{host, port}`` (only the inference service calls it, with the shared secret)
@@ -27,7 +27,7 @@ from __future__ import annotations
 INFERENCE_SERVICE = "xrayfed.inference.v1.Inference"
 MODEL_INFO, OPEN_SESSION, EVALUATE, HEALTH = "ModelInfo", "OpenSession", "Evaluate", "Health"
 
-TTP_SERVICE = "xrayfed.ttp.v1.TTP"
+CRYPTO_PROVIDER_SERVICE = "xrayfed.crypto_provider.v1.CryptoProvider"
 CRYPTO_PROVIDER_NAME = "xrayfed-crypto-provider"  # the TLS name every crypto provider certificate carries
 START_SESSION = "StartSession"
-TTP_SECRET_HEADER = "x-xrayfed-ttp-secret"
+CRYPTO_PROVIDER_SECRET_HEADER = "x-xrayfed-crypto-provider-secret"

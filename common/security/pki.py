@@ -7,15 +7,16 @@
                                           SAN = --server-name/--server-ip + localhost/127.0.0.1/::1
     DIR/inference/tls.pem, tls.key        TLS certificate of the inference service (same SANs)
     DIR/inference/token-signing.key, .pub Ed25519 key pair that signs inference access tokens
-    DIR/ttp/tls.pem, tls.key              TLS certificate of the crypto provider (``serve-ttp``); its
-                                          SANs include the role name ``xrayfed-crypto-provider``,
-                                          which patients and hospitals require of it (no other
-                                          certificate the CA issues carries that name)
+    DIR/crypto-provider/tls.pem, tls.key  TLS certificate of the crypto provider
+                                          (``serve-crypto-provider``); its SANs include the
+                                          role name ``xrayfed-crypto-provider``, which patients
+                                          and hospitals require of it (no other certificate the
+                                          CA issues carries that name)
     DIR/hospitals/NAME/auth.key, auth.pub SuperNode authentication key pair (EC P-384, OpenSSH
                                           format: what ``flower-supernode
                                           --auth-supernode-private-key`` and ``flwr supernode
                                           register`` read)
-    DIR/hospitals/NAME/ca.pem             the hospital's copy of the CA (``--root-certificates``)
+    DIR/hospitals/NAME/ca.pem             the hospital's copy of the CA (``xrayfed client --ca-cert``)
     DIR/certs.json                        manifest: what was made, fingerprints, revocations
 
 Every private key is written with mode 0600 and is never overwritten unless ``--force`` is
@@ -27,9 +28,9 @@ hospital receives; it holds no secret of the federation other than its own key.
 longer registered at the next SuperLink start; ``--superlink`` also unregisters it from a
 running SuperLink, see :mod:`xrayfed.server.registry`);
 ``xrayfed certs atrest-key --out FILE`` makes a key for encrypting checkpoints and ledgers at
-rest (:mod:`xrayfed.common.security.atrest`); ``xrayfed certs export-model CKPT --out FILE`` writes a
-plaintext copy (mode 0600) of a checkpoint encrypted at rest, e.g. the final global model for
-``xrayfed serve-inference``.
+rest (:mod:`xrayfed.common.security.atrest`);
+``xrayfed certs decrypt-checkpoint --model CKPT --out FILE`` writes a plaintext copy (mode 0600)
+of a checkpoint encrypted at rest, e.g. the final global model for ``xrayfed serve-inference``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from xrayfed.common.protocol.inference import CRYPTO_PROVIDER_NAME
 
 MANIFEST = "certs.json"
 FORMAT = "xrayfed-certs/1"
+CRYPTO_PROVIDER_DIR = "crypto-provider"  # DIR/crypto-provider/: the crypto provider's TLS key and certificate
 HOSPITAL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DNS_NAME_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 LOOPBACK_NAMES = ("localhost",)
@@ -324,7 +326,7 @@ def init_pki(
     if len(set(names)) != len(names):
         raise UserError(f"--hospital: a name is given twice ({names})")
 
-    keys = [out / "ca.key", out / "server.key", out / "inference" / "tls.key", out / "ttp" / "tls.key",
+    keys = [out / "ca.key", out / "server.key", out / "inference" / "tls.key", out / CRYPTO_PROVIDER_DIR / "tls.key",
             out / "inference" / "token-signing.key"] + [_hospital_paths(out, n)["auth_key"] for n in names]
     refuse_existing(keys, force, hint=" (use `xrayfed certs add-hospital` to add a hospital to an existing federation)")
     if not dns and not ips:
@@ -352,13 +354,12 @@ def init_pki(
     _write(inf / "tls.key", _pem_private(inf_key), KEY_MODE)
     _write(inf / "tls.pem", inf_cert.public_bytes(serialization.Encoding.PEM))
     _write(inf / "ca.pem", ca_pem)
-    ttp = out / "ttp"
-    ttp.mkdir(exist_ok=True)
-    ttp_key, ttp_cert = _make_leaf(ca_key, ca_cert, CRYPTO_PROVIDER_NAME, [CRYPTO_PROVIDER_NAME] + dns, ips,
-                                   cert_days)
-    _write(ttp / "tls.key", _pem_private(ttp_key), KEY_MODE)
-    _write(ttp / "tls.pem", ttp_cert.public_bytes(serialization.Encoding.PEM))
-    _write(ttp / "ca.pem", ca_pem)
+    cp = out / CRYPTO_PROVIDER_DIR
+    cp.mkdir(exist_ok=True)
+    cp_key, cp_cert = _make_leaf(ca_key, ca_cert, CRYPTO_PROVIDER_NAME, [CRYPTO_PROVIDER_NAME] + dns, ips, cert_days)
+    _write(cp / "tls.key", _pem_private(cp_key), KEY_MODE)
+    _write(cp / "tls.pem", cp_cert.public_bytes(serialization.Encoding.PEM))
+    _write(cp / "ca.pem", ca_pem)
     tok = ed25519.Ed25519PrivateKey.generate()
     _write(inf / "token-signing.key", _pem_private(tok), KEY_MODE)
     _write(inf / "token-signing.pub", _pem_public(tok.public_key()))
@@ -381,8 +382,9 @@ def init_pki(
                       "token_signing_key": "inference/token-signing.key",
                       "token_signing_pub": "inference/token-signing.pub",
                       "fingerprint": _cert_fingerprint(inf_cert)},
-        "crypto_provider": {"cert": "ttp/tls.pem", "key": "ttp/tls.key", "ca": "ttp/ca.pem",
-                            "name": CRYPTO_PROVIDER_NAME, "fingerprint": _cert_fingerprint(ttp_cert)},
+        "crypto_provider": {"cert": f"{CRYPTO_PROVIDER_DIR}/tls.pem", "key": f"{CRYPTO_PROVIDER_DIR}/tls.key",
+                            "ca": f"{CRYPTO_PROVIDER_DIR}/ca.pem", "name": CRYPTO_PROVIDER_NAME,
+                            "fingerprint": _cert_fingerprint(cp_cert)},
         "hospitals": dict(old.get("hospitals", {})) if old else {},
     }
     for name, entry in manifest["hospitals"].items():  # refresh CA copies of kept hospitals

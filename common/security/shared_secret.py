@@ -1,5 +1,5 @@
 """The secret the hospital's inference service and the crypto provider share (a file each side
-reads; the TTP compares it in constant time)."""
+reads; the crypto provider compares it in constant time)."""
 
 from __future__ import annotations
 

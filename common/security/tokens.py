@@ -11,7 +11,7 @@ first 16 hex digits of SHA-256 over the raw 32-byte public key, so the service c
 *tampered* token (known key, bad signature) from a *foreign-signed* one (unknown key).
 
 Keys: hospital staff sign with an Ed25519 private key (PKCS#8 PEM, mode 0600, made by
-``xrayfed issue-token --init-key`` or ``xrayfed certs init`` as
+``xrayfed token init-key`` or ``xrayfed certs init`` as
 ``inference/token-signing.key``); the inference service only holds the public key(s).
 
 What a token proves: that the hospital issued access for patient ``sub`` until ``exp``. It is a
@@ -143,7 +143,7 @@ def load_private_key(path: Path):
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"signing key: no file at {path} (make one with `xrayfed issue-token --init-key --key {path}`)")
+        raise UserError(f"signing key: no file at {path} (make one with `xrayfed token init-key --signing-key {path}`)")
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as e:

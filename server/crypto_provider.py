@@ -1,18 +1,20 @@
-"""``xrayfed serve-ttp``: the crypto provider — the second computing party of every encrypted
-prediction.
+"""``xrayfed serve-crypto-provider``: the crypto provider — the second computing party of every
+encrypted prediction.
 
 Run by someone who does not collude with the hospital (e.g. the federation operator). Per
 session its party (rank 1) holds a random share of the model's weights and of the patient's
 scan, computes the encrypted forward pass together with the hospital's party over one TLS link,
 and returns its share of the logits to the patient, re-randomised. It never holds a plaintext
 scan, weight or result. If it colluded with the hospital, the two together could open the
-patient's scan; with the patient, the weights — that is the non-collusion assumption.
+patient's scan; with the patient, the weights — that is the non-collusion assumption. (It is no
+trusted third party: the patient deals the correlated randomness, :mod:`xrayfed.common.mpc.dealer`.)
 
-gRPC API (:mod:`xrayfed.common.rpc`), service ``xrayfed.ttp.v1.TTP``:
+gRPC API (:mod:`xrayfed.common.rpc`), service ``xrayfed.crypto_provider.v1.CryptoProvider``
+(:data:`xrayfed.common.protocol.inference.CRYPTO_PROVIDER_SERVICE`):
 
 * ``StartSession {session_id, hospital_key, model, image_size, tape, timeout_s,
   join_timeout_s}`` → ``{host, port}``: only the hospital's inference service may call it (the
-  shared secret in metadata ``x-xrayfed-ttp-secret``, compared in constant time, over TLS). A
+  shared secret in metadata ``x-xrayfed-crypto-provider-secret``, compared in constant time, over TLS). A
   warm pre-forked party listens on ``mpc_host`` (port picked by the OS) for the one TLS
   connection that proves ``hospital_key``.
 * ``Evaluate`` (the patient; binary frame) ``{session_id} + {x, seed, corrections}`` → ``{shape}
@@ -33,28 +35,28 @@ import time
 
 from xrayfed.common import mpc, rpc
 from xrayfed.common.addresses import parse_hostport
-from xrayfed.common.config import TTPConfig, load_config
+from xrayfed.common.config import CryptoProviderConfig, load_config
 from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
 from xrayfed.common.mpc import WorkerPool, dealer
 from xrayfed.common.mpc.sessions import SessionTable, answer_patient
 from xrayfed.common.protocol.inference import (
+    CRYPTO_PROVIDER_SECRET_HEADER,
+    CRYPTO_PROVIDER_SERVICE,
     EVALUATE,
     HEALTH,
     START_SESSION,
-    TTP_SECRET_HEADER,
-    TTP_SERVICE,
 )
 from xrayfed.common.security.shared_secret import read_secret
 
-log = logging.getLogger("xrayfed.ttp")
+log = logging.getLogger("xrayfed.crypto_provider")
 SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
-class TTPService:
+class CryptoProviderService:
     def __init__(self, cfg, pool, secret: bytes | None) -> None:
         self.cfg = cfg
         self.secret = secret
-        self.sessions = SessionTable(pool, cfg.max_sessions, name="ttp")
+        self.sessions = SessionTable(pool, cfg.max_sessions, name="crypto-provider")
 
     # ----------------------------------------------------------------- handlers
     def _authorise(self, context) -> None:
@@ -62,7 +64,7 @@ class TTPService:
 
         if self.secret is None:
             return
-        got = dict(context.invocation_metadata()).get(TTP_SECRET_HEADER, "")
+        got = dict(context.invocation_metadata()).get(CRYPTO_PROVIDER_SECRET_HEADER, "")
         if not hmac.compare_digest(got.encode(), self.secret):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "crypto provider: missing or wrong service secret")
 
@@ -138,8 +140,8 @@ class TTPService:
         self.sessions.stop_all()
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    cfg = load_config(TTPConfig, args.config, {
+def serve_cmd(args: argparse.Namespace) -> int:
+    cfg = load_config(CryptoProviderConfig, args.config, {
         "listen": args.listen, "tls.cert": str(args.cert) if args.cert else None,
         "tls.key": str(args.key) if args.key else None, "secret": str(args.secret) if args.secret else None,
         "session_timeout_s": args.session_timeout, "max_sessions": args.max_sessions,
@@ -150,24 +152,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
     host, port = parse_hostport(cfg.listen, "listen")
-    secret = read_secret(cfg.secret, "TTP secret (--secret)")
-    creds = None if cfg.tls.insecure else rpc.server_credentials(cfg.tls.cert, cfg.tls.key, "serve-ttp")
+    secret = read_secret(cfg.secret, "crypto provider secret (--secret)")
+    creds = None if cfg.tls.insecure else rpc.server_credentials(cfg.tls.cert, cfg.tls.key, "serve-crypto-provider")
     if cfg.tls.insecure:
-        warn_insecure("serve-ttp", RPC_EXPOSED)
+        warn_insecure("serve-crypto-provider", RPC_EXPOSED)
     if secret is None:
-        print("xrayfed: WARNING: serve-ttp without --secret: anyone who reaches it can start sessions",
+        print("xrayfed: WARNING: serve-crypto-provider without --secret: anyone who reaches it can start sessions",
               file=sys.stderr, flush=True)
 
     # Warm the zygote (imports torch + CrypTen once) BEFORE any gRPC thread exists.
     pool = WorkerPool()
     warm_s = pool.warm()
-    svc = TTPService(cfg, pool, secret)
-    server, bound = rpc.start_server(TTP_SERVICE, {START_SESSION: svc.start_session, EVALUATE: svc.evaluate,
-                                                   HEALTH: svc.health},
+    svc = CryptoProviderService(cfg, pool, secret)
+    handlers = {START_SESSION: svc.start_session, EVALUATE: svc.evaluate, HEALTH: svc.health}
+    server, bound = rpc.start_server(CRYPTO_PROVIDER_SERVICE, handlers,
                                      host=host, port=port, creds=creds, max_workers=2 * cfg.max_sessions + 4,
-                                     what="serve-ttp", listen=cfg.listen)
-    print(f"xrayfed serve-ttp: listening on {host}:{bound}, MPC party links on {cfg.mpc_host} (workers warm in "
-          f"{warm_s:.1f}s, max {cfg.max_sessions} sessions, timeout {cfg.session_timeout_s:.0f}s)", flush=True)
+                                     what="serve-crypto-provider", listen=cfg.listen)
+    print(f"xrayfed serve-crypto-provider: listening on {host}:{bound}, MPC party links on {cfg.mpc_host} (workers "
+          f"warm in {warm_s:.1f}s, max {cfg.max_sessions} sessions, timeout {cfg.session_timeout_s:.0f}s)", flush=True)
     try:
         return rpc.run_until_stopped(server, svc.stop_all, ready, stop)
     finally:
