@@ -37,7 +37,7 @@ def explained_conv(model: torch.nn.Module) -> torch.nn.Module:
     torchvision backbone's last block) — except behind a ScatterNet front end, where the first
     convolution already sees the scattering features (7 × 7 at 28 px) and the last one only a
     3 × 3 grid, too coarse to point at a finding: there it is the first."""
-    from xrayfed.common.model import ScatterFront
+    from xrayfed.common.model.scatter_front import ScatterFront
 
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     if not convs:

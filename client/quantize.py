@@ -101,7 +101,7 @@ def quantize_torch(model: torch.nn.Module, calibration: torch.Tensor) -> torch.j
     model = model.cpu().eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-        from xrayfed.common.model import ScatterFront
+        from xrayfed.common.model.scatter_front import ScatterFront
 
         qmap = get_default_qconfig_mapping(engine).set_object_type(ScatterFront, None)
         prepared = prepare_fx(model, qmap, example_inputs=(calibration[:1],),

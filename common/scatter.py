@@ -15,8 +15,9 @@ normalisation) cost nothing under MPC and are exact.
 
 One filter bank (:func:`filter_bank`, numpy), one transform (:func:`scatter`, written against
 the array library it is given) and its two appliers: :func:`scatter_numpy` (the patient; numpy
-only, no torch import) and :class:`xrayfed.common.model.ScatterFront` (``torch.nn.Module`` for
-training and plaintext evaluation, CPU or CUDA; it also has a real-arithmetic form for export).
+only, no torch import) and :class:`xrayfed.common.model.scatter_front.ScatterFront`
+(``torch.nn.Module`` for training and plaintext evaluation, CPU or CUDA; it also has a
+real-arithmetic form for export).
 """
 
 from __future__ import annotations
@@ -103,9 +104,9 @@ def scatter(x, j: int, orientations: int, *, filters, fft, pad, modulus, cat):
     order at full size, second order at ``1/2**j2``, everything low-passed at ``1/2**J``.
 
     Written once for both appliers (:func:`scatter_numpy`, and ``ScatterFront`` in
-    :mod:`xrayfed.common.model`), which pass their array library's pieces: ``filters(n)`` gives
-    :func:`filter_bank`'s ``(psi_hat, phi_hat)`` as that library's arrays; ``fft`` is
-    ``numpy.fft`` or ``torch.fft``; ``pad(x, widths)`` reflect-pads the last two axes
+    :mod:`xrayfed.common.model.scatter_front`), which pass their array library's pieces:
+    ``filters(n)`` gives :func:`filter_bank`'s ``(psi_hat, phi_hat)`` as that library's arrays;
+    ``fft`` is ``numpy.fft`` or ``torch.fft``; ``pad(x, widths)`` reflect-pads the last two axes
     (``widths``: top, bottom, left, right); ``modulus(z)`` is ``|z|``; ``cat(parts, axis)``
     concatenates."""
     n_, c, h, w = x.shape

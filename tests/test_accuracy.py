@@ -289,7 +289,7 @@ def test_random_view_changes_the_aspect_within_its_range():
 
 def test_augmented_training_bypasses_the_feature_cache():
     """Augmented views never come back, so they must not fill (and evict) the ScatterNet cache."""
-    from xrayfed.common import model as model_mod
+    from xrayfed.common.model import scatter_front as model_mod
 
     front = model_mod.ScatterFront()
     x = torch.randn(3, 1, 16, 16)

@@ -90,7 +90,7 @@ def test_too_small_input_and_hostile_plans_are_refused():
 def test_feature_cache_is_exact_and_bounded():
     """Scans seen before are served from memory with the same features; the cache stays within
     its byte bound (least recently used first out)."""
-    from xrayfed.common.model import _FeatureCache
+    from xrayfed.common.model.scatter_front import _FeatureCache
 
     front = ScatterFront()
     x = torch.from_numpy(_scan(3, 28)).float().repeat(4, 1, 1, 1) + torch.rand(8, 1, 28, 28) * 0.1
@@ -105,7 +105,7 @@ def test_feature_cache_is_exact_and_bounded():
 
 
 def test_a_batch_larger_than_the_cache_is_still_served(monkeypatch):
-    from xrayfed.common import model as M
+    from xrayfed.common.model import scatter_front as M
 
     small = M._FeatureCache(max_bytes=2 * 81 * 7 * 7 * 4)  # room for two scans' features
     monkeypatch.setattr(M, "_SCATTER_CACHE", small)

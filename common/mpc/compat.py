@@ -263,7 +263,7 @@ def _identity(cnn):
 
 def build_crypten_model(spec, *, pooled_input: bool = False):
     """A plaintext (not yet encrypted) ``crypten.nn.Sequential`` for ``spec``: same layer plan,
-    same state-dict keys as :func:`xrayfed.common.model.build_model`. Parameters start at zero.
+    same state-dict keys as :func:`xrayfed.common.model.xraynet.build_model`. Parameters start at zero.
 
     ``pooled_input``: the plan's first layer, the input average pool, is applied by the patient
     to its own scan before sharing it (linear and public), so here it is an identity (same
@@ -271,7 +271,7 @@ def build_crypten_model(spec, *, pooled_input: bool = False):
     transform) is always the patient's: here it is always an identity, and the model's input is
     the scattering features."""
     from xrayfed.common.errors import UserError
-    from xrayfed.common.model import layer_plan
+    from xrayfed.common.model.xraynet import layer_plan
 
     if spec.arch != "xraynet":
         raise UserError(
