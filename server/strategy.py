@@ -1,7 +1,7 @@
 """Aggregation strategies (Flower Message API) with the hooks xrayfed needs.
 
-:func:`make_strategy` returns FedAvg (weighted by example counts), FedProx or FedAdam from
-``flwr.serverapp.strategy`` extended to
+:func:`make_strategy` returns FedAvg (weighted by example counts), FedAvgM, FedProx or FedAdam
+from ``flwr.serverapp.strategy`` combined with :class:`XrayStrategyMixin`, which extends it to
 
 * number rounds globally (a resumed run continues at the checkpoint's round + 1),
 * send the federation's model/task description and the round's learning rate to hospitals,
@@ -187,20 +187,9 @@ def round_lr(cfg: FederationConfig, server_round: int) -> float:
     return float(fed.lr)
 
 
-def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[str, tuple[int, str]] | None = None,
-                  say: Callable[[str], None] = log.info, plans: dict[str, HospitalPlan] | None = None):
-    """The configured strategy, extended with xrayfed's round hooks.
-
-    ``anchors``: ``{hospital: (seq, head)}``, the ledger heads recorded so far (a resumed run
-    reads them from metrics.jsonl). Every training request carries them (keyed by
-    :func:`xrayfed.common.privacy.ledger.anchor_id`, not by name) so each hospital can check that its
-    ledger still holds the line it reported: truncation or rollback is caught at its next round.
-    ``say``: where the operator's lines go (the server's summary lines).
-    ``plans``: ``{hospital: plan}`` pinned at each hospital's first reply (:func:`pinned_plans`;
-    a resumed run reads them from metrics.jsonl).
-    """
+def flower_kwargs(cfg: FederationConfig) -> dict[str, Any]:
+    """The arguments of the configured Flower strategy (``[federation] strategy``)."""
     fed = cfg.federation
-    base = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": FedAvgM}[fed.strategy]
     kwargs: dict[str, Any] = dict(
         fraction_train=fed.fraction_train,
         # Hospitals evaluate on their own validation split only when the server has no held-out
@@ -217,205 +206,271 @@ def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[st
     if fed.strategy == "fedavgm":
         kwargs["server_learning_rate"] = fed.effective_server_lr()
         kwargs["server_momentum"] = fed.server_momentum
+    return kwargs
 
 
-    class XrayStrategy(base):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            super().__init__(**kwargs)
-            self.round_offset = round_offset
-            self.train_rows: dict[int, list[dict[str, Any]]] = {}
-            self.client_eval: dict[int, dict[str, float]] = {}
-            self.anchors: dict[str, tuple[int, str]] = dict(anchors or {})
-            self.reference: dict[str, Any] | None = None
-            self.requests: list[Message] = []  # this round's training requests (their ids are set when sent)
-            self.names: dict[int, str] = {}  # node id -> the hospital name it reported
-            self.registered: dict[int, str] = {}  # node id -> the name its key was registered under
-            self.plans: dict[str, HospitalPlan] = dict(plans or {})
+class XrayStrategyMixin:
+    """xrayfed's round hooks (see the module's text) on top of a Flower strategy: list it before
+    the Flower class (``class XrayFedAvg(XrayStrategyMixin, FedAvg)``), so that its
+    ``configure_*`` and ``aggregate_*`` run first and hand on to Flower's with ``super()``.
 
-        def global_round(self, server_round: int) -> int:
-            return self.round_offset + server_round
+    ``round_offset``: the checkpoint's round a resumed run continues from (Flower counts each run
+    from 1). ``anchors``, ``say``, ``plans``: see :func:`make_strategy`. The other keyword
+    arguments go to the Flower strategy (:func:`flower_kwargs`).
+    """
 
-        def _with_info(self, server_round: int, config: ConfigRecord, anchors: bool = False) -> ConfigRecord:
-            from xrayfed.common.privacy.ledger import anchor_id
+    #: Flower's attributes that carry the server optimizer across rounds (FedAvgM, FedAdam).
+    STATE = ("momentum_vector", "m_t", "v_t")
 
-            request = RoundRequest(
-                # the operator's pretrained_path is read here, into the round-0 model; a hospital
-                # never opens a file the server names
-                federation=fed.name, round=self.global_round(server_round),
-                model=cfg.model.model_copy(update={"pretrained_path": None}), task=cfg.task,
-                image_size=int(cfg.image_size), lr=round_lr(cfg, self.global_round(server_round)),
-                ledger_anchors=tuple((anchor_id(fed.name, h), seq, head)
-                                     for h, (seq, head) in sorted(self.anchors.items())) if anchors else ())
-            c = ConfigRecord(dict(config))
-            c.update(request.to_config())
-            return c
+    def __init__(self, cfg: FederationConfig, *, round_offset: int = 0,
+                 anchors: dict[str, tuple[int, str]] | None = None, say: Callable[[str], None] = log.info,
+                 plans: dict[str, HospitalPlan] | None = None, **flower: Any) -> None:
+        super().__init__(**flower)
+        self.cfg, self.fed, self.say = cfg, cfg.federation, say
+        self.round_offset = round_offset
+        self.train_rows: dict[int, list[dict[str, Any]]] = {}
+        self.client_eval: dict[int, dict[str, float]] = {}
+        self.anchors: dict[str, tuple[int, str]] = dict(anchors or {})
+        self.reference: dict[str, Any] | None = None
+        self.requests: list[Message] = []  # this round's training requests (their ids are set when sent)
+        self.names: dict[int, str] = {}  # node id -> the hospital name it reported
+        self.registered: dict[int, str] = {}  # node id -> the name its key was registered under
+        self.plans: dict[str, HospitalPlan] = dict(plans or {})
 
-        def configure_train(self, server_round, arrays, config, grid):
-            await_hospitals(grid, fed.min_clients, fed.join_timeout_s, self.global_round(server_round), say)
-            self.reference = {k: v.numpy() for k, v in arrays.items()}  # what this round's updates must match
-            self._learn_names(grid)
-            self.requests = list(super().configure_train(
-                server_round, arrays, self._with_info(server_round, config, anchors=True), grid))
-            return self.requests
+    def global_round(self, server_round: int) -> int:
+        return self.round_offset + server_round
 
-        def _learn_names(self, grid) -> None:
-            """Names the operator registered the hospitals' keys under (``flwr supernode register
-            --name``; none in insecure mode), so a hospital that fails before it ever replied is named."""
-            try:
-                for n in grid.get_nodes():
-                    if getattr(n, "name", ""):
-                        self.registered[int(n.node_id)] = str(n.name)
-                        self.names[int(n.node_id)] = str(n.name)
-            except Exception as e:  # noqa: BLE001 - naming is a convenience; the ids are still recorded
-                log.debug("node names unavailable: %s", e)
+    # -- requests ---------------------------------------------------------------------------
 
-        def _name_rows(self, replies: list[Message], rows: list[dict[str, Any]]) -> None:
-            """Name every row by its hospital. An error reply (the hospital died, or timed out) comes
-            from the SuperLink, not from the hospital: its node is the one the request went to."""
-            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.requests}
-            for m, r in zip(replies, rows):
-                if r["status"] == FAILED:
-                    r["node_id"] = int(sent_to.get(m.metadata.reply_to_message_id, r["node_id"]))
-                    r["hospital"] = self.names.get(r["node_id"], f"node-{r['node_id']}")
-                elif not str(r["hospital"]).startswith("node-"):
-                    self.names.setdefault(r["node_id"], str(r["hospital"]))
+    def _with_info(self, server_round: int, config: ConfigRecord, anchors: bool = False) -> ConfigRecord:
+        """``config`` with the round request: the federation's model and task, the round and its
+        learning rate, and (``anchors``) every hospital's ledger anchor."""
+        from xrayfed.common.privacy.ledger import anchor_id
 
-        def _bind_names(self, server_round: int, rows: list[dict[str, Any]]) -> None:
-            """A reply speaks for the hospital its key was registered as (``flwr supernode register
-            --name``, read from the SuperLink): a reply that names another hospital is rejected, its
-            row is filed under the registered name with the claimed one beside it, and it moves no
-            anchor and no plan. (Without hospital authentication, ``--insecure``, names are the
-            hospitals' own claims: there is no key to bind them to.)"""
-            for r in rows:
-                registered = self.registered.get(int(r["node_id"]))
-                if r["status"] == FAILED or registered is None or r["hospital"] == registered:
-                    continue
-                claimed = r["hospital"]
-                r.update(claimed_hospital=claimed, hospital=registered, status=REJECTED,
-                         reason=f"the reply names hospital \"{claimed}\" but its key is registered as "
-                                f"\"{registered}\"")
-                log.warning("round %d: reply of node %d rejected, not aggregated: it names hospital \"%s\" but its "
-                            "key is registered as \"%s\"", self.global_round(server_round), r["node_id"], claimed,
-                            registered)
+        cfg, fed = self.cfg, self.fed
+        request = RoundRequest(
+            # the operator's pretrained_path is read here, into the round-0 model; a hospital
+            # never opens a file the server names
+            federation=fed.name, round=self.global_round(server_round),
+            model=cfg.model.model_copy(update={"pretrained_path": None}), task=cfg.task,
+            image_size=int(cfg.image_size), lr=round_lr(cfg, self.global_round(server_round)),
+            ledger_anchors=tuple((anchor_id(fed.name, h), seq, head)
+                                 for h, (seq, head) in sorted(self.anchors.items())) if anchors else ())
+        c = ConfigRecord(dict(config))
+        c.update(request.to_config())
+        return c
 
-        def _bound(self, server_round: int, r: dict[str, Any]) -> tuple[float, str | None]:
-            """``(plan bound, problem)`` for a reply's update: its plan must be the one pinned at the
-            hospital's first update, and the bound is what a DP-SGD round of it can reach."""
-            plan = HospitalPlan.from_row(r)
-            name = str(r["hospital"])
-            if plan is None:
-                return math.inf, "the reply does not state its DP plan (N, σ, q, steps, C)"
-            pinned = self.plans.setdefault(name, plan)
-            diff = pinned.differences(plan)
-            if diff:
-                return math.inf, (f"its DP plan differs from the one of its first update in this run "
-                                  f"({'; '.join(diff)}): a hospital's plan is fixed for the whole run")
-            n = num_parameters(self.reference.values()) if self.reference is not None else 0
-            return dp_update_bound(pinned, round_lr(cfg, self.global_round(server_round)), n), None
+    def configure_train(self, server_round, arrays, config, grid):
+        await_hospitals(grid, self.fed.min_clients, self.fed.join_timeout_s, self.global_round(server_round),
+                        self.say)
+        self.reference = {k: v.numpy() for k, v in arrays.items()}  # what this round's updates must match
+        self._learn_names(grid)
+        self.requests = list(super().configure_train(
+            server_round, arrays, self._with_info(server_round, config, anchors=True), grid))
+        return self.requests
 
-        def _screen(self, server_round: int, replies: list[Message], rows: list[dict[str, Any]]) -> list[Message]:
-            ok = []
-            secagg = fed.secure_aggregation
-            for m, r in zip(replies, rows):
-                if not has_update(m) or r["status"] not in (TRAINED, RESENT):
-                    continue
-                rec = next(iter(m.content.array_records.values()))
-                bound, problem = (math.inf, None) if secagg else self._bound(server_round, r)
-                if problem is None and self.reference is not None:
-                    problem = check_update({k: v.numpy() for k, v in rec.items()}, self.reference,
-                                           fed.max_update_norm, bound)
-                if problem is None:
-                    self._cap_weight(m, r)
-                    ok.append(m)
-                    continue
-                log.warning("round %d: update of %s rejected, not aggregated: %s", self.global_round(server_round),
-                            r["hospital"], problem)
-                r["status"], r["reason"] = REJECTED, problem
-            return ok
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return super().configure_evaluate(server_round, arrays, self._with_info(server_round, config), grid)
 
-        def _cap_weight(self, m: Message, r: dict[str, Any]) -> None:
-            """The reply's FedAvg weight, capped (:func:`~xrayfed.server.aggregation.capped_weight`);
-            the row records the weight used when it is lower than the claim."""
-            if fed.secure_aggregation:
-                return  # the weight travels masked with the update; SecAgg+'s max_weight caps it
-            for rec in m.content.metric_records.values():
-                if NUM_EXAMPLES in rec:
-                    claimed = float(rec[NUM_EXAMPLES])
-                    w = capped_weight(claimed, self.plans.get(str(r["hospital"])), fed.max_examples_per_hospital)
-                    if w != claimed:
-                        rec[NUM_EXAMPLES] = w
-                        r["weight"] = w
+    # -- who replied --------------------------------------------------------------------------
 
-        def _robust(self, updates: list[Message]) -> None:
-            """``[federation] aggregator``: every accepted reply's arrays become the coordinate-wise
-            median / trimmed mean of all of them, so the (weighted) mean Flower's strategy then
-            computes — and its server optimizer steps from — is that robust aggregate."""
-            from flwr.app import Array, ArrayRecord
+    def _learn_names(self, grid) -> None:
+        """Names the operator registered the hospitals' keys under (``flwr supernode register
+        --name``; none in insecure mode), so a hospital that fails before it ever replied is named."""
+        try:
+            for n in grid.get_nodes():
+                if getattr(n, "name", ""):
+                    self.registered[int(n.node_id)] = str(n.name)
+                    self.names[int(n.node_id)] = str(n.name)
+        except Exception as e:  # noqa: BLE001 - naming is a convenience; the ids are still recorded
+            log.debug("node names unavailable: %s", e)
 
-            if fed.aggregator == "mean" or not updates:
-                return
-            keys = [next(iter(m.content.array_records)) for m in updates]
-            states = [{k: v.numpy() for k, v in m.content[key].items()} for m, key in zip(updates, keys)]
-            agg = robust_aggregate(states, fed.aggregator, fed.trim_fraction)
-            for m, key in zip(updates, keys):
-                m.content[key] = ArrayRecord({k: Array(v) for k, v in agg.items()})
+    def _name_rows(self, replies: list[Message], rows: list[dict[str, Any]]) -> None:
+        """Name every row by its hospital. An error reply (the hospital died, or timed out) comes
+        from the SuperLink, not from the hospital: its node is the one the request went to."""
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.requests}
+        for m, r in zip(replies, rows):
+            if r["status"] == FAILED:
+                r["node_id"] = int(sent_to.get(m.metadata.reply_to_message_id, r["node_id"]))
+                r["hospital"] = self.names.get(r["node_id"], f"node-{r['node_id']}")
+            elif not str(r["hospital"]).startswith("node-"):
+                self.names.setdefault(r["node_id"], str(r["hospital"]))
 
-        #: Flower's attributes that carry the server optimizer across rounds (FedAvgM, FedAdam).
-        STATE = ("momentum_vector", "m_t", "v_t")
+    def _bind_names(self, server_round: int, rows: list[dict[str, Any]]) -> None:
+        """A reply speaks for the hospital its key was registered as (``flwr supernode register
+        --name``, read from the SuperLink): a reply that names another hospital is rejected, its
+        row is filed under the registered name with the claimed one beside it, and it moves no
+        anchor and no plan. (Without hospital authentication, ``--insecure``, names are the
+        hospitals' own claims: there is no key to bind them to.)"""
+        for r in rows:
+            registered = self.registered.get(int(r["node_id"]))
+            if r["status"] == FAILED or registered is None or r["hospital"] == registered:
+                continue
+            claimed = r["hospital"]
+            r.update(claimed_hospital=claimed, hospital=registered, status=REJECTED,
+                     reason=f"the reply names hospital \"{claimed}\" but its key is registered as "
+                            f"\"{registered}\"")
+            log.warning("round %d: reply of node %d rejected, not aggregated: it names hospital \"%s\" but its "
+                        "key is registered as \"%s\"", self.global_round(server_round), r["node_id"], claimed,
+                        registered)
 
-        def server_state(self) -> dict[str, Any]:
-            """The server optimizer's state as tensors (empty for FedAvg/FedProx): saved with each
-            checkpoint so that a resumed run continues with it instead of from zero."""
-            import numpy as np
-            import torch
+    # -- which updates count, and how much ----------------------------------------------------
 
-            return {a: _map_arrays(getattr(self, a), lambda x: torch.from_numpy(np.array(x, copy=True)))
-                    for a in self.STATE if getattr(self, a, None) is not None}
+    def _bound(self, server_round: int, r: dict[str, Any]) -> tuple[float, str | None]:
+        """``(plan bound, problem)`` for a reply's update: its plan must be the one pinned at the
+        hospital's first update, and the bound is what a DP-SGD round of it can reach."""
+        plan = HospitalPlan.from_row(r)
+        name = str(r["hospital"])
+        if plan is None:
+            return math.inf, "the reply does not state its DP plan (N, σ, q, steps, C)"
+        pinned = self.plans.setdefault(name, plan)
+        diff = pinned.differences(plan)
+        if diff:
+            return math.inf, (f"its DP plan differs from the one of its first update in this run "
+                              f"({'; '.join(diff)}): a hospital's plan is fixed for the whole run")
+        n = num_parameters(self.reference.values()) if self.reference is not None else 0
+        return dp_update_bound(pinned, round_lr(self.cfg, self.global_round(server_round)), n), None
 
-        def load_server_state(self, state: dict[str, Any]) -> list[str]:
-            """Restore :meth:`server_state` (what is restored, by name)."""
-            done = []
-            for a, v in state.items():
-                if a in self.STATE and hasattr(self, a):
-                    setattr(self, a, _map_arrays(v, lambda x: x.numpy()))
-                    done.append(a)
-            return done
+    def _screen(self, server_round: int, replies: list[Message], rows: list[dict[str, Any]]) -> list[Message]:
+        """The replies whose update is aggregated (:func:`check_update` against the plan bound);
+        every other trained reply's row becomes ``rejected`` with the reason."""
+        ok = []
+        secagg = self.fed.secure_aggregation
+        for m, r in zip(replies, rows):
+            if not has_update(m) or r["status"] not in (TRAINED, RESENT):
+                continue
+            rec = next(iter(m.content.array_records.values()))
+            bound, problem = (math.inf, None) if secagg else self._bound(server_round, r)
+            if problem is None and self.reference is not None:
+                problem = check_update({k: v.numpy() for k, v in rec.items()}, self.reference,
+                                       self.fed.max_update_norm, bound)
+            if problem is None:
+                self._cap_weight(m, r)
+                ok.append(m)
+                continue
+            log.warning("round %d: update of %s rejected, not aggregated: %s", self.global_round(server_round),
+                        r["hospital"], problem)
+            r["status"], r["reason"] = REJECTED, problem
+        return ok
 
-        def configure_evaluate(self, server_round, arrays, config, grid):
-            return super().configure_evaluate(server_round, arrays, self._with_info(server_round, config), grid)
+    def _cap_weight(self, m: Message, r: dict[str, Any]) -> None:
+        """The reply's FedAvg weight, capped (:func:`~xrayfed.server.aggregation.capped_weight`);
+        the row records the weight used when it is lower than the claim."""
+        if self.fed.secure_aggregation:
+            return  # the weight travels masked with the update; SecAgg+'s max_weight caps it
+        for rec in m.content.metric_records.values():
+            if NUM_EXAMPLES in rec:
+                claimed = float(rec[NUM_EXAMPLES])
+                w = capped_weight(claimed, self.plans.get(str(r["hospital"])), self.fed.max_examples_per_hospital)
+                if w != claimed:
+                    rec[NUM_EXAMPLES] = w
+                    r["weight"] = w
 
-        def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-            replies = list(replies)
-            rows = [reply_row(m) for m in replies]
-            self._name_rows(replies, rows)
-            self._bind_names(server_round, rows)
-            self.train_rows[self.global_round(server_round)] = rows
-            findings: list[str] = []
-            ledger_anchors(rows, self.anchors, findings)
-            for why in findings:
-                log.warning("round %d: %s", self.global_round(server_round), why)
-            for r in rows:
-                if r["status"] == REFUSED:
-                    log.warning("hospital %s refused round %d; its reason: \"%s\"", r["hospital"],
-                                self.global_round(server_round), r.get("reason", "privacy budget"))
-            updates = self._screen(server_round, replies, rows)
-            if not updates:
-                log.warning("round %d: no hospital sent an update; the global model is unchanged",
-                            self.global_round(server_round))
-                return None, None
-            self._robust(updates)
-            return super().aggregate_train(server_round, updates)
+    def _robust(self, updates: list[Message]) -> None:
+        """``[federation] aggregator``: every accepted reply's arrays become the coordinate-wise
+        median / trimmed mean of all of them, so the (weighted) mean Flower's strategy then
+        computes — and its server optimizer steps from — is that robust aggregate."""
+        from flwr.app import Array, ArrayRecord
 
-        def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-            # A hospital without validation scans answers num-examples = 0 and no metric (it never
-            # evaluates on its DP-protected training scans): nothing to average.
-            ok = [m for m in replies if not m.has_error() and any(
-                float(r.get(NUM_EXAMPLES, 0)) > 0 for r in m.content.metric_records.values())]
-            if not ok:
-                return None
-            agg = super().aggregate_evaluate(server_round, ok)
-            if agg is not None:
-                self.client_eval[self.global_round(server_round)] = {k: float(v) for k, v in agg.items()}
-            return agg
+        if self.fed.aggregator == "mean" or not updates:
+            return
+        keys = [next(iter(m.content.array_records)) for m in updates]
+        states = [{k: v.numpy() for k, v in m.content[key].items()} for m, key in zip(updates, keys)]
+        agg = robust_aggregate(states, self.fed.aggregator, self.fed.trim_fraction)
+        for m, key in zip(updates, keys):
+            m.content[key] = ArrayRecord({k: Array(v) for k, v in agg.items()})
 
-    return XrayStrategy()
+    # -- aggregation --------------------------------------------------------------------------
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        rows = [reply_row(m) for m in replies]
+        self._name_rows(replies, rows)
+        self._bind_names(server_round, rows)
+        self.train_rows[self.global_round(server_round)] = rows
+        findings: list[str] = []
+        ledger_anchors(rows, self.anchors, findings)
+        for why in findings:
+            log.warning("round %d: %s", self.global_round(server_round), why)
+        for r in rows:
+            if r["status"] == REFUSED:
+                log.warning("hospital %s refused round %d; its reason: \"%s\"", r["hospital"],
+                            self.global_round(server_round), r.get("reason", "privacy budget"))
+        updates = self._screen(server_round, replies, rows)
+        if not updates:
+            log.warning("round %d: no hospital sent an update; the global model is unchanged",
+                        self.global_round(server_round))
+            return None, None
+        self._robust(updates)
+        return super().aggregate_train(server_round, updates)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        # A hospital without validation scans answers num-examples = 0 and no metric (it never
+        # evaluates on its DP-protected training scans): nothing to average.
+        ok = [m for m in replies if not m.has_error() and any(
+            float(r.get(NUM_EXAMPLES, 0)) > 0 for r in m.content.metric_records.values())]
+        if not ok:
+            return None
+        agg = super().aggregate_evaluate(server_round, ok)
+        if agg is not None:
+            self.client_eval[self.global_round(server_round)] = {k: float(v) for k, v in agg.items()}
+        return agg
+
+    # -- the server optimizer's state across a resume -----------------------------------------
+
+    def server_state(self) -> dict[str, Any]:
+        """The server optimizer's state as tensors (empty for FedAvg/FedProx): saved with each
+        checkpoint so that a resumed run continues with it instead of from zero."""
+        import numpy as np
+        import torch
+
+        return {a: _map_arrays(getattr(self, a), lambda x: torch.from_numpy(np.array(x, copy=True)))
+                for a in self.STATE if getattr(self, a, None) is not None}
+
+    def load_server_state(self, state: dict[str, Any]) -> list[str]:
+        """Restore :meth:`server_state` (what is restored, by name)."""
+        done = []
+        for a, v in state.items():
+            if a in self.STATE and hasattr(self, a):
+                setattr(self, a, _map_arrays(v, lambda x: x.numpy()))
+                done.append(a)
+        return done
+
+
+class XrayFedAvg(XrayStrategyMixin, FedAvg):
+    """FedAvg (weighted by example counts) with xrayfed's round hooks."""
+
+
+class XrayFedAvgM(XrayStrategyMixin, FedAvgM):
+    """FedAvg with server momentum, with xrayfed's round hooks."""
+
+
+class XrayFedProx(XrayStrategyMixin, FedProx):
+    """FedProx (the proximal term is applied by the hospitals), with xrayfed's round hooks."""
+
+
+class XrayFedAdam(XrayStrategyMixin, FedAdam):
+    """FedAdam (Adam on the server), with xrayfed's round hooks."""
+
+
+#: ``[federation] strategy`` → its class.
+STRATEGIES: dict[str, type[XrayStrategyMixin]] = {
+    "fedavg": XrayFedAvg, "fedavgm": XrayFedAvgM, "fedprox": XrayFedProx, "fedadam": XrayFedAdam,
+}
+
+
+def make_strategy(cfg: FederationConfig, round_offset: int = 0, anchors: dict[str, tuple[int, str]] | None = None,
+                  say: Callable[[str], None] = log.info, plans: dict[str, HospitalPlan] | None = None):
+    """The configured strategy (:data:`STRATEGIES`), extended with xrayfed's round hooks
+    (:class:`XrayStrategyMixin`).
+
+    ``anchors``: ``{hospital: (seq, head)}``, the ledger heads recorded so far (a resumed run
+    reads them from metrics.jsonl). Every training request carries them (keyed by
+    :func:`xrayfed.common.privacy.ledger.anchor_id`, not by name) so each hospital can check that its
+    ledger still holds the line it reported: truncation or rollback is caught at its next round.
+    ``say``: where the operator's lines go (the server's summary lines).
+    ``plans``: ``{hospital: plan}`` pinned at each hospital's first reply (:func:`pinned_plans`;
+    a resumed run reads them from metrics.jsonl).
+    """
+    return STRATEGIES[cfg.federation.strategy](cfg, round_offset=round_offset, anchors=anchors, say=say, plans=plans,
+                                               **flower_kwargs(cfg))
