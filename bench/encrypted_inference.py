@@ -91,7 +91,7 @@ def plaintext_latency(ckpt, n: int = 30) -> float:
 
 def mpc_latency(pool, ckpt, repeats: int, work: Path) -> dict:
     from xrayfed.common import mpc
-    from xrayfed.common.security.pki import init_pki
+    from xrayfed.server.pki import init_pki
 
     pki = work / "pki"
     if not (pki / "ca.pem").exists():
@@ -121,8 +121,8 @@ class Services:
 
     def __init__(self, work: Path, ckpt_path: Path) -> None:
         from xrayfed.common.procs import free_port, spawn, venv_bin, wait_for_port
-        from xrayfed.common.security import tokens
-        from xrayfed.common.security.pki import init_pki
+        from xrayfed.client.inference import tokens
+        from xrayfed.server.pki import init_pki
 
         self.work = work
         pki = work / "pki"

@@ -59,7 +59,7 @@ class Federation:
     def __init__(self, work: Path, args) -> None:
         from xrayfed.common.config import FederationConfig, HospitalConfig, dump_toml
         from xrayfed.common.procs import free_port
-        from xrayfed.common.security.pki import init_pki
+        from xrayfed.server.pki import init_pki
         from xrayfed.common.synthetic import write_npz
 
         self.work = work

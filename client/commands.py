@@ -1,6 +1,6 @@
-"""The sub-commands run at the edges: ``client``, ``data check``, ``export`` and ``explain`` (a
-hospital), ``serve-inference`` and ``token`` (a hospital's inference service and staff),
-``predict`` (a patient).
+"""The sub-commands run at the edges: ``client``, ``certs hospital-key``, ``data check``,
+``export`` and ``explain`` (a hospital), ``serve-inference`` and ``token`` (a hospital's
+inference service and staff), ``predict`` (a patient).
 
 Only argument definitions live here, so ``xrayfed --help`` stays fast; each command's handler
 is imported when that command runs (:func:`xrayfed.common.cli_args.handler`).
@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from xrayfed.common.cli_args import add_model_argument, handler, old_option
+from xrayfed.common.cli_args import add_model_argument, handler, old_option, sub_commands
 from xrayfed.common.security.atrest import add_key_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the hospital's and the patient's sub-commands to the ``xrayfed`` parser."""
-    for reg in (register_client, register_data, register_export, register_explain, register_inference,
-                register_token, register_predict):
+    for reg in (register_client, register_hospital_key, register_data, register_export, register_explain,
+                register_inference, register_token, register_predict):
         reg(sub)
 
 
@@ -40,6 +40,16 @@ def register_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="local port of the SuperNode's ClientApp API (default: a free port)")
     add_key_argument(p, help="encrypt this hospital's privacy ledger and released updates at rest with this key")
     p.set_defaults(func=handler("xrayfed.client.supernode", "run_client_cmd"))
+
+
+def register_hospital_key(sub: argparse._SubParsersAction) -> None:
+    cs = sub_commands(sub, "certs")  # the operator's group (xrayfed.server.commands, registered first)
+    h = cs.add_parser("hospital-key", help="on a hospital's machine: make its SuperNode key pair "
+                                           "(send only auth.pub to the operator)")
+    h.add_argument("--out", required=True, type=Path, help="folder for auth.key (mode 0600) and auth.pub")
+    h.add_argument("--name", default="", help="hospital name (a comment in auth.pub)")
+    h.add_argument("--force", action="store_true", help="replace an existing auth.key")
+    h.set_defaults(func=handler("xrayfed.client.keys", "hospital_key_cmd"))
 
 
 def register_data(sub: argparse._SubParsersAction) -> None:

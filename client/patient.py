@@ -99,7 +99,7 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
     from xrayfed.common.addresses import parse_hostport
     from xrayfed.common.mpc import dealer
     from xrayfed.common.prediction import TaskSpec, decide, probabilities
-    from xrayfed.common.security.tokens import read_token_file
+    from xrayfed.client.inference.tokens import read_token_file
 
     t_start = time.perf_counter()
     parse_hostport(service, "--service")

@@ -86,6 +86,13 @@ class SubCommands(argparse._SubParsersAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+def sub_commands(sub: argparse._SubParsersAction, name: str) -> SubCommands:
+    """The sub-commands of the command ``name`` that another role's ``commands`` module made
+    (``certs``), so that this role adds its own commands to the group."""
+    parser = sub.choices[name]
+    return next(a for a in parser._actions if isinstance(a, SubCommands))
+
+
 class Parser(argparse.ArgumentParser):
     """The ``xrayfed`` parser and its sub-commands' parsers: sub-commands may have hidden old
     names, and checks registered with :meth:`after_parse` run once the command line is parsed."""

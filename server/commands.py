@@ -132,6 +132,7 @@ def register_crypto_provider(sub: argparse._SubParsersAction) -> None:
 def register_certs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("certs", help="make the federation's CA, certificates and hospital keys",
                        description="Keys and certificates for a TLS-protected, authenticated federation.")
+    # The hospital's own `certs hospital-key` is added to this group by xrayfed.client.commands.
     cs = p.add_subparsers(dest="certs_command", metavar="ACTION")
     cs.required = True
 
@@ -158,13 +159,6 @@ def register_certs(sub: argparse._SubParsersAction) -> None:
                         "only the public key is stored here")
     a.add_argument("--force", action="store_true", help="replace the hospital's existing key")
     a.set_defaults(func=handler("xrayfed.server.pki_cli", "add_hospital_cmd"))
-
-    h = cs.add_parser("hospital-key", help="on a hospital's machine: make its SuperNode key pair "
-                                           "(send only auth.pub to the operator)")
-    h.add_argument("--out", required=True, type=Path, help="folder for auth.key (mode 0600) and auth.pub")
-    h.add_argument("--name", default="", help="hospital name (a comment in auth.pub)")
-    h.add_argument("--force", action="store_true", help="replace an existing auth.key")
-    h.set_defaults(func=handler("xrayfed.server.pki_cli", "hospital_key_cmd"))
 
     r = cs.add_parser("revoke-hospital", help="revoke a hospital: not registered again; "
                                               "--superlink also unregisters it now")

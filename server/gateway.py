@@ -10,7 +10,7 @@ from typing import Mapping
 
 from xrayfed.common.errors import UserError
 from xrayfed.common.flower_launch import existing_file
-from xrayfed.common.security.pki import public_key_fingerprint
+from xrayfed.common.security.authkey import public_key_fingerprint
 
 # --------------------------------------------------------------------------- Fleet-only gateway
 # Flower 1.41 serves the Fleet API (hospitals), the Control API (`flwr run`, `flwr supernode

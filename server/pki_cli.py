@@ -1,5 +1,6 @@
-"""``xrayfed certs ...``: the handlers of the PKI commands (the PKI itself is
-:mod:`xrayfed.common.security.pki`; the arguments are in :mod:`xrayfed.server.commands`)."""
+"""``xrayfed certs ...``: the handlers of the operator's PKI commands (the PKI itself is
+:mod:`xrayfed.server.pki`; the arguments are in :mod:`xrayfed.server.commands`). The hospital's
+``certs hospital-key`` is :mod:`xrayfed.client.keys`."""
 
 from __future__ import annotations
 
@@ -11,17 +12,8 @@ from xrayfed.common.checkpoint import to_bytes
 from xrayfed.common.errors import UserError
 from xrayfed.common.files import atomic_write
 from xrayfed.common.security.atrest import load_checkpoint, load_key, make_atrest_key
-from xrayfed.common.security.pki import (
-    KEY_MODE,
-    MANIFEST,
-    add_hospital,
-    init_pki,
-    make_hospital_key,
-    public_key_fingerprint,
-    read_manifest,
-    refuse_existing,
-    revoke_hospital,
-)
+from xrayfed.common.security.authkey import KEY_MODE, refuse_existing
+from xrayfed.server.pki import MANIFEST, add_hospital, init_pki, read_manifest, revoke_hospital
 
 
 def init_cmd(args: argparse.Namespace) -> int:
@@ -46,13 +38,6 @@ def add_hospital_cmd(args: argparse.Namespace) -> int:
               f"give the hospital {where}/ca.pem")
     print(f"register it: add {where}/auth.pub to the server's [network] hospital_keys (registered at every "
           "start); to admit it into a running federation see deploy/RUNBOOK.md, 'Register a hospital'")
-    return 0
-
-
-def hospital_key_cmd(args: argparse.Namespace) -> int:
-    key, pub = make_hospital_key(args.out, name=args.name, force=args.force)
-    print(f"hospital key: {key} (mode 0600, never leaves this machine); send {pub} to the federation operator "
-          f"({public_key_fingerprint(pub.read_bytes())}; confirm the fingerprint with them by phone or in person)")
     return 0
 
 

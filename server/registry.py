@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 
 from xrayfed.common.errors import UserError
 from xrayfed.common.flower_launch import DEFAULT_CONNECTION, flower_env, venv_bin_dir
-from xrayfed.common.security.pki import public_key_fingerprint
+from xrayfed.common.security.authkey import public_key_fingerprint
 
 
 # --------------------------------------------------------------------------- flwr CLI

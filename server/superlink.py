@@ -40,8 +40,9 @@ from xrayfed.common.procs import (
     wait_for_port,
 )
 from xrayfed.common.security.atrest import ENV_KEY_FILE, load_key
-from xrayfed.common.security.pki import MANIFEST, public_key_fingerprint, read_manifest
+from xrayfed.common.security.authkey import public_key_fingerprint
 from xrayfed.server.gateway import FleetGateway
+from xrayfed.server.pki import MANIFEST, read_manifest
 from xrayfed.server.registry import node_keys, register_hospitals
 from xrayfed.server.rundir import RunDir
 

@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from xrayfed.common.security.atrest import make_atrest_key
-from xrayfed.common.security.pki import add_hospital, hospital_public_keys, init_pki, read_manifest, revoke_hospital
 from xrayfed.common.errors import UserError
-from xrayfed.common.security.pki import public_key_fingerprint
+from xrayfed.common.security.atrest import make_atrest_key
+from xrayfed.common.security.authkey import public_key_fingerprint
+from xrayfed.server.pki import add_hospital, hospital_public_keys, init_pki, read_manifest, revoke_hospital
 
 CLI = [sys.executable, "-m", "xrayfed.common.cli"]
 
@@ -193,7 +193,7 @@ def test_cli(tmp_path):
 
 
 def test_hospital_makes_its_own_key_and_the_operator_imports_the_public_key(pki, tmp_path):
-    from xrayfed.common.security.pki import make_hospital_key
+    from xrayfed.common.security.authkey import make_hospital_key
 
     key, pub = make_hospital_key(tmp_path / "at-hospital", name="h9")
     assert _mode(key) == 0o600 and pub.read_text().startswith("ecdsa-sha2-nistp384 ")

@@ -109,7 +109,7 @@ def test_a_checkpoint_given_twice_or_not_at_all_is_refused(capsys):
 def test_the_old_command_names_still_run(tmp_path, capsys):
     """`serve-ttp` reaches its handler after one warning line; `issue-token` still makes keys,
     issues and revokes tokens (each with one warning line)."""
-    from xrayfed.common.security import tokens
+    from xrayfed.client.inference import tokens
 
     assert main(["serve-ttp", "--config", str(tmp_path / "missing.toml")]) == 2
     err = capsys.readouterr().err.splitlines()
@@ -127,7 +127,7 @@ def test_the_old_command_names_still_run(tmp_path, capsys):
 
 
 def test_token_revoke_adds_the_token_id(tmp_path, capsys):
-    from xrayfed.common.security import tokens
+    from xrayfed.client.inference import tokens
 
     key, revoked = tmp_path / "k.key", tmp_path / "revoked.txt"
     assert main(["token", "init-key", "--signing-key", str(key)]) == 0

@@ -68,7 +68,7 @@ def compose() -> dict:
 def pki_files(tmp_path_factory) -> set[str]:
     """Every path (files and folders) `xrayfed certs init` makes, relative to its --out folder,
     for the command line the runbook gives for compose."""
-    from xrayfed.common.security.pki import init_pki
+    from xrayfed.server.pki import init_pki
 
     text = RUNBOOK.read_text()
     m = re.search(r"xrayfed certs init --out pki (--server-name superlink[^\n]*\\\n[^\n]*)", text)

@@ -28,7 +28,7 @@ import pytest
 
 from xrayfed.common.errors import UserError
 from xrayfed.common.procs import free_port
-from xrayfed.common.security.pki import init_pki, public_key_fingerprint
+from xrayfed.server.pki import init_pki, public_key_fingerprint
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -288,7 +288,7 @@ def test_oversized_request_is_refused_before_authentication(tmp_path):
     from xrayfed.common.mpc import shared_input_shape
     from xrayfed.common.prediction import TaskSpec
     from xrayfed.common.protocol.inference import EVALUATE, HEALTH, INFERENCE_SERVICE, MODEL_INFO, OPEN_SESSION
-    from xrayfed.common.security import tokens
+    from xrayfed.client.inference import tokens
 
     init_pki(tmp_path / "pki")
     pki = tmp_path / "pki"

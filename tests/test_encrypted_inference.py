@@ -31,7 +31,7 @@ from xrayfed.common.errors import UserError
 from xrayfed.common.model import ModelSpec, build_model, default_model
 from xrayfed.common.prediction import NIH_LABELS, TaskSpec, probabilities
 from xrayfed.common.procs import free_port, kill_tree, spawn, venv_bin, wait_for_port
-from xrayfed.common.security import tokens
+from xrayfed.client.inference import tokens
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -136,7 +136,7 @@ class Stack:
     checkpoint file), started as real CLI processes."""
 
     def __init__(self, root: Path, models: dict[str, Path] | None = None) -> None:
-        from xrayfed.common.security.pki import init_pki
+        from xrayfed.server.pki import init_pki
 
         self.root = root
         init_pki(root / "pki")

@@ -41,7 +41,7 @@ import pytest
 from xrayfed.common.config import FederationConfig, HospitalConfig, dump_toml
 from xrayfed.common.privacy.ledger import read_ledger, unpaid_releases
 from xrayfed.common.procs import free_port, kill_tree, sigkill_tree, spawn
-from xrayfed.common.security.pki import init_pki
+from xrayfed.server.pki import init_pki
 
 CLI = [sys.executable, "-m", "xrayfed.common.cli"]
 ROUNDS = 6  # planned; the restarted server ends the run with the interrupted round

@@ -24,9 +24,9 @@ import pytest
 
 from xrayfed.server import gateway
 from xrayfed.common import flower_launch as launch
-from xrayfed.common.security.pki import public_key_fingerprint
+from xrayfed.common.security.authkey import public_key_fingerprint
 from xrayfed.server import registry
-from xrayfed.common.security.pki import add_hospital, init_pki
+from xrayfed.server.pki import add_hospital, init_pki
 from xrayfed.common.errors import UserError
 from xrayfed.common.procs import free_port, kill_tree, spawn, venv_bin, wait_for_port
 from xrayfed.common.protocol.secagg import PRG_NAME
@@ -335,7 +335,7 @@ def test_secure_aggregation_and_network_config_are_validated(tmp_path):
 
 
 def test_revoked_hospital_is_not_registered_at_server_start(tmp_path):
-    from xrayfed.common.security.pki import revoke_hospital
+    from xrayfed.server.pki import revoke_hospital
     from xrayfed.common.config import FederationConfig
     from xrayfed.server.superlink import hospital_keys_to_register
 

@@ -38,13 +38,8 @@ SIMULATES_A_FEDERATION = {
 
 #: ``common/`` modules that only one role uses, and why they are still in ``common/``.
 ONE_ROLE = {
-    "xrayfed.common.security.pki": "moves to server/ once the changes in progress on it are committed (only the "
-                                   "operator's certs commands, SuperLink, gateway and registry use it)",
     "xrayfed.common.data.inventory": "moves to client/ once the changes in progress on it are committed (only "
                                      "`xrayfed data check`, client/data_check.py, uses it)",
-    "xrayfed.common.security.tokens": "moves to client/inference/ once the changes in progress on the inference "
-                                      "service are committed (the hospital's inference service issues and checks "
-                                      "the tokens, the patient presents them: both run at the edges)",
 }
 
 #: ``common/`` modules no role imports (by an import statement), and who uses them.

@@ -137,7 +137,7 @@ def test_link_refuses_wrong_key_and_untrusted_certificate(tmp_path):
     import time
 
     from xrayfed.common.mpc import channel
-    from xrayfed.common.security.pki import init_pki
+    from xrayfed.server.pki import init_pki
 
     init_pki(tmp_path / "pki")
     pki = tmp_path / "pki"
@@ -215,7 +215,7 @@ def test_two_party_session_over_tls_matches_plaintext(pool, tmp_path, scattering
     """Real party processes on 127.0.0.1 over the TLS link, this process dealing as the patient:
     the route CrypTen → our model → logits matches torch (for a ScatterNet model the patient
     computes the scattering features in numpy and shares those)."""
-    from xrayfed.common.security.pki import init_pki
+    from xrayfed.server.pki import init_pki
 
     init_pki(tmp_path / "pki")
     pki = tmp_path / "pki"

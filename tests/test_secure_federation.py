@@ -25,7 +25,7 @@ import torch
 
 from xrayfed.common.security import atrest
 from xrayfed.common.security.atrest import make_atrest_key
-from xrayfed.common.security.pki import init_pki
+from xrayfed.server.pki import init_pki
 from xrayfed.common.config import FederationConfig, HospitalConfig, dump_toml
 from xrayfed.common.errors import UserError
 from xrayfed.common.procs import free_port, kill_tree, spawn

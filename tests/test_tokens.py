@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from xrayfed.common.security import tokens
+from xrayfed.client.inference import tokens
 from xrayfed.common.cli import main
 from xrayfed.common.errors import UserError
 
@@ -118,7 +118,7 @@ def test_key_files_and_public_key_errors(keypair, tmp_path):
 
 
 def test_certs_token_signing_key_is_accepted(tmp_path):
-    from xrayfed.common.security.pki import init_pki
+    from xrayfed.server.pki import init_pki
 
     init_pki(tmp_path / "pki")
     key = tokens.load_private_key(tmp_path / "pki" / "inference" / "token-signing.key")

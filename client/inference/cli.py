@@ -15,8 +15,10 @@ import datetime as _dt
 import sys
 import threading
 
+from xrayfed.client.inference import tokens
 from xrayfed.client.inference.gate import AuditLog, revoke_token
 from xrayfed.client.inference.service import InferenceService, start_grpc
+from xrayfed.client.inference.tokens import load_public_keys
 from xrayfed.common import rpc
 from xrayfed.common.addresses import parse_hostport
 from xrayfed.common.checkpoint import load_checkpoint, load_weights, to_bytes
@@ -31,9 +33,7 @@ from xrayfed.common.protocol.inference import (
     CRYPTO_PROVIDER_SERVICE,
     START_SESSION,
 )
-from xrayfed.common.security import tokens
 from xrayfed.common.security.shared_secret import read_secret
-from xrayfed.common.security.tokens import load_public_keys
 
 
 def check_model(ckpt, *, crypten: bool = True) -> None:

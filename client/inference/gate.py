@@ -26,8 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from xrayfed.client.inference import tokens
 from xrayfed.common.errors import UserError
-from xrayfed.common.security import tokens
 
 log = logging.getLogger("xrayfed.inference")
 

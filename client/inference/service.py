@@ -47,6 +47,7 @@ import secrets
 import time
 
 from xrayfed.client.inference.gate import Admission, AuditLog, RevocationList, peer_host
+from xrayfed.client.inference.tokens import TokenError, check_dicom_patient_id, peek_subject, verify_token
 from xrayfed.common import mpc, rpc
 from xrayfed.common.errors import UserError
 from xrayfed.common.mpc import dealer
@@ -59,7 +60,6 @@ from xrayfed.common.protocol.inference import (
     MODEL_INFO,
     OPEN_SESSION,
 )
-from xrayfed.common.security.tokens import TokenError, check_dicom_patient_id, peek_subject, verify_token
 
 log = logging.getLogger("xrayfed.inference")
 

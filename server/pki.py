@@ -21,7 +21,9 @@
 
 Every private key is written with mode 0600 and is never overwritten unless ``--force`` is
 given (a clear one-line error names the file otherwise). ``hospitals/NAME`` is the folder a
-hospital receives; it holds no secret of the federation other than its own key.
+hospital receives; it holds no secret of the federation other than its own key. The key pair
+itself, which a hospital can also make on its machine (``xrayfed certs hospital-key``), is
+:mod:`xrayfed.common.security.authkey`.
 
 ``xrayfed certs add-hospital NAME --out DIR`` adds one hospital later;
 ``xrayfed certs revoke-hospital NAME --out DIR`` marks it revoked in the manifest (it is no
@@ -35,9 +37,7 @@ of a checkpoint encrypted at rest, e.g. the final global model for ``xrayfed ser
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import hashlib
 import ipaddress
 import json
 import re
@@ -46,15 +46,20 @@ from typing import Any, Iterable
 
 from xrayfed.common.errors import UserError
 from xrayfed.common.protocol.inference import CRYPTO_PROVIDER_NAME
+from xrayfed.common.security.authkey import (
+    KEY_MODE,
+    make_auth_keypair,
+    public_key_fingerprint,
+    refuse_existing,
+    validate_hospital_name,
+)
 
 MANIFEST = "certs.json"
 FORMAT = "xrayfed-certs/1"
 CRYPTO_PROVIDER_DIR = "crypto-provider"  # DIR/crypto-provider/: the crypto provider's TLS key and certificate
-HOSPITAL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DNS_NAME_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 LOOPBACK_NAMES = ("localhost",)
 LOOPBACK_IPS = ("127.0.0.1", "::1")
-KEY_MODE = 0o600
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -68,14 +73,6 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
     from xrayfed.common.files import atomic_write
 
     atomic_write(path, data, mode=mode)
-
-
-def refuse_existing(paths: Iterable[Path], force: bool, hint: str = "") -> None:
-    if force:
-        return
-    for p in paths:
-        if p.exists():
-            raise UserError(f"{p} already exists; refusing to overwrite a key without --force{hint}")
 
 
 def _cert_fingerprint(cert) -> str:
@@ -95,14 +92,6 @@ def _pem_public(key) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def validate_hospital_name(name: str) -> str:
-    if not isinstance(name, str) or not HOSPITAL_NAME_RE.match(name):
-        raise UserError(
-            f"hospital name {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)"
-        )
-    return name
 
 
 def _validate_dns(name: str) -> str:
@@ -232,41 +221,6 @@ def _load_ca(out: Path):
 
 
 # --------------------------------------------------------------------------- hospital keys
-def make_auth_keypair(comment: str = "") -> tuple[bytes, bytes]:
-    """A SuperNode authentication key pair: (OpenSSH private key, OpenSSH public key line).
-
-    Flower 1.41 wants an elliptic-curve key on a NIST curve (we use P-384): the SuperNode reads
-    the private key with ``load_ssh_private_key`` (unencrypted) and ``flwr supernode register``
-    reads the public key with ``load_ssh_public_key`` (``ecdsa-sha2-nistp384 AAAA... comment``).
-    """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                             serialization.NoEncryption())
-    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    if comment:
-        pub += b" " + comment.encode()
-    return priv, pub + b"\n"
-
-
-def public_key_fingerprint(public_key: Path | str | bytes) -> str:
-    """SHA-256 fingerprint (OpenSSH style) of an OpenSSH or PEM public key."""
-    from cryptography.hazmat.primitives import serialization
-
-    data = Path(public_key).read_bytes() if isinstance(public_key, (str, Path)) else bytes(public_key)
-    try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            key = serialization.load_pem_public_key(data)
-        else:
-            key = serialization.load_ssh_public_key(data.strip())
-    except (ValueError, TypeError) as e:
-        raise UserError(f"not a public key ({type(e).__name__})") from None
-    blob = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1]
-    return "SHA256:" + base64.b64encode(hashlib.sha256(base64.b64decode(blob)).digest()).decode().rstrip("=")
-
-
 def _hospital_paths(out: Path, name: str) -> dict[str, Path]:
     d = out / "hospitals" / name
     return {"dir": d, "auth_key": d / "auth.key", "auth_pub": d / "auth.pub", "ca": d / "ca.pem"}
@@ -456,19 +410,6 @@ def add_hospital(out: Path | str, name: str, *, force: bool = False,
         manifest["hospitals"][name] = entry
     _write_manifest(out, manifest)
     return entry
-
-
-def make_hospital_key(out: Path | str, *, name: str = "", force: bool = False) -> tuple[Path, Path]:
-    """On the hospital's machine: ``out/auth.key`` (mode 0600, stays there) and ``out/auth.pub``
-    (sent to the operator for ``xrayfed certs add-hospital NAME --public-key auth.pub``)."""
-    out = Path(out)
-    key, pub = out / "auth.key", out / "auth.pub"
-    refuse_existing([key], force)
-    priv, pub_line = make_auth_keypair(comment=f"xrayfed-hospital-{validate_hospital_name(name)}" if name else "")
-    out.mkdir(parents=True, exist_ok=True)
-    _write(key, priv, KEY_MODE)
-    _write(pub, pub_line)
-    return key, pub
 
 
 def revoke_hospital(out: Path | str, name: str) -> dict[str, Any]:
