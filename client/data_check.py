@@ -69,6 +69,8 @@ def _print(report: DataReport, plan: dict | None) -> None:
                 print(f"      {f}: {why}")
             if len(s.unreadable) > 10:
                 print(f"      ... and {len(s.unreadable) - 10} more")
+        if s.links_skipped:
+            print(f"    {_links_line(s.links_skipped)}")
     if plan is not None:
         print(f"DP plan of {plan['hospital']} (ε = {plan['epsilon_budget']:g}, δ = {plan['delta']:g}, "
               f"{plan['accountant'].upper()}): {plan['train_scans']} training scans, {plan['validation_scans']} "
@@ -87,6 +89,13 @@ def _print(report: DataReport, plan: dict | None) -> None:
         print(f"CANNOT TRAIN: {p}")
     ok = not report.problems and not (plan and "refused" in plan)
     print("ready to join a federation" if ok else "not ready: fix the lines marked above")
+
+
+def _links_line(links: list[tuple[str, str]]) -> str:
+    """One line for the links a walk did not follow: how many, and the first with its reason."""
+    f, why = links[0]
+    return (f"{len(links)} link(s) skipped, each scan read once and only in its own class folder "
+            f"(e.g. {Path(f).parent.name}/{Path(f).name}: {why})")
 
 
 def _top(counts: dict[str, int], n: int = 3) -> str:

@@ -3,7 +3,7 @@
 A checkpoint is a ``torch.save`` of plain data (loadable with ``weights_only=True``)::
 
     {"format": "xrayfed-checkpoint/1", "model": ModelSpec dict, "task": TaskSpec dict,
-     "image_size": int (px), "round": int, "run_id": str, "created": ISO-8601 UTC,
+     "image_size": int (px, 8..MAX_IMAGE_SIZE), "round": int, "run_id": str, "created": ISO-8601 UTC,
      "model_version": sha256 of the weights (hex, 16 chars), "state_dict": {name: tensor},
      "threshold": [float, ...] or absent}
 
@@ -13,6 +13,9 @@ always absent for a multi-class task, whose prediction is the most probable clas
 
 ``state_dict`` keys are the plain model's keys (no Opacus ``_module.`` prefix). Files are
 written atomically (temp file + rename), so a crash never leaves a half-written checkpoint.
+Loading checks every field: ``image_size`` outside 8..MAX_IMAGE_SIZE px (2048, the bound of a
+config's ``image_size``), a missing or malformed field is a one-line UserError, so a hostile
+checkpoint cannot make a scan be resized to a size no memory holds.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from xrayfed.common.errors import UserError
 from xrayfed.common.files import atomic_write
 from xrayfed.common.model import ModelSpec
 from xrayfed.common.prediction import TaskSpec
+from xrayfed.common.preprocess import MAX_IMAGE_SIZE, MIN_SIZE
 
 FORMAT = "xrayfed-checkpoint/1"
 
@@ -130,16 +134,50 @@ def from_bytes(data: bytes, source: str = "checkpoint") -> Checkpoint:
         raise UserError(f"{source}: not a readable xrayfed checkpoint ({type(e).__name__})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise UserError(f"{source}: not an xrayfed checkpoint (expected format {FORMAT!r})")
+    model = _field(d, "model", lambda v: ModelSpec(**v), source)
+    task = _field(d, "task", TaskSpec.from_dict, source)
+    image_size = _field(d, "image_size", lambda v: checked_image_size(v, source), source)
+    state_dict = _field(d, "state_dict", _mapping, source)
+    rnd = _field(d, "round", int, source) if "round" in d else 0
     return Checkpoint(
-        model=ModelSpec(**d["model"]),
-        task=TaskSpec.from_dict(d["task"]),
-        image_size=int(d["image_size"]),
-        state_dict=d["state_dict"],
-        round=int(d.get("round", 0)),
+        model=model,
+        task=task,
+        image_size=image_size,
+        state_dict=state_dict,
+        round=rnd,
         run_id=str(d.get("run_id", "")),
         created=str(d.get("created", "")),
         threshold=_threshold(d.get("threshold"), source),
     )
+
+
+def _field(d: dict, name: str, parse, source: str):
+    """``parse(d[name])``; a missing or malformed field is a one-line UserError naming it."""
+    if name not in d:
+        raise UserError(f"{source}: not a valid xrayfed checkpoint (no {name!r} field)")
+    try:
+        return parse(d[name])
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # pydantic's ValidationError is a ValueError
+        raise UserError(f"{source}: not a valid xrayfed checkpoint (its {name} field is malformed: "
+                        f"{type(e).__name__})") from None
+
+
+def _mapping(v) -> dict:
+    if not isinstance(v, dict):
+        raise TypeError("not a mapping")
+    return v
+
+
+def checked_image_size(v, source: str) -> int:
+    """A checkpoint's ``image_size`` (px) as an int in 8..MAX_IMAGE_SIZE; one-line UserError
+    otherwise (the scans a model reads are resized to it, so an absurd size would exhaust memory)."""
+    if isinstance(v, bool) or not isinstance(v, int) or not MIN_SIZE <= v <= MAX_IMAGE_SIZE:
+        shown = repr(v) if isinstance(v, (int, float, str)) and len(repr(v)) <= 40 else type(v).__name__
+        raise UserError(f"{source}: image_size {shown}: allowed are whole numbers of px from {MIN_SIZE} to "
+                        f"{MAX_IMAGE_SIZE}")
+    return int(v)
 
 
 def _threshold(v, source: str) -> list[float] | None:

@@ -19,7 +19,8 @@ Intensity conventions (all outputs: 0 = black, 1 = white, i.e. bone/opacity brig
   file has one, MONOCHROME1 inverted, then min–max to [0, 1].
 
 Every failure to read a file is a one-line :class:`~xrayfed.common.errors.UserError` naming the
-file (name only) and what is allowed; no pixel data ever appears in a message.
+file (name only) and what is allowed; no pixel data ever appears in a message. A scan may hold at
+most :data:`MAX_SCAN_PIXELS` pixels (checked from a DICOM header before its pixel data is decoded).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 SCAN_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
 MIN_SIZE = 8  # px: smallest accepted scan side and smallest model input
+MAX_IMAGE_SIZE = 2048  # px: largest model input side (``image_size``), in configs and checkpoints alike
+#: pixels: the most a scan file may hold — Pillow's decompression-bomb limit, above which it refuses a
+#: PNG/JPEG (2 × ``Image.MAX_IMAGE_PIXELS``, about 179 million); a DICOM file's Rows × Columns ×
+#: frames × samples per pixel is held to it from its header, before any pixel data is decoded.
+MAX_SCAN_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 _ALLOWED = "allowed: PNG, JPEG or DICOM radiographs"
 _RASTER_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: multi-picture JPEG, the first picture is used
 
@@ -103,11 +109,41 @@ def read_dicom(path: Path, *, pixels: bool = True):
         raise UserError(f"{path.name}: not a readable DICOM file ({_why(e, path)}); {_ALLOWED}") from None
 
 
+def _dicom_int(ds, keyword: str, default: int, path: Path) -> int:
+    """The integer header attribute ``keyword`` of ``ds`` (``default`` when absent or empty);
+    a one-line UserError when it is not a non-negative integer."""
+    try:
+        v = ds.get(keyword, None)
+        v = default if v is None or v == "" else v
+        out = int(v)
+    except Exception:  # noqa: BLE001 - a malformed header value (text, a list, an unparsable number)
+        raise UserError(f"{path.name}: DICOM header {keyword} is not an integer; {_ALLOWED}") from None
+    if out < 0:
+        raise UserError(f"{path.name}: DICOM header {keyword} = {out} is negative; {_ALLOWED}")
+    return out
+
+
+def dicom_pixel_count(ds, path: Path) -> int:
+    """Pixels the DICOM dataset ``ds`` declares: Rows × Columns × frames × samples per pixel,
+    read from the header only. A one-line UserError when a factor is malformed, zero, or the
+    product exceeds :data:`MAX_SCAN_PIXELS`."""
+    rows, cols = _dicom_int(ds, "Rows", 0, path), _dicom_int(ds, "Columns", 0, path)
+    frames, samples = _dicom_int(ds, "NumberOfFrames", 1, path), _dicom_int(ds, "SamplesPerPixel", 1, path)
+    n = rows * cols * max(frames, 1) * max(samples, 1)
+    if rows == 0 or cols == 0:
+        raise UserError(f"{path.name}: DICOM header declares {cols}×{rows} px (Columns × Rows); {_ALLOWED}")
+    if n > MAX_SCAN_PIXELS:
+        raise UserError(f"{path.name}: DICOM header declares {cols}×{rows} px × {max(frames, 1)} frame(s) × "
+                        f"{max(samples, 1)} sample(s) = {n:,} pixels; at most {MAX_SCAN_PIXELS:,} are allowed")
+    return n
+
+
 def _load_dicom(path: Path) -> np.ndarray:
     ds = read_dicom(path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise UserError(f"{path.name}: DICOM file holds no image (no Pixel Data); {_ALLOWED}")
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    dicom_pixel_count(ds, path)  # before any pixel data is decoded
+    frames = _dicom_int(ds, "NumberOfFrames", 1, path) or 1
     if frames != 1:
         raise UserError(f"{path.name}: multi-frame DICOM ({frames} frames) is not supported; "
                         "one 2-D radiograph per file is allowed")

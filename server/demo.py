@@ -29,20 +29,41 @@ def prepare_out(out: Path, marker: str = MARKER, what: str = "demo") -> None:
     """Create ``out`` afresh; an existing folder is replaced only when ``marker`` says this
     command made it (never someone's own folder)."""
     if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out}: not a folder; choose a new folder for --out")
         if not (out / marker).exists():
             raise UserError(f"--out {out}: folder exists and is not a {what} folder; choose another --out")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / marker).write_text(f"created by xrayfed {what}\n")
+    try:
+        out.mkdir(parents=True)
+        (out / marker).write_text(f"created by xrayfed {what}\n")
+    except OSError as e:  # a parent that is a file, no permission, a full disk...
+        raise UserError(f"--out {out}: cannot create the folder ({e.strerror or type(e).__name__}); "
+                        "choose a new folder you may write") from None
+
+
+def check_local_data_args(args: argparse.Namespace) -> None:
+    """What `demo` and `simulate` check before they start anything: ``--data`` is a folder or a
+    readable .npz (never a FIFO or device, see :func:`~xrayfed.common.data.detect_format`) and
+    ``--image-size`` lies in 8..MAX_IMAGE_SIZE px. One-line UserError otherwise."""
+    from xrayfed.common.data import detect_format
+    from xrayfed.common.preprocess import MAX_IMAGE_SIZE, MIN_SIZE
+
+    if args.image_size is not None and not MIN_SIZE <= args.image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size {args.image_size}: allowed are {MIN_SIZE} to {MAX_IMAGE_SIZE} px")
+    if args.data is not None:
+        detect_format(args.data)
 
 
 def _native_size(path: Path) -> int | None:
+    """Side (px) of the scans of a .npz file (from the header of its train images, else of its
+    first images array), else None."""
     if path.suffix == ".npz":
-        import numpy as np
+        from xrayfed.common.data.npz import npz_arrays
 
-        with np.load(path) as z:
-            key = next(k for k in z.files if k.endswith("_images"))
-            return int(z[key].shape[1])
+        arrays = npz_arrays(path)
+        key = "train_images" if "train_images" in arrays else min(k for k in arrays if k.endswith("_images"))
+        return int(arrays[key][0][1])
     return None
 
 
@@ -50,10 +71,9 @@ def _has_val(data: Path) -> bool:
     """Whether ``data`` has a ``val`` split of its own (no hospital trains on it): where the
     server chooses the operating point."""
     if data.suffix == ".npz":
-        import numpy as np
+        from xrayfed.common.data.npz import npz_arrays
 
-        with np.load(data) as z:
-            return "val_images" in z.files
+        return "val_images" in npz_arrays(data)
     return (data / "val").is_dir()
 
 
@@ -108,8 +128,7 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
         raise UserError("--hospitals and --rounds must be at least 1")
     t0 = time.time()
     out = args.out.resolve()
-    if args.data is not None and not args.data.exists():
-        raise UserError(f"--data: no such file or folder {args.data}")
+    check_local_data_args(args)
     prepare_out(out)
     if args.data is None:
         from xrayfed.common.synthetic import write_npz

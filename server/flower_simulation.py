@@ -176,10 +176,11 @@ def _reap(tag: str, known: list, timeout_s: float = 15.0) -> None:
 def run_simulate_cmd(args: argparse.Namespace) -> int:
     import warnings
 
+    from xrayfed.server.demo import check_local_data_args
+
     if args.hospitals < 1 or args.rounds < 1:
         raise UserError("--hospitals and --rounds must be at least 1")
-    if args.data is not None and not args.data.exists():
-        raise UserError(f"--data: no such file or folder {args.data}")
+    check_local_data_args(args)  # before Ray starts or anything is written
     if args.min_clients is not None and not 1 <= args.min_clients <= args.hospitals:
         raise UserError(f"--min-clients {args.min_clients}: must be between 1 and --hospitals ({args.hospitals})")
     try:

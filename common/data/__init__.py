@@ -33,6 +33,8 @@ point :func:`load_dataset` are here.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Sequence
 
@@ -50,10 +52,11 @@ from xrayfed.common.data.dataset import (  # noqa: F401  (the public API: `from 
 from xrayfed.common.data.folders import flat_class_dirs, load_class_folders, load_flat_class_folders
 from xrayfed.common.data.labels_csv import load_labels_csv
 from xrayfed.common.data.nih import load_nih, nih_csv
-from xrayfed.common.data.npz import load_npz
+from xrayfed.common.data.npz import load_npz, npz_arrays, require_regular_file
 from xrayfed.common.data.split import partition, split_train_val  # noqa: F401
 from xrayfed.common.errors import UserError
 from xrayfed.common.prediction import NIH_LABELS, TaskSpec
+from xrayfed.common.preprocess import MAX_IMAGE_SIZE, MIN_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +68,36 @@ CHECK_SIZE = 16
 # ----------------------------------------------------------------------------- entry point
 def detect_format(path: Path | str) -> str:
     """``npz``, ``nih``, ``labels-csv``, ``class-folders`` (split folders) or ``flat-class-folders``
-    (``ROOT/CLASS/*``); one-line UserError otherwise."""
+    (``ROOT/CLASS/*``); one-line UserError otherwise. Nothing but a folder or a regular file is
+    opened (a FIFO or device is refused from its file type), and a ``.npz`` file's layout is
+    checked from its headers (:func:`~xrayfed.common.data.npz.npz_arrays`)."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"data: no such file or folder {path}")
-    if path.is_file():
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"data: no such file or folder {path}") from None
+    except NotADirectoryError:
+        raise UserError(f"data {path}: a part of its path is a file, not a folder; allowed: a .npz file or a "
+                        "folder of scans") from None
+    except OSError as e:  # no permission, a link loop...
+        raise UserError(f"data {path}: cannot be read ({e.strerror or type(e).__name__}); allowed: a .npz file "
+                        "or a folder of scans") from None
+    if not stat.S_ISDIR(mode):
+        require_regular_file(path)
         if path.suffix.lower() == ".npz":
+            npz_arrays(path)
             return "npz"
         raise UserError(f"data {path}: a data file must be a MedMNIST-style .npz; folders hold class folders, "
                         f"the NIH layout ({NIH_CSV} + images/) or scans with labels.csv")
+    try:
+        return _folder_format(path)
+    except OSError as e:  # an unreadable folder
+        raise UserError(f"data {path}: cannot be read ({e.strerror or type(e).__name__}); allowed: a folder of "
+                        "scans you may read") from None
+
+
+def _folder_format(path: Path) -> str:
+    """:func:`detect_format` of a folder."""
     if nih_csv(path) is not None:
         return "nih"
     if (path / "labels.csv").is_file():
@@ -103,8 +127,8 @@ def load_dataset(path: Path | str, split: str = "train", image_size: int = 224, 
     folders): ``test_fraction`` of the patients → ``test``.
     """
     path = Path(path)
-    if int(image_size) < 8:
-        raise UserError(f"image_size {image_size}: must be at least 8 px")
+    if not MIN_SIZE <= int(image_size) <= MAX_IMAGE_SIZE:
+        raise UserError(f"image_size {image_size}: allowed are {MIN_SIZE} to {MAX_IMAGE_SIZE} px")
     if not 0.0 < test_fraction < 1.0:
         raise UserError(f"test_fraction {test_fraction}: must be between 0 and 1")
     if split not in SPLITS:

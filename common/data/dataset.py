@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,12 +41,15 @@ class XrayDataset(torch.utils.data.Dataset):
 
     Attributes: ``task`` (:class:`TaskSpec`), ``patient_ids`` (one per scan, or None when the
     format has none), ``skipped`` (``(path, reason)`` of unusable files), ``source`` (where the
-    scans came from), ``files`` (the file of each scan, or None for arrays such as ``.npz``).
+    scans came from), ``files`` (the file of each scan, or None for arrays such as ``.npz``),
+    ``links_skipped`` (``(path, reason)`` of links not followed and second paths to a scan
+    already read: see :class:`TreeWalk`).
     """
 
     def __init__(self, images: np.ndarray, targets: np.ndarray | torch.Tensor, task: TaskSpec, *,
                  patient_ids: Sequence[str] | None = None, skipped: Sequence[tuple[str, str]] | None = None,
-                 source: str = "", files: Sequence[str] | None = None) -> None:
+                 source: str = "", files: Sequence[str] | None = None,
+                 links_skipped: Sequence[tuple[str, str]] | None = None) -> None:
         images = np.asarray(images)
         if images.ndim != 3 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
             raise ValueError(f"images must be uint8 (N, S, S), got {images.dtype} {images.shape}")
@@ -68,6 +74,7 @@ class XrayDataset(torch.utils.data.Dataset):
         if self.files is not None and len(self.files) != n:
             raise ValueError(f"{len(self.files)} file names for {n} images")
         self.skipped: list[tuple[str, str]] = list(skipped or [])
+        self.links_skipped: list[tuple[str, str]] = list(links_skipped or [])
         self.source = source
 
     def __len__(self) -> int:
@@ -93,13 +100,13 @@ def targets_array(ds: XrayDataset) -> np.ndarray:
 
 def subset(ds: XrayDataset, indices: Sequence[int] | np.ndarray) -> XrayDataset:
     """A new :class:`XrayDataset` with the scans at ``indices`` (task, patient ids, files,
-    source and the skipped list are carried over)."""
+    source and the skipped lists are carried over)."""
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     return XrayDataset(
         ds.images[idx], ds.targets.numpy()[idx], ds.task,
         patient_ids=[ds.patient_ids[i] for i in idx] if ds.patient_ids is not None else None,
         skipped=ds.skipped, source=ds.source,
-        files=[ds.files[i] for i in idx] if ds.files is not None else None,
+        files=[ds.files[i] for i in idx] if ds.files is not None else None, links_skipped=ds.links_skipped,
     )
 
 
@@ -132,43 +139,162 @@ def is_candidate(f: Path) -> bool:
     return f.is_file() and not f.name.startswith(".")
 
 
-def iter_files(folder: Path):
-    """Every file below ``folder`` as ``(path, readable)``, in walk order, following symbolic
-    links (hospital storage often links scans or whole folders in) with loop protection: a folder
-    reached twice is read once. ``readable`` is False for a link that leads nowhere."""
-    import os
+@dataclass
+class TreeWalk:
+    """What a walk over one data folder has seen, shared by all its class folders.
 
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    ``root``: the data folder's real path; ``class_dirs``: the real path of each class folder of
+    the data (→ its name, e.g. ``train/NORMAL``). Every real folder and file read is remembered
+    by (device, inode), so nothing is read twice whatever links lead to it; ``links_skipped``
+    holds ``(path, reason)`` of each link (or second path to a scan) not followed.
+    """
+
+    root: Path
+    class_dirs: dict[Path, str] = field(default_factory=dict)
+    dirs: set[tuple[int, int]] = field(default_factory=set)
+    files: set[tuple[int, int]] = field(default_factory=set)
+    links_skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, root: Path, class_folders: Sequence[Path] = ()) -> TreeWalk:
+        """The walk of the data folder ``root`` whose class folders are ``class_folders``."""
+        return cls(_real(root), {_real(c): _name(c, root) for c in class_folders})
+
+    def refuse_class_folder(self, folder: Path, class_folders: Sequence[Path]) -> str | None:
+        """Why the class folder ``folder`` may not be read, or None: it is a link to a folder that
+        holds the data folder (a loop), or that is, holds or lies in the real folder of another
+        class (``class_folders``: every class folder of the data; the same class of another split
+        may share it). A class folder that is no link is always read."""
+        if not folder.is_symlink():
+            return None
+        real = _real(folder)
+        if _within(self.root, real):
+            return "a class folder that links up to a folder holding the data (a loop)"
+        for other in class_folders:
+            r = _real(other)
+            if other.name != folder.name and (_within(real, r) or _within(r, real)):
+                return f"a class folder that is, holds or lies in the class folder {self.class_dirs.get(r, other.name)}"
+        return None
+
+    def refuse_dir(self, real: Path, top: Path) -> str | None:
+        """Why the folder at ``real`` may not be read as part of the class folder ``top``
+        (both real paths), or None."""
+        if _within(top, real) or _within(self.root, real):
+            return "a link up to a folder that holds class folders (a loop)"
+        other = self._other_class(real, top)
+        if other is not None:
+            return f"a link into the class folder {other}"
+        if _within(real, self.root) and not _within(real, top):
+            return "a link out of its class folder to another part of the data"
+        return None
+
+    def refuse_file(self, real: Path, top: Path) -> str | None:
+        """Why the scan at ``real`` may not count for the class folder ``top``, or None."""
+        other = self._other_class(real, top)
+        if other is not None:
+            return f"a link to a scan of the class folder {other}"
+        if _within(real, self.root) and not _within(real, top):
+            return "a link out of its class folder to another part of the data"
+        return None
+
+    def _other_class(self, real: Path, top: Path) -> str | None:
+        """The name of the class folder ``real`` lies in when that is not ``top`` (the innermost
+        one, so that class folders nested in one another stay apart), else None."""
+        owner = max((c for c in self.class_dirs if _within(real, c)), key=lambda c: len(c.parts), default=None)
+        return self.class_dirs[owner] if owner is not None and owner != top else None
+
+
+def _name(folder: Path, root: Path) -> str:
+    """``folder`` as the data names it: relative to ``root`` (``train/NORMAL``) when below it."""
+    try:
+        return folder.relative_to(root).as_posix()
+    except ValueError:
+        return folder.name
+
+
+def _real(p: Path) -> Path:
+    return Path(os.path.realpath(p))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    """``inner`` is ``outer`` or below it (real paths)."""
+    return inner == outer or outer in inner.parents
+
+
+def _key(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def iter_files(folder: Path, walk: TreeWalk | None = None) -> Iterator[tuple[Path, str | None]]:
+    """Every file below ``folder`` as ``(path, why_not)``, in walk order (sorted names, a
+    folder's files before its subfolders), following symbolic links (hospital storage often
+    links scans or whole folders in); ``why_not`` is None for a regular file, else why it
+    cannot be read (a link that leads nowhere, a FIFO or device, an unreadable folder).
+
+    ``walk`` (shared by the class folders of one data folder; a fresh one for ``folder``
+    alone when None) guards the walk: no real folder or file is read twice, and no link leads
+    up to a folder that holds class folders or into another class's or split's folder — each
+    such link is recorded in ``walk.links_skipped`` and not followed.
+    """
+    walk = walk if walk is not None else TreeWalk.of(folder)
+    top = _real(folder)
+    try:
+        st = os.stat(folder)
+    except OSError as e:
+        yield folder, f"folder not readable ({type(e).__name__})"
+        return
+    if _key(st) in walk.dirs:
+        walk.links_skipped.append((str(folder), "a folder already read (a second link to it)"))
+        return
+    walk.dirs.add(_key(st))
+    stack = [folder]
+    while stack:
+        d = stack.pop()
         try:
-            st = os.stat(dirpath)
-        except OSError:
+            entries = sorted((e for e in os.scandir(d) if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as e:
+            yield d, f"folder not readable ({type(e).__name__})"
             continue
-        if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already read: a loop
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):
+        subdirs: list[Path] = []
+        for e in entries:
+            f = Path(d) / e.name
+            try:
+                st = os.stat(f)
+            except OSError:
+                yield f, "symbolic link to a missing file" if e.is_symlink() else "not readable"
                 continue
-            f = Path(dirpath) / name
-            if f.is_file():
-                yield f, True
-            elif f.is_symlink():
-                yield f, False
+            if stat.S_ISDIR(st.st_mode):
+                why = "a folder already read (a loop, or a second link to it)" if _key(st) in walk.dirs \
+                    else walk.refuse_dir(_real(f), top)
+                if why is not None:
+                    walk.links_skipped.append((str(f), why))
+                    continue
+                walk.dirs.add(_key(st))
+                subdirs.append(f)
+            elif stat.S_ISREG(st.st_mode):
+                # a file that is no link lies in its folder, which was checked when reached
+                why = "the same scan as a file already read (a link or hard link to it)" if _key(st) in walk.files \
+                    else walk.refuse_file(_real(f), top) if e.is_symlink() else None
+                if why is not None:
+                    walk.links_skipped.append((str(f), why))
+                    continue
+                walk.files.add(_key(st))
+                yield f, None
+            else:
+                yield f, "not a regular file (a FIFO, device or socket)"
+        stack.extend(reversed(subdirs))
 
 
-def walk_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """:func:`iter_files` collected: the files (sorted) and the links that lead nowhere
-    (skipped, with the reason)."""
+def walk_files(folder: Path, walk: TreeWalk | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
+    """:func:`iter_files` collected: the files (sorted) and what cannot be read (links that lead
+    nowhere, FIFOs, devices: skipped, with the reason)."""
     files: list[Path] = []
     broken: list[tuple[str, str]] = []
-    for f, readable in iter_files(folder):
-        if readable:
+    for f, why in iter_files(folder, walk):
+        if why is None:
             files.append(f)
         else:
-            broken.append((str(f), "symbolic link to a missing file"))
+            broken.append((str(f), why))
     return sorted(files), broken
 
 

@@ -1,4 +1,6 @@
-"""Class folders ``ROOT/{train,val,test}/CLASS/*`` (PNG, JPEG, DICOM; symbolic links followed)."""
+"""Class folders ``ROOT/{train,val,test}/CLASS/*`` (PNG, JPEG, DICOM; symbolic links followed
+within limits: no real folder or scan is read twice, and no link leads out of its class folder into
+another part of the data — see :class:`~xrayfed.common.data.dataset.TreeWalk`)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import numpy as np
 
 from xrayfed.common.data.dataset import (
     SPLITS,
+    TreeWalk,
     XrayDataset,
     decode_files,
     iter_files,
@@ -35,17 +38,28 @@ def _split_folder_missing(root: Path, split: str, have: list[str]) -> UserError:
     return UserError(f"data {root}: no '{split}' folder (found {have}); allowed splits: {', '.join(SPLITS)}")
 
 
-def list_class_files(base: Path, order: Sequence[str]) -> tuple[list[Path], list[int], list[tuple[str, str]]]:
-    """Every scan below ``base/CLASS`` for the classes in ``order`` (symbolic links followed):
-    ``(files, class index per file, (file, reason) of what is not a scan)``."""
+def list_class_files(base: Path, order: Sequence[str], root: Path | None = None
+                     ) -> tuple[list[Path], list[int], list[tuple[str, str]], list[tuple[str, str]]]:
+    """Every scan below ``base/CLASS`` for the classes in ``order``, each real file once:
+    ``(files, class index per file, (file, reason) of what is not a scan, (path, reason) of the
+    links not followed)``. ``root``: the whole data folder (default ``base``); a link may lead
+    out of it (linked storage) or within its own class folder, never into another class's or
+    split's folder, nor up to a folder that holds class folders (a loop)."""
     files: list[Path] = []
     labels: list[int] = []
     unsupported: list[tuple[str, str]] = []
+    root = base if root is None else root
+    every_class = _class_folders(root)
+    walk = TreeWalk.of(root, every_class)
     for c, name in enumerate(order):
         folder = base / name
         if not folder.is_dir():
             continue
-        found, broken = walk_files(folder)
+        why = walk.refuse_class_folder(folder, every_class)
+        if why is not None:
+            walk.links_skipped.append((str(folder), why))
+            continue
+        found, broken = walk_files(folder, walk)
         unsupported += broken
         for f in found:
             if f.suffix.lower() in SCAN_SUFFIXES or is_dicom(f):
@@ -53,15 +67,25 @@ def list_class_files(base: Path, order: Sequence[str]) -> tuple[list[Path], list
                 labels.append(c)
             else:
                 unsupported.append((str(f), "not a PNG, JPEG or DICOM file"))
-    return files, labels, unsupported
+    return files, labels, unsupported, walk.links_skipped
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """Every class folder of the data folder ``root``: ``root/SPLIT/CLASS`` when it has split
+    folders, else ``root/CLASS`` (hidden folders left out)."""
+    parents = [root / s for s in SPLITS if (root / s).is_dir()] or [root]
+    return [c for p in parents for c in sorted(p.iterdir()) if c.is_dir() and not c.name.startswith(".")]
 
 
 def _decode_class_files(where: Path, split: str, size: int, task, order: Sequence[str], files: list[Path],
-                        labels: list[int], unsupported: list[tuple[str, str]],
+                        labels: list[int], unsupported: list[tuple[str, str]], links: list[tuple[str, str]],
                         patients: list[str] | None = None) -> XrayDataset:
     if unsupported:
         log.warning("data %s: %d file(s) ignored: other types or broken links (e.g. %s: %s)", where.name,
                     len(unsupported), Path(unsupported[0][0]).name, unsupported[0][1])
+    if links:
+        log.warning("data %s: %d link(s) not followed (e.g. %s: %s)", where.name, len(links),
+                    Path(links[0][0]).name, links[0][1])
     images, ok, skipped = decode_files(files, size)
     if not ok:
         raise no_usable_error(where, len(skipped) + len(unsupported))
@@ -76,7 +100,7 @@ def _decode_class_files(where: Path, split: str, size: int, task, order: Sequenc
     pids = [patients[i] if patients is not None else patient_id_for(files[i]) for i in ok]
     return XrayDataset(images, np.asarray(labels)[ok], task, patient_ids=pids, skipped=skipped + unsupported,
                        source=f"{where} ({split})" if patients is not None else str(where),
-                       files=[str(files[i]) for i in ok])
+                       files=[str(files[i]) for i in ok], links_skipped=links)
 
 
 def load_class_folders(root: Path, split: str, size: int, label_set: Sequence[str] | None) -> XrayDataset:
@@ -93,8 +117,8 @@ def load_class_folders(root: Path, split: str, size: int, label_set: Sequence[st
         task, order = task_from_names(classes)
     except UserError as e:
         raise UserError(f"data {base}: {e}") from None
-    files, labels, unsupported = list_class_files(base, order)
-    return _decode_class_files(base, split, size, task, order, files, labels, unsupported)
+    files, labels, unsupported, links = list_class_files(base, order, root)
+    return _decode_class_files(base, split, size, task, order, files, labels, unsupported, links)
 
 
 def flat_class_dirs(root: Path) -> list[str]:
@@ -102,7 +126,7 @@ def flat_class_dirs(root: Path) -> list[str]:
     of ``root`` (not split names, not hidden) that hold at least one scan."""
     out = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SPLITS):
-        first = islice((f for f, readable in iter_files(d) if readable), 200)  # stops at the first scan
+        first = islice((f for f, why in iter_files(d) if why is None), 200)  # stops at the first scan
         if any(f.suffix.lower() in SCAN_SUFFIXES or is_dicom(f) for f in first):
             out.append(d.name)
     return out
@@ -121,9 +145,9 @@ def load_flat_class_folders(root: Path, split: str, size: int, label_set: Sequen
         task, order = task_from_names(classes)
     except UserError as e:
         raise UserError(f"data {root}: {e}") from None
-    files, labels, unsupported = list_class_files(root, order)
+    files, labels, unsupported, links = list_class_files(root, order)
     patients = [patient_id_for(f) for f in files]
     want_test = split == "test"
     keep = [i for i, pid in enumerate(patients) if (stable_fraction(pid, seed) < test_fraction) == want_test]
     return _decode_class_files(root, split, size, task, order, [files[i] for i in keep], [labels[i] for i in keep],
-                               unsupported, patients=[patients[i] for i in keep])
+                               unsupported, links, patients=[patients[i] for i in keep])

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from xrayfed.common.data import CHECK_SIZE, SPLITS, detect_format, load_dataset, targets_array
+from xrayfed.common.data.npz import npz_arrays
 from xrayfed.common.errors import UserError
 from xrayfed.common.preprocess import is_dicom, read_dicom
 
@@ -36,6 +37,7 @@ class SplitSummary:
     bit_depths: dict[str, int]  # "8", "16", "8 (RGB)" → count
     unreadable: list[tuple[str, str]]  # (file, reason)
     empty_classes: list[str]
+    links_skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): links not followed
 
 
 @dataclass
@@ -85,7 +87,9 @@ def inventory(path: Path | str, loaded: dict | None = None) -> DataReport:
                 loaded[split] = ds
         except UserError as e:
             msg = str(e)
-            if split == "train":
+            if msg in problems:
+                pass  # the same fault seen from another split: said once
+            elif split == "train":
                 problems.append(msg)
             elif "no '" not in msg and "not available" not in msg and "no split" not in msg \
                     and "no rows with split" not in msg and "has no 'split' column" not in msg:
@@ -114,16 +118,16 @@ def inventory(path: Path | str, loaded: dict | None = None) -> DataReport:
                 s, b = "?", "?"
             sizes[s] += 1
             depths[b] += 1
-        if layout == "npz":  # one array per split: its shape and dtype
-            with np.load(path, allow_pickle=False) as z:
-                a = z[f"{split}_images"]
-            sizes[f"{a.shape[2]}×{a.shape[1]}"] = len(a)
-            depths[f"{a.dtype.itemsize * 8}" + (" (RGB)" if a.ndim == 4 and a.shape[-1] in (3, 4) else "")] = len(a)
+        if layout == "npz":  # one array per split: its shape and dtype (from its header)
+            shape, dtype = npz_arrays(path)[f"{split}_images"]
+            sizes[f"{shape[2]}×{shape[1]}"] = shape[0]
+            depths[f"{dtype.itemsize * 8}" + (" (RGB)" if len(shape) == 4 and shape[-1] in (3, 4) else "")] = shape[0]
         splits.append(SplitSummary(
             split=split, images=len(ds), patients=len(set(pids)) if pids is not None else None, classes=classes,
             sizes=dict(sizes.most_common()), bit_depths=dict(depths.most_common()),
             unreadable=[(str(f), str(r)) for f, r in getattr(ds, "skipped", [])],
-            empty_classes=[c.name for c in classes if c.images == 0]))
+            empty_classes=[c.name for c in classes if c.images == 0],
+            links_skipped=[(str(f), str(r)) for f, r in getattr(ds, "links_skipped", [])]))
         if pids is not None:
             patients_of[split] = set(pids)
     if task is None:  # no split could be read: say why, as a report (it cannot train)

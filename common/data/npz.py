@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -19,9 +22,124 @@ from xrayfed.common.data.dataset import (
 )
 from xrayfed.common.errors import UserError
 from xrayfed.common.prediction import NIH_LABELS, TaskSpec
-from xrayfed.common.preprocess import to_uint8
+from xrayfed.common.preprocess import MAX_SCAN_PIXELS, to_uint8
 
 log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- npz layout (headers only)
+_NPZ_KEYS = ("class_names", "task_kind")  # the optional arrays besides {split}_images and {split}_labels
+_NPZ_ALLOWED = ("allowed: a MedMNIST-style .npz with {split}_images (N, H, W) or (N, H, W, 1|3|4) of integers or "
+                "floats and {split}_labels (N,) or (N, K) of integers")
+
+
+def memory_bytes() -> int:
+    """Bytes of physical memory of this machine (0 when the system does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def max_npz_bytes() -> int:
+    """Bytes of array data an .npz file may declare in all: half this machine's physical memory
+    (its scans are held in memory, and decoded once more at the model's size); 16 GiB when the
+    system does not say how much it has."""
+    return memory_bytes() // 2 or 16 << 30
+
+
+def require_regular_file(path: Path, what: str = "data") -> None:
+    """One-line UserError unless ``path`` is a regular file (checked without opening it, so a
+    FIFO or device is never read)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot be read ({type(e).__name__}: {e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{what} {path}: not a regular file ({_file_kind(st.st_mode)}); allowed: a .npz file "
+                        "or a folder")
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def npz_arrays(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The arrays of the .npz file at ``path`` as key → (shape, dtype), read from each member's
+    .npy header (no array data is decompressed), checked: a regular file, a zip archive, every
+    member the layout uses a .npy array of numbers or text (never Python objects), images of at
+    most :data:`~xrayfed.common.preprocess.MAX_SCAN_PIXELS` pixels each, labels one row per
+    image, at least one split, and no more array data than :func:`max_npz_bytes`. One-line
+    UserError otherwise."""
+    require_regular_file(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = [i for i in zf.infolist() if not i.is_dir()]
+            out = {}
+            for info in members:
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                if not _npz_key_used(key):
+                    continue
+                if not info.filename.endswith(".npy"):
+                    raise UserError(f"{path}: member {info.filename} is not a .npy array; {_NPZ_ALLOWED}")
+                out[key] = _npy_header(zf, info, path)
+    except UserError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, NotImplementedError) as e:
+        raise UserError(f"{path}: not a readable .npz file ({type(e).__name__}); {_NPZ_ALLOWED}") from None
+    _check_npz_layout(out, path)
+    return out
+
+
+def _npz_key_used(key: str) -> bool:
+    return key.endswith("_images") or key.endswith("_labels") or key in _NPZ_KEYS
+
+
+def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the .npy header of one member (a few hundred bytes read)."""
+    from numpy.lib import format as npy
+
+    with zf.open(info) as f:
+        try:
+            version = npy.read_magic(f)
+            read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, _, dtype = read(f)
+        except Exception as e:  # noqa: BLE001 - not a .npy header
+            raise UserError(f"{path}: member {info.filename} is not a .npy array ({type(e).__name__}); "
+                            f"{_NPZ_ALLOWED}") from None
+    if dtype.hasobject or dtype.kind not in "biufUS":
+        raise UserError(f"{path}: {info.filename[:-4]} holds {dtype} values; {_NPZ_ALLOWED}")
+    return tuple(int(n) for n in shape), dtype
+
+
+def _check_npz_layout(arrays: dict[str, tuple[tuple[int, ...], np.dtype]], path: Path) -> None:
+    splits = sorted(k[: -len("_images")] for k in arrays if k.endswith("_images"))
+    if not splits:
+        raise UserError(f"{path}: no {{split}}_images array (it holds {sorted(arrays) or 'no arrays of the layout'}); "
+                        f"{_NPZ_ALLOWED}")
+    total = 0
+    for key, (shape, dtype) in arrays.items():
+        total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+    for split in splits:
+        (shape, dtype) = arrays[f"{split}_images"]
+        if dtype.kind not in "biuf" or not (len(shape) == 3 or (len(shape) == 4 and shape[-1] in (1, 3, 4))):
+            raise UserError(f"{path}: {split}_images is {dtype} of shape {shape}; {_NPZ_ALLOWED}")
+        if shape[1] * shape[2] > MAX_SCAN_PIXELS:
+            raise UserError(f"{path}: {split}_images holds images of {shape[2]}×{shape[1]} px; at most "
+                            f"{MAX_SCAN_PIXELS:,} pixels each are allowed")
+        if f"{split}_labels" in arrays:
+            lshape, ldtype = arrays[f"{split}_labels"]
+            if ldtype.kind not in "biuf" or len(lshape) not in (1, 2) or lshape[0] != shape[0]:
+                raise UserError(f"{path}: {split}_labels is {ldtype} of shape {lshape} for {shape[0]} images; "
+                                f"{_NPZ_ALLOWED}")
+    limit = max_npz_bytes()
+    if total > limit:
+        raise UserError(f"{path}: its arrays declare {total / 2**30:.1f} GiB; at most {limit / 2**30:.1f} GiB "
+                        "(half this machine's memory) are allowed")
 
 
 # ----------------------------------------------------------------------------- npz
@@ -102,6 +220,7 @@ def _npz_images_to_gray_float(imgs: np.ndarray) -> np.ndarray:
 
 
 def load_npz(path: Path, split: str, size: int, label_set: Sequence[str] | None) -> XrayDataset:
+    npz_arrays(path)  # shapes, dtypes and sizes from the headers, before any array is read
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001
@@ -119,7 +238,7 @@ def load_npz(path: Path, split: str, size: int, label_set: Sequence[str] | None)
             task = _npz_task(z, path)
         except UserError:
             raise
-        except Exception as e:  # noqa: BLE001 - a corrupt member
+        except Exception as e:  # noqa: BLE001 - a corrupt member (MemoryError included)
             raise UserError(f"{path}: cannot read {key} ({type(e).__name__})") from None
     if len(labels) != len(imgs):
         raise UserError(f"{path.name}: {len(imgs)} {split} images but {len(labels)} labels")
