@@ -71,6 +71,9 @@ def add_settings_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--strategy", default="fedavgm")
     ap.add_argument("--server-momentum", type=float, default=None, help="default: the federation default")
     ap.add_argument("--server-lr", type=float, default=None)
+    ap.add_argument("--privacy-unit", choices=("patient", "scan"), default=None,
+                    help="[privacy] unit (default: patient when the data has patient ids; PneumoniaMNIST has none: "
+                         "scan)")
     ap.add_argument("--aggregator", default="mean", help="mean | median | trimmed_mean ([federation] aggregator)")
     ap.add_argument("--trim-fraction", type=float, default=0.1)
     ap.add_argument("--split", default="dirichlet")
@@ -83,12 +86,24 @@ def add_settings_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--central", type=int, default=0, help="1: one hospital holding every training scan")
 
 
+def has_patient_ids(data: Path) -> bool:
+    """Whether the data can train at the patient unit: a .npz with ``train_patient_ids``, or a
+    folder layout (its loader decides from the file names / DICOM headers)."""
+    if Path(data).suffix != ".npz":
+        return True
+    from xrayfed.common.data.npz import npz_arrays
+
+    return "train_patient_ids" in npz_arrays(Path(data))
+
+
 def configs(s: dict, data: Path, work: Path, task, eval_path: Path | None = None):
     """``(FederationConfig, [HospitalConfig])`` for settings ``s`` (a dict of the flags above)."""
     from xrayfed.common.config import FederationConfig, HospitalConfig
     from xrayfed.common.model import ModelSpec, default_model
 
     n = 1 if s.get("central") else s["hospitals"]
+    if not s.get("privacy_unit") and not has_patient_ids(data):
+        s = dict(s, privacy_unit="scan")  # PneumoniaMNIST has no patient ids: its figures are per scan
     model = default_model(s["image_size"], num_outputs=task.num_outputs).model_dump()
     for k in ("width", "depth", "input_pool"):
         if s.get(k) is not None:
@@ -129,7 +144,8 @@ def configs(s: dict, data: Path, work: Path, task, eval_path: Path | None = None
             "hospital": {"name": f"hospital-{i}", "state_dir": str(work / f"state-{i}"), "device": "auto"},
             "data": data_section,
             "privacy": {"epsilon": s["epsilon"], "delta": s["delta"], "max_rounds": s["rounds"],
-                        "max_grad_norm": s["clip"]},
+                        "max_grad_norm": s["clip"],
+                        **({"unit": s["privacy_unit"]} if s.get("privacy_unit") else {})},
             "training": training,
         }))
     return fed, hospitals

@@ -23,18 +23,25 @@ def plan_summary(cfg, ds=None) -> dict:
     computes it): N, validation scans, σ, q, steps per round, ε after planned rounds, warnings.
     ``ds``: the ``data.split`` scans when already decoded (else they are loaded)."""
     from xrayfed.client.hospital import hospital_split
-    from xrayfed.client.privacy import plan_dp
+    from xrayfed.client.privacy import plan_for
 
     d = cfg.data
     _, train, val = hospital_split(cfg, ds)
     out: dict = {"hospital": cfg.hospital.name, "train_scans": len(train), "validation_scans": 0 if val is None
                  else len(val), "epsilon_budget": cfg.privacy.epsilon, "delta": cfg.privacy.delta,
                  "accountant": cfg.privacy.accountant, "warnings": []}
+    out.update(patient_figures(train, cfg.privacy.max_scans_per_patient))
     try:
-        plan = plan_dp(cfg, len(train))
+        plan, _ = plan_for(cfg, train)
     except UserError as e:
         out["refused"] = str(e)
         return out
+    out.update(unit=plan.unit, train_units=plan.num_examples, batch_size=plan.expected_batch_size)
+    if plan.unit == "scan" and out.get("most_scans_of_one_patient", 1) > 1:
+        k = out["most_scans_of_one_patient"]
+        out["warnings"].append(f"the privacy unit is the scan: a patient with k scans is protected at about k·ε "
+                               f"(group privacy); this hospital's most-scanned patient has {k} scans "
+                               f"(ε ≈ {k * plan.epsilon_budget:g} for them)")
     r = plan.max_rounds
     rounds = sorted({max(1, round(r * k / SHOWN_ROUNDS)) for k in range(1, SHOWN_ROUNDS + 1)} | {r})
     step = (plan.noise_multiplier, plan.sample_rate, plan.steps)
@@ -52,6 +59,22 @@ def plan_summary(cfg, ds=None) -> dict:
         out["warnings"].append(f"no validation scans (data.val_fraction = {d.val_fraction:g}): this hospital will "
                                "send no evaluation metrics")
     return out
+
+
+def patient_figures(train, bound: int) -> dict:
+    """Scans per training patient (median, max, how many patients have more than ``bound``, the
+    scans averaged into a patient's contribution), when the data knows its patients."""
+    import numpy as np
+
+    if not getattr(train, "patient_ids_known", False):
+        return {"patient_ids": False}
+    counts: dict[str, int] = {}
+    for p in train.patient_ids:
+        counts[p] = counts.get(p, 0) + 1
+    c = np.asarray(list(counts.values()))
+    return {"patient_ids": True, "train_patients": int(len(c)), "median_scans_per_patient": float(np.median(c)),
+            "most_scans_of_one_patient": int(c.max()), "patients_above_bound": int((c > bound).sum()),
+            "scans_per_patient_bound": int(bound)}
 
 
 def _print(report: DataReport, plan: dict | None) -> None:
@@ -75,6 +98,15 @@ def _print(report: DataReport, plan: dict | None) -> None:
         print(f"DP plan of {plan['hospital']} (ε = {plan['epsilon_budget']:g}, δ = {plan['delta']:g}, "
               f"{plan['accountant'].upper()}): {plan['train_scans']} training scans, {plan['validation_scans']} "
               "for validation")
+        if plan.get("patient_ids"):
+            print(f"  {plan['train_patients']} training patients: {plan['median_scans_per_patient']:g} scans per "
+                  f"patient (median), {plan['most_scans_of_one_patient']} at most; {plan['patients_above_bound']} "
+                  f"patient(s) have more than the {plan['scans_per_patient_bound']} scan(s) averaged per step")
+        if plan.get("unit"):
+            who = ("each patient (all of their scans together)" if plan["unit"] == "patient"
+                   else "each scan (not each patient)")
+            print(f"  privacy unit: {plan['unit']} — the guarantee protects {who}; N = {plan['train_units']} "
+                  f"{plan['unit']}s, batch {plan['batch_size']} {plan['unit']}s")
         if "refused" in plan:
             print(f"  REFUSED: {plan['refused']}")
         else:

@@ -22,7 +22,7 @@ from xrayfed.client.privacy import (
     PrivacyLedger,
     ReleaseCache,
     StateLock,
-    plan_dp,
+    plan_for,
     request_key,
     train_private_round,
     update_digest,
@@ -174,7 +174,7 @@ def checked_model(cfg: HospitalConfig, req: RoundRequest, state_dict: dict, devi
 
 
 def charged_plan(charge: dict[str, Any], plan):
-    """The plan a ``train`` line charged (σ, q, steps, C, expected batch), to retrain exactly it
+    """The plan a ``train`` line charged (unit, σ, q, steps, C, expected batch), to retrain exactly it
     after a crash whatever ``hospital.toml`` says now. :class:`RequestRefused` naming what is
     missing when the line does not state it."""
     from dataclasses import replace
@@ -184,6 +184,11 @@ def charged_plan(charge: dict[str, Any], plan):
     if missing:
         raise RequestRefused(f"the charge of this round (ledger line {charge.get('seq', -1) + 1}) does not state "
                              f"{', '.join(missing)}, so the retry cannot train exactly what was charged")
+    charged_unit = str(charge.get("unit", "scan"))
+    if charged_unit != plan.unit:
+        raise RequestRefused(f"this round was charged at the {charged_unit} unit (ledger line {int(charge['seq']) + 1}) "
+                             f"but the hospital now trains at the {plan.unit} unit, so the retry cannot train "
+                             "exactly what was charged")
     return replace(plan, noise_multiplier=float(charge["noise_multiplier"]),
                    sample_rate=float(charge["sample_rate"]), steps=int(charge["steps"]),
                    max_grad_norm=float(charge["max_grad_norm"]),
@@ -253,13 +258,16 @@ def _train_locked(cfg: HospitalConfig, req: RoundRequest, data: LocalData, state
         return reply(REFUSED, dict(metrics, epsilon=ledger.spent(), train_loss=0.0), reason=reason)
 
     try:
-        plan = plan_dp(cfg, len(data.train))
+        plan, units = plan_for(cfg, data.train)
     except UserError as e:  # also refused at `xrayfed client` start; a backstop, never a traceback
         return refuse(f"hospital {cfg.hospital.name}: round {req.round} refused: {e}",
                       {"num-examples": len(data.train)})
+
     def metrics_of(plan) -> dict[str, Any]:
         return {
-            "num-examples": len(data.train),
+            "num-examples": plan.num_examples,  # N in the privacy unit: the FedAvg weight
+            "num_scans": plan.num_scans,
+            "patient_unit": int(plan.unit == "patient"),
             "delta": plan.delta,
             "epsilon_budget": plan.epsilon_budget,
             "noise_multiplier": plan.noise_multiplier,
@@ -329,7 +337,7 @@ def _train_locked(cfg: HospitalConfig, req: RoundRequest, data: LocalData, state
         except BudgetExceeded as e:
             return refuse(str(e), base_metrics)
     out = train_private_round(
-        model, data.train, cfg, plan, req.task, device, lr=req.lr, prox_mu=req.proximal_mu,
+        model, units, cfg, plan, req.task, device, lr=req.lr, prox_mu=req.proximal_mu,
         desc=f"{cfg.hospital.name} round {req.round}",
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -109,6 +109,13 @@ class DPPlan:
     accountant: str
     local_epochs: float = 1.0  # passes over the data per round (steps = ⌈epochs / q⌉)
     settings_source: str = "hospital.toml"  # or "auto": B and epochs derived by auto_training
+    unit: str = "scan"  # what N, B and the guarantee count: "patient" or "scan"
+    num_scans: int = 0  # training scans behind the N units (= N for the scan unit)
+    max_scans_per_patient: int = 1  # unit = patient: scans averaged into one contribution (≤ C)
+
+    @property
+    def unit_plural(self) -> str:
+        return "patients" if self.unit == "patient" else "scans"
 
 
 #: The rule behind the automatic batch size and local epochs (chosen on validation sweeps with
@@ -131,7 +138,7 @@ def auto_training(num_examples: int, epsilon: float, batch_size: int | None = No
     A hospital states only its budget: B = clamp(N/4, 256, 2048) (≤ N), and 10 local epochs in
     all below ε = 2, else 25, spread evenly over the planned rounds (2 or 5 per round over 5
     rounds or fewer, 0.5 or 1.25 over 20). The same epochs over more rounds were better at
-    ε = 1 and no worse at ε = 8 (docs/accuracy.md, session 25). Both are decided at the hospital, from its own
+    ε = 1 and no worse at ε = 8 (docs/accuracy.md). Both are decided at the hospital, from its own
     N and plan, and recorded in every ``train`` line of the ledger (as q = B/N and steps)."""
     if batch_size is None:
         b = int(round(num_examples * AUTO_BATCH["fraction_of_n"]))
@@ -171,21 +178,23 @@ def _noise_for_budget(epsilon: float, delta: float, q: float, steps: int, max_ro
     return sigma
 
 
-def plan_dp(cfg: HospitalConfig, num_examples: int) -> DPPlan:
+def plan_dp(cfg: HospitalConfig, num_examples: int, unit: str = "scan", num_scans: int | None = None) -> DPPlan:
     """σ, q and steps for one round so that ``max_rounds`` rounds fit the hospital's (ε, δ).
 
-    Refuses (one-line :class:`UserError`, before anything trains) a δ at or above 1/N, a plan
-    longer than the accountant can compose (:data:`MAX_PLANNED_STEPS`) and a budget that no σ
-    can meet.
+    ``num_examples`` is N in the privacy ``unit`` (patients or scans, :func:`privacy_units`):
+    B, q = B/N, the epochs and δ < 1/N all count units. Refuses (one-line :class:`UserError`,
+    before anything trains) a δ at or above 1/N, a plan longer than the accountant can compose
+    (:data:`MAX_PLANNED_STEPS`) and a budget that no σ can meet.
     """
+    word = "patients" if unit == "patient" else "scans"
     if num_examples < 2:
-        raise UserError(f"data: {num_examples} training example(s); DP training needs at least 2")
+        raise UserError(f"data: {num_examples} training {word}; DP training needs at least 2")
     p, t = cfg.privacy, cfg.training
     if p.delta >= 1.0 / num_examples:
         suggest = 10 ** math.floor(math.log10(0.1 / num_examples))
         raise UserError(f"privacy.delta = {p.delta:g}: must be below 1/N = {1.0 / num_examples:.3g} for this "
-                        f"hospital's N = {num_examples} training scans (with δ ≥ 1/N the guarantee allows "
-                        f"releasing a scan outright); use e.g. δ = {suggest:g}")
+                        f"hospital's N = {num_examples} training {word} (with δ ≥ 1/N the guarantee allows "
+                        f"releasing a {word[:-1]} outright); use e.g. δ = {suggest:g}")
     batch_size, local_epochs = auto_training(num_examples, p.epsilon, t.batch_size, t.local_epochs, p.max_rounds)
     q = min(1.0, batch_size / num_examples)
     steps = max(1, math.ceil(local_epochs / q))
@@ -213,7 +222,88 @@ def plan_dp(cfg: HospitalConfig, num_examples: int) -> DPPlan:
         accountant=p.accountant,
         local_epochs=float(local_epochs),
         settings_source="auto" if (t.batch_size is None or t.local_epochs is None) else "hospital.toml",
+        unit=unit,
+        num_scans=int(num_scans if num_scans is not None else num_examples),
+        max_scans_per_patient=int(p.max_scans_per_patient) if unit == "patient" else 1,
     )
+
+
+# ----------------------------------------------------------------------------- the privacy unit
+NO_PATIENT_IDS = ("carries no patient identities, so the privacy unit cannot be the patient: give patient ids "
+                  "(Kermany-style file names, DICOM PatientID, a labels.csv patient_id column, NIH's Patient ID, "
+                  "{split}_patient_ids in the .npz), or set [privacy] unit = \"scan\" (--privacy-unit scan) to "
+                  "accept a guarantee per scan (a patient with several scans is then protected less)")
+
+
+class PatientUnits(torch.utils.data.Dataset):
+    """A hospital's training scans seen as patients, for patient-level DP-SGD.
+
+    Item ``i`` is patient ``i``'s contribution to a step: with ``max_scans`` = 1 one of their
+    scans (chosen at random each time the patient is sampled) and its label, exactly like a scan
+    dataset's item; with ``max_scans`` = m > 1 a stack of m of their scans (all of them, chosen
+    without repetition while enough remain, then cycled) and their labels. The training loop
+    averages the per-scan gradients of one item before Opacus clips it
+    (:func:`average_views`), so one patient moves each step's pre-noise sum by at most C,
+    however many scans they have. The random choice is not part of the privacy analysis."""
+
+    def __init__(self, scans, patient_ids, max_scans: int = 1, seed: int | None = None) -> None:
+        groups: dict[str, list[int]] = {}
+        for i, pid in enumerate(patient_ids):
+            groups.setdefault(str(pid), []).append(i)
+        self.scans = scans
+        self.groups = list(groups.values())
+        self.max_scans = int(max_scans)
+        self.num_scans = len(patient_ids)
+        self._rng = np.random.default_rng(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @property
+    def scans_per_item(self) -> int:
+        return self.max_scans
+
+    def scans_per_patient(self) -> list[int]:
+        return [len(g) for g in self.groups]
+
+    def __getitem__(self, i: int):
+        g = self.groups[i]
+        if self.max_scans == 1:
+            return self.scans[g[int(self._rng.integers(len(g)))]]
+        order = list(self._rng.permutation(len(g)))
+        picks = [g[order[j % len(g)]] for j in range(self.max_scans)]
+        xs, ys = zip(*(self.scans[j] for j in picks))
+        return torch.stack([torch.as_tensor(x) for x in xs]), torch.stack([torch.as_tensor(y) for y in ys])
+
+
+def resolve_unit(cfg: HospitalConfig, patient_ids) -> str:
+    """The privacy unit this hospital trains under: ``[privacy] unit``, or ``patient`` when it is
+    unset and the data carries patient identities. Data without them is refused (one line,
+    :data:`NO_PATIENT_IDS`) unless the hospital chose ``unit = "scan"``."""
+    unit = cfg.privacy.unit
+    if unit == "scan":
+        return "scan"
+    if patient_ids is None:
+        raise UserError(f"the hospital's training data {NO_PATIENT_IDS}")
+    return "patient"
+
+
+def privacy_units(cfg: HospitalConfig, train) -> tuple[Any, str]:
+    """``(dataset, unit)``: what DP-SGD samples at this hospital — its training scans (unit
+    ``scan``) or its training patients (:class:`PatientUnits`, unit ``patient``) — so that N, q
+    and the guarantee all count the same unit."""
+    pids = getattr(train, "patient_ids", None) if getattr(train, "patient_ids_known", False) else None
+    unit = resolve_unit(cfg, pids)
+    if unit == "scan":
+        return train, unit
+    return PatientUnits(train, pids, cfg.privacy.max_scans_per_patient), unit
+
+
+def plan_for(cfg: HospitalConfig, train) -> tuple[DPPlan, Any]:
+    """``(plan, dataset)``: :func:`privacy_units` then :func:`plan_dp` on them (what
+    `xrayfed client`, `data check` and every round plan from)."""
+    units, unit = privacy_units(cfg, train)
+    return plan_dp(cfg, len(units), unit, num_scans=len(train)), units
 
 
 # ----------------------------------------------------------------------------- ledger
@@ -313,6 +403,9 @@ class PrivacyLedger:
             "batch_size": plan.expected_batch_size,
             "local_epochs": plan.local_epochs,
             "training_settings": plan.settings_source,
+            "unit": plan.unit,
+            "num_scans": plan.num_scans,
+            "max_scans_per_patient": plan.max_scans_per_patient,
         }
         last = next((r for r in reversed(self.records) if r.get("event") == "budget"), None)
         if last is None or any(last.get(k) != v for k, v in header.items()):
@@ -354,6 +447,9 @@ class PrivacyLedger:
                 "max_grad_norm": plan.max_grad_norm,
                 "expected_batch_size": plan.expected_batch_size,
                 "num_examples": plan.num_examples,
+                "unit": plan.unit,
+                "num_scans": plan.num_scans,
+                "max_scans_per_patient": plan.max_scans_per_patient,
                 "delta": plan.delta,
                 "epsilon": eps_after,
                 "epsilon_budget": plan.epsilon_budget,
@@ -585,21 +681,32 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
     chunks = [per_epoch] * (plan.steps // per_epoch) + ([plan.steps % per_epoch] if plan.steps % per_epoch else [])
     t = cfg.training
     k = t.augment_multiplicity
+    m = int(getattr(dataset, "scans_per_item", 1))  # a patient's scans per item (unit = patient)
+    group = k * m  # rows of one clipped unit: m scans × k views
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
     hooks: dict = {}
     augmenting = k > 1 or t.augment
-    if augmenting:  # K random views per sampled example (K = 1: plain augmentation)
-        hooks["expand"] = lambda x, y: (random_view(x.repeat_interleave(k, dim=0) if k > 1 else x, t),
-                                        y.repeat_interleave(k, dim=0) if k > 1 else y)
-    if k > 1:  # augmentation multiplicity: one averaged gradient per example is clipped
-        hooks["after_backward"] = lambda: average_views(dp_model, k)
+
+    def expand(x, y):
+        if m > 1:  # (P, m, …) patients → (P·m, …) scans, each patient's rows together
+            x = x.flatten(0, 1)
+            y = y.reshape(x.shape[0], -1) if y.shape[0] != x.shape[0] else y
+        if augmenting:  # K random views per scan (K = 1: plain augmentation)
+            x = random_view(x.repeat_interleave(k, dim=0) if k > 1 else x, t)
+            y = y.repeat_interleave(k, dim=0) if k > 1 else y
+        return x, y
+
+    if m > 1 or augmenting:
+        hooks["expand"] = expand
+    if group > 1:  # one averaged gradient per patient / example is clipped
+        hooks["after_backward"] = lambda: average_views(dp_model, group)
     if ema is not None:  # after every real (not skipped: BatchMemoryManager's partial) step
         hooks["after_step"] = lambda: None if dp_opt._is_last_step_skipped else ema.update(dp_model)
     total_loss, seen = 0.0, 0
     for e, steps in enumerate(chunks, start=1):
         label = f"{desc} epoch {e}/{len(chunks)}" if desc else None
         with BatchMemoryManager(
-            data_loader=make_loader(steps), max_physical_batch_size=max(1, t.max_physical_batch_size // k),
+            data_loader=make_loader(steps), max_physical_batch_size=max(1, t.max_physical_batch_size // group),
             optimizer=dp_opt,
         ) as mem_loader, feature_cache(not augmenting):  # an augmented view is never seen twice
             ep = train_epoch(dp_model, mem_loader, dp_opt, task, device, desc=label, **hooks)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
+import ssl
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from xrayfed.client.hospital import hospital_split
-from xrayfed.client.privacy import PrivacyLedger, plan_dp
+from xrayfed.client.privacy import PrivacyLedger, plan_for
 from xrayfed.common.addresses import parse_hostport
 from xrayfed.common.config import HospitalConfig, dump_toml, load_config
 from xrayfed.common.errors import UserError
@@ -46,7 +50,7 @@ def check_data(cfg) -> int:
     number of training scans after this hospital's partition and validation split.
 
     Refused here, with one line: no usable scan, δ ≥ 1/N, a budget no noise level can meet,
-    a plan longer than the accountant composes (:func:`xrayfed.client.privacy.plan_dp`).
+    a plan longer than the accountant composes (:func:`xrayfed.client.privacy.plan_for`).
     """
 
     if cfg.data.path is None:
@@ -56,10 +60,11 @@ def check_data(cfg) -> int:
     d = cfg.data
     ds, train, val = hospital_split(cfg)
     skipped = len(getattr(ds, "skipped", []))
-    plan = plan_dp(cfg, len(train))
+    plan, _ = plan_for(cfg, train)
     print(f"[xrayfed] {cfg.hospital.name}: {len(ds)} usable scans in {d.path} ({d.split})"
           + (f", {skipped} unreadable file(s) skipped" if skipped else "")
           + f"; {len(train)} for DP training, {0 if val is None else len(val)} for validation; "
+          f"privacy unit: {plan.unit} (N = {plan.num_examples} {plan.unit_plural}); "
           f"plan: σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:.4g}, {plan.steps} steps/round, "
           f"{plan.max_rounds} rounds for ε = {plan.epsilon_budget:g} at δ = {plan.delta:g}", flush=True)
     if val is None:
@@ -120,9 +125,6 @@ def check_server_certificate(server: str, ca_cert: Path | str, timeout: float = 
     CA file; otherwise the SuperNode would retry for minutes without saying why. Returns False
     when the server cannot be reached now (the SuperNode keeps trying, as before), True when
     the handshake succeeded."""
-    import socket
-    import ssl
-
     host, port = parse_hostport(server, "--server")
     try:
         ctx = ssl.create_default_context(cafile=str(ca_cert))
@@ -206,9 +208,6 @@ def next_attempt(seen: list[str], losses: int, alive_age_s: float | None) -> tup
 
 
 def run_client_cmd(args: argparse.Namespace) -> int:
-    import subprocess
-    import threading
-
     parse_hostport(args.server, "--server")
     cfg = load_hospital_config(args)
     if not args.insecure and args.ca_cert is None:

@@ -21,6 +21,7 @@ from xrayfed.common.cli_args import warn_deprecated
 from xrayfed.common.errors import UserError
 from xrayfed.common.modelspec import ModelSpec
 from xrayfed.common.prediction import TaskSpec
+from xrayfed.common.preprocess import MAX_IMAGE_SIZE  # the one bound of a model input side (px)
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -210,7 +211,6 @@ class FederationConfig(_Strict):
 #: The most a round request may ask of a hospital (``[hospital] max_*`` may only lower them).
 MAX_SERVER_LR = 10.0
 MAX_PROXIMAL_MU = 10.0
-MAX_IMAGE_SIZE = 2048
 MAX_MODEL_PARAMETERS = 50_000_000
 
 class HospitalSection(_Strict):
@@ -267,6 +267,15 @@ class PrivacySection(_Strict):
     noise_multiplier: float | None = Field(None, gt=0.0, description="σ; derived from the budget when unset")
     accountant: Literal["prv", "rdp"] = "prv"
     secure_rng: bool = Field(True, description="draw DP noise from the OS CSPRNG (os.urandom)")
+    unit: Literal["patient", "scan"] | None = Field(
+        None, description="what the (ε, δ) guarantee protects: a patient (all of their scans together) or one "
+                          "scan. Unset: patient whenever the data carries patient identities; data without them "
+                          "is refused until they are given or unit = \"scan\" is set")
+    max_scans_per_patient: int = Field(2, ge=1, le=32, description="unit = patient: scans of a sampled patient "
+                                                                   "whose gradients are averaged into the "
+                                                                   "patient's one contribution (norm ≤ C) per step "
+                                                                   "(2: about the compute of the scan unit, "
+                                                                   "docs/decisions.md)")
 
 
 class TrainingSection(_Strict):

@@ -197,9 +197,10 @@ def write_npz(path: Path | str, n_train: int = 600, n_val: int = 100, n_test: in
               task: TaskName = "binary", seed: int = 0, num_classes: int | None = None,
               class_names=None) -> Path:
     """Write a MedMNIST-like ``.npz``: ``{train,val,test}_images`` uint8 (N, size, size),
-    ``{split}_labels`` uint8 (N, 1) or (N, K) for multilabel, plus ``class_names`` (str array;
-    ``class_names`` or :func:`class_names_for`'s) and ``task_kind`` (0-d str). The splits use
-    different seeds (seed·1000 + 0/1/2)."""
+    ``{split}_labels`` uint8 (N, 1) or (N, K) for multilabel, ``{split}_patient_ids`` (str, one
+    per scan: :func:`synthetic_patient_ids`, several scans for some patients), plus
+    ``class_names`` (str array; ``class_names`` or :func:`class_names_for`'s) and ``task_kind``
+    (0-d str). The splits use different seeds (seed·1000 + 0/1/2)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     k = _num_classes(task, num_classes)
@@ -208,10 +209,23 @@ def write_npz(path: Path | str, n_train: int = 600, n_val: int = 100, n_test: in
         imgs, t = make_synthetic(n, size, task, k, seed=seed * 1000 + j)
         out[f"{split}_images"] = imgs
         out[f"{split}_labels"] = t.reshape(n, -1).astype(np.uint8)
+        out[f"{split}_patient_ids"] = synthetic_patient_ids(split, n, seed * 1000 + j)
     out["class_names"] = np.array(class_names_for(task, k, class_names))
     out["task_kind"] = np.array(task)
     np.savez_compressed(path, **out)
     return path
+
+
+def synthetic_patient_ids(split: str, n: int, seed: int = 0) -> np.ndarray:
+    """Patient ids for ``n`` synthetic scans of ``split`` (str array): like a clinic's, most
+    patients have one scan and some have several (1, 2 or 4 consecutive scans; about 1.7 per patient
+    on average); ids are distinct across splits (``"{split}-{k}"``)."""
+    rng = np.random.default_rng(seed + 7)
+    ids, k = [], 0
+    while len(ids) < n:
+        ids.extend([f"{split}-{k}"] * int(rng.choice([1, 1, 1, 1, 2, 2, 4])))
+        k += 1
+    return np.array(ids[:n])
 
 
 def write_class_folders(root: Path | str, n_train: int = 60, n_test: int = 20, size: int = 64, seed: int = 0,

@@ -63,7 +63,10 @@ def train_epoch(model, loader, optimizer, task: TaskSpec, device: torch.device, 
     for x, y in progress(loader, total, desc):
         optimizer.zero_grad(set_to_none=True)
         if len(x) == 0:  # an empty Poisson batch: DP-SGD still takes its (noise-only) step
-            (model(x.to(device)).sum() * 0.0).backward()
+            x = x.to(device)
+            if expand is not None:
+                x, _ = expand(x, y)
+            (model(x).sum() * 0.0).backward()
         else:
             n = len(x)
             x = x.to(device, non_blocking=True)

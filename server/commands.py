@@ -55,6 +55,9 @@ def add_local_federation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
     p.add_argument("--epsilon", type=float, default=8.0, help="each hospital's total ε budget")
     p.add_argument("--delta", type=float, default=1e-5, help="each hospital's DP δ (default 1e-5)")
+    p.add_argument("--privacy-unit", choices=("patient", "scan"), default=None,
+                   help="what each hospital's guarantee protects (default: the patient whenever the data carries "
+                        "patient ids; data without them needs --privacy-unit scan)")
     p.add_argument("--image-size", type=int, help="px (default: native size of .npz data, 32 synthetic, 224 otherwise)")
     p.add_argument("--split", choices=("iid", "dirichlet", "patient"), default="iid",
                    help="how scans are divided among hospitals")

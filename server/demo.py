@@ -114,7 +114,8 @@ def write_demo_configs(out: Path, data: Path, args: argparse.Namespace, image_si
                 "data": {"path": str(data), "split": "train", "partition": f"{i}/{args.hospitals}",
                          "partition_scheme": args.split, "dirichlet_alpha": args.alpha, "seed": 0,
                          "size_skew": getattr(args, "size_skew", 0.0) or 0.0},
-                "privacy": {"epsilon": args.epsilon, "delta": args.delta, "max_rounds": args.rounds},
+                "privacy": {"epsilon": args.epsilon, "delta": args.delta, "max_rounds": args.rounds,
+                            **({"unit": args.privacy_unit} if getattr(args, "privacy_unit", None) else {})},
                 "training": {k: v for k, v in (("local_epochs", args.local_epochs), ("batch_size", args.batch_size))
                              if v is not None},  # unset: the hospital derives them from its N and budget
             }

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from xrayfed.client.hospital import train_round
-from xrayfed.client.privacy import PrivacyLedger, plan_dp, request_key
+from xrayfed.client.privacy import PrivacyLedger, plan_for, request_key
 from xrayfed.common.checkpoint import weights_version
 from xrayfed.common.config import FederationConfig, HospitalConfig, load_config
 from xrayfed.common.model import ModelSpec, build_model
@@ -124,7 +124,7 @@ def test_retry_after_a_crash_trains_the_charged_plan_not_a_new_config(tmp_path, 
     charged_cfg = hospital(tmp_path, npz, **{"privacy.max_rounds": 5, "training.local_epochs": 1.0})
     state = build_model(SPEC).state_dict()
     data = H.load_local_data(charged_cfg, 16, H.RoundRequest.from_config(request(1)).task)
-    plan = plan_dp(charged_cfg, len(data.train))
+    plan, _ = plan_for(charged_cfg, data.train)
     ledger = PrivacyLedger(tmp_path / "h", charged_cfg)
     ledger.ensure_header(plan)
     charge = ledger.charge(plan, federation="fed", server_round=1, key=request_key("fed", 1, weights_version(state)))
@@ -135,7 +135,7 @@ def test_retry_after_a_crash_trains_the_charged_plan_not_a_new_config(tmp_path, 
     monkeypatch.setattr(H, "train_private_round", lambda model, ds, cfg, p, *a, **k: trained.append(p) or
                         real(model, ds, cfg, p, *a, **k))
     new_cfg = hospital(tmp_path, npz, **{"privacy.max_rounds": 1, "training.local_epochs": 8.0})
-    assert plan_dp(new_cfg, len(data.train)).steps > plan.steps  # the new config would train longer
+    assert plan_for(new_cfg, data.train)[0].steps > plan.steps  # the new config would train longer
     out = train_round(new_cfg, request(1), state)
     assert out["status"] == "trained" and len(trained) == 1
     used = trained[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from xrayfed.client.hospital import evaluate_round, train_round
-from xrayfed.client.privacy import PrivacyLedger, plan_dp, request_key
+from xrayfed.client.privacy import PrivacyLedger, plan_dp, plan_for, request_key
 from xrayfed.common.checkpoint import weights_version
 from xrayfed.common.config import HospitalConfig, load_config
 from xrayfed.common.privacy.ledger import read_ledger
@@ -46,13 +46,14 @@ def request(round_: int, spec: ModelSpec, **extra):
 
 
 def test_dp_training_learns_synthetic_finding(tmp_path, npz):
-    """Five DP rounds at ε = 8 on synthetic scans with a visible finding reach AUC ≥ 0.9."""
+    """Five DP rounds at ε = 8 on synthetic scans with a visible finding reach AUC ≥ 0.9 (scan
+    unit; the patient unit's learning test is in test_patient_privacy.py)."""
     from xrayfed.common.data import load_dataset
     from xrayfed.common.prediction import TaskSpec
     from xrayfed.common.train import evaluate
 
     torch.manual_seed(0)
-    cfg = cfg_for(tmp_path, npz)
+    cfg = cfg_for(tmp_path, npz, **{"privacy.unit": "scan"})
     spec = ModelSpec(num_outputs=1, width=16)
     state = build_model(spec).state_dict()
     for r in range(1, 6):
@@ -112,7 +113,7 @@ def test_crash_before_release_retrains_under_recorded_spend(tmp_path, npz):
 
     req = RoundRequest.from_config(request(1, spec))
     data = load_local_data(cfg, req.image_size, req.task)
-    plan = plan_dp(cfg, len(data.train))
+    plan, _ = plan_for(cfg, data.train)
     ledger = PrivacyLedger(tmp_path / "state", cfg)
     ledger.ensure_header(plan)
     ledger.charge(plan, federation="fed", server_round=1, key=request_key("fed", 1, weights_version(state)))
@@ -244,7 +245,7 @@ def test_delta_at_or_above_one_over_n_is_refused_in_the_round(tmp_path, small_np
     spec = ModelSpec(num_outputs=1, width=4)
     out = train_round(cfg, small_request(1, spec), build_model(spec).state_dict())
     assert out["status"] == "refused" and "privacy.delta = 0.5" in out["reason"]
-    assert re.search(r"1/N = \S+ for this hospital's N = \d+ training scans", out["reason"])
+    assert re.search(r"1/N = \S+ for this hospital's N = \d+ training patients", out["reason"])
     assert not any(r["event"] == "train" for r in PrivacyLedger(tmp_path / "state", cfg).records)
 
 
@@ -254,7 +255,7 @@ def test_client_refuses_meaningless_budgets_before_joining(tmp_path, small_npz, 
     from xrayfed.common import cli
 
     cases = {"delta": ('[privacy]\ndelta = 0.5\n', r"privacy.delta = 0.5: must be below 1/N = \S+ for this "
-                                                   r"hospital's N = \d+ training scans"),
+                                                   r"hospital's N = \d+ training patients"),
              "epsilon": ('[privacy]\nepsilon = 1e-6\n', r"privacy.epsilon = 1e-06 .* cannot be met"),
              "rounds": ('[privacy]\nmax_rounds = 10000\n[training]\nlocal_epochs = 50.0\n',
                         r"max_rounds = 10000 × \d+ DP-SGD steps per round"),

@@ -43,13 +43,16 @@ class XrayDataset(torch.utils.data.Dataset):
     format has none), ``skipped`` (``(path, reason)`` of unusable files), ``source`` (where the
     scans came from), ``files`` (the file of each scan, or None for arrays such as ``.npz``),
     ``links_skipped`` (``(path, reason)`` of links not followed and second paths to a scan
-    already read: see :class:`TreeWalk`).
+    already read: see :class:`TreeWalk`), ``patient_ids_known`` (whether every id names a real
+    patient — DICOM PatientID, Kermany-style file name, a labels.csv/NIH/.npz patient column —
+    rather than standing in for one per file: only then can the privacy unit be the patient).
     """
 
     def __init__(self, images: np.ndarray, targets: np.ndarray | torch.Tensor, task: TaskSpec, *,
                  patient_ids: Sequence[str] | None = None, skipped: Sequence[tuple[str, str]] | None = None,
                  source: str = "", files: Sequence[str] | None = None,
-                 links_skipped: Sequence[tuple[str, str]] | None = None) -> None:
+                 links_skipped: Sequence[tuple[str, str]] | None = None,
+                 patient_ids_known: bool | None = None) -> None:
         images = np.asarray(images)
         if images.ndim != 3 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
             raise ValueError(f"images must be uint8 (N, S, S), got {images.dtype} {images.shape}")
@@ -70,6 +73,8 @@ class XrayDataset(torch.utils.data.Dataset):
         self.patient_ids = [str(p) for p in patient_ids] if patient_ids is not None else None
         if self.patient_ids is not None and len(self.patient_ids) != n:
             raise ValueError(f"{len(self.patient_ids)} patient ids for {n} images")
+        self.patient_ids_known = bool(self.patient_ids is not None if patient_ids_known is None
+                                      else patient_ids_known and self.patient_ids is not None)
         self.files = [str(f) for f in files] if files is not None else None
         if self.files is not None and len(self.files) != n:
             raise ValueError(f"{len(self.files)} file names for {n} images")
@@ -107,6 +112,7 @@ def subset(ds: XrayDataset, indices: Sequence[int] | np.ndarray) -> XrayDataset:
         patient_ids=[ds.patient_ids[i] for i in idx] if ds.patient_ids is not None else None,
         skipped=ds.skipped, source=ds.source,
         files=[ds.files[i] for i in idx] if ds.files is not None else None, links_skipped=ds.links_skipped,
+        patient_ids_known=ds.patient_ids_known,
     )
 
 
@@ -302,6 +308,7 @@ def walk_files(folder: Path, walk: TreeWalk | None = None) -> tuple[list[Path], 
 _KERMANY_PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
 _TRAILING_NUMBER = re.compile(r"^(.+)-\d+$")
 _KERMANY_STUDY = re.compile(r"^((?:NORMAL2-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)  # IM-0429-0001-0002
+_KERMANY_IMAGE = re.compile(r"^(?:NORMAL2-)?IM-\d+-\d+$", re.IGNORECASE)  # IM-0115-0001
 
 
 def kermany_patient_id(name: str) -> str:
@@ -324,14 +331,23 @@ def kermany_patient_id(name: str) -> str:
 
 
 def patient_id_for(f: Path) -> str:
+    return patient_id_and_source(f)[0]
+
+
+def patient_id_and_source(f: Path) -> tuple[str, bool]:
+    """``(patient id, known)`` of a scan file: its DICOM PatientID, or the patient a Kermany-style
+    file name names (``person12_…``, ``IM-0115-…``, ``NORMAL2-IM-…``) — known; otherwise the
+    file name stands in for the patient (:func:`kermany_patient_id`'s other rules) — not known."""
     if is_dicom(f):
         try:
             pid = read_dicom_patient_id(f)
         except UserError:
             pid = None
         if pid:
-            return pid
-    return kermany_patient_id(f.name)
+            return pid, True
+    stem = Path(f.name).stem
+    return kermany_patient_id(f.name), bool(_KERMANY_PERSON.match(stem) or _KERMANY_STUDY.match(stem)
+                                            or _KERMANY_IMAGE.match(stem))
 
 
 # ----------------------------------------------------------------------------- tasks / label sets

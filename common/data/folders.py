@@ -18,6 +18,7 @@ from xrayfed.common.data.dataset import (
     decode_files,
     iter_files,
     no_usable_error,
+    patient_id_and_source,
     patient_id_for,
     pick_classes,
     stable_fraction,
@@ -97,10 +98,12 @@ def _decode_class_files(where: Path, split: str, size: int, task, order: Sequenc
             raise UserError(f"data {where}: class(es) {empty} have no usable scans ({counts}); a {task.kind} model "
                             "needs scans of every class to train (add them, or choose classes with label_set)")
         log.warning("data %s: class(es) %s have no usable scans (%s)", where, empty, counts)
-    pids = [patients[i] if patients is not None else patient_id_for(files[i]) for i in ok]
+    ids = [patient_id_and_source(files[i]) for i in ok]
+    pids = [patients[i] if patients is not None else ids[j][0] for j, i in enumerate(ok)]
     return XrayDataset(images, np.asarray(labels)[ok], task, patient_ids=pids, skipped=skipped + unsupported,
                        source=f"{where} ({split})" if patients is not None else str(where),
-                       files=[str(files[i]) for i in ok], links_skipped=links)
+                       files=[str(files[i]) for i in ok], links_skipped=links,
+                       patient_ids_known=all(known for _, known in ids))
 
 
 def load_class_folders(root: Path, split: str, size: int, label_set: Sequence[str] | None) -> XrayDataset:

@@ -13,7 +13,7 @@ from xrayfed.common.data.dataset import (
     XrayDataset,
     decode_files,
     no_usable_error,
-    patient_id_for,
+    patient_id_and_source,
     pick_classes,
     task_from_names,
 )
@@ -68,8 +68,9 @@ def load_labels_csv(root: Path, split: str, size: int, label_set: Sequence[str] 
     images, ok, bad = decode_files(files, size)
     if not ok:
         raise no_usable_error(root, len(missing) + len(bad))
+    ids = [(pids[i], True) if pids[i] else patient_id_and_source(files[i]) for i in ok]
     return XrayDataset(images, np.asarray(labels)[ok], task,
-                       patient_ids=[pids[i] or patient_id_for(files[i]) for i in ok],
+                       patient_ids=[pid for pid, _ in ids], patient_ids_known=all(k for _, k in ids),
                        skipped=missing + bad, source=f"{root} ({split})", files=[str(files[i]) for i in ok])
 
 

@@ -86,6 +86,7 @@ def load_nih(root: Path, split: str, size: int, label_set: Sequence[str] | None,
     files: list[Path] = []
     targets: list[np.ndarray] = []
     patients: list[str] = []
+    rows_used: list = []
     skipped: list[tuple[str, str]] = [(f"{csv_path.name}:{n}", "short row") for n in short]
     for r in rows:
         name = r["Image Index"].strip()
@@ -109,6 +110,7 @@ def load_nih(root: Path, split: str, size: int, label_set: Sequence[str] | None,
         files.append(f)
         targets.append(t)
         patients.append(str(r.get("Patient ID") or name).strip())
+        rows_used.append(r)
     if skipped:
         log.warning("NIH data %s (%s): %d listed image(s) skipped (file missing or unknown finding label)",
                     root.name, split, len(skipped))
@@ -117,6 +119,7 @@ def load_nih(root: Path, split: str, size: int, label_set: Sequence[str] | None,
         raise no_usable_error(root, len(skipped) + len(bad))
     task = TaskSpec(kind="multilabel", class_names=tuple(labels))
     return XrayDataset(images, np.asarray(targets)[ok], task, patient_ids=[patients[i] for i in ok],
+                       patient_ids_known=all(str(r.get("Patient ID") or "").strip() for r in rows_used),
                        skipped=skipped + bad, source=f"{root} ({split})", files=[str(files[i]) for i in ok])
 
 

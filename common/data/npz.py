@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- npz layout (headers only)
 _NPZ_KEYS = ("class_names", "task_kind")  # the optional arrays besides {split}_images and {split}_labels
+#: optional: one patient id per scan (text or integers), the patient-level privacy unit's key
+PATIENT_IDS = "{split}_patient_ids"
 _NPZ_ALLOWED = ("allowed: a MedMNIST-style .npz with {split}_images (N, H, W) or (N, H, W, 1|3|4) of integers or "
                 "floats and {split}_labels (N,) or (N, K) of integers")
 
@@ -96,7 +98,7 @@ def npz_arrays(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
 
 def _npz_key_used(key: str) -> bool:
-    return key.endswith("_images") or key.endswith("_labels") or key in _NPZ_KEYS
+    return key.endswith(("_images", "_labels", "_patient_ids")) or key in _NPZ_KEYS
 
 
 def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -236,6 +238,8 @@ def load_npz(path: Path, split: str, size: int, label_set: Sequence[str] | None)
             imgs = z[key]
             labels = np.asarray(z[f"{split}_labels"])
             task = _npz_task(z, path)
+            pkey = PATIENT_IDS.format(split=split)
+            pids = [str(p) for p in np.asarray(z[pkey]).reshape(-1)] if pkey in z.files else None
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - a corrupt member (MemoryError included)
@@ -244,6 +248,8 @@ def load_npz(path: Path, split: str, size: int, label_set: Sequence[str] | None)
         raise UserError(f"{path.name}: {len(imgs)} {split} images but {len(labels)} labels")
     if len(imgs) == 0:
         raise UserError(f"{path.name}: {split}_images holds no images")
+    if pids is not None and len(pids) != len(imgs):
+        raise UserError(f"{path.name}: {len(imgs)} {split} images but {len(pids)} {split}_patient_ids")
     imgs = _npz_images_to_gray(np.asarray(imgs), path)
     if min(imgs.shape[1:], default=0) < 8:
         raise UserError(f"{path.name}: images of {imgs.shape[1]}×{imgs.shape[2]} px are too small (at least 8×8)")
@@ -255,7 +261,7 @@ def load_npz(path: Path, split: str, size: int, label_set: Sequence[str] | None)
     targets = labels.reshape(len(labels), -1)
     if task.kind != "multilabel":
         targets = targets[:, 0]
-    ds = XrayDataset(imgs, targets, task, patient_ids=None, source=f"{path} ({split})")
+    ds = XrayDataset(imgs, targets, task, patient_ids=pids, source=f"{path} ({split})")
     return restrict_labels(ds, label_set, str(path)) if label_set is not None else ds
 
 
@@ -275,7 +281,8 @@ def restrict_labels(ds: XrayDataset, label_set: Sequence[str], where: str) -> Xr
     keep = np.flatnonzero(np.isin(t.astype(np.int64), list(remap)))
     out = subset(ds, keep)
     new_t = np.asarray([remap[int(v)] for v in t[keep]], dtype=np.int64)
-    return XrayDataset(out.images, new_t, task, patient_ids=out.patient_ids, skipped=out.skipped,
+    return XrayDataset(out.images, new_t, task, patient_ids=out.patient_ids,
+                       patient_ids_known=out.patient_ids_known, skipped=out.skipped,
                        source=out.source, files=out.files)
 
 

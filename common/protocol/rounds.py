@@ -47,8 +47,8 @@ SENT_AN_UPDATE = (TRAINED, RESENT)
 #: update with (:mod:`xrayfed.server.aggregation`).
 HOSPITAL_METRICS = (NUM_EXAMPLES, "epsilon", "delta", "epsilon_budget", "train_loss", "noise_multiplier",
                     "sample_rate", "steps", "max_grad_norm", "secure_rng", "secure_mode", "ledger_seq",
-                    "momentum", "adam")
-_FLAGS = ("secure_rng", "secure_mode", "adam")
+                    "momentum", "adam", "num_scans", "patient_unit")
+_FLAGS = ("secure_rng", "secure_mode", "adam", "patient_unit")
 
 
 @dataclass(frozen=True)
