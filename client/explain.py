@@ -29,7 +29,10 @@ import torch.nn.functional as F
 from xrayfed.common.checkpoint import Checkpoint
 from xrayfed.common.errors import UserError
 from xrayfed.common.files import atomic_write
+from xrayfed.common.model.scatter_front import ScatterFront
 from xrayfed.common.prediction import probabilities
+from xrayfed.common.preprocess import prepare_scan
+from xrayfed.common.security.atrest import load_checkpoint, load_key
 
 
 def explained_conv(model: torch.nn.Module) -> torch.nn.Module:
@@ -37,8 +40,6 @@ def explained_conv(model: torch.nn.Module) -> torch.nn.Module:
     torchvision backbone's last block) — except behind a ScatterNet front end, where the first
     convolution already sees the scattering features (7 × 7 at 28 px) and the last one only a
     3 × 3 grid, too coarse to point at a finding: there it is the first."""
-    from xrayfed.common.model.scatter_front import ScatterFront
-
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     if not convs:
         raise UserError("this model has no convolution to explain")
@@ -84,8 +85,6 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, output: int) -> np.ndarray
 
 def explain_scan(ckpt: Checkpoint, model: torch.nn.Module, scan: Path, class_name: str | None = None) -> dict:
     """``{"scan", "image" (H, W) in [0, 1], "heatmap", "class", "probabilities": {name: p}}``."""
-    from xrayfed.common.preprocess import prepare_scan
-
     x = prepare_scan(scan, int(ckpt.image_size))
     if ckpt.model.in_channels == 3:
         x = x.repeat(1, 3, 1, 1)
@@ -136,8 +135,6 @@ def render_html(results: list[dict], ckpt: Checkpoint) -> str:
 
 
 def run_explain_cmd(args: argparse.Namespace) -> int:
-    from xrayfed.common.security.atrest import load_checkpoint, load_key
-
     ckpt = load_checkpoint(args.model, load_key(args.atrest_key_file))
     model = ckpt.build()
     results = [explain_scan(ckpt, model, Path(s), args.class_name) for s in args.scan]

@@ -24,6 +24,7 @@ metadata (``quantization``) and the command's output.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import warnings
 from pathlib import Path
@@ -31,9 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xrayfed.client import quantize as Q
+from xrayfed.client.quantize import CALIBRATION_SCANS
 from xrayfed.common.checkpoint import Checkpoint
+from xrayfed.common.data import load_dataset, targets_array
 from xrayfed.common.errors import UserError
 from xrayfed.common.files import atomic_write
+from xrayfed.common.preprocess import normalize
+from xrayfed.common.security.atrest import load_checkpoint, load_key
+from xrayfed.common.synthetic import make_synthetic
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # max |Δ logit| between the exported model and the checkpoint (FP32)
@@ -79,8 +86,6 @@ def _spread(ds, n: int, ch: int) -> torch.Tensor:
 
 
 def _load(ckpt: Checkpoint, data: Path, split: str):
-    from xrayfed.common.data import load_dataset
-
     return load_dataset(Path(data), split=split, image_size=int(ckpt.image_size), task=ckpt.task)
 
 
@@ -90,17 +95,12 @@ def verification_scans(ckpt: Checkpoint, data: Path | None, n: int = VERIFY_SCAN
     if data is not None:
         return _spread(_load(ckpt, data, "train"), n, ch)
     else:
-        from xrayfed.common.preprocess import normalize
-        from xrayfed.common.synthetic import make_synthetic
-
         imgs, _ = make_synthetic(n, size, "binary", seed=0)
         x = normalize(torch.as_tensor(imgs))
     return x.repeat(1, ch, 1, 1) if ch > 1 and x.shape[1] == 1 else x
 
 
 def _to_onnx(model, example: torch.Tensor, meta: dict) -> bytes:
-    import io
-
 
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript-based exporter warns that it is deprecated
@@ -123,8 +123,6 @@ def _onnx_with_metadata(blob: bytes, meta: dict) -> bytes:
 
 def _torchscript_with_metadata(module: torch.jit.ScriptModule, meta: dict) -> bytes:
     """``module`` saved as TorchScript with ``meta`` in the extra file ``xrayfed.json``."""
-    import io
-
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, not gone
@@ -183,9 +181,6 @@ def held_out(ckpt: Checkpoint, data: Path):
 
 def _export_int8(ckpt: Checkpoint, fmt: str, out: Path, data: Path | None, calibration_scans: int) -> dict:
     """Quantize, measure on held-out scans, refuse a drop above the bar, then write ``out``."""
-    from xrayfed.client import quantize as Q
-    from xrayfed.common.data import targets_array
-
     if data is None:
         raise UserError("--int8 calibrates on your own scans and measures the AUROC change on their held-out split: "
                         "pass --data PATH")
@@ -252,8 +247,6 @@ def export_model(ckpt: Checkpoint, fmt: str, out: Path, *, data: Path | None = N
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
     if int8:
-        from xrayfed.client.quantize import CALIBRATION_SCANS
-
         return _export_int8(ckpt, fmt, out, data, CALIBRATION_SCANS if calibration_scans is None else calibration_scans)
     model = ckpt.build(plain=True)  # weight standardisation folded: plain convolutions
     x = verification_scans(ckpt, data)
@@ -272,8 +265,6 @@ def export_model(ckpt: Checkpoint, fmt: str, out: Path, *, data: Path | None = N
 
 
 def run_export_cmd(args: argparse.Namespace) -> int:
-    from xrayfed.common.security.atrest import load_checkpoint, load_key
-
     ckpt = load_checkpoint(args.model, load_key(args.atrest_key_file))
     res = export_model(ckpt, args.format, args.out, data=args.data, force=args.force, int8=args.int8,
                        calibration_scans=args.calibration_scans)

@@ -28,12 +28,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from xrayfed.client.inference.tokens import read_token_file
+from xrayfed.common import preprocess, rpc
+from xrayfed.common.addresses import parse_hostport
 from xrayfed.common.errors import UserError
 from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
+from xrayfed.common.mpc import dealer
+from xrayfed.common.prediction import TaskSpec, decide, probabilities
 from xrayfed.common.protocol.inference import (
     CRYPTO_PROVIDER_NAME,
     CRYPTO_PROVIDER_SERVICE,
@@ -46,8 +53,6 @@ from xrayfed.common.protocol.inference import (
 
 def _read_scan_identity(path: Path) -> tuple[str, str | None]:
     """(format, DICOM PatientID or None) of the scan file."""
-    from xrayfed.common import preprocess
-
     if not path.is_file():
         raise UserError(f"--scan: no file at {path}")
     if not preprocess.is_dicom(path):
@@ -62,8 +67,6 @@ def _read_scan_identity(path: Path) -> tuple[str, str | None]:
 def prepare(path: Path, image_size: int, in_channels: int):
     """The scan as the model's input array (1, C, S, S) float32 (numpy), or a one-line UserError."""
     import numpy as np
-
-    from xrayfed.common import preprocess
 
     try:
         x = preprocess.prepare_scan_array(path, image_size)
@@ -93,14 +96,6 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
     randomness, adding the two output shares) is numpy (:mod:`xrayfed.common.mpc.dealer`).
     ``observe(event)`` (tests only) is called at ``"dealt"`` and ``"sent_hospital"``.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from xrayfed.common import preprocess, rpc
-    from xrayfed.common.addresses import parse_hostport
-    from xrayfed.common.mpc import dealer
-    from xrayfed.common.prediction import TaskSpec, decide, probabilities
-    from xrayfed.client.inference.tokens import read_token_file
-
     t_start = time.perf_counter()
     parse_hostport(service, "--service")
     scan = Path(scan)
@@ -206,8 +201,6 @@ def format_result(res: dict) -> str:
 
 
 def predict_cmd(args: argparse.Namespace) -> int:
-    import logging
-
     logging.getLogger().setLevel(logging.WARNING if not args.verbose else logging.DEBUG)  # CrypTen logs at INFO
     res = predict(args.scan, args.service, args.token, ca_cert=args.ca_cert,
                   crypto_provider_ca_cert=args.crypto_provider_ca_cert,

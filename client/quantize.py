@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from xrayfed.common.errors import UserError
+from xrayfed.common.model.scatter_front import ScatterFront
 from xrayfed.common.prediction import TaskSpec, compute_metrics, decide, probabilities
 
 MAX_AUC_DROP = 0.005  # the largest macro-AUROC loss on held-out scans an INT8 export may cost
@@ -101,8 +102,6 @@ def quantize_torch(model: torch.nn.Module, calibration: torch.Tensor) -> torch.j
     model = model.cpu().eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-        from xrayfed.common.model.scatter_front import ScatterFront
-
         qmap = get_default_qconfig_mapping(engine).set_object_type(ScatterFront, None)
         prepared = prepare_fx(model, qmap, example_inputs=(calibration[:1],),
                               prepare_custom_config={"non_traceable_module_class": [ScatterFront]})

@@ -30,7 +30,7 @@ import torch
 
 from xrayfed.common.errors import UserError
 from xrayfed.common.files import atomic_write
-from xrayfed.common.model import ModelSpec
+from xrayfed.common.model import ModelSpec, build_model, fold_standardization, plain_spec
 from xrayfed.common.prediction import TaskSpec
 from xrayfed.common.preprocess import MAX_IMAGE_SIZE, MIN_SIZE
 
@@ -90,8 +90,6 @@ class Checkpoint:
     def build(self, plain: bool = False):
         """The plaintext torch model with these weights (eval mode). ``plain``: weight
         standardisation folded into plain convolutions (same outputs; what MPC and export run)."""
-        from xrayfed.common.model import build_model, fold_standardization, plain_spec
-
         model = build_model(self.model)
         load_weights(model, self.state_dict, what=f"checkpoint (model {self.model_version})")
         if plain and self.model.weight_standardization:

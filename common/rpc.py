@@ -9,6 +9,10 @@ Errors on the client side become one-line :class:`~xrayfed.common.errors.UserErr
 from __future__ import annotations
 
 import json
+import signal
+import struct
+import threading
+from concurrent import futures
 from pathlib import Path
 from typing import Callable
 
@@ -37,8 +41,6 @@ def dumps_frame(msg: tuple[dict, dict]) -> bytes:
     Layout: ``u32 header length | header JSON | blob bytes...``; the header lists each blob's
     name and length under ``"_blobs"``. Used where a message carries arrays (MPC shares).
     """
-    import struct
-
     header, blobs = msg
     head = dict(header, _blobs=[[k, len(v)] for k, v in blobs.items()])
     h = json.dumps(head, separators=(",", ":"), sort_keys=True).encode("utf-8")
@@ -46,8 +48,6 @@ def dumps_frame(msg: tuple[dict, dict]) -> bytes:
 
 
 def loads_frame(data: bytes) -> tuple[dict, dict]:
-    import struct
-
     if len(data) < 4:
         raise ValueError("frame too short")
     (n,) = struct.unpack_from("<I", data)
@@ -133,8 +133,6 @@ def start_server(service: str, methods: dict[str, Callable], *, host: str, port:
     legitimate request; a larger one is refused with RESOURCE_EXHAUSTED as soon as its length is
     read, never buffered. ``max_concurrent_rpcs``: calls in progress or queued at once; more are
     refused with RESOURCE_EXHAUSTED."""
-    from concurrent import futures
-
     import grpc
 
     options = OPTIONS if max_request is None else [("grpc.max_receive_message_length", int(max_request)),
@@ -153,9 +151,6 @@ def start_server(service: str, methods: dict[str, Callable], *, host: str, port:
 def run_until_stopped(server, stop_all: Callable[[], None], ready=None, stop=None) -> int:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT in the main thread); then stop the server
     and call ``stop_all`` (tear down open sessions). ``ready`` is set once serving."""
-    import signal
-    import threading
-
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGTERM, signal.SIGINT):

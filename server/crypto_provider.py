@@ -37,6 +37,7 @@ from xrayfed.common import mpc, rpc
 from xrayfed.common.addresses import parse_hostport
 from xrayfed.common.config import CryptoProviderConfig, load_config
 from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
+from xrayfed.common.modelspec import ModelSpec
 from xrayfed.common.mpc import WorkerPool, dealer
 from xrayfed.common.mpc.sessions import SessionTable, answer_patient
 from xrayfed.common.protocol.inference import (
@@ -74,8 +75,6 @@ class CryptoProviderService:
 
     def start_session(self, request: dict, context) -> dict:
         import grpc
-
-        from xrayfed.common.model import ModelSpec
 
         self._authorise(context)
         sid = request.get("session_id")

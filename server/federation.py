@@ -29,12 +29,17 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-from xrayfed.common.checkpoint import Checkpoint
+from xrayfed.common.checkpoint import Checkpoint, strip_prefix
 from xrayfed.common.config import FederationConfig
 from xrayfed.common.data import load_dataset
+from xrayfed.common.errors import UserError
 from xrayfed.common.model import build_model
+from xrayfed.common.prediction import choose_threshold, compute_metrics
 from xrayfed.common.protocol.rounds import SENT_AN_UPDATE
+from xrayfed.common.security.atrest import load_checkpoint, load_key
+from xrayfed.common.train import evaluate, predict_logits
 from xrayfed.server.rundir import RunDir
+from xrayfed.server.secagg import SecAggPlusConfig, SecAggPlusGrid
 from xrayfed.server.strategy import HospitalsMissing, ledger_anchors, make_strategy, pinned_plans
 
 log = logging.getLogger(__name__)
@@ -79,9 +84,6 @@ def evaluate_global(model, cfg: FederationConfig, eval_set, val_set, device) -> 
     hospital trains on it; see :func:`~xrayfed.common.prediction.choose_threshold`) and the
     metrics on ``eval_set`` at that threshold (``threshold``, ``threshold/<label>``), plus
     ``val_auc``."""
-    from xrayfed.common.prediction import choose_threshold, compute_metrics
-    from xrayfed.common.train import evaluate, predict_logits
-
     out: dict[str, Any] = {}
     threshold = None
     if val_set is not None:
@@ -103,9 +105,6 @@ def initial_state(cfg: FederationConfig, atrest_key=None) -> dict:
     encrypted at rest or not): every layer is taken from it; only the classification head is
     kept fresh (the last layer) when the checkpoint was trained for a different task (other classes). A
     different architecture is refused before any round."""
-    from xrayfed.common.errors import UserError
-    from xrayfed.common.security.atrest import load_checkpoint
-
     path = cfg.federation.initial_model
     ckpt = load_checkpoint(path, atrest_key)
     mine = cfg.model.model_dump(exclude={"num_outputs", "pretrained_path"})
@@ -114,8 +113,6 @@ def initial_state(cfg: FederationConfig, atrest_key=None) -> dict:
         diff = ", ".join(f"{k} {theirs[k]!r} (federation: {mine[k]!r})" for k in mine if mine[k] != theirs[k])
         raise UserError(f"federation.initial_model {path}: another architecture: {diff}")
     state = build_model(cfg.model).state_dict()
-    from xrayfed.common.checkpoint import strip_prefix
-
     theirs_sd = strip_prefix(ckpt.state_dict)
     fresh = [k for k in state if k not in theirs_sd or tuple(theirs_sd[k].shape) != tuple(state[k].shape)]
     same_task = ckpt.task == cfg.task
@@ -135,8 +132,6 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     """Run the configured federation on ``grid``; ``atrest_key`` (default: from the environment)
     encrypts the checkpoints."""
     if atrest_key is None:
-        from xrayfed.common.security.atrest import load_key
-
         atrest_key = load_key()
     run = RunDir(cfg.federation.run_dir, key=atrest_key).create()
     if not run.config_path.is_file():  # started without `xrayfed server` (which writes it)
@@ -146,8 +141,6 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     latest = run.load_latest()
     if latest is not None:
         if latest.model != cfg.model or latest.task != cfg.task or latest.image_size != cfg.image_size:
-            from xrayfed.common.errors import UserError
-
             raise UserError(
                 f"{run.latest_checkpoint()}: the checkpoint's model/task/image size differ from the config; "
                 "use a new run_dir for a different model"
@@ -180,8 +173,6 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
             _say(f"server optimizer state restored from round {start_round} ({', '.join(restored)})")
     secure = ""
     if cfg.federation.secure_aggregation:
-        from xrayfed.server.secagg import SecAggPlusConfig, SecAggPlusGrid
-
         sa = cfg.secure_aggregation
         grid = SecAggPlusGrid(grid, SecAggPlusConfig.from_section(sa))
         def _n(v: float, of: str) -> str:

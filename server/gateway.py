@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import datetime as _dt
+import ssl
+import threading
 import time
 from pathlib import Path
 from typing import Mapping
@@ -56,8 +60,6 @@ REFUSAL_STATUSES = (401, 403, 412)
 def verify_fleet_signature(headers: Mapping[str, str], now: float | None = None) -> bool:
     """Flower's SuperNode request signature: ECDSA-SHA256 by the key in ``flwr-public-key`` over
     the ISO timestamp in ``flwr-timestamp``, which must be fresh (what the SuperLink checks)."""
-    import datetime as _dt
-
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -222,8 +224,6 @@ class FleetGateway:
     async def _authenticated(self, headers: dict[str, str], fp: str) -> bool:
         """Whether the request is signed (fresh timestamp) by a registered hospital key (False
         for every request when hospital authentication is off: nobody is registered)."""
-        import asyncio
-
         if self.registered_keys is None:
             return False
         if not fp or not verify_fleet_signature(headers):
@@ -241,8 +241,6 @@ class FleetGateway:
 
     async def _forward(self, scope, receive, send, path: str, headers: dict[str, str], fp: str,
                        trusted: bool) -> None:
-        import asyncio
-
         import httpx
 
         start = time.monotonic()
@@ -299,16 +297,11 @@ class FleetGateway:
         await self._respond(send, resp.status_code, resp.content, out)
 
     def _ssl_context(self):
-        import ssl
-
         ctx = ssl.create_default_context(cafile=self.upstream_ca)
         return ctx
 
     # -- lifecycle
     def start(self, timeout: float = 30.0) -> "FleetGateway":
-        import threading
-        import time
-
         import uvicorn
 
         config = uvicorn.Config(self, host=self.host, port=self.port, ssl_certfile=self.certfile,

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from xrayfed.common.errors import UserError
+from xrayfed.common.files import atomic_write
 from xrayfed.common.protocol.inference import CRYPTO_PROVIDER_NAME
 from xrayfed.common.security.authkey import (
     KEY_MODE,
@@ -70,8 +71,6 @@ def _now() -> _dt.datetime:
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    from xrayfed.common.files import atomic_write
-
     atomic_write(path, data, mode=mode)
 
 

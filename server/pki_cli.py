@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from xrayfed.common.checkpoint import to_bytes
 from xrayfed.common.errors import UserError
 from xrayfed.common.files import atomic_write
+from xrayfed.common.flower_launch import write_flwr_home
 from xrayfed.common.security.atrest import load_checkpoint, load_key, make_atrest_key
 from xrayfed.common.security.authkey import KEY_MODE, refuse_existing
 from xrayfed.server.pki import MANIFEST, add_hospital, init_pki, read_manifest, revoke_hospital
+from xrayfed.server.registry import unregister_hospital
 
 
 def init_cmd(args: argparse.Namespace) -> int:
@@ -47,11 +50,6 @@ def revoke_hospital_cmd(args: argparse.Namespace) -> int:
     if args.name not in manifest["hospitals"]:
         raise UserError(f"hospital {args.name!r}: not in {out / MANIFEST}")
     if args.superlink:
-        import tempfile
-
-        from xrayfed.common.flower_launch import write_flwr_home
-        from xrayfed.server.registry import unregister_hospital
-
         with tempfile.TemporaryDirectory(prefix="xrayfed-flwr-") as tmp:
             home = write_flwr_home(Path(tmp), args.superlink, root_certificates=out / "ca.pem")
             node = unregister_hospital(home, out / manifest["hospitals"][args.name]["auth_pub"])

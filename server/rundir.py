@@ -18,12 +18,15 @@ hold per-round figures and logs, no model weights).
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 from xrayfed.common.checkpoint import Checkpoint
+from xrayfed.common.config import dump_toml
+from xrayfed.common.errors import UserError
 from xrayfed.common.security import atrest
 
 _CKPT = re.compile(r"^round-(\d{4,})\.pt$")
@@ -77,8 +80,6 @@ class RunDir:
     def save_server_state(self, server_round: int, state: dict[str, Any]) -> Path:
         """The strategy's own state after ``server_round`` (server momentum, Adam moments: tensors),
         encrypted like the checkpoints; only the latest round's is kept."""
-        import io
-
         import torch
 
         buf = io.BytesIO()
@@ -92,8 +93,6 @@ class RunDir:
 
     def load_server_state(self, server_round: int) -> dict[str, Any] | None:
         """The strategy state saved after ``server_round``, or None when there is none."""
-        import io
-
         import torch
 
         p = self.server_state_path(server_round)
@@ -135,8 +134,6 @@ class RunDir:
 
     def write_config(self, cfg) -> Path:
         """The run's resolved config (what its ServerApp reads and its reports name)."""
-        from xrayfed.common.config import dump_toml
-
         self.path.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(dump_toml(cfg), encoding="utf-8")
         return self.config_path
@@ -145,8 +142,6 @@ class RunDir:
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl, the last row per round winning (a resumed round may appear
     twice); a line that is not a row is a one-line ``UserError`` naming it."""
-    from xrayfed.common.errors import UserError
-
     rows: dict[int, dict[str, Any]] = {}
     with Path(path).open("r", encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):

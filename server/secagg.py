@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
@@ -378,8 +378,6 @@ class SecAggPlusGrid(Grid):
         if msgs and all(m.metadata.message_type.split(".")[0] == MessageType.TRAIN for m in msgs):
             cfg = self.cfg
             if cfg.timeout is None and timeout is not None:
-                from dataclasses import replace
-
                 cfg = replace(cfg, timeout=timeout)
             rnd = secagg_train_round(self._grid, msgs, cfg, inspector=self.inspector)
             self.rounds.append(rnd)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from xrayfed.common.config import FederationConfig, load_config
 from xrayfed.common.logs import configure_logging
+from xrayfed.server.federation import run_federation
 
 SIM_FEDERATION_ENV = "XRAYFED_SIM_FEDERATION"
 app = ServerApp()
@@ -14,10 +17,6 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    import os
-
-    from xrayfed.server.federation import run_federation
-
     configure_logging()
     # `xrayfed server` passes the path as run config; `xrayfed simulate` (Flower's Simulation
     # Engine runs this app in its own process with an empty run config) through the environment.

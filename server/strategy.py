@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from xrayfed.common.config import FederationConfig
 from xrayfed.common.logs import untrusted
+from xrayfed.common.privacy.ledger import anchor_id
 from xrayfed.common.protocol.rounds import (
     FAILED,
     NUM_EXAMPLES,
@@ -245,8 +246,6 @@ class XrayStrategyMixin:
     def _with_info(self, server_round: int, config: ConfigRecord, anchors: bool = False) -> ConfigRecord:
         """``config`` with the round request: the federation's model and task, the round and its
         learning rate, and (``anchors``) every hospital's ledger anchor."""
-        from xrayfed.common.privacy.ledger import anchor_id
-
         cfg, fed = self.cfg, self.fed
         request = RoundRequest(
             # the operator's pretrained_path is read here, into the round-0 model; a hospital

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from xrayfed.common.addresses import parse_hostport
@@ -186,8 +188,6 @@ class _RefusalLog:
         self.lock = threading.Lock()
 
     def __call__(self, info: dict) -> None:
-        import time
-
         path, status, fp = info["path"], int(info["status"]), info.get("fingerprint", "")
         if status == 412 and not path.endswith(("/activate-node", "/register-node")):
             return  # another precondition failure, not a refused hospital
@@ -212,8 +212,6 @@ class _RefusalLog:
 
 def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atrest_key_file: Path | None = None) -> int:
     """Start the SuperLink, submit the run, stream its summary lines; returns an exit code."""
-    import subprocess
-
 
     host, port = parse_hostport(cfg.network.listen, "network.listen")
     chost, cport = parse_hostport(cfg.network.control, "network.control", allow_port_zero=True)  # 0 = a free port
@@ -222,7 +220,7 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atres
     keys, names, revoked = hospital_keys_to_register(cfg)
     atrest_key = load_key(atrest_key_file)  # a bad key file fails here, before anything starts
     if cfg.federation.secure_aggregation:
-        from xrayfed.server.secagg import SecAggPlusConfig
+        from xrayfed.server.secagg import SecAggPlusConfig  # lazy: only SecAgg+ needs Flower (flwr, grpc) here
 
         SecAggPlusConfig.from_section(cfg.secure_aggregation).workflow()  # Flower's own checks of the parameters
     if insecure:

@@ -19,11 +19,12 @@ from xrayfed.client.inference import tokens
 from xrayfed.client.inference.gate import AuditLog, revoke_token
 from xrayfed.client.inference.service import InferenceService, start_grpc
 from xrayfed.client.inference.tokens import load_public_keys
-from xrayfed.common import rpc
+from xrayfed.common import mpc, rpc
 from xrayfed.common.addresses import parse_hostport
 from xrayfed.common.checkpoint import load_checkpoint, load_weights, to_bytes
 from xrayfed.common.config import InferenceServiceConfig, load_config
 from xrayfed.common.errors import UserError
+from xrayfed.common.files import atomic_write
 from xrayfed.common.logs import RPC_EXPOSED, warn_insecure
 from xrayfed.common.model import build_model
 from xrayfed.common.mpc import WorkerPool
@@ -53,8 +54,6 @@ def check_model(ckpt, *, crypten: bool = True) -> None:
                         f"{len(ckpt.task.class_names)} classes needs {ckpt.task.num_outputs}")
     load_weights(build_model(ckpt.model), ckpt.state_dict, what=what)
     if crypten:
-        from xrayfed.common import mpc
-
         cmodel = mpc.build_crypten_model(ckpt.model)
         mpc.load_crypten_weights(cmodel, ckpt.model, ckpt.state_dict, what=what)
 
@@ -180,8 +179,6 @@ def _issue(signing_key, patient_id: str, args: argparse.Namespace) -> int:
                              audience=args.audience or tokens.DEFAULT_AUDIENCE)
     when = _dt.datetime.fromtimestamp(exp, _dt.timezone.utc).isoformat(timespec="seconds")
     if args.out:
-        from xrayfed.common.files import atomic_write
-
         atomic_write(args.out, (tok + "\n").encode(), mode=0o600)
         print(f"token for patient {patient_id!r} (expires {when}, id {tokens.peek_claims(tok)['jti']}) "
               f"written to {args.out}", file=sys.stderr)

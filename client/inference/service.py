@@ -51,6 +51,7 @@ from xrayfed.client.inference.tokens import TokenError, check_dicom_patient_id, 
 from xrayfed.common import mpc, rpc
 from xrayfed.common.errors import UserError
 from xrayfed.common.mpc import dealer
+from xrayfed.common.mpc.dealer import SEED_BYTES
 from xrayfed.common.mpc.sessions import SessionTable, answer_patient
 from xrayfed.common.protocol.inference import (
     CRYPTO_PROVIDER_NAME,
@@ -258,8 +259,6 @@ def request_limit(ckpt) -> int:
     gRPC refuses anything larger (RESOURCE_EXHAUSTED) before a handler sees it, so an
     unauthenticated caller cannot make the service buffer more than this per request."""
     import numpy as np
-
-    from xrayfed.common.mpc.dealer import SEED_BYTES
 
     shape = mpc.shared_input_shape(ckpt.model, ckpt.image_size)
     return 8 * int(np.prod(shape)) + SEED_BYTES + rpc.REQUEST_OVERHEAD

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xrayfed.common.errors import UserError
+from xrayfed.common.files import atomic_write
 
 PREFIX = "xrf1"
 SIG_CONTEXT = b"xrayfed-token/1."
@@ -120,8 +121,6 @@ def generate_key(path: Path, force: bool = False) -> tuple[Path, Path]:
     """Write a new Ed25519 key pair: ``path`` (private, 0600) and ``path`` with suffix ``.pub``."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
-
-    from xrayfed.common.files import atomic_write
 
     path = Path(path)
     pub = path.with_suffix(".pub")

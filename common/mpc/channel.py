@@ -28,6 +28,7 @@ import socket
 import ssl
 import struct
 import sys
+import threading
 import time
 
 import torch
@@ -154,8 +155,6 @@ def accept_hospital(lsock: socket.socket, key: bytes, deadline: float, *, tls: s
     ``PREAUTH_TIMEOUT_S`` in all: idle or slow connections cannot keep the hospital's party out.
     The first connection that proves the key wins; every other one is closed. Raises
     :class:`LinkError` at ``deadline``."""
-    import threading
-
     lock = threading.Lock()
     # connections still handshaking, oldest first: n -> (a duplicate of its socket, by when it must
     # have proved the key). Shutting the duplicate down wakes the thread blocked on the connection;

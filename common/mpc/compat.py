@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import sys
+import warnings
 
 import torch
+
+from xrayfed.common.errors import UserError
+from xrayfed.common.mpc.dealer import Stream
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +48,6 @@ def import_crypten():
 
 @contextlib.contextmanager
 def warnings_quiet():
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
@@ -83,12 +86,8 @@ def _provider_class():
     global _PROVIDER_CLASS
     if _PROVIDER_CLASS is not None:
         return _PROVIDER_CLASS
-    import json
-
     from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
     from crypten.mpc.provider.provider import TupleProvider
-
-    from xrayfed.common.mpc.dealer import Stream
 
     def _norm(v):
         return json.loads(json.dumps(v, default=list))
@@ -270,7 +269,7 @@ def build_crypten_model(spec, *, pooled_input: bool = False):
     module indices, hence the same keys). A ScatterNet model's first layer (the fixed scattering
     transform) is always the patient's: here it is always an identity, and the model's input is
     the scattering features."""
-    from xrayfed.common.errors import UserError
+    # lazy: the crypto provider's main process loads this module (via parties), not the model code (opacus)
     from xrayfed.common.model.xraynet import layer_plan
 
     if spec.arch != "xraynet":
@@ -297,8 +296,8 @@ def load_crypten_weights(cmodel, spec, state_dict: dict, what: str = "checkpoint
     checkpoint of another architecture); after the load every parameter is compared with the
     checkpoint, so a key that CrypTen silently skipped (``strict=False``) cannot go unnoticed.
     """
+    # lazy: the crypto provider's main process loads this module (via parties), not the model code (opacus)
     from xrayfed.common.checkpoint import load_weights, strip_prefix
-    from xrayfed.common.errors import UserError
     from xrayfed.common.model import build_model, fold_standardization
 
     sd = strip_prefix(state_dict)

@@ -44,6 +44,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from xrayfed.common.scatter import scatter_numpy
+
 SCALE_BITS = 16
 SCALE = 1 << SCALE_BITS
 SEED_BYTES = 16
@@ -247,8 +249,6 @@ def public_front(scan: np.ndarray, front) -> np.ndarray:
     pool, sc = front_plan(front)
     x = input_pool(np.asarray(scan, dtype=np.float64), pool)
     if sc is not None:
-        from xrayfed.common.scatter import scatter_numpy
-
         x = scatter_numpy(x, *sc)
     return x
 

@@ -6,8 +6,11 @@ from the warm pool). The third party, the patient, runs :mod:`xrayfed.common.mpc
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import re
+import secrets
 import signal
 import time
 from typing import Any, Callable
@@ -26,6 +29,8 @@ from xrayfed.common.mpc.compat import (
 )
 from xrayfed.common.mpc.pool import WorkerPool, stop_worker, wait_message
 from xrayfed.common.mpc.session import MODEL_OWNER_RANK, PROVIDER_RANK, SessionParams, comm_stats
+from xrayfed.common.modelspec import SCATTER_J, SCATTER_L, ModelSpec
+from xrayfed.common.scatter import n_features
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +39,6 @@ log = logging.getLogger(__name__)
 def front_of(spec) -> dict:
     """The model's public first layer as the inference service announces it (``ModelInfo.mpc``):
     ``input_pool`` and ``scattering`` (``[J, L]`` for a ScatterNet model, else ``None``)."""
-    from xrayfed.common.modelspec import SCATTER_J, SCATTER_L
-
     return {"input_pool": int(spec.input_pool),
             "scattering": [SCATTER_J, SCATTER_L] if spec.scattering else None}
 
@@ -47,9 +50,6 @@ def shared_input_shape(spec, image_size: int, batch: int = 1) -> tuple[int, int,
     k = max(1, int(spec.input_pool))
     c, s = int(spec.in_channels), int(image_size) // k
     if spec.scattering:
-        from xrayfed.common.modelspec import SCATTER_J, SCATTER_L
-        from xrayfed.common.scatter import n_features
-
         c, s = c * n_features(SCATTER_J, SCATTER_L), -(-s // 2**SCATTER_J)
     return (int(batch), c, s, s)
 
@@ -173,8 +173,6 @@ def _observer(path: str | None):
 
 def _one_line(e: BaseException) -> str:
     """One line for the service's log/audit: no data, and the session id (a capability) redacted."""
-    import re
-
     msg = re.sub(r"[0-9a-f]{32}", "<session>", str(e).splitlines()[0] if str(e) else "")[:200]
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
@@ -234,6 +232,7 @@ def model_owner_worker(conn, params: dict, ckpt_bytes: bytes, provider_at: tuple
     line)`` on failure. Never data but the re-randomised output share, which only the patient
     can use.
     """
+    # lazy: the crypto provider's main process loads this module, not the model code (opacus)
     from xrayfed.common.checkpoint import from_bytes
 
     p = SessionParams(**params)
@@ -255,8 +254,6 @@ def provider_worker(conn, params: dict, spec_dict: dict, image_size: int, tape: 
     """Entry point of a crypto provider party process (rank 1; forked from its service's warm
     fork server): listens on ``mpc_host`` (``("listening", port)``), accepts the one connection
     that proves the hospital key inside TLS, then runs like the hospital's party."""
-    from xrayfed.common.model import ModelSpec
-
     p = SessionParams(**params)
     _worker_setup(p.timeout_s)
     observe, flush = _observer(observe_path)
@@ -276,8 +273,6 @@ def provider_worker(conn, params: dict, spec_dict: dict, image_size: int, tape: 
 
 def session_tag(session_id: str) -> str:
     """A non-secret handle of a session for logs (the session id itself is a capability)."""
-    import hashlib
-
     return hashlib.sha256(session_id.encode()).hexdigest()[:12]
 
 
@@ -289,8 +284,7 @@ def run_local_session(pool: "WorkerPool", ckpt, scan: torch.Tensor, *, host: str
     (plain TCP otherwise). For the compatibility test, the share tests and the benchmark.
     Returns the logits (numpy, (B, K)) and each party's statistics; RuntimeError if a party fails.
     """
-    import secrets
-
+    # lazy: the crypto provider's main process loads this module, not the model code (opacus)
     from xrayfed.common.checkpoint import to_bytes
 
     batch = int(scan.shape[0])

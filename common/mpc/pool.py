@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing as mp
 import time
+from multiprocessing import forkserver
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -21,8 +23,6 @@ class WorkerPool:
     """
 
     def __init__(self) -> None:
-        import multiprocessing as mp
-
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload(["xrayfed.common.mpc.preload"])
 
@@ -37,8 +37,6 @@ class WorkerPool:
     def close(self) -> None:
         """Stop the fork server (its session workers are stopped by their owners)."""
         with contextlib.suppress(Exception):
-            from multiprocessing import forkserver
-
             forkserver._forkserver._stop()
 
     def start(self, target, *args):

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from xrayfed.common.mpc import dealer
 from xrayfed.common.mpc.pool import WorkerPool, stop_worker, watch_worker
 
 
@@ -68,8 +69,6 @@ def answer_patient(ex: Exchange, context, blobs: dict, shape, corrections: int |
     (checked by :func:`xrayfed.common.mpc.dealer.contribution`), run it, answer this party's
     output share as a frame; every refusal is one gRPC status with a reason."""
     import grpc
-
-    from xrayfed.common.mpc import dealer
 
     if not ex.claim():
         context.abort(grpc.StatusCode.PERMISSION_DENIED, "this session already has its input")

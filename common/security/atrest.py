@@ -231,14 +231,14 @@ def read_maybe_encrypted(path: Path | str, key: AtRestKey | None, *, context: by
 
 def save_checkpoint(path: Path | str, ckpt, key: AtRestKey | None) -> None:
     """:func:`xrayfed.common.checkpoint.save_checkpoint`, encrypted when ``key`` is set."""
-    from xrayfed.common.checkpoint import to_bytes
+    from xrayfed.common.checkpoint import to_bytes  # lazy: `xrayfed --help` loads this module, not torch
 
     write_encrypted(path, to_bytes(ckpt), key, context=b"checkpoint")
 
 
 def load_checkpoint(path: Path | str, key: AtRestKey | None, *, require_encrypted: bool = False):
     """Load a checkpoint written by :func:`save_checkpoint` (encrypted or not)."""
-    from xrayfed.common.checkpoint import from_bytes
+    from xrayfed.common.checkpoint import from_bytes  # lazy: `xrayfed --help` loads this module, not torch
 
     path = Path(path)
     if not path.is_file():

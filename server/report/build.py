@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import math
+import tomllib
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +61,6 @@ def _metrics_dict(d: Any) -> dict[str, float | None] | None:
 
 
 def _library() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return f"dp-accounting {version('dp-accounting')}"
     except PackageNotFoundError:  # pragma: no cover
@@ -68,8 +68,6 @@ def _library() -> str:
 
 
 def _generator() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return f"xrayfed {version('xrayfed')}"
     except PackageNotFoundError:  # pragma: no cover
@@ -345,8 +343,6 @@ def _one_ledger_per_hospital(h: HospitalReport, hospitals: list[HospitalReport])
 
 
 def _federation_name(run_dir: Path, rows: list[dict[str, Any]]) -> str | None:
-    import tomllib
-
     p = RunDir(run_dir).config_path
     if p.is_file():
         try:

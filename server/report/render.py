@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import re
+from html import escape
 from pathlib import Path
 
 from xrayfed.common.errors import UserError
+from xrayfed.server.report.plots import render_all
 from xrayfed.server.report.schema import FORMATS, HospitalReport, PlotRef, Report, privacy_level
 
 
@@ -217,8 +220,7 @@ _NUMERIC = re.compile(r"^(—|[±+\-−]?\d[\d.,e+\-]*( \(.*\))?|unknown)$")
 
 
 def render_html(report: Report, plots: dict[str, tuple[str, bytes]] | None = None) -> str:
-    import base64
-    from html import escape as e
+    e = escape
 
     def table(header, rows, raw_cols: set[int] = frozenset()) -> str:  # type: ignore[assignment]
         # Right-align a column whose cells are all numbers (or "—").
@@ -327,11 +329,9 @@ def parse_formats(text: str) -> list[str]:
 
 def write_report(report: Report, out_dir: Path, formats: list[str]) -> list[Path]:
     """Render the plots and the requested formats into ``out_dir``; returns the files written."""
-    from xrayfed.server.report import plots
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rendered = plots.render_all(report) if {"md", "html"} & set(formats) else {}
+    rendered = render_all(report) if {"md", "html"} & set(formats) else {}
     report.plots = [PlotRef(name=n, file=f"{n}.png", caption=c) for n, (c, _) in rendered.items()]
     written: list[Path] = []
     for n, (_, png) in rendered.items():  # beside report.md / report.html (the HTML embeds them too)
