@@ -81,6 +81,7 @@ from xrayfed.common.config import HospitalConfig
 from xrayfed.common.errors import UserError
 from xrayfed.common.model import feature_cache
 from xrayfed.common.privacy.accounting import compute_epsilon
+from xrayfed.common.privacy import NO_PATIENT_IDS
 from xrayfed.common.privacy.ledger import LEDGER_FILE, append_record, read_ledger
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class DPPlan:
     unit: str = "scan"  # what N, B and the guarantee count: "patient" or "scan"
     num_scans: int = 0  # training scans behind the N units (= N for the scan unit)
     max_scans_per_patient: int = 1  # unit = patient: scans averaged into one contribution (≤ C)
+    most_scans_of_one_patient: int | None = None  # when the data knows its patients (group privacy at the scan unit)
 
     @property
     def unit_plural(self) -> str:
@@ -229,11 +231,6 @@ def plan_dp(cfg: HospitalConfig, num_examples: int, unit: str = "scan", num_scan
 
 
 # ----------------------------------------------------------------------------- the privacy unit
-NO_PATIENT_IDS = ("carries no patient identities, so the privacy unit cannot be the patient: give patient ids "
-                  "(Kermany-style file names, DICOM PatientID, a labels.csv patient_id column, NIH's Patient ID, "
-                  "{split}_patient_ids in the .npz), or set [privacy] unit = \"scan\" (--privacy-unit scan) to "
-                  "accept a guarantee per scan (a patient with several scans is then protected less)")
-
 
 class PatientUnits(torch.utils.data.Dataset):
     """A hospital's training scans seen as patients, for patient-level DP-SGD.
@@ -302,8 +299,15 @@ def privacy_units(cfg: HospitalConfig, train) -> tuple[Any, str]:
 def plan_for(cfg: HospitalConfig, train) -> tuple[DPPlan, Any]:
     """``(plan, dataset)``: :func:`privacy_units` then :func:`plan_dp` on them (what
     `xrayfed client`, `data check` and every round plan from)."""
+    from dataclasses import replace
+
     units, unit = privacy_units(cfg, train)
-    return plan_dp(cfg, len(units), unit, num_scans=len(train)), units
+    plan = plan_dp(cfg, len(units), unit, num_scans=len(train))
+    if getattr(train, "patient_ids_known", False):
+        from collections import Counter
+
+        plan = replace(plan, most_scans_of_one_patient=max(Counter(train.patient_ids).values()))
+    return plan, units
 
 
 # ----------------------------------------------------------------------------- ledger
@@ -406,6 +410,7 @@ class PrivacyLedger:
             "unit": plan.unit,
             "num_scans": plan.num_scans,
             "max_scans_per_patient": plan.max_scans_per_patient,
+            "most_scans_of_one_patient": plan.most_scans_of_one_patient,
         }
         last = next((r for r in reversed(self.records) if r.get("event") == "budget"), None)
         if last is None or any(last.get(k) != v for k, v in header.items()):

@@ -144,6 +144,10 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
 
     image_size = args.image_size or _native_size(data) or 224
     probe = load_dataset(data, split="train", image_size=16)
+    if getattr(args, "privacy_unit", None) != "scan" and not probe.patient_ids_known:
+        from xrayfed.common.privacy import NO_PATIENT_IDS
+
+        raise UserError(f"data {data} {NO_PATIENT_IDS}")  # before any process starts
     port = free_port()
     fed_path, hospital_paths = write_demo_configs(out, data, args, image_size, probe.task, port)
     cli = [sys.executable, "-m", "xrayfed.common.cli"]

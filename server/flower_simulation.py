@@ -59,6 +59,11 @@ def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, Path, int]
         data = args.data.resolve()
     image_size = args.image_size or _native_size(data) or 224
     probe = load_dataset(data, split="train", image_size=16)
+    if getattr(args, "privacy_unit", None) != "scan" and not probe.patient_ids_known:
+        from xrayfed.common.errors import UserError
+        from xrayfed.common.privacy import NO_PATIENT_IDS
+
+        raise UserError(f"data {data} {NO_PATIENT_IDS}")  # before Ray starts
     # the listen port is never opened: the Simulation Engine has no network
     fed_path, hospital_paths = write_demo_configs(out, data, args, image_size, probe.task, port=9092)
     if args.config is not None:  # the operator's own federation settings; run folder and overrides from here

@@ -395,7 +395,10 @@ def test_npz_synthetic_roundtrip_and_resize(tmp_path):
     p = write_npz(tmp_path / "syn.npz", n_train=30, n_val=10, n_test=12, size=28, task="binary", seed=0)
     tr = D.load_dataset(p, "train", image_size=28)
     assert tr.task == TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA"))
-    assert tr.images.shape == (30, 28, 28) and tr.patient_ids is None
+    assert tr.images.shape == (30, 28, 28) and tr.patient_ids_known
+    with np.load(p) as z:
+        assert tr.patient_ids == [str(x) for x in z["train_patient_ids"]]  # several scans for some patients
+        assert len(set(tr.patient_ids)) < len(tr.patient_ids)
     with np.load(p) as z:
         assert np.array_equal(tr.images, z["train_images"])
         assert np.array_equal(D.targets_array(tr), z["train_labels"][:, 0])

@@ -160,3 +160,50 @@ def test_a_hospital_round_trains_and_reports_at_the_patient_unit(tmp_path):
     assert out["metrics"]["num-examples"] < out["metrics"]["num_scans"]  # patients, some with several scans
     rec = PrivacyLedger(tmp_path / "state", c).train_records()[0]
     assert rec["unit"] == "patient" and rec["num_examples"] == out["metrics"]["num-examples"]
+
+
+def test_reports_state_the_unit_and_warn_about_a_scan_level_guarantee(tmp_path):
+    from xrayfed.server.report.build import build_hospital_report
+    from xrayfed.server.report.render import render_markdown
+
+    ds = dataset(60, 30)
+    for unit in ("patient", "scan"):
+        c = cfg(tmp_path / unit, **({"privacy.unit": "scan"} if unit == "scan" else {}))
+        plan, _ = plan_for(c, ds)
+        ledger = PrivacyLedger(c.hospital.state_dir, c)
+        ledger.ensure_header(plan)
+        ledger.charge(plan, federation="f", server_round=1, key="k1")
+        report = build_hospital_report(ledger.path)
+        h = report.hospitals[0]
+        md = render_markdown(report)
+        codes = [f.code for f in report.findings]
+        if unit == "patient":
+            assert (h.unit, h.num_examples, h.num_scans) == ("patient", 61, 90)
+            assert "each patient (all of their scans together)" in md and "privacy_unit_scan" not in codes
+        else:
+            assert (h.unit, h.num_examples) == ("scan", 90)
+            assert "each scan, not each patient" in md
+            warn = next(f for f in report.findings if f.code == "privacy_unit_scan")
+            assert "most-scanned patient has 30 scans" in warn.message
+
+
+def test_data_check_reports_the_unit_and_scans_per_patient(tmp_path, capsys):
+    from xrayfed.common import cli
+    from xrayfed.common.synthetic import write_npz
+
+    npz = write_npz(tmp_path / "syn.npz", n_train=200, n_val=10, n_test=10, size=16, task="binary", seed=2)
+    conf = tmp_path / "hospital.toml"
+    conf.write_text(f'[hospital]\nstate_dir = "{tmp_path / "state"}"\n[privacy]\ndelta = 1e-4\n')
+    capsys.readouterr()
+    assert cli.main(["data", "check", str(npz), "--config", str(conf), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["unit"] == "patient" and plan["patient_ids"] is True
+    assert plan["train_units"] == plan["train_patients"] < plan["train_scans"]
+    assert plan["most_scans_of_one_patient"] >= 2 and plan["median_scans_per_patient"] >= 1
+    # data without patient ids and no unit chosen: not ready, one line naming both ways out
+    bare = tmp_path / "bare.npz"
+    with np.load(npz) as z:
+        np.savez(bare, **{k: z[k] for k in z.files if not k.endswith("_patient_ids")})
+    assert cli.main(["data", "check", str(bare), "--config", str(conf), "--json"]) == 1
+    refused = json.loads(capsys.readouterr().out)["plan"]["refused"]
+    assert "no patient identities" in refused and 'unit = "scan"' in refused and "\n" not in refused

@@ -305,7 +305,7 @@ def walk_files(folder: Path, walk: TreeWalk | None = None) -> tuple[list[Path], 
 
 
 # ----------------------------------------------------------------------------- patient ids
-_KERMANY_PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
+_KERMANY_PERSON = re.compile(r"^(?:[a-z]+-)?(person\d+)_", re.IGNORECASE)  # (split-)personN_…
 _TRAILING_NUMBER = re.compile(r"^(.+)-\d+$")
 _KERMANY_STUDY = re.compile(r"^((?:NORMAL2-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)  # IM-0429-0001-0002
 _KERMANY_IMAGE = re.compile(r"^(?:NORMAL2-)?IM-\d+-\d+$", re.IGNORECASE)  # IM-0115-0001

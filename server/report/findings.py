@@ -32,6 +32,13 @@ def hospital_findings(h: HospitalReport) -> list[Finding]:
     if h.budget_level in ("weak", "reasonable") and h.budget_level != h.privacy_level:
         add("info", "budget_above_common", f"the budget ε = {h.epsilon_budget:g} allows "
             f"{'a weak guarantee (ε > 10)' if h.budget_level == 'weak' else 'ε above 8'}")
+    if h.unit == "scan":
+        k = h.most_scans_of_one_patient
+        add("warning", "privacy_unit_scan",
+            "the guarantee protects each scan, not each patient: a patient with k scans is protected only at about "
+            "k × ε (group privacy)" + (f"; this hospital's most-scanned patient has {k} scans (about "
+                                       f"ε = {k * h.epsilon_spent:.3g} for them)" if k and k > 1 else "")
+            + "; train at the patient unit ([privacy] unit = \"patient\") where the data knows its patients")
     if h.secure_rng is False:
         add("warning", "secure_rng_off",
             "DP noise is drawn from torch's generator (not cryptographically secure): set privacy.secure_rng = true")

@@ -25,14 +25,15 @@ def _onoff(x: bool | None) -> str:
     return "unknown" if x is None else ("on" if x else "off")
 
 
-HOSPITAL_COLUMNS = ("Hospital", "Budget ε", "δ", "ε spent", "ε left", "Rounds trained", "Rounds refused",
+HOSPITAL_COLUMNS = ("Hospital", "Privacy unit", "Budget ε", "δ", "ε spent", "ε left", "Rounds trained", "Rounds refused",
                     "Updates released / charged", "σ",
                     "Clip norm C", "Sample rate q", "Steps/round", "Accountant", "secure_mode", "Secure RNG",
                     "More rounds fit", "Level")
 
 
 def hospital_rows(report: Report) -> list[list[str]]:
-    return [[h.hospital, _general_text(h.epsilon_budget), _general_text(h.delta), _num_text(h.epsilon_spent), _num_text(h.epsilon_left),
+    return [[h.hospital, ("each patient" if h.unit == "patient" else "each scan (not each patient)")
+             + (f", N = {h.num_examples}" if h.num_examples else ""), _general_text(h.epsilon_budget), _general_text(h.delta), _num_text(h.epsilon_spent), _num_text(h.epsilon_left),
              str(h.rounds_trained), str(h.rounds_refused),
              (f"{h.updates_released} / {h.rounds_trained}" if h.source != "metrics" else "—")
              + (f" ({h.releases_unpaid} UNPAID)" if h.releases_unpaid else ""),
@@ -41,6 +42,20 @@ def hospital_rows(report: Report) -> list[list[str]]:
              h.accountant.upper(), _onoff(h.secure_mode), _onoff(h.secure_rng),
              "unknown" if h.rounds_more is None else str(h.rounds_more), h.privacy_level]
             for h in report.hospitals]
+
+
+def _units(h) -> str:
+    """What N counts: ``patients (S scans)`` or ``scans``."""
+    if h.unit == "patient":
+        return "patients" + (f" ({h.num_scans} scans)" if h.num_scans else "")
+    return "scans"
+
+
+def _unit_sentence(h) -> str:
+    """The privacy unit in plain words."""
+    if h.unit == "patient":
+        return "the guarantee protects each patient (all of their scans together)"
+    return "the guarantee protects each scan, not each patient"
 
 
 def _md_table(header, rows) -> str:
@@ -183,7 +198,7 @@ def render_markdown(report: Report, plot_files: dict[str, str] | None = None) ->
             L += [f"## Ledger of {h.hospital}", "",
                   f"`{h.ledger.path}`: {h.ledger.lines} lines, hash chain verified; head hash `{h.ledger.head_hash}`. "
                   f"Budget planned for {h.max_rounds_planned or '?'} rounds; N = {h.num_examples or '?'} training "
-                  f"images; noise source: {h.noise_source or 'unknown'}.", "",
+                  f"{_units(h)}; {_unit_sentence(h)}; noise source: {h.noise_source or 'unknown'}.", "",
                   _md_table(LEDGER_COLUMNS, _ledger_rows(h)), ""]
     L += ["## Reference points", ""]
     L += [f"- **{rp.level}**: {rp.meaning}" for rp in report.reference_points]
@@ -304,7 +319,8 @@ def render_html(report: Report, plots: dict[str, tuple[str, bytes]] | None = Non
             H.append(f"<h2>Ledger of {e(h.hospital)}</h2>")
             H.append(f'<p class="note"><code>{e(h.ledger.path)}</code>: {h.ledger.lines} lines, hash chain verified; '
                      f"head hash <code>{e(h.ledger.head_hash[:16])}…</code>. Budget planned for "
-                     f"{h.max_rounds_planned or '?'} rounds; N = {h.num_examples or '?'} training images; noise source: "
+                     f"{h.max_rounds_planned or '?'} rounds; N = {h.num_examples or '?'} training {e(_units(h))}; "
+                     f"{e(_unit_sentence(h))}; noise source: "
                      f"{e(h.noise_source or 'unknown')}.</p>")
             H.append(table(LEDGER_COLUMNS, _ledger_rows(h)))
     H.append("<h2>Reference points</h2><ul>")

@@ -126,7 +126,12 @@ class HospitalReport(_Schema):
     secure_mode: bool = Field(description="Opacus secure_mode (xrayfed never enables it)")
     secure_rng: bool | None = Field(None, description="DP noise from a CSPRNG")
     noise_source: str | None = None
-    num_examples: int | None = Field(None, description="N, training examples at the hospital")
+    num_examples: int | None = Field(None, description="N, training units (patients or scans) at the hospital")
+    unit: Literal["patient", "scan"] = Field("scan", description="what the guarantee protects: a patient (all of "
+                                                                  "their scans together) or one scan")
+    num_scans: int | None = Field(None, description="training scans behind the N units")
+    most_scans_of_one_patient: int | None = Field(None, description="scans of the hospital's most-scanned patient, "
+                                                                    "when its data knows its patients")
     max_rounds_planned: int | None = None
     rounds_more: int | None = Field(None, description="more rounds that fit the budget at the last round's settings")
     privacy_level: Level = Field(description="reference point of ε spent")
