@@ -1,6 +1,6 @@
 """Benchmark: peak memory of one hospital's DP training round at 224 px (bar on a GPU: < 0.5 GB).
 
-Runs the hospital's real DP-SGD round (``client.privacy.train_private_round``: Opacus
+Runs the hospital's real DP-SGD round (``client.dp.train_private_round``: Opacus
 GradSampleModule + BatchMemoryManager, CSPRNG noise) on synthetic 224 px scans with logical
 batch 32, and reports peak GPU memory (``torch.cuda.max_memory_allocated``) on CUDA, or the
 process's peak RSS on CPU, plus seconds per DP-SGD step.
@@ -35,7 +35,7 @@ def main() -> None:
 
     import torch
 
-    from xrayfed.client.privacy import plan_dp, train_private_round
+    from xrayfed.client.dp import plan_dp, train_private_round
     from xrayfed.common.config import HospitalConfig, load_config
     from xrayfed.common.data import XrayDataset
     from xrayfed.common.model import ModelSpec, build_model, count_parameters, default_model

@@ -6,7 +6,7 @@ hospital client's own partition/validation code), the same model, rounds, local 
 logical batch size, FedAvg weighted by example counts, and the same training loop
 (``common/train.py``). Only the local step differs:
 
-* DP: ``client/privacy.train_private_round`` (Opacus per-sample gradients, clipping to C,
+* DP: ``client.dp.train_private_round`` (Opacus per-sample gradients, clipping to C,
   Gaussian noise from the secure generator, Poisson sampling, BatchMemoryManager), σ derived
   from the hospital's (ε, δ) budget over the planned rounds;
 * no DP: plain mini-batch SGD over shuffled batches (no clipping, no noise).
@@ -42,7 +42,7 @@ def fedavg(states: list[dict], weights: list[int]) -> dict:
 
 def run(args, dp: bool, lr: float) -> dict:
     from xrayfed.client.hospital import load_local_data
-    from xrayfed.client.privacy import plan_dp, train_private_round
+    from xrayfed.client.dp import plan_dp, train_private_round
     from xrayfed.common.config import HospitalConfig
     from xrayfed.common.data import load_dataset
     from xrayfed.common.model import ModelSpec, build_model

@@ -159,7 +159,7 @@ def code_rules(s: dict) -> dict[str, str]:
     trained under other defaults (a change of ``AUTO_EPOCHS`` moves no flag)."""
     import hashlib
 
-    from xrayfed.client import privacy
+    from xrayfed.client import dp as privacy
     from xrayfed.common.data import BINARY_NAMES
     from xrayfed.common.prediction import TaskSpec
 

@@ -254,8 +254,8 @@ def main() -> None:
 @contextlib.contextmanager
 def _auto_batch_fraction(fraction: float | None):
     """Within the block, the hospitals' automatic batch is ``fraction`` of their N (a sweep knob
-    for the rule in ``client.privacy.AUTO_BATCH``; the hospitals still derive B from their own N)."""
-    from xrayfed.client import privacy
+    for the rule in ``client.dp.AUTO_BATCH``; the hospitals still derive B from their own N)."""
+    from xrayfed.client import dp as privacy
 
     before = dict(privacy.AUTO_BATCH)
     if fraction is not None:

@@ -23,7 +23,7 @@ def plan_summary(cfg, ds=None) -> dict:
     computes it): N, validation scans, σ, q, steps per round, ε after planned rounds, warnings.
     ``ds``: the ``data.split`` scans when already decoded (else they are loaded)."""
     from xrayfed.client.hospital import hospital_split
-    from xrayfed.client.privacy import plan_for
+    from xrayfed.client.dp import plan_for
 
     d = cfg.data
     _, train, val = hospital_split(cfg, ds)

@@ -2,7 +2,7 @@
 
 The hospital's scans are loaded here, inside the hospital's own process, and never leave it:
 replies carry model weights (after DP-SGD), counts and privacy figures only. Every privacy
-decision is delegated to :mod:`xrayfed.client.privacy`.
+decision is delegated to :mod:`xrayfed.client.dp`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from xrayfed.client.privacy import (
+from xrayfed.client.dp import (
     BudgetExceeded,
     PrivacyLedger,
     ReleaseCache,
@@ -277,7 +277,7 @@ def _train_locked(cfg: HospitalConfig, req: RoundRequest, data: LocalData, state
             "momentum": 0.0 if cfg.training.optimizer == "adam" else cfg.training.momentum,
             "adam": int(cfg.training.optimizer == "adam"),
             "secure_rng": int(cfg.privacy.secure_rng),
-            "secure_mode": 0,  # Opacus' own secure_mode (torchcsprng) is not available; see privacy.py
+            "secure_mode": 0,  # Opacus' own secure_mode (torchcsprng) is not available; see client/dp/noise.py
         }
 
     base_metrics = metrics_of(plan)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from xrayfed.client.hospital import hospital_split
-from xrayfed.client.privacy import PrivacyLedger, plan_for
+from xrayfed.client.dp import PrivacyLedger, plan_for
 from xrayfed.common.addresses import parse_hostport
 from xrayfed.common.config import HospitalConfig, dump_toml, load_config
 from xrayfed.common.errors import UserError
@@ -50,7 +50,7 @@ def check_data(cfg) -> int:
     number of training scans after this hospital's partition and validation split.
 
     Refused here, with one line: no usable scan, δ ≥ 1/N, a budget no noise level can meet,
-    a plan longer than the accountant composes (:func:`xrayfed.client.privacy.plan_for`).
+    a plan longer than the accountant composes (:func:`xrayfed.client.dp.plan_for`).
     """
 
     if cfg.data.path is None:

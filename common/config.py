@@ -280,7 +280,7 @@ class PrivacySection(_Strict):
 
 class TrainingSection(_Strict):
     """How a hospital trains. Leave ``batch_size`` and ``local_epochs`` unset and the hospital
-    derives them from its own N and budget (:func:`xrayfed.client.privacy.auto_training`)."""
+    derives them from its own N and budget (:func:`xrayfed.client.dp.auto_training`)."""
 
     local_epochs: float | None = Field(None, gt=0.0, le=100.0, description="passes over local data per round; "
                                                                           "unset: derived from ε and max_rounds (auto)")

@@ -45,7 +45,7 @@ def train_epoch(model, loader, optimizer, task: TaskSpec, device: torch.device, 
                 after_step: Callable[[], None] | None = None) -> dict:
     """One pass over ``loader`` (for DP: one round's Poisson-sampled logical batches).
 
-    Hooks (DP-SGD uses them, :func:`xrayfed.client.privacy.train_private_round`):
+    Hooks (DP-SGD uses them, :func:`xrayfed.client.dp.train_private_round`):
     ``expand(x, y) → (x, y)`` turns a batch into the batch the model sees (e.g. several augmented
     views of each example); ``after_backward()`` runs before the optimizer step;
     ``after_step()`` after every step, the noise-only step of an empty batch included.

@@ -41,7 +41,7 @@ from xrayfed.common.protocol.rounds import SENT_AN_UPDATE, RoundRequest
 from xrayfed.server.strategy import round_lr
 
 if TYPE_CHECKING:
-    from xrayfed.client.privacy import DPPlan
+    from xrayfed.client.dp import DPPlan
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _train_benchmark(h: HospitalConfig, req: RoundRequest, state: dict,
     for the no-DP reference, :func:`tan_plan` for a TAN sweep). No ledger: nothing is charged,
     and the reply's ε is ∞ (the run has no guarantee worth stating)."""
     from xrayfed.client.hospital import _model_from, load_local_data
-    from xrayfed.client.privacy import plan_for, train_private_round
+    from xrayfed.client.dp import plan_for, train_private_round
 
     data = load_local_data(h, req.image_size, req.task)
     plan, units = plan_for(h, data.train)

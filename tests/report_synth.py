@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from xrayfed.client.privacy import BudgetExceeded, PrivacyLedger, plan_dp, request_key
+from xrayfed.client.dp import BudgetExceeded, PrivacyLedger, plan_dp, request_key
 from xrayfed.common.config import FederationConfig, HospitalConfig, dump_toml, load_config
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from xrayfed.client.privacy import compute_epsilon
+from xrayfed.client.dp import compute_epsilon
 from xrayfed.common.privacy.accounting import (
     TOL_ABS,
     TOL_REL,

@@ -70,7 +70,7 @@ def test_in_process_simulation_runs_the_hospital_code_learns_and_charges_the_led
     """The sweep path: 2 hospitals × 5 rounds of the real ``train_round`` (ledger, DP-SGD) in
     one process, with default settings only; the model learns and every hospital's ε is its
     ledger's and the accountant's."""
-    from xrayfed.client.privacy import PrivacyLedger, plan_dp
+    from xrayfed.client.dp import PrivacyLedger, plan_dp
     from xrayfed.common.privacy.accounting import compute_epsilon
 
     fed, hs, res = federated
@@ -102,7 +102,7 @@ def test_tan_stand_in_keeps_steps_and_step_noise_at_a_fraction_of_the_compute(tm
     """``tan_scale=k`` (sweeps only, Sander et al. 2023): each hospital trains its own plan at
     batch B/k and σ/k for the same steps, so the noise in each averaged step (σ/B) is the plan's;
     it sees about 1/k of the examples, still learns, and charges nothing (no ledger, ε = ∞)."""
-    from xrayfed.client.privacy import plan_dp
+    from xrayfed.client.dp import plan_dp
     from xrayfed.server.simulate import simulate, tan_plan
 
     fed, hs = _fed(tmp_path, npz), _hospitals(tmp_path, npz)
@@ -191,7 +191,8 @@ def test_augmentation_multiplicity_clips_one_averaged_gradient_per_example():
     so the sensitivity, and hence the accounting, is that of one example."""
     from opacus import GradSampleModule
 
-    from xrayfed.client.privacy import average_views, random_shift
+    from xrayfed.client.augment import random_shift
+    from xrayfed.client.dp import average_views
 
     torch.manual_seed(0)
     model = build_model(ModelSpec(num_outputs=1, width=4, depth=2))
@@ -217,7 +218,7 @@ def test_augmentation_multiplicity_clips_one_averaged_gradient_per_example():
 
 
 def test_random_shift_translates_with_edge_repeat():
-    from xrayfed.client.privacy import random_shift
+    from xrayfed.client.augment import random_shift
 
     x = torch.arange(16.0).view(1, 1, 4, 4)
     g = torch.Generator().manual_seed(1)
@@ -241,7 +242,7 @@ def test_random_view_rotates_zooms_and_jitters_within_its_ranges():
     """The ranges of TrainingSection are what the views get: a radially symmetric image is
     unchanged by rotation and scaled by 1/zoom by zoom; contrast/brightness is an affine map of
     the pixels with slope within 1 ± c and offset within ± c (before clipping)."""
-    from xrayfed.client.privacy import random_view
+    from xrayfed.client.augment import random_view
     from xrayfed.common.config import TrainingSection
 
     g = torch.Generator().manual_seed(0)
@@ -267,7 +268,7 @@ def test_random_view_changes_the_aspect_within_its_range():
     """augment_aspect stretches the width by s and shrinks the height by 1/s (one s per image,
     within [1/(1 + a), 1 + a]): on a ramp along the columns the slope becomes 1/s, on a ramp along
     the rows it becomes s, drawn from the same random numbers."""
-    from xrayfed.client.privacy import random_view
+    from xrayfed.client.augment import random_view
     from xrayfed.common.config import TrainingSection
 
     n, a = 64, 0.3
@@ -319,7 +320,7 @@ def test_views_and_ema_train_under_dp_with_the_same_charge(tmp_path, npz, federa
 
 
 def test_ema_averages_the_iterates():
-    from xrayfed.client.privacy import EMA
+    from xrayfed.client.augment import EMA
 
     m = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
@@ -437,7 +438,7 @@ def test_federation_starts_from_a_public_checkpoint(tmp_path, npz, federated):
 def test_a_hospital_states_only_its_budget_and_gets_batch_epochs_and_sigma(tmp_path):
     """Automatic DP-SGD settings from the hospital's own N and ε (never from the server), a value
     in hospital.toml wins, and the choice is written into the ledger's budget line."""
-    from xrayfed.client.privacy import PrivacyLedger, auto_training, plan_dp
+    from xrayfed.client.dp import PrivacyLedger, auto_training, plan_dp
     from xrayfed.common.config import load_config
 
     assert auto_training(4000, 8.0) == (1000, 5.0)

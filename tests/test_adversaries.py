@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from xrayfed.client.hospital import train_round
-from xrayfed.client.privacy import PrivacyLedger, plan_for, request_key
+from xrayfed.client.dp import PrivacyLedger, plan_for, request_key
 from xrayfed.common.checkpoint import weights_version
 from xrayfed.common.config import FederationConfig, HospitalConfig, load_config
 from xrayfed.common.model import ModelSpec, build_model

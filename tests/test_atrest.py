@@ -177,7 +177,7 @@ def _hospital(tmp_path, name="st-mary", **privacy):
 
 
 def test_encrypted_privacy_ledger_round_trip_and_errors(tmp_path, key):
-    from xrayfed.client.privacy import PrivacyLedger, plan_dp
+    from xrayfed.client.dp import PrivacyLedger, plan_dp
     from xrayfed.common.privacy.ledger import LedgerError, line_hash, read_ledger
 
     cfg = _hospital(tmp_path)
@@ -216,7 +216,7 @@ def test_encrypted_privacy_ledger_round_trip_and_errors(tmp_path, key):
 def test_plaintext_ledger_is_refused_when_a_key_is_set(tmp_path, key):
     """An insider writes a plaintext ledger (ε 0) where an encrypted one is expected: refused,
     whether it was signed with the default ledger key or not."""
-    from xrayfed.client.privacy import PrivacyLedger, plan_dp
+    from xrayfed.client.dp import PrivacyLedger, plan_dp
     from xrayfed.common.privacy.ledger import LedgerError, read_ledger
 
     cfg = _hospital(tmp_path)
@@ -230,7 +230,7 @@ def test_plaintext_ledger_is_refused_when_a_key_is_set(tmp_path, key):
 
 
 def test_release_cache_encrypted(tmp_path, key):
-    from xrayfed.client.privacy import ReleaseCache
+    from xrayfed.client.dp import ReleaseCache
 
     cache = ReleaseCache(tmp_path, key=key)
     payload = {"state_dict": {"w": torch.arange(6.0)}, "metrics": {"epsilon": 1.5}}
@@ -287,7 +287,7 @@ def test_rundir_checkpoints_encrypted(tmp_path, key, key_hex):
 
 
 def test_report_cli_reads_an_encrypted_ledger_with_the_key_flag(tmp_path, key, key_hex, capsys):
-    from xrayfed.client.privacy import PrivacyLedger, plan_dp
+    from xrayfed.client.dp import PrivacyLedger, plan_dp
     from xrayfed.common import cli
 
     cfg = _hospital(tmp_path)

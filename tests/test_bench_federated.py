@@ -68,7 +68,7 @@ def test_merge_refuses_runs_trained_under_other_code_defaults(federated, monkeyp
     """A rule in code (here the hospitals' automatic local epochs) changes no flag; the
     settings carry digests of the resolved configs and rules, so ``--merge`` still refuses to
     add seeds to a row whose earlier runs were trained under the old rule."""
-    from xrayfed.client import privacy
+    from xrayfed.client import dp as privacy
 
     mod, calls = federated
     _main(mod, monkeypatch, tmp_path, "--runs", "1", "--references", "0")

@@ -103,7 +103,7 @@ def test_what_the_client_does_after_its_supernode_stopped():
 def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
     import torch
 
-    from xrayfed.client.privacy import request_key
+    from xrayfed.client.dp import request_key
     from xrayfed.client.supernode import ALIVE_FILE
     from xrayfed.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, weights_version
     from xrayfed.common.data import load_dataset

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from xrayfed.client.hospital import evaluate_round, train_round
-from xrayfed.client.privacy import PrivacyLedger, plan_dp, plan_for, request_key
+from xrayfed.client.dp import PrivacyLedger, plan_dp, plan_for, request_key
 from xrayfed.common.checkpoint import weights_version
 from xrayfed.common.config import HospitalConfig, load_config
 from xrayfed.common.privacy.ledger import read_ledger
@@ -150,7 +150,7 @@ def test_replayed_old_requests_never_release_an_uncharged_update(tmp_path, small
     """A curious server re-sends rounds 1–4 three times each, after their cached updates were
     evicted: every update that leaves is a byte-identical copy of one charged release, or the
     request is refused. (Before: 16 releases for 4 charges, true ε 7.24 against a budget of 4.)"""
-    from xrayfed.client.privacy import update_digest
+    from xrayfed.client.dp import update_digest
 
     cfg = small_cfg(tmp_path, small_npz, **{"privacy.epsilon": 4.0})
     spec = ModelSpec(num_outputs=1, width=4)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from xrayfed.client.privacy import PatientUnits, PrivacyLedger, plan_for, privacy_units, train_private_round
+from xrayfed.client.dp import PatientUnits, PrivacyLedger, plan_for, privacy_units, train_private_round
 from xrayfed.common.config import HospitalConfig, load_config
 from xrayfed.common.data.dataset import XrayDataset
 from xrayfed.common.errors import UserError

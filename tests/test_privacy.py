@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from xrayfed.client.privacy import (
+from xrayfed.client.dp import (
     BudgetExceeded,
     PrivacyLedger,
     compute_epsilon,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from report_synth import Site, hospital_config, make_run
-from xrayfed.client.privacy import BudgetExceeded, PrivacyLedger, compute_epsilon, plan_dp
+from xrayfed.client.dp import BudgetExceeded, PrivacyLedger, compute_epsilon, plan_dp
 from xrayfed.common import cli
 from xrayfed.common.privacy.ledger import append_record
 from xrayfed.common.errors import UserError

@@ -46,7 +46,7 @@ def test_check_update_names_what_is_wrong():
 def test_simulate_runs_the_real_apps_samples_skewed_hospitals_and_reports(tmp_path, capsys):
     from test_report import check_demo_run_report
 
-    from xrayfed.client.privacy import PrivacyLedger
+    from xrayfed.client.dp import PrivacyLedger
     from xrayfed.common.config import HospitalConfig, load_config
 
     out = tmp_path / "sim"
@@ -114,7 +114,7 @@ def test_malformed_updates_are_rejected_with_a_reason_and_the_round_goes_on(tmp_
 
     import torch
 
-    from xrayfed.client.privacy import PrivacyLedger
+    from xrayfed.client.dp import PrivacyLedger
     from xrayfed.common.config import HospitalConfig, load_config
     from xrayfed.common.security.atrest import load_checkpoint
     from xrayfed.common.synthetic import write_npz
