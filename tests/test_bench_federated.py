@@ -130,3 +130,19 @@ def test_by_default_every_epsilon_gets_references_with_its_own_settings(federate
         [(0, 0, 1), (0, 0, 8), (0, 1, 1), (0, 1, 8)]
     assert {"no_dp", "central", "no_dp_at_eps1", "central_at_eps1"} <= set(out)
     assert out["no_dp"]["reference_epsilon"] == 8 and out["no_dp_at_eps1"]["reference_epsilon"] == 1
+
+
+def test_attach_puts_rows_under_a_prefix_with_their_price():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from attach import attach
+
+    dst = {"eps8": {"test_auc": 0.94, "runs": [1]}, "eps1": {"test_auc": 0.92}, "no_dp": {"test_auc": 0.95}}
+    src = {"eps8": {"test_auc": 0.93, "runs": [2]}, "eps1": {"test_auc": 0.89}, "settings": {"unit": "patient"}}
+    out = attach(src, dst, "patient_", "price_of_patient_unit_auc")
+    assert out["patient_eps8"] == src["eps8"] and out["eps8"] == dst["eps8"] and out["no_dp"] == dst["no_dp"]
+    assert out["price_of_patient_unit_auc"]["eps8"] == pytest.approx(0.01)
+    assert out["price_of_patient_unit_auc"]["eps1"] == pytest.approx(0.03)
+    assert out["attached"]["patient_"]["settings"] == {"unit": "patient"}
