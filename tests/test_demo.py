@@ -63,6 +63,9 @@ def test_four_class_flat_folders_train_federated_then_predict_encrypted_export_e
     assert _procs_mentioning(str(out)) == []
     rep = check_demo_run_report(out / "run")
     assert {h.hospital for h in rep.hospitals} == {"hospital-a", "hospital-b"}
+    # the demo trains at the patient unit (Kermany-style names name the patients)
+    assert {h.unit for h in rep.hospitals} == {"patient"}, [(h.hospital, h.unit) for h in rep.hospitals]
+    assert all(h.num_examples < h.num_scans for h in rep.hospitals if h.num_scans)
     per_class = {c: rep.final_eval[f"auc/{c}"] for c in FOUR_CLASS}
     assert rep.final_eval["auc"] >= 0.7, rep.final_eval  # it learned (0.78–0.92 in trials)
     assert abs(rep.final_eval["auc"] - sum(per_class.values()) / 4) < 1e-9  # macro = mean of the four
