@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -111,12 +111,6 @@ def load_local_data(cfg: HospitalConfig, image_size: int, task: TaskSpec) -> Loc
     )
 
 
-def _model_from(req: RoundRequest, state_dict: dict, device: torch.device):
-    model = build_model(req.model)
-    load_weights(model, state_dict, what="global model from the server")
-    return model.to(device)
-
-
 class RequestRefused(UserError):
     """A round request the hospital will not act on (checked before anything is charged). The
     message goes back to the server, so it names nothing on the hospital's machine."""
@@ -177,8 +171,6 @@ def charged_plan(charge: dict[str, Any], plan):
     """The plan a ``train`` line charged (unit, σ, q, steps, C, expected batch), to retrain exactly it
     after a crash whatever ``hospital.toml`` says now. :class:`RequestRefused` naming what is
     missing when the line does not state it."""
-    from dataclasses import replace
-
     need = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm")
     missing = [k for k in need if not isinstance(charge.get(k), (int, float))]
     if missing:

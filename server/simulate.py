@@ -72,13 +72,13 @@ def _train_benchmark(h: HospitalConfig, req: RoundRequest, state: dict,
     """Benchmark only: the hospital's training code under ``adjust(plan)`` of its own plan (σ = 0
     for the no-DP reference, :func:`tan_plan` for a TAN sweep). No ledger: nothing is charged,
     and the reply's ε is ∞ (the run has no guarantee worth stating)."""
-    from xrayfed.client.hospital import _model_from, load_local_data
+    from xrayfed.client.hospital import checked_model, load_local_data
     from xrayfed.client.dp import plan_for, train_private_round
 
     data = load_local_data(h, req.image_size, req.task)
     plan, units = plan_for(h, data.train)
     plan = adjust(plan)
-    model = _model_from(req, state, torch.device("cpu"))
+    model = checked_model(h, req, state, torch.device("cpu"))
     out = train_private_round(model, units, h, plan, req.task, torch.device("cpu"), lr=req.lr)
     return {"status": "trained", "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "metrics": {"num-examples": plan.num_examples, "epsilon": float("inf"), "train_loss": out["loss"],

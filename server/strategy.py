@@ -318,11 +318,9 @@ class XrayStrategyMixin:
     def _bound(self, server_round: int, r: dict[str, Any]) -> tuple[float, str | None]:
         """``(plan bound, problem)`` for a reply's update: its plan must be the one pinned at the
         hospital's first update, and the bound is what a DP-SGD round of it can reach."""
-        plan = HospitalPlan.from_row(r)
-        name = str(r["hospital"])
-        if plan is None:
+        plan, pinned = HospitalPlan.from_row(r), self.plans.get(str(r["hospital"]))
+        if plan is None or pinned is None:
             return math.inf, "the reply does not state its DP plan (N, σ, q, steps, C)"
-        pinned = self.plans.setdefault(name, plan)
         diff = pinned.differences(plan)
         if diff:
             return math.inf, (f"its DP plan differs from the one of its first update in this run "
@@ -389,6 +387,7 @@ class XrayStrategyMixin:
         self.train_rows[self.global_round(server_round)] = rows
         findings: list[str] = []
         ledger_anchors(rows, self.anchors, findings)
+        pinned_plans(rows, self.plans)  # a hospital's first update pins its plan (before it is screened)
         for why in findings:
             log.warning("round %d: %s", self.global_round(server_round), why)
         for r in rows:

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -14,7 +16,6 @@ from xrayfed.client.dp.planning import DPPlan, plan_dp
 from xrayfed.common.config import HospitalConfig
 from xrayfed.common.errors import UserError
 from xrayfed.common.privacy import NO_PATIENT_IDS
-
 
 
 class PatientUnits(torch.utils.data.Dataset):
@@ -84,12 +85,8 @@ def privacy_units(cfg: HospitalConfig, train) -> tuple[Any, str]:
 def plan_for(cfg: HospitalConfig, train) -> tuple[DPPlan, Any]:
     """``(plan, dataset)``: :func:`privacy_units` then :func:`plan_dp` on them (what
     `xrayfed client`, `data check` and every round plan from)."""
-    from dataclasses import replace
-
     units, unit = privacy_units(cfg, train)
     plan = plan_dp(cfg, len(units), unit, num_scans=len(train))
     if getattr(train, "patient_ids_known", False):
-        from collections import Counter
-
         plan = replace(plan, most_scans_of_one_patient=max(Counter(train.patient_ids).values()))
     return plan, units

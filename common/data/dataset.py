@@ -307,8 +307,7 @@ def walk_files(folder: Path, walk: TreeWalk | None = None) -> tuple[list[Path], 
 # ----------------------------------------------------------------------------- patient ids
 _KERMANY_PERSON = re.compile(r"^(?:[a-z]+-)?(person\d+)_", re.IGNORECASE)  # (split-)personN_…
 _TRAILING_NUMBER = re.compile(r"^(.+)-\d+$")
-_KERMANY_STUDY = re.compile(r"^((?:NORMAL2-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)  # IM-0429-0001-0002
-_KERMANY_IMAGE = re.compile(r"^(?:NORMAL2-)?IM-\d+-\d+$", re.IGNORECASE)  # IM-0115-0001
+_KERMANY_STUDY = re.compile(r"^((?:NORMAL2-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)  # IM-0115-0001(-0002)
 
 
 def kermany_patient_id(name: str) -> str:
@@ -319,15 +318,20 @@ def kermany_patient_id(name: str) -> str:
     (``IM-0429-0001-0002.jpeg``, beside ``IM-0429-0001.jpeg``) → the same ``IM-0429``; another
     name ending in ``-N`` → the name without it; anything else → the file stem.
     """
-    stem = Path(name).stem
+    return _kermany_id(Path(name).stem)[0]
+
+
+def _kermany_id(stem: str) -> tuple[str, bool]:
+    """``(patient id, named)``: the rules of :func:`kermany_patient_id`; ``named`` when the name
+    itself names the patient (``personN_…``, ``IM-…``), not when the id only stands in for one."""
     m = _KERMANY_PERSON.match(stem)
     if m:
-        return m.group(1).lower()
+        return m.group(1).lower(), True
     m = _KERMANY_STUDY.match(stem)
     if m:
-        return m.group(1)
+        return m.group(1), True
     m = _TRAILING_NUMBER.match(stem)
-    return m.group(1) if m else stem
+    return (m.group(1) if m else stem), False
 
 
 def patient_id_for(f: Path) -> str:
@@ -345,9 +349,7 @@ def patient_id_and_source(f: Path) -> tuple[str, bool]:
             pid = None
         if pid:
             return pid, True
-    stem = Path(f.name).stem
-    return kermany_patient_id(f.name), bool(_KERMANY_PERSON.match(stem) or _KERMANY_STUDY.match(stem)
-                                            or _KERMANY_IMAGE.match(stem))
+    return _kermany_id(Path(f.name).stem)
 
 
 # ----------------------------------------------------------------------------- tasks / label sets
