@@ -53,11 +53,10 @@ def run_one(n: int, args, work: Path) -> dict:
            "--data", str(args.data), "--epsilon", str(args.epsilon), "--out", str(out)]
     if args.size_skew:
         cmd += ["--size-skew", str(args.size_skew)]
-    if str(args.data).endswith(".npz"):
-        from xrayfed.common.data.npz import npz_arrays
+    from sweep import has_patient_ids  # bench/ is this script's folder
 
-        if "train_patient_ids" not in npz_arrays(Path(args.data)):
-            cmd += ["--privacy-unit", "scan"]  # PneumoniaMNIST has no patient ids: figures per scan
+    if not has_patient_ids(Path(args.data)):
+        cmd += ["--privacy-unit", "scan"]  # PneumoniaMNIST has no patient ids: figures per scan
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0]
