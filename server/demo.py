@@ -55,6 +55,18 @@ def check_local_data_args(args: argparse.Namespace) -> None:
         detect_format(args.data)
 
 
+def probe_local_data(args: argparse.Namespace, data: Path):
+    """The training scans of ``data`` at 16 px (their task), for `demo` and `simulate` before they
+    start anything; refused in one line (:data:`~xrayfed.common.privacy.NO_PATIENT_IDS`) when they
+    carry no patient ids and ``--privacy-unit scan`` was not given."""
+    from xrayfed.common.privacy import NO_PATIENT_IDS
+
+    probe = load_dataset(data, split="train", image_size=16)
+    if getattr(args, "privacy_unit", None) != "scan" and not probe.patient_ids_known:
+        raise UserError(f"data {data} {NO_PATIENT_IDS}")
+    return probe
+
+
 def _native_size(path: Path) -> int | None:
     """Side (px) of the scans of a .npz file (from the header of its train images, else of its
     first images array), else None."""
@@ -143,11 +155,7 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
         data = args.data.resolve()
 
     image_size = args.image_size or _native_size(data) or 224
-    probe = load_dataset(data, split="train", image_size=16)
-    if getattr(args, "privacy_unit", None) != "scan" and not probe.patient_ids_known:
-        from xrayfed.common.privacy import NO_PATIENT_IDS
-
-        raise UserError(f"data {data} {NO_PATIENT_IDS}")  # before any process starts
+    probe = probe_local_data(args, data)  # before any process starts
     port = free_port()
     fed_path, hospital_paths = write_demo_configs(out, data, args, image_size, probe.task, port)
     cli = [sys.executable, "-m", "xrayfed.common.cli"]

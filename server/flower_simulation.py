@@ -44,8 +44,7 @@ def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, Path, int]
     """Federation config and one ``hospital-NNN.toml`` per simulated hospital; returns
     ``(federation.toml, hospitals folder, N)``."""
     from xrayfed.common.config import FederationConfig, dump_toml, load_config
-    from xrayfed.common.data import load_dataset
-    from xrayfed.server.demo import _native_size, write_demo_configs
+    from xrayfed.server.demo import _native_size, probe_local_data, write_demo_configs
 
     if args.data is None:
         from xrayfed.common.synthetic import write_npz
@@ -58,12 +57,7 @@ def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, Path, int]
     else:
         data = args.data.resolve()
     image_size = args.image_size or _native_size(data) or 224
-    probe = load_dataset(data, split="train", image_size=16)
-    if getattr(args, "privacy_unit", None) != "scan" and not probe.patient_ids_known:
-        from xrayfed.common.errors import UserError
-        from xrayfed.common.privacy import NO_PATIENT_IDS
-
-        raise UserError(f"data {data} {NO_PATIENT_IDS}")  # before Ray starts
+    probe = probe_local_data(args, data)  # before Ray starts
     # the listen port is never opened: the Simulation Engine has no network
     fed_path, hospital_paths = write_demo_configs(out, data, args, image_size, probe.task, port=9092)
     if args.config is not None:  # the operator's own federation settings; run folder and overrides from here

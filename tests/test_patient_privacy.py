@@ -207,3 +207,20 @@ def test_data_check_reports_the_unit_and_scans_per_patient(tmp_path, capsys):
     assert cli.main(["data", "check", str(bare), "--config", str(conf), "--json"]) == 1
     refused = json.loads(capsys.readouterr().out)["plan"]["refused"]
     assert "no patient identities" in refused and 'unit = "scan"' in refused and "\n" not in refused
+
+
+@pytest.mark.parametrize("command", ["demo", "simulate"])
+def test_demo_and_simulate_refuse_data_without_patient_ids_before_starting(tmp_path, capsys, command):
+    from xrayfed.common import cli
+    from xrayfed.common.synthetic import write_npz
+
+    npz = write_npz(tmp_path / "syn.npz", n_train=60, n_val=10, n_test=10, size=16, task="binary", seed=1)
+    bare = tmp_path / "bare.npz"
+    with np.load(npz) as z:
+        np.savez(bare, **{k: z[k] for k in z.files if not k.endswith("_patient_ids")})
+    extra = ["--hospitals", "2"]
+    capsys.readouterr()
+    assert cli.main([command, "--data", str(bare), "--out", str(tmp_path / "out"), *extra]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("xrayfed: WARNING")]
+    assert len(err) == 1 and "no patient identities" in err[0] and "--privacy-unit scan" in err[0]
+    assert not (tmp_path / "out" / "run").exists()  # nothing started
