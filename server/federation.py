@@ -128,9 +128,23 @@ def initial_state(cfg: FederationConfig, atrest_key=None) -> dict:
     return state
 
 
-def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_key=None) -> RunDir:
+def run_security(cfg: FederationConfig, atrest_key=None, simulated: bool = False) -> dict[str, Any]:
+    """What protected a run, as this server process was configured: recorded with every metrics
+    row (a restart may change it), read by ``xrayfed report``. A simulation (one machine, no
+    network) has no transport to protect: TLS and hospital authentication are off there."""
+    return {
+        "transport": "simulation" if simulated else "grpc",
+        "tls": not simulated and not cfg.network.tls.insecure,
+        "hospital_auth": not simulated and cfg.network.auth_enabled,
+        "secure_aggregation": bool(cfg.federation.secure_aggregation),
+        "encrypted_at_rest": atrest_key is not None,
+    }
+
+
+def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_key=None,
+                   simulated: bool = False) -> RunDir:
     """Run the configured federation on ``grid``; ``atrest_key`` (default: from the environment)
-    encrypts the checkpoints."""
+    encrypts the checkpoints; ``simulated``: Flower's Simulation Engine (no network)."""
     if atrest_key is None:
         atrest_key = load_key()
     run = RunDir(cfg.federation.run_dir, key=atrest_key).create()
@@ -183,6 +197,7 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
                   "the server sees only the sum of the updates)")
     device = torch.device("cpu")
     t_round = [time.time()]
+    security = run_security(cfg, atrest_key, simulated)
     best = [run.best_so_far()]  # (round, val AUC): model selection on the validation split
 
     def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -195,6 +210,7 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "run_id": str(flwr_run_id),
             "federation": cfg.federation.name,
+            "security": security,
         }
         result = None
         threshold = None

@@ -22,4 +22,4 @@ def main(grid: Grid, context: Context) -> None:
     # Engine runs this app in its own process with an empty run config) through the environment.
     path = context.run_config.get("config-path") or os.environ.get(SIM_FEDERATION_ENV)
     cfg = load_config(FederationConfig, str(path))
-    run_federation(grid, cfg, flwr_run_id=str(context.run_id))
+    run_federation(grid, cfg, flwr_run_id=str(context.run_id), simulated=not context.run_config.get("config-path"))
