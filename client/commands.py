@@ -17,8 +17,8 @@ from xrayfed.common.security.atrest import add_key_argument
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the hospital's and the patient's sub-commands to the ``xrayfed`` parser."""
-    for reg in (register_client, register_hospital_key, register_data, register_export, register_explain,
-                register_inference, register_token, register_predict):
+    for reg in (register_client, register_hospital_key, register_data, register_audit, register_export,
+                register_explain, register_inference, register_token, register_predict):
         reg(sub)
 
 
@@ -64,6 +64,30 @@ def register_data(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--config", type=Path, help="hospital.toml: also show the DP plan its budget buys")
     c.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     c.set_defaults(func=handler("xrayfed.client.data_check", "run_data_check"))
+
+
+def register_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="measure a lower bound on the ε this hospital's training really spends "
+                                     "(canaries, one training run, nothing charged) and a membership attack",
+                       description="Train this hospital's whole DP plan once, in this process, with gradient "
+                                   "canaries: an empirical lower bound on ε to compare with the claimed ε "
+                                   "(docs/privacy-audit.md). No ledger is charged, nothing leaves.")
+    p.add_argument("--config", type=Path, required=True, help="hospital.toml (the plan that is audited)")
+    p.add_argument("--data", type=Path, help="the hospital's scans (overrides [data] path)")
+    p.add_argument("--federation", type=Path, help="federation.toml: its model, image size and learning rate "
+                                                   "(default: the recommended model at --image-size, lr 0.125)")
+    p.add_argument("--image-size", type=int, help="scan size in px (default: the federation's, else 224)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the federation's)")
+    p.add_argument("--canaries", type=int, default=10_000, help="gradient canaries m (default 10000; more: a "
+                                                                 "tighter bound, more time)")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
+    p.add_argument("--no-mia", action="store_true", help="skip the membership-inference attack (and its no-DP "
+                                                         "reference training)")
+    p.add_argument("--seed", type=int, help="seed of the canaries and the initial model (the DP noise is never "
+                                            "seeded)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override [hospital] device")
+    p.add_argument("--out", type=Path, help="result file (default: STATE_DIR/audit.json, where reports find it)")
+    p.set_defaults(func=handler("xrayfed.client.audit", "run_audit_cmd"))
 
 
 def register_export(sub: argparse._SubParsersAction) -> None:

@@ -26,7 +26,7 @@ ROLES: dict[str, tuple[str, ...]] = {
         "server", "demo", "simulate", "report", "certs init", "certs add-hospital", "certs revoke-hospital",
         "certs atrest-key", "certs decrypt-checkpoint"),
     "hospital": (
-        "client", "certs hospital-key", "data check", "export", "explain", "serve-inference", "token init-key",
+        "client", "certs hospital-key", "data check", "audit", "export", "explain", "serve-inference", "token init-key",
         "token issue", "token revoke"),
     "crypto provider (the second computing party of encrypted inference)": ("serve-crypto-provider",),
     "patient": ("predict",),

@@ -13,6 +13,7 @@ import time
 import torch
 
 from xrayfed.client.augment import EMA, random_view
+from xrayfed.client.dp import faults
 from xrayfed.client.dp.noise import secure_gaussian_like
 from xrayfed.client.dp.planning import DPPlan
 from xrayfed.common.config import HospitalConfig
@@ -27,18 +28,45 @@ def _optimizer_class():
 
     class HospitalDPOptimizer(DPOptimizer):
         """Opacus DPOptimizer with CSPRNG noise (optional) and a FedProx term added after
-        noising (the proximal gradient μ(w − w_global) is data-independent: post-processing)."""
+        noising (the proximal gradient μ(w − w_global) is data-independent: post-processing).
+        ``canaries`` (the privacy audit only, :class:`xrayfed.client.audit.GradientCanaries`):
+        gradient canaries clipped and summed with the step's units before the noise, and the
+        noised step observed after it."""
 
-        def __init__(self, *args, secure_rng: bool = True, prox_mu: float = 0.0, prox_ref=None, **kw):
+        def __init__(self, *args, secure_rng: bool = True, prox_mu: float = 0.0, prox_ref=None, canaries=None,
+                     **kw):
             super().__init__(*args, **kw)
             self.secure_rng = secure_rng
             self.prox_mu = prox_mu
             self.prox_ref = prox_ref
+            self.canaries = canaries
+
+        def clip_and_accumulate(self):
+            if faults.clipping_on():
+                return super().clip_and_accumulate()
+            c, self.max_grad_norm = self.max_grad_norm, float("inf")  # benchmark-only fault: factor 1 for all
+            try:
+                return super().clip_and_accumulate()
+            finally:
+                self.max_grad_norm = c
 
         def add_noise(self):
+            if self.canaries is not None:
+                self.canaries.insert(self)
+            self._add_noise()
+            if self.canaries is not None:
+                self.canaries.observe(self)
+
+        def _add_noise(self):
             if not self.secure_rng:
-                return super().add_noise()
-            std = self.noise_multiplier * self.max_grad_norm
+                if faults.noise_scale() == 1.0:
+                    return super().add_noise()
+                m, self.noise_multiplier = self.noise_multiplier, self.noise_multiplier * faults.noise_scale()
+                try:
+                    return super().add_noise()
+                finally:
+                    self.noise_multiplier = m
+            std = self.noise_multiplier * self.max_grad_norm * faults.noise_scale()
             for p in self.params:
                 noise = secure_gaussian_like(p.summed_grad, std) if std > 0 else torch.zeros_like(p.summed_grad)
                 p.grad = (p.summed_grad + noise).view_as(p)
@@ -52,7 +80,8 @@ def _optimizer_class():
     return HospitalDPOptimizer
 
 
-def make_private(model, optimizer, dataset, plan: DPPlan, *, secure_rng: bool = True, prox_mu: float = 0.0):
+def make_private(model, optimizer, dataset, plan: DPPlan, *, secure_rng: bool = True, prox_mu: float = 0.0,
+                 canaries=None):
     """Wrap model/optimizer/data for DP-SGD under ``plan``.
 
     Returns ``(dp_model, dp_optimizer, make_loader)``; ``make_loader(steps)`` is a data loader
@@ -78,6 +107,7 @@ def make_private(model, optimizer, dataset, plan: DPPlan, *, secure_rng: bool = 
         secure_rng=secure_rng,
         prox_mu=prox_mu,
         prox_ref=prox_ref,
+        canaries=canaries,
     )
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
     x0, y0 = dataset[0]
@@ -100,13 +130,14 @@ def make_private(model, optimizer, dataset, plan: DPPlan, *, secure_rng: bool = 
 
 
 def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task, device, lr: float,
-                        prox_mu: float = 0.0, desc: str | None = None) -> dict:
+                        prox_mu: float = 0.0, desc: str | None = None, canaries=None) -> dict:
     """One round of DP-SGD at this hospital (the caller has already charged the ledger).
 
     ``model`` is updated in place (plain module, no Opacus wrapper left behind).
     The round's ``plan.steps`` DP-SGD steps are run as local epochs of ⌈1/q⌉ steps (the last
     one shorter), with a progress bar per epoch on a terminal and a log line per epoch.
-    Returns ``{"loss", "examples", "steps", "seconds"}``.
+    ``canaries``: the privacy audit's gradient canaries (:mod:`xrayfed.client.audit`), never set in
+    a hospital's round. Returns ``{"loss", "examples", "steps", "seconds"}``.
     """
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
@@ -116,7 +147,7 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
     model.to(device)
     opt = make_optimizer(model, cfg.training.optimizer, lr, cfg.training.momentum)
     dp_model, dp_opt, make_loader = make_private(model, opt, dataset, plan, secure_rng=cfg.privacy.secure_rng,
-                                                 prox_mu=prox_mu)
+                                                 prox_mu=prox_mu, canaries=canaries)
     per_epoch = max(1, math.ceil(1.0 / plan.sample_rate))
     chunks = [per_epoch] * (plan.steps // per_epoch) + ([plan.steps % per_epoch] if plan.steps % per_epoch else [])
     t = cfg.training

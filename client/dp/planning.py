@@ -8,6 +8,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+from xrayfed.client.dp import faults
 from xrayfed.common.config import HospitalConfig
 from xrayfed.common.errors import UserError
 from xrayfed.common.privacy.accounting import compute_epsilon
@@ -132,8 +133,8 @@ def plan_dp(cfg: HospitalConfig, num_examples: int, unit: str = "scan", num_scan
             + (", or use privacy.accountant = \"rdp\"" if p.accountant == "prv" else ""))
     sigma = p.noise_multiplier
     if sigma is None:
-        sigma = _noise_for_budget(float(p.epsilon), float(p.delta), float(q), int(steps), int(p.max_rounds),
-                                  p.accountant)
+        sigma = _noise_for_budget(float(p.epsilon), float(p.delta), float(faults.accountant_rate(q)), int(steps),
+                                  int(p.max_rounds), p.accountant)
     return DPPlan(
         noise_multiplier=float(sigma),
         sample_rate=float(q),

@@ -1,0 +1,314 @@
+"""``xrayfed audit``: an empirical lower bound on ε for this hospital's exact training code and
+settings, and a membership-inference attack on the model it trains.
+
+The hospital's plan (its ``hospital.toml``: ε, δ, C, batch, epochs, ``max_rounds``, privacy unit)
+is trained once, in this process, by the same DP-SGD code a federation round runs
+(:func:`xrayfed.client.dp.train_private_round`), for all ``max_rounds`` rounds the budget is
+planned for. Nothing is charged and nothing leaves: no privacy ledger is opened, no update is
+sent — the audit is a separate run, never a live federation's. Its result is written to
+``state_dir/audit.json`` (or ``--out``), where the hospital's report finds it.
+
+**White-box gradient canaries** (:class:`GradientCanaries`; the adversary sees every noised
+step, which is what the accountant assumes is released — a round's update is post-processing of
+them). m canaries, one per privacy unit (a scan, or a patient: one unit contributing one clipped
+gradient per step whatever its scans), each in training with probability 1/2. An included canary
+is Poisson-sampled at every step with the plan's rate q, like any unit; when sampled, its
+gradient — a Dirac vector of norm :data:`CANARY_NORM` × C on its own model coordinate (m distinct
+coordinates spread over every parameter) — is clipped by the optimizer's own clipping code and
+summed with the step's units before the noise. After the noise the auditor reads each canary's
+coordinate of the noised sum, minus the other units' clipped contributions (DP's adversary knows
+every other unit): canary × sampled + noise. The score is the log-likelihood ratio of those
+observations, sampled-at-rate-q against never, under the claimed σ; the one-run bound of
+:mod:`xrayfed.common.privacy.audit` turns the scores into the audited lower bound on ε.
+
+**Membership inference** (:func:`membership_auc`): the loss-based attack (score = −loss; per
+patient the mean over their scans at the patient unit) on the trained model, training units
+against the hospital's held-out validation units (patients the model never saw), beside the
+same attack on a no-DP reference trained with the same plan and σ = 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xrayfed.client.dp import faults
+from xrayfed.common.errors import UserError
+from xrayfed.common.privacy.accounting import compute_epsilon
+from xrayfed.common.privacy.audit import AuditBound, attack_auc, audit
+
+log = logging.getLogger(__name__)
+
+#: A canary's gradient before clipping, in units of C (≥ 1, so the clip is what bounds it).
+CANARY_NORM = 10.0
+#: Canaries when ``--canaries`` is not given (more: a tighter bound, more time; docs/privacy-audit.md).
+DEFAULT_CANARIES = 10_000
+#: Canary rows clipped per call of the optimizer's clipping code (memory: rows × model weights floats).
+CHUNK = 128
+#: File name of an audit result in a hospital's state folder or a run folder (what reports read).
+AUDIT_FILE = "audit.json"
+
+
+class GradientCanaries:
+    """m Dirac gradient canaries on distinct coordinates of the optimizer's parameters.
+
+    Attached to the hospital's DP optimizer (``train_private_round(..., canaries=...)``), which
+    calls :meth:`insert` before its noise and :meth:`observe` after it, once per logical step.
+    ``seed`` fixes which canaries are included, their coordinates and their sampling; the DP
+    noise stays the product's own (CSPRNG)."""
+
+    def __init__(self, m: int, sample_rate: float, seed: int | None = None) -> None:
+        if m < 2:
+            raise UserError(f"--canaries {m}: the audit needs at least 2 canaries")
+        self.m = int(m)
+        self.q = float(sample_rate)
+        self.rng = np.random.default_rng(seed)
+        self.included = self.rng.random(self.m) < 0.5
+        self.llr = np.zeros(self.m)
+        self.total = np.zeros(self.m)
+        self.steps = 0
+        self.sampled = 0
+        self._where: list[tuple[int, np.ndarray, np.ndarray]] | None = None  # (param, canary ids, flat index)
+        self._before: np.ndarray | None = None
+
+    def _place(self, params) -> None:
+        sizes = [p.numel() for p in params]
+        d = sum(sizes)
+        if self.m > d:
+            raise UserError(f"--canaries {self.m}: the model has only {d} weights (one canary per weight); use at "
+                            f"most {d}")
+        flat = np.sort(self.rng.choice(d, size=self.m, replace=False))
+        self.rng.shuffle(flat)  # canary i ↦ coordinate flat[i], independent of inclusion
+        starts = np.cumsum([0] + sizes)
+        owner = np.searchsorted(starts, flat, side="right") - 1
+        self._where = [(i, np.nonzero(owner == i)[0], flat[owner == i] - starts[i]) for i in range(len(params))]
+
+    def _gather(self, tensors) -> np.ndarray:
+        out = np.zeros(self.m)
+        for (i, ids, idx), t in zip(self._where, tensors):
+            if len(ids):
+                out[ids] = t.detach().reshape(-1)[torch.as_tensor(idx, device=t.device)].double().cpu().numpy()
+        return out
+
+    def insert(self, opt) -> None:
+        """Clip and add this step's sampled included canaries to ``opt``'s summed gradients with the
+        optimizer's own clipping (``opt.clip_and_accumulate``)."""
+        params = opt.params
+        if self._where is None:
+            self._place(params)
+        self._before = self._gather([p.summed_grad for p in params])
+        chosen = np.nonzero(self.included & (self.rng.random(self.m) < self.q))[0]
+        self.sampled += len(chosen)
+        if not len(chosen):
+            return
+        saved = [p.grad_sample for p in params]
+        norm = CANARY_NORM * float(opt.max_grad_norm)
+        try:
+            for lo in range(0, len(chosen), CHUNK):
+                part = chosen[lo:lo + CHUNK]
+                row_of = {int(c): j for j, c in enumerate(part)}
+                for (i, ids, idx), p in zip(self._where, params):
+                    rows = torch.zeros(len(part), p.numel(), dtype=p.dtype, device=p.device)
+                    for c, k in zip(ids, idx):
+                        j = row_of.get(int(c))
+                        if j is not None:
+                            rows[j, int(k)] = norm
+                    p.grad_sample = rows.view(len(part), *p.shape)
+                opt.clip_and_accumulate()
+        finally:
+            for p, g in zip(params, saved):
+                p.grad_sample = g
+
+    def observe(self, opt) -> None:
+        """Read each canary's coordinate of the noised step (minus the other units' part): the
+        canary's clipped contribution plus noise, in units of C."""
+        x = (self._gather([p.grad for p in opt.params]) - self._before) / float(opt.max_grad_norm)
+        sigma = float(opt.noise_multiplier)
+        self.total += x
+        if sigma > 0:
+            self.llr += np.logaddexp(math.log1p(-self.q) if self.q < 1 else -np.inf,
+                                     math.log(self.q) + (x - 0.5) / sigma**2)
+        self.steps += 1
+
+    def scores(self) -> np.ndarray:
+        """One score per canary, higher = "more likely in": the log-likelihood ratio of its
+        observations (σ > 0), else their sum."""
+        return self.llr.copy() if np.any(self.llr) else self.total.copy()
+
+
+def claimed_epsilon(plan) -> float:
+    """The ε the hospital's accountant states for the whole plan (``max_rounds`` rounds)."""
+    step = (plan.noise_multiplier, faults.accountant_rate(plan.sample_rate), plan.steps)
+    return compute_epsilon([step] * plan.max_rounds, plan.delta, plan.accountant)
+
+
+def _unit_scores(model, dataset, unit: str, task, device) -> np.ndarray:
+    """−loss per scan, or per patient (mean over their scans) at the patient unit."""
+    from xrayfed.common.prediction import prepare_targets
+    from xrayfed.common.train import predict_logits
+
+    logits, targets = predict_logits(model, dataset, device)
+    lg, y = torch.from_numpy(logits), prepare_targets(task, torch.from_numpy(targets))
+    if task.kind == "multiclass":
+        loss = torch.nn.functional.cross_entropy(lg, y, reduction="none")
+    else:
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(lg, y, reduction="none")
+        loss = loss.reshape(len(loss), -1).mean(dim=1)
+    s = -loss.double().numpy()
+    pids = getattr(dataset, "patient_ids", None)
+    if unit != "patient" or pids is None:
+        return s
+    groups: dict[str, list[float]] = {}
+    for v, pid in zip(s, pids):
+        groups.setdefault(str(pid), []).append(float(v))
+    return np.array([np.mean(g) for g in groups.values()])
+
+
+def membership_auc(model, train, held_out, unit: str, task, device) -> dict[str, Any]:
+    """Loss-based membership inference: AUC of −loss separating training from held-out units
+    (0.5 = no better than a coin)."""
+    a = _unit_scores(model, train, unit, task, device)
+    b = _unit_scores(model, held_out, unit, task, device)
+    return {"auc": attack_auc(a, b), "members": int(len(a)), "non_members": int(len(b))}
+
+
+def verdict(claimed: float, bound: float, confidence: float) -> str:
+    """The audit's result in plain words."""
+    pct = f"{100 * confidence:g} %"
+    if bound > claimed:
+        return (f"the audit found evidence that ε is LARGER than claimed: lower bound {bound:.2f} at {pct} "
+                f"confidence vs claimed {claimed:.2f}; the training does not keep its privacy promise (a bug or a "
+                "misconfiguration) — do not train with it")
+    return (f"the audit found no evidence ε is larger than claimed: lower bound {bound:.2f} at {pct} confidence "
+            f"vs claimed {claimed:.2f}; a lower bound can reveal a bug, never prove its absence")
+
+
+def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canaries: int = DEFAULT_CANARIES,
+              confidence: float = 0.95, mia: bool = True, seed: int | None = None, ds=None,
+              device: str | None = None) -> dict[str, Any]:
+    """Train ``cfg``'s whole plan once with gradient canaries and return the audit result (the
+    content of ``audit.json``). ``ds``: the ``data.split`` scans at ``image_size`` when already
+    loaded. Nothing is charged: no ledger is opened, nothing is written."""
+    from xrayfed.client.dp import plan_for, train_private_round
+    from xrayfed.client.hospital import hospital_split
+    from xrayfed.common import data as data_mod
+    from xrayfed.common.model import build_model
+    from xrayfed.common.modelspec import default_model
+    from xrayfed.common.train import resolve_device
+
+    if not 0.5 <= confidence < 1:
+        raise UserError(f"--confidence {confidence:g}: must be in [0.5, 1)")
+    if cfg.data.path is None:
+        raise UserError("data.path: not set (give --data PATH or [data] path in hospital.toml)")
+    t0 = time.time()
+    if ds is None:
+        ds = data_mod.load_dataset(Path(cfg.data.path), split=cfg.data.split, image_size=image_size)
+    _, train, val = hospital_split(cfg, ds)
+    plan, units = plan_for(cfg, train)
+    task = ds.task
+    dev = resolve_device(device or cfg.hospital.device)
+    spec = model_spec or default_model(image_size, task.num_outputs)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = build_model(spec)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = GradientCanaries(canaries, plan.sample_rate, seed)
+    for r in range(1, plan.max_rounds + 1):
+        train_private_round(model, units, cfg, plan, task, dev, lr=lr, canaries=probe,
+                            desc=f"audit round {r}/{plan.max_rounds}")
+    bound: AuditBound = audit(probe.scores(), probe.included, plan.delta, confidence)
+    claimed = claimed_epsilon(plan)
+    out: dict[str, Any] = {
+        "hospital": cfg.hospital.name, "data": str(cfg.data.path), "unit": plan.unit,
+        "claimed_epsilon": claimed, "delta": plan.delta,
+        "audited_lower_bound": bound.epsilon_lower_bound, "confidence": confidence,
+        "exceeds_claim": bound.epsilon_lower_bound > claimed,
+        "auditor": "white-box gradient canaries (every noised DP-SGD step observed)",
+        "canaries": bound.canaries, "canaries_included": bound.included, "guesses": bound.guesses,
+        "correct_guesses": bound.correct, "canary_samples": probe.sampled, "steps": probe.steps,
+        "plan": {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+                 "steps_per_round": plan.steps, "max_rounds": plan.max_rounds, "max_grad_norm": plan.max_grad_norm,
+                 "units": plan.num_examples, "scans": plan.num_scans, "accountant": plan.accountant},
+        "image_size": image_size, "lr": lr, "broken": faults.active(),
+    }
+    if mia:
+        if val is None or len(val) == 0:
+            out["mia"] = {"skipped": f"no held-out units (data.val_fraction = {cfg.data.val_fraction:g})"}
+        else:
+            dp_mia = membership_auc(model, train, val, plan.unit, task, dev)
+            ref = build_model(spec)
+            ref.load_state_dict(init)
+            for r in range(1, plan.max_rounds + 1):  # the no-DP reference: same plan, σ = 0, no canaries
+                train_private_round(ref, units, cfg, replace(plan, noise_multiplier=0.0), task, dev, lr=lr,
+                                    desc=f"no-DP reference round {r}/{plan.max_rounds}")
+            out["mia"] = {"attack": "loss", "auc_dp": dp_mia["auc"],
+                          "auc_no_dp": membership_auc(ref, train, val, plan.unit, task, dev)["auc"],
+                          "members": dp_mia["members"], "non_members": dp_mia["non_members"]}
+    out["wall_s"] = round(time.time() - t0, 1)
+    out["verdict"] = verdict(claimed, bound.epsilon_lower_bound, confidence)
+    return out
+
+
+def summary_lines(res: dict[str, Any]) -> list[str]:
+    """What ``xrayfed audit`` prints."""
+    p = res["plan"]
+    lines = [
+        f"hospital {res['hospital']}: audited its plan ({p['max_rounds']} round(s) × {p['steps_per_round']} DP-SGD "
+        f"steps, σ = {p['noise_multiplier']:.3g}, q = {p['sample_rate']:.3g}, C = {p['max_grad_norm']:g}, "
+        f"unit {res['unit']}) with {res['canaries']} gradient canaries; nothing was charged",
+        f"claimed ε = {res['claimed_epsilon']:.2f} (δ = {res['delta']:g}); audited lower bound "
+        f"{res['audited_lower_bound']:.2f} at {100 * res['confidence']:g} % confidence "
+        f"({res['correct_guesses']} of {res['guesses']} guesses right)",
+    ]
+    mia = res.get("mia") or {}
+    if "auc_dp" in mia:
+        lines.append(f"membership inference (loss attack, {mia['members']} training vs {mia['non_members']} held-out "
+                     f"{res['unit']}s): AUC {mia['auc_dp']:.3f} on the DP model, {mia['auc_no_dp']:.3f} without DP "
+                     "(0.5 = a coin)")
+    elif "skipped" in mia:
+        lines.append(f"membership inference skipped: {mia['skipped']}")
+    lines.append(res["verdict"])
+    return lines
+
+
+def run_audit_cmd(args: argparse.Namespace) -> int:
+    """``xrayfed audit --config hospital.toml [--canaries M] [--out audit.json]``."""
+    from xrayfed.common.config import FederationConfig, HospitalConfig, load_config
+
+    cfg = load_config(HospitalConfig, args.config, {"data.path": args.data, "hospital.device": args.device})
+    spec, image_size, lr = None, 224, 0.125
+    if args.federation is not None:
+        fed = load_config(FederationConfig, args.federation)
+        spec, image_size, lr = fed.model, fed.image_size, fed.federation.lr
+    if args.image_size is not None:
+        if not 8 <= args.image_size <= 2048:
+            raise UserError(f"--image-size {args.image_size}: must be in 8..2048")
+        if spec is not None and args.image_size != image_size:
+            spec = None  # the federation's model is for its own image size: the recommended one for this size
+        image_size = args.image_size
+    if args.lr is not None:
+        if not (math.isfinite(args.lr) and args.lr > 0):
+            raise UserError(f"--lr {args.lr:g}: must be positive")
+        lr = args.lr
+    if args.canaries < 2:
+        raise UserError(f"--canaries {args.canaries}: the audit needs at least 2 canaries")
+    out = args.out if args.out is not None else Path(cfg.hospital.state_dir) / AUDIT_FILE
+    if out.exists() and out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a file name such as audit.json")
+    res = run_audit(cfg, image_size=image_size, model_spec=spec, lr=lr, canaries=args.canaries,
+                    confidence=args.confidence, mia=not args.no_mia, seed=args.seed)
+    for line in summary_lines(res):
+        print(line)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {out}")
+    return 0
