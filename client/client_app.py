@@ -15,6 +15,12 @@ statistic of the local data that is *not* covered by the DP guarantee), and with
 ``secagg`` record (mode, weight, mask generator). Evaluation replies (only when the server has
 no held-out set) carry the hospital's validation metrics in plaintext.
 
+The end of the run: the server's last message is a ``query.run_finished``
+(:class:`~xrayfed.common.protocol.rounds.RunFinished`); :func:`run_finished` records it in the
+hospital's state folder, where ``xrayfed client`` (:mod:`xrayfed.client.supernode`) sees it and
+stops. It can only come through the SuperLink this hospital joined (TLS, its own key), and it
+changes nothing in the hospital's state but that note.
+
 At rest: the privacy ledger and the cached released updates are encrypted with the key from
 ``$XRAYFED_ATREST_KEY_FILE`` / ``$XRAYFED_ATREST_KEY`` (``xrayfed client --atrest-key-file``
 sets the former for the SuperNode and its ClientApp processes).
@@ -29,10 +35,19 @@ from flwr.clientapp import ClientApp
 
 from xrayfed.client.secagg import make_secagg_mod
 from xrayfed.common.errors import UserError
-from xrayfed.common.logs import configure_logging
-from xrayfed.common.protocol.rounds import METRICS, REFUSED, TrainReply, finite_metrics
+from xrayfed.common.logs import configure_flower_logging, configure_logging
+from xrayfed.common.protocol.rounds import (
+    METRICS,
+    REFUSED,
+    RUN_FINISHED,
+    RUN_FINISHED_ACTION,
+    RunFinished,
+    TrainReply,
+    finite_metrics,
+)
 
 configure_logging()
+configure_flower_logging()
 log = logging.getLogger(__name__)
 
 
@@ -90,3 +105,18 @@ def evaluate(msg: Message, context: Context) -> Message:
         _unhandled(cfg, "an evaluation request", e)
         metrics = {"num-examples": 0}
     return Message(content=RecordDict({METRICS: MetricRecord(finite_metrics(metrics))}), reply_to=msg)
+
+
+@app.query(RUN_FINISHED_ACTION)
+def run_finished(msg: Message, context: Context) -> Message:
+    """The server's run is over: note it in the state folder (``xrayfed client`` then stops)."""
+    from flwr.app import ConfigRecord
+
+    from xrayfed.client.hospital import hospital_config_from_node
+    from xrayfed.client.supernode import record_finished
+
+    cfg = hospital_config_from_node(dict(context.node_config))
+    note = RunFinished.from_content(msg.content)  # malformed: an error reply, nothing recorded
+    record_finished(cfg.hospital.state_dir, note)
+    log.info("the server says its run %r is finished after %d rounds", note.federation, note.rounds)
+    return Message(content=RecordDict({RUN_FINISHED: ConfigRecord({"hospital": cfg.hospital.name})}), reply_to=msg)

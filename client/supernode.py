@@ -3,12 +3,25 @@
 The hospital's config (its privacy budget included) and its data path are handed to the
 ClientApp through the SuperNode's *node config*, which only the hospital sets. The scans are
 read by the ClientApp inside this machine; only DP-trained weights and figures leave.
+
+When the run is over: the server's last message (``query.run_finished``) is recorded by the
+ClientApp in the state folder (``FINISHED_FILE``); ``xrayfed client`` sees it, stops its
+SuperNode (which leaves the server cleanly) and exits 0 with one line: the rounds the run had
+and this hospital's spent budget from its own ledger. A server that stops without finishing
+(killed, restarting to resume) sends nothing: the hospital keeps waiting for it, as before.
+
+What it prints: its own ``[xrayfed]`` lines, the ClientApp's ``xrayfed`` log lines and any
+error; Flower's lines (and uvicorn's, warnings) only with ``-v``, all of them in
+``STATE/supernode.log`` (without colour codes; the previous one kept as ``supernode.log.1``
+once it reaches ``SUPERNODE_LOG_MAX_BYTES``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import socket
 import ssl
 import subprocess
@@ -23,7 +36,7 @@ from xrayfed.common.addresses import parse_hostport
 from xrayfed.common.config import HospitalConfig, dump_toml, load_config
 from xrayfed.common.errors import UserError
 from xrayfed.common.flower_launch import flower_env, supernode_args
-from xrayfed.common.logs import FLEET_EXPOSED, warn_insecure
+from xrayfed.common.logs import FLEET_EXPOSED, LogRelay, strip_ansi, warn_insecure
 from xrayfed.common.privacy.ledger import read_ledger
 from xrayfed.common.procs import ProcessGroup, free_port, kill_tree, spawn, venv_bin
 from xrayfed.common.security.atrest import ENV_KEY_FILE, load_key
@@ -149,12 +162,107 @@ def check_server_certificate(server: str, ca_cert: Path | str, timeout: float = 
         return False
 
 
-def _pump(stream, seen: list[str]) -> None:
+#: flower-supernode's line each time it cannot reach the server (it keeps trying, with back-off).
+UNREACHABLE = "Connection attempt failed"
+#: Where the ClientApp records the server's "run finished" message (see the module docstring).
+FINISHED_FILE = "run-finished.json"
+#: Seconds between two looks at ``FINISHED_FILE`` (and at the SuperNode).
+POLL_S = 1.0
+#: flower-supernode's line once it has sent a reply to the server.
+SENT = "Sent successfully"
+#: Seconds left at most to the SuperNode, once the run is finished, to send the ClientApp's
+#: acknowledgement (it is stopped as soon as it has sent it).
+FINISHED_GRACE_S = 15.0
+#: Flower's full output for this hospital: ``STATE/supernode.log``, one older file kept.
+SUPERNODE_LOG, SUPERNODE_LOG_MAX_BYTES = "supernode.log", 8 * 1024 * 1024
+
+
+def record_finished(state_dir: Path | str, note) -> Path:
+    """Write the server's :class:`~xrayfed.common.protocol.rounds.RunFinished` to
+    ``STATE/FINISHED_FILE`` (atomically: ``xrayfed client`` reads it from another process)."""
+    path = Path(state_dir) / FINISHED_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"federation": note.federation, "rounds": int(note.rounds),
+                               "time": time.time()}), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_finished(state_dir: Path | str) -> dict | None:
+    """The recorded "run finished" note (``federation``, ``rounds``), None when there is none."""
+    try:
+        note = json.loads((Path(state_dir) / FINISHED_FILE).read_text(encoding="utf-8"))
+        return {"federation": str(note["federation"]), "rounds": int(note["rounds"]),
+                "time": float(note.get("time", 0.0))}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def spent_line(records: list[dict], cfg) -> str:
+    """What this hospital spent, in words, from its own ledger ``records``: ε of the budget, the
+    privacy unit, and whether the budget can pay for another round like its last one."""
+    from xrayfed.common.privacy.accounting import compute_epsilon
+
+    header = next((r for r in reversed(records) if r.get("event") == "budget"), {})
+    budget = float(header.get("epsilon_budget", cfg.privacy.epsilon))
+    delta = float(header.get("delta", cfg.privacy.delta))
+    unit = header.get("unit") or getattr(cfg.privacy, "unit", None) or "patient"
+    trains = [r for r in records if r.get("event") == "train"]
+    if not trains:
+        return f"this hospital trained no round (ε = 0 of {budget:.2f}, per {unit})"
+    history = [(float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"])) for r in trains]
+    accountant = str(trains[-1].get("accountant") or cfg.privacy.accountant)
+    eps = compute_epsilon(history, delta, accountant)
+    line = (f"this hospital spent ε = {eps:.2f} of {budget:.2f} (per {unit}, δ = {delta:g}) in "
+            f"{len(trains)} round{'' if len(trains) == 1 else 's'}")
+    if compute_epsilon(history + history[-1:], delta, accountant) > budget:
+        line += "; its budget cannot pay for another round"
+    return line
+
+
+class _FlowerLog:
+    """``STATE/supernode.log``: every line of the SuperNode and its ClientApps, colour codes removed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.exists() and path.stat().st_size > SUPERNODE_LOG_MAX_BYTES:
+            os.replace(path, path.with_suffix(".log.1"))
+        self.file = path.open("a", encoding="utf-8")
+        self.size = path.stat().st_size
+        self.lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        line = strip_ansi(line)
+        with self.lock:
+            if self.size > SUPERNODE_LOG_MAX_BYTES:
+                self.file.close()
+                os.replace(self.path, self.path.with_suffix(".log.1"))
+                self.file, self.size = self.path.open("a", encoding="utf-8"), 0
+            self.file.write(line)
+            self.file.flush()
+            self.size += len(line.encode())
+
+    def close(self) -> None:
+        with self.lock:
+            self.file.close()
+
+
+def _pump(stream, seen: list[str], relay: LogRelay | None = None, full: _FlowerLog | None = None,
+          sent: list[float] | None = None) -> None:
+    """Relay the SuperNode's output (see the module docstring); note in ``seen`` the markers
+    found, and in ``sent`` when each reply was sent."""
+    relay = relay or LogRelay(verbose=True, keep_colours=True)
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        for marker in (*(m for m, _ in _REFUSAL_CAUSES), JOINED, GRACEFUL):
+        if full is not None:
+            full.write(line)
+        shown = relay(line)
+        if shown is not None:
+            sys.stdout.write(shown)
+            sys.stdout.flush()
+        if sent is not None and SENT in line:
+            sent.append(time.time())
+        for marker in (*(m for m, _ in _REFUSAL_CAUSES), JOINED, GRACEFUL, UNREACHABLE):
             if marker in line and marker not in seen:
                 seen.append(marker)
 
@@ -225,12 +333,14 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     check_data(cfg)
     state = Path(cfg.hospital.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
+    (state / FINISHED_FILE).unlink(missing_ok=True)  # a previous run's end: this process waits for a new one
 
 
     # Fail before joining when the privacy ledger cannot be read (wrong/missing at-rest key or
     # ledger key, broken chain, cut short): one line naming the file, never a budget silently
     # starting from zero.
-    read_ledger(state / PrivacyLedger.FILE, atrest_key, key_file=cfg.hospital.ledger_key_file)
+    ledger_path = state / PrivacyLedger.FILE
+    read_ledger(ledger_path, atrest_key, key_file=cfg.hospital.ledger_key_file)
     resolved = state / "hospital.resolved.toml"
     resolved.write_text(dump_toml(cfg), encoding="utf-8")
     port = args.port or free_port()
@@ -251,24 +361,48 @@ def run_client_cmd(args: argparse.Namespace) -> int:
               f"did not leave cleanly; joining in {wait:.0f} s, once the server has dropped that connection",
               flush=True)
         time.sleep(wait)
+    verbose = bool(getattr(args, "verbose", False))
+    relay = LogRelay(verbose=verbose, keep_colours=verbose and sys.stdout.isatty())
+    full = _FlowerLog(state / SUPERNODE_LOG)
+    finished = None
     with ProcessGroup() as group:
         try:
             while True:
                 seen: list[str] = []
+                sent: list[float] = []
                 node = group.add(spawn(cmd, env=env, stdout=subprocess.PIPE))
-                pump = threading.Thread(target=_pump, args=(node.stdout, seen), daemon=True)
+                pump = threading.Thread(target=_pump, args=(node.stdout, seen, relay, full, sent), daemon=True)
                 pump.start()
                 started = time.monotonic()
+                touched = 0.0
+                said_unreachable = False
                 while True:
                     try:
-                        rc = node.wait(timeout=ALIVE_EVERY_S)
+                        rc = node.wait(timeout=POLL_S)
                         break
                     except subprocess.TimeoutExpired:
-                        if JOINED in seen:
+                        if JOINED in seen and time.monotonic() - touched >= ALIVE_EVERY_S:
                             alive.touch()
-                pump.join(timeout=5)
+                            touched = time.monotonic()
+                        if UNREACHABLE in seen and not said_unreachable:
+                            said_unreachable = True
+                            print(f"[xrayfed] hospital {cfg.hospital.name}: the server at {args.server} does not "
+                                  "answer (stopped, or restarting to resume its run); the SuperNode keeps trying"
+                                  + ("" if verbose else " (-v shows each attempt)"), flush=True)
+                        finished = read_finished(state)
+                        if finished is not None:  # let the acknowledgement leave through the SuperNode first
+                            until = time.monotonic() + FINISHED_GRACE_S
+                            while time.monotonic() < until and not any(t >= finished["time"] for t in sent):
+                                time.sleep(0.2)
+                            time.sleep(0.5)
+                            break
+                finished = finished or read_finished(state)
                 group.procs.remove(node)
-                kill_tree(node)  # its SuperExec and any ClientApp it started
+                kill_tree(node)  # its SuperExec and any ClientApp it started (SIGTERM: it leaves cleanly)
+                pump.join(timeout=5)
+                if finished is not None:
+                    alive.unlink(missing_ok=True)
+                    break
                 if JOINED in seen:
                     alive.touch()
                     losses = 0 if time.monotonic() - started > 600 else losses
@@ -284,6 +418,13 @@ def run_client_cmd(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:  # stopped cleanly: the SuperNode deactivates its node on SIGTERM
             alive.unlink(missing_ok=True)
             raise
+        finally:
+            full.close()
+    if finished is not None:
+        spent = spent_line(read_ledger(ledger_path, atrest_key, key_file=cfg.hospital.ledger_key_file), cfg)
+        print(f"[xrayfed] hospital {cfg.hospital.name}: the federation's run {finished['federation']!r} finished "
+              f"after {finished['rounds']} round{'' if finished['rounds'] == 1 else 's'}; {spent}. Exiting.", flush=True)
+        return 0
     cause = next((c for m, c in _REFUSAL_CAUSES if m in seen),
                  "the SuperNode stopped (see the lines above): the server refused this hospital or the connection "
                  "failed")

@@ -35,7 +35,7 @@ from xrayfed.common.data import load_dataset
 from xrayfed.common.errors import UserError
 from xrayfed.common.model import build_model
 from xrayfed.common.prediction import choose_threshold, compute_metrics
-from xrayfed.common.protocol.rounds import SENT_AN_UPDATE
+from xrayfed.common.protocol.rounds import RUN_FINISHED_ACTION, SENT_AN_UPDATE, RunFinished
 from xrayfed.common.security.atrest import load_checkpoint, load_key
 from xrayfed.common.train import evaluate, predict_logits
 from xrayfed.server.rundir import RunDir
@@ -44,6 +44,8 @@ from xrayfed.server.strategy import HospitalsMissing, ledger_anchors, make_strat
 
 log = logging.getLogger(__name__)
 PREFIX = "[xrayfed]"
+#: Seconds the server waits for the hospitals to acknowledge that the run is finished.
+FINISHED_TIMEOUT_S = 30.0
 
 
 def _say(msg: str) -> None:
@@ -141,6 +143,35 @@ def run_security(cfg: FederationConfig, atrest_key=None, simulated: bool = False
     }
 
 
+def announce_finished(grid, cfg: FederationConfig, rounds: int, timeout_s: float = FINISHED_TIMEOUT_S) -> int:
+    """Tell every hospital connected now that this run is over after ``rounds`` rounds (a
+    :class:`~xrayfed.common.protocol.rounds.RunFinished` query): each one's ``xrayfed client``
+    then stops instead of waiting for a server that will not come back. Waits at most
+    ``timeout_s`` seconds for the acknowledgements; returns how many hospitals acknowledged.
+
+    Only a finished run sends it: a server that is killed or stops before its last round sends
+    nothing, so the hospitals keep waiting for it to resume."""
+    from flwr.app import Message
+    from flwr.app.message_type import MessageType
+
+    nodes = sorted(grid.get_node_ids())
+    if not nodes:
+        return 0
+    note = RunFinished(federation=cfg.federation.name, rounds=rounds)
+    msgs = [Message(content=note.to_content(), dst_node_id=n, message_type=f"{MessageType.QUERY}.{RUN_FINISHED_ACTION}")
+            for n in nodes]
+    try:
+        replies = list(grid.send_and_receive(msgs, timeout=timeout_s))
+    except Exception as e:  # noqa: BLE001 - the run is done either way; the hospitals can be stopped by hand
+        _say(f"could not tell the hospitals that the run is finished ({type(e).__name__}); stop their "
+             "`xrayfed client` by hand")
+        return 0
+    acked = sum(1 for r in replies if not r.has_error())
+    _say(f"told the {len(nodes)} connected hospital(s) that the run is finished ({acked} acknowledged); "
+         "their `xrayfed client` exits")
+    return acked
+
+
 def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_key=None,
                    simulated: bool = False) -> RunDir:
     """Run the configured federation on ``grid``; ``atrest_key`` (default: from the environment)
@@ -170,6 +201,7 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     remaining = cfg.federation.rounds - start_round
     if remaining <= 0:
         _say(f"all {cfg.federation.rounds} rounds are done (latest checkpoint: round {start_round})")
+        announce_finished(grid, cfg, start_round)
         return run
 
     eval_set = _load_eval_set(cfg)
@@ -271,4 +303,5 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     if best[0] is not None:
         _say(f"best global model on the validation split: round {best[0][0]} (val AUC {best[0][1]:.3f}), "
              f"{run.best_path}: the one to serve and export")
+    announce_finished(grid, cfg, cfg.federation.rounds)
     return run

@@ -8,7 +8,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from xrayfed.common.config import FederationConfig, load_config
-from xrayfed.common.logs import configure_logging
+from xrayfed.common.logs import configure_flower_logging, configure_logging
 from xrayfed.server.federation import run_federation
 
 SIM_FEDERATION_ENV = "XRAYFED_SIM_FEDERATION"
@@ -18,6 +18,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     configure_logging()
+    configure_flower_logging()
     # `xrayfed server` passes the path as run config; `xrayfed simulate` (Flower's Simulation
     # Engine runs this app in its own process with an empty run config) through the environment.
     path = context.run_config.get("config-path") or os.environ.get(SIM_FEDERATION_ENV)

@@ -32,7 +32,7 @@ from xrayfed.common.flower_launch import (
     superlink_args_from_config,
     write_flwr_home,
 )
-from xrayfed.common.logs import FLEET_EXPOSED, warn_insecure
+from xrayfed.common.logs import FLEET_EXPOSED, LogRelay, strip_ansi, warn_insecure
 from xrayfed.common.procs import (
     ProcessGroup,
     free_port,
@@ -92,28 +92,48 @@ def load_federation_config(args: argparse.Namespace):
 
 
 class _Log:
-    """server.log plus the operator's terminal, safe to write from several threads."""
+    """server.log plus the operator's terminal, safe to write from several threads. Colour
+    codes never reach server.log, nor the terminal unless it is one."""
 
     def __init__(self, file) -> None:
         self.file = file
         self.lock = threading.Lock()
+        self.colours = sys.stdout.isatty()
+        self.closed = False
 
-    def write(self, line: str, echo: bool) -> None:
+    def write(self, line: str, echo: bool, to_file: bool = True) -> None:
+        plain = strip_ansi(line)
         with self.lock:
-            self.file.write(line)
-            self.file.flush()
+            if self.closed:
+                return
+            if to_file:
+                self.file.write(plain)
+                self.file.flush()
             if echo:
-                sys.stdout.write(line[line.find("[xrayfed]"):] if "[xrayfed]" in line else line)
+                shown = line if self.colours else plain
+                sys.stdout.write(shown[shown.find("[xrayfed]"):] if "[xrayfed]" in shown else shown)
                 sys.stdout.flush()
 
     def say(self, msg: str) -> None:
         self.write(f"[xrayfed] {msg}\n", echo=True)
 
 
-def _pump(stream, out: _Log, echo_all: bool) -> None:
+def _pump(stream, out: _Log, verbose: bool) -> None:
+    """The ServerApp's lines as ``flwr run --stream`` relays them: xrayfed's lines and errors to
+    server.log and the terminal; Flower's (already in server.log from the SuperLink's own
+    output) only with ``verbose``."""
+    relay = LogRelay(verbose=False)
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
-        out.write(line, echo=echo_all or "[xrayfed]" in line or "ERROR" in line)
+        ours = relay.is_ours(line)
+        out.write(line, echo=ours or verbose, to_file=ours or verbose)
+
+
+def _pump_superlink(stream, out: _Log, verbose: bool) -> None:
+    """The SuperLink's own output (and its ServerApp's Flower log): all of it to server.log,
+    to the terminal only with ``verbose``."""
+    for raw in iter(stream.readline, b""):
+        out.write(raw.decode(errors="replace"), echo=verbose)
 
 
 def hospital_keys_to_register(cfg) -> tuple[dict[str, Path], dict[str, str], list[str]]:
@@ -252,9 +272,11 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atres
             spawn(
                 [venv_bin("flower-superlink"), "--host", chost, "--port", str(cport),
                  "--disable-runtime-dependency-installation", *tls_args],
-                log=logf, env=env,
+                env=env, stdout=subprocess.PIPE,
             )
         )
+        link_pump = threading.Thread(target=_pump_superlink, args=(link.stdout, out, verbose), daemon=True)
+        link_pump.start()
         wait_for_port(chost, cport, timeout=60, proc=link, what="flower-superlink")
         gateway = FleetGateway(
             host, port, f"{'http' if insecure else 'https'}://{chost}:{cport}", insecure=insecure,
@@ -298,6 +320,8 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atres
         finally:
             gateway.stop()
             kill_tree(link)
+            link_pump.join(timeout=5)
+            out.closed = True
     return 0 if rc == 0 else 1
 
 

@@ -98,6 +98,74 @@ def test_what_the_client_does_after_its_supernode_stopped():
     assert lapse_wait(None) == 0 and lapse_wait(STILL_ONLINE_S) == 0 and lapse_wait(30.0) == STILL_ONLINE_S - 30.0
 
 
+def test_run_finished_note_and_the_budget_line(tmp_path):
+    """The server's "run finished" message is recorded in the state folder and read back by
+    `xrayfed client`; a malformed one is refused (nothing recorded). The exit line's budget comes
+    from the hospital's own ledger, and says when it cannot pay for another round."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from xrayfed.client.supernode import FINISHED_FILE, read_finished, record_finished, spent_line
+    from xrayfed.common.errors import UserError
+    from xrayfed.common.privacy.accounting import compute_epsilon
+    from xrayfed.common.protocol.rounds import RUN_FINISHED, RunFinished
+
+    assert read_finished(tmp_path) is None
+    note = RunFinished.from_content(RunFinished(federation="fed\x1b[2J", rounds=3).to_content())
+    assert note.rounds == 3 and "\x1b" not in note.federation  # the server's text, made one safe line
+    record_finished(tmp_path, note)
+    assert read_finished(tmp_path)["rounds"] == 3 and (tmp_path / FINISHED_FILE).is_file()
+    for bad in ({"federation": "f"}, {"federation": "f", "rounds": "x"}, {"federation": "f", "rounds": -1}):
+        with pytest.raises(UserError, match="malformed"):
+            RunFinished.from_content(RecordDict({RUN_FINISHED: ConfigRecord(bad)}))
+    with pytest.raises(UserError, match="malformed"):
+        RunFinished.from_content(RecordDict({}))
+
+    cfg = HospitalConfig.model_validate({"hospital": {"name": "h"}, "privacy": {"epsilon": 8.0}})
+    header = {"event": "budget", "epsilon_budget": 8.0, "delta": 1e-5, "unit": "patient"}
+    step = {"event": "train", "noise_multiplier": 1.1, "sample_rate": 0.2, "steps": 20, "accountant": "prv"}
+    one = compute_epsilon([(1.1, 0.2, 20)], 1e-5, "prv")
+    two = compute_epsilon([(1.1, 0.2, 20)] * 2, 1e-5, "prv")
+    assert one < two < 8.0 < compute_epsilon([(1.1, 0.2, 20)] * 3, 1e-5, "prv")
+    assert spent_line([header, step], cfg) == f"this hospital spent ε = {one:.2f} of 8.00 (per patient, δ = 1e-05) in 1 round"
+    assert spent_line([header, step, step], cfg).endswith("in 2 rounds; its budget cannot pay for another round")
+    assert "trained no round" in spent_line([header], cfg)
+
+
+def test_child_output_is_relayed_readable():
+    """What a hospital (and the operator) sees of the Flower processes' output: without -v
+    xrayfed's lines and every error (with its traceback), never Flower's INFO/DEBUG chatter,
+    message ids, uvicorn or Python warnings; colour codes removed unless kept for a terminal."""
+    from xrayfed.common.logs import LogRelay, strip_ansi
+
+    lines = [
+        "\x1b[92mINFO \x1b[0m:      Starting Flower SuperNode\n",
+        "\x1b[92mINFO \x1b[0m:      Receiving: train message (ID: d90e34a1419f0fb11e1c2ae16529)\n",
+        "\x1b[94mDEBUG 2026-01-01 10:00:00,123\x1b[0m:     Connection attempt failed with exception\n",
+        "INFO:     Uvicorn running on http://127.0.0.1:41733 (Press CTRL+C to quit)\n",
+        "2026-12-05T05:46:31.571Z INFO [uvicorn.error] Started server process [31892]\n",
+        "12/05/2026 05:46:41:INFO:Starting XrayFedAvgM strategy:\n",
+        "12/05/2026 05:46:41:INFO:\t├── Number of rounds: 2\n",
+        "Successfully installed xrayfed-federation to /x/.flwr/apps/x\n",
+        "/venv/opacus/privacy_engine.py:96: UserWarning: Secure RNG turned off.\n",
+        "  warnings.warn(\n",
+        "INFO flwr: Sent successfully\n",
+        "INFO xrayfed.client.hospital: round 1: trained 21 DP-SGD steps\n",
+        "10:00:01 WARNING xrayfed.client.supernode: something of ours\n",
+        "[xrayfed] hospital h0 joining 127.0.0.1:5000\n",
+        "\x1b[91mERROR \x1b[0m:     ClientApp raised an exception\n",
+        "Traceback (most recent call last):\n",
+        '  File "x.py", line 1, in <module>\n',
+        "ValueError: bad input\n",
+        "xrayfed: error: hospital h0 could not join\n",
+    ]
+    quiet = [x for x in map(LogRelay(), lines) if x is not None]
+    assert quiet == [strip_ansi(x) for x in lines[11:]]
+    assert all("\x1b" not in x for x in quiet)
+    verbose = [x for x in map(LogRelay(verbose=True), lines) if x is not None]
+    assert verbose == [strip_ansi(x) for x in lines]
+    assert [x for x in map(LogRelay(verbose=True, keep_colours=True), lines) if x is not None] == lines
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):

@@ -15,6 +15,12 @@ ledger head) and, when an update leaves the hospital, ``arrays``. Statuses: ``tr
 update, charged), ``resent`` (the byte-identical update of an earlier charge), ``refused``
 (nothing sent: budget, ledger check or a repeated request); ``failed`` is what the server writes
 for a reply that is an error.
+
+**Run finished** (server → every connected hospital, once, after the last round:
+:class:`RunFinished`, a ``query.run_finished`` message): the federation's name and the number of
+rounds it ran. The hospital records it in its state folder and its ``xrayfed client`` stops.
+It carries no instruction beyond "this run is over": a hostile server gains nothing by sending
+it early that it could not get by sending no more rounds.
 """
 
 from __future__ import annotations
@@ -123,6 +129,39 @@ class TrainReply:
         if self.state_dict is not None:
             content[ARRAYS] = ArrayRecord(self.state_dict)
         return content
+
+
+#: The action of the run-finished query (Flower message type ``query.run_finished``) and its record.
+RUN_FINISHED_ACTION = "run_finished"
+RUN_FINISHED = "run-finished"
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    """The server's last message to each hospital: its run is over after ``rounds`` rounds."""
+
+    federation: str
+    rounds: int
+
+    def to_content(self):
+        from flwr.app import ConfigRecord, RecordDict
+
+        return RecordDict({RUN_FINISHED: ConfigRecord({FEDERATION: self.federation, "rounds": int(self.rounds)})})
+
+    @classmethod
+    def from_content(cls, content) -> "RunFinished":
+        """Read the query's ``RecordDict``; a malformed one is a ``UserError`` (the texts are the
+        server's: made one line and bounded)."""
+        from xrayfed.common.logs import untrusted
+
+        try:
+            rec = content.config_records[RUN_FINISHED]
+            rounds = int(rec["rounds"])
+            if rounds < 0:
+                raise ValueError("negative rounds")
+            return cls(federation=untrusted(rec[FEDERATION], 64), rounds=rounds)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            raise UserError(f"run-finished message from the server is malformed ({type(e).__name__})") from None
 
 
 def finite_metrics(metrics: dict) -> dict[str, float]:
