@@ -201,7 +201,8 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     remaining = cfg.federation.rounds - start_round
     if remaining <= 0:
         _say(f"all {cfg.federation.rounds} rounds are done (latest checkpoint: round {start_round})")
-        announce_finished(grid, cfg, start_round)
+        if not simulated:  # simulated hospitals have no `xrayfed client` to stop
+            announce_finished(grid, cfg, start_round)
         return run
 
     eval_set = _load_eval_set(cfg)
@@ -303,5 +304,6 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     if best[0] is not None:
         _say(f"best global model on the validation split: round {best[0][0]} (val AUC {best[0][1]:.3f}), "
              f"{run.best_path}: the one to serve and export")
-    announce_finished(grid, cfg, cfg.federation.rounds)
+    if not simulated:
+        announce_finished(grid, cfg, cfg.federation.rounds)
     return run
