@@ -2,8 +2,10 @@
 hospital's own inference stack, usable without xrayfed.
 
 The exported file carries what a consumer needs besides the weights, as JSON metadata
-(:func:`export_metadata`): the preprocessing (grayscale → resize to ``image_size`` → uint8 →
-``(x / 255 − 0.5) / 0.5``), the input shape, the task (binary: one logit, sigmoid; multi-class:
+(:func:`export_metadata`): the whole preprocessing as data
+(:func:`xrayfed.common.preprocess.preprocessing_spec`: decoding of PNG/JPEG/DICOM with the DICOM
+display rules, grey conversion, uint8, resize method and size, scale, normalisation mean/std,
+channels), the input shape, the task (binary: one logit, sigmoid; multi-class:
 softmax; multi-label: sigmoid per label), the class names, the decision threshold and the model
 version. ONNX stores it in ``metadata_props["xrayfed"]``, TorchScript in the extra file
 ``xrayfed.json``.
@@ -38,7 +40,7 @@ from xrayfed.common.checkpoint import Checkpoint
 from xrayfed.common.data import load_dataset, targets_array
 from xrayfed.common.errors import UserError
 from xrayfed.common.files import atomic_write
-from xrayfed.common.preprocess import normalize
+from xrayfed.common.preprocess import normalize, preprocessing_spec
 from xrayfed.common.security.atrest import load_checkpoint, load_key
 from xrayfed.common.synthetic import make_synthetic
 
@@ -61,7 +63,7 @@ def _operating_point(ckpt: Checkpoint) -> float | list[float] | None:
 def export_metadata(ckpt: Checkpoint, threshold: float | None = None) -> dict:
     """What a consumer of the exported model needs besides the weights (JSON-serialisable)."""
     return {
-        "format_version": 1,
+        "format_version": 2,
         "model_version": ckpt.model_version,
         "architecture": ckpt.model.model_dump(mode="json"),
         "task": ckpt.task.to_dict(),
@@ -71,9 +73,7 @@ def export_metadata(ckpt: Checkpoint, threshold: float | None = None) -> dict:
         "decision_threshold": float(threshold) if threshold is not None else _operating_point(ckpt),
         "input": {"name": "scan", "shape": ["batch", int(ckpt.model.in_channels), int(ckpt.image_size),
                                             int(ckpt.image_size)], "dtype": "float32"},
-        "preprocessing": ("grayscale (DICOM: modality + VOI LUT, MONOCHROME1 inverted) → resize to "
-                          f"{ckpt.image_size}×{ckpt.image_size} → uint8 → (x / 255 − 0.5) / 0.5 "
-                          "(xrayfed.common.preprocess.prepare_scan)"),
+        "preprocessing": preprocessing_spec(int(ckpt.image_size), int(ckpt.model.in_channels)),
         "round": int(ckpt.round),
     }
 

@@ -15,8 +15,15 @@ Intensity conventions (all outputs: 0 = black, 1 = white, i.e. bone/opacity brig
 * 8-bit PNG/JPEG: value / 255 (colour → ITU-R 601 luma, as PIL ``convert("L")``);
 * 16-bit (and 32-bit/float) PNG: min–max stretched to [0, 1] (such files usually hold 10–12-bit
   detector values);
-* DICOM: Modality LUT (Rescale Slope/Intercept), then VOI LUT or window centre/width when the
-  file has one, MONOCHROME1 inverted, then min–max to [0, 1].
+* DICOM: the file's own display rules give display values 0..255, the pixels a viewer exporting
+  the scan as an 8-bit JPEG/PNG would write (:mod:`xrayfed.common.dicom`): Modality LUT (Rescale
+  Slope/Intercept), then the VOI LUT or Window Center/Width (output 0..255); without one, an 8-bit
+  image's stored value itself (so the same pixels as DICOM and as PNG give the same model input)
+  and a deeper image min–max stretched; MONOCHROME1 inverted; colour → luma as above; rounded to
+  integers, then / 255. Multi-frame, non-radiograph (CT, MR, ...) and colour secondary-capture
+  files are refused with the reason.
+
+:func:`preprocessing_spec` states all of it as data (the exported model's metadata).
 
 Every failure to read a file is a one-line :class:`~xrayfed.common.errors.UserError` naming the
 file (name only) and what is allowed; no pixel data ever appears in a message. A scan may hold at
@@ -34,6 +41,7 @@ from PIL import Image
 if TYPE_CHECKING:  # torch is imported where a tensor is made: a patient's process never imports it
     import torch
 
+from xrayfed.common import dicom as _dicom
 from xrayfed.common.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -54,26 +62,7 @@ def is_dicom(path: Path | str) -> bool:
     path = Path(path)
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
-    return _has_dicom_preamble(path)
-
-
-def _has_dicom_preamble(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
-def _why(e: BaseException, path: Path | None = None) -> str:
-    """A short, pixel-free reason: the exception type and the first line of its message
-    (with the file's folder left out)."""
-    msg = str(e).splitlines()[0] if str(e) else ""
-    if path is not None:
-        msg = msg.replace(str(path), path.name).replace(str(path.resolve()), path.name)
-    msg = msg[:100]
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return _dicom.has_dicom_preamble(path)
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -91,92 +80,20 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- DICOM
-def _dicom_luts():
-    try:  # pydicom ≥ 3
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError:  # pydicom 2.x
-        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
-    return apply_modality_lut, apply_voi_lut
-
-
 def read_dicom(path: Path, *, pixels: bool = True):
-    import pydicom
-
-    force = not _has_dicom_preamble(path)  # a .dcm without the 128-byte preamble + 'DICM'
-    try:
-        return pydicom.dcmread(str(path), force=force, stop_before_pixels=not pixels)
-    except Exception as e:  # noqa: BLE001 - anything pydicom raises means: not a readable DICOM file
-        raise UserError(f"{path.name}: not a readable DICOM file ({_why(e, path)}); {_ALLOWED}") from None
-
-
-def _dicom_int(ds, keyword: str, default: int, path: Path) -> int:
-    """The integer header attribute ``keyword`` of ``ds`` (``default`` when absent or empty);
-    a one-line UserError when it is not a non-negative integer."""
-    try:
-        v = ds.get(keyword, None)
-        v = default if v is None or v == "" else v
-        out = int(v)
-    except Exception:  # noqa: BLE001 - a malformed header value (text, a list, an unparsable number)
-        raise UserError(f"{path.name}: DICOM header {keyword} is not an integer; {_ALLOWED}") from None
-    if out < 0:
-        raise UserError(f"{path.name}: DICOM header {keyword} = {out} is negative; {_ALLOWED}")
-    return out
+    """The pydicom dataset of ``path`` (:func:`xrayfed.common.dicom.read_dicom`)."""
+    return _dicom.read_dicom(path, pixels=pixels)
 
 
 def dicom_pixel_count(ds, path: Path) -> int:
-    """Pixels the DICOM dataset ``ds`` declares: Rows × Columns × frames × samples per pixel,
-    read from the header only. A one-line UserError when a factor is malformed, zero, or the
-    product exceeds :data:`MAX_SCAN_PIXELS`."""
-    rows, cols = _dicom_int(ds, "Rows", 0, path), _dicom_int(ds, "Columns", 0, path)
-    frames, samples = _dicom_int(ds, "NumberOfFrames", 1, path), _dicom_int(ds, "SamplesPerPixel", 1, path)
-    n = rows * cols * max(frames, 1) * max(samples, 1)
-    if rows == 0 or cols == 0:
-        raise UserError(f"{path.name}: DICOM header declares {cols}×{rows} px (Columns × Rows); {_ALLOWED}")
-    if n > MAX_SCAN_PIXELS:
-        raise UserError(f"{path.name}: DICOM header declares {cols}×{rows} px × {max(frames, 1)} frame(s) × "
-                        f"{max(samples, 1)} sample(s) = {n:,} pixels; at most {MAX_SCAN_PIXELS:,} are allowed")
-    return n
+    """Pixels the DICOM dataset ``ds`` declares (Rows × Columns × frames × samples per pixel,
+    from the header only); a one-line UserError above :data:`MAX_SCAN_PIXELS`."""
+    return _dicom.dicom_pixel_count(ds, path, MAX_SCAN_PIXELS)
 
 
 def _load_dicom(path: Path) -> np.ndarray:
-    ds = read_dicom(path)
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise UserError(f"{path.name}: DICOM file holds no image (no Pixel Data); {_ALLOWED}")
-    dicom_pixel_count(ds, path)  # before any pixel data is decoded
-    frames = _dicom_int(ds, "NumberOfFrames", 1, path) or 1
-    if frames != 1:
-        raise UserError(f"{path.name}: multi-frame DICOM ({frames} frames) is not supported; "
-                        "one 2-D radiograph per file is allowed")
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper().strip()
-    try:
-        arr = ds.pixel_array
-    except Exception as e:  # noqa: BLE001 - truncated data, missing decoder plugin, bad header...
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        ts_name = getattr(ts, "name", None) or str(ts or "unknown transfer syntax")
-        raise UserError(f"{path.name}: cannot decode the DICOM pixel data ({ts_name}; {_why(e, path)}); "
-                        f"{_ALLOWED} (uncompressed or a transfer syntax pydicom can decode)") from None
-    if photometric in ("MONOCHROME1", "MONOCHROME2"):
-        if arr.ndim != 2:
-            raise UserError(f"{path.name}: DICOM pixel data has shape {tuple(arr.shape)}; "
-                            "one 2-D grayscale frame is allowed")
-        apply_modality_lut, apply_voi_lut = _dicom_luts()
-        try:
-            x = apply_modality_lut(arr, ds)  # Rescale Slope/Intercept or Modality LUT
-            x = apply_voi_lut(x, ds)  # VOI LUT Sequence, else Window Center/Width (when present)
-        except Exception as e:  # noqa: BLE001 - malformed LUT/window attributes
-            raise UserError(f"{path.name}: invalid DICOM LUT/window attributes ({_why(e, path)})") from None
-        x = np.asarray(x, dtype=np.float64)
-        if photometric == "MONOCHROME1":  # high stored values are dark: invert
-            x = -x
-        return _minmax(x)
-    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420") and arr.ndim == 3 \
-            and arr.shape[-1] == 3:
-        # pydicom returns RGB for YBR data by default; secondary-capture colour radiographs.
-        rgb = np.asarray(arr, dtype=np.float64)
-        luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-        return _minmax(luma)
-    raise UserError(f"{path.name}: DICOM photometric interpretation {photometric or '?'} with pixel shape "
-                    f"{tuple(arr.shape)} is not supported; allowed: MONOCHROME1/2 (or RGB) single-frame images")
+    """A DICOM radiograph's display values (:func:`xrayfed.common.dicom.dicom_display`, 0..255) / 255."""
+    return _dicom.dicom_display(path, MAX_SCAN_PIXELS).astype(np.float32) / np.float32(255.0)
 
 
 # ----------------------------------------------------------------------------- PNG / JPEG
@@ -192,7 +109,7 @@ def _load_raster(path: Path, size_hint: int | None) -> np.ndarray:
                 # Decode luma only; with a size hint let the JPEG decoder downscale by 1/2, 1/4
                 # or 1/8 (DCT scaling) while keeping ≥ 2× the target size (then antialiased
                 # resize). Training and inference pass the same hint → identical pixels.
-                req = im.size if size_hint is None else (2 * size_hint, 2 * size_hint)
+                req = im.size if size_hint is None else (JPEG_DRAFT_FACTOR * size_hint,) * 2
                 im.draft("L", (min(req[0], im.size[0]), min(req[1], im.size[1])))
             im.load()
             mode = im.mode
@@ -206,7 +123,7 @@ def _load_raster(path: Path, size_hint: int | None) -> np.ndarray:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, truncated data, decompression bomb...
-        raise UserError(f"{path.name}: not a readable image ({_why(e, path)}); {_ALLOWED}") from None
+        raise UserError(f"{path.name}: not a readable image ({_dicom.short_reason(e, path)}); {_ALLOWED}") from None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -320,3 +237,55 @@ def read_dicom_patient_id(path: Path | str) -> str | None:
     pid = ds.get("PatientID", None)
     pid = str(pid).strip() if pid is not None else ""
     return pid or None
+
+
+#: The JPEG decoder's DCT scaling keeps both sides at least this many times the model input side.
+JPEG_DRAFT_FACTOR = 2
+
+
+def preprocessing_spec(size: int, channels: int = 1) -> dict:
+    """The whole preprocessing of a scan file into the model input of side ``size`` px, as data
+    (JSON-serialisable): what a hospital's own inference stack must do to match
+    :func:`prepare_scan` (the exported model's metadata carries it)."""
+    size = int(size)
+    return {
+        "reference": "xrayfed.common.preprocess.prepare_scan",
+        "decode": {
+            "png_jpeg": ("Pillow; an 8-bit image's values are its display values 0..255; a 16-bit, 32-bit or float "
+                         "PNG is min-max stretched to 0..255 (float, not rounded)"),
+            "jpeg_dct_scaling": {"factor": JPEG_DRAFT_FACTOR, "how": (
+                "JPEG files are decoded as grey (the JPEG's own luma) at the smallest DCT scale (1, 1/2, 1/4 or 1/8) "
+                "that keeps both sides >= factor x size: Pillow Image.draft('L', (min(factor*size, width), "
+                "min(factor*size, height))) before load()")},
+            "dicom": {
+                "reject": ["NumberOfFrames > 1",
+                           f"Modality other than {', '.join(_dicom.RADIOGRAPH_MODALITIES)} (or none)",
+                           "colour (RGB/YBR) unless Modality is "
+                           + ", ".join(_dicom.COLOUR_RADIOGRAPH_MODALITIES),
+                           "PhotometricInterpretation other than MONOCHROME1/2, RGB, YBR_*"],
+                "steps": [
+                    "modality LUT: Rescale Slope/Intercept, or the Modality LUT Sequence",
+                    "VOI: the first VOI LUT Sequence item, its output scaled from 2^LUTDescriptor[2] - 1 to 255",
+                    "else the first Window Center c / Width w (PS3.3 C.11.2.1.2, output 0..255): "
+                    "LINEAR y = clip(((x - (c - 0.5)) / (w - 1) + 0.5) * 255, 0, 255); "
+                    "LINEAR_EXACT y = clip(((x - c) / w + 0.5) * 255, 0, 255); "
+                    "SIGMOID y = 255 / (1 + exp(-4 (x - c) / w))",
+                    "else, 8 bits stored and no rescale: y = stored value * 255 / (2^BitsStored - 1)",
+                    "else min-max of the image to 0..255",
+                    "round half to even to integers 0..255",
+                    "MONOCHROME1: y = 255 - y",
+                    "colour (RGB; YBR converted to RGB): luma as for PNG (16-bit samples: the same weights, "
+                    "scaled from 2^BitsStored - 1 to 255, then rounded half to even)",
+                ],
+            },
+        },
+        "grayscale": "ITU-R 601-2 luma, Pillow convert('L'): L = R*299/1000 + G*587/1000 + B*114/1000",
+        "to_uint8": "display value (0..255) rounded half to even to uint8, before resizing",
+        "resize": {"size": [size, size], "filter": "bilinear", "antialias": True, "keep_aspect_ratio": False,
+                   "how": "Pillow Image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None) "
+                          "on the uint8 image (mode L); output uint8"},
+        "scale": 255.0,
+        "normalize": {"mean": 0.5, "std": 0.5, "how": "x = (uint8 / scale - mean) / std, float32, in [-1, 1]"},
+        "channels": {"count": int(channels), "how": "the grey image repeated on every input channel"},
+        "layout": "NCHW float32: (batch, channels, size, size)",
+    }

@@ -45,8 +45,68 @@ def test_export_equals_checkpoint_and_carries_metadata(tmp_path, fmt, task, scat
     assert got.shape == (5, task.num_outputs) and np.abs(got - want).max() <= 1e-4 and want.std() > 1e-3
     meta = E.read_metadata(tmp_path / f"model.{fmt}", fmt)
     assert meta["task"] == task.to_dict() and meta["model_version"] == ck.model_version
-    assert meta["input"]["shape"] == ["batch", 1, 32, 32] and "255" in meta["preprocessing"]
+    assert meta["input"]["shape"] == ["batch", 1, 32, 32] and meta["preprocessing"]["resize"]["size"] == [32, 32]
     assert meta["decision_threshold"] == (0.5 if task.kind == "binary" else None)  # multiclass: the argmax
+
+
+def _input_from_metadata(path, pre: dict) -> np.ndarray:
+    """The model input of the scan file ``path`` built from the exported metadata alone (Pillow,
+    numpy and pydicom as a hospital's own tools would use them; nothing of xrayfed)."""
+    from PIL import Image
+
+    size = pre["resize"]["size"]
+    if str(path).endswith(".dcm"):
+        import pydicom
+        from pydicom.pixels import apply_modality_lut
+
+        dicom = pre["decode"]["dicom"]["steps"]
+        assert dicom.index("round half to even to integers 0..255") < dicom.index("MONOCHROME1: y = 255 - y")
+        ds = pydicom.dcmread(path)
+        x = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+        c, w = float(ds.WindowCenter), float(ds.WindowWidth)  # LINEAR, as the metadata states it
+        assert "LINEAR y = clip(((x - (c - 0.5)) / (w - 1) + 0.5) * 255, 0, 255)" in "; ".join(dicom)
+        u8 = np.rint(np.clip(((x - (c - 0.5)) / (w - 1) + 0.5) * 255, 0, 255)).astype(np.uint8)
+        if ds.PhotometricInterpretation == "MONOCHROME1":
+            u8 = 255 - u8
+    else:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                k = pre["decode"]["jpeg_dct_scaling"]["factor"]
+                im.draft("L", (min(k * size[0], im.size[0]), min(k * size[1], im.size[1])))
+            u8 = np.asarray(im.convert("L"))
+    r = pre["resize"]
+    assert r["filter"] == "bilinear" and r["antialias"] and not r["keep_aspect_ratio"]
+    u8 = np.asarray(Image.fromarray(u8).resize(tuple(size), Image.Resampling.BILINEAR, reducing_gap=None))
+    n = pre["normalize"]
+    x = (u8.astype(np.float32) / np.float32(pre["scale"]) - np.float32(n["mean"])) / np.float32(n["std"])
+    return np.repeat(x[None, None], pre["channels"]["count"], axis=1)
+
+
+def test_the_metadata_alone_reproduces_the_model_input(tmp_path):
+    """A hospital's own pipeline, written from the exported metadata, feeds the exported model
+    exactly what xrayfed feeds it: for a PNG, a JPEG and a windowed 16-bit MONOCHROME1 DICOM."""
+    from PIL import Image
+
+    from dicom_files import write_dicom
+    from xrayfed.common.preprocess import prepare_scan
+
+    ck = _ckpt(TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")), seed=4, size=24)
+    E.export_model(ck, "onnx", tmp_path / "m.onnx")
+    pre = E.read_metadata(tmp_path / "m.onnx", "onnx")["preprocessing"]
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(110, 40, (90, 70)), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    Image.fromarray(img).save(tmp_path / "b.jpg", quality=90)
+    px = (rng.integers(0, 4096, (60, 50))).astype(np.uint16)
+    write_dicom(tmp_path / "c.dcm", px, photometric="MONOCHROME1", window=(2100, 3000), slope=1.5, intercept=-200)
+    for name in ("a.png", "b.jpg", "c.dcm"):
+        ours = prepare_scan(tmp_path / name, 24).numpy()
+        theirs = _input_from_metadata(tmp_path / name, pre)
+        assert theirs.shape == ours.shape == (1, 1, 24, 24) and np.array_equal(theirs, ours), name
+        got = E.run_exported(tmp_path / "m.onnx", "onnx", torch.from_numpy(theirs))
+        with torch.no_grad():
+            want = ck.build().eval()(torch.from_numpy(ours)).numpy()
+        assert np.abs(got - want).max() <= E.TOLERANCE, name
 
 
 def test_export_cli_on_a_checkpoint_with_the_hospitals_scans(tmp_path, capsys):
