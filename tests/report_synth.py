@@ -1,8 +1,16 @@
 """Synthetic federation run directories for report tests (no patient data, no training).
 
 The hospital ledgers are written with the real :class:`PrivacyLedger` API (``ensure_header``,
-``charge``), and ``metrics.jsonl`` follows the server's schema (one row per round, every
-hospital's reported ε), so a report built from them sees exactly what a real run produces.
+``charge``, ``record_release``, ``note``), and ``metrics.jsonl`` follows the server's schema (one
+row per round, every hospital's reported ε, what protected the run), so a report built from them
+sees exactly what a real run produces.
+
+``restart_round``: the server is killed in that round after every hospital released its update,
+and restarted from the previous round's checkpoint; each hospital gets the same request again and
+resends the update it was charged for. That is what a real restart writes
+(tests/test_faults.py): the ledger's lines for the round are ``train``, ``release``, ``resend``,
+and metrics.jsonl has one row for the round (the interrupted attempt wrote none) with status
+``resent``.
 """
 
 from __future__ import annotations
@@ -42,8 +50,13 @@ def default_auc(r: int) -> float:
     return round(0.93 - 0.33 * 0.62 ** r, 4)
 
 
+SECURITY = {"transport": "grpc", "tls": True, "hospital_auth": True, "secure_aggregation": False,
+            "encrypted_at_rest": True}
+
+
 def make_run(run_dir: Path, sites: list[Site], rounds: int, federation: str = "synthetic",
-             auc=default_auc, ledgers: bool = True) -> Path:
+             auc=default_auc, ledgers: bool = True, restart_round: int | None = None,
+             security: dict | None = SECURITY) -> Path:
     """Write RUN_DIR (federation.toml, metrics.jsonl, checkpoints/, hospitals/NAME/ ledgers)."""
     run_dir = Path(run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -63,9 +76,14 @@ def make_run(run_dir: Path, sites: list[Site], rounds: int, federation: str = "s
         hs = []
         for s in sites:
             cfg, plan, ledger, node = state[s.name]
+            key = request_key(federation, r, "v")
             try:
-                ledger.charge(plan, federation=federation, server_round=r, key=request_key(federation, r, "v"))
+                charge = ledger.charge(plan, federation=federation, server_round=r, key=key)
+                ledger.record_release(charge, f"{s.name}-{r}".encode().hex())
                 status = "trained"
+                if r == restart_round:  # the same request after the restart: the same update again
+                    ledger.note("resend", federation=federation, round=r, request=key)
+                    status = "resent"
             except BudgetExceeded:
                 status = "refused"
             hs.append({
@@ -81,11 +99,12 @@ def make_run(run_dir: Path, sites: list[Site], rounds: int, federation: str = "s
         rows.append({
             "round": r, "time": (t0 + timedelta(minutes=7 * r)).isoformat(timespec="seconds"),
             "run_id": "synthetic-0001", "federation": federation, "duration_s": 412.5,
-            "hospitals": hs, "participants": [h["hospital"] for h in hs if h["status"] == "trained"],
+            "hospitals": hs, "participants": [h["hospital"] for h in hs if h["status"] in ("trained", "resent")],
             "max_epsilon": max(h["epsilon"] for h in hs),
             "eval": {"auc": a, "accuracy": round(a - 0.08, 4), "sensitivity": round(a - 0.03, 4),
                      "specificity": round(a - 0.12, 4), "loss": round(1.1 - a, 4)},
             "client_eval": {"auc": round(a - 0.02, 4), "accuracy": round(a - 0.1, 4)},
+            **({"security": dict(security)} if security is not None else {}),
         })
     with (run_dir / "metrics.jsonl").open("w", encoding="utf-8") as f:
         for row in rows:

@@ -106,9 +106,9 @@ def test_known_ledger_exact_figures(known):
     assert all(r.agrees for r in h.rounds) and rep.accounting.checks == 4 and rep.accounting.disagreements == 0
     # The Markdown table shows the same figures.
     md = (out / "report.md").read_text()
-    row = (f"| h1 | each scan (not each patient), N = 1000 | 2.5 | 1e-05 | {spent:.3f} | {2.5 - spent:.3f} | 2 | 1 | 0 / 2 | 1.1000 | 1 | 0.0640 | 16 | PRV | off | on "
-           f"| 0 | common |")
+    row = f"| h1 | scan (not patient) | 1000 scans | {spent:.3f} of 2.5 | {2.5 - spent:.3f} | 1e-05 | 2 | 1 | 0 / 2 | 0 | common |"
     assert row in md
+    assert "| h1 | 1.1000 | 1 | 0.0640 | 16 | 32 | PRV | off | on |" in md  # the DP parameters, in the details
     assert "budget_exhausted" in md and "Ledger of h1" in md
 
 
@@ -275,7 +275,9 @@ def test_cli_format_flag_and_schema(known, fed_run, tmp_path, capsys):
     assert cli.main(["report", "--ledger", str(known[0].parent), "--out", str(out), "--format", "json"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["report.json"]
     printed = capsys.readouterr().out  # the summary table is printed to the terminal too
-    assert "| Hospital | Privacy unit | Budget ε | δ | ε spent | ε left |" in printed and "| h1 | each scan" in printed
+    assert "| Hospital | Privacy unit | Training set | ε spent of budget | ε left | δ |" in printed
+    assert "| h1 | scan (not patient) | 1000 scans |" in printed
+    assert printed.index("- Privacy unit: each scan, not each patient") < printed.index("| Hospital |")
     assert cli.main(["report", str(fed_run), "--format", "pdf"]) == 2
     assert "unknown format 'pdf'" in capsys.readouterr().err
     assert cli.main(["report", "--schema"]) == 0

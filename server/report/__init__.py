@@ -29,6 +29,7 @@ from xrayfed.server.report.build import (  # noqa: F401  (the public API)
 from xrayfed.server.report.findings import hospital_findings  # noqa: F401
 from xrayfed.server.report.render import (  # noqa: F401
     parse_formats,
+    plain_words,
     render_html,
     render_json,
     render_markdown,

@@ -23,6 +23,8 @@ from xrayfed.common.privacy.ledger import (
     read_ledger,
     unpaid_releases,
 )
+from xrayfed.common.protocol.rounds import RESENT, SENT_AN_UPDATE
+from xrayfed.common.security.atrest import is_encrypted, is_encrypted_line
 from xrayfed.server.report.findings import hospital_findings, secure_mode_note
 from xrayfed.server.report.schema import (
     LEDGER_RECOMPUTE_TOL,
@@ -34,6 +36,7 @@ from xrayfed.server.report.schema import (
     LedgerInfo,
     Report,
     RoundSummary,
+    RunSecurity,
     SecondOpinion,
     privacy_level,
 )
@@ -237,7 +240,10 @@ def _hospital_from_metrics(name: str, entries: list[tuple[int, dict[str, Any]]],
     if budget is None or delta is None:
         raise UserError(f"metrics.jsonl: hospital {name} never reported its budget (epsilon_budget, delta)")
     accountant = str(latest("accountant", "prv") or "prv")
-    spend = [(rnd, r) for rnd, r in entries if r.get("status") in ("trained", "resent")
+    # A round's update was trained and charged once whether it arrived in the round's first
+    # attempt ("trained") or was resent after a restart ("resent": the attempt that carried the
+    # charge never reached metrics.jsonl), so both count as a round trained, and both spend.
+    spend = [(rnd, r) for rnd, r in entries if r.get("status") in SENT_AN_UPDATE
              and all(_num(r.get(k)) is not None for k in ("noise_multiplier", "sample_rate", "steps"))]
     history = [(float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"])) for _, r in spend]
     recomputed = training_epsilon(history, delta, accountant) if history else 0.0
@@ -265,13 +271,21 @@ def _hospital_from_metrics(name: str, entries: list[tuple[int, dict[str, Any]]],
             check_at.append(len(rounds) - 1)
     final_op = None
     if history or check_list:
-        check_list.append((len(history), spent, delta, accountant, True))
+        # The checkable figure is what this run's rounds account for; more than that reported is
+        # budget spent where the server saw no update (a round the hospital was charged for and
+        # then failed, or an earlier run): history_incomplete, not a disagreement of accountants.
+        check_list.append((len(history), recomputed, delta, accountant, True))
         ops = second_opinions(history, check_list)
-        checks.add(ops, accountant)
+        checked = [ops[-1]]
         for j, op in zip(check_at, ops[:-1]):
             rounds[j].epsilon_independent = op.independent_epsilon
             rounds[j].epsilon_rdp = op.rdp_epsilon
+            eps = rounds[j].epsilon
+            if not op.agrees and eps is not None and eps > op.independent_epsilon:
+                continue  # over what the rounds seen here account for: not checkable from metrics
             rounds[j].agrees = op.agrees
+            checked.append(op)
+        checks.add(checked, accountant)
         final_op = ops[-1]
     last_spend = spend[-1][1] if spend else {}
     complete = final_op is not None and final_op.agrees and abs(last_reported - recomputed) <= final_op.tolerance
@@ -280,9 +294,9 @@ def _hospital_from_metrics(name: str, entries: list[tuple[int, dict[str, Any]]],
         more = _fits(history, history[-1], delta, budget, accountant, spent)
     h = HospitalReport(
         hospital=name, source="metrics", epsilon_budget=budget, delta=delta, epsilon_spent=spent,
-        epsilon_left=max(0.0, budget - spent), rounds_trained=sum(1 for _, r in entries if r.get("status") == "trained"),
+        epsilon_left=max(0.0, budget - spent), rounds_trained=sum(1 for _, r in entries if r.get("status") in SENT_AN_UPDATE),
         rounds_refused=sum(1 for _, r in entries if r.get("status") == "refused"),
-        rounds_resent=sum(1 for _, r in entries if r.get("status") == "resent"),
+        rounds_resent=sum(1 for _, r in entries if r.get("status") == RESENT),
         rounds_failed=sum(1 for _, r in entries if r.get("status") == "failed"),
         noise_multiplier=_num(last_spend.get("noise_multiplier")), max_grad_norm=_num(latest("max_grad_norm")),
         sample_rate=_num(last_spend.get("sample_rate")), steps_per_round=_int(last_spend.get("steps")),
@@ -329,11 +343,13 @@ def build_hospital_report(ledger_path: Path | str | list[Path], atrest_key=None,
     secure_mode_note(hospitals, findings)
     names = ", ".join(h.hospital for h in hospitals)
     feds = sorted({r.federation for h in hospitals for r in h.rounds if r.federation})
+    findings.extend(resent_findings(hospitals))
     report = Report(
         kind="hospital", title=f"Privacy-budget report — hospital {names}", generated_at=_now(),
         generator=_generator(), federation=", ".join(feds) or None, sources=[str(p) for p in paths],
         rounds_total=max((h.rounds_trained for h in hospitals), default=0),
         hospitals=hospitals, findings=findings, accounting=_accounting(checks),
+        security=ledger_security(paths), released_without_dp=released_without_dp(None),
     )
     return _finish(report)
 
@@ -423,6 +439,7 @@ def build_federation_report(run_dir: Path | str, extra_ledgers: list[Path] | Non
     findings.extend(server_findings(rows))
 
     rounds = _round_summaries(rows, node_name, findings)
+    findings.extend(round_resent_findings(rounds))
     final = next((r for r in reversed(rounds) if r.eval), None)
     if not any(r.eval for r in rounds):
         findings.append(Finding(level="info", code="no_server_eval",
@@ -435,8 +452,98 @@ def build_federation_report(run_dir: Path | str, extra_ledgers: list[Path] | Non
         sources=[str(mpath)] + [str(p) for p in ledgers.values()], rounds_total=len(rows),
         final_round=final.round if final else None, final_eval=final.eval if final else None,
         hospitals=hospitals, rounds=rounds, findings=findings, accounting=_accounting(checks),
+        security=run_security(run_dir, rows), released_without_dp=released_without_dp(rounds),
     )
     return _finish(report)
+
+
+# ============================================================================ the plain-words header
+_SECURITY_KEYS = ("tls", "hospital_auth", "secure_aggregation", "encrypted_at_rest")
+
+
+def run_security(run_dir: Path, rows: list[dict[str, Any]]) -> RunSecurity | None:
+    """What protected the run: as the server recorded it with each round (a setting that differed
+    between rounds, e.g. after a restart with another configuration, is shown at its weakest and
+    named in ``mixed``); for a run that did not record it, from ``federation.toml`` and whether
+    its checkpoints are encrypted."""
+    recorded = [r["security"] for r in rows if isinstance(r.get("security"), dict)]
+    if recorded:
+        out: dict[str, Any] = {}
+        mixed = []
+        for k in _SECURITY_KEYS:
+            vals = {bool(x[k]) for x in recorded if x.get(k) is not None}
+            out[k] = min(vals) if vals else None
+            if len(vals) > 1:
+                mixed.append(k)
+        transports = {x.get("transport") for x in recorded}
+        transport = "simulation" if transports == {"simulation"} else "grpc" if "grpc" in transports else None
+        return RunSecurity(transport=transport, source="metrics", mixed=mixed, rounds_recorded=len(recorded), **out)
+    cfg_path = RunDir(run_dir).config_path
+    if not cfg_path.is_file():
+        return None
+    try:
+        cfg = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return None
+    net = cfg.get("network") if isinstance(cfg.get("network"), dict) else {}
+    tls_cfg = net.get("tls") if isinstance(net.get("tls"), dict) else {}
+    tls = not bool(tls_cfg.get("insecure", False))
+    fed = cfg.get("federation") if isinstance(cfg.get("federation"), dict) else {}
+    ckpts = sorted(RunDir(run_dir).checkpoints.glob("round-*.pt"))
+    at_rest = None
+    if ckpts:
+        at_rest = all(is_encrypted(c.open("rb").read(16)) for c in ckpts)
+    return RunSecurity(tls=tls, hospital_auth=tls and net.get("supernode_auth") is not False,
+                       secure_aggregation=bool(fed.get("secure_aggregation", False)), encrypted_at_rest=at_rest,
+                       source="config")
+
+
+def ledger_security(paths: list[Path]) -> RunSecurity:
+    """What a hospital's ledger shows of the run's protection: whether it is encrypted at rest
+    (TLS, hospital authentication and SecAgg+ are the server's settings, not in the ledger)."""
+    enc = []
+    for p in paths:
+        with Path(p).open("r", encoding="utf-8", errors="replace") as f:
+            enc.append(is_encrypted_line(f.readline()))
+    return RunSecurity(encrypted_at_rest=all(enc) if enc else None, source="ledger")
+
+
+def released_without_dp(rounds: list[RoundSummary] | None) -> list[str]:
+    """What leaves a hospital in the clear, outside the DP guarantee (ε covers the model updates
+    only). ``rounds``: a federation's rounds (says whether validation metrics were released)."""
+    out = ["with every round: the hospital's training loss, its training-set size (patients or scans) and its "
+           "privacy figures (ε, δ, σ, q, steps), in the clear to the server"]
+    if rounds is None:
+        out.append("validation metrics (AUC, accuracy on the hospital's own validation split) whenever the server "
+                   "asks the hospitals to evaluate (a federation without its own held-out set)")
+    else:
+        asked = [r.round for r in rounds if r.client_eval]
+        out.append("validation metrics (AUC, accuracy on each hospital's own validation split): "
+                   + (f"released in {len(asked)} round(s) of this run" if asked
+                      else "not asked for in this run (the server evaluated on its own held-out set)"))
+    return out
+
+
+def resent_findings(hospitals: list[HospitalReport]) -> list[Finding]:
+    """A hospital report: each round whose update was sent again after a restart (charged once)."""
+    out = []
+    for h in hospitals:
+        for r in h.rounds:
+            if r.status == "resent":
+                out.append(Finding(level="info", code="update_resent", hospital=h.hospital, round=r.round,
+                                   message=f"round {r.round}: the update already trained and charged for this round "
+                                           "was sent again after a restart (no new privacy charge); it counts once "
+                                           "among the rounds trained"))
+    return out
+
+
+def round_resent_findings(rounds: list[RoundSummary]) -> list[Finding]:
+    """A federation report: each round in which hospitals resent an update after a restart."""
+    return [Finding(level="info", code="update_resent", round=r.round,
+                    message=f"round {r.round}: {', '.join(r.resent)} resent the update already trained and charged for this "
+                            "round (the round was interrupted and run again after a restart); charged once, counted "
+                            "once among the rounds trained")
+            for r in rounds if r.resent]
 
 
 def server_findings(rows: list[dict[str, Any]]) -> list[Finding]:

@@ -16,6 +16,7 @@ from xrayfed.server.report.build import (
 from xrayfed.server.report.render import (
     headline,
     parse_formats,
+    plain_words,
     summary_table,
     write_report,
 )
@@ -40,6 +41,9 @@ def report_cmd(args: argparse.Namespace) -> int:
         out = args.out or resolve_ledger(args.ledger[0]).parent / "privacy-report"
     files = write_report(report, out, formats)
     print(f"# {report.title}\n")
+    for line in plain_words(report):
+        print(f"- {line}")
+    print()
     print(summary_table(report))
     print()
     for line in headline(report):

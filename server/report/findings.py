@@ -66,9 +66,12 @@ def hospital_findings(h: HospitalReport) -> list[Finding]:
                     f"reported ε = {rep:.4f} but this run's rounds alone account for ε = {rec:.4f}; "
                     "the report uses the larger value")
             elif rep > rec + so.tolerance:
+                failed = [str(r.round) for r in h.rounds if r.status == "failed"]
                 add("info", "history_incomplete",
-                    f"reported ε = {rep:.4f} exceeds ε = {rec:.4f} from this run's rounds: the hospital spent "
-                    "budget before this run; its ledger (xrayfed report --ledger) has the full history")
+                    f"reported ε = {rep:.4f} exceeds ε = {rec:.4f} from the updates the server received in this run: "
+                    "the hospital was charged where no update reached the server ("
+                    + (f"round {', '.join(failed)}, which it failed, or " if failed else "")
+                    + "an earlier run); its ledger (xrayfed report --ledger) has the full history")
     return out
 
 

@@ -110,9 +110,11 @@ class HospitalReport(_Schema):
     delta: float
     epsilon_spent: float = Field(description="cumulative ε at δ over every round trained (training accountant)")
     epsilon_left: float = Field(description="max(0, budget − spent)")
-    rounds_trained: int
+    rounds_trained: int = Field(description="rounds whose update the hospital trained and was charged for (a "
+                                            "round resent after a restart counts once, here and in rounds_resent)")
     rounds_refused: int
-    rounds_resent: int = 0
+    rounds_resent: int = Field(0, description="of rounds_trained: rounds whose already-charged update was sent "
+                                              "again after a crash or restart (no new charge)")
     rounds_failed: int = 0
     updates_released: int = Field(0, description="updates that left the hospital (ledger 'release' lines); each "
                                                   "must be paid for by its own 'train' charge")
@@ -165,6 +167,23 @@ class RoundSummary(_Schema):
     client_eval: dict[str, float | None] | None = None
 
 
+class RunSecurity(_Schema):
+    """What protected the run. Federation: as the server recorded it with each round (None: not
+    recorded, from an older run, or from federation.toml); hospital: what its ledger shows."""
+
+    transport: Literal["grpc", "simulation"] | None = Field(None, description="grpc (a real network) | "
+                                                                            "simulation (one machine)")
+    tls: bool | None = None
+    hospital_auth: bool | None = Field(None, description="only registered hospital keys could connect")
+    secure_aggregation: bool | None = Field(None, description="SecAgg+: the server saw only the sum of updates")
+    encrypted_at_rest: bool | None = Field(None, description="federation: the server's checkpoints; hospital: "
+                                                             "its ledger")
+    source: Literal["metrics", "config", "ledger"] = "metrics"
+    rounds_recorded: int | None = Field(None, description="metrics: rounds whose row records it (older rows do not)")
+    mixed: list[str] = Field(default_factory=list, description="settings that differed between rounds (a restart "
+                                                               "with another configuration): the weakest is shown")
+
+
 class Accounting(_Schema):
     training_accountants: list[str]
     independent_library: str
@@ -200,6 +219,9 @@ class Report(_Schema):
     final_eval: dict[str, float | None] | None = None
     hospitals: list[HospitalReport]
     rounds: list[RoundSummary] = Field(default_factory=list)
+    security: RunSecurity | None = None
+    released_without_dp: list[str] = Field(default_factory=list, description="what left the hospitals without "
+                                                                               "differential privacy (not covered by ε)")
     findings: list[Finding] = Field(default_factory=list)
     reference_points: list[ReferencePoint] = Field(default_factory=lambda: list(REFERENCE_POINTS))
     accounting: Accounting
