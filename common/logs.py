@@ -72,7 +72,7 @@ class LogRelay:
     ``xrayfed: ...``, records of the ``xrayfed`` loggers) and every ERROR/CRITICAL record, whoever
     wrote it; Flower's, gRPC's, uvicorn's, Ray's lines and Python warnings only with ``verbose``.
     A line that starts no record (a traceback, a continued message) goes with the record before
-    it. Escape codes are removed unless ``keep_colours``. One relay per stream (it remembers the
+    it; a traceback is always shown. Escape codes are removed unless ``keep_colours``. One relay per stream (it remembers the
     last record)."""
 
     def __init__(self, verbose: bool = False, keep_colours: bool = False) -> None:
@@ -82,7 +82,7 @@ class LogRelay:
     def is_ours(self, line: str) -> bool:
         """Whether ``line`` (without escape codes) is one a user sees without ``verbose``."""
         plain = strip_ansi(line).rstrip("\r\n")
-        if "[xrayfed]" in plain or plain.startswith("xrayfed:"):
+        if "[xrayfed]" in plain or plain.startswith(("xrayfed:", "Traceback (most recent call last)")):
             self._last = True
             return True
         for pattern in _RECORD_STARTS:
@@ -96,7 +96,7 @@ class LogRelay:
                 level = d["level"]
                 self._last = level in ("ERROR", "CRITICAL") or str(d.get("name") or "").startswith("xrayfed")
             return self._last
-        if not plain.strip() or plain[:1].isspace() or plain.startswith(("Traceback", "During handling")) \
+        if not plain.strip() or plain[:1].isspace() or plain.startswith("During handling") \
                 or re.match(r"^\w+(\.\w+)*(Error|Exception|Exit|Interrupt)\b", plain):
             return self._last  # a continuation (indented, a traceback) goes with its record
         self._last = False  # a third party's print ("Successfully installed ...", "Using SuperLink ...")
