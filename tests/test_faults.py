@@ -15,7 +15,8 @@ One federation of 3 hospitals (``min_clients`` 2) lives through, in this order:
    hospital released its update for that round: restarted, it resumes from the last
    checkpoint, the hospitals' ``xrayfed client`` processes rejoin on their own, the hospital that
    had released gets the identical request and sends the identical update again (a ``resend``
-   line: no new charge), and the run finishes every round once.
+   line: no new charge), and the run finishes every round once;
+4. the run finished: every hospital's ``xrayfed client`` exits 0 on its own, with one line.
 
 Every hospital's ledger then verifies: at most one charge per round, every release paid for.
 
@@ -164,6 +165,10 @@ def test_child_output_is_relayed_readable():
     verbose = [x for x in map(LogRelay(verbose=True), lines) if x is not None]
     assert verbose == [strip_ansi(x) for x in lines]
     assert [x for x in map(LogRelay(verbose=True, keep_colours=True), lines) if x is not None] == lines
+    # A crash's traceback is shown even after a line that is not (an uncaught exception, no log record).
+    crash = ["INFO :      Start `flwr-clientapp` process\n", "Traceback (most recent call last):\n",
+             '  File "app.py", line 3, in <module>\n', "RuntimeError: boom\n"]
+    assert [x for x in map(LogRelay(), crash) if x is not None] == crash[1:]
 
 
 @pytest.mark.slow
@@ -291,6 +296,16 @@ def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
                       .replace(f"rounds = {ROUNDS}", f"rounds = {target}"))
         start("server-restarted", CLI + ["server", "--config", str(fp)])
         assert procs["server-restarted"].wait(timeout=420) == 0, text("server-restarted")[-4000:]
+        # 4. The run is finished: every hospital's `xrayfed client` stops on its own (exit 0, one
+        #    line), where the server killed mid-run in step 3 had it wait and rejoin.
+        clients = ("h0", "h1", "h2-restarted")
+        _wait("every hospital's client to exit", lambda: all(procs[t].poll() is not None for t in clients), 90,
+              procs, logs)
+        assert {t: procs[t].returncode for t in clients} == dict.fromkeys(clients, 0)
+        for t in clients:
+            assert re.search(rf"\[xrayfed\] hospital {t[:2]}: the federation's run 'faults' finished after "
+                             rf"{target} rounds; this hospital spent ε = \d\.\d\d of 8\.00 .*\. Exiting\.\n\Z",
+                             text(t)), text(t)[-1500:]
     finally:
         for p in reversed(list(procs.values())):
             kill_tree(p)
