@@ -160,6 +160,7 @@ def register_inference(sub: argparse._SubParsersAction) -> None:
                    help="also serve PNG/JPEG scans, which carry no patient identity (default: DICOM only)")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS, towards patients and the crypto provider (local experiments only)")
+    add_key_argument(p, help="decrypt a checkpoint encrypted at rest with this key")
     p.set_defaults(func=handler("xrayfed.client.inference.cli", "serve_cmd"))
 
 
@@ -229,6 +230,8 @@ def register_predict(sub: argparse._SubParsersAction) -> None:
                             "certificate must carry the name xrayfed-crypto-provider")
     old_option(p, a, "--ttp-ca-cert")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the service per request")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--json", action="store_true", help="print the result as JSON for software (keys: "
+                   "docs/encrypted-inference.md)")
+    p.add_argument("--html", type=Path, metavar="FILE", help="also write the result as a web page (mode 0600)")
     p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
     p.set_defaults(func=handler("xrayfed.client.patient", "predict_cmd"))
