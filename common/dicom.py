@@ -336,10 +336,10 @@ def _window(x: np.ndarray, center: float, width: float, function: str, path: Pat
 
 
 def _first(v) -> float:
-    try:
-        return float(v[0]) if not isinstance(v, (str, bytes)) and hasattr(v, "__getitem__") else float(v)
-    except TypeError:
-        return float(v)
+    """The first value of a DICOM attribute that may hold several (Window Center/Width)."""
+    from pydicom.multival import MultiValue
+
+    return float(v[0]) if isinstance(v, (MultiValue, list, tuple)) else float(v)
 
 
 def _minmax255(x: np.ndarray) -> np.ndarray:
@@ -370,8 +370,7 @@ def _grey_display(ds, arr: np.ndarray, path: Path) -> np.ndarray:
             y = np.asarray(apply_voi(np.rint(x).astype(np.int64), ds, index=0), dtype=np.float64)
             top = max(2.0 ** lut_bits - 1.0, float(y.max(initial=0.0)))
             return y / top * 255.0
-        if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None \
-                and str(ds.get("WindowWidth")).strip():
+        if ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, ""):
             function = _text(ds, "VOILUTFunction") or "LINEAR"
             return _window(x, _first(ds.WindowCenter), _first(ds.WindowWidth), function, path)
     except UserError:
