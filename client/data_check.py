@@ -77,12 +77,42 @@ def patient_figures(train, bound: int) -> dict:
             "scans_per_patient_bound": int(bound)}
 
 
-def _print(report: DataReport, plan: dict | None) -> None:
+def split_summary(cfg, ds, report: DataReport, source: str) -> dict:
+    """How this hospital's scans divide (as `xrayfed client` divides them): ``train`` (DP
+    training), ``validation`` (``data.val_fraction``), ``local_test`` (the data's own test split, or
+    ``data.local_test_fraction`` of its patients when it has none), and ``set_in``: the config
+    that sets them (``source``)."""
+    from xrayfed.client.hospital import hospital_split
+
+    d = cfg.data
+    _, train, val = hospital_split(cfg, ds)
+    test = next((s.images for s in report.splits if s.split == "test"), 0)
+    return {"train": len(train), "validation": 0 if val is None else len(val), "local_test": test,
+            "val_fraction": d.val_fraction, "local_test_fraction": d.local_test_fraction,
+            "own_test_split": test > 0 and not _carves_test(report), "set_in": source}
+
+
+def _carves_test(report: DataReport) -> bool:
+    from xrayfed.common.data import carves_test
+
+    return carves_test(report.path)
+
+
+def _split_line(s: dict) -> str:
+    test = (f"{s['local_test']} in the data's own test split (never trained on)" if s["own_test_split"]
+            else f"{s['local_test']} held out as a local test split (local_test_fraction = {s['local_test_fraction']:g})"
+            if s["local_test"] else f"none held out as a local test split (local_test_fraction = "
+            f"{s['local_test_fraction']:g}: the federation's test set is the server's)")
+    return (f"scans this hospital uses: {s['train']} for training, {s['validation']} for validation (val_fraction = "
+            f"{s['val_fraction']:g}), {test}; set in {s['set_in']}")
+
+
+def _print(report: DataReport, plan: dict | None, split: dict | None = None) -> None:
     print(f"{report.path}: {report.layout} layout, {report.task} task, classes {report.class_names}")
     for s in report.splits:
         pat = f", {s.patients} patients" if s.patients is not None else ""
         print(f"  {s.split}: {s.images} usable scans{pat}; sizes {_top(s.sizes)}; bit depth {_top(s.bit_depths)}")
-        total = max(1, sum(c.images for c in s.classes))
+        total = max(1, s.images)  # shares of the scans (a multi-label scan counts under each of its labels)
         for c in s.classes:
             cp = f", {c.patients} patients" if c.patients is not None else ""
             print(f"    {c.name:<20} {c.images:>7} scans ({100 * c.images / total:.1f} %){cp}")
@@ -94,6 +124,8 @@ def _print(report: DataReport, plan: dict | None) -> None:
                 print(f"      ... and {len(s.unreadable) - 10} more")
         if s.links_skipped:
             print(f"    {_links_line(s.links_skipped)}")
+    if split is not None:
+        print(_split_line(split))
     if plan is not None:
         print(f"DP plan of {plan['hospital']} (ε = {plan['epsilon_budget']:g}, δ = {plan['delta']:g}, "
               f"{plan['accountant'].upper()}): {plan['train_scans']} training scans, {plan['validation_scans']} "
@@ -140,13 +172,19 @@ def run_data_check(args: argparse.Namespace) -> int:
     from xrayfed.common.config import HospitalConfig, load_config
 
     loaded: dict = {}
-    report = inventory(args.path, loaded)
-    plan = None
-    if args.config is not None:
-        cfg = load_config(HospitalConfig, args.config, {"data.path": str(Path(args.path).resolve())})
-        plan = plan_summary(cfg, loaded.get(cfg.data.split))  # the split inventory decoded already
+    cfg = load_config(HospitalConfig, args.config, {"data.path": str(Path(args.path).resolve())})
+    d = cfg.data
+    report = inventory(args.path, loaded, label_set=d.labels, seed=d.seed, test_fraction=d.local_test_fraction)
+    plan = split = None
+    ds = loaded.get(d.split)  # the split inventory decoded already
+    if ds is not None:
+        source = (f"{args.config} [data]" if args.config is not None
+                  else "the defaults of hospital.toml [data] (no --config)")
+        split = split_summary(cfg, ds, report, source)
+    if args.config is not None and ds is not None:
+        plan = plan_summary(cfg, ds)
     if args.json:
-        print(json.dumps({"data": report.to_dict(), "plan": plan}, indent=2, ensure_ascii=False))
+        print(json.dumps({"data": report.to_dict(), "split": split, "plan": plan}, indent=2, ensure_ascii=False))
     else:
-        _print(report, plan)
+        _print(report, plan, split)
     return 1 if report.problems or (plan is not None and "refused" in plan) else 0

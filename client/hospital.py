@@ -47,13 +47,21 @@ class LocalData:
 
 
 @lru_cache(maxsize=2)
-def _load_full(path: str, split: str, image_size: int, task_json: str):
+def _load_full(path: str, split: str, image_size: int, task_json: str, test_fraction: float = 0.0, seed: int = 0,
+               labels: tuple[str, ...] | None = None):
     """The whole ``split`` at ``path`` (cached per process: in a simulation one worker process
-    serves many hospitals that share a data file, each taking its own partition)."""
+    serves many hospitals that share a data file, each taking its own partition).
+    ``test_fraction``, ``seed``: ``data.local_test_fraction`` and ``data.seed``; ``labels``:
+    ``data.labels``, which must name the federation's classes."""
     from xrayfed.common import data
 
     task = TaskSpec.from_dict(json.loads(task_json))
-    ds = data.load_dataset(Path(path), split=split, image_size=image_size, task=task)
+    if labels is not None and {x.upper() for x in labels} != {x.upper() for x in task.class_names}:
+        raise UserError(f"data.labels {list(labels)}: the federation trains {list(task.class_names)}; "
+                        "set data.labels to those or leave it unset")
+    ds = data.load_dataset(Path(path), split=split, image_size=image_size, task=task, seed=seed,
+                           test_fraction=test_fraction,
+                           label_set=list(task.class_names) if labels is not None else None)
     if ds.task.class_names != task.class_names or ds.task.kind != task.kind:
         raise UserError(
             f"data {path}: its classes {list(ds.task.class_names)} ({ds.task.kind}) differ from the federation's "
@@ -64,8 +72,9 @@ def _load_full(path: str, split: str, image_size: int, task_json: str):
 
 @lru_cache(maxsize=4)
 def _load_local(path: str, split: str, image_size: int, task_json: str, val_fraction: float, partition: str | None,
-                scheme: str, alpha: float, seed: int, size_skew: float = 0.0) -> LocalData:
-    ds = _load_full(path, split, image_size, task_json)
+                scheme: str, alpha: float, seed: int, size_skew: float = 0.0, test_fraction: float = 0.0,
+                labels: tuple[str, ...] | None = None) -> LocalData:
+    ds = _load_full(path, split, image_size, task_json, test_fraction, seed, labels)
     train, val = split_local(ds, val_fraction, partition, scheme, alpha, seed, size_skew)
     return LocalData(train=train, val=val, skipped=len(getattr(ds, "skipped", [])))
 
@@ -92,7 +101,8 @@ def hospital_split(cfg: HospitalConfig, ds=None):
 
     d = cfg.data
     if ds is None:
-        ds = data.load_dataset(Path(d.path), split=d.split, image_size=data.CHECK_SIZE)
+        ds = data.load_dataset(Path(d.path), split=d.split, image_size=data.CHECK_SIZE, label_set=d.labels,
+                               seed=d.seed, test_fraction=d.local_test_fraction)
     train, val = split_local(ds, d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed,
                              d.size_skew)
     return ds, train, val
@@ -108,6 +118,7 @@ def load_local_data(cfg: HospitalConfig, image_size: int, task: TaskSpec) -> Loc
         str(d.path), d.split, image_size,
         json.dumps(task.to_dict()),
         d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed, d.size_skew,
+        d.local_test_fraction, tuple(d.labels) if d.labels is not None else None,
     )
 
 

@@ -47,9 +47,10 @@ class FederationSection(_Strict):
     rounds: int = Field(5, ge=1, le=10_000)
     min_clients: int = Field(2, ge=1, description="wait for this many hospitals before a round")
     fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="share of connected hospitals per round")
-    strategy: Literal["fedavg", "fedavgm", "fedprox", "fedadam"] = Field(
-        "fedavgm", description="fedavgm (FedAvg with server momentum; the default, chosen on validation sweeps) | "
-                               "fedavg | fedprox | fedadam")
+    strategy: Literal["auto", "fedavg", "fedavgm", "fedprox", "fedadam"] = Field(
+        "auto", description="auto (the default: FedAvgM, its server momentum and lr chosen every round from the DP "
+                            "noise of the mean update, docs/training.md) | fedavgm (server momentum) | fedavg | "
+                            "fedprox | fedadam")
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx μ (strategy = fedprox)")
     server_lr: float | None = Field(None, gt=0.0, description="server learning rate η (fedavgm: default 1.0; "
                                                               "fedadam: default 0.1)")
@@ -171,6 +172,9 @@ class SecureAggregationSection(_Strict):
 class EvalData(_Strict):
     path: Path | None = Field(None, description="held-out data for server-side evaluation")
     split: str = "test"
+    test_fraction: float = Field(0.0, ge=0.0, lt=0.9, description="`path` with no test split of its own (flat "
+                                 "ROOT/CLASS folders, NIH without its lists): share of the patients carved as the "
+                                 "test split (the hospitals sharing `path` must set the same data.local_test_fraction)")
     val_split: str | None = Field(None, description="split of `path` that no hospital trains on, on which the "
                                                    "server picks the decision threshold stored with each global "
                                                    "model (e.g. \"val\"); unset: threshold 0.5")
@@ -238,7 +242,15 @@ class HospitalSection(_Strict):
 class DataSection(_Strict):
     path: Path | None = Field(None, description="the hospital's scans (class folders, NIH CSV, .npz, DICOM)")
     split: str = "train"
-    val_fraction: float = Field(0.1, ge=0.0, lt=0.9, description="held out of train for local evaluation")
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.9, description="share of the training split's patients held out "
+                                "for validation: the metrics this hospital sends when the server has no test set "
+                                "of its own (never used for DP training or the decision threshold)")
+    local_test_fraction: float = Field(0.0, ge=0.0, lt=0.9, description="data with no test split of its own (flat "
+                                       "ROOT/CLASS folders, NIH without its lists): share of the patients kept out "
+                                       "as a local test split; 0 = every scan trains (the federation's test set is "
+                                       "the server's)")
+    labels: list[str] | None = Field(None, min_length=1, description="the classes (class folders, labels.csv, "
+                                     ".npz) or NIH findings this hospital trains; unset: all the data holds")
     partition: str | None = Field(None, pattern=r"^\d+/\d+$", description="'i/n': use part i of n (demos)")
     partition_scheme: Literal["iid", "dirichlet", "patient"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0.0)
@@ -246,6 +258,13 @@ class DataSection(_Strict):
                                                                "k gets a share ∝ (k + 1)^−size_skew; 0 = equal")
     seed: int = 0
     num_workers: int = Field(0, ge=0)
+
+    @field_validator("labels")
+    @classmethod
+    def _known_labels(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len({x.upper() for x in v}) != len(v):
+            raise ValueError(f"labels {v}: each label once")
+        return v
 
     @model_validator(mode="after")
     def _skew_needs_iid(self):

@@ -23,6 +23,10 @@ from xrayfed.common.model import default_model
 from xrayfed.common.procs import ProcessGroup, free_port, shared_cpu_env, spawn
 
 MARKER = ".xrayfed-demo"
+#: Data with no test split of its own (flat class folders, NIH without its lists): the share of its
+#: patients the demo holds out as the federation's test set (server's eval.test_fraction, and each
+#: hospital's data.local_test_fraction so that no hospital trains on them).
+DEMO_TEST_FRACTION = 0.2
 
 
 def prepare_out(out: Path, marker: str = MARKER, what: str = "demo") -> None:
@@ -58,12 +62,27 @@ def check_local_data_args(args: argparse.Namespace) -> None:
 def probe_local_data(args: argparse.Namespace, data: Path):
     """The training scans of ``data`` at 16 px (their task), for `demo` and `simulate` before they
     start anything; refused in one line (:data:`~xrayfed.common.privacy.NO_PATIENT_IDS`) when they
-    carry no patient ids and ``--privacy-unit scan`` was not given."""
+    carry no patient ids and ``--privacy-unit scan`` was not given, or when they break the rule
+    `xrayfed data check` applies (:func:`~xrayfed.common.data.inventory.training_findings`),
+    whose warnings are printed."""
     from xrayfed.common.privacy import NO_PATIENT_IDS
 
-    probe = load_dataset(data, split="train", image_size=16)
+    from xrayfed.common.data import carves_test
+    from xrayfed.common.data.inventory import training_findings
+
+    probe = load_dataset(data, split="train", image_size=16,
+                         test_fraction=DEMO_TEST_FRACTION if carves_test(data) else 0.0)
     if getattr(args, "privacy_unit", None) != "scan" and not probe.patient_ids_known:
         raise UserError(f"data {data} {NO_PATIENT_IDS}")
+    problems, warnings = training_findings(probe)  # the rule `xrayfed data check` applies
+    if problems:
+        raise UserError(f"data {data}: {problems[0]}")
+    for w in warnings:
+        print(f"[demo] WARNING: data {data}: {w}", flush=True)
+    if carves_test(data):
+        print(f"[demo] {data.name} has no test split of its own: {DEMO_TEST_FRACTION:.0%} of its patients are held "
+              "out as the federation's test set (eval.test_fraction, each hospital's data.local_test_fraction)",
+              flush=True)
     return probe
 
 
@@ -101,7 +120,10 @@ def hospital_name(i: int, n: int) -> str:
 
 def write_demo_configs(out: Path, data: Path, args: argparse.Namespace, image_size: int, task,
                        port: int) -> tuple[Path, list[Path]]:
+    from xrayfed.common.data import carves_test
+
     run_dir = out / "run"
+    test_fraction = DEMO_TEST_FRACTION if carves_test(data) else 0.0
     fed = FederationConfig.model_validate(
         {
             "federation": {"name": getattr(args, "name", "demo"), "run_dir": str(run_dir), "rounds": args.rounds,
@@ -112,7 +134,8 @@ def write_demo_configs(out: Path, data: Path, args: argparse.Namespace, image_si
                 update={"width": args.width} if args.width else {}).model_dump(),
             "task": task.to_dict(),
             "image_size": image_size,
-            "eval": {"path": str(data), "split": "test", **({"val_split": "val"} if _has_val(data) else {})},
+            "eval": {"path": str(data), "split": "test", "test_fraction": test_fraction,
+                     **({"val_split": "val"} if _has_val(data) else {})},
             "network": {"listen": f"127.0.0.1:{port}", "tls": {"insecure": True}},
         }
     )
@@ -123,7 +146,8 @@ def write_demo_configs(out: Path, data: Path, args: argparse.Namespace, image_si
         h = HospitalConfig.model_validate(
             {
                 "hospital": {"name": name, "state_dir": str(run_dir / "hospitals" / name), "device": "auto"},
-                "data": {"path": str(data), "split": "train", "partition": f"{i}/{args.hospitals}",
+                "data": {"path": str(data), "split": "train", "local_test_fraction": test_fraction,
+                         "partition": f"{i}/{args.hospitals}",
                          "partition_scheme": args.split, "dirichlet_alpha": args.alpha, "seed": 0,
                          "size_skew": getattr(args, "size_skew", 0.0) or 0.0},
                 "privacy": {"epsilon": args.epsilon, "delta": args.delta, "max_rounds": args.rounds,

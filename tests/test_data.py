@@ -350,8 +350,8 @@ def test_nih_patient_wise_split_and_labels(tmp_path, caplog):
     root = tmp_path / "nih"
     rows = _nih(root, lists=False)
     with caplog.at_level(logging.WARNING):
-        tr = D.load_dataset(root, "train", image_size=16)
-        te = D.load_dataset(root, "test", image_size=16)
+        tr = D.load_dataset(root, "train", image_size=16, test_fraction=0.2)
+        te = D.load_dataset(root, "test", image_size=16, test_fraction=0.2)
     assert tr.task == TaskSpec(kind="multilabel", class_names=NIH_LABELS)
     assert len(tr) > 0 and len(te) > 0
     assert not set(tr.patient_ids) & set(te.patient_ids)  # no patient in both splits
@@ -369,7 +369,12 @@ def test_nih_patient_wise_split_and_labels(tmp_path, caplog):
     assert pair.sum() == 2 and pair[NIH_LABELS.index("Effusion")] == 1 and pair[NIH_LABELS.index("Mass")] == 1
     assert by_file["00000001_000.png"].sum() == 0  # No Finding = all zeros
     # deterministic and seed-dependent
-    assert D.load_dataset(root, "train", image_size=16).patient_ids == tr.patient_ids
+    assert D.load_dataset(root, "train", image_size=16, test_fraction=0.2).patient_ids == tr.patient_ids
+    # no local test split unless one is asked for: every scan trains
+    assert len(D.load_dataset(root, "train", image_size=16)) == len(tr) + len(te)
+    with pytest.raises(UserError) as e:
+        D.load_dataset(root, "test", image_size=16)
+    _one_line_error(e, "local_test_fraction")
     with pytest.raises(UserError) as e:
         D.load_dataset(root, "val", image_size=16)
     _one_line_error(e, "val_fraction")

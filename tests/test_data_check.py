@@ -30,13 +30,13 @@ def _flat(root: Path, patients: int = 30, per_patient: int = 3, broken: bool = T
 def test_flat_class_folders_are_split_by_patient_reproducibly(tmp_path):
     root = _flat(tmp_path / "flat")
     assert D.detect_format(root) == "flat-class-folders"
-    train = D.load_dataset(root, split="train", image_size=16)
-    test = D.load_dataset(root, split="test", image_size=16)
+    train = D.load_dataset(root, split="train", image_size=16, test_fraction=0.2)
+    test = D.load_dataset(root, split="test", image_size=16, test_fraction=0.2)
     assert train.task.kind == "binary" and train.task.class_names == ("NORMAL", "PNEUMONIA")
     assert len(train) + len(test) == 2 * 30 * 3  # every readable scan once (the broken one skipped)
     assert set(train.patient_ids).isdisjoint(test.patient_ids)  # patient-wise
     assert 0.1 < len(test) / (len(train) + len(test)) < 0.35
-    again = D.load_dataset(root, split="test", image_size=16)
+    again = D.load_dataset(root, split="test", image_size=16, test_fraction=0.2)
     assert list(again.files) == list(test.files)  # reproducible
     with pytest.raises(UserError, match="val_fraction"):
         D.load_dataset(root, split="val", image_size=16)
@@ -77,3 +77,102 @@ def test_data_check_says_when_data_cannot_train(tmp_path, capsys):
     assert cli.main(["data", "check", str(root)]) == 1
     out = capsys.readouterr().out
     assert "CANNOT TRAIN" in out and "PNEUMONIA" in out and "not ready" in out
+
+
+# ----------------------------------------------------------------------------- a hospital's split, stated
+def test_flat_class_folders_train_on_every_scan_unless_a_local_test_split_is_asked_for(tmp_path, capsys):
+    from xrayfed.client.hospital import hospital_split
+    from xrayfed.common.config import HospitalConfig, load_config
+
+    root = _flat(tmp_path / "flat")  # 180 readable scans of 60 patients
+    assert len(D.load_dataset(root, split="train", image_size=16)) == 180  # nothing held out by default
+    with pytest.raises(UserError, match="local_test_fraction"):
+        D.load_dataset(root, split="test", image_size=16)
+    cfg = tmp_path / "hospital.toml"
+    cfg.write_text(f'[data]\npath = "{root}"\n')
+    _, train, val = hospital_split(load_config(HospitalConfig, cfg))
+    assert len(train) + len(val) == 180  # what `xrayfed client` trains and validates on: every scan
+    assert cli.main(["data", "check", str(root), "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert (f"scans this hospital uses: {len(train)} for training, {len(val)} for validation (val_fraction = 0.1), "
+            "none held out as a local test split (local_test_fraction = 0: the federation's test set is the "
+            f"server's); set in {cfg} [data]") in out
+    assert "  test:" not in out
+    # a local test split is a stated choice: the config asks for it and data check shows it
+    cfg.write_text(f'[data]\npath = "{root}"\nlocal_test_fraction = 0.2\n')
+    assert cli.main(["data", "check", str(root), "--config", str(cfg), "--json"]) == 0
+    split = json.loads(capsys.readouterr().out)["split"]
+    assert split["train"] + split["validation"] + split["local_test"] == 180
+    assert 0.1 < split["local_test"] / 180 < 0.35 and split["local_test_fraction"] == 0.2
+    assert cli.main(["data", "check", str(root)]) == 0  # no --config: the defaults, and where to change them
+    assert "set in the defaults of hospital.toml [data] (no --config)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- NIH: one rule, counts over scans
+NIH_COLUMNS = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+               "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]", ""]
+
+
+def _nih_release(root: Path) -> Path:
+    """The NIH ChestX-ray14 layout as released: ``Data_Entry_2017.csv`` (its 12 columns, the last
+    one unnamed) and ``images/``: 10 patients × 2 scans, every finding but Hernia, 4 scans with
+    no finding."""
+    import csv
+
+    labels = ["No Finding", "Effusion|Mass", "Pneumonia", "Atelectasis|Cardiomegaly", "Infiltration|Nodule",
+              "Pneumothorax|Consolidation", "Edema|Emphysema", "Fibrosis|Pleural_Thickening", "No Finding", "Effusion"]
+    rng = np.random.default_rng(1)
+    (root / "images").mkdir(parents=True)
+    with (root / "Data_Entry_2017.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(NIH_COLUMNS)
+        for k in range(20):
+            pid, j = 1 + k // 2, k % 2
+            name = f"{pid:08d}_{j:03d}.png"
+            Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(root / "images" / name)
+            w.writerow([name, labels[k % 10], j, pid, 58, "F", "PA", 1024, 1024, 0.143, 0.143, ""])
+    return root
+
+
+def test_nih_data_check_and_demo_apply_one_rule_and_count_scans(tmp_path, capsys):
+    import argparse
+
+    from xrayfed.server.demo import probe_local_data
+
+    root = _nih_release(tmp_path / "nih")
+    assert cli.main(["data", "check", str(root)]) == 0  # no Hernia scan: it can train, and says so
+    out = capsys.readouterr().out
+    assert "WARNING: train has no scans with ['Hernia']" in out and "data.labels" in out
+    assert "CANNOT TRAIN" not in out and "ready to join a federation" in out
+    assert "Effusion                   4 scans (20.0 %), 4 patients" in out  # of 20 scans, not of 28 labels
+    assert "Mass                       2 scans (10.0 %), 2 patients" in out
+    assert "No Finding                 4 scans (20.0 %), 4 patients" in out
+    probe = probe_local_data(argparse.Namespace(privacy_unit=None), root)  # what `demo` and `simulate` check
+    said = capsys.readouterr().out  # (the demo holds out a test split: this NIH copy has none of its own)
+    assert probe.task.kind == "multilabel" and "[demo] WARNING: data" in said and "'Hernia']" in said
+    # the labels a hospital trains are its choice, and data check counts those
+    cfg = tmp_path / "hospital.toml"
+    cfg.write_text('[data]\nlabels = ["Effusion", "Pneumonia"]\n')
+    assert cli.main(["data", "check", str(root), "--config", str(cfg), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["data"]["class_names"] == ["Effusion", "Pneumonia"] and not doc["data"]["warnings"]
+    rows = {c["name"]: c["images"] for c in doc["data"]["splits"][0]["classes"]}
+    assert rows == {"Effusion": 4, "Pneumonia": 2, "No Finding": 14}
+    # an unknown label: one line naming the allowed ones, before anything is read
+    cfg.write_text('[data]\nlabels = ["Efusion"]\n')
+    assert cli.main(["data", "check", str(root), "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.labels ['Efusion'] not found; allowed: ['Atelectasis'" in err[0], err
+
+
+def test_a_hospital_refuses_a_federation_that_trains_other_labels_than_its_own(tmp_path):
+    from xrayfed.client.hospital import load_local_data
+    from xrayfed.common.config import HospitalConfig
+    from xrayfed.common.prediction import NIH_LABELS, TaskSpec
+
+    root = _nih_release(tmp_path / "nih")
+    cfg = HospitalConfig.model_validate({"data": {"path": str(root), "labels": ["Effusion", "Pneumonia"]}})
+    data = load_local_data(cfg, 16, TaskSpec(kind="multilabel", class_names=("Pneumonia", "Effusion")))
+    assert data.train.task.class_names == ("Pneumonia", "Effusion")  # the federation's order
+    with pytest.raises(UserError, match=r"data.labels \['Effusion', 'Pneumonia'\]: the federation trains"):
+        load_local_data(cfg, 16, TaskSpec(kind="multilabel", class_names=NIH_LABELS))

@@ -73,7 +73,9 @@ def test_four_class_flat_folders_train_federated_then_predict_encrypted_export_e
     # the reported per-class AUROCs are the global model's on the held-out scans carved from the flat layout
     ckpt_path = out / "run" / "checkpoints" / "round-0002.pt"
     ckpt = load_checkpoint(ckpt_path, None)
-    test = load_dataset(data, "test", image_size=32, task=ckpt.task)
+    from xrayfed.server.demo import DEMO_TEST_FRACTION
+
+    test = load_dataset(data, "test", image_size=32, task=ckpt.task, test_fraction=DEMO_TEST_FRACTION)
     with torch.no_grad():
         logits = ckpt.build()(torch.stack([test[i][0] for i in range(len(test))])).numpy()
     mine = compute_metrics(ckpt.task, logits, test.targets.numpy())

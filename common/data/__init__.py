@@ -7,12 +7,13 @@
   sets (e.g. healthy / COVID-19 / bacterial / viral) are multi-class, classes in sorted order.
   Patient ids come from Kermany-style file names (or the DICOM PatientID).
 * **flat class folders** ``ROOT/CLASS/*`` (torchvision's ImageFolder, what most hospitals
-  export): the same classes, with ``test`` carved reproducibly by patient (by file when the
-  patient is not known); validation is carved from ``train`` as for every layout.
+  export): the same classes; every scan is ``train`` unless ``test_fraction`` > 0 carves a
+  local ``test`` reproducibly by patient (by file when the patient is not known); validation
+  is carved from ``train`` as for every layout.
 * **NIH ChestX-ray14** ``ROOT/Data_Entry_2017.csv`` + ``ROOT/images/`` (or ``images_*/images``):
   pipe-separated ``Finding Labels`` → 14 labels in NIH order (``No Finding`` = all zeros);
-  the official ``train_val_list.txt``/``test_list.txt`` when present, else a deterministic
-  patient-wise split.
+  the official ``train_val_list.txt``/``test_list.txt`` when present, else every scan is
+  ``train`` unless ``test_fraction`` > 0 carves a deterministic patient-wise ``test``.
 * **MedMNIST** ``.npz`` (``{split}_images``, ``{split}_labels``; optional ``class_names``,
   ``task_kind``).
 * **DICOM** files in class folders, or a flat folder of scans with ``labels.csv``
@@ -113,9 +114,19 @@ def _folder_format(path: Path) -> str:
                     f"labels.csv, or a .npz file){hint}")
 
 
+def carves_test(path: Path | str) -> bool:
+    """Whether the data at ``path`` has no test split of its own, so that its ``test`` split is
+    the ``test_fraction`` carved by patient (flat ``ROOT/CLASS/*`` folders, NIH without
+    ``train_val_list.txt`` / ``test_list.txt``)."""
+    fmt = detect_format(path)
+    if fmt == "nih":
+        return not any((Path(path) / f).is_file() for f in ("train_val_list.txt", "test_list.txt"))
+    return fmt == "flat-class-folders"
+
+
 def load_dataset(path: Path | str, split: str = "train", image_size: int = 224, task: TaskSpec | None = None,
                  *, label_set: Sequence[str] | None = None, seed: int = 0,
-                 test_fraction: float = 0.2) -> XrayDataset:
+                 test_fraction: float = 0.0) -> XrayDataset:
     """Load ``split`` of the scans at ``path``, resized to ``image_size`` × ``image_size`` px.
 
     The format is detected (see the module docstring). ``task``, when given, must match the
@@ -124,13 +135,14 @@ def load_dataset(path: Path | str, split: str = "train", image_size: int = 224, 
     labels.csv, binary/multiclass .npz: other scans are left out) or label columns (NIH,
     multilabel .npz). ``seed`` and ``test_fraction`` drive the patient-wise split of the layouts
     that have no split of their own (NIH without its official lists, flat ``ROOT/CLASS/*``
-    folders): ``test_fraction`` of the patients → ``test``.
+    folders): ``test_fraction`` of the patients → ``test``; 0 (the default, a hospital's
+    ``data.local_test_fraction``) keeps every scan in ``train`` and such data has no ``test``.
     """
     path = Path(path)
     if not MIN_SIZE <= int(image_size) <= MAX_IMAGE_SIZE:
         raise UserError(f"image_size {image_size}: allowed are {MIN_SIZE} to {MAX_IMAGE_SIZE} px")
-    if not 0.0 < test_fraction < 1.0:
-        raise UserError(f"test_fraction {test_fraction}: must be between 0 and 1")
+    if not 0.0 <= test_fraction < 1.0:
+        raise UserError(f"test_fraction {test_fraction}: must be in [0, 1)")
     if split not in SPLITS:
         raise UserError(f"data split {split!r}: allowed are {', '.join(SPLITS)}")
     fmt = detect_format(path)

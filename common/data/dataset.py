@@ -141,6 +141,12 @@ def no_usable_error(where: Path | str, skipped: int) -> UserError:
                      ".npz, labels.csv)")
 
 
+def no_local_test(where: Path | str, layout: str) -> str:
+    """Why a layout with no test split of its own has no ``test`` split: none was asked for."""
+    return (f"data {where}: no 'test' split: {layout} has none of its own and every scan trains unless "
+            "data.local_test_fraction > 0 carves a local test split (a federation's test set is the server's)")
+
+
 def is_candidate(f: Path) -> bool:
     return f.is_file() and not f.name.startswith(".")
 
@@ -369,13 +375,19 @@ def task_from_names(names: Sequence[str]) -> tuple[TaskSpec, list[str]]:
     return TaskSpec(kind="multiclass", class_names=tuple(order)), order
 
 
+class UnknownLabels(UserError):
+    """``data.labels`` names a class or label the data does not have (bad input: one line)."""
+
+
 def pick_classes(available: Sequence[str], label_set: Sequence[str] | None, where: str) -> list[str]:
+    """The classes of ``label_set`` (``data.labels``, any case) as ``available`` spells them, or
+    all of ``available`` when it is None; :class:`UnknownLabels` names the allowed ones."""
     if label_set is None:
         return list(available)
     by_upper = {a.upper(): a for a in available}
     missing = [c for c in label_set if c.upper() not in by_upper]
     if missing:
-        raise UserError(f"data {where}: label_set {list(missing)} not found; available: {list(available)}")
+        raise UnknownLabels(f"data {where}: data.labels {list(missing)} not found; allowed: {list(available)}")
     return [by_upper[c.upper()] for c in label_set]
 
 

@@ -17,6 +17,7 @@ from xrayfed.common.data.dataset import (
     XrayDataset,
     decode_files,
     iter_files,
+    no_local_test,
     no_usable_error,
     patient_id_and_source,
     patient_id_for,
@@ -137,12 +138,15 @@ def flat_class_dirs(root: Path) -> list[str]:
 
 def load_flat_class_folders(root: Path, split: str, size: int, label_set: Sequence[str] | None, seed: int,
                             test_fraction: float) -> XrayDataset:
-    """``ROOT/CLASS/*`` with no split folders: ``test_fraction`` of the patients (of the files
-    when the patient is not known from the file name or DICOM header) form ``test``, chosen
-    reproducibly from ``seed``; ``train`` is the rest (validation is carved from it later)."""
+    """``ROOT/CLASS/*`` with no split folders: every scan is ``train`` unless ``test_fraction``
+    > 0 carves a local ``test`` split: that share of the patients (of the files when the patient
+    is not known from the file name or DICOM header), chosen reproducibly from ``seed``
+    (validation is carved from ``train`` later)."""
     if split not in ("train", "test"):
         raise UserError(f"data {root}: split {split!r} is not available in a ROOT/CLASS layout (train or test); "
                         "leave data.split = train and set data.val_fraction to carve validation scans out of train")
+    if split == "test" and test_fraction == 0:
+        raise UserError(no_local_test(root, "a ROOT/CLASS layout"))
     classes = pick_classes(flat_class_dirs(root), label_set, str(root))
     try:
         task, order = task_from_names(classes)

@@ -11,13 +11,19 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from xrayfed.common.data import CHECK_SIZE, SPLITS, detect_format, load_dataset, targets_array
+from xrayfed.common.data.dataset import UnknownLabels
 from xrayfed.common.data.npz import npz_arrays
 from xrayfed.common.errors import UserError
 from xrayfed.common.preprocess import is_dicom, read_dicom
+
+
+#: The row of the multi-label scans that carry none of the labels (NIH's own name for them).
+NO_FINDING = "No Finding"
 
 
 @dataclass
@@ -71,20 +77,61 @@ def _header(path: str) -> tuple[str, str]:
         return f"{im.size[0]}×{im.size[1]}", bits
 
 
-def inventory(path: Path | str, loaded: dict | None = None) -> DataReport:
+def scans_per_class(ds) -> list[int]:
+    """Scans of each class of ``ds`` in ``task.class_names`` order; multilabel: the scans that
+    carry each label (a scan with two findings counts under both)."""
+    y = np.asarray(targets_array(ds))
+    if ds.task.kind == "multilabel":
+        return [int(v) for v in y.reshape(len(y), -1).sum(axis=0)] if len(y) else [0] * len(ds.task.class_names)
+    return [int((y.reshape(-1) == k).sum()) for k in range(len(ds.task.class_names))]
+
+
+def no_finding_scans(ds) -> int | None:
+    """Multilabel: the scans with none of the labels (NIH "No Finding"); else None."""
+    if ds.task.kind != "multilabel":
+        return None
+    y = np.asarray(targets_array(ds))
+    return int((y.reshape(len(y), -1).sum(axis=1) == 0).sum())
+
+
+def training_findings(ds) -> tuple[list[str], list[str]]:
+    """``(problems, warnings)`` of the training scans ``ds``: the one rule that `data check`,
+    `demo` and `simulate` apply before anything trains. A binary or multi-class model needs scans
+    of every class (a problem: it cannot train); a multi-label model trains with a label no scan
+    carries, but learns it as always absent (a warning naming ``data.labels``)."""
+    counts = scans_per_class(ds)
+    names = list(ds.task.class_names)
+    empty = [n for n, c in zip(names, counts) if c == 0]
+    if not empty:
+        return [], []
+    if ds.task.kind == "multilabel":
+        return [], [f"train has no scans with {empty}: the model learns them as always absent; choose the "
+                    "labels to train with data.labels"]
+    return [f"train has no scans of {empty}: a {ds.task.kind} model needs scans of every class to train (add "
+            "them, or choose the classes with data.labels)"], []
+
+
+def inventory(path: Path | str, loaded: dict | None = None, *, label_set: Sequence[str] | None = None,
+              seed: int = 0, test_fraction: float = 0.0) -> DataReport:
     """The :class:`DataReport` of the data at ``path`` (any supported layout). ``loaded``, when
-    given, receives each split's dataset (decoded at ``CHECK_SIZE``) for further checks."""
+    given, receives each split's dataset (decoded at ``CHECK_SIZE``) for further checks.
+    ``label_set``, ``seed``, ``test_fraction``: a hospital's ``data.labels``, ``data.seed`` and
+    ``data.local_test_fraction`` (see :func:`~xrayfed.common.data.load_dataset`)."""
     path = Path(path)
     layout = detect_format(path)
+    warnings: list[str] = []
     splits: list[SplitSummary] = []
     task = None
     problems: list[str] = []
     patients_of: dict[str, set[str]] = {}
     for split in SPLITS:
         try:
-            ds = load_dataset(path, split=split, image_size=CHECK_SIZE)
+            ds = load_dataset(path, split=split, image_size=CHECK_SIZE, label_set=label_set, seed=seed,
+                              test_fraction=test_fraction)
             if loaded is not None:
                 loaded[split] = ds
+        except UnknownLabels:
+            raise  # bad input (data.labels), not a fault of the data: one line
         except UserError as e:
             msg = str(e)
             if msg in problems:
@@ -96,19 +143,19 @@ def inventory(path: Path | str, loaded: dict | None = None) -> DataReport:
                 problems.append(msg)  # a split that exists but cannot be read
             continue
         task = task or ds.task
-        y = targets_array(ds)
+        y = np.asarray(targets_array(ds))
         names = list(ds.task.class_names)
         pids = list(ds.patient_ids) if getattr(ds, "patient_ids", None) is not None else None
+        counts = scans_per_class(ds)
+        # which scans count under each row: a class, or a label they carry (multilabel)
+        members = [y.reshape(len(y), -1)[:, k] == 1 if ds.task.kind == "multilabel" else y.reshape(-1) == k
+                   for k in range(len(names))]
+        rows = list(zip(names, counts, members))
         if ds.task.kind == "multilabel":
-            counts = [int(np.asarray(y)[:, k].sum()) for k in range(len(names))]
-        else:
-            counts = [int((np.asarray(y).reshape(-1) == k).sum()) for k in range(len(names))]
-        classes = []
-        for k, name in enumerate(names):
-            n_pat = None
-            if pids is not None and ds.task.kind != "multilabel":
-                n_pat = len({pids[i] for i in range(len(pids)) if int(np.asarray(y).reshape(-1)[i]) == k})
-            classes.append(ClassSummary(name=name, images=counts[k], patients=n_pat))
+            rows.append((NO_FINDING, no_finding_scans(ds), y.reshape(len(y), -1).sum(axis=1) == 0))
+        classes = [ClassSummary(name=name, images=n, patients=None if pids is None else
+                                len({pids[i] for i in np.flatnonzero(m)}))
+                   for name, n, m in rows]
         sizes: Counter = Counter()
         depths: Counter = Counter()
         for f in getattr(ds, "files", None) or []:
@@ -126,20 +173,20 @@ def inventory(path: Path | str, loaded: dict | None = None) -> DataReport:
             split=split, images=len(ds), patients=len(set(pids)) if pids is not None else None, classes=classes,
             sizes=dict(sizes.most_common()), bit_depths=dict(depths.most_common()),
             unreadable=[(str(f), str(r)) for f, r in getattr(ds, "skipped", [])],
-            empty_classes=[c.name for c in classes if c.images == 0],
+            empty_classes=[c.name for c in classes[:len(names)] if c.images == 0],
             links_skipped=[(str(f), str(r)) for f, r in getattr(ds, "links_skipped", [])]))
         if pids is not None:
             patients_of[split] = set(pids)
+        if split == "train":
+            found, said = training_findings(ds)
+            problems += found
+            warnings += said
     if task is None:  # no split could be read: say why, as a report (it cannot train)
         return DataReport(path=str(path), layout=layout, task="unknown", class_names=[], splits=[],
                           problems=problems or [f"data {path}: nothing readable"])
     shared = sorted(set.intersection(*patients_of.values())) if len(patients_of) > 1 else []
-    warnings: list[str] = []
     if shared:
         warnings.append(f"{len(shared)} patient(s) appear in more than one split (e.g. {shared[0]}): evaluation "
                         "would see scans of patients it trained on (or the data reuses patient numbers across splits)")
-    train = next((s for s in splits if s.split == "train"), None)
-    if train is not None and train.empty_classes:
-        problems.append(f"train has no scans of {train.empty_classes}")
     return DataReport(path=str(path), layout=layout, task=task.kind, class_names=list(task.class_names),
                       splits=splits, patients_in_two_splits=shared, problems=problems, warnings=warnings)

@@ -13,6 +13,7 @@ from xrayfed.common.data.dataset import (
     NIH_CSVS,
     XrayDataset,
     decode_files,
+    no_local_test,
     no_usable_error,
     pick_classes,
     stable_fraction,
@@ -78,6 +79,8 @@ def load_nih(root: Path, split: str, size: int, label_set: Sequence[str] | None,
             listed = _read_list(other)
             rows = [r for r in rows if r["Image Index"].strip() not in listed]
     else:  # patient-wise: a patient's scans all fall on the same side
+        if split == "test" and test_fraction == 0:
+            raise UserError(no_local_test(root, "NIH data without train_val_list.txt / test_list.txt"))
         want_test = split == "test"
         rows = [r for r in rows
                 if (stable_fraction(str(r.get("Patient ID") or r["Image Index"]).strip(), seed) < test_fraction)
