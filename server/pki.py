@@ -12,6 +12,9 @@
                                           role name ``xrayfed-crypto-provider``, which patients
                                           and hospitals require of it (no other certificate the
                                           CA issues carries that name)
+    DIR/inference/crypto-provider.secret, the secret the inference service and the crypto
+    DIR/crypto-provider/crypto-provider.secret  provider share (256 bits, the same in both
+                                          folders; kept when it exists, even with ``--force``)
     DIR/hospitals/NAME/auth.key, auth.pub SuperNode authentication key pair (EC P-384, OpenSSH
                                           format: what ``flower-supernode
                                           --auth-supernode-private-key`` and ``flwr supernode
@@ -54,6 +57,7 @@ from xrayfed.common.security.authkey import (
     refuse_existing,
     validate_hospital_name,
 )
+from xrayfed.common.security.shared_secret import SECRET_NAME, make_shared_secret
 
 MANIFEST = "certs.json"
 FORMAT = "xrayfed-certs/1"
@@ -316,6 +320,9 @@ def init_pki(
     tok = ed25519.Ed25519PrivateKey.generate()
     _write(inf / "token-signing.key", _pem_private(tok), KEY_MODE)
     _write(inf / "token-signing.pub", _pem_public(tok.public_key()))
+    # the secret the inference service and the crypto provider share: one copy in each one's
+    # folder; an existing one is kept (even with force: both services may be running with it)
+    make_shared_secret([inf / SECRET_NAME, cp / SECRET_NAME])
 
     old = None
     if (out / MANIFEST).is_file():
@@ -334,9 +341,11 @@ def init_pki(
         "inference": {"cert": "inference/tls.pem", "key": "inference/tls.key", "ca": "inference/ca.pem",
                       "token_signing_key": "inference/token-signing.key",
                       "token_signing_pub": "inference/token-signing.pub",
+                      "crypto_provider_secret": f"inference/{SECRET_NAME}",
                       "fingerprint": _cert_fingerprint(inf_cert)},
         "crypto_provider": {"cert": f"{CRYPTO_PROVIDER_DIR}/tls.pem", "key": f"{CRYPTO_PROVIDER_DIR}/tls.key",
                             "ca": f"{CRYPTO_PROVIDER_DIR}/ca.pem", "name": CRYPTO_PROVIDER_NAME,
+                            "secret": f"{CRYPTO_PROVIDER_DIR}/{SECRET_NAME}",
                             "fingerprint": _cert_fingerprint(cp_cert)},
         "hospitals": dict(old.get("hospitals", {})) if old else {},
     }

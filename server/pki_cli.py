@@ -26,6 +26,8 @@ def init_cmd(args: argparse.Namespace) -> int:
     print(f"CA and server certificate in {args.out} (SAN: {', '.join(srv['dns'] + srv['ips'])})")
     for name in m["hospitals"]:
         print(f"hospital {name}: give {args.out / 'hospitals' / name}/ to the hospital (auth.key stays secret)")
+    print(f"secret the inference service and the crypto provider share: {args.out / m['inference']['crypto_provider_secret']}"
+          f" and {args.out / m['crypto_provider']['secret']} (the same, mode 0600; an existing one is kept)")
     print(f"ca.key signs certificates: keep it offline; manifest: {args.out / MANIFEST}")
     return 0
 

@@ -215,3 +215,29 @@ def test_hospital_makes_its_own_key_and_the_operator_imports_the_public_key(pki,
         add_hospital(pki, "h10", public_key=ed)
     with pytest.raises(UserError, match="already exists"):
         make_hospital_key(tmp_path / "at-hospital")
+
+
+def test_init_makes_the_crypto_provider_secret_once_and_never_replaces_it(pki, tmp_path):
+    from xrayfed.common.security.shared_secret import SECRET_NAME, read_secret
+
+    inf, cp = pki / "inference" / SECRET_NAME, pki / "crypto-provider" / SECRET_NAME
+    assert _mode(inf) == 0o600 and _mode(cp) == 0o600
+    secret = read_secret(cp, "crypto provider secret")  # what serve-crypto-provider reads
+    assert secret == read_secret(inf, "inference secret") and len(secret) == 64  # 256 bits, one secret for both
+    assert secret.decode() not in (pki / "certs.json").read_text()  # the manifest names it, never holds it
+    m = read_manifest(pki)
+    assert (pki / m["inference"]["crypto_provider_secret"], pki / m["crypto_provider"]["secret"]) == (inf, cp)
+    # --force replaces the certificates but keeps the secret the running services share
+    init_pki(pki, force=True)
+    assert cp.read_bytes() == inf.read_bytes() == secret + b"\n"
+    # a copy lost on one side is restored from the other, not replaced by a new secret
+    inf.unlink()
+    init_pki(pki, force=True)
+    assert inf.read_bytes().strip() == secret and _mode(inf) == 0o600
+    # another federation gets another secret; the CLI says where both copies are
+    out = tmp_path / "other"
+    r = subprocess.run(CLI + ["certs", "init", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (f"secret the inference service and the crypto provider share: {out / 'inference' / SECRET_NAME} and "
+            f"{out / 'crypto-provider' / SECRET_NAME} (the same, mode 0600") in r.stdout
+    assert (out / "crypto-provider" / SECRET_NAME).read_bytes().strip() != secret
