@@ -301,21 +301,21 @@ def decode_pixels(ds, path: Path) -> np.ndarray:
     # 8-bit sequential JPEG: Pillow first, the decoder of .jpg files, so that one JPEG stream gives
     # the same pixels in a .jpg and in a DICOM file; then every installed plugin
     plugins = ["pillow", ""] if uid in _SEQUENTIAL_JPEG and dicom_int(ds, "BitsStored", 8, path) <= 8 else [""]
-    first: BaseException | None = None
+    failure: BaseException | None = None
     with quiet_pydicom():
         for plugin in plugins:
             try:
                 ds.pixel_array_options(decoding_plugin=plugin)
                 return ds.pixel_array
             except Exception as e:  # noqa: BLE001 - missing plugin, damaged or non-conforming data
-                first = e  # the last attempt, every plugin, says most
+                failure = e  # the last attempt, with every plugin, says most
         fixed = _repaired(ds)
         if fixed is not None:
             try:
                 return fixed.pixel_array
             except Exception:  # noqa: BLE001 - the correction did not help: report the failure before it
                 pass
-    raise _cannot_decode(path, ds, first) from None
+    raise _cannot_decode(path, ds, failure) from None
 
 
 # ----------------------------------------------------------------------------- display rules
