@@ -79,6 +79,27 @@ def test_data_check_says_when_data_cannot_train(tmp_path, capsys):
     assert "CANNOT TRAIN" in out and "PNEUMONIA" in out and "not ready" in out
 
 
+def test_the_verdict_agrees_with_the_counts_when_a_test_split_has_no_usable_scan(tmp_path, capsys):
+    """Six usable training scans and one skipped file train, whatever an empty or unreadable test
+    folder holds: that split is a warning naming it, not a "no usable scans" refusal."""
+    root = tmp_path / "cf"
+    for i in range(6):
+        cls = "NORMAL" if i % 2 else "PNEUMONIA"
+        (root / "train" / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((24, 24), 30 + 20 * i, np.uint8)).save(root / "train" / cls / f"s{i}.png")
+    (root / "train" / "NORMAL" / "broken.png").write_bytes(b"not a png")
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / "test" / cls).mkdir(parents=True)
+    assert cli.main(["data", "check", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "train: 6 usable scans" in out and "1 file(s) skipped:" in out and "broken.png" in out
+    assert "WARNING: the test split has no usable scans (it holds no scans)" in out
+    assert "CANNOT TRAIN" not in out and "ready to join a federation" in out
+    (root / "test" / "NORMAL" / "x.png").write_bytes(b"not a png either")
+    assert cli.main(["data", "check", str(root)]) == 0
+    assert "the test split has no usable scans (none of its 1 file(s) could be read)" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- a hospital's split, stated
 def test_flat_class_folders_train_on_every_scan_unless_a_local_test_split_is_asked_for(tmp_path, capsys):
     from xrayfed.client.hospital import hospital_split

@@ -8,6 +8,7 @@ small size) and each usable file's header once more for its size and bit depth.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -111,6 +112,16 @@ def training_findings(ds) -> tuple[list[str], list[str]]:
             "them, or choose the classes with data.labels)"], []
 
 
+def _no_usable_split(split: str, msg: str) -> str:
+    """The warning for a split other than ``train`` that exists but has no usable scan (``msg``:
+    the loader's one line): nothing to evaluate on there, and training, which reads ``train``,
+    is not affected."""
+    m = re.search(r"\((\d+) file\(s\) skipped", msg)
+    n = int(m.group(1)) if m else 0
+    why = f"none of its {n} file(s) could be read" if n else "it holds no scans"
+    return f"the {split} split has no usable scans ({why}): nothing to evaluate on there; training reads train"
+
+
 def inventory(path: Path | str, loaded: dict | None = None, *, label_set: Sequence[str] | None = None,
               seed: int = 0, test_fraction: float = 0.0) -> DataReport:
     """The :class:`DataReport` of the data at ``path`` (any supported layout). ``loaded``, when
@@ -138,6 +149,8 @@ def inventory(path: Path | str, loaded: dict | None = None, *, label_set: Sequen
                 pass  # the same fault seen from another split: said once
             elif split == "train":
                 problems.append(msg)
+            elif "no usable scans" in msg:  # an empty or unreadable test/val split: training is unaffected
+                warnings.append(_no_usable_split(split, msg))
             elif "no '" not in msg and "not available" not in msg and "no split" not in msg \
                     and "no rows with split" not in msg and "has no 'split' column" not in msg:
                 problems.append(msg)  # a split that exists but cannot be read
