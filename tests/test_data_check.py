@@ -197,3 +197,33 @@ def test_a_hospital_refuses_a_federation_that_trains_other_labels_than_its_own(t
     assert data.train.task.class_names == ("Pneumonia", "Effusion")  # the federation's order
     with pytest.raises(UserError, match=r"data.labels \['Effusion', 'Pneumonia'\]: the federation trains"):
         load_local_data(cfg, 16, TaskSpec(kind="multilabel", class_names=NIH_LABELS))
+
+
+def test_demo_on_flat_folders_states_the_held_out_share_on_both_sides(tmp_path, capsys):
+    """`demo` on data with no test split of its own holds out a share of its patients for the
+    server's test set, and says so in the server's and in every hospital's config: no hospital
+    trains on a test patient, and together they cover every scan."""
+    import argparse
+
+    from xrayfed.client.hospital import hospital_split
+    from xrayfed.common.config import FederationConfig, HospitalConfig, load_config
+    from xrayfed.server.demo import DEMO_TEST_FRACTION, probe_local_data, write_demo_configs
+
+    root = _flat(tmp_path / "flat", broken=False)  # 180 scans of 60 patients
+    args = argparse.Namespace(privacy_unit=None, rounds=1, hospitals=2, lr=None, width=None, split="iid", alpha=0.5,
+                              epsilon=8.0, delta=1e-5, local_epochs=None, batch_size=None)
+    probe = probe_local_data(args, root)
+    assert "20% of its patients are held out as the federation's test set" in capsys.readouterr().out
+    (tmp_path / "out").mkdir()
+    fed_path, hospitals = write_demo_configs(tmp_path / "out", root, args, 16, probe.task, 9)
+    fed = load_config(FederationConfig, fed_path)
+    assert fed.eval.test_fraction == DEMO_TEST_FRACTION
+    test = D.load_dataset(root, split="test", image_size=16, test_fraction=fed.eval.test_fraction)
+    trained = []
+    for h in hospitals:
+        cfg = load_config(HospitalConfig, h)
+        assert cfg.data.local_test_fraction == DEMO_TEST_FRACTION
+        _, train, val = hospital_split(cfg)
+        trained += train.patient_ids + (val.patient_ids if val is not None else [])
+    assert not set(trained) & set(test.patient_ids)
+    assert len(trained) + len(test) == 180 == len(probe) + len(test)
