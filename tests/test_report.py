@@ -21,6 +21,7 @@ from xrayfed.server import report as R
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
 DELTA = 1e-5
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def ledger_at(tmp: Path, site: Site, rounds: int, federation: str = "fed") -> Path:
@@ -356,3 +357,278 @@ def test_releases_against_charges_and_server_anchors(tmp_path):
     rep = R.build_federation_report(run, [ledger.path])
     rolled = [f for f in rep.findings if f.code == "ledger_rolled_back"]
     assert len(rolled) == 1 and rolled[0].round == 2 and rolled[0].level == "critical"
+
+
+# ------------------------------------------------------------------------------------------ after a restart
+# Two hospitals of the same settings; the server is killed in round 2 after both released their
+# update and restarted from round 1's checkpoint: both resend (report_synth: what a real restart
+# writes, as tests/test_faults.py checks on real processes).
+TWINS = [Site("north", n=800, epsilon=6.0, noise_multiplier=1.1), Site("south", n=800, epsilon=6.0, noise_multiplier=1.1)]
+
+
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("restart") / "run", TWINS, rounds=3, federation="synthetic",
+                   restart_round=2)
+    server_only = run.parent / "server-run"  # the operator's run folder: the ledgers live at the hospitals
+    shutil.copytree(run, server_only, ignore=shutil.ignore_patterns("hospitals"))
+    ledgers = {s.name: run / "hospitals" / s.name / "privacy-ledger.jsonl" for s in TWINS}
+    return run, server_only, ledgers
+
+
+def test_after_a_restart_the_operator_and_hospital_reports_agree(restarted):
+    run, server_only, ledgers = restarted
+    events = [r["event"] for r in json.loads("[" + ",".join(ledgers["north"].read_text().splitlines()) + "]")
+              if r.get("round") == 2]
+    assert events == ["train", "release", "resend"]  # what a real restart leaves in the ledger
+    operator = R.build_federation_report(server_only)  # from metrics.jsonl alone
+    with_ledgers = R.build_federation_report(server_only, list(ledgers.values()))
+    for name, path in ledgers.items():
+        own = R.build_hospital_report(path).hospitals[0]
+        assert (own.rounds_trained, own.rounds_resent, own.updates_released) == (3, 1, 3)
+        for rep in (operator, with_ledgers):
+            h = next(x for x in rep.hospitals if x.hospital == name)
+            assert (h.rounds_trained, h.rounds_resent) == (own.rounds_trained, own.rounds_resent), (h.source, h)
+            assert h.epsilon_spent == pytest.approx(own.epsilon_spent, rel=1e-9)
+            assert h.epsilon_left == pytest.approx(own.epsilon_left, rel=1e-9)
+    assert operator.count("critical") == 0 and with_ledgers.count("critical") == 0
+    # The round itself: both hospitals' updates were aggregated, and they are named as resent.
+    r2 = operator.rounds[1]
+    assert (r2.trained, r2.resent, sorted(r2.participants)) == ([], ["north", "south"], ["north", "south"])
+    md = R.render_markdown(operator)
+    assert "| 2 | 2025-03-01 09:14 | 6.9 min | north, south (resent after a restart, charged once) |" in md
+    assert "| north | scan (not patient) | 800 scans | " in md and "| 3 (1 resent) | 0 | — |" in md
+    assert ("Round 2 was interrupted and run again after a restart: north and south resent the update already "
+            "trained and charged for it (charged once, counted once as trained).") in md
+    assert [(f.code, f.round) for f in operator.findings if f.code == "update_resent"] == [("update_resent", 2)]
+    own_md = R.render_markdown(R.build_hospital_report(ledgers["north"]))
+    assert "| 3 (1 resent) | 0 | 3 / 3 |" in own_md
+    assert "the update of round 2 was resent after a restart (charged once, counted once as trained)" in own_md
+
+
+def test_a_failed_round_charged_at_the_hospital_is_not_an_accountant_disagreement(fed_run, tmp_path):
+    """A hospital charged for a round whose update never reached the server (it died mid-round)
+    reports more ε than the server's rows account for: an incomplete history (info), not a
+    critical disagreement of accountants; the report still counts the larger ε."""
+    run = tmp_path / "run"
+    shutil.copytree(fed_run, run, ignore=shutil.ignore_patterns("hospitals", "report"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["hospitals"] = [h for h in row["hospitals"] if h["hospital"] == "st-marys"]
+    rows[1]["hospitals"] = [{"hospital": "st-marys", "node_id": 1000, "status": "failed", "error": "lost"}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = R.build_federation_report(run)
+    (h,) = rep.hospitals
+    assert h.epsilon_spent == pytest.approx(rows[2]["hospitals"][0]["epsilon"])  # what the hospital reported
+    assert (h.rounds_trained, h.rounds_failed) == (2, 1)
+    assert rep.count("critical") == 0, [f.message for f in rep.findings if f.level == "critical"]
+    info = next(f for f in rep.findings if f.code == "history_incomplete")
+    assert "round 2, which it failed" in info.message
+
+
+# ------------------------------------------------------------------------------------------ in plain words
+def _plain(md: str) -> list[str]:
+    section = md.split("## In plain words\n\n", 1)[1].split("\n\n", 1)[0]
+    return [line[2:] for line in section.splitlines()]
+
+
+def test_the_report_says_in_plain_words_what_was_protected_and_how(fed):
+    out, rep = fed
+    lines = _plain((out / "report.md").read_text())
+    assert lines[0] == ("Privacy unit: each scan, not each patient: a patient with several scans is protected less "
+                        "(about their number of scans × ε), at every hospital.")
+    assert lines[1] == ("Protection: TLS on; hospital authentication on; SecAgg+ off (the server saw each hospital's "
+                        "update); server checkpoints encrypted at rest on.")
+    assert lines[2] == "Training data: northgate 1500 scans; riverside 600 scans; st-marys 1000 scans."
+    assert lines[3] == "Rounds: 3, finished between 2025-03-01 09:07 and 2025-03-01 09:21 UTC; a round took 6.9 min."
+    assert lines[4].startswith("Released without differential privacy (not covered by ε): with every round: the "
+                               "hospital's training loss, its training-set size")
+    assert "validation metrics (AUC, accuracy on each hospital's own validation split): released in 3 round(s)" in lines[4]
+    assert rep.security.model_dump() == {"transport": "grpc", "tls": True, "hospital_auth": True,
+                                         "secure_aggregation": False, "encrypted_at_rest": True,
+                                         "source": "metrics", "rounds_recorded": 3, "mixed": []}
+    html = (out / "report.html").read_text()
+    assert html.index('id="plain"') < html.index('id="hospitals"')  # at the top
+    assert "<li>Protection: TLS on; hospital authentication on;" in html
+
+
+def test_protection_recorded_per_round_by_the_server(tmp_path):
+    """What the server records with each round (server/federation.py), and how the report reads
+    it: the weakest setting of any round, a run that did not record it read from federation.toml
+    and its checkpoints, a simulation named as such."""
+    from xrayfed.common.checkpoint import Checkpoint
+    from xrayfed.common.config import FederationConfig
+    from xrayfed.common.model import build_model
+    from xrayfed.common.prediction import TaskSpec
+    from xrayfed.common.security.atrest import parse_key, save_checkpoint
+    from xrayfed.server.federation import run_security
+
+    cfg = FederationConfig.model_validate({"network": {"tls": {"insecure": True}}})
+    assert run_security(cfg) == {"transport": "grpc", "tls": False, "hospital_auth": False,
+                                 "secure_aggregation": False, "encrypted_at_rest": False}
+    cfg = FederationConfig.model_validate({"federation": {"secure_aggregation": True, "min_clients": 2}})
+    key = parse_key("00" * 32)
+    assert run_security(cfg, key) == {"transport": "grpc", "tls": True, "hospital_auth": True,
+                                      "secure_aggregation": True, "encrypted_at_rest": True}
+    assert run_security(cfg, simulated=True)["transport"] == "simulation"
+    assert not run_security(cfg, simulated=True)["tls"]
+
+    site = [Site("solo", n=500, epsilon=8.0, noise_multiplier=1.1)]
+    # one round with TLS and hospital authentication off (a restart with --insecure): the weakest is shown
+    run = make_run(tmp_path / "mixed", site, rounds=2, ledgers=False)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows[1]["security"] = dict(rows[1]["security"], tls=False, hospital_auth=False)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = _plain(R.render_markdown(R.build_federation_report(run)))
+    assert lines[1] == ("Protection: TLS off; hospital authentication off; SecAgg+ off (the server saw each "
+                        "hospital's update); server checkpoints encrypted at rest on; differed between rounds (tls, "
+                        "hospital_auth): the weakest is shown.")
+    # a simulation
+    run = make_run(tmp_path / "sim", site, rounds=2, ledgers=False,
+                   security={"transport": "simulation", "tls": False, "hospital_auth": False,
+                             "secure_aggregation": False, "encrypted_at_rest": False})
+    assert _plain(R.render_markdown(R.build_federation_report(run)))[1].startswith(
+        "Protection: a simulation on one machine (no network: TLS and hospital authentication do not apply); SecAgg+ off")
+    # an older run that recorded nothing: federation.toml (TLS on by default) and its encrypted checkpoints
+    run = make_run(tmp_path / "old", site, rounds=2, ledgers=False, security=None)
+    spec = FederationConfig().model
+    save_checkpoint(run / "checkpoints" / "round-0002.pt",
+                    Checkpoint(model=spec, task=TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")),
+                               image_size=28, state_dict=build_model(spec).state_dict()), key)
+    sec = R.build_federation_report(run).security
+    assert (sec.source, sec.tls, sec.hospital_auth, sec.encrypted_at_rest) == ("config", True, True, True)
+
+
+def test_hospital_report_says_in_plain_words_what_its_ledger_shows(known):
+    _, out, rep = known
+    lines = _plain((out / "report.md").read_text())
+    assert lines[0] == ("Privacy unit: each scan, not each patient: a patient with several scans is protected less "
+                        "(about their number of scans × ε).")
+    assert lines[1] == ("Protection: this ledger is not encrypted at rest. TLS, hospital authentication and SecAgg+ "
+                        "are the federation server's settings and are not in the ledger: the operator's report "
+                        "states them.")
+    assert lines[2] == "Training data: h1 1000 scans."
+    assert re.fullmatch(r"Rounds of h1: 2 trained (at|between) \d{4}-\d\d-\d\d \d\d:\d\d.* UTC, 1 refused\.", lines[3])
+    assert lines[4].startswith("Released without differential privacy (not covered by ε):")
+    assert "validation metrics" in lines[4] and "training loss" in lines[4]
+    assert rep.security.encrypted_at_rest is False and rep.security.source == "ledger"
+
+
+# ------------------------------------------------------------------------------------------ as people see it
+def html_tables(html: str) -> list[int]:
+    """The number of columns of each table of a page."""
+    from html.parser import HTMLParser
+
+    class Cols(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables: list[int] = []
+            self.row = 0
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.tables.append(0)
+            elif tag == "tr":
+                self.row = 0
+            elif tag in ("td", "th"):
+                self.row += int(dict(attrs).get("colspan") or 1)
+                self.tables[-1] = max(self.tables[-1], self.row)
+
+    p = Cols()
+    p.feed(html)
+    return p.tables
+
+
+def test_every_table_fits_a_laptop_window_without_a_browser(fed, restarted):
+    """Always on (no browser needed): no table has more columns than fit at 1280 px, cells wrap,
+    nothing is put in a sideways scroller, plots are not shrunk below their own size."""
+    pages = [(fed[0] / "report.html").read_text(),
+             R.render_html(R.build_federation_report(restarted[1], list(restarted[2].values())))]
+    for html in pages:
+        cols = html_tables(html)
+        assert cols and max(cols) <= 11, cols  # 11 columns of ~100 px fit the 1144 px of text at 1280 px
+        css = html.split("<style>", 1)[1].split("</style>", 1)[0]
+        assert "nowrap" not in css and "overflow-x" not in css and 'class="scroll"' not in html
+        assert re.search(r"th,td\{[^}]*white-space:normal[^}]*overflow-wrap:break-word", css)
+        assert "grid-template-columns" not in css  # one plot to a row, at 100 %
+
+
+def _report_render():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("report_render", ROOT / "bench" / "report_render.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(_report_render().find_chromium() is None,
+                    reason="no Chromium on this machine (Debian: apt-get install chromium)")
+def test_reports_in_headless_chromium_have_no_horizontal_overflow_at_1280px(fed, restarted, known, tmp_path):
+    rr = _report_render()
+    # a federation of six hospitals with long names: the widest tables a report has
+    wide = make_run(tmp_path / "wide", [Site(f"university-hospital-{c}", n=700, epsilon=8.0, noise_multiplier=1.1)
+                                        for c in "abcdef"], rounds=2, ledgers=False)
+    assert cli.main(["report", str(wide), "--format", "html"]) == 0
+    assert cli.main(["report", str(restarted[1]), "--out", str(tmp_path / "restart"), "--format", "html"]) == 0
+    restart_html = tmp_path / "restart" / "report.html"
+    for page in (fed[0] / "report.html", known[1] / "report.html", restart_html, wide / "report" / "report.html"):
+        result = rr.measure(page, width=1280)
+        fits, line = rr.verdict(result)
+        assert fits, f"{page}: {line}"
+        assert result["page_width"] <= 1280 and result["images"], line
+        assert all(i["shown"] == i["natural"] for i in result["images"]), line  # plots at 100 %
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _figures(report, monkeypatch) -> dict:
+    """The matplotlib figures of a report's plots (before they become PNG)."""
+    from xrayfed.server.report import plots as P
+
+    figs = {}
+    monkeypatch.setattr(P, "_png", lambda plt, fig: fig)
+    for name, _, fn in P.PLOTS:
+        fig = fn(report)
+        if fig is not None:
+            fig.canvas.draw()
+            figs[name] = fig
+    return figs
+
+
+def test_plot_text_is_legible_and_overlapping_curves_stay_apart(restarted, monkeypatch):
+    from matplotlib.text import Text
+
+    rep = R.build_federation_report(restarted[1], list(restarted[2].values()))
+    figs = _figures(rep, monkeypatch)
+    assert set(figs) == {"epsilon-per-round", "auc-per-round", "privacy-utility"}
+    for name, fig in figs.items():
+        small = [(t.get_text(), t.get_fontsize()) for t in fig.findobj(Text)
+                 if t.get_visible() and t.get_text().strip() and t.get_fontsize() < 10]
+        assert not small, (name, small)  # every text ≥ 10 pt at the plot's own size
+    # north and south have the same settings: the same ε curve. Each is told apart by its line
+    # style and marker, and their markers stand side by side rather than on top of each other.
+    ax = figs["epsilon-per-round"].axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines() if ln.get_label() in ("north", "south")}
+    n, s = lines["north"], lines["south"]
+    assert list(n.get_ydata()) == pytest.approx(list(s.get_ydata()))
+    assert n.get_linestyle() != s.get_linestyle() and n.get_marker() != s.get_marker()
+    assert all(abs(a - b) >= 0.1 for a, b in zip(n.get_xdata(), s.get_xdata()))
+
+
+def test_no_mostly_empty_plot(restarted, known, monkeypatch):
+    rep = R.build_federation_report(restarted[1])
+    figs = _figures(rep, monkeypatch)
+    for name in ("auc-per-round", "privacy-utility"):
+        ax = figs[name].axes[0]
+        data = [ln for ln in ax.get_lines() if ln.get_marker() not in (None, "None", "")]  # not the guides
+        ys = [float(y) for ln in data for y in ln.get_ydata()]
+        xs = [float(x) for ln in data for x in ln.get_xdata()]
+        lo, hi = ax.get_ylim()
+        assert (max(ys) - min(ys)) / (hi - lo) >= 0.5, (name, ys, (lo, hi))  # the values fill the height
+        if name == "privacy-utility":
+            lo, hi = ax.get_xlim()
+            assert (max(xs) - min(xs)) / (hi - lo) >= 0.5, (name, xs, (lo, hi))
+    # one round: nothing to draw that the table does not already say
+    one = R.build_hospital_report(ledger_at(Path(known[0]).parent.parent / "one", Site("one", n=500, epsilon=4.0,
+                                                                                       noise_multiplier=1.1), 1))
+    assert _figures(one, monkeypatch) == {}
