@@ -90,15 +90,28 @@ def _round_axis(report: "Report") -> tuple[dict[str, list[tuple[float, object]]]
     return out, ("entry in the hospital's ledger" if sequential else "round")
 
 
-def _curves_overlap(series: dict[str, list], top: float) -> bool:
-    """Do two hospitals' ε curves coincide (within 1 % of the axis) wherever both have a point?"""
-    curves = [{x: r.epsilon for x, r in pts} for pts in series.values() if pts]
-    for a in range(len(curves)):
-        for b in range(a + 1, len(curves)):
+def _shifts(series: dict[str, list], top: float) -> dict[str, float]:
+    """How far to shift each hospital's curve along the round axis: hospitals whose ε curves
+    coincide (within 1 % of the axis wherever both have a point) are set side by side, centred
+    on the round; every other curve stays on its round."""
+    curves = {name: {x: r.epsilon for x, r in pts} for name, pts in series.items() if pts}
+    names = list(curves)
+    group: dict[str, int] = {}
+    for a in names:
+        for b in names:
+            if a == b or b in group:
+                continue
             shared = set(curves[a]) & set(curves[b])
             if shared and all(abs(curves[a][x] - curves[b][x]) <= 0.01 * top for x in shared):
-                return True
-    return False
+                group.setdefault(a, len(group))
+                group[b] = group[a]
+    out = {n: 0.0 for n in series}
+    for g in set(group.values()):
+        members = [n for n in names if group.get(n) == g]
+        step = min(0.12, 0.6 / len(members))
+        for i, n in enumerate(members):
+            out[n] = (i - (len(members) - 1) / 2) * step
+    return out
 
 
 def epsilon_per_round(report: "Report") -> bytes | None:
@@ -114,15 +127,13 @@ def epsilon_per_round(report: "Report") -> bytes | None:
     top = ymax * 1.15 if ymax > 0 else 1.0
     xs_all: list[float] = []
     refused_labelled = disputed_labelled = False
-    n = len(report.hospitals)
-    overlap = _curves_overlap(series, top)
+    shifts = _shifts(series, top)
     # Each hospital has its own colour, marker and line style; hospitals with the same settings
     # have the same curve, and then each is also shifted a little along the round axis (its
     # markers stand side by side instead of on top of each other).
-    dodge = min(0.12, 0.5 / max(1, n)) if overlap else 0.0
     for i, h in enumerate(report.hospitals):
         c = colors[i % len(colors)]
-        shift = (i - (n - 1) / 2) * dodge
+        shift = shifts.get(h.hospital, 0.0)
         pts = [(x + shift, r) for x, r in series.get(h.hospital, [])]
         xs_all += [x for x, _ in pts]
         if not pts:
