@@ -385,7 +385,7 @@ def main() -> int:
                       f"{ld['throughput_per_min']:.0f}/min, p50 {ld['p50_s']:.2f}s p95 {ld['p95_s']:.2f}s", flush=True)
 
     if not args.skip_agreement:
-        from xrayfed.common.checkpoint import load_checkpoint
+        from xrayfed.common.security.atrest import load_checkpoint
 
         if args.checkpoint:
             ckpt = load_checkpoint(args.checkpoint)

@@ -199,7 +199,7 @@ def run(work: Path, args, faults: bool) -> dict:
     status = [[h["status"] for h in r["hospitals"]] for r in rows]
     import torch
 
-    from xrayfed.common.checkpoint import load_checkpoint
+    from xrayfed.common.security.atrest import load_checkpoint
     from xrayfed.common.data import load_dataset
     from xrayfed.common.prediction import TaskSpec
     from xrayfed.common.train import evaluate

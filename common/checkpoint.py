@@ -5,11 +5,19 @@ A checkpoint is a ``torch.save`` of plain data (loadable with ``weights_only=Tru
     {"format": "xrayfed-checkpoint/1", "model": ModelSpec dict, "task": TaskSpec dict,
      "image_size": int (px, 8..MAX_IMAGE_SIZE), "round": int, "run_id": str, "created": ISO-8601 UTC,
      "model_version": sha256 of the weights (hex, 16 chars), "state_dict": {name: tensor},
-     "threshold": [float, ...] or absent}
+     "threshold": [float, ...] or absent, "performance": {...} or absent}
 
 ``threshold`` is the operating point the server chose on its validation set (probability of
 the positive class for a binary task, one per label for a multi-label task; absent: 0.5, and
 always absent for a multi-class task, whose prediction is the most probable class).
+``performance`` is how often the model is right at that operating point on the held-out scans
+the server evaluated (per class sensitivity and specificity, the split's name and size:
+:func:`xrayfed.common.prediction.measured_performance`); absent: not measured (no evaluation
+data, or an older checkpoint). The patient is told these figures next to a prediction.
+
+Checkpoint files are read by one function, :func:`xrayfed.common.security.atrest.load_checkpoint`,
+for every command: it decrypts a file encrypted at rest with the key given, and without the key
+an encrypted file is the one line ``<file>: the file is encrypted; pass --atrest-key-file ...``.
 
 ``state_dict`` keys are the plain model's keys (no Opacus ``_module.`` prefix). Files are
 written atomically (temp file + rename), so a crash never leaves a half-written checkpoint.
@@ -31,7 +39,7 @@ import torch
 from xrayfed.common.errors import UserError
 from xrayfed.common.files import atomic_write
 from xrayfed.common.model import ModelSpec, build_model, fold_standardization, plain_spec
-from xrayfed.common.prediction import TaskSpec
+from xrayfed.common.prediction import TaskSpec, check_performance
 from xrayfed.common.preprocess import MAX_IMAGE_SIZE, MIN_SIZE
 
 FORMAT = "xrayfed-checkpoint/1"
@@ -68,6 +76,7 @@ class Checkpoint:
     run_id: str = ""
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     threshold: list[float] | None = None
+    performance: dict | None = None
 
     @property
     def model_version(self) -> str:
@@ -85,6 +94,7 @@ class Checkpoint:
             "model_version": self.model_version,
             "state_dict": strip_prefix(self.state_dict),
             **({"threshold": [float(t) for t in self.threshold]} if self.threshold is not None else {}),
+            **({"performance": self.performance} if self.performance is not None else {}),
         }
 
     def build(self, plain: bool = False):
@@ -126,6 +136,8 @@ def to_bytes(ckpt: Checkpoint) -> bytes:
 
 
 def from_bytes(data: bytes, source: str = "checkpoint") -> Checkpoint:
+    """The checkpoint in ``data`` (plaintext bytes; files are read with
+    :func:`xrayfed.common.security.atrest.load_checkpoint`)."""
     try:
         d = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated/corrupt/not a torch file
@@ -146,6 +158,8 @@ def from_bytes(data: bytes, source: str = "checkpoint") -> Checkpoint:
         run_id=str(d.get("run_id", "")),
         created=str(d.get("created", "")),
         threshold=_threshold(d.get("threshold"), source),
+        performance=_field(d, "performance", lambda v: check_performance(v, task), source)
+        if "performance" in d else None,
     )
 
 
@@ -192,10 +206,3 @@ def _threshold(v, source: str) -> list[float] | None:
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     atomic_write(Path(path), to_bytes(ckpt), mode=0o644)
-
-
-def load_checkpoint(path: Path) -> Checkpoint:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint: no file at {path}")
-    return from_bytes(path.read_bytes(), source=str(path))

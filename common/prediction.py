@@ -8,6 +8,7 @@ models have one logit per label (independent sigmoids).
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import numpy as np
@@ -226,3 +227,66 @@ def compute_metrics(task: TaskSpec, logits: np.ndarray, targets: np.ndarray,
     out["sensitivity"] = float(np.nanmean(sens)) if np.isfinite(sens).any() else float("nan")
     out["specificity"] = float(np.nanmean(spec)) if np.isfinite(spec).any() else float("nan")
     return out
+
+
+def measured_performance(task: TaskSpec, logits: np.ndarray, targets: np.ndarray,
+                         threshold: list[float] | None, split: str) -> dict:
+    """How often the model is right at its operating point, per class, on held-out scans: what a
+    patient is told next to a prediction (it travels in the checkpoint and ``ModelInfo``).
+
+    ``{"split": split, "scans": N, "classes": {name: {"sensitivity", "specificity", "with",
+    "without"}}}``: ``with``/``without`` count the scans that carry/do not carry the class;
+    ``sensitivity`` is the fraction of the ``with`` scans the model flags with the class,
+    ``specificity`` the fraction of the ``without`` scans it does not flag (``None`` where a count
+    is 0). The class is flagged as :func:`decide` flags it: binary → the positive class
+    (``class_names[1]``, the only entry) at ``threshold``; multi-label → each label at its
+    threshold; multi-class → each class, one-vs-rest, when it is the most probable."""
+    probs = probabilities(task, logits)
+    t = np.asarray(targets)
+    names = list(task.class_names)
+    if task.kind == "binary":
+        cols = {names[1]: (t.reshape(-1).astype(int) == 1, probs[:, 1] >= _thresholds(threshold, 1)[0])}
+    elif task.kind == "multiclass":
+        y, top = t.reshape(-1).astype(int), probs.argmax(axis=1)
+        cols = {n: (y == k, top == k) for k, n in enumerate(names)}
+    else:
+        y, thr = t.reshape(len(probs), -1).astype(int), _thresholds(threshold, len(names))
+        cols = {n: (y[:, k] == 1, probs[:, k] >= thr[k]) for k, n in enumerate(names)}
+    classes = {}
+    for name, (pos, flagged) in cols.items():
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        classes[name] = {"sensitivity": float((flagged & pos).sum() / n_pos) if n_pos else None,
+                         "specificity": float((~flagged & ~pos).sum() / n_neg) if n_neg else None,
+                         "with": n_pos, "without": n_neg}
+    return {"split": str(split), "scans": int(len(probs)), "classes": classes}
+
+
+def check_performance(d, task: TaskSpec) -> dict | None:
+    """``d`` (from a checkpoint or the inference service) as a well-formed
+    :func:`measured_performance` dict for ``task``, or ``None`` when absent; ``ValueError`` when
+    malformed (unknown class, a rate outside [0, 1], a negative count)."""
+    if d is None:
+        return None
+    if not isinstance(d, dict) or not isinstance(d.get("classes"), dict) or not isinstance(d.get("split"), str):
+        raise ValueError("performance must be {split, scans, classes}")
+    scans = d.get("scans")
+    if isinstance(scans, bool) or not isinstance(scans, int) or scans < 0 \
+            or not re.fullmatch(r"[\w.-]{1,64}", d["split"]):
+        raise ValueError("performance: scans must be a count and split a short name (letters, digits, _.-)")
+    classes = {}
+    for name, c in d["classes"].items():
+        if name not in task.class_names or not isinstance(c, dict):
+            raise ValueError(f"performance: {str(name)[:40]!r} is not one of the model's classes")
+        out = {}
+        for k in ("with", "without"):
+            v = c.get(k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"performance: {k} of {name} must be a count")
+            out[k] = v
+        for k in ("sensitivity", "specificity"):
+            v = c.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0):
+                raise ValueError(f"performance: {k} of {name} must be a fraction in [0, 1] or null")
+            out[k] = None if v is None else float(v)
+        classes[name] = out
+    return {"split": d["split"], "scans": scans, "classes": classes}

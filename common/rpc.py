@@ -3,12 +3,17 @@
 Messages are JSON objects (UTF-8 bytes) carried by generic unary-unary methods
 (``grpc.method_handlers_generic_handler`` on the server, ``channel.unary_unary`` on the
 client). Every channel is TLS unless ``--insecure`` is given (then a warning is printed).
-Errors on the client side become one-line :class:`~xrayfed.common.errors.UserError` s.
+Errors on the client side become one-line :class:`~xrayfed.common.errors.UserError` s, and
+gRPC's own C-core log lines (``E0000 ... ssl_transport_security.cc ...`` on a failed TLS
+handshake) are off: importing this module sets ``GRPC_VERBOSITY=NONE`` unless the environment
+already sets it (set ``GRPC_VERBOSITY=DEBUG`` to see them); it must come before ``grpc`` is
+imported, which every module here does lazily.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import struct
 import threading
@@ -17,6 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from xrayfed.common.errors import UserError
+
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # read by gRPC's C core when grpc is imported
 
 MAX_MESSAGE = 64 << 20  # JSON objects, and the patient's shares + dealt randomness (a few MiB; never weights)
 OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
@@ -88,17 +95,33 @@ def server_credentials(cert: Path | None, key: Path | None, what: str):
         raise UserError(f"{what}: unusable TLS certificate/key ({type(e).__name__})") from None
 
 
-def make_channel(target: str, *, ca_cert: Path | None, insecure: bool, server_name: str | None = None):
+def make_channel(target: str, *, ca_cert: Path | None, insecure: bool, server_name: str | None = None,
+                 ca_flag: str = "--ca-cert"):
     """A channel to ``target``: TLS verified by ``ca_cert`` (or the system roots), or plaintext.
     ``server_name``: the certificate must be valid for this name instead of the target's host
-    (pins a role, e.g. the crypto provider's certificate)."""
+    (pins a role, e.g. the crypto provider's certificate). ``ca_flag``: the option that gave
+    ``ca_cert``, named when the file is not a PEM certificate."""
     import grpc
 
     if insecure:
         return grpc.insecure_channel(target, options=OPTIONS)
-    root = _read(ca_cert, "CA certificate (--ca-cert)") if ca_cert is not None else None
+    root = _ca_pem(ca_cert, ca_flag) if ca_cert is not None else None
     opts = OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
     return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root), options=opts)
+
+
+def _ca_pem(path: Path, flag: str) -> bytes:
+    """The PEM bytes of a CA certificate file; a missing file or one that holds no PEM
+    certificate is one line naming ``flag`` (gRPC would only fail later, at the handshake)."""
+    from cryptography import x509
+
+    pem = _read(path, f"CA certificate ({flag})")
+    try:
+        x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise UserError(f"{flag} {path}: not a PEM CA certificate (pass the CA certificate file, ca.pem, "
+                        "that signed the service's TLS certificate)") from None
+    return pem
 
 
 BINARY_METHODS = frozenset({"Evaluate"})  # methods whose messages are frames (header + blobs), not JSON
@@ -166,8 +189,10 @@ def run_until_stopped(server, stop_all: Callable[[], None], ready=None, stop=Non
     return 0
 
 
-def call(stub, request: dict, *, timeout: float, what: str, target: str, metadata=None) -> dict:
-    """Call ``stub`` and turn gRPC failures into one clear line."""
+def call(stub, request: dict, *, timeout: float, what: str, target: str, metadata=None,
+         ca_flag: str = "--ca-cert") -> dict:
+    """Call ``stub`` and turn gRPC failures into one clear line (``ca_flag``: the option that
+    gives the CA certificate, named when the server's certificate is not trusted)."""
     import grpc
 
     try:
@@ -178,6 +203,10 @@ def call(stub, request: dict, *, timeout: float, what: str, target: str, metadat
         if code == grpc.StatusCode.UNAVAILABLE:
             hint = details.splitlines()[0][:160] if details else "connection failed"
             low = details.lower()
+            if "certificate_verify_failed" in low or "unable to get local issuer" in low:
+                raise UserError(f"cannot reach {what} at {target}: its TLS certificate is not signed by a CA you "
+                                f"trust; pass the CA certificate it was issued with: {ca_flag} FILE "
+                                "(e.g. the ca.pem you were given)") from None
             if any(w in low for w in ("handshake", "ssl", "certificate", "socket closed")):
                 raise UserError(f"cannot reach {what} at {target}: TLS handshake failed (wrong --ca-cert, "
                                 f"or a plaintext/TLS mismatch) [{hint}]") from None

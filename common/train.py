@@ -102,6 +102,12 @@ def evaluate(model, dataset, task: TaskSpec, device: torch.device, batch_size: i
     """Task metrics (see :func:`xrayfed.common.prediction.compute_metrics`, at ``threshold``)
     plus ``loss`` and ``examples``."""
     logits, targets = predict_logits(model, dataset, device, batch_size)
+    return scored(task, logits, targets, threshold)
+
+
+def scored(task: TaskSpec, logits: np.ndarray, targets: np.ndarray,
+           threshold: float | list[float] | None = None) -> dict[str, float]:
+    """:func:`evaluate`'s figures from logits (N, outputs) and targets already computed."""
     metrics = compute_metrics(task, logits, targets, threshold=threshold)
     crit = loss_fn(task)
     metrics["loss"] = float(crit(torch.from_numpy(logits), prepare_targets(task, torch.from_numpy(targets))))

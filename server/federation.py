@@ -34,10 +34,10 @@ from xrayfed.common.config import FederationConfig
 from xrayfed.common.data import load_dataset
 from xrayfed.common.errors import UserError
 from xrayfed.common.model import build_model
-from xrayfed.common.prediction import choose_threshold, compute_metrics
+from xrayfed.common.prediction import choose_threshold, compute_metrics, measured_performance
 from xrayfed.common.protocol.rounds import RUN_FINISHED_ACTION, SENT_AN_UPDATE, RunFinished
 from xrayfed.common.security.atrest import load_checkpoint, load_key
-from xrayfed.common.train import evaluate, predict_logits
+from xrayfed.common.train import predict_logits, scored
 from xrayfed.server.rundir import RunDir
 from xrayfed.server.secagg import SecAggPlusConfig, SecAggPlusGrid
 from xrayfed.server.strategy import HospitalsMissing, ledger_anchors, make_strategy, pinned_plans
@@ -85,21 +85,25 @@ def evaluate_global(model, cfg: FederationConfig, eval_set, val_set, device) -> 
     """Server-side figures of one global model: the operating point chosen on ``val_set`` (no
     hospital trains on it; see :func:`~xrayfed.common.prediction.choose_threshold`) and the
     metrics on ``eval_set`` at that threshold (``threshold``, ``threshold/<label>``), plus
-    ``val_auc``."""
+    ``val_auc``; ``performance``: per-class sensitivity/specificity at that threshold on
+    ``eval_set`` (the held-out test scans; :func:`~xrayfed.common.prediction.measured_performance`),
+    or ``None`` without one — what the patient is told with a prediction."""
     out: dict[str, Any] = {}
-    threshold = None
+    threshold = performance = None
     if val_set is not None:
         vl, vy = predict_logits(model, val_set, device)
         threshold = choose_threshold(cfg.task, vl, vy)
         out["val_auc"] = compute_metrics(cfg.task, vl, vy)["auc"]
     if eval_set is not None:
-        out.update(evaluate(model, eval_set, cfg.task, device, threshold=threshold))
+        el, ey = predict_logits(model, eval_set, device)
+        out.update(scored(cfg.task, el, ey, threshold))
+        performance = measured_performance(cfg.task, el, ey, threshold, split=cfg.eval.split)
     if threshold is not None:
         if cfg.task.kind == "binary":
             out["threshold"] = threshold[0]
         else:
             out.update({f"threshold/{n}": t for n, t in zip(cfg.task.class_names, threshold)})
-    return {"metrics": out, "threshold": threshold}
+    return {"metrics": out, "threshold": threshold, "performance": performance}
 
 
 def initial_state(cfg: FederationConfig, atrest_key=None) -> dict:
@@ -246,16 +250,16 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
             "security": security,
         }
         result = None
-        threshold = None
+        threshold = performance = None
         if eval_set is not None or val_set is not None:
             model = build_model(cfg.model)
             model.load_state_dict(sd)
             ev = evaluate_global(model, cfg, eval_set, val_set, device)
-            threshold, m = ev["threshold"], ev["metrics"]
+            threshold, m, performance = ev["threshold"], ev["metrics"], ev["performance"]
             row["eval"] = dict(m)
             result = MetricRecord({k: float(v) for k, v in m.items() if k in ("auc", "accuracy", "loss")})
         ckpt = Checkpoint(model=cfg.model, task=cfg.task, image_size=cfg.image_size, state_dict=sd, round=g,
-                          run_id=str(flwr_run_id), threshold=threshold)
+                          run_id=str(flwr_run_id), threshold=threshold, performance=performance)
         run.save(ckpt)
         server_state = strategy.server_state()
         if server_state:

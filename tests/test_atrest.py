@@ -272,7 +272,7 @@ def test_rundir_checkpoints_encrypted(tmp_path, key, key_hex):
         run.load_latest()
     # `xrayfed certs decrypt-checkpoint`: a plaintext copy for serve-inference (only with the right key)
     from xrayfed.common import cli
-    from xrayfed.common.checkpoint import load_checkpoint
+    from xrayfed.common.security.atrest import load_checkpoint
 
     kf, bad = tmp_path / "k", tmp_path / "bad"
     kf.write_text(key_hex)

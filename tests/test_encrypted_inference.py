@@ -26,11 +26,13 @@ import psutil
 import pytest
 import torch
 
-from xrayfed.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from xrayfed.common.checkpoint import Checkpoint, save_checkpoint
 from xrayfed.common.errors import UserError
 from xrayfed.common.model import ModelSpec, build_model, default_model
 from xrayfed.common.prediction import NIH_LABELS, TaskSpec, probabilities
 from xrayfed.common.procs import free_port, kill_tree, spawn, venv_bin, wait_for_port
+from xrayfed.common.security import atrest
+from xrayfed.common.security.atrest import load_checkpoint, make_atrest_key
 from xrayfed.client.inference import tokens
 
 pytestmark = pytest.mark.timeout(600)
@@ -38,6 +40,8 @@ pytestmark = pytest.mark.timeout(600)
 SIZE = 32
 SESSION_TIMEOUT = 12
 PATIENT = "PAT-0001"
+BINARY_PERFORMANCE = {"split": "test", "scans": 624, "classes": {"PNEUMONIA": {
+    "sensitivity": 0.94, "specificity": 0.70, "with": 390, "without": 234}}}
 AUDIT_FIELDS = {"time", "event", "patient_id", "claimed_patient_id", "token_id", "identity_claim", "model_version",
                 "outcome", "reason", "duration_s", "session", "peer"}
 
@@ -147,14 +151,20 @@ class Stack:
         self.secret = root / "crypto-provider.secret"
         self.secret.write_text(os.urandom(32).hex())
         self.token = self.write_token("patient.tok", PATIENT)
+        encrypted: dict[str, Path] = {}  # service -> at-rest key file of its checkpoint
         if models is None:
             self.ckpt = {
                 "binary": make_checkpoint(TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA")), 1),
                 "multilabel": make_checkpoint(TaskSpec(kind="multilabel", class_names=NIH_LABELS), 2),
             }
+            # the binary model as the server stores it: its operating point and measured performance,
+            # encrypted at rest (served with --atrest-key-file); the 14-label one plaintext, never measured
+            self.ckpt["binary"].threshold = [0.6]
+            self.ckpt["binary"].performance = BINARY_PERFORMANCE
             models = {name: root / f"{name}.pt" for name in self.ckpt}
-            for name, ck in self.ckpt.items():
-                save_checkpoint(models[name], ck)
+            save_checkpoint(models["multilabel"], self.ckpt["multilabel"])
+            encrypted["binary"] = make_atrest_key(root / "atrest.key")
+            atrest.save_checkpoint(models["binary"], self.ckpt["binary"], atrest.read_key_file(encrypted["binary"]))
         self.logs: list = []
         self.procs: dict[str, subprocess.Popen] = {}
         self.ports: dict[str, int] = {}
@@ -177,7 +187,8 @@ class Stack:
                 "--crypto-provider-secret", str(self.secret), "--audit-log", str(self.audit(name)),
                 "--session-timeout", str(SESSION_TIMEOUT), "--max-sessions", "3", "--rate-per-hour", "1000",
                 "--budget-per-token", "1000"]
-                + (["--allow-scans-without-patient-id"] if name != "multilabel" else []))
+                + (["--allow-scans-without-patient-id"] if name != "multilabel" else [])
+                + (["--atrest-key-file", str(encrypted[name])] if name in encrypted else []))
         for name, proc in self.procs.items():
             wait_for_port("127.0.0.1", self.ports[name], timeout=240, proc=proc, what=name)
 
@@ -240,6 +251,14 @@ def test_binary_prediction_matches_plaintext(stack, tmp_path):
     ref = plaintext_probs(stack.ckpt["binary"], scan)
     assert res["class_names"] == ["NORMAL", "PNEUMONIA"]
     assert np.abs(np.array(res["probabilities"]) - ref).max() < 1e-2, (res["probabilities"], ref)
+    # the model was served from its encrypted checkpoint (--atrest-key-file), with the figures it carries
+    assert res["format"] == "xrayfed-prediction/1" and res["task"] == "binary" and res["threshold"] == [0.6]
+    assert res["performance"] == BINARY_PERFORMANCE
+    assert res["prediction"] == [("PNEUMONIA" if ref[1] >= 0.6 else "NORMAL")]
+    text = stack.predict_cli("binary", scan, None)
+    assert text.returncode == 0, text.stderr
+    assert f"Result: {res['prediction'][0]}." in text.stdout
+    assert "Of 100 scans with PNEUMONIA, it flagged PNEUMONIA for about 94" in text.stdout
     rec = wait_audit(stack.audit("binary"), lambda r: r["outcome"] == "ok")
     assert set(rec) == AUDIT_FIELDS
     assert rec["patient_id"] == PATIENT and rec["model_version"] == stack.ckpt["binary"].model_version
@@ -249,15 +268,18 @@ def test_binary_prediction_matches_plaintext(stack, tmp_path):
 @pytest.mark.slow
 def test_fourteen_label_dicom_prediction_matches_plaintext(stack, tmp_path):
     scan = write_dicom(tmp_path / "scan.dcm", PATIENT, seed=5)
-    r = stack.predict_cli("multilabel", scan)
+    page = tmp_path / "result.html"
+    r = stack.predict_cli("multilabel", scan, None, "--json", "--html", str(page))
     assert r.returncode == 0, r.stderr
     ref = plaintext_probs(stack.ckpt["multilabel"], scan)
-    lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("  ")]
-    got = dict((name, float(p)) for name, p in lines)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    got = dict(zip(res["class_names"], res["probabilities"]))
     assert list(got) == list(NIH_LABELS)
     assert np.abs(np.array(list(got.values())) - ref).max() < 1e-2, (got, ref)
     assert ref.std() > 0.05  # probabilities really differ between labels (the check can fail)
-    assert "only you can see" in r.stdout
+    assert res["prediction"] == [n for n, p in zip(NIH_LABELS, ref) if p >= 0.5] and res["performance"] is None
+    assert "only you can see" in page.read_text() and "not measured" in page.read_text()
+    assert page.stat().st_mode & 0o077 == 0
 
 
 @pytest.mark.slow
@@ -663,14 +685,6 @@ def test_checkpoint_with_mismatching_architecture_is_refused(tmp_path):
     rc = main(["serve-inference", "--model", str(path), "--token-key", str(pub), "--insecure",
                "--listen", f"127.0.0.1:{free_port()}"])
     assert rc == 2
-
-
-def test_format_result_prints_class_names():
-    from xrayfed.client.patient import format_result
-
-    text = format_result({"class_names": ["NORMAL", "PNEUMONIA"], "probabilities": [0.25, 0.75], "task": "binary",
-                          "model_version": "abc", "timing": {"total_s": 1.0, "session_s": 0.5}})
-    assert "PNEUMONIA  0.7500" in text and "NORMAL     0.2500" in text
 
 
 def test_service_and_crypto_provider_configs_from_toml(tmp_path):

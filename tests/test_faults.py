@@ -178,11 +178,12 @@ def test_hospital_killed_mid_round_then_server_killed_mid_round(tmp_path):
 
     from xrayfed.client.dp import request_key
     from xrayfed.client.supernode import ALIVE_FILE
-    from xrayfed.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, weights_version
+    from xrayfed.common.checkpoint import Checkpoint, save_checkpoint, weights_version
     from xrayfed.common.data import load_dataset
     from xrayfed.common.model import build_model
     from xrayfed.common.prediction import TaskSpec, choose_threshold
     from xrayfed.common.privacy.ledger import check_anchor
+    from xrayfed.common.security.atrest import load_checkpoint
     from xrayfed.common.synthetic import write_npz
     from xrayfed.common.train import predict_logits
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xrayfed.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from xrayfed.common.checkpoint import Checkpoint, save_checkpoint
 from xrayfed.common.errors import UserError
 from xrayfed.common.model import ModelSpec, build_model, count_parameters, layer_plan
 from xrayfed.common.prediction import TaskSpec
+from xrayfed.common.security.atrest import load_checkpoint
 
 
 def test_xraynet_is_compact_resolution_agnostic_and_dp_ready():

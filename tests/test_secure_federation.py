@@ -198,10 +198,6 @@ def test_checkpoint_encrypted_at_rest_and_wrong_key_refused(run):
         atrest.load_checkpoint(ck, atrest.read_key_file(run["keys"]["h1"]))
     with pytest.raises(UserError, match="encrypted; pass --atrest-key-file"):
         atrest.load_checkpoint(ck, None)
-    from xrayfed.common.checkpoint import load_checkpoint
-
-    with pytest.raises(UserError, match="not a readable xrayfed checkpoint"):  # never a silently corrupt model
-        load_checkpoint(ck)
 
 
 def test_secure_aggregate_equals_fedavg_of_the_released_updates(run):

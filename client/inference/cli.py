@@ -2,7 +2,8 @@
 handlers of ``xrayfed serve-inference`` and ``xrayfed token init-key | issue | revoke`` (their
 arguments are in :mod:`xrayfed.client.commands`).
 
-``serve-inference`` loads the checkpoint and refuses one that cannot run under MPC
+``serve-inference`` loads the checkpoint (decrypted with the at-rest key when it is encrypted:
+``--atrest-key-file`` or the environment, :func:`xrayfed.common.security.atrest.load_checkpoint`) and refuses one that cannot run under MPC
 (:func:`check_model`), connects to the crypto provider (:func:`crypto_provider_caller`), warms
 the MPC worker pool before any gRPC thread exists, and serves
 :class:`~xrayfed.client.inference.service.InferenceService` until stopped.
@@ -21,7 +22,7 @@ from xrayfed.client.inference.service import InferenceService, start_grpc
 from xrayfed.client.inference.tokens import load_public_keys
 from xrayfed.common import mpc, rpc
 from xrayfed.common.addresses import parse_hostport
-from xrayfed.common.checkpoint import load_checkpoint, load_weights, to_bytes
+from xrayfed.common.checkpoint import load_weights, to_bytes
 from xrayfed.common.config import InferenceServiceConfig, load_config
 from xrayfed.common.errors import UserError
 from xrayfed.common.files import atomic_write
@@ -34,6 +35,7 @@ from xrayfed.common.protocol.inference import (
     CRYPTO_PROVIDER_SERVICE,
     START_SESSION,
 )
+from xrayfed.common.security.atrest import load_checkpoint, load_key
 from xrayfed.common.security.shared_secret import read_secret
 
 
@@ -76,11 +78,12 @@ def crypto_provider_caller(cfg):
     return call
 
 
-def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
+def serve(cfg, ready: threading.Event | None = None, stop: threading.Event | None = None, atrest_key=None) -> int:
+    """Serve ``cfg.model`` until stopped; ``atrest_key`` decrypts a checkpoint encrypted at rest."""
     host, port = parse_hostport(cfg.listen, "listen")
     if cfg.model is None:
         raise UserError("serve-inference: --model CHECKPOINT is required")
-    ckpt = load_checkpoint(cfg.model)
+    ckpt = load_checkpoint(cfg.model, atrest_key)
     check_model(ckpt, crypten=False)
     keys = load_public_keys(cfg.token_keys)
     creds = None if cfg.tls.insecure else rpc.server_credentials(cfg.tls.cert, cfg.tls.key, "serve-inference")
@@ -126,7 +129,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
         "allow_scans_without_patient_id": args.allow_scans_without_patient_id,
         "crypto_provider_tls.insecure": True if args.insecure else None,
     })
-    return serve(cfg)
+    return serve(cfg, atrest_key=load_key(getattr(args, "atrest_key_file", None)))
 
 
 def token_init_key_cmd(args: argparse.Namespace) -> int:

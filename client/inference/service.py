@@ -11,7 +11,9 @@ config is :mod:`xrayfed.client.inference.cli`.
 gRPC API (:mod:`xrayfed.common.rpc`), service ``xrayfed.inference.v1.Inference``:
 
 * ``ModelInfo {token}`` → what the patient needs: ``{model (architecture), image_size, task,
-  model_version, threshold, mpc: {tape, tape_digest, input_pool, scattering, scale_bits}}`` — never weights.
+  model_version, threshold, performance, mpc: {tape, tape_digest, input_pool, scattering, scale_bits}}``
+  — never weights. ``performance``: the checkpoint's measured sensitivity/specificity on held-out
+  scans (``null``: not measured), told to the patient with the result.
 * ``OpenSession {token, scan: {image_size, channels, dicom_patient_id|null}}`` → ``{session_id,
   crypto_provider: {address, server_name}, timeout_s, ...ModelInfo}``. The service
   1. verifies the token (Ed25519 signature by a trusted key, audience, expiry, not revoked) and,
@@ -66,12 +68,14 @@ log = logging.getLogger("xrayfed.inference")
 
 
 def model_metadata(ckpt) -> dict:
+    """What ``ModelInfo`` tells a patient about the served checkpoint (never weights)."""
     return {
         "model": ckpt.model.model_dump(mode="json"),
         "image_size": int(ckpt.image_size),
         "task": ckpt.task.to_dict(),
         "model_version": ckpt.model_version,
         "threshold": ckpt.threshold,
+        "performance": ckpt.performance,
     }
 
 

@@ -5,7 +5,9 @@ with the crypto provider. Both sides import these names from here.
 Inference service (the hospital's ``serve-inference``; the patient's ``predict`` calls it):
 
 * ``ModelInfo {token}`` → ``{model, image_size, task: {kind, class_names}, model_version,
-  threshold, mpc: {tape, tape_digest, input_pool, scattering, scale_bits}}``
+  threshold, performance, mpc: {tape, tape_digest, input_pool, scattering, scale_bits}}``;
+  ``performance`` is ``{split, scans, classes: {name: {sensitivity, specificity, with, without}}}``
+  measured on held-out scans (:func:`xrayfed.common.prediction.measured_performance`) or ``null``
 * ``OpenSession {token, scan: {image_size, channels, format, dicom_patient_id|null}}`` →
   ``{session_id, crypto_provider: {address, server_name}, timeout_s, model, image_size, task,
   model_version, mpc}``

@@ -236,8 +236,13 @@ def save_checkpoint(path: Path | str, ckpt, key: AtRestKey | None) -> None:
     write_encrypted(path, to_bytes(ckpt), key, context=b"checkpoint")
 
 
-def load_checkpoint(path: Path | str, key: AtRestKey | None, *, require_encrypted: bool = False):
-    """Load a checkpoint written by :func:`save_checkpoint` (encrypted or not)."""
+def load_checkpoint(path: Path | str, key: AtRestKey | None = None, *, require_encrypted: bool = False):
+    """The checkpoint at ``path``: the one reader of checkpoint files, for every command.
+
+    An encrypted file is decrypted with ``key``; without a key it is the one line ``<path>: the
+    file is encrypted; pass --atrest-key-file or set ...``, the same for every command (serve-inference,
+    explain, export, certs decrypt-checkpoint, the server). ``require_encrypted`` refuses a plaintext
+    file (a run directory with a key configured). A wrong key or a modified file is one line too."""
     from xrayfed.common.checkpoint import from_bytes  # lazy: `xrayfed --help` loads this module, not torch
 
     path = Path(path)
