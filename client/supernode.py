@@ -234,6 +234,8 @@ class _FlowerLog:
     def write(self, line: str) -> None:
         line = strip_ansi(line)
         with self.lock:
+            if self.file.closed:  # a child's last words after `xrayfed client` stopped
+                return
             if self.size > SUPERNODE_LOG_MAX_BYTES:
                 self.file.close()
                 os.replace(self.path, self.path.with_suffix(".log.1"))
@@ -386,9 +388,10 @@ def run_client_cmd(args: argparse.Namespace) -> int:
                             touched = time.monotonic()
                         if UNREACHABLE in seen and not said_unreachable:
                             said_unreachable = True
-                            print(f"[xrayfed] hospital {cfg.hospital.name}: the server at {args.server} does not "
-                                  "answer (stopped, or restarting to resume its run); the SuperNode keeps trying"
-                                  + ("" if verbose else " (-v shows each attempt)"), flush=True)
+                            why = ("does not answer (stopped, or restarting to resume its run)" if JOINED in seen
+                                   else "does not answer yet")
+                            print(f"[xrayfed] hospital {cfg.hospital.name}: the server at {args.server} {why}; the "
+                                  "SuperNode keeps trying" + ("" if verbose else " (-v shows each attempt)"), flush=True)
                         finished = read_finished(state)
                         if finished is not None:  # let the acknowledgement leave through the SuperNode first
                             until = time.monotonic() + FINISHED_GRACE_S
