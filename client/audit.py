@@ -44,7 +44,7 @@ import torch
 from xrayfed.client.dp import faults
 from xrayfed.common.errors import UserError
 from xrayfed.common.privacy.accounting import compute_epsilon
-from xrayfed.common.privacy.audit import AuditBound, attack_auc, audit
+from xrayfed.common.privacy.audit import AuditBound, attack_auc, audit, signal_check
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class GradientCanaries:
         starts = np.cumsum([0] + sizes)
         owner = np.searchsorted(starts, flat, side="right") - 1
         self._where = [(i, np.nonzero(owner == i)[0], flat[owner == i] - starts[i]) for i in range(len(params))]
+        self._param, self._index = owner, flat - starts[owner]  # canary i: parameter and flat index there
 
     def _gather(self, tensors) -> np.ndarray:
         out = np.zeros(self.m)
@@ -115,13 +116,12 @@ class GradientCanaries:
         try:
             for lo in range(0, len(chosen), CHUNK):
                 part = chosen[lo:lo + CHUNK]
-                row_of = {int(c): j for j, c in enumerate(part)}
-                for (i, ids, idx), p in zip(self._where, params):
+                for i, p in enumerate(params):
                     rows = torch.zeros(len(part), p.numel(), dtype=p.dtype, device=p.device)
-                    for c, k in zip(ids, idx):
-                        j = row_of.get(int(c))
-                        if j is not None:
-                            rows[j, int(k)] = norm
+                    mine = np.nonzero(self._param[part] == i)[0]
+                    if len(mine):
+                        rows[torch.as_tensor(mine, device=p.device),
+                             torch.as_tensor(self._index[part[mine]], device=p.device)] = norm
                     p.grad_sample = rows.view(len(part), *p.shape)
                 opt.clip_and_accumulate()
         finally:
@@ -181,13 +181,19 @@ def membership_auc(model, train, held_out, unit: str, task, device) -> dict[str,
     return {"auc": attack_auc(a, b), "members": int(len(a)), "non_members": int(len(b))}
 
 
-def verdict(claimed: float, bound: float, confidence: float) -> str:
+def verdict(claimed: float, bound: float, confidence: float, ratio_lower: float | None = None,
+            check_confidence: float = 0.999) -> str:
     """The audit's result in plain words."""
     pct = f"{100 * confidence:g} %"
     if bound > claimed:
         return (f"the audit found evidence that ε is LARGER than claimed: lower bound {bound:.2f} at {pct} "
                 f"confidence vs claimed {claimed:.2f}; the training does not keep its privacy promise (a bug or a "
-                "misconfiguration) — do not train with it")
+                "misconfiguration): do not train with it")
+    if ratio_lower is not None and ratio_lower > 1.0:
+        return (f"the audit found that training gives a canary at least {ratio_lower:.2f}× the weight its "
+                f"accountant was told (at {100 * check_confidence:g} % confidence): the claimed ε = {claimed:.2f} "
+                f"understates the privacy cost (a bug or a misconfiguration; lower bound {bound:.2f} at {pct}): "
+                "do not train with it")
     return (f"the audit found no evidence ε is larger than claimed: lower bound {bound:.2f} at {pct} confidence "
             f"vs claimed {claimed:.2f}; a lower bound can reveal a bug, never prove its absence")
 
@@ -227,11 +233,16 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
                             desc=f"audit round {r}/{plan.max_rounds}")
     bound: AuditBound = audit(probe.scores(), probe.included, plan.delta, confidence)
     claimed = claimed_epsilon(plan)
+    total_steps = plan.steps * plan.max_rounds
+    implied = faults.accountant_rate(plan.sample_rate) * math.sqrt(total_steps) / plan.noise_multiplier
+    check = signal_check(probe.total, probe.included, implied)
     out: dict[str, Any] = {
         "hospital": cfg.hospital.name, "data": str(cfg.data.path), "unit": plan.unit,
         "claimed_epsilon": claimed, "delta": plan.delta,
         "audited_lower_bound": bound.epsilon_lower_bound, "confidence": confidence,
         "exceeds_claim": bound.epsilon_lower_bound > claimed,
+        "signal_check": check.to_dict(),
+        "caught": bool(bound.epsilon_lower_bound > claimed or check.ratio_lower > 1.0),
         "auditor": "white-box gradient canaries (every noised DP-SGD step observed)",
         "canaries": bound.canaries, "canaries_included": bound.included, "guesses": bound.guesses,
         "correct_guesses": bound.correct, "canary_samples": probe.sampled, "steps": probe.steps,
@@ -254,7 +265,7 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
                           "auc_no_dp": membership_auc(ref, train, val, plan.unit, task, dev)["auc"],
                           "members": dp_mia["members"], "non_members": dp_mia["non_members"]}
     out["wall_s"] = round(time.time() - t0, 1)
-    out["verdict"] = verdict(claimed, bound.epsilon_lower_bound, confidence)
+    out["verdict"] = verdict(claimed, bound.epsilon_lower_bound, confidence, check.ratio_lower, check.confidence)
     return out
 
 
@@ -269,6 +280,9 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
         f"{res['audited_lower_bound']:.2f} at {100 * res['confidence']:g} % confidence "
         f"({res['correct_guesses']} of {res['guesses']} guesses right)",
     ]
+    sc = res["signal_check"]
+    lines.append(f"canary signal-to-noise: measured {sc['measured']:.3g} (at least {sc['measured_lower']:.3g} at "
+                 f"{100 * sc['confidence']:g} % confidence); the accountant's σ and q imply {sc['implied']:.3g}")
     mia = res.get("mia") or {}
     if "auc_dp" in mia:
         lines.append(f"membership inference (loss attack, {mia['members']} training vs {mia['non_members']} held-out "

@@ -146,3 +146,49 @@ def attack_auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]
     ranks = stats.rankdata(np.concatenate([a, b]))
     u = ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2
     return float(u / (len(a) * len(b)))
+
+
+@dataclass(frozen=True)
+class SignalCheck:
+    """The canaries' measured signal-to-noise against what the accountant's inputs imply.
+
+    A canary's summed observations over T steps are q·T·s + N(0, T·σ²) (s: its clipped
+    contribution per sampled step, C = 1). The measured strength μ̂ = (mean of the included
+    canaries' sums − mean of the excluded) / (std of the excluded) estimates q·√T·s/σ; the
+    accountant's inputs (σ, q, T, s = 1) imply μ = q·√T/σ. A lower confidence bound on μ̂ above μ
+    means the training gives a canary more weight than the accountant was told (too little
+    noise, no clipping, a sample rate above the one accounted for). It assumes the mechanism is
+    a sum of clipped contributions plus Gaussian noise (unlike :func:`audit`, which assumes
+    nothing), and checks the accountant's inputs, not its arithmetic."""
+
+    measured: float  # μ̂
+    measured_lower: float  # its lower confidence bound
+    implied: float  # μ from the accountant's inputs
+    confidence: float
+
+    @property
+    def ratio_lower(self) -> float:
+        """``measured_lower / implied``: above 1, the accountant was told too little."""
+        return self.measured_lower / self.implied if self.implied > 0 else math.inf
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ratio_lower": self.ratio_lower, "exceeds": self.ratio_lower > 1.0}
+
+
+def signal_check(sums: Sequence[float], included: Sequence[bool], implied: float,
+                 confidence: float = 0.999) -> SignalCheck:
+    """:class:`SignalCheck` from the canaries' summed observations (units of C). The lower
+    bound is one-sided at ``confidence`` (normal approximation of the difference of means; the
+    excluded canaries' std is estimated from thousands of them)."""
+    s = np.asarray(sums, dtype=np.float64)
+    inc = np.asarray(included, dtype=bool)
+    a, b = s[inc], s[~inc]
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("the signal check needs at least 2 included and 2 excluded canaries")
+    sd = float(b.std(ddof=1))
+    if sd <= 0:
+        return SignalCheck(math.inf, math.inf, float(implied), confidence)
+    diff = float(a.mean() - b.mean())
+    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    z = float(stats.norm.ppf(confidence))
+    return SignalCheck(diff / sd, (diff - z * se) / sd, float(implied), confidence)

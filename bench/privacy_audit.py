@@ -1,0 +1,124 @@
+"""Benchmark: the privacy audit (``xrayfed audit``) of one hospital's plan — the audited lower
+bound on ε beside the claimed ε, for the correct code and for deliberately broken DP.
+
+One hospital (part ``--partition`` of the data, as in ``bench/federated.py``) audits its whole
+plan (``--rounds`` rounds at each ε) with ``--canaries`` white-box gradient canaries, and runs the
+loss-based membership attack on its trained model beside a no-DP reference (training vs its
+held-out validation units). ``--faults`` adds rows with a benchmark-only fault injected
+(:mod:`xrayfed.client.dp.faults`; never reachable from a command or a config): ``noise_0.1``,
+``no_clipping``, ``accountant_half_q``. Each must be caught (audited lower bound above the
+claimed ε, or the canary signal-to-noise above what the accountant's inputs imply), the correct
+code must not be.
+
+Usage::
+
+    nice -n 10 .venv/bin/python bench/privacy_audit.py --data ../shared/data/pneumoniamnist.npz \\
+        --image-size 28 --rounds 5 --epsilons 8 1 --faults noise_0.1 no_clipping accountant_half_q
+    nice -n 10 .venv/bin/python bench/privacy_audit.py --data bench/results/work-kermany-heldout \\
+        --name kermany-cxr-224 --image-size 224 --rounds 20 --partition-scheme patient --epsilons 8 1
+
+Rows are merged into ``bench/results/privacy-audit.json`` (``{"rows": [...]}``; a row with the
+same data, unit, ε, fault and canary count is replaced). The canaries' seed is ``--seed``; the DP
+noise is the product's (cryptographically secure, never seeded), so two runs differ by the noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def hospital(args, data: Path, epsilon: float, work: Path):
+    from xrayfed.common.config import HospitalConfig
+
+    d = {"path": str(data), "seed": args.seed}
+    if args.partition:
+        d.update(partition=args.partition, partition_scheme=args.partition_scheme)
+    priv = {"epsilon": epsilon, "delta": args.delta, "max_rounds": args.rounds, "max_grad_norm": args.clip}
+    if args.privacy_unit:
+        priv["unit"] = args.privacy_unit
+    return HospitalConfig.model_validate({
+        "hospital": {"name": "hospital-0", "state_dir": str(work / "state"), "device": "auto"},
+        "data": d, "privacy": priv, "training": {"max_physical_batch_size": args.physical_batch},
+    })
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--name", default=None, help="name in the result file (default: the data's file name)")
+    ap.add_argument("--image-size", type=int, default=28)
+    ap.add_argument("--rounds", type=int, default=5, help="[privacy] max_rounds: the plan that is audited")
+    ap.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 1.0])
+    ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=0.125)
+    ap.add_argument("--partition", default="0/3", help="this hospital's part of the data ('' = all of it)")
+    ap.add_argument("--partition-scheme", default="iid", choices=("iid", "dirichlet", "patient"))
+    ap.add_argument("--privacy-unit", choices=("patient", "scan"), default=None,
+                    help="default: patient when the data has patient ids, else scan")
+    ap.add_argument("--physical-batch", type=int, default=256)
+    ap.add_argument("--canaries", type=int, nargs="+", default=[10_000])
+    ap.add_argument("--faults", nargs="*", default=[], help="also audit with these faults injected")
+    ap.add_argument("--fault-epsilons", type=float, nargs="+", default=None,
+                    help="ε of the broken rows (default: --epsilons)")
+    ap.add_argument("--no-mia", action="store_true", help="skip the membership attack of the correct rows")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/privacy-audit.json"))
+    args = ap.parse_args()
+
+    import tempfile
+
+    from xrayfed.client.audit import run_audit, summary_lines
+    from xrayfed.client.dp import faults
+    from xrayfed.common.data import load_dataset
+    from xrayfed.common.data.npz import npz_arrays
+
+    data = args.data.resolve()
+    name = args.name or data.stem
+    if args.privacy_unit is None and data.suffix == ".npz" and "train_patient_ids" not in npz_arrays(data):
+        args.privacy_unit = "scan"  # PneumoniaMNIST has no patient ids: its audit is per scan
+    ds = load_dataset(data, split="train", image_size=args.image_size)
+    rows_path = args.out
+    jobs = [(eps, None, m) for eps in args.epsilons for m in args.canaries]
+    jobs += [(eps, f, args.canaries[0]) for f in args.faults for eps in (args.fault_epsilons or args.epsilons)]
+    for eps, fault, m in jobs:
+        with tempfile.TemporaryDirectory(prefix="xrayfed-audit-") as tmp:
+            cfg = hospital(args, data, eps, Path(tmp))
+            t0 = time.time()
+            if fault:
+                with faults.injected(fault):
+                    res = run_audit(cfg, image_size=args.image_size, lr=args.lr, canaries=m, mia=False,
+                                    seed=args.seed, ds=ds)
+            else:
+                res = run_audit(cfg, image_size=args.image_size, lr=args.lr, canaries=m, mia=not args.no_mia,
+                                seed=args.seed, ds=ds)
+        print("\n".join(summary_lines(res)), flush=True)
+        mia = res.get("mia") or {}
+        row = {
+            "data": name, "image_size": args.image_size, "unit": res["unit"], "broken": fault,
+            "claimed_epsilon": round(res["claimed_epsilon"], 4), "delta": res["delta"],
+            "audited_lower_bound": round(res["audited_lower_bound"], 4), "confidence": res["confidence"],
+            "exceeds_claim": res["exceeds_claim"], "signal_check": res["signal_check"], "caught": res["caught"],
+            "canaries": m, "guesses": res["guesses"], "correct_guesses": res["correct_guesses"],
+            "mia_auc_dp": mia.get("auc_dp"), "mia_auc_no_dp": mia.get("auc_no_dp"),
+            "mia_members": mia.get("members"), "mia_non_members": mia.get("non_members"),
+            "plan": res["plan"], "rounds": args.rounds, "partition": args.partition or None,
+            "wall_s": round(time.time() - t0, 1), "load_average_1m": round(os.getloadavg()[0], 2),
+            "cpus": os.cpu_count(), "seed": args.seed,
+        }
+        old = json.loads(rows_path.read_text()) if rows_path.is_file() else {"rows": []}
+        key = ("data", "unit", "claimed_epsilon", "broken", "canaries")
+        kept = [r for r in old["rows"] if tuple(r.get(k) for k in key) != tuple(row[k] for k in key)]
+        rows_path.parent.mkdir(parents=True, exist_ok=True)
+        rows_path.write_text(json.dumps({"rows": kept + [row]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
