@@ -71,6 +71,8 @@ def export_metadata(ckpt: Checkpoint, threshold: float | None = None) -> dict:
                    "multiclass": "one logit per class: softmax",
                    "multilabel": "one logit per label: sigmoid each"}[ckpt.task.kind],
         "decision_threshold": float(threshold) if threshold is not None else _operating_point(ckpt),
+        # sensitivity/specificity per class at that threshold on the server's held-out scans (null: not measured)
+        "performance": ckpt.performance if threshold is None else None,
         "input": {"name": "scan", "shape": ["batch", int(ckpt.model.in_channels), int(ckpt.image_size),
                                             int(ckpt.image_size)], "dtype": "float32"},
         "preprocessing": preprocessing_spec(int(ckpt.image_size), int(ckpt.model.in_channels)),

@@ -224,12 +224,12 @@ def _digits(a: float, b: float) -> int:
 
 
 def _num(p: float, d: int = 2) -> str:
-    """A score at ``d`` decimals that never reads as certainty: ``above 0.99`` / ``below 0.01``."""
+    """A score at ``d`` decimals that never reads as certainty: ``more than 0.99`` / ``less than 0.01``."""
     step = 10.0 ** -d
     if round(p, d) >= 1.0:
-        return f"above {1 - step:.{d}f}"
+        return f"more than {1 - step:.{d}f}"
     if round(p, d) <= 0.0:
-        return f"below {step:.{d}f}"
+        return f"less than {step:.{d}f}"
     return f"{p:.{d}f}"
 
 

@@ -74,13 +74,13 @@ def test_a_score_below_the_operating_point_reads_as_the_decision_it_gave():
 def test_no_score_reads_as_certainty_and_close_calls_keep_their_order():
     text = format_result(result(BINARY, [1e-6, 1 - 1e-6], [0.952], PERF))
     assert "Result: PNEUMONIA. The model flagged this scan for PNEUMONIA." in text
-    assert "Score for PNEUMONIA: above 0.99, at or above the model's threshold 0.95" in text
+    assert "Score for PNEUMONIA: more than 0.99, at or above the model's threshold 0.95" in text
     assert not any(n in ("1.00", "1.0000", "0.00", "0.0000") for n in numbers(text))
     # 0.9515 under 0.952 must not print as "0.95, below ... 0.95"
     close = format_result(result(BINARY, [0.0485, 0.9515], [0.952], PERF))
     assert "Score for PNEUMONIA: 0.9515, below the model's threshold 0.9520" in close
     low = format_result(result(BINARY, [0.999, 0.001], None, None))
-    assert "Score for PNEUMONIA: below 0.01, below the default threshold 0.50" in low
+    assert "Score for PNEUMONIA: less than 0.01, below the default threshold 0.50" in low
 
 
 def test_the_models_measured_performance_in_plain_words_or_not_measured():
@@ -99,7 +99,7 @@ def test_multiclass_and_multilabel_results():
     assert [ln for ln in text.splitlines() if ln.startswith("Result:")] == [
         "Result: bacterial. Of the 4 answers the model can give (COVID-19, bacterial, healthy, viral), "
         "bacterial scored highest."]
-    assert "bacterial 0.71, viral 0.24, healthy 0.05, COVID-19 below 0.01" in text
+    assert "bacterial 0.71, viral 0.24, healthy 0.05, COVID-19 less than 0.01" in text
     assert "Of 100 scans without bacterial, it wrongly answered bacterial for about 10" in text
     # two close scores keep the answer visibly on top
     tie = format_result(result(FOUR, [0.0, 0.4051, 0.189, 0.4059], None, perf))
@@ -296,6 +296,9 @@ def test_every_command_that_reads_a_checkpoint_reads_an_encrypted_one_with_the_k
                      str(tmp_path / "h.png"), *key]) == 0
     assert cli.main(["export", "--model", str(path), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
                      *key]) == 0
+    from xrayfed.client.export import read_metadata
+
+    assert read_metadata(tmp_path / "m.onnx", "onnx")["performance"] == PERF  # the exported model says it too
     assert cli.main(["certs", "decrypt-checkpoint", "--model", str(path), "--out", str(tmp_path / "plain.pt"),
                      *key]) == 0
     assert load_checkpoint(tmp_path / "plain.pt").performance == PERF
