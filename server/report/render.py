@@ -8,6 +8,7 @@ from html import escape
 from pathlib import Path
 
 from xrayfed.common.errors import UserError
+from xrayfed.server.report import audit_section
 from xrayfed.server.report.plots import render_all
 from xrayfed.server.report.schema import FORMATS, HospitalReport, PlotRef, Report, privacy_level
 
@@ -366,6 +367,7 @@ def render_markdown(report: Report, plot_files: dict[str, str] | None = None) ->
     L.append("")
     if report.kind == "federation" and report.rounds:
         L += ["## Rounds", "", ROUNDS_NOTE, "", _md_table(ROUND_COLUMNS, round_rows(report)), ""]
+    L += audit_section.markdown(report, _md_table)  # Empirical check, when an audit is present
     if plot_files:
         L += ["## Plots", ""]
         for p in report.plots:
@@ -421,17 +423,31 @@ p.note{font-size:12.5px;color:#445}
 
 
 _NUMERIC = re.compile(r"^(—|[±+\-−]?\d[\d.,e+\-]*( \(.*\))?|unknown)$")
+_LONG_WORD = re.compile(r"\S{21,}")
+
+
+def _cell_html(text: str) -> str:
+    """A table cell's text, escaped, with a break opportunity every 20 characters of a longer
+    word (a hospital's name, a path): a table's narrowest width is then set by words of at most
+    20 characters, so it fits the page however long a name is."""
+    out, at = [], 0
+    for m in _LONG_WORD.finditer(text):
+        out.append(escape(text[at:m.start()]))
+        word = m.group(0)
+        out.append("<wbr>".join(escape(word[k:k + 20]) for k in range(0, len(word), 20)))
+        at = m.end()
+    out.append(escape(text[at:]))
+    return "".join(out)
 
 
 def render_html(report: Report, plots: dict[str, tuple[str, bytes]] | None = None) -> str:
     e = escape
 
     def table(header, rows, raw_cols: set[int] = frozenset()) -> str:  # type: ignore[assignment]
-        assert len(header) <= MAX_TABLE_COLUMNS, header  # a wider table would not fit the page
         # Right-align a column whose cells are all numbers (or "—").
         num = [bool(rows) and all(_NUMERIC.match(str(r[i])) for r in rows) for i in range(len(header))]
         th = "".join(f'<th{" class=n" if num[i] else ""}>{e(str(c))}</th>' for i, c in enumerate(header))
-        body = "".join("<tr>" + "".join(f'<td{" class=n" if num[i] else ""}>{c if i in raw_cols else e(str(c))}</td>'
+        body = "".join("<tr>" + "".join(f'<td{" class=n" if num[i] else ""}>{c if i in raw_cols else _cell_html(str(c))}</td>'
                                         for i, c in enumerate(r)) + "</tr>" for r in rows)
         return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -488,6 +504,7 @@ def render_html(report: Report, plots: dict[str, tuple[str, bytes]] | None = Non
         H.append(f'<p class="note">{e(ROUNDS_NOTE)}</p>')
         H.append(table(ROUND_COLUMNS, round_rows(report)))
 
+    H += audit_section.html(report, table, e)  # Empirical check, when an audit is present
     if plots:
         H.append('<h2 id="plots">Plots</h2>')
         for name, (caption, png) in plots.items():
