@@ -44,7 +44,7 @@ import torch
 from xrayfed.client.dp import faults
 from xrayfed.common.errors import UserError
 from xrayfed.common.privacy.accounting import compute_epsilon
-from xrayfed.common.privacy.audit import AuditBound, attack_auc, audit, signal_check
+from xrayfed.common.privacy.audit import AUDIT_FILE, AuditBound, attack_auc, audit, signal_check
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,6 @@ CANARY_NORM = 10.0
 DEFAULT_CANARIES = 10_000
 #: Canary rows clipped per call of the optimizer's clipping code (memory: rows × model weights floats).
 CHUNK = 128
-#: File name of an audit result in a hospital's state folder or a run folder (what reports read).
-AUDIT_FILE = "audit.json"
 
 
 class GradientCanaries:

@@ -171,3 +171,46 @@ def test_bad_input_is_one_line_and_the_faults_are_out_of_reach(tmp_path, capsys)
     with pytest.raises(ValueError):
         with faults_mod.injected("no_noise_at_all"):
             pass
+
+
+def _audit_file(path, hospital: str, claimed: float, bound: float, broken=None, mia=None):
+    from xrayfed.client.audit import verdict
+
+    path.write_text(json.dumps({
+        "hospital": hospital, "unit": "scan", "claimed_epsilon": claimed, "delta": 1e-5,
+        "audited_lower_bound": bound, "confidence": 0.95, "canaries": 10000, "caught": bound > claimed,
+        "signal_check": {"ratio_lower": 0.8}, "mia": mia or {}, "broken": broken,
+        "verdict": verdict(claimed, bound, 0.95)}))
+
+
+def test_reports_show_the_empirical_check_when_an_audit_is_present(tmp_path):
+    import xrayfed.server.report as R
+    from report_synth import Site, make_run
+
+    run = make_run(tmp_path / "run", [Site("north", 800, noise_multiplier=1.0)], rounds=2)
+    plain = R.build_federation_report(run)
+    assert plain.empirical_checks == [] and "Empirical check" not in R.render_markdown(plain)
+
+    _audit_file(run / "hospitals" / "north" / "audit.json", "north", 8.0, 0.9,
+                mia={"auc_dp": 0.512, "auc_no_dp": 0.634})
+    _audit_file(run / "audit-south.json", "south", 1.0, 3.4, broken="noise_0.1")
+    (run / "audit-garbled.json").write_text("{not json")
+    rep = R.build_federation_report(run)
+    assert sorted(c.hospital for c in rep.empirical_checks) == ["north", "south"]
+    assert [f.hospital for f in rep.findings if f.code == "audit_exceeds_claim"] == ["south"]
+    assert any(f.code == "audit_unreadable" and "audit-garbled.json" in f.message for f in rep.findings)
+    md = R.render_markdown(rep)
+    assert "## Empirical check" in md
+    assert ("north (per scan): claimed ε = 8.00; audited lower bound 0.90 at 95 % confidence from 10000 canaries — "
+            "no evidence that ε is larger than claimed (a lower bound can reveal a bug, never prove its absence). "
+            "Membership attack on its model: AUC 0.512 with DP, 0.634 without (0.5 = a coin).") in md
+    assert "south (per scan): claimed ε = 1.00; audited lower bound 3.40" in md
+    assert "the training spends MORE privacy than it claims" in md
+    written = {p.name for p in R.write_report(rep, tmp_path / "out", ["md", "html"])}
+    assert "empirical-check.png" in written
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="empirical-check"' in html and 'id="plot-empirical-check"' in html
+
+    own = R.build_hospital_report(run / "hospitals" / "north")
+    assert [c.hospital for c in own.empirical_checks] == ["north"]
+    assert "## Empirical check" in R.render_markdown(own)

@@ -36,6 +36,8 @@ from scipy import stats
 
 #: Fractions f of the canaries guessed on: k₊ = k₋ = ⌊f·m / 2⌋ (the top and bottom scores).
 GUESS_FRACTIONS: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0)
+#: The file an audit result is written to (a hospital's ``state_dir``) and where reports look for it.
+AUDIT_FILE = "audit.json"
 #: The largest ε the bisection considers (beyond it every p-value is 1 up to float precision).
 EPS_MAX = 60.0
 

@@ -25,6 +25,7 @@ from xrayfed.common.privacy.ledger import (
 )
 from xrayfed.common.protocol.rounds import RESENT, SENT_AN_UPDATE
 from xrayfed.common.security.atrest import is_encrypted, is_encrypted_line
+from xrayfed.server.report import audit_section
 from xrayfed.server.report.findings import hospital_findings, secure_mode_note
 from xrayfed.server.report.schema import (
     LEDGER_RECOMPUTE_TOL,
@@ -330,6 +331,14 @@ def _finish(report: Report) -> Report:
     return report
 
 
+def _attach_audits(report: Report, folders: list[Path]) -> None:
+    """The Empirical check: audit results found in ``folders`` (:mod:`~.audit_section`)."""
+    report.empirical_checks, problems = audit_section.find_audits(folders)
+    report.findings += [Finding(level="warning", code="audit_unreadable", message=m) for m in problems]
+    report.findings += [Finding(level="critical", code="audit_exceeds_claim", hospital=h, message=m)
+                        for h, m in audit_section.exceeded(report.empirical_checks)]
+
+
 def build_hospital_report(ledger_path: Path | str | list[Path], atrest_key=None, ledger_key_file=None) -> Report:
     """Report of one hospital's own ledger (or several ledgers side by side)."""
     paths = [resolve_ledger(Path(p)) for p in (ledger_path if isinstance(ledger_path, list) else [ledger_path])]
@@ -351,6 +360,7 @@ def build_hospital_report(ledger_path: Path | str | list[Path], atrest_key=None,
         hospitals=hospitals, findings=findings, accounting=_accounting(checks),
         security=ledger_security(paths), released_without_dp=released_without_dp(None),
     )
+    _attach_audits(report, [p.parent for p in paths])
     return _finish(report)
 
 
@@ -454,6 +464,7 @@ def build_federation_report(run_dir: Path | str, extra_ledgers: list[Path] | Non
         hospitals=hospitals, rounds=rounds, findings=findings, accounting=_accounting(checks),
         security=run_security(run_dir, rows), released_without_dp=released_without_dp(rounds),
     )
+    _attach_audits(report, [run_dir, *(p.parent for p in ledgers.values())])
     return _finish(report)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING
 
+from xrayfed.server.report import audit_section
+
 if TYPE_CHECKING:  # pragma: no cover
     from xrayfed.server.report.schema import Report
 
@@ -268,4 +270,7 @@ def render_all(report: "Report") -> dict[str, tuple[str, bytes]]:
         png = fn(report)
         if png is not None:
             out[name] = (caption, png)
+    png = audit_section.plot(report.empirical_checks)  # the Empirical check's, when an audit is present
+    if png is not None:
+        out[audit_section.PLOT_NAME] = (audit_section.PLOT_CAPTION, png)
     return out

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from xrayfed.server.report.audit_section import EmpiricalCheck
+
 SCHEMA_VERSION = "1"
 FORMATS = ("md", "html", "json")
 # |logged ε − recomputed ε| above this (relative to max(1, ε)) means the ledger contradicts itself.
@@ -226,6 +228,8 @@ class Report(_Schema):
     reference_points: list[ReferencePoint] = Field(default_factory=lambda: list(REFERENCE_POINTS))
     accounting: Accounting
     plots: list[PlotRef] = Field(default_factory=list)
+    empirical_checks: list[EmpiricalCheck] = Field(default_factory=list, description="privacy audits (xrayfed audit) "
+                                                   "found beside the sources: the Empirical check section")
 
     def count(self, level: str) -> int:
         return sum(1 for f in self.findings if f.level == level)
