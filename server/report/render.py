@@ -9,6 +9,7 @@ from pathlib import Path
 
 from xrayfed.common.errors import UserError
 from xrayfed.server.report import audit_section
+from xrayfed.server.report import audit_section
 from xrayfed.server.report.plots import render_all
 from xrayfed.server.report.schema import FORMATS, HospitalReport, PlotRef, Report, privacy_level
 
@@ -368,6 +369,7 @@ def render_markdown(report: Report, plot_files: dict[str, str] | None = None) ->
     if report.kind == "federation" and report.rounds:
         L += ["## Rounds", "", ROUNDS_NOTE, "", _md_table(ROUND_COLUMNS, round_rows(report)), ""]
     L += audit_section.markdown(report, _md_table)  # Empirical check, when an audit is present
+    L += audit_section.markdown(report.empirical_checks, _md_table)  # Empirical check, when an audit is present
     if plot_files:
         L += ["## Plots", ""]
         for p in report.plots:
@@ -505,6 +507,7 @@ def render_html(report: Report, plots: dict[str, tuple[str, bytes]] | None = Non
         H.append(table(ROUND_COLUMNS, round_rows(report)))
 
     H += audit_section.html(report, table, e)  # Empirical check, when an audit is present
+    H += audit_section.html(report.empirical_checks, table, e)  # Empirical check, when an audit is present
     if plots:
         H.append('<h2 id="plots">Plots</h2>')
         for name, (caption, png) in plots.items():
