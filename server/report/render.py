@@ -9,7 +9,6 @@ from pathlib import Path
 
 from xrayfed.common.errors import UserError
 from xrayfed.server.report import audit_section
-from xrayfed.server.report import audit_section
 from xrayfed.server.report.plots import render_all
 from xrayfed.server.report.schema import FORMATS, HospitalReport, PlotRef, Report, privacy_level
 
@@ -368,7 +367,6 @@ def render_markdown(report: Report, plot_files: dict[str, str] | None = None) ->
     L.append("")
     if report.kind == "federation" and report.rounds:
         L += ["## Rounds", "", ROUNDS_NOTE, "", _md_table(ROUND_COLUMNS, round_rows(report)), ""]
-    L += audit_section.markdown(report, _md_table)  # Empirical check, when an audit is present
     L += audit_section.markdown(report.empirical_checks, _md_table)  # Empirical check, when an audit is present
     if plot_files:
         L += ["## Plots", ""]
@@ -506,7 +504,6 @@ def render_html(report: Report, plots: dict[str, tuple[str, bytes]] | None = Non
         H.append(f'<p class="note">{e(ROUNDS_NOTE)}</p>')
         H.append(table(ROUND_COLUMNS, round_rows(report)))
 
-    H += audit_section.html(report, table, e)  # Empirical check, when an audit is present
     H += audit_section.html(report.empirical_checks, table, e)  # Empirical check, when an audit is present
     if plots:
         H.append('<h2 id="plots">Plots</h2>')
