@@ -424,6 +424,7 @@ p.note{font-size:12.5px;color:#445}
 
 _NUMERIC = re.compile(r"^(—|[±+\-−]?\d[\d.,e+\-]*( \(.*\))?|unknown)$")
 _LONG_WORD = re.compile(r"\S{21,}")
+_EXPONENT = re.compile(r"(?<=\de)-(?=\d)")
 
 
 def _cell_html(text: str) -> str:
@@ -437,7 +438,7 @@ def _cell_html(text: str) -> str:
         out.append("<wbr>".join(escape(word[k:k + 20]) for k in range(0, len(word), 20)))
         at = m.end()
     out.append(escape(text[at:]))
-    return "".join(out)
+    return _EXPONENT.sub("\u2011", "".join(out))  # 1e-05 stays on one line (a non-breaking hyphen)
 
 
 def render_html(report: Report, plots: dict[str, tuple[str, bytes]] | None = None) -> str:
