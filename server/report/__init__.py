@@ -10,6 +10,11 @@ base64 PNG) and JSON (schema: :class:`Report`, ``xrayfed report --schema``):
   given with ``--ledger`` are verified and used for the per-hospital detail.
 * **hospital** — ``xrayfed report --ledger LEDGER`` (a hospital, its own ledger only).
 
+Each opens in plain words (:func:`~xrayfed.server.report.render.plain_words`): the privacy unit,
+what protected the run (TLS, hospital authentication, SecAgg+, encryption at rest: recorded by
+the server with every round), each hospital's training-set size, the rounds and their times, a
+round resent after a restart, and what left the hospitals without DP.
+
 Every ε gets a second opinion from an accountant independent of training (Google's
 dp-accounting; tolerance in :mod:`xrayfed.common.privacy.accounting`). A ledger whose hash chain is
 broken is refused, naming the line. Reports carry aggregate numbers only, never patient data.
