@@ -65,6 +65,12 @@ chose ``[privacy] unit = "scan"``, each training scan — for the (ε, δ) in th
   attacks — the sum of 4 samples scaled by 1/2. The Poisson batch sampler is seeded from
   ``os.urandom`` but uses torch's (non-cryptographic) generator; the ledger and reports say
   ``secure_mode: false`` because Opacus' own secure mode is not used.
+* **Measured, not only computed** (``xrayfed audit``, :mod:`xrayfed.client.audit`): the plan is
+  trained once more with white-box gradient canaries passed through this package's own clipping,
+  noise and sampling, giving an empirical lower bound on ε (and a check of the accountant's inputs)
+  to compare with the claimed ε; nothing is charged. Its teeth are deliberate faults
+  (:mod:`~xrayfed.client.dp.faults`: noise × 0.1, no clipping, the accountant told q/2) that only a
+  benchmark or a test can inject; with none injected every fault hook is the identity.
 """
 
 from xrayfed.client.dp.engine import average_views, make_private, train_private_round
