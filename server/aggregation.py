@@ -19,6 +19,10 @@ and the learning rate the server sent. These defences follow, applied by the str
   the coordinate-wise median or trimmed mean of the accepted updates (unweighted) instead of
   the example-weighted mean; what it costs in accuracy is in docs/benchmarks.md.
 
+The same plans tell the server how noisy the mean of a round's updates is
+(:func:`average_noise_ratio`): ``[federation] strategy = "auto"`` chooses the server's momentum
+and learning rate from it (:func:`xrayfed.server.strategy.auto_server_step`).
+
 What stays possible (docs/guarantees.md): a hospital can still move the model anywhere within
 its bound every round, in the direction it likes (its updates are DP-noised, not verified). Under
 SecAgg+ the server sees only the sum, so only the sum's finiteness and ``max_update_norm`` are
@@ -79,6 +83,13 @@ class HospitalPlan:
         return out
 
 
+def _momentum_gains(plan: HospitalPlan) -> list[float]:
+    """a_k = (1 − μ^k)/(1 − μ), k = 1..T: how much step T − k + 1's gradient moves the weights by
+    the end of the round under SGD with momentum μ (in units of the client learning rate)."""
+    mu = plan.momentum
+    return [(1 - mu ** k) / (1 - mu) for k in range(1, plan.steps + 1)]
+
+
 def dp_update_bound(plan: HospitalPlan, lr: float, num_params: int) -> float:
     """The largest L2 distance ‖w_T − w_0‖₂ one round of ``plan`` can put between a hospital's
     update and the global model, at client learning rate ``lr`` over ``num_params`` weights
@@ -92,14 +103,43 @@ def dp_update_bound(plan: HospitalPlan, lr: float, num_params: int) -> float:
     is doubled so that an average of iterates (EMA) or the largest of them stays inside."""
     if plan.adam:
         return math.inf
-    mu, t = plan.momentum, plan.steps
-    a = [(1 - mu ** k) / (1 - mu) for k in range(1, t + 1)]
+    t = plan.steps
+    a = _momentum_gains(plan)
     b = max(plan.sample_rate * plan.num_examples, 1e-12)
     sampled = (t * b + TAIL_SDS * math.sqrt(t * b)) / (t * b)  # ≥ 1: a heavier than expected draw
     signal = lr * plan.max_grad_norm * sum(a) * sampled
     noise = 2 * lr * plan.noise_multiplier * plan.max_grad_norm / b * math.sqrt(sum(x * x for x in a)) * (
         math.sqrt(num_params) + TAIL_SDS)
     return signal + noise
+
+
+def average_noise_ratio(plans: Sequence[tuple[HospitalPlan, float]], num_params: int) -> float:
+    """How much of the weighted mean of one round's updates is DP noise: the expected L2 norm of
+    the noise in the mean, divided by the largest norm its signal can have (all clipped
+    per-sample gradients of every hospital pointing the same way). Dimensionless; a pure
+    function of the hospitals' plans (N, σ, q, steps, C, μ) and weights, which the server knows
+    from their replies, and of the model's ``num_params`` weights. The client learning rate
+    cancels.
+
+    Hospital i's update carries, per weight, Gaussian noise of standard deviation
+    s_i = σ_i C_i / B_i × √(Σ a_k²) and a signal of norm at most g_i = C_i Σ a_k (B_i = q_i N_i,
+    a_k from :func:`_momentum_gains`). The mean with weights w_i (summing to 1) has noise of norm
+    about √d × √(Σ w_i² s_i²) and signal at most Σ w_i g_i. Many hospitals of few units each
+    raise it (each B_i is small); more hospitals of the same size lower it as 1/√N.
+    Adam hospitals and an empty list give ``nan`` (nothing to judge)."""
+    total = float(sum(w for _, w in plans if w > 0))
+    if total <= 0 or any(p.adam for p, _ in plans):
+        return math.nan
+    var = signal = 0.0
+    for plan, w in plans:
+        if w <= 0:
+            continue
+        a = _momentum_gains(plan)
+        b = max(plan.sample_rate * plan.num_examples, 1e-12)
+        s = plan.noise_multiplier * plan.max_grad_norm / b * math.sqrt(sum(x * x for x in a))
+        var += (w / total) ** 2 * s * s
+        signal += (w / total) * plan.max_grad_norm * sum(a)
+    return math.sqrt(num_params * var) / signal
 
 
 def capped_weight(claimed: float, plan: HospitalPlan | None, cap: float) -> float:

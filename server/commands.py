@@ -85,6 +85,9 @@ def register_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-clients", type=int, default=None,
                    help="at least this many hospitals per round (default: all N when --fraction is 1, else 2)")
     p.add_argument("--workers", type=int, help="Ray worker processes (default: the CPU count)")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="run on this existing Ray cluster (its head's address; every node must see the simulation "
+                        "folder and the data at the same paths) instead of starting Ray on this machine")
     p.set_defaults(func=handler("xrayfed.server.flower_simulation", "run_simulate_cmd"), name="simulation")
 
 

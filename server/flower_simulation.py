@@ -15,8 +15,12 @@ for planning (accuracy, ε, round time as N grows), never for patient data acros
 * Per round the strategy samples ``--fraction`` of the hospitals (at least ``--min-clients``).
 * Ray is started by this process bound to 127.0.0.1 (``_node_ip_address``; no dashboard),
   with ``--workers`` worker processes (default: the CPU count), one CPU each, and stopped at the end.
+* ``--ray-address HOST:PORT`` runs on an existing Ray cluster instead (several machines, each
+  reaching the simulation folder and the data at the same paths); the cluster is left running.
 * The output is a normal run folder: ``metrics.jsonl``, checkpoints, every hospital's ledger;
-  ``xrayfed report RUN_DIR`` works on it.
+  ``xrayfed report RUN_DIR`` works on it. At the end the command prints the round-to-round
+  stability of the global model's AUC and the server step for N hospitals like these
+  (:mod:`xrayfed.server.stability`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import secrets
 import sys
 import time
@@ -78,10 +83,13 @@ def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, Path, int]
 
 
 def run_simulation(fed_path: Path, hospitals_dir: Path, n: int, workers: int, verbose: bool = False,
-                   client_app=None) -> None:
+                   client_app=None, ray_address: str | None = None) -> None:
     """Run the federation of ``fed_path`` with ``n`` simulated hospitals on Flower's Simulation
     Engine (Ray, ``workers`` processes, 127.0.0.1 only). ``client_app``: the hospitals' ClientApp
-    (default: the project's; tests wrap it to inject faults)."""
+    (default: the project's; tests wrap it to inject faults). ``ray_address``: run on that
+    existing Ray cluster (``HOST:PORT`` of its head, as ``ray start --address`` takes it) instead
+    of a Ray started here: its nodes' CPUs are the workers, each node must reach this folder and
+    the data at the same paths, and the cluster is left running (only this run's workers end)."""
     import ray
     from flwr.simulation import run_simulation as flwr_run_simulation
 
@@ -103,9 +111,12 @@ def run_simulation(fed_path: Path, hospitals_dir: Path, n: int, workers: int, ve
     tag, known = secrets.token_hex(8), []
     os.environ[_RUN_TAG_ENV] = tag
     try:
-        ray.init(num_cpus=workers, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=verbose, logging_level=logging.ERROR, configure_logging=False,
-                 runtime_env={"env_vars": {**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+        common = dict(log_to_driver=verbose, logging_level=logging.ERROR, configure_logging=False,
+                      runtime_env={"env_vars": {**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+        if ray_address is None:
+            ray.init(num_cpus=workers, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+        else:
+            ray.init(address=ray_address, **common)
         try:
             flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
                                 backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
@@ -191,17 +202,57 @@ def run_simulate_cmd(args: argparse.Namespace) -> int:
         raise UserError(f"--fraction {args.fraction}: must be in (0, 1]")
     if args.fraction is not None and args.fraction < 1 and args.min_clients is None:
         args.min_clients = min(2, args.hospitals)  # else every round would wait for all N
+    address = getattr(args, "ray_address", None)
+    if address is not None and not _RAY_ADDRESS.fullmatch(address):
+        raise UserError(f"--ray-address {address!r}: give the HOST:PORT of the Ray cluster's head (as `ray start "
+                        "--address` takes it)")
     t0 = time.time()
     out = args.out.resolve()
     _prepare_out(out)
     fed_path, hdir, n = write_configs(args, out)
     workers = max(1, min(args.workers or os.cpu_count() or 1, n))
-    print(f"[simulate] {n} hospitals on Flower's Simulation Engine (Ray, {workers} worker process(es), 127.0.0.1), "
+    engine = (f"the Ray cluster at {address}" if address else
+              f"Ray, {workers} worker process(es), 127.0.0.1")
+    print(f"[simulate] {n} hospitals on Flower's Simulation Engine ({engine}), "
           f"{args.rounds} rounds, ε = {args.epsilon:g} each, split {args.split}"
           + (f", size skew {args.size_skew:g}" if args.size_skew else "") + f"; folder {out}", flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        run_simulation(fed_path, hdir, n, workers, verbose=bool(getattr(args, "verbose", False)))
+        try:
+            run_simulation(fed_path, hdir, n, workers, verbose=bool(getattr(args, "verbose", False)),
+                           ray_address=address)
+        except ConnectionError as e:
+            raise UserError(f"--ray-address {address}: no Ray cluster answered there ({str(e).splitlines()[0]})") from e
+    for line in stability_lines(fed_path, out / "run", n):
+        print(f"[simulate] {line}", flush=True)
     print(f"[simulate] finished in {time.time() - t0:.0f}s; run folder {out / 'run'}; "
           f"report: xrayfed report {out / 'run'}", flush=True)
     return 0
+
+
+_RAY_ADDRESS = re.compile(r"[A-Za-z0-9_.:\[\]-]+:\d{1,5}")
+
+
+def stability_lines(fed_path: Path, run: Path, n: int) -> list[str]:
+    """What the operator plans with: the round-to-round stability of the global model's AUC
+    (server-side test set, else the hospitals' validation), and the server step ``strategy =
+    "auto"`` takes for N hospitals like the simulated ones (:mod:`xrayfed.server.stability`)."""
+    import json
+
+    from xrayfed.common.config import FederationConfig, load_config
+    from xrayfed.common.model import build_model
+    from xrayfed.server.stability import recommend_step, round_stability
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    out = []
+    aucs = [(r.get("eval") or r.get("client_eval") or {}).get("auc") for r in rows]
+    if rows and all(isinstance(a, (int, float)) for a in aucs):
+        out.append(round_stability(aucs).line())
+    cfg = load_config(FederationConfig, fed_path)
+    d = sum(p.numel() for p in build_model(cfg.model).parameters())
+    step = recommend_step((h for r in rows for h in r.get("hospitals", [])), d)
+    used = "" if cfg.federation.strategy == "auto" else f"; this run used strategy = \"{cfg.federation.strategy}\""
+    out.append(f"server step for {n} hospitals like these: {step.describe()} ([federation] strategy = \"auto\" "
+               f"chooses it every round; to fix it: {step.toml()}{used})")
+    return out

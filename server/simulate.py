@@ -5,7 +5,8 @@ Every simulated hospital runs the real hospital code, :func:`xrayfed.client.hosp
 Opacus DP-SGD, release records), and the global model is the example-weighted mean of the
 updates — what Flower's FedAvg computes, or the median / trimmed mean of ``[federation]
 aggregator`` — or FedAvgM (server momentum) or FedAdam when
-``[federation] strategy`` says so (:class:`ServerOptimizer`, :class:`ServerAdam`). What it
+``[federation] strategy`` says so (:class:`ServerOptimizer`, :class:`ServerAdam`), or the step
+``auto`` chooses each round from the replies' DP plans (:func:`auto_step`). What it
 skips is the transport: gRPC, TLS, SecAgg+, one process per request. On 2 cores that saves the
 process start-ups of every round and lets a sweep try many settings; ``bench/federated.py
 --engine inprocess`` and ``--engine processes`` run the same settings through both paths so
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,7 +40,8 @@ import torch
 from xrayfed.common.config import FederationConfig, HospitalConfig
 from xrayfed.common.model import build_model
 from xrayfed.common.protocol.rounds import SENT_AN_UPDATE, RoundRequest
-from xrayfed.server.strategy import round_lr
+from xrayfed.server.aggregation import HospitalPlan, average_noise_ratio, num_parameters
+from xrayfed.server.strategy import ServerStep, auto_server_step, pinned_plans, round_lr
 
 if TYPE_CHECKING:
     from xrayfed.client.dp import DPPlan
@@ -83,7 +86,8 @@ def _train_benchmark(h: HospitalConfig, req: RoundRequest, state: dict,
     return {"status": "trained", "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "metrics": {"num-examples": plan.num_examples, "epsilon": float("inf"), "train_loss": out["loss"],
                         "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-                        "steps": plan.steps, "examples_seen": out["examples"]}}
+                        "steps": plan.steps, "examples_seen": out["examples"], "max_grad_norm": plan.max_grad_norm,
+                        "momentum": h.training.momentum}}
 
 
 def weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -144,6 +148,16 @@ class ServerAdam:
         return {k: (w[k].double() + eta_t * self.m[k] / (self.v[k].sqrt() + self.tau)).to(w[k].dtype) for k in w}
 
 
+def auto_step(replies: list[dict[str, Any]], plans: dict[str, HospitalPlan], num_params: int) -> ServerStep:
+    """``[federation] strategy = "auto"``: the server's step for this round's replies, as the
+    federation's strategy chooses it (:meth:`xrayfed.server.strategy.XrayAuto.choose_step`):
+    from each hospital's plan pinned at its first update and its FedAvg weight."""
+    rows = [{**x, "num_examples": x.get("num-examples")} for x in replies if x["status"] in SENT_AN_UPDATE]
+    pinned_plans(rows, plans)
+    chosen = [(plans[str(x["hospital"])], float(x["num_examples"])) for x in rows if str(x["hospital"]) in plans]
+    return auto_server_step(average_noise_ratio(chosen, num_params) if chosen else math.nan)
+
+
 def simulate(cfg: FederationConfig, hospitals: list[HospitalConfig], *, dp: bool = True, tan_scale: float = 1.0,
              initial: dict[str, torch.Tensor] | None = None,
              on_round: Callable[[int, dict[str, torch.Tensor], list[dict]], None] | None = None) -> SimResult:
@@ -157,13 +171,15 @@ def simulate(cfg: FederationConfig, hospitals: list[HospitalConfig], *, dp: bool
     fed = cfg.federation
     servers = {"fedavg": ServerOptimizer,
                "fedavgm": lambda: ServerOptimizer(fed.server_momentum, fed.effective_server_lr()),
-               "fedadam": lambda: ServerAdam(fed.effective_server_lr())}
+               "fedadam": lambda: ServerAdam(fed.effective_server_lr()),
+               "auto": ServerOptimizer}  # its step is chosen every round below (auto_server_step)
     if fed.strategy not in servers:
         from xrayfed.common.errors import UserError
 
         raise UserError(f"federation.strategy = {fed.strategy!r}: the in-process simulation runs "
                         f"{', '.join(servers)}")
     server = servers[fed.strategy]()
+    plans: dict[str, HospitalPlan] = {}
     if not dp:
         adjust: Callable[[DPPlan], DPPlan] | None = lambda plan: replace(plan, noise_multiplier=0.0)
     elif tan_scale != 1:
@@ -183,9 +199,16 @@ def simulate(cfg: FederationConfig, hospitals: list[HospitalConfig], *, dp: bool
             if reply["status"] in SENT_AN_UPDATE:
                 states.append(reply["state_dict"])
                 weights.append(float(reply["metrics"]["num-examples"]))
+        step = None
+        if fed.strategy == "auto":
+            step = auto_step(replies, plans, num_parameters(v.numpy() for v in state.values()
+                                                             if torch.is_floating_point(v)))
+            server.momentum, server.lr = step.momentum, step.lr
         if states:
             state = server.step(state, aggregate(states, weights, fed.aggregator, fed.trim_fraction))
-        res.rows.append({"round": r, "hospitals": replies})
+        res.rows.append({"round": r, "hospitals": replies,
+                         **({"server_step": {"momentum": step.momentum, "lr": step.lr, "noise_ratio": step.ratio}}
+                            if step is not None else {})})
         if on_round is not None:
             on_round(r, state, replies)
     res.state_dict, res.seconds = state, time.time() - t0

@@ -1,7 +1,9 @@
 """Aggregation strategies (Flower Message API) with the hooks xrayfed needs.
 
 :func:`make_strategy` returns FedAvg (weighted by example counts), FedAvgM, FedProx or FedAdam
-from ``flwr.serverapp.strategy`` combined with :class:`XrayStrategyMixin`, which extends it to
+from ``flwr.serverapp.strategy``, or ``auto`` (the default: FedAvgM whose momentum and server
+learning rate are chosen each round from the DP noise of the mean update, :class:`XrayAuto`),
+combined with :class:`XrayStrategyMixin`, which extends it to
 
 * number rounds globally (a resumed run continues at the checkpoint's round + 1),
 * send the federation's model/task description and the round's learning rate to hospitals,
@@ -31,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from flwr.app import ConfigRecord, Message
@@ -52,6 +55,7 @@ from xrayfed.common.protocol.rounds import (
 )
 from xrayfed.server.aggregation import (
     HospitalPlan,
+    average_noise_ratio,
     capped_weight,
     dp_update_bound,
     num_parameters,
@@ -188,6 +192,58 @@ def round_lr(cfg: FederationConfig, server_round: int) -> float:
     return float(fed.lr)
 
 
+#: ``[federation] strategy = "auto"``: up to this noise-to-signal ratio of the averaged update
+#: (:func:`~xrayfed.server.aggregation.average_noise_ratio`) the server steps as FedAvgM with
+#: :data:`AUTO_LOW_NOISE` (momentum, lr); above it, without momentum and with the server learning
+#: rate ``AUTO_NOISE_RATIO / ratio`` (see :func:`auto_server_step`; figures in docs/training.md).
+AUTO_NOISE_RATIO = 0.5
+AUTO_LOW_NOISE = (0.5, 1.0)
+#: The lowest server learning rate ``auto`` steps with, however noisy the mean.
+AUTO_MIN_SERVER_LR = 0.1
+
+
+@dataclass(frozen=True)
+class ServerStep:
+    """How the server steps from the mean update: ``w ← w + lr·v``, ``v ← momentum·v + Δ``
+    (FedAvgM; momentum 0 and lr 1 is plain FedAvg). ``ratio``: the noise-to-signal ratio of the
+    mean it was chosen for (nan when unknown)."""
+
+    momentum: float
+    lr: float
+    ratio: float = math.nan
+
+    def describe(self) -> str:
+        """One line: what the server does, and why."""
+        how = ("FedAvg" if self.momentum == 0 and self.lr == 1 else
+               f"FedAvgM (server momentum {self.momentum:g}, server lr {self.lr:.2g})" if self.momentum else
+               f"FedAvg with server lr {self.lr:.2g}")
+        if not math.isfinite(self.ratio):
+            return how
+        return f"{how}: DP noise in the mean update {self.ratio:.2f} × its largest signal"
+
+    def toml(self) -> str:
+        """The ``[federation]`` keys that fix this step."""
+        if self.momentum == 0 and self.lr == 1:
+            return 'strategy = "fedavg"'
+        return f'strategy = "fedavgm", server_momentum = {self.momentum:g}, server_lr = {self.lr:.2g}'
+
+
+def auto_server_step(ratio: float) -> ServerStep:
+    """``[federation] strategy = "auto"``: the server's step for a mean update whose DP noise is
+    ``ratio`` × its largest signal (:func:`~xrayfed.server.aggregation.average_noise_ratio`).
+
+    A few hospitals with many units each (ratio ≤ :data:`AUTO_NOISE_RATIO`): FedAvgM with
+    momentum 0.5 and lr 1, chosen on validation sweeps. Many small hospitals: the mean is mostly
+    noise, and momentum would carry each round's noise into the next ones (the global model swung
+    between AUC 0.9 and 0.1 from round to round at 100 hospitals of 42 scans): no momentum, and a
+    server lr that shrinks as the noise grows, ``AUTO_NOISE_RATIO / ratio`` (at least
+    :data:`AUTO_MIN_SERVER_LR`), so the noise the server adds per round stays at the level that
+    was stable. Unknown noise (no plan reported yet, or Adam hospitals): the low-noise step."""
+    if not math.isfinite(ratio) or ratio <= AUTO_NOISE_RATIO:
+        return ServerStep(*AUTO_LOW_NOISE, ratio=ratio)
+    return ServerStep(0.0, max(AUTO_MIN_SERVER_LR, AUTO_NOISE_RATIO / ratio), ratio=ratio)
+
+
 def flower_kwargs(cfg: FederationConfig) -> dict[str, Any]:
     """The arguments of the configured Flower strategy (``[federation] strategy``)."""
     fed = cfg.federation
@@ -207,6 +263,8 @@ def flower_kwargs(cfg: FederationConfig) -> dict[str, Any]:
     if fed.strategy == "fedavgm":
         kwargs["server_learning_rate"] = fed.effective_server_lr()
         kwargs["server_momentum"] = fed.server_momentum
+    if fed.strategy == "auto":  # the step is chosen each round (XrayAuto); this one until replies tell
+        kwargs["server_momentum"], kwargs["server_learning_rate"] = AUTO_LOW_NOISE
     return kwargs
 
 
@@ -399,8 +457,12 @@ class XrayStrategyMixin:
             log.warning("round %d: no hospital sent an update; the global model is unchanged",
                         self.global_round(server_round))
             return None, None
+        self._choose_step(server_round, rows)
         self._robust(updates)
         return super().aggregate_train(server_round, updates)
+
+    def _choose_step(self, server_round: int, rows: list[dict[str, Any]]) -> None:
+        """Set the server optimizer's step for this round from its screened rows (``auto`` only)."""
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         # A hospital without validation scans answers num-examples = 0 and no metric (it never
@@ -435,6 +497,34 @@ class XrayStrategyMixin:
         return done
 
 
+class XrayAuto(XrayStrategyMixin, FedAvgM):
+    """``[federation] strategy = "auto"``: FedAvgM whose server momentum and learning rate are
+    chosen every round from the noise of the mean update (:func:`auto_server_step`), computed
+    from the pinned DP plans and FedAvg weights of the hospitals aggregated in that round. The
+    operator is told when the step changes (``say``); ``steps`` keeps each round's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.server_opt = True  # Flower then tracks the current weights every round, whatever the step
+        self.steps: dict[int, ServerStep] = {}
+
+    def choose_step(self, server_round: int, rows: list[dict[str, Any]]) -> ServerStep:
+        """The step for this round's aggregated hospitals (``rows`` with status trained/resent)."""
+        plans = [(self.plans[str(r["hospital"])], float(r.get("weight", r.get("num_examples", 0))))
+                 for r in rows if r.get("status") in (TRAINED, RESENT) and str(r.get("hospital")) in self.plans]
+        n = num_parameters(self.reference.values()) if self.reference is not None else 0
+        return auto_server_step(average_noise_ratio(plans, n) if plans and n else math.nan)
+
+    def _choose_step(self, server_round: int, rows: list[dict[str, Any]]) -> None:
+        g = self.global_round(server_round)
+        step = self.choose_step(server_round, rows)
+        prev = self.steps[max(self.steps)] if self.steps else None
+        if prev is None or (prev.momentum, round(prev.lr, 2)) != (step.momentum, round(step.lr, 2)):
+            self.say(f"round {g}: server step {step.describe()}")
+        self.steps[g] = step
+        self.server_momentum, self.server_learning_rate = step.momentum, step.lr
+
+
 class XrayFedAvg(XrayStrategyMixin, FedAvg):
     """FedAvg (weighted by example counts) with xrayfed's round hooks."""
 
@@ -454,6 +544,7 @@ class XrayFedAdam(XrayStrategyMixin, FedAdam):
 #: ``[federation] strategy`` → its class.
 STRATEGIES: dict[str, type[XrayStrategyMixin]] = {
     "fedavg": XrayFedAvg, "fedavgm": XrayFedAvgM, "fedprox": XrayFedProx, "fedadam": XrayFedAdam,
+    "auto": XrayAuto,
 }
 
 
