@@ -17,7 +17,8 @@ Usage::
     nice -n 10 .venv/bin/python bench/privacy_audit.py --data bench/results/work-kermany-heldout \\
         --name kermany-cxr-224 --image-size 224 --rounds 20 --partition-scheme patient --epsilons 8 1
 
-Rows are merged into ``bench/results/privacy-audit.json`` (``{"rows": [...]}``; a row with the
+``wall_s`` is the row's wall time on this machine at its load (``load_average_1m``); ``cpu_s`` the
+CPU time it used (all threads), which the machine's load does not inflate. Rows are merged into ``bench/results/privacy-audit.json`` (``{"rows": [...]}``; a row with the
 same data, unit, ε, fault and canary count is replaced). The canaries' seed is ``--seed``; the DP
 noise is the product's (cryptographically secure, never seeded), so two runs differ by the noise.
 """
@@ -91,7 +92,7 @@ def main() -> None:
     for eps, fault, m in jobs:
         with tempfile.TemporaryDirectory(prefix="xrayfed-audit-") as tmp:
             cfg = hospital(args, data, eps, Path(tmp))
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             if fault:
                 with faults.injected(fault):
                     res = run_audit(cfg, image_size=args.image_size, lr=args.lr, canaries=m, mia=False,
@@ -110,7 +111,8 @@ def main() -> None:
             "mia_auc_dp": mia.get("auc_dp"), "mia_auc_no_dp": mia.get("auc_no_dp"),
             "mia_members": mia.get("members"), "mia_non_members": mia.get("non_members"),
             "plan": res["plan"], "rounds": args.rounds, "partition": args.partition or None,
-            "wall_s": round(time.time() - t0, 1), "load_average_1m": round(os.getloadavg()[0], 2),
+            "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
+            "load_average_1m": round(os.getloadavg()[0], 2),
             "cpus": os.cpu_count(), "seed": args.seed,
         }
         old = json.loads(rows_path.read_text()) if rows_path.is_file() else {"rows": []}
