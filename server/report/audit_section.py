@@ -24,6 +24,8 @@ MIN_FONT_PT = 10
 
 TITLE = "Empirical check"
 PLOT_NAME = "empirical-check"
+#: What the report reads in a folder: ``audit.json`` (``xrayfed audit``'s default) and ``audit-*.json``.
+AUDIT_GLOB = AUDIT_FILE.replace(".json", "*.json")
 PLOT_CAPTION = "Empirical check: claimed ε against the audited lower bound (and the membership-attack AUC)"
 EXPLANATION = (
     "A privacy audit trains the hospital's exact plan once more, in its own process (nothing is charged, nothing "
@@ -84,7 +86,7 @@ def find_audits(folders: Iterable[Path]) -> tuple[list[EmpiricalCheck], list[str
         folder = Path(folder)
         if not folder.is_dir():
             continue
-        for p in sorted(folder.glob("audit*.json")):
+        for p in sorted(folder.glob(AUDIT_GLOB)):
             if p.resolve() in seen or not p.is_file():
                 continue
             seen.add(p.resolve())
