@@ -11,7 +11,9 @@ What still travels in plaintext with every training reply, SecAgg+ or not (the `
 refusal reason), ``num-examples`` (its FedAvg weight), its cumulative ε, δ, ε budget, σ, q,
 steps, C, the noise-source flags, the head of its privacy ledger (``ledger_seq`` and
 ``ledger_head``, an HMAC: the server keeps it as an anchor against truncation) and ``train_loss`` (the mean training loss of the round, a
-statistic of the local data that is *not* covered by the DP guarantee), and with SecAgg+ the
+statistic of the local data that is *not* covered by the DP guarantee), the seconds each stage of
+the reply took (``time_startup_s``, ``time_data_s``, ``time_train_s``, ``time_local_s``:
+:mod:`xrayfed.client.timing`; the server could time the reply anyway), and with SecAgg+ the
 ``secagg`` record (mode, weight, mask generator). Evaluation replies (only when the server has
 no held-out set) carry the hospital's validation metrics in plaintext.
 
@@ -21,6 +23,12 @@ hospital's state folder, where ``xrayfed client`` (:mod:`xrayfed.client.supernod
 stops. It can only come through the SuperLink this hospital joined (TLS, its own key), and it
 changes nothing in the hospital's state but that note.
 
+The hospital's warm worker: ``xrayfed client`` starts one long-lived process that keeps torch,
+the decoded scans and the DP engine between rounds (:mod:`xrayfed.client.worker`); this
+per-message ClientApp (torch-free) forwards training and evaluation requests to it over a unix
+socket only this hospital can open, and runs them in its own process when no worker answers
+(a simulation, or the worker not up). The SecAgg+ mod, masking included, runs here either way.
+
 At rest: the privacy ledger and the cached released updates are encrypted with the key from
 ``$XRAYFED_ATREST_KEY_FILE`` / ``$XRAYFED_ATREST_KEY`` (``xrayfed client --atrest-key-file``
 sets the former for the SuperNode and its ClientApp processes).
@@ -29,13 +37,17 @@ sets the former for the SuperNode and its ClientApp processes).
 from __future__ import annotations
 
 import logging
+import time
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from xrayfed.client.nodeconfig import hospital_config_from_node
 from xrayfed.client.secagg import make_secagg_mod
+from xrayfed.client.timing import process_age_s
+from xrayfed.client.worker import WorkerLost, forward
 from xrayfed.common.errors import UserError
-from xrayfed.common.logs import configure_flower_logging, configure_logging
+from xrayfed.common.logs import configure_flower_logging, configure_logging, untrusted
 from xrayfed.common.protocol.rounds import (
     METRICS,
     REFUSED,
@@ -52,8 +64,6 @@ log = logging.getLogger(__name__)
 
 
 def _requires_secure_aggregation(context: Context) -> bool:
-    from xrayfed.client.hospital import hospital_config_from_node
-
     return bool(hospital_config_from_node(dict(context.node_config)).hospital.require_secure_aggregation)
 
 
@@ -66,22 +76,57 @@ def _atrest_key():
     return load_key()  # $XRAYFED_ATREST_KEY_FILE / $XRAYFED_ATREST_KEY; None: plaintext
 
 
-def _unhandled(cfg, what: str, e: BaseException) -> str:
-    """Log an error of this hospital's in full, here, and return what the server may read of it:
-    the kind of error only, never its text (which can name the hospital's files)."""
-    log.error("%s could not be handled: %s", what, e, exc_info=not isinstance(e, UserError))
-    return (f"hospital {cfg.hospital.name}: {what} could not be handled ({type(e).__name__}); the details are in "
+def _refusal_reason(cfg, what: str, kind: str) -> str:
+    """What the server may read of an error of this hospital's: its kind only, never its text
+    (which can name the hospital's files); the error itself is logged in full where it happened."""
+    return (f"hospital {cfg.hospital.name}: {what} could not be handled ({kind}); the details are in "
             "the hospital's own log")
+
+
+def _unhandled(cfg, what: str, e: BaseException) -> str:
+    """Log an error of this hospital's in full, here, and return what the server may read of it."""
+    log.error("%s could not be handled: %s", what, e, exc_info=not isinstance(e, UserError))
+    return _refusal_reason(cfg, what, type(e).__name__)
+
+
+def _in_worker(op: str, msg: Message):
+    """``(header, arrays, seconds)`` of ``op`` run by this hospital's warm worker
+    (:mod:`xrayfed.client.worker`), or None to run it in this process (no worker, or it went away:
+    a request it had charged is retrained exactly as charged, see the worker's docstring)."""
+    t0 = time.perf_counter()
+    try:
+        out = forward(op, dict(msg.content["config"]), msg.content["arrays"])
+    except WorkerLost as e:
+        log.warning("%s; running it in this process instead (the privacy ledger decides what may be released)", e)
+        return None
+    return None if out is None else (*out, time.perf_counter() - t0)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from xrayfed.client.hospital import hospital_config_from_node, train_round
-
+    startup_s = process_age_s()
     cfg = hospital_config_from_node(dict(context.node_config))
     try:
-        reply = train_round(cfg, dict(msg.content["config"]), msg.content["arrays"].to_torch_state_dict(),
-                            atrest_key=_atrest_key())
+        fwd = _in_worker("train", msg)
+        if fwd is not None:
+            header, arrays, took = fwd
+            if not header.get("ok"):
+                reason = _refusal_reason(cfg, "a training request", untrusted(header.get("error", "Error"), 64))
+                content = TrainReply(hospital=cfg.hospital.name, status=REFUSED, accountant=cfg.privacy.accountant,
+                                     metrics={}, reason=reason).to_content()
+                return Message(content=content, reply_to=msg)
+            reply = header["reply"]
+            m = reply["metrics"]
+            m["time_local_s"] = max(0.0, took - float(m.get("time_data_s", 0.0)) - float(m.get("time_train_s", 0.0)))
+            reply["state_dict"] = arrays or None
+        else:
+            t0 = time.perf_counter()
+            from xrayfed.client.timing import train_timed  # torch: only the stage that trains loads it
+
+            state_dict = msg.content["arrays"].to_torch_state_dict()
+            startup_s += time.perf_counter() - t0
+            reply = train_timed(cfg, dict(msg.content["config"]), state_dict, atrest_key=_atrest_key())
+        reply["metrics"]["time_startup_s"] = startup_s
     except Exception as e:  # noqa: BLE001 - nothing of the hospital's file system goes back to the server
         reason = _unhandled(cfg, "a training request", e)
         content = TrainReply(hospital=cfg.hospital.name, status=REFUSED, accountant=cfg.privacy.accountant,
@@ -96,11 +141,18 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from xrayfed.client.hospital import evaluate_round, hospital_config_from_node
-
     cfg = hospital_config_from_node(dict(context.node_config))
     try:
-        metrics = evaluate_round(cfg, dict(msg.content["config"]), msg.content["arrays"].to_torch_state_dict())
+        fwd = _in_worker("evaluate", msg)
+        if fwd is not None:
+            header = fwd[0]
+            if not header.get("ok"):
+                raise RuntimeError(untrusted(header.get("error", "Error"), 64))  # logged by the worker in full
+            metrics = header["metrics"]
+        else:
+            from xrayfed.client.timing import evaluate_timed
+
+            metrics = evaluate_timed(cfg, dict(msg.content["config"]), msg.content["arrays"].to_torch_state_dict())
     except Exception as e:  # noqa: BLE001 - as in train: the server learns the error's kind only
         _unhandled(cfg, "an evaluation request", e)
         metrics = {"num-examples": 0}
@@ -112,7 +164,6 @@ def run_finished(msg: Message, context: Context) -> Message:
     """The server's run is over: note it in the state folder (``xrayfed client`` then stops)."""
     from flwr.app import ConfigRecord
 
-    from xrayfed.client.hospital import hospital_config_from_node
     from xrayfed.client.supernode import record_finished
 
     cfg = hospital_config_from_node(dict(context.node_config))

@@ -27,6 +27,7 @@ from xrayfed.client.dp import (
     train_private_round,
     update_digest,
 )
+from xrayfed.client.nodeconfig import SIM_HOSPITALS_ENV, hospital_config_from_node  # noqa: F401 - torch-free home
 from xrayfed.common.checkpoint import load_weights, weights_version
 from xrayfed.common.config import HospitalConfig, load_config
 from xrayfed.common.errors import UserError
@@ -371,23 +372,3 @@ def evaluate_round(cfg: HospitalConfig, config: dict[str, Any], state_dict: dict
     m = evaluate(checked_model(cfg, req, state_dict, device), data.val, req.task, device)
     return {"num-examples": len(data.val), **{k: float(v) for k, v in m.items()
                                                if k in ("auc", "accuracy", "loss", "sensitivity", "specificity")}}
-
-
-#: Set by ``xrayfed simulate`` for its Simulation Engine workers: the folder of the simulated
-#: hospitals' configs (``hospital-NNN.toml`` by ``partition-id``). Never read when the node
-#: names its own config (every real SuperNode started by ``xrayfed client`` does).
-SIM_HOSPITALS_ENV = "XRAYFED_SIM_HOSPITALS"
-
-
-def hospital_config_from_node(node_config: dict[str, Any]) -> HospitalConfig:
-    """The hospital's own config, named by the hospital when it started its SuperNode; in a
-    simulation (no ``config``, a ``partition-id`` from Flower's Simulation Engine), the simulated
-    hospital's config that ``xrayfed simulate`` wrote."""
-    import os
-
-    path = node_config.get("config")
-    if not path and "partition-id" in node_config and os.environ.get(SIM_HOSPITALS_ENV):
-        path = Path(os.environ[SIM_HOSPITALS_ENV]) / f"hospital-{int(node_config['partition-id']):03d}.toml"
-    if not path:
-        raise UserError("node config: no 'config' path (start the client with `xrayfed client`)")
-    return load_config(HospitalConfig, str(path))

@@ -35,10 +35,11 @@ from xrayfed.client.dp import PrivacyLedger, plan_for
 from xrayfed.common.addresses import parse_hostport
 from xrayfed.common.config import HospitalConfig, dump_toml, load_config
 from xrayfed.common.errors import UserError
-from xrayfed.common.flower_launch import flower_env, supernode_args
+from xrayfed.client import worker as hospital_worker
+from xrayfed.common.flower_launch import flower_env, supernode_args, supernode_command
 from xrayfed.common.logs import FLEET_EXPOSED, LogRelay, strip_ansi, warn_insecure
 from xrayfed.common.privacy.ledger import read_ledger
-from xrayfed.common.procs import ProcessGroup, free_port, kill_tree, spawn, venv_bin
+from xrayfed.common.procs import ProcessGroup, free_port, kill_tree, spawn
 from xrayfed.common.security.atrest import ENV_KEY_FILE, load_key
 
 log = logging.getLogger(__name__)
@@ -346,10 +347,18 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     resolved = state / "hospital.resolved.toml"
     resolved.write_text(dump_toml(cfg), encoding="utf-8")
     port = args.port or free_port()
-    cmd = [venv_bin("flower-supernode"), *link_args, "--port", str(port), "--node-config", f'config="{resolved}"']
+    cmd = [*supernode_command(cfg.hospital.poll_interval_s), *link_args, "--port", str(port),
+           "--node-config", f'config="{resolved}"']
     env = flower_env(state / ".flwr")
     if key_file is not None:  # the ClientApp processes (started by the SuperNode) read the key from here
         env[ENV_KEY_FILE] = str(Path(key_file).expanduser().resolve())
+    worker_cmd = None
+    if cfg.hospital.warm_worker:  # the ClientApps hand their requests to it (see xrayfed.client.worker)
+        sock = state / hospital_worker.WORKER_DIR / hospital_worker.SOCKET_NAME
+        env[hospital_worker.SOCKET_ENV] = str(sock)
+        env[hospital_worker.SECRET_ENV] = hospital_worker.new_secret()
+        worker_cmd = [sys.executable, "-m", "xrayfed.client.worker", "--config", str(resolved), "--socket",
+                      str(sock), "--parent-pid", str(os.getpid())]
     print(f"[xrayfed] hospital {cfg.hospital.name} joining {args.server}; privacy ledger: "
           f"{state / 'privacy-ledger.jsonl'}"
           + (f" (encrypted at rest, key id {atrest_key.key_id.hex()})" if atrest_key is not None else "")
@@ -368,7 +377,27 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     full = _FlowerLog(state / SUPERNODE_LOG)
     finished = None
     with ProcessGroup() as group:
+        worker = [None]
+
+        def start_worker() -> None:
+            if worker_cmd is None:
+                return
+            w = group.add(spawn(worker_cmd, env=env, stdout=subprocess.PIPE))
+            threading.Thread(target=_pump, args=(w.stdout, [], relay, full), daemon=True).start()
+            worker[0] = w
+
+        def check_worker() -> None:
+            """A worker that stopped (killed, out of memory) is started again; meanwhile the
+            ClientApps run their requests in their own processes."""
+            w = worker[0]
+            if w is not None and w.poll() is not None:
+                group.procs.remove(w)
+                print(f"[xrayfed] hospital {cfg.hospital.name}: its worker process stopped (exit {w.returncode}); "
+                      "starting it again", flush=True)
+                start_worker()
+
         try:
+            start_worker()
             while True:
                 seen: list[str] = []
                 sent: list[float] = []
@@ -383,6 +412,7 @@ def run_client_cmd(args: argparse.Namespace) -> int:
                         rc = node.wait(timeout=POLL_S)
                         break
                     except subprocess.TimeoutExpired:
+                        check_worker()
                         if JOINED in seen and time.monotonic() - touched >= ALIVE_EVERY_S:
                             alive.touch()
                             touched = time.monotonic()

@@ -233,6 +233,13 @@ class HospitalSection(_Strict):
                                 description="largest scan size (px) a round request may ask for")
     max_model_parameters: int = Field(MAX_MODEL_PARAMETERS, ge=1, le=MAX_MODEL_PARAMETERS,
                                       description="largest global model (weights) a round request may send")
+    warm_worker: bool = Field(True, description="run every round in one long-lived process that keeps torch, the "
+                                                "decoded scans and the DP engine between rounds (false: a fresh "
+                                                "process per message, as Flower does by default)")
+    poll_interval_s: float = Field(0.5, ge=0.05, le=60.0,
+                                   description="seconds between the SuperNode's requests for work while none is "
+                                               "waiting (Flower's own: 3 s); each is one small HTTPS request to the "
+                                               "server, docs/secure-federation.md")
     ledger_key_file: Path | None = Field(
         None, description="key of the privacy ledger's HMAC chain (default: derived from the at-rest key when "
                           "one is set, else state_dir/ledger.key, created on first use); keep it where the "

@@ -7,7 +7,9 @@ processes): what both launchers (``xrayfed server`` / ``xrayfed client``) call.
   connection used by ``flwr run`` and ``flwr supernode register|unregister|list``.
 * :func:`flower_env`: the environment for every Flower process (``PATH`` must contain the
   venv's ``bin``: the SuperLink starts ``flower-superexec`` and the SuperNode ``flwr-clientapp``
-  by name).
+  by name; the SuperExec polls every ``SUPEREXEC_POLL_S``).
+* :func:`supernode_command`: ``flower-supernode`` with its idle pull every ``[hospital]
+  poll_interval_s`` instead of Flower's fixed 3 s.
 
 The operator's side lives in the server package: the SuperLink's registry of hospital keys
 (:mod:`xrayfed.server.registry`) and the Fleet-only gateway (:mod:`xrayfed.server.gateway`).
@@ -52,6 +54,7 @@ def flower_env(flwr_home: Path | str | None = None, base: Mapping[str, str] | No
     parts = [p for p in env.get("PATH", "").split(os.pathsep) if p]
     env["PATH"] = os.pathsep.join([bindir] + [p for p in parts if p != bindir])
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault(SUPEREXEC_POLL_ENV, f"{SUPEREXEC_POLL_S:g}")
     if flwr_home is not None:
         env["FLWR_HOME"] = str(Path(flwr_home).resolve())
     return env
@@ -157,3 +160,56 @@ def write_flwr_home(home: Path | str, address: str, *, insecure: bool = False,
     (home / "config.toml").write_text(
         connection_toml(address, insecure=insecure, root_certificates=root_certificates, name=name), encoding="utf-8")
     return home
+
+
+# --------------------------------------------------------------------------- polling intervals
+#: Seconds between the SuperNode's requests for work while none is waiting. Flower 1.41 fixes it
+#: at 3 s (``flwr/supernode/start_client_internal.py``), which a round pays on average 1.5 s of
+#: before a hospital even sees its request; :func:`run_supernode` starts Flower's own SuperNode
+#: with this interval instead (``[hospital] poll_interval_s``).
+SUPERNODE_POLL_S = 0.5
+#: Flower's environment variable for the SuperExec's polling interval (Flower's default 1 s): how
+#: soon a SuperNode (or the SuperLink) starts the process for a message it holds.
+SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", 0.2
+
+
+class _PollingClock:
+    """Flower's ``time`` module as the SuperNode's main loop sees it, with every wait capped at
+    ``max_sleep_s`` seconds (its idle pull waits 3 s, its wait for a ClientApp's reply 0.5 s)."""
+
+    def __init__(self, module, max_sleep_s: float) -> None:
+        self._module, self._max = module, float(max_sleep_s)
+
+    def sleep(self, seconds: float) -> None:
+        self._module.sleep(min(float(seconds), self._max))
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+def supernode_command(poll_s: float = SUPERNODE_POLL_S) -> list[str]:
+    """The command that starts Flower's ``flower-supernode`` with its idle pull every ``poll_s``
+    seconds (append ``flower-supernode``'s own arguments)."""
+    return [sys.executable, "-m", "xrayfed.common.flower_launch", "supernode", "--poll-s", f"{poll_s:g}"]
+
+
+def run_supernode(argv: list[str]) -> None:
+    """``flower-supernode`` (Flower's entry point, its arguments in ``argv``) with the idle pull
+    interval given by a leading ``--poll-s S``."""
+    import time
+
+    poll_s = SUPERNODE_POLL_S
+    if argv[:1] == ["--poll-s"]:
+        poll_s, argv = float(argv[1]), argv[2:]
+    import flwr.supernode.start_client_internal as loop
+    from flwr.supernode.cli import flower_supernode
+
+    loop.time = _PollingClock(time, poll_s)  # the module's own name for `time`: its main loop only
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["supernode"]:
+        raise SystemExit("usage: python -m xrayfed.common.flower_launch supernode [--poll-s S] FLOWER-SUPERNODE-ARGS")
+    run_supernode(sys.argv[2:])

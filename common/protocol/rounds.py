@@ -54,6 +54,11 @@ SENT_AN_UPDATE = (TRAINED, RESENT)
 HOSPITAL_METRICS = (NUM_EXAMPLES, "epsilon", "delta", "epsilon_budget", "train_loss", "noise_multiplier",
                     "sample_rate", "steps", "max_grad_norm", "secure_rng", "secure_mode", "ledger_seq",
                     "momentum", "adam", "num_scans", "patient_unit")
+#: Seconds a hospital spent on each stage of its reply (wall clock; not private, see
+#: :mod:`xrayfed.client.timing`): process start-up and imports, decoding its scans, DP training,
+#: the hand-over to its warm worker and back. Reported with every training reply.
+TIME_METRICS = ("time_startup_s", "time_data_s", "time_train_s", "time_local_s")
+HOSPITAL_METRICS = HOSPITAL_METRICS + TIME_METRICS
 _FLAGS = ("secure_rng", "secure_mode", "adam", "patient_unit")
 
 
