@@ -38,6 +38,7 @@ from xrayfed.common.prediction import choose_threshold, compute_metrics, measure
 from xrayfed.common.protocol.rounds import RUN_FINISHED_ACTION, SENT_AN_UPDATE, RunFinished
 from xrayfed.common.security.atrest import load_checkpoint, load_key
 from xrayfed.common.train import predict_logits, scored
+from xrayfed.server.polling import breakdown_text, round_breakdown
 from xrayfed.server.rundir import RunDir
 from xrayfed.server.secagg import SecAggPlusConfig, SecAggPlusGrid
 from xrayfed.server.strategy import HospitalsMissing, ledger_anchors, make_strategy, pinned_plans
@@ -69,6 +70,7 @@ def summary_line(row: dict[str, Any]) -> str:
     return (
         f"round {row['round']}: {src} AUC {_fmt(ev.get('auc'))} acc {_fmt(ev.get('accuracy'))} "
         f"| {len(row.get('participants', []))} trained | {eps} | {row.get('duration_s', 0):.1f}s"
+        + (f": {breakdown_text(row['timing'])}" if row.get("timing") else "")
     )
 
 
@@ -76,8 +78,7 @@ def _load_eval_set(cfg: FederationConfig, split: str | None = None, what: str = 
     if cfg.eval.path is None:
         return None
     split = split or cfg.eval.split
-    ds = load_dataset(cfg.eval.path, split=split, image_size=cfg.image_size, task=cfg.task,
-                      test_fraction=cfg.eval.test_fraction)
+    ds = load_dataset(cfg.eval.path, split=split, image_size=cfg.image_size, task=cfg.task)
     _say(f"server-side {what} on {len(ds)} held-out scans ({split})")
     return ds
 
@@ -183,6 +184,7 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     encrypts the checkpoints; ``simulated``: Flower's Simulation Engine (no network)."""
     if atrest_key is None:
         atrest_key = load_key()
+    calls = getattr(grid, "calls", None)  # each exchange's timing (xrayfed.server.polling.PromptGrid)
     run = RunDir(cfg.federation.run_dir, key=atrest_key).create()
     if not run.config_path.is_file():  # started without `xrayfed server` (which writes it)
         run.write_config(cfg)
@@ -241,6 +243,7 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
+        eval_start = time.time()
         g = strategy.global_round(server_round)
         sd = arrays.to_torch_state_dict()
         row: dict[str, Any] = {
@@ -259,6 +262,7 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
             threshold, m, performance = ev["threshold"], ev["metrics"], ev["performance"]
             row["eval"] = dict(m)
             result = MetricRecord({k: float(v) for k, v in m.items() if k in ("auc", "accuracy", "loss")})
+        eval_s = time.time() - eval_start
         ckpt = Checkpoint(model=cfg.model, task=cfg.task, image_size=cfg.image_size, state_dict=sd, round=g,
                           run_id=str(flwr_run_id), threshold=threshold, performance=performance)
         run.save(ckpt)
@@ -280,6 +284,9 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
         if best[0] is not None:
             row["best_round"] = best[0][0]
         row["duration_s"] = round(time.time() - t_round[0], 2)
+        if calls is not None:  # where the round's seconds went (the hospitals' own figures in their rows)
+            row["timing"] = round_breakdown([c for c in calls if c["start"] >= t_round[0]], t_round[0], eval_start,
+                                            eval_s, time.time(), rows)
         t_round[0] = time.time()
         run.append_metrics(row)
         _say(summary_line(row))
