@@ -78,7 +78,8 @@ def _load_eval_set(cfg: FederationConfig, split: str | None = None, what: str = 
     if cfg.eval.path is None:
         return None
     split = split or cfg.eval.split
-    ds = load_dataset(cfg.eval.path, split=split, image_size=cfg.image_size, task=cfg.task)
+    ds = load_dataset(cfg.eval.path, split=split, image_size=cfg.image_size, task=cfg.task,
+                      test_fraction=cfg.eval.test_fraction)
     _say(f"server-side {what} on {len(ds)} held-out scans ({split})")
     return ds
 
