@@ -37,10 +37,7 @@ SIMULATES_A_FEDERATION = {
 }
 
 #: ``common/`` modules that only one role uses, and why they are still in ``common/``.
-ONE_ROLE = {
-    "xrayfed.common.data.inventory": "moves to client/ once the changes in progress on it are committed (only "
-                                     "`xrayfed data check`, client/data_check.py, uses it)",
-}
+ONE_ROLE: dict[str, str] = {}
 
 #: ``common/`` modules no role imports (by an import statement), and who uses them.
 NOT_IMPORTED = {
