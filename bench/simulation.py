@@ -19,7 +19,8 @@ Engines (``--engine``):
   (:mod:`xrayfed.server.simulate`); no transport. On 2 shared cores it is the only engine that
   affords 3 × 20 rounds × 100 hospitals.
 * ``flower``: one fresh ``xrayfed simulate`` process per run (Flower's Simulation Engine, Ray,
-  one worker per core), peak memory of the process tree sampled every 0.5 s.
+  one worker per core, the product's federation defaults), peak memory of the process tree
+  sampled every 0.5 s.
 
 One result file per setting: ``bench/results/simulation-DATA-SIZEpx-SPLIT-STRATEGY-ROUNDSr.json``
 with top-level ``rounds``, ``split`` and ``rows`` (``hospitals``, ``test_auc``, …, ``runs``).
@@ -76,12 +77,6 @@ def run_flower(n: int, seed: int, args, work: Path) -> dict:
         cmd += ["--size-skew", str(args.size_skew)]
     if not has_patient_ids(Path(args.data)):
         cmd += ["--privacy-unit", "scan"]  # PneumoniaMNIST has no patient ids: figures per scan
-    if args.strategy != "auto" or seed:
-        from xrayfed.common.config import FederationConfig, dump_toml
-
-        fed = FederationConfig.model_validate({"federation": {"strategy": args.strategy, "seed": seed}})
-        (work / f"fed-{n}-{seed}.toml").write_text(dump_toml(fed))
-        cmd += ["--config", str(work / f"fed-{n}-{seed}.toml")]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0]
@@ -221,6 +216,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="result file (default: from the setting)")
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
+    if args.engine == "flower" and (args.strategy != "auto" or args.server_momentum is not None
+                                    or args.server_lr is not None):
+        raise SystemExit("--engine flower runs `xrayfed simulate` with the product's federation defaults; "
+                         "other server settings: --engine inprocess")
     name = args.name or args.data.stem
     split = args.split + (f"{args.alpha:g}" if args.split == "dirichlet" else "")
     strategy = args.strategy + (f"-m{args.server_momentum:g}" if args.server_momentum is not None else "") + (

@@ -115,7 +115,14 @@ def run_simulation(fed_path: Path, hospitals_dir: Path, n: int, workers: int, ve
                       runtime_env={"env_vars": {**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
         if ray_address is None:
             ray.init(num_cpus=workers, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1", **common)
-        else:
+        else:  # this machine must be one of the cluster's nodes (Ray's drivers run beside a raylet)
+            if ray_address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+                # a cluster on this machine's loopback: Ray would rewrite 127.0.0.1 to the machine's
+                # address (where nothing listens) unless it takes the machine for a single-host one
+                from ray._private import ray_constants
+
+                ray_constants.ENABLE_RAY_CLUSTER = False
+                common["_node_ip_address"] = "127.0.0.1"
             ray.init(address=ray_address, **common)
         try:
             flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
