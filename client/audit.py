@@ -198,10 +198,12 @@ def verdict(claimed: float, bound: float, confidence: float, ratio_lower: float 
 
 def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canaries: int = DEFAULT_CANARIES,
               confidence: float = 0.95, mia: bool = True, seed: int | None = None, ds=None,
-              device: str | None = None) -> dict[str, Any]:
+              device: str | None = None, attack_model=None, attack_model_name: str = "") -> dict[str, Any]:
     """Train ``cfg``'s whole plan once with gradient canaries and return the audit result (the
     content of ``audit.json``). ``ds``: the ``data.split`` scans at ``image_size`` when already
-    loaded. Nothing is charged: no ledger is opened, nothing is written."""
+    loaded. ``attack_model``: a finished run's global model (a torch module) for the membership
+    attack, instead of the model the audit trains. Nothing is charged: no ledger is opened,
+    nothing is written."""
     from xrayfed.client.dp import plan_for, train_private_round
     from xrayfed.client.hospital import hospital_split
     from xrayfed.common import data as data_mod
@@ -253,13 +255,15 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
         if val is None or len(val) == 0:
             out["mia"] = {"skipped": f"no held-out units (data.val_fraction = {cfg.data.val_fraction:g})"}
         else:
-            dp_mia = membership_auc(model, train, val, plan.unit, task, dev)
+            attacked = model if attack_model is None else attack_model.to(dev)
+            dp_mia = membership_auc(attacked, train, val, plan.unit, task, dev)
             ref = build_model(spec)
             ref.load_state_dict(init)
             for r in range(1, plan.max_rounds + 1):  # the no-DP reference: same plan, σ = 0, no canaries
                 train_private_round(ref, units, cfg, replace(plan, noise_multiplier=0.0), task, dev, lr=lr,
                                     desc=f"no-DP reference round {r}/{plan.max_rounds}")
             out["mia"] = {"attack": "loss", "auc_dp": dp_mia["auc"],
+                          "model": attack_model_name or "the model the audit trained",
                           "auc_no_dp": membership_auc(ref, train, val, plan.unit, task, dev)["auc"],
                           "members": dp_mia["members"], "non_members": dp_mia["non_members"]}
     out["wall_s"] = round(time.time() - t0, 1)
@@ -283,8 +287,9 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
                  f"{100 * sc['confidence']:g} % confidence); the accountant's σ and q imply {sc['implied']:.3g}")
     mia = res.get("mia") or {}
     if "auc_dp" in mia:
+        on = "the DP model" if mia.get("model", "").startswith("the model") else f"the DP model {mia['model']}"
         lines.append(f"membership inference (loss attack, {mia['members']} training vs {mia['non_members']} held-out "
-                     f"{res['unit']}s): AUC {mia['auc_dp']:.3f} on the DP model, {mia['auc_no_dp']:.3f} without DP "
+                     f"{res['unit']}s): AUC {mia['auc_dp']:.3f} on {on}, {mia['auc_no_dp']:.3f} without DP "
                      "(0.5 = a coin)")
     elif "skipped" in mia:
         lines.append(f"membership inference skipped: {mia['skipped']}")
@@ -301,7 +306,19 @@ def run_audit_cmd(args: argparse.Namespace) -> int:
     if args.federation is not None:
         fed = load_config(FederationConfig, args.federation)
         spec, image_size, lr = fed.model, fed.image_size, fed.federation.lr
+    attack, attack_name = None, ""
+    if args.model is not None:  # a finished run's global model: the membership attack's target
+        from xrayfed.common.checkpoint import load_weights
+        from xrayfed.common.model import build_model
+        from xrayfed.common.security.atrest import load_checkpoint
+
+        ckpt = load_checkpoint(args.model)
+        attack, attack_name = build_model(ckpt.model), f"{args.model.name} (round {ckpt.round})"
+        load_weights(attack, ckpt.state_dict, what=f"checkpoint {args.model}")
+        spec, image_size = ckpt.model, ckpt.image_size
     if args.image_size is not None:
+        if attack is not None and args.image_size != image_size:
+            raise UserError(f"--image-size {args.image_size}: the model {args.model} takes {image_size} px scans")
         if not 8 <= args.image_size <= 2048:
             raise UserError(f"--image-size {args.image_size}: must be in 8..2048")
         if spec is not None and args.image_size != image_size:
@@ -317,7 +334,8 @@ def run_audit_cmd(args: argparse.Namespace) -> int:
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out}: is a folder; give a file name such as audit.json")
     res = run_audit(cfg, image_size=image_size, model_spec=spec, lr=lr, canaries=args.canaries,
-                    confidence=args.confidence, mia=not args.no_mia, seed=args.seed)
+                    confidence=args.confidence, mia=not args.no_mia, seed=args.seed, attack_model=attack,
+                    attack_model_name=attack_name)
     for line in summary_lines(res):
         print(line)
     out.parent.mkdir(parents=True, exist_ok=True)

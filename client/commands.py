@@ -76,6 +76,8 @@ def register_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="the hospital's scans (overrides [data] path)")
     p.add_argument("--federation", type=Path, help="federation.toml: its model, image size and learning rate "
                                                    "(default: the recommended model at --image-size, lr 0.125)")
+    add_model_argument(p, required=False, help="a finished run's global model (e.g. checkpoints/best.pt): the "
+                                               "membership attack's target (its architecture and scan size too)")
     p.add_argument("--image-size", type=int, help="scan size in px (default: the federation's, else 224)")
     p.add_argument("--lr", type=float, help="learning rate (default: the federation's)")
     p.add_argument("--canaries", type=int, default=10_000, help="gradient canaries m (default 10000; more: a "

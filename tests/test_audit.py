@@ -137,17 +137,27 @@ def test_the_command_audits_charges_nothing_and_reports_in_plain_words(tmp_path,
     cfg = _hospital(tmp_path, epsilon=8.0, local_epochs=1.0)  # 2 rounds of 8 steps: seconds
     toml = tmp_path / "hospital.toml"
     toml.write_text(dump_toml(cfg))
+    from xrayfed.common.checkpoint import Checkpoint, save_checkpoint
+    from xrayfed.common.model import build_model
+    from xrayfed.common.modelspec import default_model
+    from xrayfed.common.prediction import TaskSpec
+
+    spec = default_model(8, 1)  # a finished run's global model: the membership attack's target
+    save_checkpoint(tmp_path / "best.pt", Checkpoint(model=spec, task=TaskSpec(kind="binary", class_names=["normal",
+                    "pneumonia"]), image_size=8, state_dict=build_model(spec).state_dict(), round=3))
     out = tmp_path / "audit.json"
-    rc = main(["audit", "--config", str(toml), "--image-size", "8", "--canaries", "500", "--out", str(out),
-               "--seed", "1"])
+    rc = main(["audit", "--config", str(toml), "--model", str(tmp_path / "best.pt"), "--canaries", "500",
+               "--out", str(out), "--seed", "1"])
     text = capsys.readouterr().out
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["audited_lower_bound"] < res["claimed_epsilon"] and res["broken"] is None
     assert 0.0 <= res["mia"]["auc_dp"] <= 1.0 and 0.0 <= res["mia"]["auc_no_dp"] <= 1.0
+    assert res["mia"]["model"] == "best.pt (round 3)" and res["image_size"] == 8
     assert f"claimed ε = {res['claimed_epsilon']:.2f} (δ = 1e-05); audited lower bound" in text
     assert "the audit found no evidence ε is larger than claimed" in text
     assert "never prove its absence" in text and "membership inference (loss attack" in text
+    assert "AUC" in text and "on the DP model best.pt (round 3)" in text
     assert not (tmp_path / "state").exists()  # no ledger was opened or written
 
 
