@@ -236,6 +236,8 @@ def _num(p: float, d: int = 2) -> str:
 def _score_line(name: str, p: float, t: float, default: bool) -> str:
     d = _digits(p, t)
     where = "at or above" if p >= t else "below"
+    if round(p, d) == round(t, d) and p != t:  # too close to tell apart at 4 decimals: say which side
+        where = "just " + ("above" if p > t else "below")
     which = "the default threshold" if default else "the model's threshold"
     return f"Score for {name}: {_num(p, d)}, {where} {which} {t:.{d}f} for {name}."
 
@@ -292,9 +294,15 @@ def result_lines(res: dict) -> list[str]:
     elif kind == "multiclass":
         order = sorted(range(len(names)), key=lambda k: -probs[k])
         top = names[order[0]]
-        lines.append(f"Result: {top}. Of the {len(names)} answers the model can give ({', '.join(names)}), "
-                     f"{top} scored highest.")
         d = _digits(probs[order[0]], probs[order[1]])
+        second = names[order[1]]
+        if probs[order[0]] == probs[order[1]]:  # an exact tie: the answer is the first class listed
+            how = f"{top} and {second} scored the same; the model answers the first of them, {top}"
+        elif round(probs[order[0]], d) == round(probs[order[1]], d):
+            how = f"{top} scored highest, only just above {second}"
+        else:
+            how = f"{top} scored highest"
+        lines.append(f"Result: {top}. Of the {len(names)} answers the model can give ({', '.join(names)}), {how}.")
         lines.append("Scores (they add up to 1; the highest is the result): "
                      + ", ".join(f"{names[k]} {_num(probs[k], d)}" for k in order) + ".")
         about, verb = [top], "answered"

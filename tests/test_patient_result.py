@@ -83,6 +83,21 @@ def test_no_score_reads_as_certainty_and_close_calls_keep_their_order():
     assert "Score for PNEUMONIA: less than 0.01, below the default threshold 0.50" in low
 
 
+def test_a_score_or_answer_too_close_to_print_apart_still_says_which_side_it_is_on():
+    # 0.79999 under 0.8 prints as 0.8000 at the most decimals shown: the words say "just below"
+    under = format_result(result(BINARY, [0.20001, 0.79999], [0.8], PERF))
+    assert "Score for PNEUMONIA: 0.8000, just below the model's threshold 0.8000" in under
+    assert "Result: NORMAL." in under
+    over = format_result(result(BINARY, [0.19999, 0.80001], [0.8], PERF))
+    assert "Score for PNEUMONIA: 0.8000, just above the model's threshold 0.8000" in over
+    assert "Result: PNEUMONIA." in over
+    # a multi-class answer whose lead does not show in the printed scores says so
+    near = format_result(result(FOUR, [0.1, 0.300001, 0.3, 0.299999], None, None))
+    assert "bacterial scored highest, only just above healthy." in near
+    tie = format_result(result(FOUR, [0.1, 0.3, 0.3, 0.3], None, None))
+    assert "bacterial and healthy scored the same; the model answers the first of them, bacterial." in tie
+
+
 def test_the_models_measured_performance_in_plain_words_or_not_measured():
     text = format_result(result(BINARY, [0.2, 0.8], [0.952], PERF))
     assert "tested on 624 held-out scans it never trained on (the federation's test set)" in text
