@@ -196,3 +196,14 @@ def test_round_breakdown_adds_up():
     assert t["hospital_s"] == 6.0 and t["transfer_s"] == 2.0 and t["aggregate_s"] == 1.0 and t["eval_s"] == 2.0
     assert t["wait_s"] + t["exchange_s"] + t["aggregate_s"] + t["eval_s"] + t["other_s"] == pytest.approx(t["total_s"])
     assert "DP training 4.0" in breakdown_text(t) and "transfer 2.0s" in breakdown_text(t)
+
+
+def test_report_round_table_says_where_the_time_went():
+    from types import SimpleNamespace
+
+    from xrayfed.server.report.render import _took_cell
+
+    t = {"train_s": 2.04, "startup_s": 1.5, "data_s": 0.0, "transfer_s": 0.8, "eval_s": 0.3, "slowest": "a"}
+    assert _took_cell(SimpleNamespace(duration_s=9.0, timing=t)) == (
+        "9 s: DP training 2.0 s, start-up 1.5 s, data 0.0 s, transfer 0.8 s, evaluation 0.3 s")
+    assert _took_cell(SimpleNamespace(duration_s=9.0, timing=None)) == "9 s"

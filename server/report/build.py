@@ -653,6 +653,8 @@ def _round_summaries(rows: list[dict[str, Any]], node_name: dict[int, str],
             max_epsilon_hospitals=sorted(n for n, e in latest.items() if top is not None and e == top),
             max_epsilon_server=server_max, eval=_metrics_dict(row.get("eval")),
             client_eval=_metrics_dict(row.get("client_eval")),
+            timing={k: v for k, v in row["timing"].items() if isinstance(v, (int, float, str))}
+            if isinstance(row.get("timing"), dict) else None,
         ))
     return out
 

@@ -271,6 +271,19 @@ ROUND_COLUMNS = ("Round", "Finished (UTC)", "Took", "Trained", "Refused / failed
                  "Largest ε", "AUC", "Accuracy")
 
 
+def _took_cell(r) -> str:
+    """The round's wall time and, when the server recorded it, where it went (the slowest
+    hospital's own figures, the transfer and the server's evaluation)."""
+    if r.duration_s is None:
+        return "—"
+    t = r.timing or {}
+    if "train_s" not in t:
+        return _seconds(r.duration_s)
+    return (f"{_seconds(r.duration_s)}: DP training {float(t['train_s']):.1f} s, start-up "
+            f"{float(t.get('startup_s', 0)):.1f} s, data {float(t.get('data_s', 0)):.1f} s, transfer "
+            f"{float(t.get('transfer_s', 0)):.1f} s, evaluation {float(t.get('eval_s', 0)):.1f} s")
+
+
 def _trained_cell(r) -> str:
     """Who sent an update this round; a resent one is named as such (trained and charged once,
     in the attempt a restart interrupted)."""
@@ -295,7 +308,7 @@ def round_rows(report: Report) -> list[list[str]]:
             eps.append(f"{n} {'—' if e is None else format(e, '.3f')}{mark}")
         ev = r.eval or r.client_eval or {}
         rows.append([str(r.round), _clock(r.time) or "—",
-                     "—" if r.duration_s is None else _seconds(r.duration_s), _trained_cell(r),
+                     _took_cell(r), _trained_cell(r),
                      ", ".join(r.refused + r.failed) or "—", "; ".join(eps) or "—",
                      _num_text(r.max_epsilon) + (f" ({', '.join(r.max_epsilon_hospitals)})"
                                                  if r.max_epsilon_hospitals else ""),
@@ -343,7 +356,9 @@ HOW_TO_READ_DETAILS = (
 
 ROUNDS_NOTE = ("ε is each hospital's cumulative ε as it reported it to the server; 'Largest ε' is the largest in "
                "the federation after the round; AUC and accuracy are the global model's (server held-out set, or "
-               "the hospitals' validation when the server has none).")
+               "the hospitals' validation when the server has none). 'Took' splits the round where the server "
+               "recorded it: the slowest hospital's DP training, process start-up and scan decoding (its own "
+               "figures), the transfer (serialisation, network, polling) and the server's evaluation.")
 
 
 def render_markdown(report: Report, plot_files: dict[str, str] | None = None) -> str:

@@ -167,6 +167,9 @@ class RoundSummary(_Schema):
     max_epsilon_server: float | None = Field(None, description="max_epsilon as written by the server")
     eval: dict[str, float | None] | None = None
     client_eval: dict[str, float | None] | None = None
+    timing: dict[str, float | str] | None = Field(
+        None, description="where the round's seconds went (metrics.jsonl 'timing'): wait_s, exchange_s, the slowest "
+                          "hospital's startup_s/data_s/train_s/local_s, transfer_s, aggregate_s, eval_s, other_s")
 
 
 class RunSecurity(_Schema):
