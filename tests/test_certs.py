@@ -241,3 +241,18 @@ def test_init_makes_the_crypto_provider_secret_once_and_never_replaces_it(pki, t
     assert (f"secret the inference service and the crypto provider share: {out / 'inference' / SECRET_NAME} and "
             f"{out / 'crypto-provider' / SECRET_NAME} (the same, mode 0600") in r.stdout
     assert (out / "crypto-provider" / SECRET_NAME).read_bytes().strip() != secret
+
+
+def test_a_kept_crypto_provider_secret_is_made_owner_only_and_a_short_one_refused(tmp_path):
+    from xrayfed.common.security.shared_secret import SECRET_NAME, make_shared_secret
+
+    a, b = tmp_path / "inference" / SECRET_NAME, tmp_path / "crypto-provider" / SECRET_NAME
+    a.parent.mkdir()
+    a.write_bytes(b"0123456789abcdef0123456789abcdef\n")  # made by hand, umask 022
+    a.chmod(0o644)
+    assert make_shared_secret([a, b]) is False
+    assert _mode(a) == 0o600 and _mode(b) == 0o600 and b.read_bytes() == a.read_bytes()
+    a.write_bytes(b"\n")
+    b.write_bytes(b"\n")
+    with pytest.raises(UserError, match="too short"):
+        make_shared_secret([a, b])

@@ -18,8 +18,9 @@ SECRET_MODE = 0o600
 
 def make_shared_secret(paths: Sequence[Path]) -> bool:
     """Make every file of ``paths`` hold the same secret (256 random bits as 64 hex digits, mode
-    0600). An existing secret is never overwritten: it is kept and copied to the paths that lack
-    it (two existing copies that differ: one-line UserError). Returns whether a new secret was
+    0600). An existing secret is never overwritten: it is kept (its mode narrowed to 0600) and
+    copied to the paths that lack it (two existing copies that differ, or one shorter than 16
+    characters: one-line UserError). Returns whether a new secret was
     made."""
     paths = [Path(p) for p in paths]
     have = {p: p.read_bytes().strip() for p in paths if p.is_file()}
@@ -27,6 +28,12 @@ def make_shared_secret(paths: Sequence[Path]) -> bool:
         raise UserError(f"{' and '.join(map(str, have))}: two different crypto-provider secrets; delete the one "
                         "that is not in use and run again")
     secret = next(iter(have.values()), None)
+    if secret is not None and len(secret) < 16:
+        raise UserError(f"{' and '.join(map(str, have))}: the existing crypto-provider secret is too short (at least "
+                        "16 characters); delete it and run again to make a new one")
+    for p in have:  # a kept copy (perhaps made by hand) is the owner's alone, as a new one is
+        if os.name == "posix" and p.stat().st_mode & 0o077:
+            os.chmod(p, SECRET_MODE)
     made = secret is None
     if made:
         secret = os.urandom(32).hex().encode()
