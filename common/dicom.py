@@ -396,12 +396,61 @@ def _luma(rgb: np.ndarray, bits: int) -> np.ndarray:
     return luma * (255.0 / (2.0 ** bits - 1.0))
 
 
-def dicom_display(path: Path, max_pixels: int) -> np.ndarray:
+def _identity_display(ds) -> bool:
+    """Whether the display rules leave an 8-bit grayscale frame's stored values as they are
+    (MONOCHROME2, 8 bits stored, no rescale, no VOI LUT or window)."""
+    try:
+        return (_text(ds, "PhotometricInterpretation") or "MONOCHROME2") == "MONOCHROME2" \
+            and int(ds.get("SamplesPerPixel", 1) or 1) == 1 and int(ds.get("BitsStored", 8) or 8) == 8 \
+            and int(ds.get("PixelRepresentation", 0) or 0) == 0 \
+            and "ModalityLUTSequence" not in ds and float(ds.get("RescaleSlope", 1) or 1) == 1.0 \
+            and float(ds.get("RescaleIntercept", 0) or 0) == 0.0 and not ds.get("VOILUTSequence") \
+            and ds.get("WindowCenter") in (None, "") and ds.get("WindowWidth") in (None, "")
+    except Exception:  # noqa: BLE001 - a malformed attribute: the full decode path reports it
+        return False
+
+
+def _scaled_jpeg(ds, draft_side: int) -> np.ndarray | None:
+    """An 8-bit grayscale sequential-JPEG frame whose display is its stored values, decoded as a
+    ``.jpg`` file with the same ``draft_side`` is (Pillow's DCT scaling to the smallest scale
+    that keeps both sides ≥ ``draft_side``), so that one JPEG stream gives one model input in a
+    ``.jpg`` and in a DICOM file; None when that does not apply or Pillow cannot decode it."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import generate_frames
+
+    uid, _ = transfer_syntax(ds)
+    if uid not in _SEQUENTIAL_JPEG or "PixelData" not in ds or not _identity_display(ds):
+        return None
+    try:
+        frame = next(iter(generate_frames(ds.PixelData, number_of_frames=1)))
+        with Image.open(io.BytesIO(frame)) as im:
+            if im.format != "JPEG" or im.mode != "L":
+                return None
+            im.draft("L", (min(draft_side, im.size[0]), min(draft_side, im.size[1])))
+            im.load()
+            return np.asarray(im, dtype=np.uint8)
+    except Exception:  # noqa: BLE001 - not a stream Pillow reads: the plugins' path decodes (or reports) it
+        return None
+
+
+def dicom_display(path: Path, max_pixels: int, draft_side: int | None = None) -> np.ndarray:
     """A DICOM radiograph as uint8 (H, W) display values 0..255 (0 black, 255 white): the header
-    checks, decoding and display rules of this module. One-line :class:`UserError` otherwise."""
+    checks, decoding and display rules of this module. One-line :class:`UserError` otherwise.
+
+    ``draft_side`` (px, optional): an 8-bit grayscale JPEG Baseline/Extended frame without
+    rescale or window may be decoded at 1/2, 1/4 or 1/8 scale keeping both sides ≥ it, exactly
+    as :func:`xrayfed.common.preprocess.load_image` decodes a ``.jpg`` file (then H, W are the
+    scaled sides)."""
     ds = read_dicom(path)
     check_radiograph(ds, path)
     dicom_pixel_count(ds, path, max_pixels)  # before any pixel data is decoded
+    if draft_side is not None:
+        with quiet_pydicom():
+            scaled = _scaled_jpeg(ds, int(draft_side))
+        if scaled is not None:
+            return scaled
     arr = decode_pixels(ds, path)
     photometric = _text(ds, "PhotometricInterpretation") or "MONOCHROME2"
     if photometric in _GREY:

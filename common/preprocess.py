@@ -91,9 +91,11 @@ def dicom_pixel_count(ds, path: Path) -> int:
     return _dicom.dicom_pixel_count(ds, path, MAX_SCAN_PIXELS)
 
 
-def _load_dicom(path: Path) -> np.ndarray:
-    """A DICOM radiograph's display values (:func:`xrayfed.common.dicom.dicom_display`, 0..255) / 255."""
-    return _dicom.dicom_display(path, MAX_SCAN_PIXELS).astype(np.float32) / np.float32(255.0)
+def _load_dicom(path: Path, size_hint: int | None = None) -> np.ndarray:
+    """A DICOM radiograph's display values (:func:`xrayfed.common.dicom.dicom_display`, 0..255) / 255;
+    an 8-bit grey JPEG frame is decoded with the DCT scaling a ``.jpg`` file gets (``size_hint``)."""
+    side = None if size_hint is None else JPEG_DRAFT_FACTOR * int(size_hint)
+    return _dicom.dicom_display(path, MAX_SCAN_PIXELS, side).astype(np.float32) / np.float32(255.0)
 
 
 # ----------------------------------------------------------------------------- PNG / JPEG
@@ -132,7 +134,8 @@ def load_image(path: Path | str, *, size_hint: int | None = None) -> np.ndarray:
 
     DICOM is recognised by content (``DICM`` at byte 128) or by a ``.dcm``/``.dicom``
     extension; everything else must be PNG or JPEG. ``size_hint`` (px, optional): the side the
-    caller will resize to — JPEGs may then be decoded at 1/2, 1/4 or 1/8 scale, never below
+    caller will resize to — JPEGs (and 8-bit grey JPEG frames of a DICOM file, alike) may then be
+    decoded at 1/2, 1/4 or 1/8 scale, never below
     2 × ``size_hint`` (the result differs from a full decode by less than the resize blurs).
     Raises a one-line :class:`UserError` for missing, non-image, truncated, multi-frame or
     otherwise unsupported files, and for images smaller than 8 × 8 px.
@@ -140,7 +143,7 @@ def load_image(path: Path | str, *, size_hint: int | None = None) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"scan: no file at {path}")
-    img = _load_dicom(path) if is_dicom(path) else _load_raster(path, size_hint)
+    img = _load_dicom(path, size_hint) if is_dicom(path) else _load_raster(path, size_hint)
     if img.ndim != 2 or min(img.shape) < MIN_SIZE:
         raise UserError(f"{path.name}: image of {'×'.join(map(str, img.shape))} px is too small or not 2-D "
                         f"(at least {MIN_SIZE}×{MIN_SIZE} px)")
@@ -256,7 +259,9 @@ def preprocessing_spec(size: int, channels: int = 1) -> dict:
             "jpeg_dct_scaling": {"factor": JPEG_DRAFT_FACTOR, "how": (
                 "JPEG files are decoded as grey (the JPEG's own luma) at the smallest DCT scale (1, 1/2, 1/4 or 1/8) "
                 "that keeps both sides >= factor x size: Pillow Image.draft('L', (min(factor*size, width), "
-                "min(factor*size, height))) before load()")},
+                "min(factor*size, height))) before load(); so is the frame of an 8-bit grayscale DICOM in JPEG "
+                "Baseline/Extended whose display rules leave its values as stored (MONOCHROME2, no rescale, "
+                "no VOI LUT or window)")},
             "dicom": {
                 "reject": ["NumberOfFrames > 1",
                            f"Modality other than {', '.join(_dicom.RADIOGRAPH_MODALITIES)} (or none)",

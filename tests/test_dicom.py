@@ -222,6 +222,23 @@ def test_the_same_pixels_give_the_same_model_input_in_every_format(tmp_path):
     assert abs(logits["scan.jpg"] - logits["scan.png"]) < 0.05 and logits["jpeg.dcm"] == logits["scan.jpg"], logits
 
 
+def test_one_jpeg_stream_gives_one_model_input_at_a_real_scan_size(tmp_path):
+    """A scan many times the model input side: the .jpg is decoded at a reduced DCT scale, and so is
+    the same stream inside a DICOM file (an 8-bit grey JPEG Baseline frame without a window)."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:520, 0:600]
+    img = np.clip(127 + 60 * np.sin(xx / 37.0) * np.cos(yy / 23.0) + rng.normal(0, 20, (520, 600)), 0, 255)
+    img = img.astype(np.uint8)
+    jpg = tmp_path / "big.jpg"
+    jpg.write_bytes(_jpeg_bytes(img))
+    dcm8 = write_dicom(tmp_path / "big8.dcm", img)
+    jdcm = recompress(dcm8, tmp_path / "bigjpeg.dcm", JPEG_BASELINE, _jpeg_bytes(img), BitsStored=8)
+    size = 32  # the .jpg decodes at 1/8 scale (75 x 65 px, both sides >= 2 x 32)
+    assert P.load_image(jpg, size_hint=size).shape == (65, 75)
+    assert np.array_equal(P.load_scan_uint8(jdcm, size), P.load_scan_uint8(jpg, size))
+    assert DC.dicom_display(jdcm, P.MAX_SCAN_PIXELS).shape == (520, 600)  # without a size: every pixel
+
+
 def test_dicom_windows_follow_the_standard(tmp_path):
     """LINEAR windowing (the default VOI LUT function) as pydicom implements it, mapped to 0..255;
     a VOI LUT Sequence scaled from its bit depth; rescale before the window."""
