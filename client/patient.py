@@ -367,16 +367,20 @@ def format_html(res: dict) -> str:
 
 def predict_cmd(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.WARNING if not args.verbose else logging.DEBUG)  # CrypTen logs at INFO
+    page = getattr(args, "html", None)
+    if page is not None and (Path(page).is_dir() or not Path(page).parent.is_dir()):
+        raise UserError(f"--html {page}: not a file in an existing folder")  # said before anything is sent
     res = predict(args.scan, args.service, args.token, ca_cert=args.ca_cert,
                   crypto_provider_ca_cert=args.crypto_provider_ca_cert,
                   insecure=args.insecure, rpc_timeout=args.timeout)
-    if getattr(args, "html", None) is not None:
-        atomic_write(args.html, format_html(res).encode("utf-8"), mode=0o600)  # the result is the patient's alone
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(format_result(res))
-        if getattr(args, "html", None) is not None:
-            print(f"(also written to {args.html})")
+    print(json.dumps(res) if args.json else format_result(res))  # the result first: a failed page loses nothing
     sys.stdout.flush()
+    if page is not None:
+        try:
+            atomic_write(page, format_html(res).encode("utf-8"), mode=0o600)  # the result is the patient's alone
+        except OSError as e:
+            raise UserError(f"--html {page}: cannot write the page ({e.strerror or type(e).__name__}); "
+                            "the result above is complete") from None
+        if not args.json:
+            print(f"(also written to {page})")
     return 0

@@ -140,6 +140,27 @@ def test_html_page_escapes_and_says_the_same():
     assert "<script>" not in page and "&lt;script&gt;" in page and "not a diagnosis" in page
 
 
+def test_an_unwritable_html_page_is_one_line_and_never_costs_the_result(tmp_path, monkeypatch, capsys):
+    import xrayfed.client.patient as patient
+
+    calls = []
+    monkeypatch.setattr(patient, "predict", lambda *a, **k: calls.append(1) or result(BINARY, [0.2, 0.8], [0.5]))
+    argv = ["predict", "--scan", "x.png", "--service", "127.0.0.1:1", "--token", "t.tok"]
+    # a folder, or a folder that does not exist: refused before anything is sent
+    for bad in (tmp_path, tmp_path / "missing" / "r.html"):
+        assert cli.main(argv + ["--html", str(bad)]) == 2 and calls == []
+        assert capsys.readouterr().err.count("\n") == 1
+    # a page that cannot be written after the prediction: the result is printed, then one line
+    def fail(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(patient, "atomic_write", fail)
+    assert cli.main(argv + ["--html", str(tmp_path / "r.html")]) == 2
+    out = capsys.readouterr()
+    assert "Result: PNEUMONIA." in out.out and NOT_A_DIAGNOSIS in out.out
+    assert out.err.startswith("xrayfed: error: --html ") and "Permission denied" in out.err
+    assert out.err.count("\n") == 1 and "Traceback" not in out.err
+
+
 # --------------------------------------------------------------------------- the figures
 def test_measured_performance_counts_what_decide_flags():
     rng = np.random.default_rng(0)
