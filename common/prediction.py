@@ -102,14 +102,15 @@ def probabilities(task: TaskSpec, logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim == 1:
         z = z[None, :]
-    if task.kind == "binary":
-        p = 1.0 / (1.0 + np.exp(-z[:, :1]))
-        return np.concatenate([1.0 - p, p], axis=1)
-    if task.kind == "multiclass":
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
-    return 1.0 / (1.0 + np.exp(-z))
+    with np.errstate(over="ignore"):  # exp(745+) is inf and the sigmoid exactly 0: no warning line
+        if task.kind == "binary":
+            p = 1.0 / (1.0 + np.exp(-z[:, :1]))
+            return np.concatenate([1.0 - p, p], axis=1)
+        if task.kind == "multiclass":
+            z = z - z.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            return e / e.sum(axis=1, keepdims=True)
+        return 1.0 / (1.0 + np.exp(-z))
 
 
 def _binary_stats(y_true: np.ndarray, y_score: np.ndarray, threshold: float) -> tuple[float, float, float]:

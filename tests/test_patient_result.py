@@ -162,6 +162,18 @@ def test_an_unwritable_html_page_is_one_line_and_never_costs_the_result(tmp_path
 
 
 # --------------------------------------------------------------------------- the figures
+def test_extreme_logits_give_scores_without_a_warning_line():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "overflow encountered in exp" would be a stray stderr line
+        p = probabilities(BINARY, np.array([[-1000.0]]))[0]
+        q = probabilities(LABELS, np.array([[-1000.0, 1000.0, 0.0]]))[0]
+    assert p.tolist() == [1.0, 0.0] and q.tolist() == [0.0, 1.0, 0.5]
+    text = format_result(result(BINARY, list(p), [0.5], None))
+    assert "Score for PNEUMONIA: less than 0.01, below the model's threshold 0.50" in text
+
+
 def test_measured_performance_counts_what_decide_flags():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
