@@ -256,3 +256,17 @@ def test_a_kept_crypto_provider_secret_is_made_owner_only_and_a_short_one_refuse
     b.write_bytes(b"\n")
     with pytest.raises(UserError, match="too short"):
         make_shared_secret([a, b])
+
+
+def test_a_crypto_provider_secret_other_users_can_read_is_named_in_a_warning(tmp_path, caplog):
+    from xrayfed.common.security.shared_secret import read_secret
+
+    f = tmp_path / "s"
+    f.write_bytes(b"0123456789abcdef0123456789abcdef\n")
+    f.chmod(0o600)
+    assert read_secret(f, "crypto provider secret (--secret)") == b"0123456789abcdef0123456789abcdef"
+    assert not caplog.records
+    f.chmod(0o644)
+    assert read_secret(f, "crypto provider secret (--secret)") == b"0123456789abcdef0123456789abcdef"
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "chmod 600" in caplog.text
+    assert "0123456789abcdef" not in caplog.text

@@ -4,6 +4,7 @@ reads; the crypto provider compares it in constant time). ``xrayfed certs init``
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -45,12 +46,15 @@ def make_shared_secret(paths: Sequence[Path]) -> bool:
 
 
 def read_secret(path: Path | None, what: str) -> bytes | None:
-    """The secret in ``path`` (None when no path is given); at least 16 characters."""
+    """The secret in ``path`` (None when no path is given); at least 16 characters. A file other
+    users can read is used, with a warning naming it (never its content)."""
     if path is None:
         return None
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what}: no file at {p}")
+    if os.name == "posix" and p.stat().st_mode & 0o077:
+        logging.getLogger(__name__).warning("%s %s is readable by other users; chmod 600 it", what, p)
     secret = p.read_bytes().strip()
     if len(secret) < 16:
         raise UserError(f"{what} {p}: too short (at least 16 characters; `xrayfed certs init` makes one: "
