@@ -22,6 +22,8 @@ def plan_summary(cfg, ds=None) -> dict:
     """The DP plan of ``cfg``'s budget on this hospital's part of the data (as `xrayfed client`
     computes it): N, validation scans, σ, q, steps per round, ε after planned rounds, warnings.
     ``ds``: the ``data.split`` scans when already decoded (else they are loaded)."""
+    import numpy as np
+
     from xrayfed.client.hospital import hospital_split
     from xrayfed.client.dp import plan_for
 
@@ -32,7 +34,8 @@ def plan_summary(cfg, ds=None) -> dict:
                  "accountant": cfg.privacy.accountant, "warnings": []}
     out.update(patient_figures(train, cfg.privacy.max_scans_per_patient))
     try:
-        plan, _ = plan_for(cfg, train)
+        with np.errstate(divide="ignore"):  # Opacus's PRV accountant takes log(0) at q = 1: a stray warning line
+            plan, _ = plan_for(cfg, train)
     except UserError as e:
         out["refused"] = str(e)
         return out
@@ -45,12 +48,14 @@ def plan_summary(cfg, ds=None) -> dict:
     r = plan.max_rounds
     rounds = sorted({max(1, round(r * k / SHOWN_ROUNDS)) for k in range(1, SHOWN_ROUNDS + 1)} | {r})
     step = (plan.noise_multiplier, plan.sample_rate, plan.steps)
+    with np.errstate(divide="ignore"):
+        eps = {k: compute_epsilon([step] * k, plan.delta, plan.accountant) for k in rounds}
     out.update(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps_per_round=plan.steps,
-               max_rounds=r, epsilon_after_round={k: compute_epsilon([step] * k, plan.delta, plan.accountant)
-                                                  for k in rounds})
+               max_rounds=r, epsilon_after_round=eps)
     if plan.sample_rate >= 1.0:
-        out["warnings"].append(f"batch size {plan.expected_batch_size} ≥ N = {len(train)}: every step uses every scan "
-                               "(q = 1), so DP-SGD gets no privacy amplification from sampling"
+        units = "patients" if plan.unit == "patient" else "scans"
+        out["warnings"].append(f"batch size {plan.expected_batch_size} ≥ N = {plan.num_examples} {units}: every step "
+                               f"uses every one of them (q = 1), so DP-SGD gets no privacy amplification from sampling"
                                + ("; lower batch_size" if cfg.training.batch_size else " (automatic for small N)"))
     if plan.noise_multiplier > 5.0:
         out["warnings"].append(f"σ = {plan.noise_multiplier:.2f}: the noise is large for this data size and budget; "

@@ -227,3 +227,16 @@ def test_demo_on_flat_folders_states_the_held_out_share_on_both_sides(tmp_path, 
         trained += train.patient_ids + (val.patient_ids if val is not None else [])
     assert not set(trained) & set(test.patient_ids)
     assert len(trained) + len(test) == 180 == len(probe) + len(test)
+
+
+def test_the_plan_of_a_small_hospital_counts_its_privacy_units_and_prints_no_stray_warning(tmp_path, capfd):
+    """Few patients with several scans each: every step uses every patient (q = 1); the warning
+    counts patients as the plan does, and Opacus's log(0) at q = 1 prints no RuntimeWarning."""
+    root = _flat(tmp_path / "flat", patients=3, per_patient=3, broken=False)
+    cfg = tmp_path / "h.toml"
+    cfg.write_text('[hospital]\nname = "h1"\n[data]\nval_fraction = 0\n')
+    assert cli.main(["data", "check", str(root), "--config", str(cfg)]) == 0
+    out = capfd.readouterr()
+    warn = [ln for ln in out.out.splitlines() if "WARNING: batch size" in ln]
+    assert len(warn) == 1 and "N = 6 patients" in warn[0], out.out  # 3 NORMAL + 3 PNEUMONIA patients
+    assert "RuntimeWarning" not in out.err, out.err
