@@ -25,6 +25,8 @@ from xrayfed.common.preprocess import is_dicom, read_dicom
 
 #: The row of the multi-label scans that carry none of the labels (NIH's own name for them).
 NO_FINDING = "No Finding"
+#: That row when ``data.labels`` chooses some of the labels: such a scan may carry another finding.
+NONE_OF_CHOSEN = "none of data.labels"
 
 
 @dataclass
@@ -165,7 +167,8 @@ def inventory(path: Path | str, loaded: dict | None = None, *, label_set: Sequen
                    for k in range(len(names))]
         rows = list(zip(names, counts, members))
         if ds.task.kind == "multilabel":
-            rows.append((NO_FINDING, no_finding_scans(ds), y.reshape(len(y), -1).sum(axis=1) == 0))
+            rows.append((NO_FINDING if label_set is None else NONE_OF_CHOSEN, no_finding_scans(ds),
+                         y.reshape(len(y), -1).sum(axis=1) == 0))
         classes = [ClassSummary(name=name, images=n, patients=None if pids is None else
                                 len({pids[i] for i in np.flatnonzero(m)}))
                    for name, n, m in rows]
