@@ -67,8 +67,9 @@ def sample_peak_rss(stop: threading.Event, out: dict) -> None:
     out["peak_rss_mb"] = peak / 2**20
 
 
-def run_processes(s: dict, data: Path, out_dir: Path) -> dict:
-    """One federation of real processes (``xrayfed server`` + one ``xrayfed client`` per hospital)."""
+def run_processes(s: dict, data: Path, out_dir: Path, hospital_section: dict | None = None) -> dict:
+    """One federation of real processes (``xrayfed server`` + one ``xrayfed client`` per hospital);
+    ``hospital_section``: settings of each hospital's ``[hospital]`` to change (e.g. ``warm_worker``)."""
     import subprocess
 
     from xrayfed.common.config import dump_toml
@@ -80,6 +81,10 @@ def run_processes(s: dict, data: Path, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True)
     probe = load_dataset(data, split="train", image_size=8)
     fed, hospitals = configs(s, data, out_dir, probe.task)
+    if hospital_section:
+        hospitals = [h.model_validate({**h.model_dump(mode="json"),
+                                       "hospital": {**h.model_dump(mode="json")["hospital"], **hospital_section}})
+                     for h in hospitals]
     port = free_port()
     fed = fed.model_validate({**fed.model_dump(mode="json"), "network": {"listen": f"127.0.0.1:{port}",
                                                                          "tls": {"insecure": True}}})

@@ -121,7 +121,8 @@ def train(msg: Message, context: Context) -> Message:
             reply["state_dict"] = arrays or None
         else:
             t0 = time.perf_counter()
-            from xrayfed.client.timing import train_timed  # torch: only the stage that trains loads it
+            import xrayfed.client.hospital  # noqa: F401 - torch and Opacus: only the stage that trains loads them
+            from xrayfed.client.timing import train_timed
 
             state_dict = msg.content["arrays"].to_torch_state_dict()
             startup_s += time.perf_counter() - t0
@@ -150,6 +151,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                 raise RuntimeError(untrusted(header.get("error", "Error"), 64))  # logged by the worker in full
             metrics = header["metrics"]
         else:
+            import xrayfed.client.hospital  # noqa: F401 - torch
             from xrayfed.client.timing import evaluate_timed
 
             metrics = evaluate_timed(cfg, dict(msg.content["config"]), msg.content["arrays"].to_torch_state_dict())

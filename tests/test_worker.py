@@ -116,10 +116,10 @@ def test_worker_trains_resends_and_refuses_strangers(worker):
     assert forward("train", config, arrays, env=worker["env"]) is None
 
 
-def _clientapp_forwards_without_loading_torch(worker, tmp_path: Path) -> None:
-    """The ClientApp's train stage, with a worker up, replies with the worker's update and never
-    imports torch or Opacus in its own process."""
-    config, arrays = _request(round_=2)
+def _clientapp_train(tmp_path: Path, config_path: Path, round_: int, env: dict[str, str]) -> dict:
+    """The ClientApp's train stage in a fresh process (as Flower runs it) with ``env``: the
+    reply's status, arrays, timings and whether torch/Opacus were loaded."""
+    config, arrays = _request(round_=round_)
     np.savez(tmp_path / "arrays.npz", **{k: a.numpy() for k, a in arrays.items()})
     code = f"""
 import json, sys
@@ -132,20 +132,38 @@ md = Metadata(run_id=1, message_id="m1", src_node_id=1, dst_node_id=2, reply_to_
               created_at=0.0, ttl=3600, message_type="train")
 msg = Message(content=RecordDict({{"arrays": arrays, "config": ConfigRecord(json.loads({json.dumps(config)!r}))}}),
               metadata=md)
-ctx = Context(run_id=1, node_id=1, node_config={{"config": {str(worker["config"])!r}}}, state=RD(), run_config={{}})
+ctx = Context(run_id=1, node_id=1, node_config={{"config": {str(config_path)!r}}}, state=RD(), run_config={{}})
 reply = app.train(msg, ctx)
 info = reply.content.config_records["hospital"]
 print(json.dumps({{"status": info["status"], "arrays": len(reply.content.array_records),
                    "startup": reply.content.metric_records["metrics"]["time_startup_s"],
-                   "local": reply.content.metric_records["metrics"]["time_local_s"],
+                   "local": reply.content.metric_records["metrics"].get("time_local_s", -1.0),
                    "loaded": sorted(m for m in ("torch", "opacus") if m in sys.modules)}}))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **worker["env"]})
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _clientapp_forwards_without_loading_torch(worker, tmp_path: Path) -> None:
+    """The ClientApp's train stage, with a worker up, replies with the worker's update and never
+    imports torch or Opacus in its own process."""
+    out = _clientapp_train(tmp_path, worker["config"], 2, {**os.environ, **worker["env"]})
     assert out["status"] == "trained" and out["arrays"] == 1 and out["loaded"] == [], out
     assert out["startup"] > 0 and out["local"] >= 0
+
+
+def test_clientapp_trains_in_its_own_process_without_a_worker(tmp_path):
+    """No worker (a simulation, warm_worker = false, or the worker not up): the ClientApp trains
+    the request in its own process, as Flower runs it (a fresh process with nothing imported)."""
+    from xrayfed.client import worker as w
+    from xrayfed.common.privacy.ledger import read_ledger
+
+    config, state = _hospital(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in (w.SOCKET_ENV, w.SECRET_ENV)}
+    out = _clientapp_train(tmp_path, config, 1, env)
+    assert out["status"] == "trained" and out["arrays"] == 1 and out["loaded"] == ["opacus", "torch"], out
+    assert [r["event"] for r in read_ledger(state / "privacy-ledger.jsonl")][-1] == "release"
 
 
 def test_reply_poll_and_idle_pull_are_capped(monkeypatch):

@@ -1,0 +1,125 @@
+"""Benchmark: what a real federation round costs beyond its training.
+
+The same federation (3 hospitals, ε = 8, the default plans) run back to back by the in-process
+engine (``bench/federated.py --engine inprocess``: the same hospital code in one process, no
+network, no process starts) and by real processes (``--engine processes``: ``xrayfed server`` +
+3 × ``xrayfed client`` on 127.0.0.1), ``--runs`` times each, alternating, with the load average
+noted before each run (the cores may be shared). Its figure is the ratio processes / in-process
+of the mean wall times; the per-round breakdown of each process run (``timing`` in its
+``metrics.jsonl``: waiting for hospitals, the slowest hospital's start-up, data, DP training and
+local hand-over, transfer, aggregation, evaluation) is averaged over rounds and runs.
+
+Usage::
+
+    ./dev bench round_overhead --runs 3                              # PneumoniaMNIST 28 px, 5 rounds
+    ./dev bench round_overhead --which kermany-224 --runs 3          # Kermany 224 px, 2 rounds
+        (needs the held-out folders of ``./dev bench heldout``: bench/results/work-kermany-heldout)
+
+Writes ``bench/results/round-overhead.json``: per federation ``inprocess_wall_s``,
+``processes_wall_s``, ``ratio``, ``runs`` (each run's wall time and load average) and
+``breakdown`` (seconds per round); other federations already in the file are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from federated import run_inprocess, run_processes  # noqa: E402
+from sweep import add_settings_arguments  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The federations measured: data, scan size, rounds, extra settings.
+FEDERATIONS = {
+    "pneumoniamnist-28": {"data": ROOT.parent / "shared" / "data" / "pneumoniamnist.npz", "image_size": 28,
+                          "rounds": 5},
+    "kermany-224": {"data": ROOT / "bench" / "results" / "work-kermany-heldout", "image_size": 224, "rounds": 2,
+                    "split": "patient"},
+}
+
+
+def settings(which: str, seed: int) -> dict:
+    """The benchmark's defaults (bench/sweep.py's flags unset) for federation ``which``."""
+    ap = argparse.ArgumentParser()
+    add_settings_arguments(ap)
+    s = vars(ap.parse_args([]))
+    fed = FEDERATIONS[which]
+    s.update({k: v for k, v in fed.items() if k != "data"})
+    return dict(s, epsilon=8.0, seed=seed, dp=1)
+
+
+def breakdown(run_dir: Path) -> dict[str, float]:
+    """The mean of each ``timing`` figure over the rounds of one process run."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = [r["timing"] for r in rows if r.get("timing")]
+    keys = sorted({k for t in timed for k, v in t.items() if isinstance(v, (int, float))})
+    return {k: round(statistics.fmean(float(t.get(k, 0.0)) for t in timed), 3) for k in keys}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--which", choices=sorted(FEDERATIONS), default="pneumoniamnist-28")
+    ap.add_argument("--data", type=Path, default=None, help="default: the federation's usual place")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cold", action="store_true",
+                    help="hospitals without their warm worker and with Flower's 3 s idle pull (how rounds ran "
+                         "before the worker), stored under WHICH-cold")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "round-overhead.json")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "work-round-overhead")
+    args = ap.parse_args()
+    data = (args.data or FEDERATIONS[args.which]["data"]).resolve()
+    if not data.exists():
+        raise SystemExit(f"bench/round_overhead.py: no data at {data}")
+    runs: list[dict] = []
+    rounds: list[dict] = []
+    for seed in range(args.runs):
+        s = settings(args.which, seed)
+        for engine in ("processes",) if args.cold else ("inprocess", "processes"):
+            load = os.getloadavg()[0]
+            t0 = time.time()
+            if engine == "inprocess":
+                r = run_inprocess(s, data)
+            else:
+                work = args.work / f"{args.which}{'-cold' if args.cold else ''}-seed{seed}"
+                r = run_processes(s, data, work, {"warm_worker": False, "poll_interval_s": 3.0} if args.cold
+                                  else None)
+                rounds.append(breakdown(work / "run"))
+            run = {"engine": engine, "seed": seed, "wall_s": round(time.time() - t0, 1), "load_avg_1min": load,
+                   "test_auc": r.get("test_auc")}
+            print(json.dumps(run), flush=True)
+            runs.append(run)
+
+    def mean_wall(engine: str) -> float:
+        return statistics.fmean(r["wall_s"] for r in runs if r["engine"] == engine)
+
+    out = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    procs = mean_wall("processes")
+    # --cold runs processes only: its ratio is against the warm entry's in-process figure
+    inproc = out.get(args.which, {}).get("inprocess_wall_s") if args.cold else mean_wall("inprocess")
+    result = {
+        "federation": {"data": data.name, **{k: v for k, v in FEDERATIONS[args.which].items() if k != "data"},
+                       "hospitals": 3, "epsilon": 8.0},
+        "inprocess_wall_s": None if inproc is None else round(inproc, 1), "processes_wall_s": round(procs, 1),
+        "ratio": None if inproc is None else round(procs / inproc, 3),
+        "runs": runs,
+        "breakdown": {k: round(statistics.fmean(b.get(k, 0.0) for b in rounds), 3)
+                      for k in sorted({k for b in rounds for k in b})},
+        "cpus": os.cpu_count(),
+        "measured": "back to back, alternating engines; load_avg_1min noted before each run",
+    }
+    if args.cold:
+        result["hospitals_without_warm_worker"] = True
+    out[args.which + ("-cold" if args.cold else "")] = result
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({args.which: {k: result[k] for k in ("inprocess_wall_s", "processes_wall_s", "ratio")}}))
+
+
+if __name__ == "__main__":
+    main()
