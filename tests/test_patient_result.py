@@ -291,6 +291,33 @@ def test_a_wrong_or_missing_ca_certificate_is_one_friendly_line(tls_service):
         "is it an xrayfed inference service of this version?"]
 
 
+def test_class_names_with_control_characters_never_reach_the_patients_terminal(tmp_path, monkeypatch):
+    """The service names the classes the patient reads: an escape sequence (which could rewrite the
+    terminal, e.g. clear the real result) is refused in one line before the scan is shared."""
+    from PIL import Image
+
+    import xrayfed.client.patient as patient
+    from xrayfed.client.inference import tokens
+
+    key, _ = tokens.generate_key(tmp_path / "t.key")
+    (tmp_path / "t.tok").write_text(tokens.issue_token(tokens.load_private_key(key), "P1", int(time.time()) + 600))
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(tmp_path / "scan.png")
+
+    class Channel:
+        def close(self):
+            pass
+
+    sent = []
+    monkeypatch.setattr(patient.rpc, "make_channel", lambda *a, **k: Channel())
+    monkeypatch.setattr(patient.rpc, "method", lambda *a, **k: a[-1])
+    monkeypatch.setattr(patient.rpc, "call", lambda m, req, **k: sent.append(m) or {
+        "model": {"in_channels": 1}, "image_size": 32, "threshold": [0.5], "performance": None,
+        "task": {"kind": "binary", "class_names": ["NORMAL", "\x1b[2J\x1b[HPNEUMONIA"]}, "mpc": {}})
+    with pytest.raises(UserError, match="sent no usable model description"):
+        patient.predict(tmp_path / "scan.png", "127.0.0.1:1", tmp_path / "t.tok")
+    assert sent == ["ModelInfo"]  # nothing after the model description: no session, no share of the scan
+
+
 # --------------------------------------------------------------------------- checkpoints encrypted at rest
 @pytest.fixture
 def encrypted(tmp_path, monkeypatch):
