@@ -129,6 +129,9 @@ def predict(scan: Path, service: str, token_path: Path, *, ca_cert: Path | None 
             model, task = info["model"], TaskSpec.from_dict(info["task"])
             if not all(isinstance(n, str) and 0 < len(n) <= 64 and n.isprintable() for n in task.class_names):
                 raise ValueError("class names")  # printed to the patient: no control/escape characters
+            version = info.get("model_version")
+            if not (isinstance(version, str) and 0 < len(version) <= 64 and version.isprintable()):
+                raise ValueError("model_version")  # printed on the result's last line
             size, chans = int(info["image_size"]), int(model.get("in_channels", 1))
             performance = check_performance(info.get("performance"), task)
             threshold = info.get("threshold")

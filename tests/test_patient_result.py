@@ -316,6 +316,13 @@ def test_class_names_with_control_characters_never_reach_the_patients_terminal(t
     with pytest.raises(UserError, match="sent no usable model description"):
         patient.predict(tmp_path / "scan.png", "127.0.0.1:1", tmp_path / "t.tok")
     assert sent == ["ModelInfo"]  # nothing after the model description: no session, no share of the scan
+    # the model version, printed on the last line, likewise
+    monkeypatch.setattr(patient.rpc, "call", lambda m, req, **k: sent.append(m) or {
+        "model": {"in_channels": 1}, "image_size": 32, "threshold": [0.5], "performance": None,
+        "model_version": "1f0c\x1b]0;owned\x07", "task": BINARY.to_dict(), "mpc": {}})
+    with pytest.raises(UserError, match="sent no usable model description"):
+        patient.predict(tmp_path / "scan.png", "127.0.0.1:1", tmp_path / "t.tok")
+    assert sent == ["ModelInfo", "ModelInfo"]
 
 
 # --------------------------------------------------------------------------- checkpoints encrypted at rest
