@@ -117,18 +117,20 @@ def run_simulation(fed_path: Path, hospitals_dir: Path, n: int, workers: int, ve
             ray.init(num_cpus=workers, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1", **common)
         else:  # this machine must be one of the cluster's nodes (Ray's drivers run beside a raylet)
             if ray_address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
-                # a cluster on this machine's loopback: Ray would rewrite 127.0.0.1 to the machine's
-                # address (where nothing listens) unless it takes the machine for a single-host one
-                from ray._private import ray_constants
+                # a cluster on this machine's loopback: Ray would rewrite 127.0.0.1 to the
+                # machine's own address, where such a cluster does not listen
+                from ray._private import services
 
-                ray_constants.ENABLE_RAY_CLUSTER = False
+                services.resolve_ip_for_localhost = lambda host: host
                 common["_node_ip_address"] = "127.0.0.1"
             ray.init(address=ray_address, **common)
         try:
             flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
                                 backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
         finally:
-            known = _ray_processes()  # Ray's agents rename themselves and lose the tag: list them now
+            # Ray's agents rename themselves and lose the tag: list them now (an existing
+            # cluster's processes are the cluster's, even when this process started them)
+            known = _ray_processes() if ray_address is None else []
             ray.shutdown()
     finally:
         os.environ.pop(_RUN_TAG_ENV, None)
