@@ -179,6 +179,16 @@ class EvalData(_Strict):
                                                    "server picks the decision threshold stored with each global "
                                                    "model (e.g. \"val\"); unset: threshold 0.5")
 
+    @model_validator(mode="after")
+    def _threshold_split_is_not_the_test_split(self) -> "EvalData":
+        # The patient is told the model's sensitivity/specificity on `split` as scans it was never tuned
+        # on: the threshold picked on those very scans would make that figure a flattering one.
+        if self.val_split is not None and self.val_split == self.split:
+            raise ValueError(f"val_split = {self.val_split!r} is the test split: the decision threshold must be "
+                             "picked on scans other than those its sensitivity/specificity are measured on "
+                             "(e.g. split = \"test\", val_split = \"val\")")
+        return self
+
 
 class FederationConfig(_Strict):
     """The operator's configuration (``federation.toml``)."""

@@ -71,3 +71,42 @@ def test_relative_paths_resolve_against_config_folder(tmp_path):
     cfg = load_config(HospitalConfig, f)
     assert cfg.data.path == tmp_path / "sub" / "scans"
     assert cfg.hospital.state_dir == tmp_path / "sub" / "state"
+
+
+def test_the_threshold_is_never_picked_on_the_split_its_figures_are_measured_on(tmp_path):
+    """The patient reads sensitivity/specificity on `[eval] split` as scans the model was not tuned on."""
+    bad = tmp_path / "federation.toml"
+    bad.write_text('[eval]\nsplit = "test"\nval_split = "test"\n')
+    with pytest.raises(UserError, match="val_split = 'test' is the test split") as e:
+        load_config(FederationConfig, bad)
+    assert "\n" not in str(e.value)
+    bad.write_text('[eval]\nsplit = "test"\nval_split = "val"\n')
+    assert load_config(FederationConfig, bad).eval.val_split == "val"
+
+
+def test_the_accountant_prints_no_warning_at_q_equal_one():
+    import warnings
+
+    from xrayfed.common.privacy.accounting import compute_epsilon
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eps = compute_epsilon([(1.0, 1.0, 3)], 1e-5)
+    assert eps > 0 and not caught, [str(w.message) for w in caught]
+
+
+def test_atomic_write_never_follows_a_link_planted_at_its_temp_name(tmp_path):
+    import os
+
+    from xrayfed.common.files import atomic_write
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    os.chmod(victim, 0o644)
+    target = tmp_path / "shared" / "result.html"
+    target.parent.mkdir()
+    # The name the temp file had when it was predictable (pid only).
+    (target.parent / f".{target.name}.tmp-{os.getpid()}").symlink_to(victim)
+    atomic_write(target, b"page")
+    assert victim.read_text() == "keep" and (victim.stat().st_mode & 0o777) == 0o644
+    assert target.read_bytes() == b"page" and (target.stat().st_mode & 0o777) == 0o600
