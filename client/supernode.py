@@ -30,8 +30,6 @@ import threading
 import time
 from pathlib import Path
 
-from xrayfed.client.hospital import hospital_split
-from xrayfed.client.dp import PrivacyLedger, plan_for
 from xrayfed.common.addresses import parse_hostport
 from xrayfed.common.config import HospitalConfig, dump_toml, load_config
 from xrayfed.common.errors import UserError
@@ -66,6 +64,9 @@ def check_data(cfg) -> int:
     Refused here, with one line: no usable scan, δ ≥ 1/N, a budget no noise level can meet,
     a plan longer than the accountant composes (:func:`xrayfed.client.dp.plan_for`).
     """
+
+    from xrayfed.client.dp import plan_for  # torch: not in the ClientApp's run-finished stage
+    from xrayfed.client.hospital import hospital_split
 
     if cfg.data.path is None:
         raise UserError("data: no path (give --data PATH or [data] path in hospital.toml)")
@@ -342,6 +343,8 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     # Fail before joining when the privacy ledger cannot be read (wrong/missing at-rest key or
     # ledger key, broken chain, cut short): one line naming the file, never a budget silently
     # starting from zero.
+    from xrayfed.client.dp import PrivacyLedger
+
     ledger_path = state / PrivacyLedger.FILE
     read_ledger(ledger_path, atrest_key, key_file=cfg.hospital.ledger_key_file)
     resolved = state / "hospital.resolved.toml"

@@ -225,3 +225,12 @@ def test_report_round_table_says_where_the_time_went():
     assert _took_cell(SimpleNamespace(duration_s=9.0, timing=t)) == (
         "9 s: DP training 2.0 s, start-up 1.5 s, data 0.0 s, transfer 0.8 s, evaluation 0.3 s")
     assert _took_cell(SimpleNamespace(duration_s=9.0, timing=None)) == "9 s"
+
+
+def test_run_finished_stage_loads_no_torch():
+    """The server's last message is handled by a ClientApp process that records it through
+    xrayfed.client.supernode: that import must not load torch (seconds per hospital at the end)."""
+    code = ("import sys, xrayfed.client.client_app, xrayfed.client.supernode; "
+            "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
