@@ -235,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     if not secret:
         print(f"xrayfed: error: the hospital worker needs ${SECRET_ENV}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    def stop(*_) -> None:  # once: a second SIGTERM during the interpreter's shutdown prints nothing
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     serve(args.config, args.socket, secret, args.parent_pid)
     return 0
 
