@@ -57,9 +57,10 @@ def load_hospital_config(args: argparse.Namespace):
     )
 
 
-def check_data(cfg) -> int:
-    """Fail before joining when the data or the privacy plan cannot be used; returns N, the
-    number of training scans after this hospital's partition and validation split.
+def check_data(cfg):
+    """Fail before joining when the data or the privacy plan cannot be used; returns the DP plan
+    (:class:`~xrayfed.client.dp.DPPlan`) for this hospital's training scans after its partition
+    and validation split.
 
     Refused here, with one line: no usable scan, δ ≥ 1/N, a budget no noise level can meet,
     a plan longer than the accountant composes (:func:`xrayfed.client.dp.plan_for`).
@@ -86,7 +87,7 @@ def check_data(cfg) -> int:
         print(f"[xrayfed] {cfg.hospital.name}: no validation scans (data.val_fraction = {d.val_fraction:g}): this "
               "hospital sends no evaluation metrics (it never evaluates on its DP-protected training scans)",
               flush=True)
-    return len(train)
+    return plan
 
 
 # What flower-supernode prints when the server does not let the hospital in -> our one-line cause.
@@ -334,7 +335,7 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     elif not check_server_certificate(args.server, args.ca_cert):
         print(f"[xrayfed] hospital {cfg.hospital.name}: the server at {args.server} is not reachable yet; the "
               "SuperNode keeps trying", flush=True)
-    check_data(cfg)
+    plan = check_data(cfg)
     state = Path(cfg.hospital.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     (state / FINISHED_FILE).unlink(missing_ok=True)  # a previous run's end: this process waits for a new one
@@ -361,7 +362,8 @@ def run_client_cmd(args: argparse.Namespace) -> int:
         env[hospital_worker.SOCKET_ENV] = str(sock)
         env[hospital_worker.SECRET_ENV] = hospital_worker.new_secret()
         worker_cmd = [sys.executable, "-m", "xrayfed.client.worker", "--config", str(resolved), "--socket",
-                      str(sock), "--parent-pid", str(os.getpid())]
+                      str(sock), "--parent-pid", str(os.getpid()),
+                      "--warm-plan", f"{plan.num_examples},{plan.unit},{plan.num_scans}"]
     print(f"[xrayfed] hospital {cfg.hospital.name} joining {args.server}; privacy ledger: "
           f"{state / 'privacy-ledger.jsonl'}"
           + (f" (encrypted at rest, key id {atrest_key.key_id.hex()})" if atrest_key is not None else "")

@@ -161,9 +161,22 @@ def handle(op: str, config: dict[str, Any], arrays: dict[str, Any], config_path:
         return {"ok": False, "error": type(e).__name__}, {}
 
 
-def serve(config_path: Path, sock_path: Path, secret: str, parent_pid: int | None = None) -> None:
+def warm_up(config_path: Path, plan: str) -> None:
+    """Plan the DP round as ``xrayfed client`` did at start (``plan``: ``N,UNIT,NUM_SCANS``), so
+    that the noise level's search (seconds: Opacus' accountant) is done, and cached, before the
+    first request rather than in it. Touches no scan and no ledger."""
+    from xrayfed.client.dp import plan_dp
+    from xrayfed.client.hospital import hospital_config_from_node
+
+    n, unit, scans = plan.split(",")
+    plan_dp(hospital_config_from_node({"config": str(config_path)}), int(n), unit, int(scans))
+
+
+def serve(config_path: Path, sock_path: Path, secret: str, parent_pid: int | None = None,
+          warm_plan: str | None = None) -> None:
     """Listen on ``sock_path`` and run each request in turn (one at a time, as the SuperNode
-    sends them); exits when its parent (``xrayfed client``) is gone."""
+    sends them); exits when its parent (``xrayfed client``) is gone. ``warm_plan``: see
+    :func:`warm_up` (a request that comes meanwhile waits for it)."""
     import xrayfed.client.hospital  # noqa: F401 - torch, the model and the DP engine, once
     import xrayfed.client.timing  # noqa: F401
 
@@ -180,6 +193,11 @@ def serve(config_path: Path, sock_path: Path, secret: str, parent_pid: int | Non
     srv.listen(4)
     srv.settimeout(1.0)
     uid = os.getuid()
+    if warm_plan:
+        try:
+            warm_up(config_path, warm_plan)
+        except Exception as e:  # noqa: BLE001 - only a head start: the round plans (and refuses) itself
+            log.debug("warm-up skipped: %s", e)
     try:
         while True:
             if parent_pid is not None and os.getppid() != parent_pid:
@@ -229,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, required=True, help="the hospital's resolved config")
     ap.add_argument("--socket", type=Path, required=True)
     ap.add_argument("--parent-pid", type=int, default=None)
+    ap.add_argument("--warm-plan", default=None, help="N,UNIT,NUM_SCANS of the hospital's DP plan (see warm_up)")
     args = ap.parse_args(argv)
     configure_logging()
     secret = os.environ.get(SECRET_ENV)
@@ -240,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    serve(args.config, args.socket, secret, args.parent_pid)
+    serve(args.config, args.socket, secret, args.parent_pid, args.warm_plan)
     return 0
 
 

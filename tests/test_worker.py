@@ -234,3 +234,26 @@ def test_run_finished_stage_loads_no_torch():
             "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_warm_up_does_the_rounds_noise_search_before_the_first_request(tmp_path):
+    """The worker's warm-up plans from the figures `xrayfed client` printed (N, unit, scans): the
+    first round's plan then finds its noise level in the cache instead of searching again."""
+    from xrayfed.client.dp import plan_for
+    from xrayfed.client.dp.planning import _noise_for_budget
+    from xrayfed.client.hospital import hospital_split
+    from xrayfed.client.nodeconfig import hospital_config_from_node
+    from xrayfed.client.worker import warm_up
+
+    config, _ = _hospital(tmp_path)
+    cfg = hospital_config_from_node({"config": str(config)})
+    _, train, _ = hospital_split(cfg)
+    _noise_for_budget.cache_clear()
+    plan, _ = plan_for(cfg, train)  # what `xrayfed client` computes before joining, in its own process
+    _noise_for_budget.cache_clear()  # the worker is another process: nothing cached
+    warm_up(config, f"{plan.num_examples},{plan.unit},{plan.num_scans}")
+    before = _noise_for_budget.cache_info()
+    again, _ = plan_for(cfg, train)  # the first round's plan
+    after = _noise_for_budget.cache_info()
+    assert after.hits == before.hits + 1 and after.misses == before.misses
+    assert again.noise_multiplier == plan.noise_multiplier
