@@ -215,6 +215,8 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
 
     eval_set = _load_eval_set(cfg)
     val_set = _load_eval_set(cfg, cfg.eval.val_split, "choice of the decision threshold") if cfg.eval.val_split else None
+    if eval_set is not None or val_set is not None:
+        import sklearn.metrics  # noqa: F401 - seconds to import: now, while the hospitals join, not in round 1
 
     anchors: dict[str, tuple[int, str]] = {}
     plans: dict = {}
