@@ -310,9 +310,9 @@ def run_audit_cmd(args: argparse.Namespace) -> int:
     if args.model is not None:  # a finished run's global model: the membership attack's target
         from xrayfed.common.checkpoint import load_weights
         from xrayfed.common.model import build_model
-        from xrayfed.common.security.atrest import load_checkpoint
+        from xrayfed.common.security.atrest import load_checkpoint, load_key
 
-        ckpt = load_checkpoint(args.model)
+        ckpt = load_checkpoint(args.model, load_key(getattr(args, "atrest_key_file", None)))
         attack, attack_name = build_model(ckpt.model), f"{args.model.name} (round {ckpt.round})"
         load_weights(attack, ckpt.state_dict, what=f"checkpoint {args.model}")
         spec, image_size = ckpt.model, ckpt.image_size

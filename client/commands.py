@@ -88,6 +88,7 @@ def register_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the canaries and the initial model (the DP noise is never "
                                             "seeded)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override [hospital] device")
+    add_key_argument(p, help="key --model is encrypted with")
     p.add_argument("--out", type=Path, help="result file (default: STATE_DIR/audit.json, where reports find it)")
     p.set_defaults(func=handler("xrayfed.client.audit", "run_audit_cmd"))
 

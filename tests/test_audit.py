@@ -137,17 +137,24 @@ def test_the_command_audits_charges_nothing_and_reports_in_plain_words(tmp_path,
     cfg = _hospital(tmp_path, epsilon=8.0, local_epochs=1.0)  # 2 rounds of 8 steps: seconds
     toml = tmp_path / "hospital.toml"
     toml.write_text(dump_toml(cfg))
-    from xrayfed.common.checkpoint import Checkpoint, save_checkpoint
+    from xrayfed.common.checkpoint import Checkpoint
     from xrayfed.common.model import build_model
     from xrayfed.common.modelspec import default_model
     from xrayfed.common.prediction import TaskSpec
 
-    spec = default_model(8, 1)  # a finished run's global model: the membership attack's target
+    from xrayfed.common.security.atrest import load_key, make_atrest_key, save_checkpoint
+
+    spec = default_model(8, 1)  # a finished run's global model (encrypted at rest): the membership attack's target
+    key_file = make_atrest_key(tmp_path / "atrest.key")
     save_checkpoint(tmp_path / "best.pt", Checkpoint(model=spec, task=TaskSpec(kind="binary", class_names=["normal",
-                    "pneumonia"]), image_size=8, state_dict=build_model(spec).state_dict(), round=3))
+                    "pneumonia"]), image_size=8, state_dict=build_model(spec).state_dict(), round=3),
+                    load_key(key_file))
     out = tmp_path / "audit.json"
-    rc = main(["audit", "--config", str(toml), "--model", str(tmp_path / "best.pt"), "--canaries", "500",
-               "--out", str(out), "--seed", "1"])
+    args = ["audit", "--config", str(toml), "--model", str(tmp_path / "best.pt"), "--canaries", "500",
+            "--out", str(out), "--seed", "1"]
+    assert main(args) == 2  # the encrypted model without its key: the one line every command gives
+    assert "the file is encrypted; pass --atrest-key-file" in capsys.readouterr().err
+    rc = main([*args, "--atrest-key-file", str(key_file)])
     text = capsys.readouterr().out
     assert rc == 0
     res = json.loads(out.read_text())
