@@ -2,9 +2,11 @@
 bound on ε beside the claimed ε, for the correct code and for deliberately broken DP.
 
 One hospital (part ``--partition`` of the data, as in ``bench/federated.py``) audits its whole
-plan (``--rounds`` rounds at each ε) with ``--canaries`` white-box gradient canaries, and runs the
-loss-based membership attack on its trained model beside a no-DP reference (training vs its
-held-out validation units). ``--faults`` adds rows with a benchmark-only fault injected
+plan (``--rounds`` rounds at each ε) with ``--canaries`` canaries of ``--auditor`` (``white-box``
+gradient canaries, the default, or ``black-box`` input-space canaries scored on the final model),
+and runs the loss-based membership attack (``--attack lira``: also LiRA with ``--shadows``
+shadow models) on its trained model beside a no-DP reference (training vs its held-out
+validation units). ``--faults`` adds rows with a benchmark-only fault injected
 (:mod:`xrayfed.client.dp.faults`; never reachable from a command or a config): ``noise_0.1``,
 ``no_clipping``, ``accountant_half_q``. Each must be caught (audited lower bound above the
 claimed ε, or the canary signal-to-noise above what the accountant's inputs imply), the correct
@@ -14,13 +16,17 @@ Usage::
 
     nice -n 10 .venv/bin/python bench/privacy_audit.py --data ../shared/data/pneumoniamnist.npz \\
         --image-size 28 --rounds 5 --epsilons 8 1 --faults noise_0.1 no_clipping accountant_half_q
+    nice -n 10 .venv/bin/python bench/privacy_audit.py --data ../shared/data/pneumoniamnist.npz \
+        --image-size 28 --rounds 5 --epsilons 8 1 --auditor black-box --attack lira --faults no_clipping
     nice -n 10 .venv/bin/python bench/privacy_audit.py --data bench/results/work-kermany-heldout \\
         --name kermany-cxr-224 --image-size 224 --rounds 20 --partition-scheme patient --epsilons 8 1
 
 ``wall_s`` is the row's wall time on this machine at its load (``load_average_1m``); ``cpu_s`` the
-CPU time it used (all threads), which the machine's load does not inflate. Rows are merged into ``bench/results/privacy-audit.json`` (``{"rows": [...]}``; a row with the
-same data, unit, ε, fault and canary count is replaced). The canaries' seed is ``--seed``; the DP
-noise is the product's (cryptographically secure, never seeded), so two runs differ by the noise.
+CPU time it used (all threads), which the machine's load does not inflate. Rows are merged into
+``bench/results/privacy-audit.json`` (``{"rows": [...]}``; a row with the same data, unit, ε,
+fault, canary count and auditor is replaced; a row without ``auditor`` is a white-box one). The
+canaries' seed is ``--seed``; the DP noise is the product's (cryptographically secure, never
+seeded), so two runs differ by the noise.
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ def hospital(args, data: Path, epsilon: float, work: Path):
     })
 
 
+def row_key(row: dict) -> tuple:
+    """What a new row replaces: the row with the same data, unit, ε, fault, canary count and
+    auditor (a row without ``auditor`` is white-box: the only auditor before there were two)."""
+    return (*(row.get(k) for k in ("data", "unit", "claimed_epsilon", "broken", "canaries")),
+            row.get("auditor") or "white-box")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True)
@@ -65,7 +78,11 @@ def main() -> None:
     ap.add_argument("--privacy-unit", choices=("patient", "scan"), default=None,
                     help="default: patient when the data has patient ids, else scan")
     ap.add_argument("--physical-batch", type=int, default=256)
-    ap.add_argument("--canaries", type=int, nargs="+", default=[10_000])
+    ap.add_argument("--auditor", choices=("white-box", "black-box"), default="white-box")
+    ap.add_argument("--canaries", type=int, nargs="+", default=None,
+                    help="default: 10000 (white-box), min(1000, half the units) (black-box)")
+    ap.add_argument("--attack", choices=("loss", "lira"), default="loss", help="membership attack of the correct rows")
+    ap.add_argument("--shadows", type=int, default=8, help="LiRA's shadow models (--attack lira)")
     ap.add_argument("--faults", nargs="*", default=[], help="also audit with these faults injected")
     ap.add_argument("--fault-epsilons", type=float, nargs="+", default=None,
                     help="ε of the broken rows (default: --epsilons)")
@@ -87,28 +104,35 @@ def main() -> None:
         args.privacy_unit = "scan"  # PneumoniaMNIST has no patient ids: its audit is per scan
     ds = load_dataset(data, split="train", image_size=args.image_size)
     rows_path = args.out
-    jobs = [(eps, None, m) for eps in args.epsilons for m in args.canaries]
-    jobs += [(eps, f, args.canaries[0]) for f in args.faults for eps in (args.fault_epsilons or args.epsilons)]
+    canaries = args.canaries or [10_000 if args.auditor == "white-box" else None]
+    jobs = [(eps, None, m) for eps in args.epsilons for m in canaries]
+    jobs += [(eps, f, canaries[0]) for f in args.faults for eps in (args.fault_epsilons or args.epsilons)]
+    common = dict(image_size=args.image_size, lr=args.lr, seed=args.seed, ds=ds, auditor=args.auditor)
     for eps, fault, m in jobs:
         with tempfile.TemporaryDirectory(prefix="xrayfed-audit-") as tmp:
             cfg = hospital(args, data, eps, Path(tmp))
             t0, c0 = time.time(), time.process_time()
             if fault:
                 with faults.injected(fault):
-                    res = run_audit(cfg, image_size=args.image_size, lr=args.lr, canaries=m, mia=False,
-                                    seed=args.seed, ds=ds)
+                    res = run_audit(cfg, canaries=m, mia=False, **common)
             else:
-                res = run_audit(cfg, image_size=args.image_size, lr=args.lr, canaries=m, mia=not args.no_mia,
-                                seed=args.seed, ds=ds)
+                res = run_audit(cfg, canaries=m, mia=not args.no_mia, attack=args.attack, shadows=args.shadows,
+                                **common)
         print("\n".join(summary_lines(res)), flush=True)
         mia = res.get("mia") or {}
+        lira = mia.get("lira") or {}
         row = {
             "data": name, "image_size": args.image_size, "unit": res["unit"], "broken": fault,
+            "auditor": args.auditor,
             "claimed_epsilon": round(res["claimed_epsilon"], 4), "delta": res["delta"],
             "audited_lower_bound": round(res["audited_lower_bound"], 4), "confidence": res["confidence"],
-            "exceeds_claim": res["exceeds_claim"], "signal_check": res["signal_check"], "caught": res["caught"],
-            "canaries": m, "guesses": res["guesses"], "correct_guesses": res["correct_guesses"],
+            "exceeds_claim": res["exceeds_claim"], "signal_check": res.get("signal_check"), "caught": res["caught"],
+            "canaries": res["canaries"], "guesses": res["guesses"], "correct_guesses": res["correct_guesses"],
             "mia_auc_dp": mia.get("auc_dp"), "mia_auc_no_dp": mia.get("auc_no_dp"),
+            "mia_lira_auc_dp": lira.get("auc_dp"), "mia_lira_auc_no_dp": lira.get("auc_no_dp"),
+            "mia_lira_tpr_at_1pct_fpr_dp": lira.get("tpr_at_1pct_fpr_dp"),
+            "mia_lira_tpr_at_1pct_fpr_no_dp": lira.get("tpr_at_1pct_fpr_no_dp"),
+            "mia_lira_shadows": lira.get("shadows"), "mia_lira_wall_s": lira.get("wall_s"),
             "mia_members": mia.get("members"), "mia_non_members": mia.get("non_members"),
             "plan": res["plan"], "rounds": args.rounds, "partition": args.partition or None,
             "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
@@ -116,8 +140,7 @@ def main() -> None:
             "cpus": os.cpu_count(), "seed": args.seed,
         }
         old = json.loads(rows_path.read_text()) if rows_path.is_file() else {"rows": []}
-        key = ("data", "unit", "claimed_epsilon", "broken", "canaries")
-        kept = [r for r in old["rows"] if tuple(r.get(k) for k in key) != tuple(row[k] for k in key)]
+        kept = [r for r in old["rows"] if row_key(r) != row_key(row)]
         rows_path.parent.mkdir(parents=True, exist_ok=True)
         rows_path.write_text(json.dumps({"rows": kept + [row]}, indent=2))
 

@@ -21,10 +21,17 @@ every other unit): canary × sampled + noise. The score is the log-likelihood ra
 observations, sampled-at-rate-q against never, under the claimed σ; the one-run bound of
 :mod:`xrayfed.common.privacy.audit` turns the scores into the audited lower bound on ε.
 
+**Black-box input-space canaries** (``--auditor black-box``, :mod:`xrayfed.client.audit_input`;
+the adversary sees only the final model). m of the hospital's own training units with their
+labels changed, each in training with probability 1/2, the clean copies left out; the same plan
+and training code, no gradient canaries; each canary scored by −loss on its changed label. A
+weaker adversary, so a weaker bound: evidence about the released model, not about every step.
+
 **Membership inference** (:func:`membership_auc`): the loss-based attack (score = −loss; per
 patient the mean over their scans at the patient unit) on the trained model, training units
 against the hospital's held-out validation units (patients the model never saw), beside the
-same attack on a no-DP reference trained with the same plan and σ = 0.
+same attack on a no-DP reference trained with the same plan and σ = 0. ``--attack lira`` adds the
+few-shadow likelihood-ratio attack (:mod:`xrayfed.client.audit_shadows`: 2K more trainings).
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from xrayfed.client.audit_input import make_input_canaries, scan_losses, unit_groups, unit_means
+from xrayfed.client.audit_shadows import DEFAULT_SHADOWS, check_shadows, run_lira
 from xrayfed.client.dp import faults
 from xrayfed.common.errors import UserError
 from xrayfed.common.privacy.accounting import compute_epsilon
@@ -54,6 +63,13 @@ CANARY_NORM = 10.0
 DEFAULT_CANARIES = 10_000
 #: Canary rows clipped per call of the optimizer's clipping code (memory: rows × model weights floats).
 CHUNK = 128
+#: The auditors (``--auditor``) and what each adversary sees.
+AUDITORS: dict[str, str] = {
+    "white-box": "white-box gradient canaries (every noised DP-SGD step observed)",
+    "black-box": "black-box input-space canaries (final model only)",
+}
+#: The membership attacks (``--attack``): ``lira`` runs the loss attack too.
+ATTACKS: tuple[str, ...] = ("loss", "lira")
 
 
 class GradientCanaries:
@@ -151,24 +167,23 @@ def claimed_epsilon(plan) -> float:
 
 def _unit_scores(model, dataset, unit: str, task, device) -> np.ndarray:
     """−loss per scan, or per patient (mean over their scans) at the patient unit."""
-    from xrayfed.common.prediction import prepare_targets
-    from xrayfed.common.train import predict_logits
+    return unit_means(-scan_losses(model, dataset, task, device), unit_groups(dataset, unit))
 
-    logits, targets = predict_logits(model, dataset, device)
-    lg, y = torch.from_numpy(logits), prepare_targets(task, torch.from_numpy(targets))
-    if task.kind == "multiclass":
-        loss = torch.nn.functional.cross_entropy(lg, y, reduction="none")
-    else:
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(lg, y, reduction="none")
-        loss = loss.reshape(len(loss), -1).mean(dim=1)
-    s = -loss.double().numpy()
-    pids = getattr(dataset, "patient_ids", None)
-    if unit != "patient" or pids is None:
-        return s
-    groups: dict[str, list[float]] = {}
-    for v, pid in zip(s, pids):
-        groups.setdefault(str(pid), []).append(float(v))
-    return np.array([np.mean(g) for g in groups.values()])
+
+def _finite(scores: np.ndarray) -> np.ndarray:
+    """Scores the bound can rank: a diverged model's NaN loss ranks lowest, ±inf at ±1e300."""
+    return np.clip(np.nan_to_num(scores, nan=-1e300, posinf=1e300, neginf=-1e300), -1e300, 1e300)
+
+
+def check_choices(auditor: str, attack: str, shadows: int) -> None:
+    """One :class:`UserError` line for an unknown auditor or attack or an unusable shadow count."""
+    if auditor not in AUDITORS:
+        raise UserError(f"--auditor {auditor}: choose white-box (gradient canaries, every noised step seen) or "
+                        "black-box (input-space canaries, the final model only)")
+    if attack not in ATTACKS:
+        raise UserError(f"--attack {attack}: choose loss or lira (the loss attack plus a few-shadow LiRA)")
+    if attack == "lira":
+        check_shadows(shadows)
 
 
 def membership_auc(model, train, held_out, unit: str, task, device) -> dict[str, Any]:
@@ -196,21 +211,25 @@ def verdict(claimed: float, bound: float, confidence: float, ratio_lower: float 
             f"vs claimed {claimed:.2f}; a lower bound can reveal a bug, never prove its absence")
 
 
-def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canaries: int = DEFAULT_CANARIES,
+def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canaries: int | None = None,
               confidence: float = 0.95, mia: bool = True, seed: int | None = None, ds=None,
-              device: str | None = None, attack_model=None, attack_model_name: str = "") -> dict[str, Any]:
-    """Train ``cfg``'s whole plan once with gradient canaries and return the audit result (the
-    content of ``audit.json``). ``ds``: the ``data.split`` scans at ``image_size`` when already
-    loaded. ``attack_model``: a finished run's global model (a torch module) for the membership
-    attack, instead of the model the audit trains. Nothing is charged: no ledger is opened,
-    nothing is written."""
-    from xrayfed.client.dp import plan_for, train_private_round
+              device: str | None = None, attack_model=None, attack_model_name: str = "",
+              auditor: str = "white-box", attack: str = "loss", shadows: int = DEFAULT_SHADOWS) -> dict[str, Any]:
+    """Train ``cfg``'s whole plan once with ``auditor``'s canaries (:data:`AUDITORS`; ``canaries``
+    None: :data:`DEFAULT_CANARIES` gradient canaries, or the input-space default) and return the
+    audit result (the content of ``audit.json``). ``ds``: the ``data.split`` scans at
+    ``image_size`` when already loaded. ``attack_model``: a finished run's global model (a torch
+    module) for the membership attack, instead of the model the audit trains; ``attack``
+    (:data:`ATTACKS`) ``lira`` adds LiRA with ``shadows`` shadow models. Nothing is charged: no
+    ledger is opened, nothing is written."""
+    from xrayfed.client.dp import plan_for, privacy_units, train_private_round
     from xrayfed.client.hospital import hospital_split
     from xrayfed.common import data as data_mod
     from xrayfed.common.model import build_model
     from xrayfed.common.modelspec import default_model
     from xrayfed.common.train import resolve_device
 
+    check_choices(auditor, attack, shadows)
     if not 0.5 <= confidence < 1:
         raise UserError(f"--confidence {confidence:g}: must be in [0.5, 1)")
     if cfg.data.path is None:
@@ -227,25 +246,46 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
         torch.manual_seed(seed)
     model = build_model(spec)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    probe = GradientCanaries(canaries, plan.sample_rate, seed)
-    for r in range(1, plan.max_rounds + 1):
-        train_private_round(model, units, cfg, plan, task, dev, lr=lr, canaries=probe,
-                            desc=f"audit round {r}/{plan.max_rounds}")
-    bound: AuditBound = audit(probe.scores(), probe.included, plan.delta, confidence)
     claimed = claimed_epsilon(plan)
     total_steps = plan.steps * plan.max_rounds
-    implied = faults.accountant_rate(plan.sample_rate) * math.sqrt(total_steps) / plan.noise_multiplier
-    check = signal_check(probe.total, probe.included, implied)
+    n_units = len(unit_groups(train, plan.unit))
+    members_mask = np.ones(n_units, dtype=bool)  # the units the audited model trained on as they are
+    members = train
+    if auditor == "white-box":
+        probe = GradientCanaries(DEFAULT_CANARIES if canaries is None else canaries, plan.sample_rate, seed)
+        for r in range(1, plan.max_rounds + 1):
+            train_private_round(model, units, cfg, plan, task, dev, lr=lr, canaries=probe,
+                                desc=f"audit round {r}/{plan.max_rounds}")
+        bound: AuditBound = audit(probe.scores(), probe.included, plan.delta, confidence)
+        implied = faults.accountant_rate(plan.sample_rate) * math.sqrt(total_steps) / plan.noise_multiplier
+        check = signal_check(probe.total, probe.included, implied)
+        extra: dict[str, Any] = {"signal_check": check.to_dict(), "canary_samples": probe.sampled, "steps": probe.steps}
+        caught = bool(bound.epsilon_lower_bound > claimed or check.ratio_lower > 1.0)
+        ratio, check_conf = check.ratio_lower, check.confidence
+    else:
+        inputs = make_input_canaries(train, plan.unit, canaries, seed)
+        audited, unit = privacy_units(cfg, inputs.training)
+        assert unit == plan.unit
+        for r in range(1, plan.max_rounds + 1):
+            train_private_round(model, audited, cfg, plan, task, dev, lr=lr,
+                                desc=f"black-box audit round {r}/{plan.max_rounds}")
+        bound = audit(_finite(inputs.scores(model, task, dev)), inputs.included, plan.delta, confidence)
+        extra = {"steps": total_steps, "canary_scans": int(len(inputs.owner)),
+                 "units_trained": len(audited)}
+        caught = bool(bound.epsilon_lower_bound > claimed)
+        ratio, check_conf = None, 0.999
+        if attack_model is None:
+            members_mask[inputs.chosen] = False
+            members = inputs.members
     out: dict[str, Any] = {
         "hospital": cfg.hospital.name, "data": str(cfg.data.path), "unit": plan.unit,
         "claimed_epsilon": claimed, "delta": plan.delta,
         "audited_lower_bound": bound.epsilon_lower_bound, "confidence": confidence,
         "exceeds_claim": bound.epsilon_lower_bound > claimed,
-        "signal_check": check.to_dict(),
-        "caught": bool(bound.epsilon_lower_bound > claimed or check.ratio_lower > 1.0),
-        "auditor": "white-box gradient canaries (every noised DP-SGD step observed)",
+        **({"signal_check": extra.pop("signal_check")} if "signal_check" in extra else {}),
+        "caught": caught, "auditor": AUDITORS[auditor],
         "canaries": bound.canaries, "canaries_included": bound.included, "guesses": bound.guesses,
-        "correct_guesses": bound.correct, "canary_samples": probe.sampled, "steps": probe.steps,
+        "correct_guesses": bound.correct, **extra,
         "plan": {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
                  "steps_per_round": plan.steps, "max_rounds": plan.max_rounds, "max_grad_norm": plan.max_grad_norm,
                  "units": plan.num_examples, "scans": plan.num_scans, "accountant": plan.accountant},
@@ -254,11 +294,18 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
     if mia:
         if val is None or len(val) == 0:
             out["mia"] = {"skipped": f"no held-out units (data.val_fraction = {cfg.data.val_fraction:g})"}
+        elif len(members) == 0:
+            out["mia"] = {"skipped": f"every training {plan.unit} is a canary: no member left to attack"}
         else:
             attacked = model if attack_model is None else attack_model.to(dev)
-            dp_mia = membership_auc(attacked, train, val, plan.unit, task, dev)
-            ref = build_model(spec)
-            ref.load_state_dict(init)
+            dp_mia = membership_auc(attacked, members, val, plan.unit, task, dev)
+
+            def fresh():
+                m = build_model(spec)
+                m.load_state_dict(init)
+                return m
+
+            ref = fresh()
             for r in range(1, plan.max_rounds + 1):  # the no-DP reference: same plan, σ = 0, no canaries
                 train_private_round(ref, units, cfg, replace(plan, noise_multiplier=0.0), task, dev, lr=lr,
                                     desc=f"no-DP reference round {r}/{plan.max_rounds}")
@@ -266,31 +313,45 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
                           "model": attack_model_name or "the model the audit trained",
                           "auc_no_dp": membership_auc(ref, train, val, plan.unit, task, dev)["auc"],
                           "members": dp_mia["members"], "non_members": dp_mia["non_members"]}
+            if attack == "lira":
+                out["mia"]["lira"] = run_lira(
+                    cfg, plan, fresh, task, dev, lr, train, val, plan.unit,
+                    {"dp": (attacked, members_mask), "no_dp": (ref, np.ones(n_units, dtype=bool))}, shadows, seed)
     out["wall_s"] = round(time.time() - t0, 1)
-    out["verdict"] = verdict(claimed, bound.epsilon_lower_bound, confidence, check.ratio_lower, check.confidence)
+    out["verdict"] = verdict(claimed, bound.epsilon_lower_bound, confidence, ratio, check_conf)
     return out
 
 
 def summary_lines(res: dict[str, Any]) -> list[str]:
     """What ``xrayfed audit`` prints."""
     p = res["plan"]
+    kind = str(res.get("auditor", AUDITORS["white-box"])).split()[0]
+    how = (f"the black-box auditor: {res['canaries']} input-space canaries (final model only)" if kind == "black-box"
+           else f"the white-box auditor: {res['canaries']} gradient canaries (every noised step observed)")
     lines = [
         f"hospital {res['hospital']}: audited its plan ({p['max_rounds']} round(s) × {p['steps_per_round']} DP-SGD "
         f"steps, σ = {p['noise_multiplier']:.3g}, q = {p['sample_rate']:.3g}, C = {p['max_grad_norm']:g}, "
-        f"unit {res['unit']}) with {res['canaries']} gradient canaries; nothing was charged",
+        f"unit {res['unit']}) with {how}; nothing was charged",
         f"claimed ε = {res['claimed_epsilon']:.2f} (δ = {res['delta']:g}); audited lower bound "
         f"{res['audited_lower_bound']:.2f} at {100 * res['confidence']:g} % confidence "
         f"({res['correct_guesses']} of {res['guesses']} guesses right)",
     ]
-    sc = res["signal_check"]
-    lines.append(f"canary signal-to-noise: measured {sc['measured']:.3g} (at least {sc['measured_lower']:.3g} at "
-                 f"{100 * sc['confidence']:g} % confidence); the accountant's σ and q imply {sc['implied']:.3g}")
+    sc = res.get("signal_check")
+    if sc:
+        lines.append(f"canary signal-to-noise: measured {sc['measured']:.3g} (at least {sc['measured_lower']:.3g} at "
+                     f"{100 * sc['confidence']:g} % confidence); the accountant's σ and q imply {sc['implied']:.3g}")
     mia = res.get("mia") or {}
     if "auc_dp" in mia:
         on = "the DP model" if mia.get("model", "").startswith("the model") else f"the DP model {mia['model']}"
         lines.append(f"membership inference (loss attack, {mia['members']} training vs {mia['non_members']} held-out "
                      f"{res['unit']}s): AUC {mia['auc_dp']:.3f} on {on}, {mia['auc_no_dp']:.3f} without DP "
                      "(0.5 = a coin)")
+        lira = mia.get("lira")
+        if lira:
+            lines.append(f"membership inference (LiRA, {lira['shadows']} shadow models with DP and {lira['shadows']} "
+                         f"without: {lira['trainings']} more trainings of the plan): AUC {lira['auc_dp']:.3f} on "
+                         f"{on}, {lira['auc_no_dp']:.3f} without DP; true-positive rate at 1 % false positives "
+                         f"{lira['tpr_at_1pct_fpr_dp']:.3f} with DP, {lira['tpr_at_1pct_fpr_no_dp']:.3f} without")
     elif "skipped" in mia:
         lines.append(f"membership inference skipped: {mia['skipped']}")
     lines.append(res["verdict"])
@@ -298,9 +359,13 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
 
 
 def run_audit_cmd(args: argparse.Namespace) -> int:
-    """``xrayfed audit --config hospital.toml [--canaries M] [--out audit.json]``."""
+    """``xrayfed audit --config hospital.toml [--auditor white-box|black-box] [--canaries M]
+    [--attack loss|lira] [--shadows K] [--out audit.json]``."""
     from xrayfed.common.config import FederationConfig, HospitalConfig, load_config
 
+    check_choices(args.auditor, args.attack, args.shadows)
+    if args.canaries is not None and args.canaries < 2:
+        raise UserError(f"--canaries {args.canaries}: the audit needs at least 2 canaries")
     cfg = load_config(HospitalConfig, args.config, {"data.path": args.data, "hospital.device": args.device})
     spec, image_size, lr = None, 224, 0.125
     if args.federation is not None:
@@ -328,14 +393,12 @@ def run_audit_cmd(args: argparse.Namespace) -> int:
         if not (math.isfinite(args.lr) and args.lr > 0):
             raise UserError(f"--lr {args.lr:g}: must be positive")
         lr = args.lr
-    if args.canaries < 2:
-        raise UserError(f"--canaries {args.canaries}: the audit needs at least 2 canaries")
     out = args.out if args.out is not None else Path(cfg.hospital.state_dir) / AUDIT_FILE
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out}: is a folder; give a file name such as audit.json")
     res = run_audit(cfg, image_size=image_size, model_spec=spec, lr=lr, canaries=args.canaries,
                     confidence=args.confidence, mia=not args.no_mia, seed=args.seed, attack_model=attack,
-                    attack_model_name=attack_name)
+                    attack_model_name=attack_name, auditor=args.auditor, attack=args.attack, shadows=args.shadows)
     for line in summary_lines(res):
         print(line)
     out.parent.mkdir(parents=True, exist_ok=True)

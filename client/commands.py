@@ -69,8 +69,9 @@ def register_data(sub: argparse._SubParsersAction) -> None:
 def register_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="measure a lower bound on the ε this hospital's training really spends "
                                      "(canaries, one training run, nothing charged) and a membership attack",
-                       description="Train this hospital's whole DP plan once, in this process, with gradient "
-                                   "canaries: an empirical lower bound on ε to compare with the claimed ε "
+                       description="Train this hospital's whole DP plan once, in this process, with canaries "
+                                   "(white-box gradient canaries, or black-box input-space canaries scored on "
+                                   "the final model): an empirical lower bound on ε to compare with the claimed ε "
                                    "(docs/privacy-audit.md). No ledger is charged, nothing leaves.")
     p.add_argument("--config", type=Path, required=True, help="hospital.toml (the plan that is audited)")
     p.add_argument("--data", type=Path, help="the hospital's scans (overrides [data] path)")
@@ -80,11 +81,19 @@ def register_audit(sub: argparse._SubParsersAction) -> None:
                                                "membership attack's target (its architecture and scan size too)")
     p.add_argument("--image-size", type=int, help="scan size in px (default: the federation's, else 224)")
     p.add_argument("--lr", type=float, help="learning rate (default: the federation's)")
-    p.add_argument("--canaries", type=int, default=10_000, help="gradient canaries m (default 10000; more: a "
-                                                                 "tighter bound, more time)")
+    p.add_argument("--auditor", default="white-box", metavar="{white-box,black-box}",
+                   help="white-box (default): gradient canaries, the adversary sees every noised step (the "
+                        "stronger bound); black-box: input-space canaries (scans with changed labels) scored on "
+                        "the final model only")
+    p.add_argument("--canaries", type=int, help="canaries m (default: 10000 gradient canaries; black-box: "
+                                                "min(1000, half the training units); more: a tighter bound, more time)")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
     p.add_argument("--no-mia", action="store_true", help="skip the membership-inference attack (and its no-DP "
                                                          "reference training)")
+    p.add_argument("--attack", default="loss", metavar="{loss,lira}",
+                   help="membership attack: loss (default) or lira (the loss attack plus a few-shadow likelihood-"
+                        "ratio attack: 2 × --shadows more trainings of the plan)")
+    p.add_argument("--shadows", type=int, default=8, help="LiRA's shadow models K (default 8, 4..64)")
     p.add_argument("--seed", type=int, help="seed of the canaries and the initial model (the DP noise is never "
                                             "seeded)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override [hospital] device")

@@ -3,8 +3,10 @@ caught, the correct code is not), the command, and that an audit charges nothing
 
 Seed policy: the canaries (inclusion, coordinates, sampling) and the initial model are seeded;
 the teeth test trains with ``secure_rng = false`` so that the DP noise comes from torch's seeded
-generator — the run is then a function of its seeds, and the settings leave wide margins (the
-correct code's bound is below a third of the claimed ε, every fault's well above it)."""
+generator. The Poisson sampling of each step draws from the operating system (never seeded), so
+two runs differ by which units each step samples: the settings leave wide margins (the correct
+code's bound is below a third of the claimed ε, every fault's well above it; the black-box and
+LiRA tests' margins were measured over repeated runs)."""
 
 from __future__ import annotations
 
@@ -180,6 +182,15 @@ def test_bad_input_is_one_line_and_the_faults_are_out_of_reach(tmp_path, capsys)
     assert main(["audit", "--config", str(toml), "--canaries", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["xrayfed: error: --canaries 1: the audit needs at least 2 canaries"]
+    for bad, line in ((["--auditor", "grey-box"], "--auditor grey-box: choose white-box"),
+                      (["--attack", "shadow"], "--attack shadow: choose loss or lira"),
+                      (["--attack", "lira", "--shadows", "2"], "--shadows 2: LiRA needs 4..64 shadow models"),
+                      (["--auditor", "black-box", "--canaries", "5000"],
+                       "--canaries 5000: the black-box audit changes the labels of m of this hospital's 800 "
+                       "training scans; use 2..800")):
+        assert main(["audit", "--config", str(toml), "--image-size", "8", *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"xrayfed: error: {line}"), err
     # the fault switch is a Python context manager only: no option, no environment variable
     help_text = build_parser()._subparsers._group_actions[0].choices["audit"].format_help()
     assert not any(w in help_text for w in ("--fault", "--broken", "noise_0.1", "no_clipping", "half_q"))
@@ -190,10 +201,10 @@ def test_bad_input_is_one_line_and_the_faults_are_out_of_reach(tmp_path, capsys)
             pass
 
 
-def _audit_file(path, hospital: str, claimed: float, bound: float, broken=None, mia=None):
+def _audit_file(path, hospital: str, claimed: float, bound: float, broken=None, mia=None, auditor=None):
     from xrayfed.client.audit import verdict
 
-    path.write_text(json.dumps({
+    path.write_text(json.dumps({**({"auditor": auditor} if auditor else {}),
         "hospital": hospital, "unit": "scan", "claimed_epsilon": claimed, "delta": 1e-5,
         "audited_lower_bound": bound, "confidence": 0.95, "canaries": 10000, "caught": bound > claimed,
         "signal_check": {"ratio_lower": 0.8}, "mia": mia or {}, "broken": broken,
@@ -211,9 +222,11 @@ def test_reports_show_the_empirical_check_when_an_audit_is_present(tmp_path):
     _audit_file(run / "hospitals" / "north" / "audit.json", "north", 8.0, 0.9,
                 mia={"auc_dp": 0.512, "auc_no_dp": 0.634})
     _audit_file(run / "audit-south.json", "south", 1.0, 3.4, broken="noise_0.1")
+    _audit_file(run / "audit-west.json", "west", 8.0, 0.4, auditor="black-box input-space canaries (final model only)",
+                mia={"auc_dp": 0.51, "auc_no_dp": 0.6, "lira": {"shadows": 8, "auc_dp": 0.523, "auc_no_dp": 0.712}})
     (run / "audit-garbled.json").write_text("{not json")
     rep = R.build_federation_report(run)
-    assert sorted(c.hospital for c in rep.empirical_checks) == ["north", "south"]
+    assert sorted(c.hospital for c in rep.empirical_checks) == ["north", "south", "west"]
     assert [f.hospital for f in rep.findings if f.code == "audit_exceeds_claim"] == ["south"]
     assert any(f.code == "audit_unreadable" and "audit-garbled.json" in f.message for f in rep.findings)
     md = R.render_markdown(rep)
@@ -223,6 +236,11 @@ def test_reports_show_the_empirical_check_when_an_audit_is_present(tmp_path):
             "Membership attack on its model: AUC 0.512 with DP, 0.634 without (0.5 = a coin).") in md
     assert "south (per scan): claimed ε = 1.00; audited lower bound 3.40" in md
     assert "the training spends MORE privacy than it claims" in md
+    assert ("west (per scan): claimed ε = 8.00; audited lower bound 0.40 at 95 % confidence from 10000 canaries "
+            "(black-box: input-space canaries scored on the final model only) — no evidence") in md
+    assert "LiRA (8 shadow models): AUC 0.523 with DP, 0.712 without." in md
+    assert "LiRA" not in md.split("- north")[1].split("\n")[0]  # an older audit file: no auditor, no LiRA
+    assert "| west | scan | black-box | 8.00 | 0.40 |" in md and "| north | scan | white-box | 8.00 | 0.90 |" in md
     written = {p.name for p in R.write_report(rep, tmp_path / "out", ["md", "html"])}
     assert "empirical-check.png" in written
     html = (tmp_path / "out" / "report.html").read_text()
@@ -231,3 +249,195 @@ def test_reports_show_the_empirical_check_when_an_audit_is_present(tmp_path):
     own = R.build_hospital_report(run / "hospitals" / "north")
     assert [c.hospital for c in own.empirical_checks] == ["north"]
     assert "## Empirical check" in R.render_markdown(own)
+
+
+# ----------------------------------------------------------------------------- black-box auditor, LiRA
+def test_lira_scores_match_a_hand_made_gaussian_example():
+    from xrayfed.client.lira import balanced_splits, lira_scores, logit_confidence, tpr_at_fpr
+
+    # two units, four shadows: in {3, 5} / out {0, 2} (μ 4 / 1) and in {1, 3} / out {−1, 1} (μ 2 / 0);
+    # every residual is ±1, so the pooled variance is 8 / (4 × 1) = 2
+    phi = np.array([[3.0, 0.0, 5.0, 2.0], [1.0, -1.0, 3.0, 1.0]])
+    inside = np.array([[True, False, True, False], [True, False, True, False]])
+    target = np.array([4.0, 0.0])
+    got = lira_scores(target, phi, inside)
+    assert got == pytest.approx([9 / 4, -1.0])
+    s = math.sqrt(2.0)
+    assert got == pytest.approx(stats.norm.logpdf(target, [4, 2], s) - stats.norm.logpdf(target, [1, 0], s))
+    split = balanced_splits(50, 8, np.random.default_rng(0))
+    assert split.shape == (50, 8) and (split.sum(axis=1) == 4).all() and 10 < split[:, 0].sum() < 40
+    # φ = log(p / (1 − p)) of the true label, from the logits
+    p = 1 / (1 + np.exp(-np.array([0.3, -2.0])))
+    assert logit_confidence("binary", np.array([[0.3], [-2.0]]), np.array([1.0, 0.0])) == pytest.approx(
+        np.log(np.array([p[0], 1 - p[1]]) / np.array([1 - p[0], p[1]])))
+    z = np.array([[1.0, 2.0, 0.5]])
+    soft = np.exp(z[0]) / np.exp(z[0]).sum()
+    assert logit_confidence("multiclass", z, np.array([1]))[0] == pytest.approx(math.log(soft[1] / (1 - soft[1])))
+    assert tpr_at_fpr(np.arange(10.0), np.arange(100.0) / 100, fpr=0.01) == pytest.approx(0.9)  # above 0.98
+
+
+def _record_training(monkeypatch):
+    """Replace the DP training the audit calls by a recorder (nothing trains): what it was given."""
+    import xrayfed.client.audit as A
+    import xrayfed.client.dp as dp
+
+    seen: list[dict] = []
+    monkeypatch.setattr(dp, "train_private_round", lambda model, units, cfg, plan, task, dev, **kw: seen.append(
+        {"units": units, "plan": plan, **kw}))
+    made: list = []
+    real = A.make_input_canaries
+    monkeypatch.setattr(A, "make_input_canaries", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    return seen, made
+
+
+def test_black_box_canaries_train_with_changed_labels_and_the_excluded_are_absent(tmp_path, monkeypatch):
+    from xrayfed.client.audit import run_audit, summary_lines
+    from xrayfed.client.dp import PatientUnits, plan_for
+    from xrayfed.client.hospital import hospital_split
+    from xrayfed.common.data import load_dataset
+
+    cfg = _hospital(tmp_path)
+    cfg = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"unit": "patient"})})
+    seen, made = _record_training(monkeypatch)
+    res = run_audit(cfg, image_size=8, canaries=60, mia=False, seed=3, auditor="black-box")
+    _, train, _ = hospital_split(cfg, load_dataset(cfg.data.path, split="train", image_size=8))
+    real_plan, _ = plan_for(cfg, train)
+    canaries = made[0]
+    assert len(seen) == real_plan.max_rounds and all(s.get("canaries") is None for s in seen)  # no gradient canary
+    plan = seen[0]["plan"]  # the hospital's plan, planned on its real training set
+    assert (plan.noise_multiplier, plan.sample_rate, plan.steps, plan.num_examples) == (
+        real_plan.noise_multiplier, real_plan.sample_rate, real_plan.steps, real_plan.num_examples)
+    units = seen[0]["units"]
+    assert isinstance(units, PatientUnits)
+    scans = units.scans
+    key = {bytes(img): i for i, img in enumerate(train.images)}
+    assert len(key) == len(train)  # every scan distinct: a scan is found by its pixels
+    trained = [key[bytes(img)] for img in scans.images]
+    assert len(set(trained)) == len(trained)  # no scan twice (no clean copy beside a canary)
+    pids = np.array(train.patient_ids)
+    groups = {p: np.nonzero(pids == p)[0] for p in dict.fromkeys(train.patient_ids)}
+    names = list(groups)
+    inc_names = {names[i] for i, keep in zip(canaries.chosen, canaries.included) if keep}
+    out_names = {names[i] for i, keep in zip(canaries.chosen, canaries.included) if not keep}
+    assert len(inc_names) > 10 and len(out_names) > 10
+    want = sorted(i for p, g in groups.items() if p not in out_names for i in g)
+    assert sorted(trained) == want  # the others and the included canaries; no excluded canary's scan
+    assert len(units) == len(groups) - len(out_names)
+    y0, y1 = train.targets.numpy(), scans.targets.numpy()
+    flipped = np.array([pids[i] in inc_names for i in trained])
+    assert (y1[flipped] == 1 - y0[np.array(trained)][flipped]).all()  # every label of a canary patient changed
+    assert (y1[~flipped] == y0[np.array(trained)][~flipped]).all()  # the others as they are
+    assert res["auditor"].startswith("black-box") and "signal_check" not in res
+    assert res["canaries"] == 60 and res["caught"] == (res["audited_lower_bound"] > res["claimed_epsilon"])
+    lines = summary_lines(res)
+    assert "the black-box auditor: 60 input-space canaries (final model only)" in lines[0]
+    assert not any("signal-to-noise" in line for line in lines)
+
+
+def test_multiclass_canaries_get_another_class_and_the_feature_cache_keeps_them_apart(tmp_path):
+    import torch as T
+
+    from xrayfed.client.audit_input import changed_targets, make_input_canaries, scan_losses
+    from xrayfed.common.data import load_dataset
+    from xrayfed.common.model import build_model, feature_cache
+    from xrayfed.common.modelspec import default_model
+    from xrayfed.common.synthetic import write_npz
+
+    ds = load_dataset(write_npz(tmp_path / "mc.npz", n_train=80, n_val=4, n_test=4, size=16, task="multiclass"),
+                      split="train", image_size=16)
+    groups = [np.array([i]) for i in range(0, 80, 2)]
+    new = changed_targets(ds.task, ds.targets, groups, np.random.default_rng(0))
+    hit = np.concatenate(groups)
+    assert (new[hit] != ds.targets[hit]).all() and ((new >= 0) & (new < len(ds.task.class_names))).all()
+    assert (new[1::2] == ds.targets[1::2]).all()
+    assert len(set(((new[hit] - ds.targets[hit]) % len(ds.task.class_names)).tolist())) > 1  # drawn, not a shift
+    # the scattering front end caches features by pixels: a canary shares its clean scan's entry, and its
+    # loss (changed label) is the same with the cache as without it
+    canaries = make_input_canaries(ds, "scan", 20, seed=0)
+    T.manual_seed(0)
+    model = build_model(default_model(16, ds.task.num_outputs))
+    assert default_model(16, 1).scattering
+    dev = T.device("cpu")
+    with feature_cache(True):
+        clean = scan_losses(model, ds, ds.task, dev)  # fills the cache with the clean scans
+        cached = canaries.scores(model, ds.task, dev)
+    with feature_cache(False):
+        fresh = canaries.scores(model, ds.task, dev)
+    assert cached == pytest.approx(fresh, rel=1e-6)
+    assert not np.allclose(-cached, clean[canaries.chosen])  # the changed labels are what is scored
+
+
+def _linear_model(monkeypatch, pixels: int) -> None:
+    """A linear model over the pixels: it memorises a small training set, so a canary's changed label shows."""
+    import xrayfed.common.model as model_mod
+
+    monkeypatch.setattr(model_mod, "build_model",
+                        lambda spec: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(pixels, 1)))
+
+
+def _small_hospital(tmp_path, n: int, offset: int, batch: int):
+    """n scans of 16 × 16 uniform noise, half of them validation; label 1 brightens the left half by
+    ``offset`` grey levels, label 0 the right half (``offset`` 0: labels that only memorising can fit).
+    One round of 30 epochs at ε = 1."""
+    from xrayfed.common.config import HospitalConfig
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, k in (("train", n), ("val", 4), ("test", 4)):
+        y = (rng.random(k) < 0.5).astype(np.uint8)
+        img = rng.integers(0, 256 - offset, (k, 16, 16))
+        img[y == 1, :, :8] += offset
+        img[y == 0, :, 8:] += offset
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = img.astype(np.uint8), y.reshape(-1, 1)
+    np.savez(tmp_path / "small.npz", **arrays)
+    return HospitalConfig.model_validate({
+        "hospital": {"state_dir": str(tmp_path / "state"), "device": "cpu"},
+        "data": {"path": str(tmp_path / "small.npz"), "val_fraction": 0.5},
+        "privacy": {"epsilon": 1.0, "delta": 1e-5, "max_rounds": 1, "unit": "scan", "secure_rng": False},
+        "training": {"batch_size": batch, "max_physical_batch_size": 512, "local_epochs": 30},
+    })
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")  # the linear model's input needs no gradient
+def test_black_box_audit_catches_training_without_noise(tmp_path, monkeypatch):
+    from xrayfed.client.audit import run_audit
+    from xrayfed.client.dp import faults
+
+    _linear_model(monkeypatch, 256)
+    cfg = _small_hospital(tmp_path, n=400, offset=60, batch=40)  # 200 training scans, 100 canaries
+
+    def run():
+        torch.manual_seed(0)
+        return run_audit(cfg, image_size=16, canaries=100, mia=False, seed=0, lr=0.5, auditor="black-box")
+
+    ok = run()
+    assert ok["claimed_epsilon"] == pytest.approx(1.0, abs=0.02)
+    assert ok["audited_lower_bound"] < ok["claimed_epsilon"] / 4 and not ok["caught"]
+    with faults.injected("noise_0.1"):
+        weak = run()
+    assert weak["audited_lower_bound"] > 0.3 and not weak["caught"]  # 0.82 measured: seen, not above the claim
+    monkeypatch.setattr(faults, "noise_scale", lambda: 0.0)  # a test-only fault: no noise at all
+    bad = run()
+    assert bad["claimed_epsilon"] == pytest.approx(ok["claimed_epsilon"])
+    assert bad["audited_lower_bound"] > bad["claimed_epsilon"] and bad["caught"]
+    assert "LARGER than claimed" in bad["verdict"]
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_lira_finds_the_members_of_a_memorising_model(tmp_path, monkeypatch):
+    from xrayfed.client.audit import run_audit, summary_lines
+
+    _linear_model(monkeypatch, 256)
+    cfg = _small_hospital(tmp_path, n=200, offset=0, batch=50)  # random labels: 100 memorised training scans
+    torch.manual_seed(0)
+    res = run_audit(cfg, image_size=16, canaries=100, seed=0, lr=0.5, attack="lira", shadows=4)
+    mia = res["mia"]
+    lira = mia["lira"]
+    assert lira["shadows"] == 4 and lira["trainings"] == 8
+    assert lira["members_no_dp"] == mia["members"] and lira["non_members"] == mia["non_members"]
+    assert lira["auc_no_dp"] > 0.75 and mia["auc_no_dp"] > 0.75  # the no-DP reference memorised (0.92, 0.88)
+    assert lira["auc_dp"] < 0.65 and lira["tpr_at_1pct_fpr_no_dp"] > lira["tpr_at_1pct_fpr_dp"]
+    assert 0.0 <= lira["tpr_at_1pct_fpr_dp"] <= 1.0 and 0.0 <= lira["tpr_at_1pct_fpr_no_dp"] <= 1.0
+    text = "\n".join(summary_lines(res))
+    assert "membership inference (loss attack" in text
+    assert "membership inference (LiRA, 4 shadow models with DP and 4 without: 8 more trainings of the plan)" in text

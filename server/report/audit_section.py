@@ -30,12 +30,15 @@ PLOT_CAPTION = "Empirical check: claimed ε against the audited lower bound (and
 EXPLANATION = (
     "A privacy audit trains the hospital's exact plan once more, in its own process (nothing is charged, nothing "
     "leaves), with canaries — artificial training units, each included with probability 1/2 — and an adversary "
-    "who sees every noised training step tries to tell which were included. How well it guesses gives a lower "
-    "bound on ε that holds at the stated confidence (Steinke, Nasr & Jagielski 2023). A lower bound above the "
+    "tries to tell which were included: the white-box auditor sees every noised training step (gradient "
+    "canaries: the stronger test), the black-box auditor only the final model (training scans with changed "
+    "labels: a weaker bound). How well it guesses gives a lower bound on ε that holds at the stated confidence "
+    "(Steinke, Nasr & Jagielski 2023). A lower bound above the "
     "claimed ε proves the training spends more privacy than it claims (a bug or a misconfiguration); a lower "
     "bound below it is the expected outcome and shows no such bug, but it cannot prove there is none. The "
     "membership attack asks whether the trained model's loss tells the hospital's training patients from its "
-    "held-out ones (AUC 0.5: no better than a coin), beside the same attack on a model trained without DP.")
+    "held-out ones (AUC 0.5: no better than a coin), beside the same attack on a model trained without DP; "
+    "LiRA, where run, is the stronger likelihood-ratio attack calibrated on shadow models trained the same way.")
 
 
 class EmpiricalCheck(BaseModel):
@@ -55,6 +58,10 @@ class EmpiricalCheck(BaseModel):
     signal_ratio_lower: float | None = None
     mia_auc_dp: float | None = None
     mia_auc_no_dp: float | None = None
+    auditor: str | None = None  # "white-box …" or "black-box …" (absent from older audit files: white-box)
+    lira_auc_dp: float | None = None
+    lira_auc_no_dp: float | None = None
+    lira_shadows: int | None = None
     broken: str | None = None
     verdict: str = ""
 
@@ -64,6 +71,7 @@ def read_audit(path: Path) -> EmpiricalCheck:
     try:
         d: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         mia = d.get("mia") or {}
+        lira = mia.get("lira") or {}
         sc = d.get("signal_check") or {}
         return EmpiricalCheck(
             hospital=str(d["hospital"]), source=str(path), unit=str(d["unit"]),
@@ -71,6 +79,8 @@ def read_audit(path: Path) -> EmpiricalCheck:
             audited_lower_bound=float(d["audited_lower_bound"]), confidence=float(d["confidence"]),
             canaries=int(d["canaries"]), caught=bool(d.get("caught", d["audited_lower_bound"] > d["claimed_epsilon"])),
             signal_ratio_lower=sc.get("ratio_lower"), mia_auc_dp=mia.get("auc_dp"), mia_auc_no_dp=mia.get("auc_no_dp"),
+            auditor=str(d["auditor"]) if d.get("auditor") else None, lira_auc_dp=lira.get("auc_dp"),
+            lira_auc_no_dp=lira.get("auc_no_dp"), lira_shadows=lira.get("shadows"),
             broken=d.get("broken"), verdict=str(d.get("verdict", "")))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a readable audit result ({type(e).__name__}: {str(e)[:120]})") from None
@@ -104,13 +114,22 @@ def exceeded(checks: list[EmpiricalCheck]) -> list[tuple[str, str]]:
                          f"ε = {c.claimed_epsilon:.2f}: {c.verdict}") for c in checks if c.caught]
 
 
+def auditor_kind(c: EmpiricalCheck) -> str:
+    """``white-box`` or ``black-box`` (an audit file without the field is white-box: the only kind before)."""
+    return "black-box" if (c.auditor or "").startswith("black-box") else "white-box"
+
+
 def plain_lines(checks: list[EmpiricalCheck]) -> list[str]:
     """One sentence per audit, in plain words."""
     lines = []
     for c in checks:
         pct = f"{100 * c.confidence:g} %"
+        who = ""
+        if c.auditor:
+            who = (" (black-box: input-space canaries scored on the final model only)" if auditor_kind(c) == "black-box"
+                   else " (white-box: gradient canaries, every noised step observed)")
         s = (f"{c.hospital} (per {c.unit}): claimed ε = {c.claimed_epsilon:.2f}; audited lower bound "
-             f"{c.audited_lower_bound:.2f} at {pct} confidence from {c.canaries} canaries — ")
+             f"{c.audited_lower_bound:.2f} at {pct} confidence from {c.canaries} canaries{who} — ")
         if c.caught:
             s += "the training spends MORE privacy than it claims: do not train with it until this is fixed."
         else:
@@ -118,22 +137,26 @@ def plain_lines(checks: list[EmpiricalCheck]) -> list[str]:
         if c.mia_auc_dp is not None and c.mia_auc_no_dp is not None:
             s += (f" Membership attack on its model: AUC {c.mia_auc_dp:.3f} with DP, {c.mia_auc_no_dp:.3f} without "
                   "(0.5 = a coin).")
+        if c.lira_auc_dp is not None and c.lira_auc_no_dp is not None:
+            s += (f" LiRA ({c.lira_shadows} shadow models): AUC {c.lira_auc_dp:.3f} with DP, {c.lira_auc_no_dp:.3f} "
+                  "without.")
         if c.broken:
             s += f" (A benchmark run with the deliberate fault {c.broken}.)"
         lines.append(s)
     return lines
 
 
-COLUMNS = ["Hospital", "Unit", "Claimed ε", "Audited lower bound", "Confidence", "Canaries", "Attack AUC (DP)",
-           "Attack AUC (no DP)", "Verdict"]
+COLUMNS = ["Hospital", "Unit", "Auditor", "Claimed ε", "Audited lower bound", "Confidence", "Canaries",
+           "Attack AUC (DP)", "Attack AUC (no DP)", "LiRA AUC (DP)", "LiRA AUC (no DP)", "Verdict"]
 
 
 def rows(checks: list[EmpiricalCheck]) -> list[list[str]]:
     def num(x: float | None) -> str:
         return "—" if x is None else f"{x:.3f}"
 
-    return [[c.hospital, c.unit, f"{c.claimed_epsilon:.2f}", f"{c.audited_lower_bound:.2f}",
+    return [[c.hospital, c.unit, auditor_kind(c), f"{c.claimed_epsilon:.2f}", f"{c.audited_lower_bound:.2f}",
              f"{100 * c.confidence:g} %", str(c.canaries), num(c.mia_auc_dp), num(c.mia_auc_no_dp),
+             num(c.lira_auc_dp), num(c.lira_auc_no_dp),
              "MORE than claimed" if c.caught else "no evidence above claim"] for c in checks]
 
 
@@ -170,7 +193,8 @@ def plot(checks: list[EmpiricalCheck]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(7.2, 4.2), dpi=DPI)
     ax.grid(True, axis="y", color="#dddddd", linewidth=0.6)
     ax.set_axisbelow(True)
-    labels = [c.hospital + (f"\n({c.broken})" if c.broken else "") for c in checks]
+    labels = [c.hospital + (f"\n({c.broken})" if c.broken else "") + ("\n(black-box)" if auditor_kind(c) == "black-box"
+              else "") for c in checks]
     xs = list(range(len(checks)))
     w = 0.38
     ax.bar([x - w / 2 for x in xs], [c.claimed_epsilon for c in checks], w, color="#5b8bd0", label="claimed ε")
