@@ -127,6 +127,9 @@ def train(msg: Message, context: Context) -> Message:
             state_dict = msg.content["arrays"].to_torch_state_dict()
             startup_s += time.perf_counter() - t0
             reply = train_timed(cfg, dict(msg.content["config"]), state_dict, atrest_key=_atrest_key())
+            # the same metric names as a worker's reply: Flower's strategy refuses to aggregate
+            # replies whose metrics differ in their names (one hospital without its worker)
+            reply["metrics"]["time_local_s"] = 0.0
         reply["metrics"]["time_startup_s"] = startup_s
     except Exception as e:  # noqa: BLE001 - nothing of the hospital's file system goes back to the server
         reason = _unhandled(cfg, "a training request", e)

@@ -36,7 +36,7 @@ from xrayfed.common.errors import UserError
 from xrayfed.client import worker as hospital_worker
 from xrayfed.common.flower_launch import flower_env, supernode_args, supernode_command
 from xrayfed.common.logs import FLEET_EXPOSED, LogRelay, strip_ansi, warn_insecure
-from xrayfed.common.privacy.ledger import read_ledger
+from xrayfed.common.privacy.ledger import LEDGER_FILE, read_ledger
 from xrayfed.common.procs import ProcessGroup, free_port, kill_tree, spawn
 from xrayfed.common.security.atrest import ENV_KEY_FILE, load_key
 
@@ -57,10 +57,10 @@ def load_hospital_config(args: argparse.Namespace):
     )
 
 
-def check_data(cfg):
+def check_data(cfg, say=None):
     """Fail before joining when the data or the privacy plan cannot be used; returns the DP plan
     (:class:`~xrayfed.client.dp.DPPlan`) for this hospital's training scans after its partition
-    and validation split.
+    and validation split. ``say``: where its lines go (default: printed).
 
     Refused here, with one line: no usable scan, δ ≥ 1/N, a budget no noise level can meet,
     a plan longer than the accountant composes (:func:`xrayfed.client.dp.plan_for`).
@@ -77,17 +77,48 @@ def check_data(cfg):
     ds, train, val = hospital_split(cfg)
     skipped = len(getattr(ds, "skipped", []))
     plan, _ = plan_for(cfg, train)
-    print(f"[xrayfed] {cfg.hospital.name}: {len(ds)} usable scans in {d.path} ({d.split})"
-          + (f", {skipped} unreadable file(s) skipped" if skipped else "")
-          + f"; {len(train)} for DP training, {0 if val is None else len(val)} for validation; "
-          f"privacy unit: {plan.unit} (N = {plan.num_examples} {plan.unit_plural}); "
-          f"plan: σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:.4g}, {plan.steps} steps/round, "
-          f"{plan.max_rounds} rounds for ε = {plan.epsilon_budget:g} at δ = {plan.delta:g}", flush=True)
+    say = say or (lambda line: print(line, flush=True))
+    say(f"[xrayfed] {cfg.hospital.name}: {len(ds)} usable scans in {d.path} ({d.split})"
+        + (f", {skipped} unreadable file(s) skipped" if skipped else "")
+        + f"; {len(train)} for DP training, {0 if val is None else len(val)} for validation; "
+        f"privacy unit: {plan.unit} (N = {plan.num_examples} {plan.unit_plural}); "
+        f"plan: σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:.4g}, {plan.steps} steps/round, "
+        f"{plan.max_rounds} rounds for ε = {plan.epsilon_budget:g} at δ = {plan.delta:g}")
     if val is None:
-        print(f"[xrayfed] {cfg.hospital.name}: no validation scans (data.val_fraction = {d.val_fraction:g}): this "
-              "hospital sends no evaluation metrics (it never evaluates on its DP-protected training scans)",
-              flush=True)
+        say(f"[xrayfed] {cfg.hospital.name}: no validation scans (data.val_fraction = {d.val_fraction:g}): this "
+            "hospital sends no evaluation metrics (it never evaluates on its DP-protected training scans)")
     return plan
+
+
+def check_in_worker(cfg, start_worker, worker: list) -> str:
+    """:func:`check_data` run by the hospital's worker, which imports torch anyway (this process
+    then never does): ``start_worker(fd)`` starts it with the write end of a pipe, on which it
+    answers one JSON object (:func:`xrayfed.client.worker.check_plan`) and goes on as the worker.
+    Prints the check's lines here; the same one-line :class:`UserError` as in this process when the
+    data or the plan cannot be used. Returns the plan's ``N,UNIT,NUM_SCANS``."""
+    r, w = os.pipe()
+    try:
+        start_worker(w)
+    finally:
+        os.close(w)
+    with os.fdopen(r, "rb") as f:
+        raw = f.read()
+    try:
+        answer = json.loads(raw) if raw else {}
+    except ValueError:
+        answer = {}
+    for line in answer.get("lines", []):
+        print(str(line), flush=True)
+    if "plan" in answer:
+        return str(answer["plan"])
+    proc = worker[0]
+    rc = proc.wait(timeout=60) if proc is not None else None
+    if "error" in answer:
+        err = UserError(str(answer["error"]))
+        err.exit_code = int(answer.get("code", 2))
+        raise err
+    raise UserError(f"hospital {cfg.hospital.name}: its worker process stopped (exit {rc}) before it had checked "
+                    "the data; the lines above say why")
 
 
 # What flower-supernode prints when the server does not let the hospital in -> our one-line cause.
@@ -335,24 +366,10 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     elif not check_server_certificate(args.server, args.ca_cert):
         print(f"[xrayfed] hospital {cfg.hospital.name}: the server at {args.server} is not reachable yet; the "
               "SuperNode keeps trying", flush=True)
-    plan = check_data(cfg)
     state = Path(cfg.hospital.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
-    (state / FINISHED_FILE).unlink(missing_ok=True)  # a previous run's end: this process waits for a new one
-
-
-    # Fail before joining when the privacy ledger cannot be read (wrong/missing at-rest key or
-    # ledger key, broken chain, cut short): one line naming the file, never a budget silently
-    # starting from zero.
-    from xrayfed.client.dp import PrivacyLedger
-
-    ledger_path = state / PrivacyLedger.FILE
-    read_ledger(ledger_path, atrest_key, key_file=cfg.hospital.ledger_key_file)
     resolved = state / "hospital.resolved.toml"
     resolved.write_text(dump_toml(cfg), encoding="utf-8")
-    port = args.port or free_port()
-    cmd = [*supernode_command(cfg.hospital.poll_interval_s), *link_args, "--port", str(port),
-           "--node-config", f'config="{resolved}"']
     env = flower_env(state / ".flwr")
     if key_file is not None:  # the ClientApp processes (started by the SuperNode) read the key from here
         env[ENV_KEY_FILE] = str(Path(key_file).expanduser().resolve())
@@ -362,32 +379,24 @@ def run_client_cmd(args: argparse.Namespace) -> int:
         env[hospital_worker.SOCKET_ENV] = str(sock)
         env[hospital_worker.SECRET_ENV] = hospital_worker.new_secret()
         worker_cmd = [sys.executable, "-m", "xrayfed.client.worker", "--config", str(resolved), "--socket",
-                      str(sock), "--parent-pid", str(os.getpid()),
-                      "--warm-plan", f"{plan.num_examples},{plan.unit},{plan.num_scans}"]
-    print(f"[xrayfed] hospital {cfg.hospital.name} joining {args.server}; privacy ledger: "
-          f"{state / 'privacy-ledger.jsonl'}"
-          + (f" (encrypted at rest, key id {atrest_key.key_id.hex()})" if atrest_key is not None else "")
-          + ("; only secure-aggregation (SecAgg+) training requests are accepted"
-             if cfg.hospital.require_secure_aggregation else ""), flush=True)
-    alive = state / ALIVE_FILE
-    losses = 0
-    wait = lapse_wait(_age_s(alive))
-    if wait > 0:  # the previous `xrayfed client` was killed while joined: let the server drop it first
-        print(f"[xrayfed] hospital {cfg.hospital.name} was joined until {STILL_ONLINE_S - wait:.0f} s ago and "
-              f"did not leave cleanly; joining in {wait:.0f} s, once the server has dropped that connection",
-              flush=True)
-        time.sleep(wait)
+                      str(sock), "--parent-pid", str(os.getpid())]
     verbose = bool(getattr(args, "verbose", False))
     relay = LogRelay(verbose=verbose, keep_colours=verbose and sys.stdout.isatty())
     full = _FlowerLog(state / SUPERNODE_LOG)
+    ledger_path = state / LEDGER_FILE
+    alive = state / ALIVE_FILE
     finished = None
+    joining = False  # a SuperNode was started: a clean stop then says so in ALIVE_FILE
     with ProcessGroup() as group:
         worker = [None]
+        plan_figures = [""]  # N,UNIT,NUM_SCANS of the checked plan: what a restarted worker warms up with
 
-        def start_worker() -> None:
+        def start_worker(check_fd: int | None = None) -> None:
             if worker_cmd is None:
                 return
-            w = group.add(spawn(worker_cmd, env=env, stdout=subprocess.PIPE))
+            extra = ["--check-fd", str(check_fd)] if check_fd is not None else ["--warm-plan", plan_figures[0]]
+            w = group.add(spawn(worker_cmd + extra, env=env, stdout=subprocess.PIPE,
+                                pass_fds=() if check_fd is None else (check_fd,)))
             threading.Thread(target=_pump, args=(w.stdout, [], relay, full), daemon=True).start()
             worker[0] = w
 
@@ -402,10 +411,35 @@ def run_client_cmd(args: argparse.Namespace) -> int:
                 start_worker()
 
         try:
-            start_worker()
+            if worker_cmd is None:
+                plan = check_data(cfg)
+                plan_figures[0] = f"{plan.num_examples},{plan.unit},{plan.num_scans}"
+            else:  # the worker imports torch anyway: it checks the data and the plan, this process stays torch-free
+                plan_figures[0] = check_in_worker(cfg, start_worker, worker)
+            (state / FINISHED_FILE).unlink(missing_ok=True)  # a previous run's end: this process waits for a new one
+            # Fail before joining when the privacy ledger cannot be read (wrong/missing at-rest key or
+            # ledger key, broken chain, cut short): one line naming the file, never a budget silently
+            # starting from zero.
+            read_ledger(ledger_path, atrest_key, key_file=cfg.hospital.ledger_key_file)
+            port = args.port or free_port()
+            cmd = [*supernode_command(cfg.hospital.poll_interval_s, cfg.hospital.fork_clientapps), *link_args,
+                   "--port", str(port), "--node-config", f'config="{resolved}"']
+            print(f"[xrayfed] hospital {cfg.hospital.name} joining {args.server}; privacy ledger: "
+                  f"{ledger_path}"
+                  + (f" (encrypted at rest, key id {atrest_key.key_id.hex()})" if atrest_key is not None else "")
+                  + ("; only secure-aggregation (SecAgg+) training requests are accepted"
+                     if cfg.hospital.require_secure_aggregation else ""), flush=True)
+            losses = 0
+            wait = lapse_wait(_age_s(alive))
+            if wait > 0:  # the previous `xrayfed client` was killed while joined: let the server drop it first
+                print(f"[xrayfed] hospital {cfg.hospital.name} was joined until {STILL_ONLINE_S - wait:.0f} s ago "
+                      f"and did not leave cleanly; joining in {wait:.0f} s, once the server has dropped that "
+                      "connection", flush=True)
+                time.sleep(wait)
             while True:
                 seen: list[str] = []
                 sent: list[float] = []
+                joining = True
                 node = group.add(spawn(cmd, env=env, stdout=subprocess.PIPE))
                 pump = threading.Thread(target=_pump, args=(node.stdout, seen, relay, full, sent), daemon=True)
                 pump.start()
@@ -454,7 +488,8 @@ def run_client_cmd(args: argparse.Namespace) -> int:
                       "(the privacy ledger decides what a repeated round may release)", flush=True)
                 time.sleep(wait)
         except KeyboardInterrupt:  # stopped cleanly: the SuperNode deactivates its node on SIGTERM
-            alive.unlink(missing_ok=True)
+            if joining:
+                alive.unlink(missing_ok=True)
             raise
         finally:
             full.close()

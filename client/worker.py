@@ -161,25 +161,83 @@ def handle(op: str, config: dict[str, Any], arrays: dict[str, Any], config_path:
         return {"ok": False, "error": type(e).__name__}, {}
 
 
-def warm_up(config_path: Path, plan: str) -> None:
-    """Plan the DP round as ``xrayfed client`` did at start (``plan``: ``N,UNIT,NUM_SCANS``), so
-    that the noise level's search (seconds: Opacus' accountant) is done, and cached, before the
-    first request rather than in it. Touches no scan and no ledger."""
+def warm_up(config_path: Path, plan: str | None) -> None:
+    """What a process pays once for its first round, paid before the first request instead:
+
+    * the DP plan as ``xrayfed client`` made it at start (``plan``: ``N,UNIT,NUM_SCANS``), so that
+      the noise level's search (seconds: Opacus' accountant) is done and cached;
+    * one DP-SGD step of a throwaway model on random numbers (:func:`warm_training`).
+
+    Touches no scan, no ledger and no feature cache."""
     from xrayfed.client.dp import plan_dp
     from xrayfed.client.hospital import hospital_config_from_node
 
-    n, unit, scans = plan.split(",")
-    plan_dp(hospital_config_from_node({"config": str(config_path)}), int(n), unit, int(scans))
+    cfg = hospital_config_from_node({"config": str(config_path)})
+    if plan:
+        n, unit, scans = plan.split(",")
+        plan_dp(cfg, int(n), unit, int(scans))
+    warm_training(cfg)
+
+
+def warm_training(cfg) -> None:
+    """One DP-SGD step (Opacus, the hospital's optimizer and noise source) of a throwaway model
+    on 8 random 16-px images: the first training step of a process imports and sets up torch's
+    optimizer and autograd machinery and Opacus' per-sample gradient hooks (seconds, once per
+    process). Nothing of it is kept: no scan is read, no ledger written, the feature cache off."""
+    import torch
+
+    from xrayfed.client.dp.engine import make_private
+    from xrayfed.client.dp.planning import DPPlan
+    from xrayfed.common.data import BINARY_NAMES
+    from xrayfed.common.model import build_model, default_model, feature_cache
+    from xrayfed.common.prediction import TaskSpec
+    from xrayfed.common.train import make_optimizer, train_epoch
+
+    task = TaskSpec(kind="binary", class_names=BINARY_NAMES)
+    model = build_model(default_model(16))
+    data = torch.utils.data.TensorDataset(torch.rand(8, 1, 16, 16) * 2 - 1, torch.randint(0, 2, (8,)).float())
+    plan = DPPlan(noise_multiplier=1.0, sample_rate=1.0, steps=1, max_grad_norm=1.0, expected_batch_size=8,
+                  num_examples=8, epsilon_budget=1.0, delta=1e-5, max_rounds=1, accountant=cfg.privacy.accountant)
+    opt = make_optimizer(model, cfg.training.optimizer, 0.01, cfg.training.momentum)
+    dp_model, dp_opt, make_loader = make_private(model, opt, data, plan, secure_rng=cfg.privacy.secure_rng)
+    with feature_cache(False):
+        train_epoch(dp_model, make_loader(1), dp_opt, task, torch.device("cpu"))
+    dp_model.cleanup()
+
+
+def check_plan(config_path: Path, fd: int) -> str | None:
+    """``xrayfed client``'s check of the data and the DP plan (:func:`xrayfed.client.supernode.check_data`),
+    run here because this process imports torch anyway; its answer, one JSON object written to
+    ``fd`` (then closed): ``{"lines": [...], "plan": "N,UNIT,NUM_SCANS"}``, or ``{"lines": [...],
+    "error": one line, "code": exit status}``. Returns the plan's figures, None when refused."""
+    from xrayfed.client.hospital import hospital_config_from_node
+    from xrayfed.client.supernode import check_data
+    from xrayfed.common.errors import UserError
+
+    lines: list[str] = []
+    try:
+        plan = check_data(hospital_config_from_node({"config": str(config_path)}), say=lines.append)
+        answer = {"lines": lines, "plan": f"{plan.num_examples},{plan.unit},{plan.num_scans}"}
+    except UserError as e:
+        answer = {"lines": lines, "error": str(e), "code": e.exit_code}
+    except Exception as e:  # noqa: BLE001 - in full in the hospital's log; `xrayfed client` says one line
+        log.error("the check of the data and the privacy plan failed: %s", e, exc_info=True)
+        answer = {"lines": lines, "error": f"the check of the data and the privacy plan failed ({type(e).__name__}); "
+                                           "the lines above say why", "code": 1}
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(answer))
+    return answer.get("plan")
 
 
 def serve(config_path: Path, sock_path: Path, secret: str, parent_pid: int | None = None,
-          warm_plan: str | None = None) -> None:
+          warm_plan: str | None = None, check_fd: int | None = None) -> None:
     """Listen on ``sock_path`` and run each request in turn (one at a time, as the SuperNode
-    sends them); exits when its parent (``xrayfed client``) is gone. ``warm_plan``: see
-    :func:`warm_up` (a request that comes meanwhile waits for it)."""
-    import xrayfed.client.hospital  # noqa: F401 - torch, the model and the DP engine, once
-    import xrayfed.client.timing  # noqa: F401
-
+    sends them); exits when its parent (``xrayfed client``) is gone. It warms up first
+    (:func:`warm_up`; ``warm_plan``: the DP plan's figures), after checking the data and the
+    plan when ``check_fd`` is given (:func:`check_plan`: it stops when they cannot be used). The
+    socket is bound before torch
+    is imported: a ClientApp that connects while the worker still starts waits for it (in the
+    listen backlog) instead of training in its own process."""
     sock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(sock_path.parent, 0o700)
     sock_path.unlink(missing_ok=True)
@@ -193,12 +251,18 @@ def serve(config_path: Path, sock_path: Path, secret: str, parent_pid: int | Non
     srv.listen(4)
     srv.settimeout(1.0)
     uid = os.getuid()
-    if warm_plan:
+    try:
+        import xrayfed.client.hospital  # noqa: F401 - torch, the model and the DP engine, once
+        import xrayfed.client.timing  # noqa: F401
+
+        if check_fd is not None:
+            warm_plan = check_plan(config_path, check_fd)
+            if warm_plan is None:
+                return
         try:
             warm_up(config_path, warm_plan)
         except Exception as e:  # noqa: BLE001 - only a head start: the round plans (and refuses) itself
             log.debug("warm-up skipped: %s", e)
-    try:
         while True:
             if parent_pid is not None and os.getppid() != parent_pid:
                 return  # `xrayfed client` is gone: so is this hospital's federation
@@ -248,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", type=Path, required=True)
     ap.add_argument("--parent-pid", type=int, default=None)
     ap.add_argument("--warm-plan", default=None, help="N,UNIT,NUM_SCANS of the hospital's DP plan (see warm_up)")
+    ap.add_argument("--check-fd", type=int, default=None,
+                    help="check the data and the DP plan first and answer on this file descriptor (see check_plan)")
     args = ap.parse_args(argv)
     configure_logging()
     secret = os.environ.get(SECRET_ENV)
@@ -259,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    serve(args.config, args.socket, secret, args.parent_pid, args.warm_plan)
+    serve(args.config, args.socket, secret, args.parent_pid, args.warm_plan, args.check_fd)
     return 0
 
 

@@ -250,6 +250,9 @@ class HospitalSection(_Strict):
                                    description="seconds between the SuperNode's requests for work while none is "
                                                "waiting (Flower's own: 3 s); each is one small HTTPS request to the "
                                                "server, docs/secure-federation.md")
+    fork_clientapps: bool = Field(True, description="fork each message's ClientApp process from a fork server that "
+                                                    "has Flower and the ClientApp imported (false: Flower starts a "
+                                                    "new interpreter per message)")
     ledger_key_file: Path | None = Field(
         None, description="key of the privacy ledger's HMAC chain (default: derived from the at-rest key when "
                           "one is set, else state_dir/ledger.key, created on first use); keep it where the "

@@ -9,7 +9,8 @@ processes): what both launchers (``xrayfed server`` / ``xrayfed client``) call.
   venv's ``bin``: the SuperLink starts ``flower-superexec`` and the SuperNode ``flwr-clientapp``
   by name; the SuperExec polls every ``SUPEREXEC_POLL_S``).
 * :func:`supernode_command`: ``flower-supernode`` with its idle pull every ``[hospital]
-  poll_interval_s`` instead of Flower's fixed 3 s.
+  poll_interval_s`` instead of Flower's fixed 3 s, and (``[hospital] fork_clientapps``) its
+  SuperExec forking each ``flwr-clientapp`` process from a fork server (``xrayfed.client.forkserver``).
 
 The operator's side lives in the server package: the SuperLink's registry of hospital keys
 (:mod:`xrayfed.server.registry`) and the Fleet-only gateway (:mod:`xrayfed.server.gateway`).
@@ -173,43 +174,101 @@ SUPERNODE_POLL_S = 0.5
 SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", 0.2
 
 
-class _PollingClock:
-    """Flower's ``time`` module as the SuperNode's main loop sees it, with every wait capped at
-    ``max_sleep_s`` seconds (its idle pull waits 3 s, its wait for a ClientApp's reply 0.5 s)."""
+#: Seconds between the SuperNode's looks at its own memory while it waits for a ClientApp's reply
+#: (Flower: 0.5 s, a round's reply then leaves on average 0.25 s after it is ready).
+LOCAL_WAIT_S = 0.05
 
-    def __init__(self, module, max_sleep_s: float) -> None:
-        self._module, self._max = module, float(max_sleep_s)
+
+class _PollingClock:
+    """Flower's ``time`` module as the SuperNode's main loop sees it: its idle pull of the server
+    (3 s in Flower) waits at most ``max_sleep_s`` seconds, its waits for a ClientApp's reply in its
+    own memory (0.5 s in Flower; any wait under 1 s) at most ``local_wait_s``."""
+
+    def __init__(self, module, max_sleep_s: float, local_wait_s: float = LOCAL_WAIT_S) -> None:
+        self._module, self._max, self._local = module, float(max_sleep_s), float(local_wait_s)
 
     def sleep(self, seconds: float) -> None:
-        self._module.sleep(min(float(seconds), self._max))
+        seconds = float(seconds)
+        self._module.sleep(min(seconds, self._max if seconds >= 1.0 else self._local))
 
     def __getattr__(self, name: str):
         return getattr(self._module, name)
 
 
-def supernode_command(poll_s: float = SUPERNODE_POLL_S) -> list[str]:
+def supernode_command(poll_s: float = SUPERNODE_POLL_S, fork_clientapps: bool = True) -> list[str]:
     """The command that starts Flower's ``flower-supernode`` with its idle pull every ``poll_s``
-    seconds (append ``flower-supernode``'s own arguments)."""
-    return [sys.executable, "-m", "xrayfed.common.flower_launch", "supernode", "--poll-s", f"{poll_s:g}"]
+    seconds and, with ``fork_clientapps``, its SuperExec forking each ClientApp process from a
+    fork server (``xrayfed.client.forkserver``); append ``flower-supernode``'s own arguments."""
+    return [sys.executable, "-m", "xrayfed.common.flower_launch", "supernode", "--poll-s", f"{poll_s:g}",
+            *(["--fork-clientapps"] if fork_clientapps else [])]
+
+
+class Subprocess:
+    """A Flower module's ``subprocess`` as that module sees it: ``Popen`` of the command named
+    ``name`` starts ``replace(args, kwargs)`` instead (a ``Popen``, or an object with a ``pid``
+    when it returns one); every other name and command is the real module's."""
+
+    def __init__(self, module, name: str, replace) -> None:
+        self._module, self._name, self._replace = module, name, replace
+
+    def Popen(self, args, *rest, **kw):  # noqa: N802 - subprocess's own name
+        if not rest and isinstance(args, (list, tuple)) and list(args[:1]) == [self._name]:
+            started = self._replace(list(args), kw)
+            if started is not None:
+                return started
+        return self._module.Popen(args, *rest, **kw)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
 
 
 def run_supernode(argv: list[str]) -> None:
     """``flower-supernode`` (Flower's entry point, its arguments in ``argv``) with the idle pull
-    interval given by a leading ``--poll-s S``."""
+    interval given by a leading ``--poll-s S`` and, after it, ``--fork-clientapps``: its
+    SuperExec is ``python -m xrayfed.client.forkserver`` (Flower's, its ClientApp processes forked
+    from a fork server)."""
+    import subprocess
     import time
 
     poll_s = SUPERNODE_POLL_S
     if argv[:1] == ["--poll-s"]:
         poll_s, argv = float(argv[1]), argv[2:]
+    fork = argv[:1] == ["--fork-clientapps"]
+    argv = argv[1:] if fork else argv
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 
     loop.time = _PollingClock(time, poll_s)  # the module's own name for `time`: its main loop only
+    if fork:  # the SuperNode starts `flower-superexec` by name (one Popen, at its start)
+        wake_r, wake_w = os.pipe()  # a byte per message received: the SuperExec starts its process at once
+        os.set_blocking(wake_w, False)
+
+        def superexec(args: list[str], kw: dict):
+            try:
+                return subprocess.Popen([sys.executable, "-m", "xrayfed.client.forkserver", "--wake-fd", str(wake_r),
+                                         *args[1:]], pass_fds=(wake_r,), **kw)
+            finally:
+                os.close(wake_r)
+
+        pull = loop._pull_and_store_message
+
+        def pull_and_wake(*a, **kw):
+            run_id = pull(*a, **kw)
+            if run_id is not None:
+                try:
+                    os.write(wake_w, b"m")
+                except OSError:  # full (the SuperExec is behind anyway) or gone: its own poll finds it
+                    pass
+            return run_id
+
+        loop.subprocess = Subprocess(subprocess, "flower-superexec", superexec)
+        loop._pull_and_store_message = pull_and_wake
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["supernode"]:
-        raise SystemExit("usage: python -m xrayfed.common.flower_launch supernode [--poll-s S] FLOWER-SUPERNODE-ARGS")
+        raise SystemExit("usage: python -m xrayfed.common.flower_launch supernode [--poll-s S] [--fork-clientapps] "
+                         "FLOWER-SUPERNODE-ARGS")
     run_supernode(sys.argv[2:])

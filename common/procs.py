@@ -44,8 +44,9 @@ def venv_bin(name: str) -> str:
 
 
 def spawn(cmd: Sequence[str], *, log: IO | None = None, env: dict | None = None, cwd: str | None = None,
-          stdout=None) -> subprocess.Popen:
-    """Start ``cmd`` in its own process group (so the whole tree can be stopped together)."""
+          stdout=None, pass_fds: Sequence[int] = ()) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group (so the whole tree can be stopped together);
+    ``pass_fds``: file descriptors it inherits (besides its standard streams)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
@@ -57,6 +58,7 @@ def spawn(cmd: Sequence[str], *, log: IO | None = None, env: dict | None = None,
         env=full_env,
         cwd=cwd,
         start_new_session=True,
+        pass_fds=tuple(pass_fds),
     )
 
 

@@ -22,12 +22,14 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from xrayfed.common.checkpoint import Checkpoint
 from xrayfed.common.config import dump_toml
 from xrayfed.common.errors import UserError
 from xrayfed.common.security import atrest
+
+if TYPE_CHECKING:  # torch: `xrayfed server` starts the SuperLink before it imports torch (it writes the config only)
+    from xrayfed.common.checkpoint import Checkpoint
 
 _CKPT = re.compile(r"^round-(\d{4,})\.pt$")
 

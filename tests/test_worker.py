@@ -163,6 +163,7 @@ def test_clientapp_trains_in_its_own_process_without_a_worker(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in (w.SOCKET_ENV, w.SECRET_ENV)}
     out = _clientapp_train(tmp_path, config, 1, env)
     assert out["status"] == "trained" and out["arrays"] == 1 and out["loaded"] == ["opacus", "torch"], out
+    assert out["local"] == 0.0, out  # a worker's reply has the same metric names (Flower aggregates only those)
     assert [r["event"] for r in read_ledger(state / "privacy-ledger.jsonl")][-1] == "release"
 
 
@@ -197,10 +198,11 @@ def test_reply_poll_and_idle_pull_are_capped(monkeypatch):
     assert grid.calls[-1]["type"] == "train" and grid.calls[-1]["replies"] == 3
 
     waited: list[float] = []
-    clock = _PollingClock(SimpleNamespace(sleep=waited.append, time=lambda: 42.0), 0.5)
-    clock.sleep(3)
-    clock.sleep(0.1)
-    assert waited == [0.5, 0.1] and clock.time() == 42.0
+    clock = _PollingClock(SimpleNamespace(sleep=waited.append, time=lambda: 42.0), 0.5, local_wait_s=0.05)
+    clock.sleep(3)  # the idle pull of the server
+    clock.sleep(0.5)  # a look in its own memory for the ClientApp's reply
+    clock.sleep(0.01)
+    assert waited == [0.5, 0.05, 0.01] and clock.time() == 42.0
 
 
 def test_round_breakdown_adds_up():

@@ -1,0 +1,197 @@
+"""What a real federation pays besides training, cut at its roots: the hospital's ClientApp
+processes are forked from a fork server (one fresh process per message, the imports done once),
+the hospital's worker checks the data and the plan (``xrayfed client`` imports no torch) and
+warms its training up before the first round, and ``xrayfed server`` starts the SuperLink
+without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from xrayfed.common.config import HospitalConfig, dump_toml
+
+#: A SuperExec with its fork server, whose ClientApp (Flower's entry point, replaced before the
+#: fork) writes what it sees and exits 3. Prints the children's pids and the fork server's.
+FORKING_SUPEREXEC = r"""
+import json, os, subprocess, sys, time
+import numpy as np
+out = sys.argv[1]
+import flwr.supernode.cli.flwr_clientapp  # the module (its package exports the function by the same name)
+entry = sys.modules["flwr.supernode.cli.flwr_clientapp"]
+
+def fake_clientapp():
+    with open(os.path.join(out, f"{os.getpid()}.json"), "w") as f:
+        json.dump({"argv": sys.argv, "rand": float(np.random.rand()), "ppid": os.getppid(),
+                   "stdout_is_devnull": os.path.samestat(os.fstat(1), os.stat(os.devnull))}, f)
+    print("clientapp says hello", flush=True)
+    sys.exit(3)
+
+entry.flwr_clientapp = fake_clientapp
+from xrayfed.client import forkserver as F
+from xrayfed.common.flower_launch import Subprocess
+F.preload()
+fs = F.ForkServer()
+popen = Subprocess(subprocess, "flwr-clientapp", fs.launch)
+a = popen.Popen(["flwr-clientapp", "--token", "t1", "--parent-pid", str(os.getpid())])
+b = popen.Popen(["flwr-clientapp", "--token", "t2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+other = popen.Popen([sys.executable, "-c", "print('not a clientapp')"])
+other.wait()
+print(json.dumps({"children": [a.pid, b.pid], "fork_server": fs.pid, "state": fs.state,
+                  "other_is_popen": isinstance(other, subprocess.Popen)}), flush=True)
+deadline = time.time() + 60
+while len([f for f in os.listdir(out) if f.endswith(".json")]) < 2 and time.time() < deadline:
+    time.sleep(0.05)
+"""
+
+
+def test_clientapp_processes_are_fresh_forks_of_the_fork_server(tmp_path):
+    """Each ClientApp start is a new process forked from the fork server: it runs Flower's entry
+    point with exactly the SuperExec's arguments, its output where the SuperExec's goes (or
+    nowhere when Flower asks for that), numpy's generator seeded afresh (SecAgg+ quantization
+    draws from it); other commands start as before; the fork server ends with the SuperExec."""
+    r = subprocess.run([sys.executable, "-c", FORKING_SUPEREXEC, str(tmp_path)], capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
+    assert info["state"] == "ready" and info["other_is_popen"], info
+    assert "not a clientapp" in r.stdout and r.stdout.count("clientapp says hello") == 1, r.stdout
+    seen = {int(p.stem): json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert set(seen) == set(info["children"]), (seen, info)
+    a, b = (seen[p] for p in info["children"])
+    assert a["argv"][0] == "flwr-clientapp" and a["argv"][1:3] == ["--token", "t1"], a
+    assert b["argv"] == ["flwr-clientapp", "--token", "t2"], b
+    assert a["ppid"] == b["ppid"] == info["fork_server"]
+    assert not a["stdout_is_devnull"] and b["stdout_is_devnull"]
+    assert a["rand"] != b["rand"]  # not the fork server's generator state twice
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(info["fork_server"]) and time.monotonic() < deadline:
+        try:
+            if psutil.Process(info["fork_server"]).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    alive = [p for p in (info["fork_server"], *info["children"]) if psutil.pid_exists(p)
+             and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"left behind: {alive}"
+
+
+def test_a_fork_server_that_is_gone_leaves_flowers_own_start(tmp_path):
+    """A fork server that died: the SuperExec starts `flwr-clientapp` itself (Flower's Popen)."""
+    code = r"""
+import os, signal, subprocess, sys
+from xrayfed.client import forkserver as F
+F.preload()
+fs = F.ForkServer()
+os.kill(fs.pid, signal.SIGKILL)
+os.waitpid(fs.pid, 0)
+print("forked" if fs.launch(["flwr-clientapp", "--help"], {}) is not None else "fallback", fs.state)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-2:] == ["fallback", "gone"], r.stdout
+
+
+def test_the_superexec_asks_for_a_task_as_soon_as_its_supernode_received_a_message(monkeypatch):
+    """Woken by its SuperNode for each message it receives, the SuperExec does not ask the
+    SuperNode for tasks five times a second: it asks at once when woken, else every WOKEN_POLL_S."""
+    from types import SimpleNamespace
+
+    from xrayfed.client import forkserver as F
+
+    monkeypatch.setattr(F, "WOKEN_POLL_S", 0.3)
+    r, w = os.pipe()
+    slept: list[float] = []
+    clock = F._WakeClock(SimpleNamespace(sleep=slept.append, time=time.time), r)
+    t0 = time.monotonic()
+    clock.sleep(0.2)  # nothing received: the longer of Flower's interval and WOKEN_POLL_S
+    assert 0.25 <= time.monotonic() - t0 < 2.0
+    os.write(w, b"mm")
+    t0 = time.monotonic()
+    clock.sleep(0.2)
+    assert time.monotonic() - t0 < 0.2  # woken
+    t0 = time.monotonic()
+    clock.sleep(0.2)  # both bytes were taken: waits again
+    assert time.monotonic() - t0 >= 0.25
+    os.close(w)  # the SuperNode is gone: Flower's own wait from then on
+    clock.sleep(0.2)
+    clock.sleep(0.2)
+    assert slept == [0.2]
+    os.close(r)
+
+
+def test_the_supernode_starts_its_superexec_with_the_fork_server():
+    from xrayfed.common.flower_launch import supernode_command
+
+    assert supernode_command(0.5)[-1] == "--fork-clientapps"
+    assert "--fork-clientapps" not in supernode_command(0.5, fork_clientapps=False)
+    assert HospitalConfig().hospital.fork_clientapps is True
+
+
+def _hospital_config(tmp_path: Path, **privacy) -> Path:
+    from xrayfed.common.synthetic import write_npz
+
+    data = write_npz(tmp_path / "data.npz", n_train=120, n_val=20, n_test=20, size=28, task="binary", seed=5)
+    cfg = HospitalConfig.model_validate({
+        "hospital": {"name": "h0", "state_dir": str(tmp_path / "state"), "device": "cpu"},
+        "data": {"path": str(data)}, "privacy": {"epsilon": 8.0, "max_rounds": 3, **privacy},
+    })
+    path = tmp_path / "hospital.toml"
+    path.write_text(dump_toml(cfg))
+    return path
+
+
+def test_the_worker_checks_the_data_and_the_plan_for_xrayfed_client(tmp_path):
+    """`xrayfed client` imports no torch: its worker checks the data and the DP plan and answers
+    with the lines `xrayfed client` prints, the plan's figures, or the one-line refusal."""
+    from xrayfed.client.worker import check_plan
+
+    good = _hospital_config(tmp_path / "good")
+    r, w = os.pipe()
+    figures = check_plan(good, w)
+    answer = json.loads(os.fdopen(r).read())
+    n, unit, scans = figures.split(",")
+    assert figures == answer["plan"] and unit == "patient" and 0 < int(n) <= int(scans) <= 120, answer
+    assert len(answer["lines"]) == 1 and f"(N = {n} patients); plan: σ = " in answer["lines"][0], answer
+
+    bad = _hospital_config(tmp_path / "bad", delta=0.5)
+    r, w = os.pipe()
+    assert check_plan(bad, w) is None
+    answer = json.loads(os.fdopen(r).read())
+    assert answer["code"] == 2 and answer["error"].startswith("privacy.delta = 0.5: must be below 1/N"), answer
+    assert not (tmp_path / "bad" / "state" / "privacy-ledger.jsonl").exists()
+
+
+def test_launchers_do_not_import_torch():
+    """`xrayfed server` starts its SuperLink before anything imports torch, and `xrayfed client`
+    never imports it (its worker does)."""
+    code = ("import sys, xrayfed.server.superlink, xrayfed.client.supernode; "
+            "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_warm_training_touches_no_scan_ledger_or_feature_cache(tmp_path):
+    """The worker's warm-up step trains a throwaway model on random numbers: nothing of it is
+    kept (no ledger, no cached features)."""
+    from xrayfed.client.nodeconfig import hospital_config_from_node
+    from xrayfed.client.worker import warm_training
+    from xrayfed.common.model import scatter_front
+
+    config = _hospital_config(tmp_path)
+    before = scatter_front._SCATTER_CACHE.bytes
+    warm_training(hospital_config_from_node({"config": str(config)}))
+    assert scatter_front._SCATTER_CACHE.bytes == before
+    assert not (tmp_path / "state" / "privacy-ledger.jsonl").exists()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
