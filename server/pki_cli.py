@@ -9,7 +9,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from xrayfed.common.checkpoint import to_bytes
 from xrayfed.common.errors import UserError
 from xrayfed.common.files import atomic_write
 from xrayfed.common.flower_launch import write_flwr_home
@@ -78,6 +77,8 @@ def decrypt_checkpoint(checkpoint: Path | str, out: Path | str, key, *, force: b
     """Write a plaintext copy (mode 0600) of a (possibly encrypted) checkpoint; returns ``out``."""
     out = Path(out)
     refuse_existing([out], force)
+    from xrayfed.common.checkpoint import to_bytes  # lazy: the other certs commands run without torch
+
     ckpt = load_checkpoint(checkpoint, key)  # wrong key / modified file: one-line UserError
     atomic_write(out, to_bytes(ckpt), mode=KEY_MODE)
     return out

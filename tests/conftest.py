@@ -41,6 +41,14 @@ LONGEST_FIRST = ("test_faults.py", "test_secure_federation.py", "test_demo.py", 
                  "test_flower_security.py", "test_simulation.py", "test_federation.py")
 
 
+def pytest_configure(config):
+    # pytest-xdist (3.6 and later) reorders the files by their number of tests unless told not
+    # to (`--no-loadscope-reorder`): the long end-to-end files, which hold few tests, then start
+    # last and run alone at the end. Keep the order above, whichever command line started the run.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: test order within a file kept
