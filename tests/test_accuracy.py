@@ -407,7 +407,7 @@ def test_server_evaluation_reports_metrics_at_the_validation_threshold(npz, fede
 def test_federation_starts_from_a_public_checkpoint(tmp_path, npz, federated):
     """A model trained on 'public' data (here: the model this module's federation trained) is
     the round-0 global model: same task → every weight; another task → every layer but a fresh
-    head; another architecture → refused. (The real server using it: tests/test_federation.py.)"""
+    head; another architecture → refused. (The real server using it: tests/test_faults.py.)"""
     from xrayfed.common.checkpoint import Checkpoint, save_checkpoint
     from xrayfed.common.errors import UserError
     from xrayfed.server.federation import initial_state

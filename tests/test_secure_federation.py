@@ -7,7 +7,8 @@ hospitals (each requiring secure aggregation, each with its own at-rest key) tra
 and a third registered hospital whose privacy budget cannot pay for a round refuses it inside
 the SecAgg+ round (weight 0), while, against the same running server, a hospital whose key is not registered, a hospital
 trusting another CA, and an outsider calling the Control API through the public port are all
-refused. The tests then check what each party left behind.
+refused. After the round every hospital's ``xrayfed client`` stops on its own (one of them
+runs with -v). The tests then check what each party left behind.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def run(tmp_path_factory):
             procs[name] = spawn(cmd, log=f)
         return procs[name]
 
-    def client(config: str, auth: str, ca: Path, atrest_key: str | None = None) -> list[str]:
-        cmd = CLI + ["client", "--server", f"127.0.0.1:{port}", "--config", str(hcfg[config]),
+    def client(config: str, auth: str, ca: Path, atrest_key: str | None = None, verbose: bool = False) -> list[str]:
+        cmd = CLI + (["-v"] if verbose else []) + ["client", "--server", f"127.0.0.1:{port}", "--config", str(hcfg[config]),
                      "--ca-cert", str(ca), "--auth-key", str(pki / "hospitals" / auth / "auth.key")]
         return cmd + (["--atrest-key-file", str(keys[atrest_key])] if atrest_key else [])
 
@@ -121,8 +122,8 @@ def run(tmp_path_factory):
         server = start("server", CLI + ["server", "--config", str(fp), "--atrest-key-file", str(keys["server"])])
         _wait_text(logs["server"], rf"registered hospitals: h1, h2, {BROKE}", 120, server)
         _wait_text(logs["server"], r"SuperLink listening on", 60, server)
-        for name in GOOD:
-            start(name, client(name, name, pki / "hospitals" / name / "ca.pem", atrest_key=name))
+        for name in GOOD:  # h2 with -v: Flower's lines too
+            start(name, client(name, name, pki / "hospitals" / name / "ca.pem", atrest_key=name, verbose=name == "h2"))
         start(BROKE, client(BROKE, BROKE, pki / "hospitals" / BROKE / "ca.pem"))  # no at-rest key: plaintext
         # Against the same running server: an unregistered hospital, and a hospital with a
         # registered key (h1's) that trusts another CA (its own state folder: config h4).
@@ -143,11 +144,14 @@ def run(tmp_path_factory):
             result[f"rc:{name}"] = procs[name].wait(timeout=120)
         result["rc:server"] = procs["server"].wait(timeout=360)
         result["seconds"] = time.time() - t0
+        deadline = time.time() + 60  # the server has finished: each hospital's client stops within seconds
+        while time.time() < deadline and any(procs[n].poll() is None for n in (*GOOD, BROKE)):
+            time.sleep(0.5)
+        for name in (*GOOD, BROKE):  # None: still running, stopped below by the test
+            result[f"rc:{name}"] = procs[name].poll()
     finally:
         for p in reversed(list(procs.values())):
             kill_tree(p)
-    for name in (*GOOD, BROKE):  # the hospitals' SuperNodes were stopped by the test, not refused
-        result[f"rc:{name}"] = procs[name].returncode
     leftover = [p for p in _descendants() - before if psutil.pid_exists(p)]
     assert not leftover, f"processes left behind: {leftover}"
     return result
@@ -255,3 +259,35 @@ def test_control_api_is_not_reachable_on_the_public_port(run):
     assert run["outsider_registered"] is False
     log = (run["run_dir"] / "server.log").read_text(errors="replace")
     assert re.search(r"REFUSED .* /v1/control/\S+ -> HTTP 403", log), log[-3000:]
+
+
+def test_hospitals_exit_when_the_run_is_finished_and_the_logs_read_clean(run):
+    """After the server's last round every `xrayfed client` stops on its own (exit 0, one line
+    with the rounds and its spent budget) instead of retrying forever. Written to files, no
+    output carries colour codes; without -v a hospital prints xrayfed's lines only (no Flower
+    line, no message id), with -v Flower's lines too; all of them are in STATE/supernode.log."""
+    from xrayfed.client.supernode import ALIVE_FILE, SUPERNODE_LOG
+
+    server = _log(run, "server")
+    assert "told the 3 connected hospital(s) that the run is finished" in server, server[-3000:]
+    logs = {name: _log(run, name) for name in (*GOOD, BROKE)}
+    assert {n: run[f"rc:{n}"] for n in logs} == dict.fromkeys(logs, 0), {n: t[-2000:] for n, t in logs.items()}
+    for name, text in logs.items():
+        last = text.strip().splitlines()[-1]
+        # the budget planned for 2 rounds can pay for another; BROKE's refused the only one
+        spent = (r"trained no round \(ε = 0 of 0\.50, per patient\)" if name == BROKE else
+                 r"spent ε = \d\.\d\d of 4\.00 \(per patient, δ = 1e-05\) in 1 round")
+        assert re.fullmatch(rf"\[xrayfed\] hospital {name}: the federation's run 'secure' finished after 1 round; "
+                            rf"this hospital {spent}\. Exiting\.", last), last
+        state = run["root"] / f"state-{name}"
+        assert not (state / ALIVE_FILE).exists()  # it left the server cleanly
+        assert "Starting Flower SuperNode" in (state / SUPERNODE_LOG).read_text()
+    # No colour codes in any file, the server's included.
+    for text in [*logs.values(), server, (run["run_dir"] / "server.log").read_text(errors="replace")]:
+        assert "\x1b" not in text
+    quiet, verbose = logs["h1"], logs["h2"]
+    assert "INFO xrayfed.client.hospital: round 1: trained" in quiet
+    assert "Flower" not in quiet and "(ID: " not in quiet and not re.search(r"^(DEBUG|INFO)\s*:", quiet, re.M)
+    assert "DEBUG" not in quiet
+    assert "Starting Flower SuperNode" in verbose and "(ID: " in verbose
+    assert "round 1: test AUC" in server and "Flower" not in server
