@@ -167,11 +167,18 @@ def _cluster_processes(tag: str) -> list[psutil.Process]:
 
 
 def _stop_cluster(tag: str, started: list[subprocess.Popen]) -> None:
-    """End the cluster this test started, and only it: its `ray start --block` processes and
-    every process carrying its tag (never `ray stop`, which ends every Ray on the machine)."""
+    """End the cluster this test started, and only it: its `ray start --block` processes, then
+    every process still carrying its tag (never `ray stop`, which ends every Ray on the machine).
+    One SIGTERM each for the `ray start` processes: each stops the processes it started, and a
+    second SIGTERM while it does so deadlocks Ray's handler (its lock is taken twice) until SIGKILL."""
     for proc in started:
         if proc.poll() is None:
             proc.terminate()
+    for proc in started:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         left = _cluster_processes(tag)
@@ -189,10 +196,7 @@ def _stop_cluster(tag: str, started: list[subprocess.Popen]) -> None:
         except psutil.Error:
             pass
     for proc in started:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.wait(timeout=10)
 
 
 @pytest.mark.slow
@@ -220,7 +224,7 @@ def test_simulate_runs_on_a_two_node_ray_cluster_and_leaves_no_process(tmp_path,
     short = tempfile.mkdtemp(prefix="xr-ray-")  # Ray's unix socket paths must stay under 108 bytes
     try:
         started.append(node("--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", short))
-        _wait_for_nodes(address, 1)
+        _wait_for_port(address)  # the head's GCS answers: the second node can join
         started.append(node("--address", address))
         _wait_for_nodes(address, 2)
         out = tmp_path / "sim"
@@ -240,6 +244,21 @@ def test_simulate_runs_on_a_two_node_ray_cluster_and_leaves_no_process(tmp_path,
     assert _cluster_processes(tag) == []
 
 
+def _wait_for_port(address: str, timeout_s: float = 180.0) -> None:
+    """Until the Ray head at ``address`` listens."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    host, port = address.rsplit(":", 1)
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"the Ray head at {address} never listened"
+            time.sleep(0.5)
+
+
 def _wait_for_nodes(address: str, n: int, timeout_s: float = 180.0) -> None:
     """Until the cluster at ``address`` has ``n`` live nodes (asked from a short-lived driver)."""
     import sys
@@ -248,17 +267,8 @@ def _wait_for_nodes(address: str, n: int, timeout_s: float = 180.0) -> None:
             "ray.init(address=sys.argv[1], _node_ip_address='127.0.0.1', logging_level='ERROR', "
             "log_to_driver=False); print(sum(1 for x in ray.nodes() if x['Alive'] and "
             "x['NodeManagerAddress'] == '127.0.0.1')); ray.shutdown()")
-    import socket
-
     deadline = time.monotonic() + timeout_s
-    host, port = address.rsplit(":", 1)
-    while True:  # a driver started before the head listens waits minutes for it: wait for the port first
-        try:
-            socket.create_connection((host, int(port)), timeout=2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, f"the Ray head at {address} never listened"
-            time.sleep(1)
+    _wait_for_port(address, timeout_s)  # a driver started before the head listens waits minutes for it
     why = ""
     while True:
         try:
