@@ -37,6 +37,7 @@ composition is the same (results match to 10⁻⁹) and the PRV accountant is mu
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from contextlib import contextmanager
@@ -81,11 +82,20 @@ def compute_epsilon(history: list[tuple[float, float, int]], delta: float, accou
     (PRV or RDP): what the hospital's ledger records and checks before every round."""
     if not history:
         return 0.0
+    # Consecutive rounds with equal (σ, q) compose into one entry: same ε, constant cost per call.
+    return _opacus_epsilon(tuple(merge_history(history)), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _opacus_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """:func:`compute_epsilon`'s accountant call on a merged history. A pure function of its
+    arguments, so cached: a hospital asks for the same ε several times a round (what it spent,
+    what the round would spend, its budget's check), and hospitals with the same plan in one
+    process (a simulation) ask for the same ones; each call costs PRV tenths of a second."""
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
-    # Consecutive rounds with equal (σ, q) compose into one entry: same ε, constant cost per call.
-    acc.history = merge_history(history)
+    acc.history = list(history)
     with warnings.catch_warnings():
         # Opacus PRV: log(0) at q = 1, and its RDP-based domain bound's "largest alpha" hint: harmless,
         # and never a line in a hospital's, the server's or data check's output.
