@@ -37,6 +37,7 @@ import signal
 import socket
 import struct
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,22 @@ _MAX_PAYLOAD = 1 << 34  # bytes (16 GiB): far above any model a hospital accepts
 
 class WorkerLost(Exception):
     """The worker accepted a request and went away before it replied (killed, crashed)."""
+
+
+@contextmanager
+def _unix_address(path: Path | str):
+    """``path`` as an AF_UNIX address. Such an address holds at most 107 bytes, and a state folder
+    may lie deeper: a longer path is reached through a descriptor of its folder instead
+    (``/proc/self/fd/N/NAME``, the same socket file), closed after the bind or connect."""
+    path = str(path)
+    if len(os.fsencode(path)) < 100:
+        yield path
+        return
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- wire format
@@ -112,7 +129,8 @@ def forward(op: str, config: dict[str, Any], arrays, env: dict[str, str] | None 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
-            sock.connect(path)
+            with _unix_address(path) as address:
+                sock.connect(address)
         except OSError:
             return None  # not started yet, or gone: the caller runs the request itself
         try:
@@ -244,7 +262,8 @@ def serve(config_path: Path, sock_path: Path, secret: str, parent_pid: int | Non
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
-        srv.bind(str(sock_path))
+        with _unix_address(sock_path) as address:
+            srv.bind(address)
     finally:
         os.umask(old)
     os.chmod(sock_path, 0o600)

@@ -24,17 +24,17 @@ from xrayfed.common.protocol.rounds import RoundRequest
 TASK = TaskSpec(kind="binary", class_names=("NORMAL", "PNEUMONIA"))
 
 
-def _hospital(tmp_path: Path) -> tuple[Path, Path]:
+def _hospital(tmp_path: Path, state: str = "state") -> tuple[Path, Path]:
     from xrayfed.common.synthetic import write_npz
 
     data = write_npz(tmp_path / "data.npz", n_train=160, n_val=20, n_test=20, size=28, task="binary", seed=3)
     cfg = HospitalConfig.model_validate({
-        "hospital": {"name": "h0", "state_dir": str(tmp_path / "state"), "device": "cpu"},
+        "hospital": {"name": "h0", "state_dir": str(tmp_path / state), "device": "cpu"},
         "data": {"path": str(data)}, "privacy": {"epsilon": 8.0, "max_rounds": 3},
     })
     path = tmp_path / "hospital.toml"
     path.write_text(dump_toml(cfg))
-    return path, tmp_path / "state"
+    return path, tmp_path / state
 
 
 def _request(round_: int = 1):
@@ -54,8 +54,10 @@ def _request(round_: int = 1):
 def worker(tmp_path):
     from xrayfed.client import worker as w
 
-    config, state = _hospital(tmp_path)
+    # a state folder deeper than an AF_UNIX address holds (107 bytes): the socket still works
+    config, state = _hospital(tmp_path, "state-" + "x" * 64)
     sock = state / w.WORKER_DIR / w.SOCKET_NAME
+    assert len(os.fsencode(str(sock))) > 107
     env = {**os.environ, w.SECRET_ENV: w.new_secret()}
     proc = subprocess.Popen([sys.executable, "-m", "xrayfed.client.worker", "--config", str(config), "--socket",
                              str(sock), "--parent-pid", str(os.getpid())], env=env)
