@@ -34,11 +34,14 @@ def pool():
     p.close()
 
 
-#: The files with the longest end-to-end tests, longest first. ``./dev test`` runs the files in
-#: three workers (pytest-xdist, ``--dist loadfile``), which take files in collection order: starting
-#: with these lets the short files fill the gaps at the end instead of one long test running alone.
-LONGEST_FIRST = ("test_faults.py", "test_secure_federation.py", "test_demo.py", "test_encrypted_inference.py",
-                 "test_flower_security.py", "test_simulation.py", "test_federation.py")
+#: The longest files (end-to-end tests, in-process DP training), longest first. ``./dev test`` runs
+#: the files in three workers (pytest-xdist, ``--dist loadfile``), which take files in collection
+#: order: starting with these lets the short files fill the gaps at the end instead of one long
+#: file running alone. A file missing here runs in alphabetical order after them.
+LONGEST_FIRST = ("test_faults.py", "test_server_step.py", "test_simulation.py", "test_demo.py",
+                 "test_secure_federation.py", "test_hospital.py", "test_accuracy.py", "test_export.py",
+                 "test_report.py", "test_encrypted_inference.py", "test_patient_privacy.py", "test_adversaries.py",
+                 "test_flower_security.py", "test_audit.py", "test_privacy.py", "test_federation.py")
 
 
 def pytest_configure(config):
