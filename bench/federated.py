@@ -117,7 +117,7 @@ def run_processes(s: dict, data: Path, out_dir: Path, hospital_section: dict | N
         "test_auc": ev["auc"], "test_accuracy": ev["accuracy"], "test_sensitivity": ev.get("sensitivity"),
         "test_specificity": ev.get("specificity"), "threshold": ev.get("threshold"), "val_auc": ev.get("val_auc"),
         "max_epsilon_spent": rows[-1].get("max_epsilon"), "rounds": len(rows),
-        "wall_s": round(wall, 1), "peak_rss_mb": round(mem.get("peak_rss_mb", 0), 0),
+        "wall_s": round(wall, 1), "started_at": t0, "peak_rss_mb": round(mem.get("peak_rss_mb", 0), 0),
         "auc_per_round": [row["eval"]["auc"] for row in rows],
     }
 

@@ -16,8 +16,9 @@ Usage::
         (needs the held-out folders of ``./dev bench heldout``: bench/results/work-kermany-heldout)
 
 Writes ``bench/results/round-overhead.json``: per federation ``inprocess_wall_s``,
-``processes_wall_s``, ``ratio``, ``runs`` (each run's wall time and load average) and
-``breakdown`` (seconds per round); other federations already in the file are kept.
+``processes_wall_s``, ``ratio``, ``runs`` (each run's wall time and load average),
+``breakdown`` (seconds per round), ``phases`` (the process runs' seconds before round 1, in the
+rounds and after them); other federations already in the file are kept.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,14 +62,39 @@ def breakdown(run_dir: Path) -> dict[str, float]:
     return {k: round(statistics.fmean(float(t.get(k, 0.0)) for t in timed), 3) for k in keys}
 
 
+#: ``--cold``: how hospitals ran before the warm worker (a process per message that imports torch,
+#: Flower's 3 s idle pull, Flower's own ``flwr-clientapp`` start).
+COLD = {"warm_worker": False, "poll_interval_s": 3.0, "fork_clientapps": False}
+
+
+def phases(run_dir: Path, t0: float, wall: float) -> dict[str, float]:
+    """Where a process run's wall time went outside its rounds: ``before_round1_s`` (every
+    process started, the hospitals checked their data and joined, the ServerApp loaded its
+    evaluation sets), ``rounds_s`` (rounds 1..last, each in the breakdown) and ``after_rounds_s``
+    (the hospitals told the run is over, every process stopped). From the rows of
+    ``metrics.jsonl``: a row's ``time`` (second resolution) is when its round's evaluation began,
+    its ``timing`` says how long the round took before and after that."""
+    from datetime import datetime
+
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def start(r: dict) -> float:
+        t = r["timing"]
+        return datetime.fromisoformat(r["time"]).timestamp() - (t["wait_s"] + t["exchange_s"] + t["aggregate_s"])
+
+    first, last = start(rows[0]), start(rows[-1]) + float(rows[-1]["duration_s"])
+    return {"before_round1_s": round(first - t0, 1), "rounds_s": round(last - first, 1),
+            "after_rounds_s": round(t0 + wall - last, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--which", choices=sorted(FEDERATIONS), default="pneumoniamnist-28")
     ap.add_argument("--data", type=Path, default=None, help="default: the federation's usual place")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cold", action="store_true",
-                    help="hospitals without their warm worker and with Flower's 3 s idle pull (how rounds ran "
-                         "before the worker), stored under WHICH-cold")
+                    help="hospitals without their warm worker, with Flower's 3 s idle pull and its own "
+                         "`flwr-clientapp` start per message (how rounds ran before), stored under WHICH-cold")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "round-overhead.json")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "work-round-overhead")
     args = ap.parse_args()
@@ -82,16 +107,18 @@ def main() -> None:
         s = settings(args.which, seed)
         for engine in ("processes",) if args.cold else ("inprocess", "processes"):
             load = os.getloadavg()[0]
-            t0 = time.time()
             if engine == "inprocess":
                 r = run_inprocess(s, data)
             else:
                 work = args.work / f"{args.which}{'-cold' if args.cold else ''}-seed{seed}"
-                r = run_processes(s, data, work, {"warm_worker": False, "poll_interval_s": 3.0} if args.cold
-                                  else None)
+                r = run_processes(s, data, work, COLD if args.cold else None)
                 rounds.append(breakdown(work / "run"))
-            run = {"engine": engine, "seed": seed, "wall_s": round(time.time() - t0, 1), "load_avg_1min": load,
+            # each engine's own clock: the in-process federation (its data loading included), and the
+            # federation's processes from their start to the last one's end
+            run = {"engine": engine, "seed": seed, "wall_s": r["wall_s"], "load_avg_1min": load,
                    "test_auc": r.get("test_auc")}
+            if engine == "processes":
+                run.update(phases(work / "run", r["started_at"], r["wall_s"]))
             print(json.dumps(run), flush=True)
             runs.append(run)
 
@@ -110,6 +137,8 @@ def main() -> None:
         "runs": runs,
         "breakdown": {k: round(statistics.fmean(b.get(k, 0.0) for b in rounds), 3)
                       for k in sorted({k for b in rounds for k in b})},
+        "phases": {k: round(statistics.fmean(r[k] for r in runs if k in r), 1)
+                   for k in ("before_round1_s", "rounds_s", "after_rounds_s")},
         "cpus": os.cpu_count(),
         "measured": "back to back, alternating engines; load_avg_1min noted before each run",
     }

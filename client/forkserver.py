@@ -71,8 +71,11 @@ def preload() -> None:
         import flwr.cli.install  # noqa: F401 - the FAB installation every message repeats
         import flwr.supercore.cli  # noqa: F401 - the SuperExec itself
         import flwr.supernode.cli.flwr_clientapp  # noqa: F401 - Flower's entry point and its runtime
+        import httpcore  # noqa: F401 - what httpx imports only when a client is made (each process makes one)
 
         import xrayfed.client.client_app  # noqa: F401 - the ClientApp Flower loads by name
+        import xrayfed.client.supernode  # noqa: F401 - the run-finished stage
+        import xrayfed.common.security.atrest  # noqa: F401 - the at-rest key of the training stage
     finally:
         if old is None:
             os.environ.pop("OPENBLAS_NUM_THREADS", None)

@@ -200,8 +200,9 @@ def check_server_certificate(server: str, ca_cert: Path | str, timeout: float = 
 UNREACHABLE = "Connection attempt failed"
 #: Where the ClientApp records the server's "run finished" message (see the module docstring).
 FINISHED_FILE = "run-finished.json"
-#: Seconds between two looks at ``FINISHED_FILE`` (and at the SuperNode).
-POLL_S = 1.0
+#: Seconds between two looks at ``FINISHED_FILE`` (and at the SuperNode and the worker): a
+#: finished run's SuperNode then leaves while the server is still up to see it go.
+POLL_S = 0.2
 #: flower-supernode's line once it has sent a reply to the server.
 SENT = "Sent successfully"
 #: Seconds left at most to the SuperNode, once the run is finished, to send the ClientApp's
@@ -252,6 +253,18 @@ def spent_line(records: list[dict], cfg) -> str:
     if compute_epsilon(history + history[-1:], delta, accountant) > budget:
         line += "; its budget cannot pay for another round"
     return line
+
+
+def worker_spent_line(env: dict[str, str]) -> str | None:
+    """:func:`spent_line` as the hospital's worker computes it (it has the privacy accountant
+    loaded; this process would import torch for it); None when the worker does not answer."""
+    try:
+        out = hospital_worker.forward("spent", {}, {}, env=env)
+    except hospital_worker.WorkerLost:
+        return None
+    if out is None or not out[0].get("ok"):
+        return None
+    return str(out[0]["line"])
 
 
 class _FlowerLog:
@@ -385,7 +398,7 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     full = _FlowerLog(state / SUPERNODE_LOG)
     ledger_path = state / LEDGER_FILE
     alive = state / ALIVE_FILE
-    finished = None
+    finished = spent = None
     joining = False  # a SuperNode was started: a clean stop then says so in ALIVE_FILE
     with ProcessGroup() as group:
         worker = [None]
@@ -474,6 +487,7 @@ def run_client_cmd(args: argparse.Namespace) -> int:
                 pump.join(timeout=5)
                 if finished is not None:
                     alive.unlink(missing_ok=True)
+                    spent = worker_spent_line(env) if worker_cmd is not None else None
                     break
                 if JOINED in seen:
                     alive.touch()
@@ -494,7 +508,8 @@ def run_client_cmd(args: argparse.Namespace) -> int:
         finally:
             full.close()
     if finished is not None:
-        spent = spent_line(read_ledger(ledger_path, atrest_key, key_file=cfg.hospital.ledger_key_file), cfg)
+        if spent is None:  # no worker (or it is gone): the accountant is imported here
+            spent = spent_line(read_ledger(ledger_path, atrest_key, key_file=cfg.hospital.ledger_key_file), cfg)
         print(f"[xrayfed] hospital {cfg.hospital.name}: the federation's run {finished['federation']!r} finished "
               f"after {finished['rounds']} round{'' if finished['rounds'] == 1 else 's'}; {spent}. Exiting.", flush=True)
         return 0

@@ -172,6 +172,13 @@ def handle(op: str, config: dict[str, Any], arrays: dict[str, Any], config_path:
             return {"ok": True, "reply": reply}, out
         if op == "evaluate":
             return {"ok": True, "metrics": evaluate_timed(cfg, config, state_dict)}, {}
+        if op == "spent":  # `xrayfed client`'s last line, from this hospital's own ledger
+            from xrayfed.client.supernode import spent_line
+            from xrayfed.common.privacy.ledger import LEDGER_FILE, read_ledger
+
+            state = Path(cfg.hospital.state_dir)
+            records = read_ledger(state / LEDGER_FILE, load_key(), key_file=cfg.hospital.ledger_key_file)
+            return {"ok": True, "line": spent_line(records, cfg)}, {}
         return {"ok": False, "error": "UnknownRequest"}, {}
     except Exception as e:  # noqa: BLE001 - logged here in full; the ClientApp sends the server its kind only
         what = "a training request" if op == "train" else "an evaluation request"

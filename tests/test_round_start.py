@@ -170,6 +170,20 @@ def test_the_worker_checks_the_data_and_the_plan_for_xrayfed_client(tmp_path):
     assert not (tmp_path / "bad" / "state" / "privacy-ledger.jsonl").exists()
 
 
+def test_the_worker_says_what_the_hospital_spent(tmp_path):
+    """At the run's end `xrayfed client` prints the budget line from its own ledger; the worker
+    computes it (the accountant is loaded there), the same line as in-process."""
+    from xrayfed.client.nodeconfig import hospital_config_from_node
+    from xrayfed.client.supernode import spent_line
+    from xrayfed.client.worker import handle
+
+    config = _hospital_config(tmp_path)
+    header, arrays = handle("spent", {}, {}, config)
+    assert header["ok"] and not arrays
+    assert header["line"] == spent_line([], hospital_config_from_node({"config": str(config)}))
+    assert "trained no round" in header["line"]
+
+
 def test_launchers_do_not_import_torch():
     """`xrayfed server` starts its SuperLink before anything imports torch, and `xrayfed client`
     never imports it (its worker does)."""
