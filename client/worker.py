@@ -173,7 +173,7 @@ def handle(op: str, config: dict[str, Any], arrays: dict[str, Any], config_path:
         if op == "evaluate":
             return {"ok": True, "metrics": evaluate_timed(cfg, config, state_dict)}, {}
         if op == "spent":  # `xrayfed client`'s last line, from this hospital's own ledger
-            from xrayfed.client.supernode import spent_line
+            from xrayfed.client.readiness import spent_line
             from xrayfed.common.privacy.ledger import LEDGER_FILE, read_ledger
 
             state = Path(cfg.hospital.state_dir)
@@ -231,12 +231,12 @@ def warm_training(cfg) -> None:
 
 
 def check_plan(config_path: Path, fd: int) -> str | None:
-    """``xrayfed client``'s check of the data and the DP plan (:func:`xrayfed.client.supernode.check_data`),
+    """``xrayfed client``'s check of the data and the DP plan (:func:`xrayfed.client.readiness.check_data`),
     run here because this process imports torch anyway; its answer, one JSON object written to
     ``fd`` (then closed): ``{"lines": [...], "plan": "N,UNIT,NUM_SCANS"}``, or ``{"lines": [...],
     "error": one line, "code": exit status}``. Returns the plan's figures, None when refused."""
     from xrayfed.client.hospital import hospital_config_from_node
-    from xrayfed.client.supernode import check_data
+    from xrayfed.client.readiness import check_data
     from xrayfed.common.errors import UserError
 
     lines: list[str] = []
