@@ -183,22 +183,12 @@ def _child(argv: list[str], quiet: bool) -> int:
 
 
 def _exit(code: int) -> None:
-    """End a forked process as :mod:`multiprocessing` ends its forked processes: the threads it
-    started are joined (``threading._shutdown``), logs and output flushed, then ``os._exit``.
-    The interpreter's own teardown of every module the SuperExec imported would cost more CPU
-    than the message (each object's page copied on write on the way: 0.65 s measured here)."""
-    import threading
+    """End a forked process without the interpreter's teardown of every module the SuperExec
+    imported, which would cost more CPU than the message (each object's page copied on write on
+    the way: 0.65 s measured here)."""
+    from xrayfed.common.flower_launch import exit_without_teardown
 
-    try:
-        threading._shutdown()  # noqa: SLF001 - what multiprocessing's forked processes call
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError, AttributeError):
-                pass
-    finally:
-        os._exit(code)
+    exit_without_teardown(code)
 
 
 # --------------------------------------------------------------------------- the SuperExec's side
@@ -328,7 +318,7 @@ def run_superexec(argv: list[str]) -> None:
     the SuperNode writes a byte there for each message it receives (:class:`_WakeClock`)."""
     import subprocess
 
-    from xrayfed.common.flower_launch import Subprocess
+    from xrayfed.common.flower_launch import Subprocess, run_without_teardown
 
     wake = None
     if argv[:1] == ["--wake-fd"]:
@@ -343,7 +333,7 @@ def run_superexec(argv: list[str]) -> None:
     if wake is not None:
         loop.time = _WakeClock(loop.time, wake)  # the module's own name for `time`: its main loop only
     sys.argv = ["flower-superexec", *argv]
-    flower_superexec()
+    run_without_teardown(flower_superexec)
 
 
 if __name__ == "__main__":

@@ -369,20 +369,39 @@ def run_client_cmd(args: argparse.Namespace) -> int:
                       "starting it again", flush=True)
                 start_worker()
 
+        def start_node(gate: int | None = None):
+            """A SuperNode (``gate``: it imports Flower, then waits for a byte there before it joins);
+            ``(process, its output's pump, markers seen, times replies were sent)``."""
+            seen: list[str] = []
+            sent: list[float] = []
+            extra = [] if gate is None else ["--wait-fd", str(gate)]
+            node = group.add(spawn(cmd[:cut] + extra + cmd[cut:], env=env, stdout=subprocess.PIPE,
+                                   pass_fds=() if gate is None else (gate,)))
+            pump = threading.Thread(target=_pump, args=(node.stdout, seen, relay, full, sent), daemon=True)
+            pump.start()
+            return node, pump, seen, sent
+
+        port = args.port or free_port()
+        launcher = supernode_command(cfg.hospital.poll_interval_s, cfg.hospital.fork_clientapps)
+        cmd, cut = [*launcher, *link_args, "--port", str(port), "--node-config", f'config="{resolved}"'], len(launcher)
+        gate = None
         try:
             if worker_cmd is None:
                 plan = check_data(cfg)
                 plan_figures[0] = f"{plan.num_examples},{plan.unit},{plan.num_scans}"
             else:  # the worker imports torch anyway: it checks the data and the plan, this process stays torch-free
+                # The SuperNode imports Flower meanwhile; it joins only once the check has passed.
+                gate_r, gate = os.pipe()
+                try:
+                    first = start_node(gate_r)
+                finally:
+                    os.close(gate_r)
                 plan_figures[0] = check_in_worker(cfg, start_worker, worker)
             (state / FINISHED_FILE).unlink(missing_ok=True)  # a previous run's end: this process waits for a new one
             # Fail before joining when the privacy ledger cannot be read (wrong/missing at-rest key or
             # ledger key, broken chain, cut short): one line naming the file, never a budget silently
             # starting from zero.
             read_ledger(ledger_path, atrest_key, key_file=cfg.hospital.ledger_key_file)
-            port = args.port or free_port()
-            cmd = [*supernode_command(cfg.hospital.poll_interval_s, cfg.hospital.fork_clientapps), *link_args,
-                   "--port", str(port), "--node-config", f'config="{resolved}"']
             print(f"[xrayfed] hospital {cfg.hospital.name} joining {args.server}; privacy ledger: "
                   f"{ledger_path}"
                   + (f" (encrypted at rest, key id {atrest_key.key_id.hex()})" if atrest_key is not None else "")
@@ -396,12 +415,14 @@ def run_client_cmd(args: argparse.Namespace) -> int:
                       "connection", flush=True)
                 time.sleep(wait)
             while True:
-                seen: list[str] = []
-                sent: list[float] = []
                 joining = True
-                node = group.add(spawn(cmd, env=env, stdout=subprocess.PIPE))
-                pump = threading.Thread(target=_pump, args=(node.stdout, seen, relay, full, sent), daemon=True)
-                pump.start()
+                if gate is not None:  # the SuperNode started during the check: let it join
+                    node, pump, seen, sent = first
+                    os.write(gate, b"j")
+                    os.close(gate)
+                    gate = None
+                else:
+                    node, pump, seen, sent = start_node()
                 started = time.monotonic()
                 touched = 0.0
                 said_unreachable = False
@@ -452,6 +473,8 @@ def run_client_cmd(args: argparse.Namespace) -> int:
                 alive.unlink(missing_ok=True)
             raise
         finally:
+            if gate is not None:  # refused before joining: the waiting SuperNode ends without joining
+                os.close(gate)
             full.close()
     if finished is not None:
         if spent is None:  # no worker (or it is gone): the accountant is imported here

@@ -351,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    serve(args.config, args.socket, secret, args.parent_pid, args.warm_plan, args.check_fd)
+    from xrayfed.common.flower_launch import run_without_teardown
+
+    # Stopped (SIGTERM, or `xrayfed client` gone) with everything durable written: no teardown of torch's modules.
+    run_without_teardown(lambda: serve(args.config, args.socket, secret, args.parent_pid, args.warm_plan,
+                                       args.check_fd))
     return 0
 
 
