@@ -128,6 +128,48 @@ def test_the_superexec_asks_for_a_task_as_soon_as_its_supernode_received_a_messa
     os.close(r)
 
 
+def test_a_supernode_started_during_the_check_joins_only_on_xrayfed_clients_word(tmp_path):
+    """`xrayfed client` starts its SuperNode while the worker checks the data: the SuperNode
+    imports Flower and waits; it goes on only when told to (a `j` on its pipe) and ends without
+    joining when the pipe closes (the check refused)."""
+    from xrayfed.common.flower_launch import supernode_command
+    from xrayfed.common.procs import kill_tree
+
+    def start(port: int):
+        r, w = os.pipe()
+        base = supernode_command(0.5, fork_clientapps=False)
+        cmd = [*base, "--wait-fd", str(r), "--superlink", f"127.0.0.1:{port}", "--insecure",
+               "--port", str(port + 1), "--node-config", f'config="{tmp_path / "none.toml"}"']
+        proc = subprocess.Popen(cmd, pass_fds=(r,), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        os.close(r)
+        return proc, w
+
+    from xrayfed.common.procs import free_port
+
+    refused, w = start(free_port())
+    time.sleep(1.0)
+    assert refused.poll() is None  # importing, then waiting
+    os.close(w)
+    out, _ = refused.communicate(timeout=60)
+    assert refused.returncode == 0 and "Starting Flower SuperNode" not in out, out
+
+    told, w = start(free_port())
+    try:
+        os.write(w, b"j")
+        os.close(w)
+        deadline = time.monotonic() + 60
+        lines: list[str] = []
+        while time.monotonic() < deadline:
+            line = told.stdout.readline()
+            lines.append(line)
+            if "Starting Flower SuperNode" in line or not line:
+                break
+        assert any("Starting Flower SuperNode" in ln for ln in lines), lines
+    finally:
+        kill_tree(told)
+
+
 def test_the_supernode_starts_its_superexec_with_the_fork_server():
     from xrayfed.common.flower_launch import supernode_command
 
