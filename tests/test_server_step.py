@@ -1,21 +1,14 @@
-"""The server's step for many small hospitals (``[federation] strategy = "auto"``), the
-round-to-round stability `xrayfed simulate` reports, and `simulate --ray-address` on a two-node
-Ray cluster started on 127.0.0.1."""
+"""The server's step for many small hospitals (``[federation] strategy = "auto"``) and the
+round-to-round stability `xrayfed simulate` reports. (`simulate --ray-address` on a Ray cluster:
+tests/test_simulation.py, beside the other tests that start Ray.)"""
 
 from __future__ import annotations
 
 import math
-import os
-import secrets
-import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from xrayfed.common import cli
-from xrayfed.common.procs import free_port
 from xrayfed.server.aggregation import HospitalPlan, average_noise_ratio
 from xrayfed.server.stability import round_stability
 from xrayfed.server.strategy import AUTO_LOW_NOISE, auto_server_step
@@ -142,149 +135,3 @@ def test_many_tiny_hospitals_train_a_steady_model_under_the_default_step(tmp_pat
     assert st.after == 1, curve
     assert st.max_drop <= 0.1, curve
     assert curve[-1] >= 0.6 and curve[-1] > curve[0] + 0.2, curve
-
-
-_CLUSTER_TAG = "XRAYFED_TEST_RAY_CLUSTER"
-#: `ray start` whose 127.0.0.1 stays 127.0.0.1: Ray rewrites a loopback --node-ip-address and
-#: --address to the machine's own address (where the test must not listen), as
-#: `xrayfed simulate --ray-address 127.0.0.1:PORT` tells it not to.
-_RAY_START = ("import sys; from ray._private import services; services.resolve_ip_for_localhost = lambda h: h; "
-              "from ray.scripts.scripts import main; sys.argv = ['ray', 'start', *sys.argv[1:]]; main()")
-
-
-def _cluster_processes(tag: str) -> list[psutil.Process]:
-    """This user's processes that carry this test's cluster tag (every process `ray start`
-    started: GCS, raylet, agents, workers inherit its environment)."""
-    out = []
-    for p in psutil.process_iter(["uids"]):
-        try:
-            if p.info["uids"] and p.info["uids"].real == os.getuid() and p.environ().get(_CLUSTER_TAG) == tag \
-                    and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
-
-
-def _stop_cluster(tag: str, started: list[subprocess.Popen]) -> None:
-    """End the cluster this test started, and only it: its `ray start --block` processes, then
-    every process still carrying its tag (never `ray stop`, which ends every Ray on the machine).
-    One SIGTERM each for the `ray start` processes: each stops the processes it started, and a
-    second SIGTERM while it does so deadlocks Ray's handler (its lock is taken twice) until SIGKILL."""
-    for proc in started:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in started:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        left = _cluster_processes(tag)
-        if not left:
-            break
-        for p in left:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(left, timeout=2)
-    for p in _cluster_processes(tag):
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    for proc in started:
-        proc.wait(timeout=10)
-
-
-@pytest.mark.slow
-def test_simulate_runs_on_a_two_node_ray_cluster_and_leaves_no_process(tmp_path, capsys):
-    import sys
-
-    tag = secrets.token_hex(8)
-    env = {**os.environ, _CLUSTER_TAG: tag, "RAY_USAGE_STATS_ENABLED": "0"}
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-
-    def node(*extra: str) -> subprocess.Popen:
-        # every port a second node on the same machine would otherwise share with the first
-        ports = ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-                 "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-                 "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
-        return subprocess.Popen([sys.executable, "-c", _RAY_START, "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-                                 "--num-gpus", "0", "--disable-usage-stats", *ports, *extra], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-    started: list[subprocess.Popen] = []
-    import shutil
-    import tempfile
-
-    short = tempfile.mkdtemp(prefix="xr-ray-")  # Ray's unix socket paths must stay under 108 bytes
-    try:
-        started.append(node("--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", short))
-        _wait_for_port(address)  # the head's GCS answers: the second node can join
-        started.append(node("--address", address))
-        _wait_for_nodes(address, 2)
-        out = tmp_path / "sim"
-        assert cli.main(["simulate", "--hospitals", "2", "--rounds", "1", "--image-size", "16",
-                         "--privacy-unit", "scan", "--ray-address", address, "--out", str(out)]) == 0
-        said = capsys.readouterr().out
-        assert f"the Ray cluster at {address}" in said
-        assert "round-to-round stability" in said and "server step for 2 hospitals like these" in said
-        import json
-
-        row = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[0])
-        assert [h["status"] for h in row["hospitals"]] == ["trained", "trained"]
-        assert all(started_proc.poll() is None for started_proc in started)  # the cluster is left running
-    finally:
-        _stop_cluster(tag, started)
-        shutil.rmtree(short, ignore_errors=True)
-    assert _cluster_processes(tag) == []
-
-
-def _wait_for_port(address: str, timeout_s: float = 180.0) -> None:
-    """Until the Ray head at ``address`` listens."""
-    import socket
-
-    deadline = time.monotonic() + timeout_s
-    host, port = address.rsplit(":", 1)
-    while True:
-        try:
-            socket.create_connection((host, int(port)), timeout=2).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"the Ray head at {address} never listened"
-            time.sleep(0.5)
-
-
-def _wait_for_nodes(address: str, n: int, timeout_s: float = 180.0) -> None:
-    """Until the cluster at ``address`` has ``n`` live nodes (asked from a short-lived driver)."""
-    import sys
-
-    code = ("import ray, sys; from ray._private import services; services.resolve_ip_for_localhost = lambda h: h; "
-            "ray.init(address=sys.argv[1], _node_ip_address='127.0.0.1', logging_level='ERROR', "
-            "log_to_driver=False); print(sum(1 for x in ray.nodes() if x['Alive'] and "
-            "x['NodeManagerAddress'] == '127.0.0.1')); ray.shutdown()")
-    deadline = time.monotonic() + timeout_s
-    _wait_for_port(address, timeout_s)  # a driver started before the head listens waits minutes for it
-    why = ""
-    while True:
-        try:
-            r = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=60)
-            if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
-                return
-            why = r.stderr[-500:]
-        except subprocess.TimeoutExpired:
-            why = "the driver did not connect within 60 s"
-        assert time.monotonic() < deadline, f"the Ray cluster at {address} has not {n} nodes: {why}"
-        time.sleep(2)
-
-
-def test_simulate_refuses_a_malformed_ray_address(tmp_path, capsys):
-    assert cli.main(["simulate", "--hospitals", "2", "--ray-address", "not an address", "--out",
-                     str(tmp_path / "sim")]) != 0
-    err = capsys.readouterr().err
-    assert "xrayfed: error: --ray-address 'not an address': give the HOST:PORT" in err
-    assert not (tmp_path / "sim").exists()
