@@ -22,6 +22,7 @@ At rest: with a key (``xrayfed server --atrest-key-file`` / ``$XRAYFED_ATREST_KE
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -82,6 +83,32 @@ def _load_eval_set(cfg: FederationConfig, split: str | None = None, what: str = 
                       test_fraction=cfg.eval.test_fraction)
     _say(f"server-side {what} on {len(ds)} held-out scans ({split})")
     return ds
+
+
+def warm_evaluation(cfg: FederationConfig, eval_set, val_set, device) -> threading.Thread | None:
+    """Start computing the held-out sets' fixed features (the scattering front's per-scan cache:
+    seconds at the first evaluation, then reused every round) in a background thread, while the
+    server waits for the hospitals and for round 1's replies; :func:`evaluate_global` is then
+    called after ``join()``. It runs the untrained model of ``cfg.model`` (its front has no
+    parameters, so the features are those of every round's model) and keeps nothing but that cache.
+    None when there is nothing to evaluate. A failure here is only a lost head start: the first
+    evaluation computes the features itself (and reports its own error)."""
+    sets = [s for s in (val_set, eval_set) if s is not None]
+    if not sets:
+        return None
+
+    def work() -> None:
+        try:
+            model = build_model(cfg.model)
+            with torch.no_grad():
+                for ds in sets:
+                    predict_logits(model, ds, device)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            log.debug("warming the server-side evaluation up failed: %s", e)
+
+    t = threading.Thread(target=work, name="xrayfed-eval-warmup", daemon=True)
+    t.start()
+    return t
 
 
 def evaluate_global(model, cfg: FederationConfig, eval_set, val_set, device) -> dict[str, Any]:
@@ -217,6 +244,7 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
     val_set = _load_eval_set(cfg, cfg.eval.val_split, "choice of the decision threshold") if cfg.eval.val_split else None
     if eval_set is not None or val_set is not None:
         import sklearn.metrics  # noqa: F401 - seconds to import: now, while the hospitals join, not in round 1
+    warm = warm_evaluation(cfg, eval_set, val_set, torch.device("cpu"))
 
     anchors: dict[str, tuple[int, str]] = {}
     plans: dict = {}
@@ -259,6 +287,8 @@ def run_federation(grid, cfg: FederationConfig, flwr_run_id: str = "", atrest_ke
         result = None
         threshold = performance = None
         if eval_set is not None or val_set is not None:
+            if warm is not None:
+                warm.join()  # the features it computes are this evaluation's
             model = build_model(cfg.model)
             model.load_state_dict(sd)
             ev = evaluate_global(model, cfg, eval_set, val_set, device)

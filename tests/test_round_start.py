@@ -249,5 +249,40 @@ def test_warm_training_touches_no_scan_ledger_or_feature_cache(tmp_path):
     assert not (tmp_path / "state" / "privacy-ledger.jsonl").exists()
 
 
+def test_the_servers_first_evaluation_finds_its_features_computed_while_it_waited(tmp_path, monkeypatch):
+    """The server computes the held-out sets' fixed features in the background while it waits
+    for round 1 (:func:`xrayfed.server.federation.warm_evaluation`): the first evaluation then
+    computes none, and gives the figures it gives without the warm-up."""
+    import torch
+
+    from xrayfed.common.config import FederationConfig
+    from xrayfed.common.data import load_dataset
+    from xrayfed.common.model import build_model, scatter_front
+    from xrayfed.common.synthetic import write_npz
+    from xrayfed.server import federation
+
+    write_npz(tmp_path / "d.npz", n_train=8, n_val=40, n_test=50, size=16)
+    cfg = FederationConfig(image_size=16)
+    test = load_dataset(tmp_path / "d.npz", split="test", image_size=16, task=cfg.task)
+    val = load_dataset(tmp_path / "d.npz", split="val", image_size=16, task=cfg.task)
+    monkeypatch.setattr(scatter_front, "_SCATTER_CACHE", scatter_front._FeatureCache(64 << 20))
+    model = build_model(cfg.model)
+    cold = federation.evaluate_global(model, cfg, test, val, torch.device("cpu"))  # fills the cache itself
+    monkeypatch.setattr(scatter_front, "_SCATTER_CACHE", scatter_front._FeatureCache(64 << 20))
+
+    computed = []
+    real = scatter_front.ScatterFront._forward_fft
+    monkeypatch.setattr(scatter_front.ScatterFront, "_forward_fft",
+                        lambda self, x: computed.append(len(x)) or real(self, x))
+    warm = federation.warm_evaluation(cfg, test, val, torch.device("cpu"))
+    warm.join(timeout=120)
+    assert not warm.is_alive() and sum(computed) == len(test) + len(val)
+    computed.clear()
+    hot = federation.evaluate_global(model, cfg, test, val, torch.device("cpu"))
+    assert computed == []  # every feature came from the warm-up
+    assert hot["metrics"] == cold["metrics"]
+    assert federation.warm_evaluation(cfg, None, None, torch.device("cpu")) is None
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
