@@ -96,13 +96,16 @@ def warm_evaluation(cfg: FederationConfig, eval_set, val_set, device) -> threadi
     sets = [s for s in (val_set, eval_set) if s is not None]
     if not sets:
         return None
+    with torch.random.fork_rng(devices=[]):  # here, not in the thread: the run's random stream stays as it was
+        model = build_model(cfg.model)
 
     def work() -> None:
         try:
-            model = build_model(cfg.model)
+            model.eval()
             with torch.no_grad():
-                for ds in sets:
-                    predict_logits(model, ds, device)
+                for ds in sets:  # a loader with its own generator: the global one is the main thread's
+                    for x, _ in torch.utils.data.DataLoader(ds, batch_size=256, generator=torch.Generator()):
+                        model(x.to(device))
         except Exception as e:  # noqa: BLE001 - see the docstring
             log.debug("warming the server-side evaluation up failed: %s", e)
 

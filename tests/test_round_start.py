@@ -274,9 +274,11 @@ def test_the_servers_first_evaluation_finds_its_features_computed_while_it_waite
     real = scatter_front.ScatterFront._forward_fft
     monkeypatch.setattr(scatter_front.ScatterFront, "_forward_fft",
                         lambda self, x: computed.append(len(x)) or real(self, x))
+    rng = torch.random.get_rng_state()
     warm = federation.warm_evaluation(cfg, test, val, torch.device("cpu"))
     warm.join(timeout=120)
     assert not warm.is_alive() and sum(computed) == len(test) + len(val)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the run's seeded random stream is untouched
     computed.clear()
     hot = federation.evaluate_global(model, cfg, test, val, torch.device("cpu"))
     assert computed == []  # every feature came from the warm-up
