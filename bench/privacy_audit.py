@@ -8,9 +8,10 @@ and runs the loss-based membership attack (``--attack lira``: also LiRA with ``-
 shadow models) on its trained model beside a no-DP reference (training vs its held-out
 validation units). ``--faults`` adds rows with a benchmark-only fault injected
 (:mod:`xrayfed.client.dp.faults`; never reachable from a command or a config): ``noise_0.1``,
-``no_clipping``, ``accountant_half_q``. Each must be caught (audited lower bound above the
-claimed ε, or the canary signal-to-noise above what the accountant's inputs imply), the correct
-code must not be.
+``no_clipping``, ``accountant_half_q``. Each must be caught (``caught``: the f-DP figure above the
+claimed ε by more than the accountants' tolerance, or — white-box — the canary signal-to-noise
+above what the accountant's inputs imply; :func:`xrayfed.client.audit.caught_by`), the correct
+code must not be. The (ε, δ) lower bound is reported beside it, not tested.
 
 Usage::
 
@@ -27,6 +28,18 @@ CPU time it used (all threads), which the machine's load does not inflate. Rows 
 fault, canary count and auditor is replaced; a row without ``auditor`` is a white-box one). The
 canaries' seed is ``--seed``; the DP noise is the product's (cryptographically secure, never
 seeded), so two runs differ by the noise.
+
+``--rescore`` trains nothing: it adds the f-DP figure (:mod:`xrayfed.common.privacy.audit_fdp`,
+against the DP-SGD family of each row's claimed σ, accountant's sample rate and step count) to
+every row of ``--out`` whose figure did not come from a whole-grid audit, recomputes every row's
+decision with the audit's rule (``exceeds_claim``, ``caught``, ``caught_by``; white-box: the f-DP
+test or the stored signal check, black-box: the f-DP test) and prints the table. A row stores
+the guess count (r, v) that gave its (ε, δ) bound, one of the grid's; judging that one candidate
+at β / (grid size) is valid whatever picked it (the union bound over the grid), but it is no
+sharper than the fresh audit, which scans the whole grid (``fdp_from``: ``stored counts`` or
+``whole grid``)::
+
+    .venv/bin/python bench/privacy_audit.py --rescore
 """
 
 from __future__ import annotations
@@ -63,9 +76,67 @@ def row_key(row: dict) -> tuple:
             row.get("auditor") or "white-box")
 
 
+def decide(row: dict) -> dict:
+    """``row`` with the audit's decision recomputed from its figures (:func:`~xrayfed.client.audit.caught_by`):
+    the f-DP test, and for a white-box row its stored signal check."""
+    from xrayfed.client.audit import caught_by, fdp_exceeds_claim
+
+    sc = row.get("signal_check") or {}
+    ratio = sc.get("ratio_lower") if (row.get("auditor") or "white-box") == "white-box" else None
+    tests = caught_by(row["claimed_epsilon"], row["audited_lower_bound_fdp"], ratio)
+    return {**row, "exceeds_claim": fdp_exceeds_claim(row["claimed_epsilon"], row["audited_lower_bound_fdp"]),
+            "eps_delta_exceeds_claim": bool(row["audited_lower_bound"] > row["claimed_epsilon"]),
+            "caught": bool(tests), "caught_by": tests}
+
+
+def rescore_row(row: dict) -> dict:
+    """``row`` with ``audited_lower_bound_fdp`` and ``fdp`` (the f-DP figure of its stored counts,
+    unless a whole-grid audit gave it) and its decision recomputed (:func:`decide`)."""
+    from contextlib import nullcontext
+
+    from xrayfed.client.dp import faults
+    from xrayfed.common.privacy.audit import guess_counts
+    from xrayfed.common.privacy.audit_fdp import FdpBound, search_dp_sgd
+
+    if row.get("fdp_from") == "whole grid":
+        return decide(row)
+    p = row["plan"]
+    with faults.injected(row["broken"]) if row.get("broken") else nullcontext():
+        q = faults.accountant_rate(p["sample_rate"])  # the rate the accountant was told
+    m, r, v, beta = row["canaries"], row["guesses"], row["correct_guesses"], 1.0 - row["confidence"]
+    steps = p["steps_per_round"] * p["max_rounds"]
+    t0 = time.process_time()
+    if r and v:
+        b = search_dp_sgd([(m, r, v)], p["noise_multiplier"], q, steps, row["delta"], beta,
+                          tests=len(guess_counts(m)))
+    else:
+        b = FdpBound(0.0, 1.0 - beta, row["delta"], "dp-sgd", None, 0, 0)
+    return decide({**row, "audited_lower_bound_fdp": round(b.epsilon_lower_bound, 4), "fdp_from": "stored counts",
+                   "fdp": {**b.to_dict(), "cpu_s": round(time.process_time() - t0, 2)}})
+
+
+def rescore(path: Path) -> None:
+    """Add the f-DP figure and the decision to every row of ``path`` and print the table."""
+    rows = [rescore_row(r) for r in json.loads(path.read_text())["rows"]]
+    path.write_text(json.dumps({"rows": rows}, indent=2))
+    print("| data | auditor | fault | claimed ε | (ε, δ) bound | f-DP figure | guesses right | σ′ rejected "
+          "| signal check ≥ / implied | caught by |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        c = r["fdp"]["curve"] or {}
+        sc = r.get("signal_check") or {}
+        signal = f"{sc['measured_lower']:.3g} / {sc['implied']:.3g}" if sc else "—"
+        print(f"| {r['data']} | {r.get('auditor') or 'white-box'} | {r['broken'] or '—'} | "
+              f"{r['claimed_epsilon']:.2f} | {r['audited_lower_bound']:.2f} | {r['audited_lower_bound_fdp']:.2f} | "
+              f"{r['correct_guesses']} of {r['guesses']} | {c.get('noise_multiplier', float('nan')):.3g} | "
+              f"{signal} | {', '.join(r['caught_by']) or 'not caught'} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=False)
+    ap.add_argument("--rescore", action="store_true",
+                    help="add the f-DP figure and recompute the decision of the rows of --out; train nothing")
     ap.add_argument("--name", default=None, help="name in the result file (default: the data's file name)")
     ap.add_argument("--image-size", type=int, default=28)
     ap.add_argument("--rounds", type=int, default=5, help="[privacy] max_rounds: the plan that is audited")
@@ -90,6 +161,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench/results/privacy-audit.json"))
     args = ap.parse_args()
+    if args.rescore:
+        rescore(args.out)
+        return
+    if args.data is None:
+        ap.error("--data is required (unless --rescore)")
 
     import tempfile
 
@@ -126,7 +202,10 @@ def main() -> None:
             "auditor": args.auditor,
             "claimed_epsilon": round(res["claimed_epsilon"], 4), "delta": res["delta"],
             "audited_lower_bound": round(res["audited_lower_bound"], 4), "confidence": res["confidence"],
-            "exceeds_claim": res["exceeds_claim"], "signal_check": res.get("signal_check"), "caught": res["caught"],
+            "audited_lower_bound_fdp": round(res["audited_lower_bound_fdp"], 4), "fdp": res["fdp"],
+            "fdp_from": "whole grid", "exceeds_claim": res["exceeds_claim"],
+            "eps_delta_exceeds_claim": res["eps_delta_exceeds_claim"], "signal_check": res.get("signal_check"),
+            "caught": res["caught"], "caught_by": res["caught_by"],
             "canaries": res["canaries"], "guesses": res["guesses"], "correct_guesses": res["correct_guesses"],
             "mia_auc_dp": mia.get("auc_dp"), "mia_auc_no_dp": mia.get("auc_no_dp"),
             "mia_lira_auc_dp": lira.get("auc_dp"), "mia_lira_auc_no_dp": lira.get("auc_no_dp"),

@@ -18,8 +18,20 @@ coordinates spread over every parameter) — is clipped by the optimizer's own c
 summed with the step's units before the noise. After the noise the auditor reads each canary's
 coordinate of the noised sum, minus the other units' clipped contributions (DP's adversary knows
 every other unit): canary × sampled + noise. The score is the log-likelihood ratio of those
-observations, sampled-at-rate-q against never, under the claimed σ; the one-run bound of
-:mod:`xrayfed.common.privacy.audit` turns the scores into the audited lower bound on ε.
+observations, sampled-at-rate-q against never, under the claimed σ.
+
+**Two figures from the same guesses**, both at the stated confidence:
+
+* the f-DP figure (:mod:`xrayfed.common.privacy.audit_fdp`, Mahloujifar, Melis & Chaudhuri):
+  the ε of the DP-SGD (σ′, q, T) — the claimed mechanism's family, with the accountant's q and
+  T — that this run is shown to be less private than. Above the claimed ε (by more than the
+  accountants' tolerance) it proves the run is not the mechanism its ε was computed for. **This
+  is the audit's test** (:func:`caught_by`).
+* the (ε, δ) one-run lower bound (:mod:`xrayfed.common.privacy.audit`, Steinke, Nasr &
+  Jagielski): a lower bound on the run's ε at the claimed δ, valid for any mechanism, but
+  capped by δ (about 6.3 at δ = 10⁻⁵ and 95 %): it cannot catch anything at a claimed ε = 8. It
+  is reported, not tested: a second test of the same guesses at the same β would raise the
+  chance of a false alarm on correct code (up to 2β).
 
 **Black-box input-space canaries** (``--auditor black-box``, :mod:`xrayfed.client.audit_input`;
 the adversary sees only the final model). m of the hospital's own training units with their
@@ -52,7 +64,8 @@ from xrayfed.client.audit_input import make_input_canaries, scan_losses, unit_gr
 from xrayfed.client.audit_shadows import DEFAULT_SHADOWS, check_shadows, run_lira
 from xrayfed.client.dp import faults
 from xrayfed.common.errors import UserError
-from xrayfed.common.privacy.accounting import compute_epsilon
+from xrayfed.common.privacy import audit_fdp
+from xrayfed.common.privacy.accounting import compute_epsilon, tolerance
 from xrayfed.common.privacy.audit import AUDIT_FILE, AuditBound, attack_auc, audit, signal_check
 
 log = logging.getLogger(__name__)
@@ -165,6 +178,13 @@ def claimed_epsilon(plan) -> float:
     return compute_epsilon([step] * plan.max_rounds, plan.delta, plan.accountant)
 
 
+def fdp_bound(scores: np.ndarray, included: np.ndarray, plan, confidence: float) -> audit_fdp.FdpBound:
+    """The f-DP one-run bound (:mod:`xrayfed.common.privacy.audit_fdp`) against the family of the
+    claimed mechanism: DP-SGD with the accountant's σ, sample rate and total step count."""
+    claimed = (plan.noise_multiplier, faults.accountant_rate(plan.sample_rate), plan.steps * plan.max_rounds)
+    return audit_fdp.audit(scores, included, plan.delta, claimed, confidence)
+
+
 def _unit_scores(model, dataset, unit: str, task, device) -> np.ndarray:
     """−loss per scan, or per patient (mean over their scans) at the patient unit."""
     return unit_means(-scan_losses(model, dataset, task, device), unit_groups(dataset, unit))
@@ -194,21 +214,57 @@ def membership_auc(model, train, held_out, unit: str, task, device) -> dict[str,
     return {"auc": attack_auc(a, b), "members": int(len(a)), "non_members": int(len(b))}
 
 
-def verdict(claimed: float, bound: float, confidence: float, ratio_lower: float | None = None,
-            check_confidence: float = 0.999) -> str:
-    """The audit's result in plain words."""
-    pct = f"{100 * confidence:g} %"
-    if bound > claimed:
-        return (f"the audit found evidence that ε is LARGER than claimed: lower bound {bound:.2f} at {pct} "
-                f"confidence vs claimed {claimed:.2f}; the training does not keep its privacy promise (a bug or a "
-                "misconfiguration): do not train with it")
+#: The names :func:`caught_by` gives the audit's tests.
+FDP_TEST, SIGNAL_TEST = "f-DP figure", "signal check"
+
+
+def fdp_exceeds_claim(claimed: float, fdp_epsilon: float | None) -> bool:
+    """Whether the f-DP figure rejects the claimed mechanism: above the claimed ε by more than the
+    accountants' tolerance (:func:`xrayfed.common.privacy.accounting.tolerance`). The claim is the
+    training accountant's ε of (σ, q, T) (Opacus PRV, or RDP), the figure dp-accounting PLD's ε of
+    a σ′ whose curve the guesses reject; a correct run's σ is not rejected (except with
+    probability β), so its figure is at most PLD's ε of σ, which the project's accountants agree
+    is within the tolerance of the claim. ``None`` (no f-DP figure): not exceeded."""
+    return fdp_epsilon is not None and fdp_epsilon > claimed + tolerance(claimed)
+
+
+def caught_by(claimed: float, fdp_epsilon: float | None, ratio_lower: float | None = None) -> list[str]:
+    """The audit's decision: the tests that caught the run (empty: not caught). :data:`FDP_TEST`
+    when the f-DP figure exceeds the claim (:func:`fdp_exceeds_claim`); :data:`SIGNAL_TEST` when
+    the canary signal-to-noise check's lower bound is above what the accountant's inputs imply
+    (``ratio_lower`` > 1; white-box only, ``None`` for black-box). The (ε, δ) lower bound is not
+    an input on purpose: testing it too, on the same guesses at the same β, would raise the
+    false-alarm rate on correct code (up to 2β); it is reported beside the decision."""
+    out = [FDP_TEST] if fdp_exceeds_claim(claimed, fdp_epsilon) else []
     if ratio_lower is not None and ratio_lower > 1.0:
+        out.append(SIGNAL_TEST)
+    return out
+
+
+def verdict(claimed: float, fdp_epsilon: float, bound: float, confidence: float, ratio_lower: float | None = None,
+            check_confidence: float = 0.999) -> str:
+    """The audit's result in plain words: the f-DP figure ``fdp_epsilon`` decides (with the signal
+    check's ``ratio_lower`` where there is one, :func:`caught_by`); the (ε, δ) lower bound
+    ``bound`` is stated beside it."""
+    pct = f"{100 * confidence:g} %"
+    tests = caught_by(claimed, fdp_epsilon, ratio_lower)
+    figures = f"f-DP figure {fdp_epsilon:.2f}, (ε, δ) lower bound {bound:.2f} at {pct} confidence"
+    if FDP_TEST in tests:
+        return (f"the audit found evidence that ε is LARGER than claimed: the training is LESS private than DP-SGD "
+                f"at ε = {fdp_epsilon:.2f} would be ({pct} confidence), against the claimed ε = {claimed:.2f} "
+                f"(the (ε, δ) lower bound is {bound:.2f}); the training does not keep its privacy promise (a bug or "
+                "a misconfiguration): do not train with it")
+    if SIGNAL_TEST in tests:
         return (f"the audit found that training gives a canary at least {ratio_lower:.2f}× the weight its "
                 f"accountant was told (at {100 * check_confidence:g} % confidence): the claimed ε = {claimed:.2f} "
-                f"understates the privacy cost (a bug or a misconfiguration; lower bound {bound:.2f} at {pct}): "
-                "do not train with it")
-    return (f"the audit found no evidence ε is larger than claimed: lower bound {bound:.2f} at {pct} confidence "
-            f"vs claimed {claimed:.2f}; a lower bound can reveal a bug, never prove its absence")
+                f"understates the privacy cost (a bug or a misconfiguration; {figures}): do not train with it")
+    s = (f"the audit found no evidence ε is larger than claimed: {figures} vs claimed {claimed:.2f}")
+    if fdp_epsilon > claimed:
+        s += f" (the f-DP figure is above the claim by less than the accountants' tolerance {tolerance(claimed):.2f})"
+    if bound > claimed:
+        s += ("; the (ε, δ) lower bound is above the claim, but it is not the audit's test (a second test of the "
+              "same guesses would raise the false-alarm rate): rerun the audit with another --seed")
+    return s + "; a lower bound can reveal a bug, never prove its absence"
 
 
 def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canaries: int | None = None,
@@ -256,11 +312,12 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
         for r in range(1, plan.max_rounds + 1):
             train_private_round(model, units, cfg, plan, task, dev, lr=lr, canaries=probe,
                                 desc=f"audit round {r}/{plan.max_rounds}")
-        bound: AuditBound = audit(probe.scores(), probe.included, plan.delta, confidence)
+        scores = probe.scores()
+        bound: AuditBound = audit(scores, probe.included, plan.delta, confidence)
+        fdp = fdp_bound(scores, probe.included, plan, confidence)
         implied = faults.accountant_rate(plan.sample_rate) * math.sqrt(total_steps) / plan.noise_multiplier
         check = signal_check(probe.total, probe.included, implied)
         extra: dict[str, Any] = {"signal_check": check.to_dict(), "canary_samples": probe.sampled, "steps": probe.steps}
-        caught = bool(bound.epsilon_lower_bound > claimed or check.ratio_lower > 1.0)
         ratio, check_conf = check.ratio_lower, check.confidence
     else:
         inputs = make_input_canaries(train, plan.unit, canaries, seed)
@@ -269,21 +326,26 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
         for r in range(1, plan.max_rounds + 1):
             train_private_round(model, audited, cfg, plan, task, dev, lr=lr,
                                 desc=f"black-box audit round {r}/{plan.max_rounds}")
-        bound = audit(_finite(inputs.scores(model, task, dev)), inputs.included, plan.delta, confidence)
+        scores = _finite(inputs.scores(model, task, dev))
+        bound = audit(scores, inputs.included, plan.delta, confidence)
+        fdp = fdp_bound(scores, inputs.included, plan, confidence)
         extra = {"steps": total_steps, "canary_scans": int(len(inputs.owner)),
                  "units_trained": len(audited)}
-        caught = bool(bound.epsilon_lower_bound > claimed)
-        ratio, check_conf = None, 0.999
+        ratio, check_conf = None, 0.999  # no signal check: the f-DP test alone decides
         if attack_model is None:
             members_mask[inputs.chosen] = False
             members = inputs.members
+    tests = caught_by(claimed, fdp.epsilon_lower_bound, ratio)
     out: dict[str, Any] = {
         "hospital": cfg.hospital.name, "data": str(cfg.data.path), "unit": plan.unit,
         "claimed_epsilon": claimed, "delta": plan.delta,
         "audited_lower_bound": bound.epsilon_lower_bound, "confidence": confidence,
-        "exceeds_claim": bound.epsilon_lower_bound > claimed,
+        "audited_lower_bound_fdp": fdp.epsilon_lower_bound, "fdp": fdp.to_dict(),
+        # the f-DP test's outcome (the audit's test); the (ε, δ) bound's own comparison, reported only
+        "exceeds_claim": fdp_exceeds_claim(claimed, fdp.epsilon_lower_bound),
+        "eps_delta_exceeds_claim": bool(bound.epsilon_lower_bound > claimed),
         **({"signal_check": extra.pop("signal_check")} if "signal_check" in extra else {}),
-        "caught": caught, "auditor": AUDITORS[auditor],
+        "caught": bool(tests), "caught_by": tests, "auditor": AUDITORS[auditor],
         "canaries": bound.canaries, "canaries_included": bound.included, "guesses": bound.guesses,
         "correct_guesses": bound.correct, **extra,
         "plan": {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
@@ -318,8 +380,25 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
                     cfg, plan, fresh, task, dev, lr, train, val, plan.unit,
                     {"dp": (attacked, members_mask), "no_dp": (ref, np.ones(n_units, dtype=bool))}, shadows, seed)
     out["wall_s"] = round(time.time() - t0, 1)
-    out["verdict"] = verdict(claimed, bound.epsilon_lower_bound, confidence, ratio, check_conf)
+    out["verdict"] = verdict(claimed, fdp.epsilon_lower_bound, bound.epsilon_lower_bound, confidence, ratio,
+                             check_conf)
     return out
+
+
+def fdp_line(res: dict[str, Any]) -> str:
+    """The f-DP figure's line of :func:`summary_lines`: the family, the curve it rejected, the
+    confidence and the guesses (r, v) that rejected it."""
+    f = res["fdp"]
+    family = {"dp-sgd": "DP-SGD"}.get(f["family"], f["family"])
+    pct = f"{100 * f['confidence']:g} %"
+    head = f"claimed ε = {res['claimed_epsilon']:.2f} (δ = {res['delta']:g}); f-DP figure "
+    c = f.get("curve")
+    if not c:
+        return (head + f"{f['epsilon_lower_bound']:.2f}: no {family} curve rejected at {pct} confidence "
+                "(the guesses show nothing the claimed mechanism could not produce)")
+    return (head + f"{f['epsilon_lower_bound']:.2f} at {pct} confidence: the run is less private than "
+            f"{family} with σ′ = {c['noise_multiplier']:.3g}, q = {c['sample_rate']:.3g}, {c['steps']} steps "
+            f"would be (that curve rejected by {f['correct']} of {f['guesses']} guesses right)")
 
 
 def summary_lines(res: dict[str, Any]) -> list[str]:
@@ -332,9 +411,10 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
         f"hospital {res['hospital']}: audited its plan ({p['max_rounds']} round(s) × {p['steps_per_round']} DP-SGD "
         f"steps, σ = {p['noise_multiplier']:.3g}, q = {p['sample_rate']:.3g}, C = {p['max_grad_norm']:g}, "
         f"unit {res['unit']}) with {how}; nothing was charged",
-        f"claimed ε = {res['claimed_epsilon']:.2f} (δ = {res['delta']:g}); audited lower bound "
-        f"{res['audited_lower_bound']:.2f} at {100 * res['confidence']:g} % confidence "
-        f"({res['correct_guesses']} of {res['guesses']} guesses right)",
+        fdp_line(res),
+        f"(ε, δ) one-run lower bound {res['audited_lower_bound']:.2f} at δ = {res['delta']:g}, "
+        f"{100 * res['confidence']:g} % confidence ({res['correct_guesses']} of {res['guesses']} guesses right; "
+        "reported, not the audit's test)",
     ]
     sc = res.get("signal_check")
     if sc:

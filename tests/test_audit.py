@@ -85,6 +85,74 @@ def test_attack_auc_and_signal_check():
     assert signal_check(sums, inc, implied=2.5).ratio_lower < 1.0
 
 
+def test_the_decision_is_the_f_dp_test_and_the_eps_delta_bound_is_only_reported():
+    from xrayfed.client.audit import FDP_TEST, SIGNAL_TEST, caught_by, verdict
+
+    # ε = 8, every guess right of a broken run: the (ε, δ) bound is capped below the claim, the f-DP figure is not
+    assert caught_by(7.99, 12.46) == [FDP_TEST]
+    text = verdict(7.99, 12.46, 5.86, 0.95)
+    assert text.startswith("the audit found evidence that ε is LARGER than claimed: the training is LESS private "
+                           "than DP-SGD at ε = 12.46 would be (95 % confidence), against the claimed ε = 7.99")
+    # the reverse disagreement: an (ε, δ) bound above the claim is not a catch on its own
+    assert caught_by(1.0, 0.9) == [] and caught_by(1.0, 0.9, ratio_lower=0.95) == []
+    text = verdict(1.0, 0.9, 1.2, 0.95)
+    assert text.startswith("the audit found no evidence ε is larger than claimed: f-DP figure 0.90, (ε, δ) lower "
+                           "bound 1.20 at 95 % confidence vs claimed 1.00")
+    assert "not the audit's test" in text and "never prove its absence" in text
+    # the accountants' tolerance, max(0.05, 0.02·ε): PLD's ε of a correct σ may sit that far above PRV's claim
+    assert caught_by(8.0, 8.15) == [] and caught_by(8.0, 8.17) == [FDP_TEST]
+    assert caught_by(1.0, 1.04) == [] and caught_by(1.0, 1.06) == [FDP_TEST]
+    assert "less than the accountants' tolerance 0.05" in verdict(1.0, 1.04, 0.7, 0.95)
+    # the signal check (white-box) catches on its own; no f-DP figure (None) never catches
+    assert caught_by(1.0, 0.96, ratio_lower=1.66) == [SIGNAL_TEST]
+    assert caught_by(1.0, 6.3, ratio_lower=9.8) == [FDP_TEST, SIGNAL_TEST] and caught_by(1.0, None) == []
+    assert "1.66× the weight" in verdict(1.0, 0.96, 0.79, 0.95, ratio_lower=1.66)
+
+
+def test_the_benchmarks_rescore_applies_the_same_decision_to_stored_rows():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "privacy_audit.py"
+    spec = importlib.util.spec_from_file_location("privacy_audit_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(claimed, fdp, eps_delta, ratio=None, auditor="white-box"):
+        sc = None if ratio is None else {"ratio_lower": ratio, "exceeds": ratio > 1.0}
+        return {"claimed_epsilon": claimed, "audited_lower_bound_fdp": fdp, "audited_lower_bound": eps_delta,
+                "signal_check": sc, "auditor": auditor, "caught": "stale", "exceeds_claim": "stale"}
+
+    broken = bench.decide(row(7.99, 12.46, 5.86, ratio=9.9))  # ε = 8: the (ε, δ) bound is capped below the claim
+    assert broken["caught"] and broken["exceeds_claim"] and not broken["eps_delta_exceeds_claim"]
+    assert broken["caught_by"] == ["f-DP figure", "signal check"]
+    half_q = bench.decide(row(0.99, 0.96, 0.79, ratio=1.66))
+    assert half_q["caught_by"] == ["signal check"] and not half_q["exceeds_claim"]
+    correct = bench.decide(row(7.99, 4.04, 3.06, ratio=0.96))
+    assert correct["caught"] is False and correct["caught_by"] == []
+    # a black-box row has no signal check: a stored one would not count
+    assert bench.decide(row(0.99, 0.5, 0.2, ratio=3.0, auditor="black-box"))["caught"] is False
+    assert bench.decide(row(0.99, 1.5, 0.9, auditor="black-box"))["caught_by"] == ["f-DP figure"]
+
+
+def test_a_run_is_caught_by_its_f_dp_figure_whatever_its_eps_delta_bound(tmp_path, monkeypatch):
+    import xrayfed.client.audit as A
+    from xrayfed.common.privacy.audit_fdp import FdpBound
+
+    # the correct code at ε = 8 (its f-DP figure stays below the claim: the teeth test); here the figure is
+    # replaced by one above the claim, as if the guesses had rejected the claimed mechanism
+    cfg = _hospital(tmp_path, epsilon=8.0, local_epochs=1.0)  # 2 rounds of 8 steps: seconds
+    figure = 9.0
+    monkeypatch.setattr(A, "fdp_bound", lambda *a: FdpBound(figure, 0.95, 1e-5, "dp-sgd", None, 1, 1))
+    torch.manual_seed(0)
+    res = A.run_audit(cfg, image_size=8, canaries=500, mia=False, seed=0)
+    assert res["claimed_epsilon"] == pytest.approx(8.0, abs=0.05) and res["audited_lower_bound_fdp"] == figure
+    assert res["audited_lower_bound"] < res["claimed_epsilon"] and not res["eps_delta_exceeds_claim"]
+    assert res["signal_check"]["ratio_lower"] < 1.0
+    assert res["caught"] and res["exceeds_claim"] and res["caught_by"] == [A.FDP_TEST]
+    assert "LARGER than claimed" in res["verdict"] and f"DP-SGD at ε = {figure:.2f}" in res["verdict"]
+
+
 def _hospital(tmp_path, epsilon: float = 1.0, **training):
     from xrayfed.common.config import HospitalConfig
     from xrayfed.common.synthetic import write_npz
@@ -118,16 +186,21 @@ def test_broken_dp_is_caught_and_the_correct_code_is_not(tmp_path):
     ok = run()
     assert ok["claimed_epsilon"] == pytest.approx(1.0, abs=0.02)
     assert ok["audited_lower_bound"] < ok["claimed_epsilon"] / 2
-    assert ok["signal_check"]["ratio_lower"] < 1.0 and not ok["caught"]
+    # the f-DP figure (against DP-SGD with the claimed q and steps), the audit's test, stays below the claim
+    assert ok["audited_lower_bound_fdp"] < ok["claimed_epsilon"] and ok["fdp"]["family"] == "dp-sgd"
+    assert not ok["exceeds_claim"] and not ok["eps_delta_exceeds_claim"]
+    assert ok["signal_check"]["ratio_lower"] < 1.0 and not ok["caught"] and ok["caught_by"] == []
     assert "no evidence" in ok["verdict"]
     for fault in ("noise_0.1", "no_clipping"):
         bad = run(fault)
         assert bad["broken"] == fault
         assert bad["audited_lower_bound"] > 2 * bad["claimed_epsilon"], fault
-        assert bad["caught"] and "LARGER than claimed" in bad["verdict"]
+        assert bad["audited_lower_bound_fdp"] > 2 * bad["claimed_epsilon"], fault
+        assert bad["exceeds_claim"] and bad["caught"] and "f-DP figure" in bad["caught_by"], fault
+        assert "LARGER than claimed" in bad["verdict"] and "LESS private than DP-SGD" in bad["verdict"]
     half_q = run("accountant_half_q")
     assert half_q["claimed_epsilon"] == pytest.approx(1.0, abs=0.02)
-    assert half_q["signal_check"]["ratio_lower"] > 1.2 and half_q["caught"]
+    assert half_q["signal_check"]["ratio_lower"] > 1.2 and half_q["caught"] and "signal check" in half_q["caught_by"]
     assert faults.active() is None
     assert not (tmp_path / "state").exists()  # nothing charged: no ledger, no state folder
 
@@ -163,7 +236,9 @@ def test_the_command_audits_charges_nothing_and_reports_in_plain_words(tmp_path,
     assert res["audited_lower_bound"] < res["claimed_epsilon"] and res["broken"] is None
     assert 0.0 <= res["mia"]["auc_dp"] <= 1.0 and 0.0 <= res["mia"]["auc_no_dp"] <= 1.0
     assert res["mia"]["model"] == "best.pt (round 3)" and res["image_size"] == 8
-    assert f"claimed ε = {res['claimed_epsilon']:.2f} (δ = 1e-05); audited lower bound" in text
+    claim = f"claimed ε = {res['claimed_epsilon']:.2f} (δ = 1e-05)"
+    assert f"{claim}; f-DP figure {res['audited_lower_bound_fdp']:.2f}" in text
+    assert f"(ε, δ) one-run lower bound {res['audited_lower_bound']:.2f} at δ = 1e-05, 95 % confidence" in text
     assert "the audit found no evidence ε is larger than claimed" in text
     assert "never prove its absence" in text and "membership inference (loss attack" in text
     assert "AUC" in text and "on the DP model best.pt (round 3)" in text
@@ -201,14 +276,18 @@ def test_bad_input_is_one_line_and_the_faults_are_out_of_reach(tmp_path, capsys)
             pass
 
 
-def _audit_file(path, hospital: str, claimed: float, bound: float, broken=None, mia=None, auditor=None):
-    from xrayfed.client.audit import verdict
+def _audit_file(path, hospital: str, claimed: float, bound: float, broken=None, mia=None, auditor=None, fdp=None):
+    """An audit result; without ``fdp``, one from before the f-DP figure (the (ε, δ) bound decided)."""
+    from xrayfed.client.audit import caught_by, verdict
 
+    figures = {"caught": bound > claimed, "verdict": "as it was"}
+    if fdp is not None:
+        figures = {"audited_lower_bound_fdp": fdp, "caught": bool(caught_by(claimed, fdp, 0.8)),
+                   "verdict": verdict(claimed, fdp, bound, 0.95, 0.8)}
     path.write_text(json.dumps({**({"auditor": auditor} if auditor else {}),
         "hospital": hospital, "unit": "scan", "claimed_epsilon": claimed, "delta": 1e-5,
-        "audited_lower_bound": bound, "confidence": 0.95, "canaries": 10000, "caught": bound > claimed,
-        "signal_check": {"ratio_lower": 0.8}, "mia": mia or {}, "broken": broken,
-        "verdict": verdict(claimed, bound, 0.95)}))
+        "audited_lower_bound": bound, "confidence": 0.95, "canaries": 10000, **figures,
+        "signal_check": {"ratio_lower": 0.8}, "mia": mia or {}, "broken": broken}))
 
 
 def test_reports_show_the_empirical_check_when_an_audit_is_present(tmp_path):
@@ -219,15 +298,21 @@ def test_reports_show_the_empirical_check_when_an_audit_is_present(tmp_path):
     plain = R.build_federation_report(run)
     assert plain.empirical_checks == [] and "Empirical check" not in R.render_markdown(plain)
 
-    _audit_file(run / "hospitals" / "north" / "audit.json", "north", 8.0, 0.9,
+    _audit_file(run / "hospitals" / "north" / "audit.json", "north", 8.0, 0.9,  # older files: no f-DP figure
                 mia={"auc_dp": 0.512, "auc_no_dp": 0.634})
     _audit_file(run / "audit-south.json", "south", 1.0, 3.4, broken="noise_0.1")
     _audit_file(run / "audit-west.json", "west", 8.0, 0.4, auditor="black-box input-space canaries (final model only)",
                 mia={"auc_dp": 0.51, "auc_no_dp": 0.6, "lira": {"shadows": 8, "auc_dp": 0.523, "auc_no_dp": 0.712}})
+    # with the f-DP figure: caught by it where the (ε, δ) bound stays below the claim, and a correct run
+    _audit_file(run / "audit-east.json", "east", 7.99, 5.86, broken="no_clipping", fdp=12.46)
+    _audit_file(run / "audit-centre.json", "centre", 7.99, 3.06, fdp=4.04)
     (run / "audit-garbled.json").write_text("{not json")
     rep = R.build_federation_report(run)
-    assert sorted(c.hospital for c in rep.empirical_checks) == ["north", "south", "west"]
-    assert [f.hospital for f in rep.findings if f.code == "audit_exceeds_claim"] == ["south"]
+    assert sorted(c.hospital for c in rep.empirical_checks) == ["centre", "east", "north", "south", "west"]
+    flagged = sorted(f.hospital for f in rep.findings if f.code == "audit_exceeds_claim")
+    assert flagged == ["east", "south"]  # the finding follows each file's decision
+    east = next(f for f in rep.findings if f.code == "audit_exceeds_claim" and f.hospital == "east")
+    assert "LESS private than DP-SGD at ε = 12.46" in east.message
     assert any(f.code == "audit_unreadable" and "audit-garbled.json" in f.message for f in rep.findings)
     md = R.render_markdown(rep)
     assert "## Empirical check" in md
@@ -240,7 +325,16 @@ def test_reports_show_the_empirical_check_when_an_audit_is_present(tmp_path):
             "(black-box: input-space canaries scored on the final model only) — no evidence") in md
     assert "LiRA (8 shadow models): AUC 0.523 with DP, 0.712 without." in md
     assert "LiRA" not in md.split("- north")[1].split("\n")[0]  # an older audit file: no auditor, no LiRA
-    assert "| west | scan | black-box | 8.00 | 0.40 |" in md and "| north | scan | white-box | 8.00 | 0.90 |" in md
+    assert "| west | scan | black-box | 8.00 | — | 0.40 |" in md  # older files: no f-DP figure
+    assert "| north | scan | white-box | 8.00 | — | 0.90 |" in md
+    assert "| east | scan | white-box | 7.99 | 12.46 | 5.86 |" in md
+    assert "| centre | scan | white-box | 7.99 | 4.04 | 3.06 |" in md
+    assert ("centre (per scan): claimed ε = 7.99; f-DP figure 4.04 (the audit's test: the training is less "
+            "private than DP-SGD at that ε would be) and (ε, δ) lower bound 3.06 (its ε is at least that) at 95 % "
+            "confidence from 10000 canaries — no evidence that ε is larger than claimed") in md
+    assert "east (per scan): claimed ε = 7.99; f-DP figure 12.46" in md
+    assert "the training spends MORE privacy than it claims" in md.split("- east")[1].split("\n")[0]
+    assert "f-DP figure" in md.split("## Empirical check")[1].split("- ")[0]  # the explanation names both figures
     written = {p.name for p in R.write_report(rep, tmp_path / "out", ["md", "html"])}
     assert "empirical-check.png" in written
     html = (tmp_path / "out" / "report.html").read_text()
@@ -293,6 +387,7 @@ def _record_training(monkeypatch):
 def test_black_box_canaries_train_with_changed_labels_and_the_excluded_are_absent(tmp_path, monkeypatch):
     from xrayfed.client.audit import run_audit, summary_lines
     from xrayfed.client.dp import PatientUnits, plan_for
+    from xrayfed.common.privacy.accounting import tolerance
     from xrayfed.client.hospital import hospital_split
     from xrayfed.common.data import load_dataset
 
@@ -328,7 +423,9 @@ def test_black_box_canaries_train_with_changed_labels_and_the_excluded_are_absen
     assert (y1[flipped] == 1 - y0[np.array(trained)][flipped]).all()  # every label of a canary patient changed
     assert (y1[~flipped] == y0[np.array(trained)][~flipped]).all()  # the others as they are
     assert res["auditor"].startswith("black-box") and "signal_check" not in res
-    assert res["canaries"] == 60 and res["caught"] == (res["audited_lower_bound"] > res["claimed_epsilon"])
+    assert res["canaries"] == 60 and res["caught"] == res["exceeds_claim"]  # no signal check: the f-DP test alone
+    assert res["exceeds_claim"] == (res["audited_lower_bound_fdp"] > res["claimed_epsilon"]
+                                    + tolerance(res["claimed_epsilon"]))
     lines = summary_lines(res)
     assert "the black-box auditor: 60 input-space canaries (final model only)" in lines[0]
     assert not any("signal-to-noise" in line for line in lines)
@@ -412,15 +509,20 @@ def test_black_box_audit_catches_training_without_noise(tmp_path, monkeypatch):
 
     ok = run()
     assert ok["claimed_epsilon"] == pytest.approx(1.0, abs=0.02)
-    assert ok["audited_lower_bound"] < ok["claimed_epsilon"] / 4 and not ok["caught"]
+    assert ok["audited_lower_bound"] < ok["claimed_epsilon"] / 4
+    assert ok["audited_lower_bound_fdp"] < ok["claimed_epsilon"] / 4 and not ok["caught"]
     with faults.injected("noise_0.1"):
         weak = run()
-    assert weak["audited_lower_bound"] > 0.3 and not weak["caught"]  # 0.82 measured: seen, not above the claim
+    # seen by both figures (measured: (ε, δ) 0.58–0.82, f-DP 1.07–1.35): at the edge of the claimed 1.0 plus
+    # its tolerance 0.05, so caught or not by the f-DP test alone
+    assert weak["audited_lower_bound"] > 0.3 and weak["audited_lower_bound_fdp"] > 0.8
+    assert weak["caught"] == (weak["audited_lower_bound_fdp"] > weak["claimed_epsilon"] + 0.05)
     monkeypatch.setattr(faults, "noise_scale", lambda: 0.0)  # a test-only fault: no noise at all
     bad = run()
     assert bad["claimed_epsilon"] == pytest.approx(ok["claimed_epsilon"])
-    assert bad["audited_lower_bound"] > bad["claimed_epsilon"] and bad["caught"]
-    assert "LARGER than claimed" in bad["verdict"]
+    assert bad["audited_lower_bound"] > bad["claimed_epsilon"]  # measured 1.63
+    assert bad["audited_lower_bound_fdp"] > 2 * bad["claimed_epsilon"]  # measured 2.96
+    assert bad["caught"] and bad["caught_by"] == ["f-DP figure"] and "LARGER than claimed" in bad["verdict"]
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")

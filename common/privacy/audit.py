@@ -109,6 +109,20 @@ def guess_counts(m: int, fractions: Sequence[float] = GUESS_FRACTIONS) -> list[t
     return out
 
 
+def ranked(scores: Sequence[float], included: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """The canaries in ascending order of score (ties broken at random, seeded by the scores, so
+    the order is a function of its inputs) and the inclusion bits as a boolean array."""
+    s = np.asarray(scores, dtype=np.float64)
+    inc = np.asarray(included, dtype=bool)
+    if s.shape != inc.shape or s.ndim != 1 or len(s) < 2:
+        raise ValueError("scores and included must be equally long 1-d sequences of at least 2 canaries")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("canary scores must be finite")
+    seed = int.from_bytes(hashlib.sha256(s.tobytes()).digest()[:8], "little")
+    tie = np.random.default_rng(seed).random(len(s))
+    return np.lexsort((tie, s)), inc
+
+
 def audit(scores: Sequence[float], included: Sequence[bool], delta: float, confidence: float = 0.95,
           fractions: Sequence[float] = GUESS_FRACTIONS) -> AuditBound:
     """The one-run lower bound from canary ``scores`` (higher = "more likely in") and whether
@@ -116,16 +130,8 @@ def audit(scores: Sequence[float], included: Sequence[bool], delta: float, confi
     correct guesses and bound ε at β / (grid size); the largest bound is returned (valid at
     ``confidence`` = 1 − β by the union bound). Ties in score are broken at random (seeded by
     the scores, so the result is a function of its inputs)."""
-    s = np.asarray(scores, dtype=np.float64)
-    inc = np.asarray(included, dtype=bool)
-    if s.shape != inc.shape or s.ndim != 1 or len(s) < 2:
-        raise ValueError("scores and included must be equally long 1-d sequences of at least 2 canaries")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("canary scores must be finite")
-    m = len(s)
-    seed = int.from_bytes(hashlib.sha256(s.tobytes()).digest()[:8], "little")
-    tie = np.random.default_rng(seed).random(m)
-    order = np.lexsort((tie, s))  # ascending score
+    order, inc = ranked(scores, included)
+    m = len(order)
     grid = guess_counts(m, fractions)
     beta = 1.0 - confidence
     best = AuditBound(0.0, confidence, delta, m, int(inc.sum()), 0, 0, 0, 0)

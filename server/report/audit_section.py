@@ -26,16 +26,22 @@ TITLE = "Empirical check"
 PLOT_NAME = "empirical-check"
 #: What the report reads in a folder: ``audit.json`` (``xrayfed audit``'s default) and ``audit-*.json``.
 AUDIT_GLOB = AUDIT_FILE.replace(".json", "*.json")
-PLOT_CAPTION = "Empirical check: claimed ε against the audited lower bound (and the membership-attack AUC)"
+PLOT_CAPTION = ("Empirical check: claimed ε against the audit's f-DP figure and its (ε, δ) lower bound (and the "
+                "membership-attack AUC)")
 EXPLANATION = (
     "A privacy audit trains the hospital's exact plan once more, in its own process (nothing is charged, nothing "
     "leaves), with canaries — artificial training units, each included with probability 1/2 — and an adversary "
     "tries to tell which were included: the white-box auditor sees every noised training step (gradient "
     "canaries: the stronger test), the black-box auditor only the final model (training scans with changed "
-    "labels: a weaker bound). How well it guesses gives a lower bound on ε that holds at the stated confidence "
-    "(Steinke, Nasr & Jagielski 2023). A lower bound above the "
-    "claimed ε proves the training spends more privacy than it claims (a bug or a misconfiguration); a lower "
-    "bound below it is the expected outcome and shows no such bug, but it cannot prove there is none. The "
+    "labels: a weaker signal). How well it guesses gives two figures, both holding at the stated confidence. "
+    "The f-DP figure (Mahloujifar, Melis & Chaudhuri 2025) is the audit's test: the run is shown to be less "
+    "private than the kind of noisy training (DP-SGD) its ε was computed for would be at an ε equal to the "
+    "figure, so a figure above the claimed ε (beyond the accountants' small tolerance) proves the training "
+    "spends more privacy than it claims (a bug or a misconfiguration); the white-box audit also fails a run whose "
+    "canaries carry more signal than the accountant was told. The (ε, δ) lower bound (Steinke, Nasr & Jagielski "
+    "2023) says the run's own ε is at least that, whatever the training, and is shown for reference: it cannot "
+    "exceed about 6.3 at δ = 10⁻⁵, so it cannot catch a fault at a claimed ε = 8. Figures below the claim are "
+    "the expected outcome and show no such bug, but they cannot prove there is none. The "
     "membership attack asks whether the trained model's loss tells the hospital's training patients from its "
     "held-out ones (AUC 0.5: no better than a coin), beside the same attack on a model trained without DP; "
     "LiRA, where run, is the stronger likelihood-ratio attack calibrated on shadow models trained the same way.")
@@ -51,8 +57,9 @@ class EmpiricalCheck(BaseModel):
     unit: str
     claimed_epsilon: float
     delta: float
-    audited_lower_bound: float
+    audited_lower_bound: float  # the (ε, δ) one-run lower bound
     confidence: float
+    fdp_epsilon: float | None = None  # the f-DP figure (absent from older audit files)
     canaries: int
     caught: bool
     signal_ratio_lower: float | None = None
@@ -77,6 +84,8 @@ def read_audit(path: Path) -> EmpiricalCheck:
             hospital=str(d["hospital"]), source=str(path), unit=str(d["unit"]),
             claimed_epsilon=float(d["claimed_epsilon"]), delta=float(d["delta"]),
             audited_lower_bound=float(d["audited_lower_bound"]), confidence=float(d["confidence"]),
+            fdp_epsilon=(float(d["audited_lower_bound_fdp"]) if d.get("audited_lower_bound_fdp") is not None
+                         else None),
             canaries=int(d["canaries"]), caught=bool(d.get("caught", d["audited_lower_bound"] > d["claimed_epsilon"])),
             signal_ratio_lower=sc.get("ratio_lower"), mia_auc_dp=mia.get("auc_dp"), mia_auc_no_dp=mia.get("auc_no_dp"),
             auditor=str(d["auditor"]) if d.get("auditor") else None, lira_auc_dp=lira.get("auc_dp"),
@@ -128,8 +137,14 @@ def plain_lines(checks: list[EmpiricalCheck]) -> list[str]:
         if c.auditor:
             who = (" (black-box: input-space canaries scored on the final model only)" if auditor_kind(c) == "black-box"
                    else " (white-box: gradient canaries, every noised step observed)")
-        s = (f"{c.hospital} (per {c.unit}): claimed ε = {c.claimed_epsilon:.2f}; audited lower bound "
-             f"{c.audited_lower_bound:.2f} at {pct} confidence from {c.canaries} canaries{who} — ")
+        if c.fdp_epsilon is None:  # an audit file from before the f-DP figure: its one bound
+            figures = f"audited lower bound {c.audited_lower_bound:.2f}"
+        else:
+            figures = (f"f-DP figure {c.fdp_epsilon:.2f} (the audit's test: the training is less private than "
+                       "DP-SGD at that ε would be) and (ε, δ) lower bound "
+                       f"{c.audited_lower_bound:.2f} (its ε is at least that)")
+        s = (f"{c.hospital} (per {c.unit}): claimed ε = {c.claimed_epsilon:.2f}; {figures} at {pct} confidence "
+             f"from {c.canaries} canaries{who} — ")
         if c.caught:
             s += "the training spends MORE privacy than it claims: do not train with it until this is fixed."
         else:
@@ -146,15 +161,16 @@ def plain_lines(checks: list[EmpiricalCheck]) -> list[str]:
     return lines
 
 
-COLUMNS = ["Hospital", "Unit", "Auditor", "Claimed ε", "Audited lower bound", "Confidence", "Canaries",
-           "Attack AUC (DP)", "Attack AUC (no DP)", "LiRA AUC (DP)", "LiRA AUC (no DP)", "Verdict"]
+COLUMNS = ["Hospital", "Unit", "Auditor", "Claimed ε", "f-DP figure", "(ε, δ) lower bound", "Confidence",
+           "Canaries", "Attack AUC (DP)", "Attack AUC (no DP)", "LiRA AUC (DP)", "LiRA AUC (no DP)", "Verdict"]
 
 
 def rows(checks: list[EmpiricalCheck]) -> list[list[str]]:
     def num(x: float | None) -> str:
         return "—" if x is None else f"{x:.3f}"
 
-    return [[c.hospital, c.unit, auditor_kind(c), f"{c.claimed_epsilon:.2f}", f"{c.audited_lower_bound:.2f}",
+    return [[c.hospital, c.unit, auditor_kind(c), f"{c.claimed_epsilon:.2f}",
+             "—" if c.fdp_epsilon is None else f"{c.fdp_epsilon:.2f}", f"{c.audited_lower_bound:.2f}",
              f"{100 * c.confidence:g} %", str(c.canaries), num(c.mia_auc_dp), num(c.mia_auc_no_dp),
              num(c.lira_auc_dp), num(c.lira_auc_no_dp),
              "MORE than claimed" if c.caught else "no evidence above claim"] for c in checks]
@@ -181,8 +197,10 @@ def html(checks: list[EmpiricalCheck], table: Callable[..., str], escape: Callab
 
 
 def plot(checks: list[EmpiricalCheck]) -> bytes | None:
-    """Claimed ε against the audited lower bound per audit (bars; red where the bound is above the
-    claim), the attack AUC with and without DP in the title where measured. None without an audit."""
+    """Per audit, bars for the claimed ε, the f-DP figure (red where the audit caught the run,
+    green where not; no bar for an older audit file without it) and the (ε, δ) lower bound (grey:
+    reported, not tested; coloured like the f-DP bar in an older file, where it was the test), the
+    attack AUC with and without DP in the title where measured. None without an audit."""
     if not checks:
         return None
     import matplotlib
@@ -196,25 +214,51 @@ def plot(checks: list[EmpiricalCheck]) -> bytes | None:
     labels = [c.hospital + (f"\n({c.broken})" if c.broken else "") + ("\n(black-box)" if auditor_kind(c) == "black-box"
               else "") for c in checks]
     xs = list(range(len(checks)))
-    w = 0.38
-    ax.bar([x - w / 2 for x in xs], [c.claimed_epsilon for c in checks], w, color="#5b8bd0", label="claimed ε")
-    ax.bar([x + w / 2 for x in xs], [c.audited_lower_bound for c in checks], w,
-           color=["#c0392b" if c.caught else "#1e8449" for c in checks],
-           label=f"audited lower bound ({100 * checks[0].confidence:g} % confidence)")
+    w = 0.27
+    pct = f"{100 * checks[0].confidence:g} % confidence"
+
+    from matplotlib.patches import Patch
+
+    red, green, grey, blue = "#c0392b", "#1e8449", "#8c8c8c", "#5b8bd0"
+
+    def verdict_colour(c: EmpiricalCheck) -> str:
+        return red if c.caught else green
+
+    ax.bar([x - w for x in xs], [c.claimed_epsilon for c in checks], w, color=blue)
+    with_fdp = [(x, c) for x, c in zip(xs, checks) if c.fdp_epsilon is not None]
+    if with_fdp:
+        ax.bar([x for x, _ in with_fdp], [c.fdp_epsilon for _, c in with_fdp], w,
+               color=[verdict_colour(c) for _, c in with_fdp])
+    old = [c.fdp_epsilon is None for c in checks]  # an older file: its (ε, δ) bound was the test
+    ax.bar([x + w for x in xs], [c.audited_lower_bound for c in checks], w,
+           color=[verdict_colour(c) if o else grey for c, o in zip(checks, old)],
+           hatch=["//" if o else "" for o in old], edgecolor="white")
     for x, c in zip(xs, checks):
-        ax.annotate(f"{c.audited_lower_bound:.2f}", xy=(x + w / 2, c.audited_lower_bound), xytext=(0, 3),
-                    textcoords="offset points", ha="center", fontsize=MIN_FONT_PT)
+        for dx, y in ((0.0, c.fdp_epsilon), (w, c.audited_lower_bound)):
+            if y is not None:
+                ax.annotate(f"{y:.2f}", xy=(x + dx, y), xytext=(0, 3), textcoords="offset points", ha="center",
+                            fontsize=MIN_FONT_PT)
+    handles = [Patch(color=blue, label="claimed ε")]
+    if with_fdp:
+        handles.append(Patch(color=green, label=f"f-DP figure ({pct}), the test: green not caught, red caught"))
+    if not all(old):
+        handles.append(Patch(color=grey, label=f"(ε, δ) lower bound ({pct}), reported"))
+    if any(old):
+        handles.append(Patch(facecolor=green, hatch="//", edgecolor="white",
+                             label="(ε, δ) lower bound, older audit file (then the test)"))
+    top = max(max(c.claimed_epsilon, c.audited_lower_bound, c.fdp_epsilon or 0.0) for c in checks)
+    ax.set_ylim(0, top * (1.25 + 0.1 * len(handles)) if top > 0 else 1.0)  # room for the legend
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, fontsize=MIN_FONT_PT)
     ax.set_ylabel("ε")
-    ax.legend(loc="upper left", fontsize=MIN_FONT_PT)
+    ax.legend(handles=handles, loc="upper left", fontsize=MIN_FONT_PT)
     mia = [(x, c) for x, c in zip(xs, checks) if c.mia_auc_dp is not None and c.mia_auc_no_dp is not None]
     if mia:
         note = "; ".join(f"{c.hospital}: attack AUC {c.mia_auc_dp:.2f} (DP) vs {c.mia_auc_no_dp:.2f} (no DP)"
                          for _, c in mia)
         ax.set_title(note if len(note) < 80 else "membership attack AUC: see the table", fontsize=MIN_FONT_PT + 1)
     else:
-        ax.set_title("Claimed ε vs audited lower bound")
+        ax.set_title("Claimed ε vs the audit's figures")
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=DPI)
