@@ -21,6 +21,9 @@ Usage::
         --image-size 28 --rounds 5 --epsilons 8 1 --auditor black-box --attack lira --faults no_clipping
     nice -n 10 .venv/bin/python bench/privacy_audit.py --data bench/results/work-kermany-heldout \\
         --name kermany-cxr-224 --image-size 224 --rounds 20 --partition-scheme patient --epsilons 8 1
+    nice -n 10 .venv/bin/python bench/privacy_audit.py --data bench/results/work-kermany-heldout \
+        --name kermany-cxr-224 --image-size 224 --rounds 20 --partition-scheme patient --epsilons 8 1 \
+        --no-correct --no-mia --faults noise_0.1 no_clipping accountant_half_q
 
 ``wall_s`` is the row's wall time on this machine at its load (``load_average_1m``); ``cpu_s`` the
 CPU time it used (all threads), which the machine's load does not inflate. Rows are merged into
@@ -155,6 +158,8 @@ def main() -> None:
     ap.add_argument("--attack", choices=("loss", "lira"), default="loss", help="membership attack of the correct rows")
     ap.add_argument("--shadows", type=int, default=8, help="LiRA's shadow models (--attack lira)")
     ap.add_argument("--faults", nargs="*", default=[], help="also audit with these faults injected")
+    ap.add_argument("--no-correct", action="store_true",
+                    help="only the --faults rows (the correct rows of --epsilons are already in the file)")
     ap.add_argument("--fault-epsilons", type=float, nargs="+", default=None,
                     help="ε of the broken rows (default: --epsilons)")
     ap.add_argument("--no-mia", action="store_true", help="skip the membership attack of the correct rows")
@@ -181,7 +186,7 @@ def main() -> None:
     ds = load_dataset(data, split="train", image_size=args.image_size)
     rows_path = args.out
     canaries = args.canaries or [10_000 if args.auditor == "white-box" else None]
-    jobs = [(eps, None, m) for eps in args.epsilons for m in canaries]
+    jobs = [] if args.no_correct else [(eps, None, m) for eps in args.epsilons for m in canaries]
     jobs += [(eps, f, canaries[0]) for f in args.faults for eps in (args.fault_epsilons or args.epsilons)]
     common = dict(image_size=args.image_size, lr=args.lr, seed=args.seed, ds=ds, auditor=args.auditor)
     for eps, fault, m in jobs:
