@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--physical-batch", type=int, default=256)
     ap.add_argument("--auditor", choices=("white-box", "black-box"), default="white-box")
     ap.add_argument("--canaries", type=int, nargs="+", default=None,
-                    help="default: 10000 (white-box), min(1000, half the units) (black-box)")
+                    help="default: 40000 (white-box; one per weight at most), min(1000, half the units) (black-box)")
     ap.add_argument("--attack", choices=("loss", "lira"), default="loss", help="membership attack of the correct rows")
     ap.add_argument("--shadows", type=int, default=8, help="LiRA's shadow models (--attack lira)")
     ap.add_argument("--faults", nargs="*", default=[], help="also audit with these faults injected")

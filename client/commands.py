@@ -85,7 +85,7 @@ def register_audit(sub: argparse._SubParsersAction) -> None:
                    help="white-box (default): gradient canaries, the adversary sees every noised step (the "
                         "stronger bound); black-box: input-space canaries (scans with changed labels) scored on "
                         "the final model only")
-    p.add_argument("--canaries", type=int, help="canaries m (default: 10000 gradient canaries; black-box: "
+    p.add_argument("--canaries", type=int, help="canaries m (default: 40000 gradient canaries, one per weight at most; black-box: "
                                                 "min(1000, half the training units); more: a tighter bound, more time)")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
     p.add_argument("--no-mia", action="store_true", help="skip the membership-inference attack (and its no-DP "

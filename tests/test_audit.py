@@ -153,6 +153,19 @@ def test_a_run_is_caught_by_its_f_dp_figure_whatever_its_eps_delta_bound(tmp_pat
     assert "LARGER than claimed" in res["verdict"] and f"DP-SGD at ε = {figure:.2f}" in res["verdict"]
 
 
+def test_the_default_canary_count_is_one_per_weight_when_the_model_has_fewer(tmp_path, monkeypatch):
+    import xrayfed.client.audit as A
+    from xrayfed.common.model import build_model, default_model
+
+    cfg = _hospital(tmp_path, epsilon=8.0, local_epochs=1.0)
+    spec = default_model(8).model_copy(update={"width": 4})  # a model with fewer weights than the default count
+    weights = sum(p.numel() for p in build_model(spec).parameters() if p.requires_grad)
+    assert weights < A.DEFAULT_CANARIES
+    assert A.run_audit(cfg, image_size=8, model_spec=spec, mia=False, seed=0)["canaries"] == weights
+    monkeypatch.setattr(A, "DEFAULT_CANARIES", 300)
+    assert A.run_audit(cfg, image_size=8, model_spec=spec, mia=False, seed=0)["canaries"] == 300
+
+
 def _hospital(tmp_path, epsilon: float = 1.0, **training):
     from xrayfed.common.config import HospitalConfig
     from xrayfed.common.synthetic import write_npz
