@@ -32,7 +32,7 @@ fault, canary count and auditor is replaced; a row without ``auditor`` is a whit
 canaries' seed is ``--seed``; the DP noise is the product's (cryptographically secure, never
 seeded), so two runs differ by the noise.
 
-``--rescore`` trains nothing: it adds the f-DP figure (:mod:`xrayfed.common.privacy.audit_fdp`,
+``--rescore`` trains nothing: it adds the f-DP figure (:mod:`xrayfed.client.audit_fdp`,
 against the DP-SGD family of each row's claimed σ, accountant's sample rate and step count) to
 every row of ``--out`` whose figure did not come from a whole-grid audit, recomputes every row's
 decision with the audit's rule (``exceeds_claim``, ``caught``, ``caught_by``; white-box: the f-DP
@@ -99,7 +99,7 @@ def rescore_row(row: dict) -> dict:
 
     from xrayfed.client.dp import faults
     from xrayfed.common.privacy.audit import guess_counts
-    from xrayfed.common.privacy.audit_fdp import FdpBound, search_dp_sgd
+    from xrayfed.client.audit_fdp import FdpBound, search_dp_sgd
 
     if row.get("fdp_from") == "whole grid":
         return decide(row)

@@ -22,7 +22,7 @@ observations, sampled-at-rate-q against never, under the claimed σ.
 
 **Two figures from the same guesses**, both at the stated confidence:
 
-* the f-DP figure (:mod:`xrayfed.common.privacy.audit_fdp`, Mahloujifar, Melis & Chaudhuri):
+* the f-DP figure (:mod:`xrayfed.client.audit_fdp`, Mahloujifar, Melis & Chaudhuri):
   the ε of the DP-SGD (σ′, q, T) — the claimed mechanism's family, with the accountant's q and
   T — that this run is shown to be less private than. Above the claimed ε (by more than the
   accountants' tolerance) it proves the run is not the mechanism its ε was computed for. **This
@@ -64,7 +64,7 @@ from xrayfed.client.audit_input import make_input_canaries, scan_losses, unit_gr
 from xrayfed.client.audit_shadows import DEFAULT_SHADOWS, check_shadows, run_lira
 from xrayfed.client.dp import faults
 from xrayfed.common.errors import UserError
-from xrayfed.common.privacy import audit_fdp
+from xrayfed.client import audit_fdp
 from xrayfed.common.privacy.accounting import compute_epsilon, tolerance
 from xrayfed.common.privacy.audit import AUDIT_FILE, AuditBound, attack_auc, audit, signal_check
 
@@ -182,7 +182,7 @@ def claimed_epsilon(plan) -> float:
 
 
 def fdp_bound(scores: np.ndarray, included: np.ndarray, plan, confidence: float) -> audit_fdp.FdpBound:
-    """The f-DP one-run bound (:mod:`xrayfed.common.privacy.audit_fdp`) against the family of the
+    """The f-DP one-run bound (:mod:`xrayfed.client.audit_fdp`) against the family of the
     claimed mechanism: DP-SGD with the accountant's σ, sample rate and total step count."""
     claimed = (plan.noise_multiplier, faults.accountant_rate(plan.sample_rate), plan.steps * plan.max_rounds)
     return audit_fdp.audit(scores, included, plan.delta, claimed, confidence)

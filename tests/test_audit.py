@@ -137,7 +137,7 @@ def test_the_benchmarks_rescore_applies_the_same_decision_to_stored_rows():
 
 def test_a_run_is_caught_by_its_f_dp_figure_whatever_its_eps_delta_bound(tmp_path, monkeypatch):
     import xrayfed.client.audit as A
-    from xrayfed.common.privacy.audit_fdp import FdpBound
+    from xrayfed.client.audit_fdp import FdpBound
 
     # the correct code at ε = 8 (its f-DP figure stays below the claim: the teeth test); here the figure is
     # replaced by one above the claim, as if the guesses had rejected the claimed mechanism

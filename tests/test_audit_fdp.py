@@ -1,4 +1,4 @@
-"""The f-DP one-run bound (:mod:`xrayfed.common.privacy.audit_fdp`): exact where the answer is
+"""The f-DP one-run bound (:mod:`xrayfed.client.audit_fdp`): exact where the answer is
 known in closed form, never sharper than what a mechanism attains, valid in simulated guessing
 games (the true curve is rejected at most at the stated rate), and able to exceed a claimed
 ε = 8 at δ = 10⁻⁵, which the (ε, δ) bound cannot.
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from xrayfed.common.privacy import audit_fdp as fdp
+from xrayfed.client import audit_fdp as fdp
 from xrayfed.common.privacy.audit import audit, epsilon_lower_bound, guess_counts, p_value
 
 #: The PneumoniaMNIST plan audited at a claimed ε = 8 (δ = 10⁻⁵): σ, q, T = 21 steps × 5 rounds.
