@@ -244,6 +244,16 @@ def caught_by(claimed: float, fdp_epsilon: float | None, ratio_lower: float | No
     return out
 
 
+def decision(claimed: float, fdp_epsilon: float | None, eps_delta_bound: float,
+             ratio_lower: float | None = None) -> dict[str, Any]:
+    """The result's decision fields: ``exceeds_claim`` (the f-DP test's outcome, the audit's test),
+    ``eps_delta_exceeds_claim`` (the (ε, δ) bound's own comparison, reported only), ``caught`` and
+    ``caught_by`` (:func:`caught_by`)."""
+    tests = caught_by(claimed, fdp_epsilon, ratio_lower)
+    return {"exceeds_claim": fdp_exceeds_claim(claimed, fdp_epsilon),
+            "eps_delta_exceeds_claim": bool(eps_delta_bound > claimed), "caught": bool(tests), "caught_by": tests}
+
+
 def verdict(claimed: float, fdp_epsilon: float, bound: float, confidence: float, ratio_lower: float | None = None,
             check_confidence: float = 0.999) -> str:
     """The audit's result in plain words: the f-DP figure ``fdp_epsilon`` decides (with the signal
@@ -341,17 +351,15 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
         if attack_model is None:
             members_mask[inputs.chosen] = False
             members = inputs.members
-    tests = caught_by(claimed, fdp.epsilon_lower_bound, ratio)
+    decided = decision(claimed, fdp.epsilon_lower_bound, bound.epsilon_lower_bound, ratio)
     out: dict[str, Any] = {
         "hospital": cfg.hospital.name, "data": str(cfg.data.path), "unit": plan.unit,
         "claimed_epsilon": claimed, "delta": plan.delta,
         "audited_lower_bound": bound.epsilon_lower_bound, "confidence": confidence,
         "audited_lower_bound_fdp": fdp.epsilon_lower_bound, "fdp": fdp.to_dict(),
-        # the f-DP test's outcome (the audit's test); the (ε, δ) bound's own comparison, reported only
-        "exceeds_claim": fdp_exceeds_claim(claimed, fdp.epsilon_lower_bound),
-        "eps_delta_exceeds_claim": bool(bound.epsilon_lower_bound > claimed),
+        **{k: decided[k] for k in ("exceeds_claim", "eps_delta_exceeds_claim")},
         **({"signal_check": extra.pop("signal_check")} if "signal_check" in extra else {}),
-        "caught": bool(tests), "caught_by": tests, "auditor": AUDITORS[auditor],
+        **{k: decided[k] for k in ("caught", "caught_by")}, "auditor": AUDITORS[auditor],
         "canaries": bound.canaries, "canaries_included": bound.included, "guesses": bound.guesses,
         "correct_guesses": bound.correct, **extra,
         "plan": {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,

@@ -73,10 +73,9 @@ from typing import Sequence
 import numpy as np
 from scipy import special
 
-from xrayfed.common.privacy.audit import GUESS_FRACTIONS, guess_counts, ranked
+# EPS_MAX: the largest ε a bound reports, as the (ε, δ) audit's
+from xrayfed.common.privacy.audit import EPS_MAX, GUESS_FRACTIONS, guess_counts, ranked
 
-#: The largest ε a bound reports (the family's members beyond it are not searched).
-EPS_MAX = 60.0
 #: The ε grid of a DP-SGD curve's (ε, δ(ε)) pairs: a sup over fewer pairs is a lower curve (valid).
 EPS_GRID = np.linspace(0.0, 80.0, 1601)
 #: The rates x at which a DP-SGD curve's g(x) = f(1 − x) is tabulated: log-spaced near 0 and near 1

@@ -138,6 +138,8 @@ def serve(sock: socket.socket, parent_pid: int) -> tuple[list[str], bool] | None
 
 def _fork_server(sock: socket.socket, parent_pid: int) -> None:
     """The fork server's whole life (a forked child of the SuperExec; never returns)."""
+    from xrayfed.common.flower_launch import exit_without_teardown
+
     code = 0
     try:
         gc.freeze()  # the imports' objects: no child's garbage collection touches (and so copies) them
@@ -155,7 +157,9 @@ def _fork_server(sock: socket.socket, parent_pid: int) -> None:
         traceback.print_exc()
         code = 1
     finally:
-        _exit(code)
+        # no interpreter teardown of every module the SuperExec imported: it would cost more CPU
+        # than the message (each object's page copied on write on the way: 0.65 s measured here)
+        exit_without_teardown(code)
 
 
 def _child(argv: list[str], quiet: bool) -> int:
@@ -180,15 +184,6 @@ def _child(argv: list[str], quiet: bool) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
-
-
-def _exit(code: int) -> None:
-    """End a forked process without the interpreter's teardown of every module the SuperExec
-    imported, which would cost more CPU than the message (each object's page copied on write on
-    the way: 0.65 s measured here)."""
-    from xrayfed.common.flower_launch import exit_without_teardown
-
-    exit_without_teardown(code)
 
 
 # --------------------------------------------------------------------------- the SuperExec's side

@@ -86,9 +86,11 @@ def train_epoch(model, loader, optimizer, task: TaskSpec, device: torch.device, 
 
 
 @torch.no_grad()
-def predict_logits(model, dataset, device: torch.device, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, outputs) and targets for a whole dataset, in order."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+def predict_logits(model, dataset, device: torch.device, batch_size: int = 256,
+                   generator: torch.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, outputs) and targets for a whole dataset, in order. The loader draws its seed
+    from ``generator`` (default: torch's global generator)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=generator)
     model.eval()
     outs, ys = [], []
     for x, y in loader:

@@ -101,11 +101,9 @@ def warm_evaluation(cfg: FederationConfig, eval_set, val_set, device) -> threadi
 
     def work() -> None:
         try:
-            model.eval()
             with torch.no_grad():
                 for ds in sets:  # a loader with its own generator: the global one is the main thread's
-                    for x, _ in torch.utils.data.DataLoader(ds, batch_size=256, generator=torch.Generator()):
-                        model(x.to(device))
+                    predict_logits(model, ds, device, generator=torch.Generator())
         except Exception as e:  # noqa: BLE001 - see the docstring
             log.debug("warming the server-side evaluation up failed: %s", e)
 
