@@ -80,16 +80,14 @@ def row_key(row: dict) -> tuple:
 
 
 def decide(row: dict) -> dict:
-    """``row`` with the audit's decision recomputed from its figures (:func:`~xrayfed.client.audit.caught_by`):
+    """``row`` with the audit's decision recomputed from its figures (:func:`~xrayfed.client.audit.decision`):
     the f-DP test, and for a white-box row its stored signal check."""
-    from xrayfed.client.audit import caught_by, fdp_exceeds_claim
+    from xrayfed.client.audit import decision
 
     sc = row.get("signal_check") or {}
     ratio = sc.get("ratio_lower") if (row.get("auditor") or "white-box") == "white-box" else None
-    tests = caught_by(row["claimed_epsilon"], row["audited_lower_bound_fdp"], ratio)
-    return {**row, "exceeds_claim": fdp_exceeds_claim(row["claimed_epsilon"], row["audited_lower_bound_fdp"]),
-            "eps_delta_exceeds_claim": bool(row["audited_lower_bound"] > row["claimed_epsilon"]),
-            "caught": bool(tests), "caught_by": tests}
+    return {**row, **decision(row["claimed_epsilon"], row["audited_lower_bound_fdp"], row["audited_lower_bound"],
+                              ratio)}
 
 
 def rescore_row(row: dict) -> dict:
@@ -185,7 +183,7 @@ def main() -> None:
         args.privacy_unit = "scan"  # PneumoniaMNIST has no patient ids: its audit is per scan
     ds = load_dataset(data, split="train", image_size=args.image_size)
     rows_path = args.out
-    canaries = args.canaries or [10_000 if args.auditor == "white-box" else None]
+    canaries = args.canaries or [None]  # the audit's own default (xrayfed.client.audit.DEFAULT_CANARIES, or black-box's)
     jobs = [] if args.no_correct else [(eps, None, m) for eps in args.epsilons for m in canaries]
     jobs += [(eps, f, canaries[0]) for f in args.faults for eps in (args.fault_epsilons or args.epsilons)]
     common = dict(image_size=args.image_size, lr=args.lr, seed=args.seed, ds=ds, auditor=args.auditor)
