@@ -140,15 +140,16 @@ def run_simulation(fed_path: Path, hospitals_dir: Path, n: int, workers: int, ve
 _RUN_TAG_ENV = "XRAYFED_SIMULATION_RUN"
 
 
-def _tagged(tag: str) -> list:
-    """This user's processes, other than this one, that carry this run's tag in their environment."""
+def _tagged(tag: str, env: str = _RUN_TAG_ENV) -> list:
+    """This user's processes, other than this one, that carry this run's tag in their environment
+    (``env``: the variable that holds it)."""
     import psutil
 
     me, out = os.getpid(), []
     for p in psutil.process_iter(["uids"]):
         try:
             if p.pid != me and p.info["uids"] and p.info["uids"].real == os.getuid() \
-                    and p.environ().get(_RUN_TAG_ENV) == tag and p.status() != psutil.STATUS_ZOMBIE:
+                    and p.environ().get(env) == tag and p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
         except psutil.Error:
             pass

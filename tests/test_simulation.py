@@ -165,15 +165,9 @@ _RAY_START = ("import sys; from ray._private import services; services.resolve_i
 def _cluster_processes(tag: str) -> list[psutil.Process]:
     """This user's processes that carry this test's cluster tag (every process `ray start`
     started: GCS, raylet, agents, workers inherit its environment)."""
-    out = []
-    for p in psutil.process_iter(["uids"]):
-        try:
-            if p.info["uids"] and p.info["uids"].real == os.getuid() and p.environ().get(_CLUSTER_TAG) == tag \
-                    and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
+    from xrayfed.server.flower_simulation import _tagged
+
+    return _tagged(tag, _CLUSTER_TAG)
 
 
 def _stop_cluster(tag: str, started: list[subprocess.Popen]) -> None:
