@@ -43,6 +43,11 @@ sharper than the fresh audit, which scans the whole grid (``fdp_from``: ``stored
 ``whole grid``)::
 
     .venv/bin/python bench/privacy_audit.py --rescore
+
+``--table`` prints the white-box rows as the table in docs/benchmarks.md (f-DP figure, measured
+ε, (ε, δ) bound, signal check, decision, attack AUC, time)::
+
+    .venv/bin/python bench/privacy_audit.py --table
 """
 
 from __future__ import annotations
@@ -85,9 +90,11 @@ def decide(row: dict) -> dict:
     from xrayfed.client.audit import decision
 
     sc = row.get("signal_check") or {}
-    ratio = sc.get("ratio_lower") if (row.get("auditor") or "white-box") == "white-box" else None
+    white = (row.get("auditor") or "white-box") == "white-box"
+    ratio = sc.get("ratio_lower") if white else None
+    measured = row.get("audited_lower_bound_measured") if white else None
     return {**row, **decision(row["claimed_epsilon"], row["audited_lower_bound_fdp"], row["audited_lower_bound"],
-                              ratio)}
+                              ratio, measured)}
 
 
 def rescore_row(row: dict) -> dict:
@@ -120,17 +127,51 @@ def rescore(path: Path) -> None:
     """Add the f-DP figure and the decision to every row of ``path`` and print the table."""
     rows = [rescore_row(r) for r in json.loads(path.read_text())["rows"]]
     path.write_text(json.dumps({"rows": rows}, indent=2))
-    print("| data | auditor | fault | claimed ε | (ε, δ) bound | f-DP figure | guesses right | σ′ rejected "
-          "| signal check ≥ / implied | caught by |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| data | auditor | fault | canaries | claimed ε | (ε, δ) bound | f-DP figure | measured ε ≥ | guesses right "
+          "| σ′ rejected | signal check ≥ / implied | caught by |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["fdp"]["curve"] or {}
         sc = r.get("signal_check") or {}
         signal = f"{sc['measured_lower']:.3g} / {sc['implied']:.3g}" if sc else "—"
-        print(f"| {r['data']} | {r.get('auditor') or 'white-box'} | {r['broken'] or '—'} | "
+        me = r.get("audited_lower_bound_measured")
+        print(f"| {r['data']} | {r.get('auditor') or 'white-box'} | {r['broken'] or '—'} | {r['canaries']} | "
               f"{r['claimed_epsilon']:.2f} | {r['audited_lower_bound']:.2f} | {r['audited_lower_bound_fdp']:.2f} | "
+              f"{'—' if me is None else f'{me:.2f}'} | "
               f"{r['correct_guesses']} of {r['guesses']} | {c.get('noise_multiplier', float('nan')):.3g} | "
               f"{signal} | {', '.join(r['caught_by']) or 'not caught'} |")
+
+
+def table(path: Path) -> str:
+    """The white-box rows of ``path`` as docs/benchmarks.md's table (between its
+    ``privacy-audit-table`` markers)."""
+    def num(x, fmt=".2f"):
+        return "—" if x is None else format(x, fmt)
+
+    out = ["| data | unit | fault | claimed ε | f-DP figure (95 %) | measured ε ≥ (99.9 %) | (ε, δ) lower bound (95 %; "
+           "right of guesses) | signal check: measured ≥ / implied | caught by | attack AUC DP / no DP | canaries "
+           "| wall time |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    faults = [None, "noise_0.1", "no_clipping", "accountant_half_q"]
+
+    def order(r: dict) -> tuple:
+        return (r["canaries"], r["data"] != "pneumoniamnist", -round(r["claimed_epsilon"]),
+                faults.index(r["broken"]) if r["broken"] in faults else len(faults))
+
+    rows = [r for r in json.loads(path.read_text())["rows"] if (r.get("auditor") or "white-box") == "white-box"]
+    for r in sorted(rows, key=order):
+        sc = r.get("signal_check") or {}
+        mia = (f"{r['mia_auc_dp']:.3f} / {r['mia_auc_no_dp']:.3f}" if r.get("mia_auc_dp") is not None
+               and r.get("mia_auc_no_dp") is not None else "—")
+        caught = ", ".join(r["caught_by"])
+        out.append(
+            f"| {r['data']} {r['image_size']} px | {r['unit']} | {r['broken'] or '— (correct)'} | "
+            f"{r['claimed_epsilon']:.2f} | {r['audited_lower_bound_fdp']:.2f} | "
+            f"{num(r.get('audited_lower_bound_measured'))} | "
+            f"{r['audited_lower_bound']:.2f} ({r['correct_guesses']} of {r['guesses']}) | "
+            f"{num(sc.get('measured_lower'), '.3g')} / {num(sc.get('implied'), '.3g')} | "
+            f"{f'**{caught}**' if caught else 'no'} | {mia} | {r['canaries']} | "
+            f"{r['wall_s']:.0f} s (load {r['load_average_1m']:.0f}, CPU {r['cpu_s']:.0f} s) |")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -138,6 +179,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=False)
     ap.add_argument("--rescore", action="store_true",
                     help="add the f-DP figure and recompute the decision of the rows of --out; train nothing")
+    ap.add_argument("--table", action="store_true",
+                    help="print the white-box rows of --out as docs/benchmarks.md's table; train nothing")
     ap.add_argument("--name", default=None, help="name in the result file (default: the data's file name)")
     ap.add_argument("--image-size", type=int, default=28)
     ap.add_argument("--rounds", type=int, default=5, help="[privacy] max_rounds: the plan that is audited")
@@ -166,6 +209,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.rescore:
         rescore(args.out)
+        return
+    if args.table:
+        print(table(args.out))
         return
     if args.data is None:
         ap.error("--data is required (unless --rescore)")
@@ -206,7 +252,11 @@ def main() -> None:
             "claimed_epsilon": round(res["claimed_epsilon"], 4), "delta": res["delta"],
             "audited_lower_bound": round(res["audited_lower_bound"], 4), "confidence": res["confidence"],
             "audited_lower_bound_fdp": round(res["audited_lower_bound_fdp"], 4), "fdp": res["fdp"],
-            "fdp_from": "whole grid", "exceeds_claim": res["exceeds_claim"],
+            "fdp_from": "whole grid",
+            "audited_lower_bound_measured": (None if res.get("audited_lower_bound_measured") is None
+                                             else round(res["audited_lower_bound_measured"], 4)),
+            "measured": res.get("measured"), "exceeds_claim": res["exceeds_claim"],
+            "measured_exceeds_claim": res["measured_exceeds_claim"],
             "eps_delta_exceeds_claim": res["eps_delta_exceeds_claim"], "signal_check": res.get("signal_check"),
             "caught": res["caught"], "caught_by": res["caught_by"],
             "canaries": res["canaries"], "guesses": res["guesses"], "correct_guesses": res["correct_guesses"],

@@ -64,7 +64,7 @@ from xrayfed.client.audit_input import make_input_canaries, scan_losses, unit_gr
 from xrayfed.client.audit_shadows import DEFAULT_SHADOWS, check_shadows, run_lira
 from xrayfed.client.dp import faults
 from xrayfed.common.errors import UserError
-from xrayfed.client import audit_fdp
+from xrayfed.client import audit_fdp, audit_measured
 from xrayfed.common.privacy.accounting import compute_epsilon, tolerance
 from xrayfed.common.privacy.audit import AUDIT_FILE, AuditBound, attack_auc, audit, signal_check
 
@@ -105,6 +105,7 @@ class GradientCanaries:
         self.included = self.rng.random(self.m) < 0.5
         self.llr = np.zeros(self.m)
         self.total = np.zeros(self.m)
+        self.total_sq = np.zeros(self.m)
         self.steps = 0
         self.sampled = 0
         self._where: list[tuple[int, np.ndarray, np.ndarray]] | None = None  # (param, canary ids, flat index)
@@ -164,6 +165,7 @@ class GradientCanaries:
         x = (self._gather([p.grad for p in opt.params]) - self._before) / float(opt.max_grad_norm)
         sigma = float(opt.noise_multiplier)
         self.total += x
+        self.total_sq += x * x
         if sigma > 0:
             self.llr += np.logaddexp(math.log1p(-self.q) if self.q < 1 else -np.inf,
                                      math.log(self.q) + (x - 0.5) / sigma**2)
@@ -218,7 +220,7 @@ def membership_auc(model, train, held_out, unit: str, task, device) -> dict[str,
 
 
 #: The names :func:`caught_by` gives the audit's tests.
-FDP_TEST, SIGNAL_TEST = "f-DP figure", "signal check"
+FDP_TEST, MEASURED_TEST, SIGNAL_TEST = "f-DP figure", "measured ε", "signal check"
 
 
 def fdp_exceeds_claim(claimed: float, fdp_epsilon: float | None) -> bool:
@@ -227,56 +229,72 @@ def fdp_exceeds_claim(claimed: float, fdp_epsilon: float | None) -> bool:
     training accountant's ε of (σ, q, T) (Opacus PRV, or RDP), the figure dp-accounting PLD's ε of
     a σ′ whose curve the guesses reject; a correct run's σ is not rejected (except with
     probability β), so its figure is at most PLD's ε of σ, which the project's accountants agree
-    is within the tolerance of the claim. ``None`` (no f-DP figure): not exceeded."""
+    is within the tolerance of the claim. ``None`` (no f-DP figure): not exceeded. The measured
+    figure (PLD's ε too, a lower confidence bound on the run's) is judged by the same rule."""
     return fdp_epsilon is not None and fdp_epsilon > claimed + tolerance(claimed)
 
 
-def caught_by(claimed: float, fdp_epsilon: float | None, ratio_lower: float | None = None) -> list[str]:
+def caught_by(claimed: float, fdp_epsilon: float | None, ratio_lower: float | None = None,
+              measured_epsilon: float | None = None) -> list[str]:
     """The audit's decision: the tests that caught the run (empty: not caught). :data:`FDP_TEST`
-    when the f-DP figure exceeds the claim (:func:`fdp_exceeds_claim`); :data:`SIGNAL_TEST` when
+    when the f-DP figure exceeds the claim (:func:`fdp_exceeds_claim`); white-box only (``None``
+    for black-box): :data:`MEASURED_TEST` when the measured-mechanism figure
+    (:mod:`xrayfed.client.audit_measured`) exceeds it by the same rule, :data:`SIGNAL_TEST` when
     the canary signal-to-noise check's lower bound is above what the accountant's inputs imply
-    (``ratio_lower`` > 1; white-box only, ``None`` for black-box). The (ε, δ) lower bound is not
-    an input on purpose: testing it too, on the same guesses at the same β, would raise the
-    false-alarm rate on correct code (up to 2β); it is reported beside the decision."""
+    (``ratio_lower`` > 1). The (ε, δ) lower bound is not an input on purpose: testing it too, on
+    the same guesses at the same β, would raise the false-alarm rate on correct code (up to 2β);
+    it is reported beside the decision."""
     out = [FDP_TEST] if fdp_exceeds_claim(claimed, fdp_epsilon) else []
+    if fdp_exceeds_claim(claimed, measured_epsilon):
+        out.append(MEASURED_TEST)
     if ratio_lower is not None and ratio_lower > 1.0:
         out.append(SIGNAL_TEST)
     return out
 
 
 def decision(claimed: float, fdp_epsilon: float | None, eps_delta_bound: float,
-             ratio_lower: float | None = None) -> dict[str, Any]:
-    """The result's decision fields: ``exceeds_claim`` (the f-DP test's outcome, the audit's test),
-    ``eps_delta_exceeds_claim`` (the (ε, δ) bound's own comparison, reported only), ``caught`` and
-    ``caught_by`` (:func:`caught_by`)."""
-    tests = caught_by(claimed, fdp_epsilon, ratio_lower)
+             ratio_lower: float | None = None, measured_epsilon: float | None = None) -> dict[str, Any]:
+    """The result's decision fields: ``exceeds_claim`` (the f-DP test's outcome),
+    ``measured_exceeds_claim`` (the measured figure's, white-box), ``eps_delta_exceeds_claim``
+    (the (ε, δ) bound's own comparison, reported only), ``caught`` and ``caught_by``
+    (:func:`caught_by`)."""
+    tests = caught_by(claimed, fdp_epsilon, ratio_lower, measured_epsilon)
     return {"exceeds_claim": fdp_exceeds_claim(claimed, fdp_epsilon),
+            "measured_exceeds_claim": fdp_exceeds_claim(claimed, measured_epsilon),
             "eps_delta_exceeds_claim": bool(eps_delta_bound > claimed), "caught": bool(tests), "caught_by": tests}
 
 
 def verdict(claimed: float, fdp_epsilon: float, bound: float, confidence: float, ratio_lower: float | None = None,
-            check_confidence: float = 0.999) -> str:
-    """The audit's result in plain words: the f-DP figure ``fdp_epsilon`` decides (with the signal
-    check's ``ratio_lower`` where there is one, :func:`caught_by`); the (ε, δ) lower bound
-    ``bound`` is stated beside it."""
+            check_confidence: float = 0.999, measured_epsilon: float | None = None) -> str:
+    """The audit's result in plain words: the f-DP figure ``fdp_epsilon`` decides (with, white-box,
+    the measured figure ``measured_epsilon`` and the signal check's ``ratio_lower``, both at
+    ``check_confidence``; :func:`caught_by`); the (ε, δ) lower bound ``bound`` is stated beside it."""
     pct = f"{100 * confidence:g} %"
-    tests = caught_by(claimed, fdp_epsilon, ratio_lower)
+    tests = caught_by(claimed, fdp_epsilon, ratio_lower, measured_epsilon)
     figures = f"f-DP figure {fdp_epsilon:.2f}, (ε, δ) lower bound {bound:.2f} at {pct} confidence"
+    measured_note = ("" if measured_epsilon is None else
+                     f"; measured ε ≥ {measured_epsilon:.2f} at {100 * check_confidence:g} % confidence")
     if FDP_TEST in tests:
         return (f"the audit found evidence that ε is LARGER than claimed: the training is LESS private than DP-SGD "
                 f"at ε = {fdp_epsilon:.2f} would be ({pct} confidence), against the claimed ε = {claimed:.2f} "
-                f"(the (ε, δ) lower bound is {bound:.2f}); the training does not keep its privacy promise (a bug or "
-                "a misconfiguration): do not train with it")
+                f"(the (ε, δ) lower bound is {bound:.2f}{measured_note}); the training does not keep its privacy "
+                "promise (a bug or a misconfiguration): do not train with it")
+    if MEASURED_TEST in tests:
+        return (f"the audit MEASURED the training spending more privacy than claimed: its canaries show DP-SGD at "
+                f"ε ≥ {measured_epsilon:.2f} (at {100 * check_confidence:g} % confidence) against the claimed "
+                f"ε = {claimed:.2f} (a bug or a misconfiguration; {figures}): do not train with it")
     if SIGNAL_TEST in tests:
         return (f"the audit found that training gives a canary at least {ratio_lower:.2f}× the weight its "
                 f"accountant was told (at {100 * check_confidence:g} % confidence): the claimed ε = {claimed:.2f} "
                 f"understates the privacy cost (a bug or a misconfiguration; {figures}): do not train with it")
+    if measured_epsilon is not None:
+        figures += f", measured ε ≥ {measured_epsilon:.2f} at {100 * check_confidence:g} %"
     s = (f"the audit found no evidence ε is larger than claimed: {figures} vs claimed {claimed:.2f}")
     if fdp_epsilon > claimed:
         s += f" (the f-DP figure is above the claim by less than the accountants' tolerance {tolerance(claimed):.2f})"
     if bound > claimed:
-        s += ("; the (ε, δ) lower bound is above the claim, but it is not the audit's test (a second test of the "
-              "same guesses would raise the false-alarm rate): rerun the audit with another --seed")
+        s += ("; the (ε, δ) lower bound is above the claim, but it is not one of the audit's tests (another test "
+              "of the same guesses would raise the false-alarm rate): rerun the audit with another --seed")
     return s + "; a lower bound can reveal a bug, never prove its absence"
 
 
@@ -333,8 +351,11 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
         fdp = fdp_bound(scores, probe.included, plan, confidence)
         implied = faults.accountant_rate(plan.sample_rate) * math.sqrt(total_steps) / plan.noise_multiplier
         check = signal_check(probe.total, probe.included, implied)
+        measured = audit_measured.measure(probe.total, probe.total_sq, probe.included, probe.steps, plan.delta,
+                                          check.confidence)
         extra: dict[str, Any] = {"signal_check": check.to_dict(), "canary_samples": probe.sampled, "steps": probe.steps}
         ratio, check_conf = check.ratio_lower, check.confidence
+        measured_eps: float | None = measured.epsilon_lower_bound
     else:
         inputs = make_input_canaries(train, plan.unit, canaries, seed)
         audited, unit = privacy_units(cfg, inputs.training)
@@ -347,23 +368,25 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
         fdp = fdp_bound(scores, inputs.included, plan, confidence)
         extra = {"steps": total_steps, "canary_scans": int(len(inputs.owner)),
                  "units_trained": len(audited)}
-        ratio, check_conf = None, 0.999  # no signal check: the f-DP test alone decides
+        ratio, check_conf = None, 0.999  # no signal check, no measured figure: the f-DP test alone decides
+        measured, measured_eps = None, None
         if attack_model is None:
             members_mask[inputs.chosen] = False
             members = inputs.members
-    decided = decision(claimed, fdp.epsilon_lower_bound, bound.epsilon_lower_bound, ratio)
+    decided = decision(claimed, fdp.epsilon_lower_bound, bound.epsilon_lower_bound, ratio, measured_eps)
     out: dict[str, Any] = {
         "hospital": cfg.hospital.name, "data": str(cfg.data.path), "unit": plan.unit,
         "claimed_epsilon": claimed, "delta": plan.delta,
         "audited_lower_bound": bound.epsilon_lower_bound, "confidence": confidence,
         "audited_lower_bound_fdp": fdp.epsilon_lower_bound, "fdp": fdp.to_dict(),
-        **{k: decided[k] for k in ("exceeds_claim", "eps_delta_exceeds_claim")},
+        **({"audited_lower_bound_measured": measured_eps, "measured": measured.to_dict()} if measured else {}),
+        **{k: decided[k] for k in ("exceeds_claim", "measured_exceeds_claim", "eps_delta_exceeds_claim")},
         **({"signal_check": extra.pop("signal_check")} if "signal_check" in extra else {}),
         **{k: decided[k] for k in ("caught", "caught_by")}, "auditor": AUDITORS[auditor],
         "canaries": bound.canaries, "canaries_included": bound.included, "guesses": bound.guesses,
         "correct_guesses": bound.correct, **extra,
         "plan": {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-                 "steps_per_round": plan.steps, "max_rounds": plan.max_rounds, "max_grad_norm": plan.max_grad_norm,
+                 "accountant_sample_rate": faults.accountant_rate(plan.sample_rate), "steps_per_round": plan.steps, "max_rounds": plan.max_rounds, "max_grad_norm": plan.max_grad_norm,
                  "units": plan.num_examples, "scans": plan.num_scans, "accountant": plan.accountant},
         "image_size": image_size, "lr": lr, "broken": faults.active(),
     }
@@ -395,7 +418,7 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
                     {"dp": (attacked, members_mask), "no_dp": (ref, np.ones(n_units, dtype=bool))}, shadows, seed)
     out["wall_s"] = round(time.time() - t0, 1)
     out["verdict"] = verdict(claimed, fdp.epsilon_lower_bound, bound.epsilon_lower_bound, confidence, ratio,
-                             check_conf)
+                             check_conf, measured_eps)
     return out
 
 
@@ -415,6 +438,20 @@ def fdp_line(res: dict[str, Any]) -> str:
             f"would be (that curve rejected by {f['correct']} of {f['guesses']} guesses right)")
 
 
+def measured_line(res: dict[str, Any]) -> str:
+    """The measured-mechanism figure's line of :func:`summary_lines` (white-box)."""
+    me = res["measured"]
+    pct = f"{100 * me['confidence']:g} %"
+    if me["epsilon_lower_bound"] <= 0:
+        head = f"measured ε: no lower bound above 0 at {pct} confidence (the canaries' signal is within its noise)"
+    else:
+        head = f"measured ε ≥ {me['epsilon_lower_bound']:.2f} at {pct} confidence"
+    return (head + f"; the canaries measured DP-SGD with noise {me['noise']:.3g}·C on a clipped contribution of "
+            f"{me['contribution']:.3g}·C (noise multiplier {me['noise_multiplier']:.3g}, the accountant's "
+            f"{res['plan']['noise_multiplier']:.3g}), sample rate {me['sample_rate']:.3g} (the "
+            f"accountant's {res['plan'].get('accountant_sample_rate', res['plan']['sample_rate']):.3g}), {me['steps']} steps: ε ≈ {me['epsilon_estimate']:.2f}")
+
+
 def summary_lines(res: dict[str, Any]) -> list[str]:
     """What ``xrayfed audit`` prints."""
     p = res["plan"]
@@ -428,8 +465,11 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
         fdp_line(res),
         f"(ε, δ) one-run lower bound {res['audited_lower_bound']:.2f} at δ = {res['delta']:g}, "
         f"{100 * res['confidence']:g} % confidence ({res['correct_guesses']} of {res['guesses']} guesses right; "
-        "reported, not the audit's test)",
+        "reported, not one of the audit's tests)",
     ]
+    me = res.get("measured")
+    if me:
+        lines.append(measured_line(res))
     sc = res.get("signal_check")
     if sc:
         lines.append(f"canary signal-to-noise: measured {sc['measured']:.3g} (at least {sc['measured_lower']:.3g} at "

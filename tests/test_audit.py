@@ -86,7 +86,7 @@ def test_attack_auc_and_signal_check():
 
 
 def test_the_decision_is_the_f_dp_test_and_the_eps_delta_bound_is_only_reported():
-    from xrayfed.client.audit import FDP_TEST, SIGNAL_TEST, caught_by, verdict
+    from xrayfed.client.audit import FDP_TEST, MEASURED_TEST, SIGNAL_TEST, caught_by, verdict
 
     # ε = 8, every guess right of a broken run: the (ε, δ) bound is capped below the claim, the f-DP figure is not
     assert caught_by(7.99, 12.46) == [FDP_TEST]
@@ -98,7 +98,7 @@ def test_the_decision_is_the_f_dp_test_and_the_eps_delta_bound_is_only_reported(
     text = verdict(1.0, 0.9, 1.2, 0.95)
     assert text.startswith("the audit found no evidence ε is larger than claimed: f-DP figure 0.90, (ε, δ) lower "
                            "bound 1.20 at 95 % confidence vs claimed 1.00")
-    assert "not the audit's test" in text and "never prove its absence" in text
+    assert "not one of the audit's tests" in text and "never prove its absence" in text
     # the accountants' tolerance, max(0.05, 0.02·ε): PLD's ε of a correct σ may sit that far above PRV's claim
     assert caught_by(8.0, 8.15) == [] and caught_by(8.0, 8.17) == [FDP_TEST]
     assert caught_by(1.0, 1.04) == [] and caught_by(1.0, 1.06) == [FDP_TEST]
@@ -107,6 +107,14 @@ def test_the_decision_is_the_f_dp_test_and_the_eps_delta_bound_is_only_reported(
     assert caught_by(1.0, 0.96, ratio_lower=1.66) == [SIGNAL_TEST]
     assert caught_by(1.0, 6.3, ratio_lower=9.8) == [FDP_TEST, SIGNAL_TEST] and caught_by(1.0, None) == []
     assert "1.66× the weight" in verdict(1.0, 0.96, 0.79, 0.95, ratio_lower=1.66)
+    # the measured figure (white-box) is a test by the same rule: a run told half its rate at ε = 8
+    assert caught_by(8.0, 7.6, ratio_lower=2.0, measured_epsilon=15.7) == [MEASURED_TEST, SIGNAL_TEST]
+    assert caught_by(8.0, 4.0, ratio_lower=0.97, measured_epsilon=8.15) == []
+    assert caught_by(8.0, 4.0, measured_epsilon=8.17) == [MEASURED_TEST]
+    text = verdict(8.0, 7.6, 4.3, 0.95, ratio_lower=2.0, measured_epsilon=15.7)
+    assert text.startswith("the audit MEASURED the training spending more privacy than claimed: its canaries show "
+                           "DP-SGD at ε ≥ 15.70 (at 99.9 % confidence) against the claimed ε = 8.00")
+    assert "measured ε ≥ 7.30" in verdict(8.0, 4.0, 3.0, 0.95, ratio_lower=0.97, measured_epsilon=7.3)
 
 
 def test_the_benchmarks_rescore_applies_the_same_decision_to_stored_rows():
@@ -118,20 +126,24 @@ def test_the_benchmarks_rescore_applies_the_same_decision_to_stored_rows():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
-    def row(claimed, fdp, eps_delta, ratio=None, auditor="white-box"):
+    def row(claimed, fdp, eps_delta, ratio=None, auditor="white-box", measured=None):
         sc = None if ratio is None else {"ratio_lower": ratio, "exceeds": ratio > 1.0}
         return {"claimed_epsilon": claimed, "audited_lower_bound_fdp": fdp, "audited_lower_bound": eps_delta,
-                "signal_check": sc, "auditor": auditor, "caught": "stale", "exceeds_claim": "stale"}
+                "signal_check": sc, "auditor": auditor, "caught": "stale", "exceeds_claim": "stale",
+                "audited_lower_bound_measured": measured}
 
     broken = bench.decide(row(7.99, 12.46, 5.86, ratio=9.9))  # ε = 8: the (ε, δ) bound is capped below the claim
     assert broken["caught"] and broken["exceeds_claim"] and not broken["eps_delta_exceeds_claim"]
     assert broken["caught_by"] == ["f-DP figure", "signal check"]
     half_q = bench.decide(row(0.99, 0.96, 0.79, ratio=1.66))
     assert half_q["caught_by"] == ["signal check"] and not half_q["exceeds_claim"]
+    half_q8 = bench.decide(row(8.0, 7.6, 4.3, ratio=2.0, measured=15.7))
+    assert half_q8["caught_by"] == ["measured ε", "signal check"] and half_q8["measured_exceeds_claim"]
+    assert not bench.decide(row(7.99, 4.04, 3.06, ratio=0.96, measured=7.3))["caught"]
     correct = bench.decide(row(7.99, 4.04, 3.06, ratio=0.96))
     assert correct["caught"] is False and correct["caught_by"] == []
     # a black-box row has no signal check: a stored one would not count
-    assert bench.decide(row(0.99, 0.5, 0.2, ratio=3.0, auditor="black-box"))["caught"] is False
+    assert bench.decide(row(0.99, 0.5, 0.2, ratio=3.0, auditor="black-box", measured=5.0))["caught"] is False
     assert bench.decide(row(0.99, 1.5, 0.9, auditor="black-box"))["caught_by"] == ["f-DP figure"]
 
 
@@ -203,6 +215,9 @@ def test_broken_dp_is_caught_and_the_correct_code_is_not(tmp_path):
     assert ok["audited_lower_bound_fdp"] < ok["claimed_epsilon"] and ok["fdp"]["family"] == "dp-sgd"
     assert not ok["exceeds_claim"] and not ok["eps_delta_exceeds_claim"]
     assert ok["signal_check"]["ratio_lower"] < 1.0 and not ok["caught"] and ok["caught_by"] == []
+    # the measured figure (the ε of the mechanism the canaries show) stays below the claim, and is not vacuous
+    assert 0.3 * ok["claimed_epsilon"] < ok["audited_lower_bound_measured"] < ok["claimed_epsilon"]
+    assert ok["measured"]["noise"] == pytest.approx(ok["plan"]["noise_multiplier"], rel=0.05)  # s = σ·C, C = 1
     assert "no evidence" in ok["verdict"]
     for fault in ("noise_0.1", "no_clipping"):
         bad = run(fault)
@@ -210,10 +225,16 @@ def test_broken_dp_is_caught_and_the_correct_code_is_not(tmp_path):
         assert bad["audited_lower_bound"] > 2 * bad["claimed_epsilon"], fault
         assert bad["audited_lower_bound_fdp"] > 2 * bad["claimed_epsilon"], fault
         assert bad["exceeds_claim"] and bad["caught"] and "f-DP figure" in bad["caught_by"], fault
+        assert bad["audited_lower_bound_measured"] > 2 * bad["claimed_epsilon"] and "measured ε" in bad["caught_by"]
         assert "LARGER than claimed" in bad["verdict"] and "LESS private than DP-SGD" in bad["verdict"]
     half_q = run("accountant_half_q")
     assert half_q["claimed_epsilon"] == pytest.approx(1.0, abs=0.02)
     assert half_q["signal_check"]["ratio_lower"] > 1.2 and half_q["caught"] and "signal check" in half_q["caught_by"]
+    # the measured figure shows the ε really spent (about twice the claim; its lower end, from 4 000 canaries,
+    # above the claim: 1.13–1.32 in eight audits against 1.04)
+    assert half_q["measured"]["epsilon_estimate"] > 1.5 * half_q["claimed_epsilon"]
+    assert half_q["audited_lower_bound_measured"] > half_q["claimed_epsilon"] + 0.05
+    assert "measured ε" in half_q["caught_by"] and half_q["measured_exceeds_claim"]
     assert faults.active() is None
     assert not (tmp_path / "state").exists()  # nothing charged: no ledger, no state folder
 
@@ -289,14 +310,18 @@ def test_bad_input_is_one_line_and_the_faults_are_out_of_reach(tmp_path, capsys)
             pass
 
 
-def _audit_file(path, hospital: str, claimed: float, bound: float, broken=None, mia=None, auditor=None, fdp=None):
-    """An audit result; without ``fdp``, one from before the f-DP figure (the (ε, δ) bound decided)."""
+def _audit_file(path, hospital: str, claimed: float, bound: float, broken=None, mia=None, auditor=None, fdp=None,
+                measured=None):
+    """An audit result; without ``fdp``, one from before the f-DP figure (the (ε, δ) bound decided);
+    without ``measured``, one from before the measured figure."""
     from xrayfed.client.audit import caught_by, verdict
 
     figures = {"caught": bound > claimed, "verdict": "as it was"}
     if fdp is not None:
-        figures = {"audited_lower_bound_fdp": fdp, "caught": bool(caught_by(claimed, fdp, 0.8)),
-                   "verdict": verdict(claimed, fdp, bound, 0.95, 0.8)}
+        figures = {"audited_lower_bound_fdp": fdp, "caught": bool(caught_by(claimed, fdp, 0.8, measured)),
+                   "verdict": verdict(claimed, fdp, bound, 0.95, 0.8, measured_epsilon=measured)}
+    if measured is not None:
+        figures.update(audited_lower_bound_measured=measured, measured={"confidence": 0.999})
     path.write_text(json.dumps({**({"auditor": auditor} if auditor else {}),
         "hospital": hospital, "unit": "scan", "claimed_epsilon": claimed, "delta": 1e-5,
         "audited_lower_bound": bound, "confidence": 0.95, "canaries": 10000, **figures,
@@ -318,12 +343,16 @@ def test_reports_show_the_empirical_check_when_an_audit_is_present(tmp_path):
                 mia={"auc_dp": 0.51, "auc_no_dp": 0.6, "lira": {"shadows": 8, "auc_dp": 0.523, "auc_no_dp": 0.712}})
     # with the f-DP figure: caught by it where the (ε, δ) bound stays below the claim, and a correct run
     _audit_file(run / "audit-east.json", "east", 7.99, 5.86, broken="no_clipping", fdp=12.46)
-    _audit_file(run / "audit-centre.json", "centre", 7.99, 3.06, fdp=4.04)
+    _audit_file(run / "audit-centre.json", "centre", 7.99, 3.06, fdp=4.04, measured=7.3)
+    # told half its sample rate: the f-DP figure lands near the claim, the measured figure well above it
+    _audit_file(run / "audit-lake.json", "lake", 8.0, 4.3, broken="accountant_half_q", fdp=7.6, measured=15.7)
     (run / "audit-garbled.json").write_text("{not json")
     rep = R.build_federation_report(run)
-    assert sorted(c.hospital for c in rep.empirical_checks) == ["centre", "east", "north", "south", "west"]
+    assert sorted(c.hospital for c in rep.empirical_checks) == ["centre", "east", "lake", "north", "south", "west"]
     flagged = sorted(f.hospital for f in rep.findings if f.code == "audit_exceeds_claim")
-    assert flagged == ["east", "south"]  # the finding follows each file's decision
+    assert flagged == ["east", "lake", "south"]  # the finding follows each file's decision
+    lake = next(f for f in rep.findings if f.code == "audit_exceeds_claim" and f.hospital == "lake")
+    assert "MEASURED the training spending more privacy than claimed" in lake.message and "15.70" in lake.message
     east = next(f for f in rep.findings if f.code == "audit_exceeds_claim" and f.hospital == "east")
     assert "LESS private than DP-SGD at ε = 12.46" in east.message
     assert any(f.code == "audit_unreadable" and "audit-garbled.json" in f.message for f in rep.findings)
@@ -338,16 +367,19 @@ def test_reports_show_the_empirical_check_when_an_audit_is_present(tmp_path):
             "(black-box: input-space canaries scored on the final model only) — no evidence") in md
     assert "LiRA (8 shadow models): AUC 0.523 with DP, 0.712 without." in md
     assert "LiRA" not in md.split("- north")[1].split("\n")[0]  # an older audit file: no auditor, no LiRA
-    assert "| west | scan | black-box | 8.00 | — | 0.40 |" in md  # older files: no f-DP figure
-    assert "| north | scan | white-box | 8.00 | — | 0.90 |" in md
-    assert "| east | scan | white-box | 7.99 | 12.46 | 5.86 |" in md
-    assert "| centre | scan | white-box | 7.99 | 4.04 | 3.06 |" in md
+    assert "| west | scan | black-box | 8.00 | — | — | 0.40 |" in md  # older files: no f-DP or measured figure
+    assert "| north | scan | white-box | 8.00 | — | — | 0.90 |" in md
+    assert "| east | scan | white-box | 7.99 | 12.46 | — | 5.86 |" in md
+    assert "| centre | scan | white-box | 7.99 | 4.04 | 7.30 | 3.06 |" in md
+    assert "| lake | scan | white-box | 8.00 | 7.60 | 15.70 | 4.30 |" in md
     assert ("centre (per scan): claimed ε = 7.99; f-DP figure 4.04 (the audit's test: the training is less "
             "private than DP-SGD at that ε would be) and (ε, δ) lower bound 3.06 (its ε is at least that) at 95 % "
-            "confidence from 10000 canaries — no evidence that ε is larger than claimed") in md
+            "confidence; measured ε ≥ 7.30 at 99.9 % (the noise, clipping and sample rate the canaries met, as "
+            "DP-SGD's ε) from 10000 canaries — no evidence that ε is larger than claimed") in md
     assert "east (per scan): claimed ε = 7.99; f-DP figure 12.46" in md
     assert "the training spends MORE privacy than it claims" in md.split("- east")[1].split("\n")[0]
-    assert "f-DP figure" in md.split("## Empirical check")[1].split("- ")[0]  # the explanation names both figures
+    explanation = md.split("## Empirical check")[1].split("- ")[0]
+    assert "f-DP figure" in explanation and "measured ε" in explanation  # the explanation names every figure
     written = {p.name for p in R.write_report(rep, tmp_path / "out", ["md", "html"])}
     assert "empirical-check.png" in written
     html = (tmp_path / "out" / "report.html").read_text()

@@ -11,12 +11,14 @@ never a traceback. The section and the plot appear only when an audit is present
 from __future__ import annotations
 
 import io
+import textwrap
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel, ConfigDict
 
+from xrayfed.common.privacy.accounting import tolerance
 from xrayfed.common.privacy.audit import AUDIT_FILE
 
 DPI = 110  # as the report's other plots (xrayfed.server.report.plots)
@@ -26,22 +28,25 @@ TITLE = "Empirical check"
 PLOT_NAME = "empirical-check"
 #: What the report reads in a folder: ``audit.json`` (``xrayfed audit``'s default) and ``audit-*.json``.
 AUDIT_GLOB = AUDIT_FILE.replace(".json", "*.json")
-PLOT_CAPTION = ("Empirical check: claimed ε against the audit's f-DP figure and its (ε, δ) lower bound (and the "
-                "membership-attack AUC)")
+PLOT_CAPTION = ("Empirical check: claimed ε against the audit's f-DP figure, measured ε and (ε, δ) lower bound (and "
+                "the membership-attack AUC)")
 EXPLANATION = (
     "A privacy audit trains the hospital's exact plan once more, in its own process (nothing is charged, nothing "
     "leaves), with canaries — artificial training units, each included with probability 1/2 — and an adversary "
     "tries to tell which were included: the white-box auditor sees every noised training step (gradient "
     "canaries: the stronger test), the black-box auditor only the final model (training scans with changed "
     "labels: a weaker signal). How well it guesses gives two figures, both holding at the stated confidence. "
-    "The f-DP figure (Mahloujifar, Melis & Chaudhuri 2025) is the audit's test: the run is shown to be less "
+    "The f-DP figure (Mahloujifar, Melis & Chaudhuri 2025) is the audit's first test: the run is shown to be less "
     "private than the kind of noisy training (DP-SGD) its ε was computed for would be at an ε equal to the "
     "figure, so a figure above the claimed ε (beyond the accountants' small tolerance) proves the training "
-    "spends more privacy than it claims (a bug or a misconfiguration); the white-box audit also fails a run whose "
-    "canaries carry more signal than the accountant was told. The (ε, δ) lower bound (Steinke, Nasr & Jagielski "
-    "2023) says the run's own ε is at least that, whatever the training, and is shown for reference: it cannot "
-    "exceed about 6.3 at δ = 10⁻⁵, so it cannot catch a fault at a claimed ε = 8. Figures below the claim are "
-    "the expected outcome and show no such bug, but they cannot prove there is none. The "
+    "spends more privacy than it claims (a bug or a misconfiguration). The (ε, δ) lower bound (Steinke, Nasr & "
+    "Jagielski 2023) says the run's own ε is at least that, whatever the training, and is shown for reference: "
+    "it cannot exceed about 6.3 at δ = 10⁻⁵, so it cannot catch a fault at a claimed ε = 8. The white-box audit "
+    "also measures the noise, clipping and sample rate its canaries actually met and states the measured ε, the "
+    "ε of DP-SGD with those (a lower bound at 99.9 % confidence that assumes the training adds Gaussian noise to "
+    "clipped contributions, as its code does): above the claim, the run fails too, as it does when the canaries "
+    "carry more signal than the accountant was told. Figures below the claim are the expected outcome and show "
+    "no such bug, but they cannot prove there is none. The "
     "membership attack asks whether the trained model's loss tells the hospital's training patients from its "
     "held-out ones (AUC 0.5: no better than a coin), beside the same attack on a model trained without DP; "
     "LiRA, where run, is the stronger likelihood-ratio attack calibrated on shadow models trained the same way.")
@@ -60,6 +65,8 @@ class EmpiricalCheck(BaseModel):
     audited_lower_bound: float  # the (ε, δ) one-run lower bound
     confidence: float
     fdp_epsilon: float | None = None  # the f-DP figure (absent from older audit files)
+    measured_epsilon: float | None = None  # white-box: the measured-mechanism lower bound (absent from older files)
+    measured_confidence: float | None = None
     canaries: int
     caught: bool
     signal_ratio_lower: float | None = None
@@ -80,7 +87,11 @@ def read_audit(path: Path) -> EmpiricalCheck:
         mia = d.get("mia") or {}
         lira = mia.get("lira") or {}
         sc = d.get("signal_check") or {}
+        me = d.get("measured") or {}
         return EmpiricalCheck(
+            measured_epsilon=(float(d["audited_lower_bound_measured"])
+                              if d.get("audited_lower_bound_measured") is not None else None),
+            measured_confidence=me.get("confidence"),
             hospital=str(d["hospital"]), source=str(path), unit=str(d["unit"]),
             claimed_epsilon=float(d["claimed_epsilon"]), delta=float(d["delta"]),
             audited_lower_bound=float(d["audited_lower_bound"]), confidence=float(d["confidence"]),
@@ -143,8 +154,11 @@ def plain_lines(checks: list[EmpiricalCheck]) -> list[str]:
             figures = (f"f-DP figure {c.fdp_epsilon:.2f} (the audit's test: the training is less private than "
                        "DP-SGD at that ε would be) and (ε, δ) lower bound "
                        f"{c.audited_lower_bound:.2f} (its ε is at least that)")
-        s = (f"{c.hospital} (per {c.unit}): claimed ε = {c.claimed_epsilon:.2f}; {figures} at {pct} confidence "
-             f"from {c.canaries} canaries{who} — ")
+        measured = ("" if c.measured_epsilon is None else
+                    f"; measured ε ≥ {c.measured_epsilon:.2f} at {100 * (c.measured_confidence or 0.999):g} % (the "
+                    "noise, clipping and sample rate the canaries met, as DP-SGD's ε)")
+        s = (f"{c.hospital} (per {c.unit}): claimed ε = {c.claimed_epsilon:.2f}; {figures} at {pct} confidence"
+             f"{measured} from {c.canaries} canaries{who} — ")
         if c.caught:
             s += "the training spends MORE privacy than it claims: do not train with it until this is fixed."
         else:
@@ -161,7 +175,7 @@ def plain_lines(checks: list[EmpiricalCheck]) -> list[str]:
     return lines
 
 
-COLUMNS = ["Hospital", "Unit", "Auditor", "Claimed ε", "f-DP figure", "(ε, δ) lower bound", "Confidence",
+COLUMNS = ["Hospital", "Unit", "Auditor", "Claimed ε", "f-DP figure", "Measured ε ≥", "(ε, δ) lower bound", "Confidence",
            "Canaries", "Attack AUC (DP)", "Attack AUC (no DP)", "LiRA AUC (DP)", "LiRA AUC (no DP)", "Verdict"]
 
 
@@ -170,7 +184,8 @@ def rows(checks: list[EmpiricalCheck]) -> list[list[str]]:
         return "—" if x is None else f"{x:.3f}"
 
     return [[c.hospital, c.unit, auditor_kind(c), f"{c.claimed_epsilon:.2f}",
-             "—" if c.fdp_epsilon is None else f"{c.fdp_epsilon:.2f}", f"{c.audited_lower_bound:.2f}",
+             "—" if c.fdp_epsilon is None else f"{c.fdp_epsilon:.2f}",
+             "—" if c.measured_epsilon is None else f"{c.measured_epsilon:.2f}", f"{c.audited_lower_bound:.2f}",
              f"{100 * c.confidence:g} %", str(c.canaries), num(c.mia_auc_dp), num(c.mia_auc_no_dp),
              num(c.lira_auc_dp), num(c.lira_auc_no_dp),
              "MORE than claimed" if c.caught else "no evidence above claim"] for c in checks]
@@ -197,9 +212,10 @@ def html(checks: list[EmpiricalCheck], table: Callable[..., str], escape: Callab
 
 
 def plot(checks: list[EmpiricalCheck]) -> bytes | None:
-    """Per audit, bars for the claimed ε, the f-DP figure (red where the audit caught the run,
-    green where not; no bar for an older audit file without it) and the (ε, δ) lower bound (grey:
-    reported, not tested; coloured like the f-DP bar in an older file, where it was the test), the
+    """Per audit, bars for the claimed ε, the f-DP figure and the measured ε (white-box; dotted),
+    each red where that figure is above the claim by more than the accountants' tolerance (its test
+    caught the run), green where not (no bar where an older audit file lacks it), and the (ε, δ)
+    lower bound (grey: reported, not tested; coloured by the verdict in an older file, where it was the test), the
     attack AUC with and without DP in the title where measured. None without an audit."""
     if not checks:
         return None
@@ -211,10 +227,10 @@ def plot(checks: list[EmpiricalCheck]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(7.2, 4.2), dpi=DPI)
     ax.grid(True, axis="y", color="#dddddd", linewidth=0.6)
     ax.set_axisbelow(True)
-    labels = [c.hospital + (f"\n({c.broken})" if c.broken else "") + ("\n(black-box)" if auditor_kind(c) == "black-box"
+    labels = [c.hospital + ("\n(" + "\n".join(textwrap.wrap(c.broken.replace("_", " "), 12)) + ")" if c.broken else "") + ("\n(black-box)" if auditor_kind(c) == "black-box"
               else "") for c in checks]
     xs = list(range(len(checks)))
-    w = 0.27
+    w = 0.2
     pct = f"{100 * checks[0].confidence:g} % confidence"
 
     from matplotlib.patches import Patch
@@ -224,29 +240,40 @@ def plot(checks: list[EmpiricalCheck]) -> bytes | None:
     def verdict_colour(c: EmpiricalCheck) -> str:
         return red if c.caught else green
 
-    ax.bar([x - w for x in xs], [c.claimed_epsilon for c in checks], w, color=blue)
+    def test_colour(c: EmpiricalCheck, figure: float | None) -> str:  # each test's own outcome
+        return red if figure is not None and figure > c.claimed_epsilon + tolerance(c.claimed_epsilon) else green
+
+    ax.bar([x - 1.5 * w for x in xs], [c.claimed_epsilon for c in checks], w, color=blue)
     with_fdp = [(x, c) for x, c in zip(xs, checks) if c.fdp_epsilon is not None]
     if with_fdp:
-        ax.bar([x for x, _ in with_fdp], [c.fdp_epsilon for _, c in with_fdp], w,
-               color=[verdict_colour(c) for _, c in with_fdp])
+        ax.bar([x - 0.5 * w for x, _ in with_fdp], [c.fdp_epsilon for _, c in with_fdp], w,
+               color=[test_colour(c, c.fdp_epsilon) for _, c in with_fdp])
+    with_measured = [(x, c) for x, c in zip(xs, checks) if c.measured_epsilon is not None]
+    if with_measured:
+        ax.bar([x + 0.5 * w for x, _ in with_measured], [c.measured_epsilon for _, c in with_measured], w,
+               color=[test_colour(c, c.measured_epsilon) for _, c in with_measured], hatch="..", edgecolor="white")
     old = [c.fdp_epsilon is None for c in checks]  # an older file: its (ε, δ) bound was the test
-    ax.bar([x + w for x in xs], [c.audited_lower_bound for c in checks], w,
+    ax.bar([x + 1.5 * w for x in xs], [c.audited_lower_bound for c in checks], w,
            color=[verdict_colour(c) if o else grey for c, o in zip(checks, old)],
            hatch=["//" if o else "" for o in old], edgecolor="white")
     for x, c in zip(xs, checks):
-        for dx, y in ((0.0, c.fdp_epsilon), (w, c.audited_lower_bound)):
+        for dx, y in ((-0.5 * w, c.fdp_epsilon), (0.5 * w, c.measured_epsilon), (1.5 * w, c.audited_lower_bound)):
             if y is not None:
                 ax.annotate(f"{y:.2f}", xy=(x + dx, y), xytext=(0, 3), textcoords="offset points", ha="center",
                             fontsize=MIN_FONT_PT)
     handles = [Patch(color=blue, label="claimed ε")]
     if with_fdp:
-        handles.append(Patch(color=green, label=f"f-DP figure ({pct}), the test: green not caught, red caught"))
+        handles.append(Patch(color=green, label=f"f-DP figure ({pct}), a test: red above the claim"))
+    if with_measured:
+        handles.append(Patch(facecolor=green, hatch="..", edgecolor="white",
+                             label="measured ε (white-box, 99.9 %), a test: red above the claim"))
     if not all(old):
         handles.append(Patch(color=grey, label=f"(ε, δ) lower bound ({pct}), reported"))
     if any(old):
         handles.append(Patch(facecolor=green, hatch="//", edgecolor="white",
                              label="(ε, δ) lower bound, older audit file (then the test)"))
-    top = max(max(c.claimed_epsilon, c.audited_lower_bound, c.fdp_epsilon or 0.0) for c in checks)
+    top = max(max(c.claimed_epsilon, c.audited_lower_bound, c.fdp_epsilon or 0.0, c.measured_epsilon or 0.0)
+              for c in checks)
     ax.set_ylim(0, top * (1.25 + 0.1 * len(handles)) if top > 0 else 1.0)  # room for the legend
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, fontsize=MIN_FONT_PT)
