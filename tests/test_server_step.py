@@ -39,12 +39,17 @@ def test_noise_of_the_mean_grows_with_small_batches_and_falls_with_more_hospital
 def test_auto_keeps_the_low_noise_step_and_drops_momentum_when_the_mean_is_mostly_noise():
     assert (auto_server_step(0.3).momentum, auto_server_step(0.3).lr) == AUTO_LOW_NOISE
     assert (auto_server_step(math.nan).momentum, auto_server_step(math.nan).lr) == AUTO_LOW_NOISE
-    noisy = auto_server_step(1.4)
-    assert noisy.momentum == 0 and noisy.lr == pytest.approx(0.5 / 1.4)
-    assert auto_server_step(100).lr == 0.1  # never below the floor
-    assert noisy.toml() == 'strategy = "fedavgm", server_momentum = 0, server_lr = 0.36'  # what simulate prints
+    # 100 hospitals of 42 scans over 20 rounds (ρ 1.37) keep it: it led on validation there
+    assert (auto_server_step(1.4).momentum, auto_server_step(1.4).lr) == AUTO_LOW_NOISE
+    assert (auto_server_step(2.0).momentum, auto_server_step(2.0).lr) == AUTO_LOW_NOISE
+    noisy = auto_server_step(2.5)
+    assert noisy.momentum == 0 and noisy.lr == pytest.approx((2.0 / 2.5) ** 3)
+    assert auto_server_step(2.0001).lr == pytest.approx(1.0, abs=1e-3)  # no jump in lr at the threshold
+    assert auto_server_step(3.0).lr < noisy.lr < 1.0  # the noisier, the smaller
+    assert auto_server_step(5.4).lr == auto_server_step(100).lr == 0.1  # never below the floor
+    assert noisy.toml() == 'strategy = "fedavgm", server_momentum = 0, server_lr = 0.51'  # what simulate prints
     assert auto_server_step(0.3).toml() == 'strategy = "fedavgm", server_momentum = 0.5, server_lr = 1'
-    assert noisy.describe() == "FedAvg with server lr 0.36: DP noise in the mean update 1.40 × its largest signal"
+    assert noisy.describe() == "FedAvg with server lr 0.51: DP noise in the mean update 2.50 × its largest signal"
 
 
 def _replies(n: int, units: int, sigma: float, steps: int, state: dict, shift: float):
@@ -59,12 +64,13 @@ def _replies(n: int, units: int, sigma: float, steps: int, state: dict, shift: f
     return [_reply(10 + i, f"h{i}", out) for i in range(n)]
 
 
-@pytest.mark.parametrize("n, units, sigma, steps, momentum", [(3, 1412, 0.2, 5, 0.5), (100, 42, 3.8, 2, 0.0)])
+@pytest.mark.parametrize("n, units, sigma, steps, momentum",
+                         [(3, 1412, 0.2, 5, 0.5), (100, 42, 3.8, 2, 0.5), (30, 10, 3.0, 5, 0.0)])
 def test_the_strategy_chooses_its_step_from_the_replies_plans(n, units, sigma, steps, momentum):
     """Through the federation's own strategy (Flower's FedAvgM underneath): a few large hospitals
-    keep server momentum 0.5 and lr 1; a hundred hospitals of 42 scans, whose mean update is
-    mostly noise, get no momentum and the noise-scaled lr — and the global model moves by
-    exactly that lr × the mean update."""
+    and a hundred of 42 scans keep server momentum 0.5 and lr 1; thirty of 10 scans, whose mean
+    update is mostly noise (ρ above 2), get no momentum and the noise-scaled lr — and the global
+    model moves by exactly that lr × the mean update."""
     import numpy as np
 
     from flwr.app import ArrayRecord
@@ -88,7 +94,7 @@ def test_the_strategy_chooses_its_step_from_the_replies_plans(n, units, sigma, s
     d = sum(v.numel() for v in state.values() if v.is_floating_point())
     want = auto_server_step(average_noise_ratio([(HospitalPlan(units, sigma, 1.0, steps, 1.0), units)] * n, d))
     assert (step.momentum, step.lr) == (want.momentum, want.lr)
-    assert (step.lr < 1) == (n == 100)
+    assert (step.lr < 1) == (units == 10)
     k = next(k for k, v in state.items() if v.is_floating_point())
     np.testing.assert_allclose(arrays[k].numpy() - state[k].numpy(), step.lr * 1e-3, rtol=1e-3)
 
