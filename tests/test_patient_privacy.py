@@ -123,7 +123,9 @@ def test_patient_plan_epsilon_matches_the_independent_accountant_and_the_ledger_
 
 def test_dp_training_at_the_patient_unit_learns(tmp_path):
     """Five DP rounds at ε = 8, patient unit (the default for data with patient ids), on synthetic
-    scans with a visible finding (about 1.7 scans per patient): held-out AUC ≥ 0.85."""
+    scans with a visible finding (about 1.7 scans per patient): held-out AUC ≥ 0.8 (a model that
+    did not learn is near 0.5). The DP noise and the Poisson sampling are never seeded: nine runs
+    gave 0.848–0.993, so the bar sits below that spread."""
     from xrayfed.client.hospital import train_round
     from xrayfed.common.data import load_dataset
     from xrayfed.common.synthetic import write_npz
@@ -143,7 +145,7 @@ def test_dp_training_at_the_patient_unit_learns(tmp_path):
     model = build_model(spec)
     model.load_state_dict(state)
     auc = evaluate(model, load_dataset(npz, split="test", image_size=28), TASK, torch.device("cpu"))["auc"]
-    assert auc >= 0.85, auc
+    assert auc >= 0.8, auc
     assert PrivacyLedger(tmp_path / "state", c).spent() <= 8.0
 
 
