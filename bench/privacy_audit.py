@@ -17,12 +17,12 @@ Usage::
 
     nice -n 10 .venv/bin/python bench/privacy_audit.py --data ../shared/data/pneumoniamnist.npz \\
         --image-size 28 --rounds 5 --epsilons 8 1 --faults noise_0.1 no_clipping accountant_half_q
-    nice -n 10 .venv/bin/python bench/privacy_audit.py --data ../shared/data/pneumoniamnist.npz \
+    nice -n 10 .venv/bin/python bench/privacy_audit.py --data ../shared/data/pneumoniamnist.npz \\
         --image-size 28 --rounds 5 --epsilons 8 1 --auditor black-box --attack lira --faults no_clipping
     nice -n 10 .venv/bin/python bench/privacy_audit.py --data bench/results/work-kermany-heldout \\
         --name kermany-cxr-224 --image-size 224 --rounds 20 --partition-scheme patient --epsilons 8 1
-    nice -n 10 .venv/bin/python bench/privacy_audit.py --data bench/results/work-kermany-heldout \
-        --name kermany-cxr-224 --image-size 224 --rounds 20 --partition-scheme patient --epsilons 8 1 \
+    nice -n 10 .venv/bin/python bench/privacy_audit.py --data bench/results/work-kermany-heldout \\
+        --name kermany-cxr-224 --image-size 224 --rounds 20 --partition-scheme patient --epsilons 8 1 \\
         --no-correct --no-mia --faults noise_0.1 no_clipping accountant_half_q
 
 ``wall_s`` is the row's wall time on this machine at its load (``load_average_1m``); ``cpu_s`` the
@@ -127,8 +127,8 @@ def rescore(path: Path) -> None:
     """Add the f-DP figure and the decision to every row of ``path`` and print the table."""
     rows = [rescore_row(r) for r in json.loads(path.read_text())["rows"]]
     path.write_text(json.dumps({"rows": rows}, indent=2))
-    print("| data | auditor | fault | canaries | claimed ε | (ε, δ) bound | f-DP figure | measured ε ≥ | guesses right "
-          "| σ′ rejected | signal check ≥ / implied | caught by |")
+    print("| data | auditor | fault | canaries | claimed ε | (ε, δ) bound | f-DP figure | measured ε ≥ "
+          "| guesses right | σ′ rejected | signal check ≥ / implied | caught by |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["fdp"]["curve"] or {}

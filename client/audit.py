@@ -66,7 +66,7 @@ from xrayfed.client.dp import faults
 from xrayfed.common.errors import UserError
 from xrayfed.client import audit_fdp, audit_measured
 from xrayfed.common.privacy.accounting import compute_epsilon, tolerance
-from xrayfed.common.privacy.audit import AUDIT_FILE, AuditBound, attack_auc, audit, signal_check
+from xrayfed.common.privacy.audit import AUDIT_FILE, AuditBound, attack_auc, audit, exceeds_claim, signal_check
 
 log = logging.getLogger(__name__)
 
@@ -223,29 +223,18 @@ def membership_auc(model, train, held_out, unit: str, task, device) -> dict[str,
 FDP_TEST, MEASURED_TEST, SIGNAL_TEST = "f-DP figure", "measured ε", "signal check"
 
 
-def fdp_exceeds_claim(claimed: float, fdp_epsilon: float | None) -> bool:
-    """Whether the f-DP figure rejects the claimed mechanism: above the claimed ε by more than the
-    accountants' tolerance (:func:`xrayfed.common.privacy.accounting.tolerance`). The claim is the
-    training accountant's ε of (σ, q, T) (Opacus PRV, or RDP), the figure dp-accounting PLD's ε of
-    a σ′ whose curve the guesses reject; a correct run's σ is not rejected (except with
-    probability β), so its figure is at most PLD's ε of σ, which the project's accountants agree
-    is within the tolerance of the claim. ``None`` (no f-DP figure): not exceeded. The measured
-    figure (PLD's ε too, a lower confidence bound on the run's) is judged by the same rule."""
-    return fdp_epsilon is not None and fdp_epsilon > claimed + tolerance(claimed)
-
-
 def caught_by(claimed: float, fdp_epsilon: float | None, ratio_lower: float | None = None,
               measured_epsilon: float | None = None) -> list[str]:
     """The audit's decision: the tests that caught the run (empty: not caught). :data:`FDP_TEST`
-    when the f-DP figure exceeds the claim (:func:`fdp_exceeds_claim`); white-box only (``None``
+    when the f-DP figure exceeds the claim (:func:`~xrayfed.common.privacy.audit.exceeds_claim`); white-box only (``None``
     for black-box): :data:`MEASURED_TEST` when the measured-mechanism figure
     (:mod:`xrayfed.client.audit_measured`) exceeds it by the same rule, :data:`SIGNAL_TEST` when
     the canary signal-to-noise check's lower bound is above what the accountant's inputs imply
     (``ratio_lower`` > 1). The (ε, δ) lower bound is not an input on purpose: testing it too, on
     the same guesses at the same β, would raise the false-alarm rate on correct code (up to 2β);
     it is reported beside the decision."""
-    out = [FDP_TEST] if fdp_exceeds_claim(claimed, fdp_epsilon) else []
-    if fdp_exceeds_claim(claimed, measured_epsilon):
+    out = [FDP_TEST] if exceeds_claim(claimed, fdp_epsilon) else []
+    if exceeds_claim(claimed, measured_epsilon):
         out.append(MEASURED_TEST)
     if ratio_lower is not None and ratio_lower > 1.0:
         out.append(SIGNAL_TEST)
@@ -259,8 +248,8 @@ def decision(claimed: float, fdp_epsilon: float | None, eps_delta_bound: float,
     (the (ε, δ) bound's own comparison, reported only), ``caught`` and ``caught_by``
     (:func:`caught_by`)."""
     tests = caught_by(claimed, fdp_epsilon, ratio_lower, measured_epsilon)
-    return {"exceeds_claim": fdp_exceeds_claim(claimed, fdp_epsilon),
-            "measured_exceeds_claim": fdp_exceeds_claim(claimed, measured_epsilon),
+    return {"exceeds_claim": exceeds_claim(claimed, fdp_epsilon),
+            "measured_exceeds_claim": exceeds_claim(claimed, measured_epsilon),
             "eps_delta_exceeds_claim": bool(eps_delta_bound > claimed), "caught": bool(tests), "caught_by": tests}
 
 
@@ -386,7 +375,8 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
         "canaries": bound.canaries, "canaries_included": bound.included, "guesses": bound.guesses,
         "correct_guesses": bound.correct, **extra,
         "plan": {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-                 "accountant_sample_rate": faults.accountant_rate(plan.sample_rate), "steps_per_round": plan.steps, "max_rounds": plan.max_rounds, "max_grad_norm": plan.max_grad_norm,
+                 "accountant_sample_rate": faults.accountant_rate(plan.sample_rate), "steps_per_round": plan.steps,
+                 "max_rounds": plan.max_rounds, "max_grad_norm": plan.max_grad_norm,
                  "units": plan.num_examples, "scans": plan.num_scans, "accountant": plan.accountant},
         "image_size": image_size, "lr": lr, "broken": faults.active(),
     }
@@ -446,10 +436,12 @@ def measured_line(res: dict[str, Any]) -> str:
         head = f"measured ε: no lower bound above 0 at {pct} confidence (the canaries' signal is within its noise)"
     else:
         head = f"measured ε ≥ {me['epsilon_lower_bound']:.2f} at {pct} confidence"
+    p = res["plan"]
+    told_q = p.get("accountant_sample_rate", p["sample_rate"])
     return (head + f"; the canaries measured DP-SGD with noise {me['noise']:.3g}·C on a clipped contribution of "
             f"{me['contribution']:.3g}·C (noise multiplier {me['noise_multiplier']:.3g}, the accountant's "
-            f"{res['plan']['noise_multiplier']:.3g}), sample rate {me['sample_rate']:.3g} (the "
-            f"accountant's {res['plan'].get('accountant_sample_rate', res['plan']['sample_rate']):.3g}), {me['steps']} steps: ε ≈ {me['epsilon_estimate']:.2f}")
+            f"{p['noise_multiplier']:.3g}), sample rate {me['sample_rate']:.3g} (the accountant's {told_q:.3g}), "
+            f"{me['steps']} steps: ε ≈ {me['epsilon_estimate']:.2f}")
 
 
 def summary_lines(res: dict[str, Any]) -> list[str]:

@@ -175,6 +175,18 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
     return hi
 
 
+def dp_sgd_pld(sigma: float, q: float, steps: int):
+    """dp-accounting's pessimistic privacy loss distribution of ``steps`` steps of DP-SGD with
+    noise multiplier ``sigma`` and Poisson rate ``q`` (add-or-remove one unit; discretization
+    :data:`PLD_DISCRETIZATION`, finer below σ = 1)."""
+    from dp_accounting.pld import privacy_loss_distribution as pld_mod
+
+    return pld_mod.from_gaussian_mechanism(
+        float(sigma), sensitivity=1.0, sampling_prob=float(q),
+        value_discretization_interval=PLD_DISCRETIZATION * max(1.0, float(sigma) ** -2),
+        pessimistic_estimate=True).self_compose(int(steps))
+
+
 class DpSgdCurve(Curve):
     """The curve of T steps of DP-SGD with Poisson rate q and noise multiplier σ (add-or-remove
     one unit), from dp-accounting's pessimistic PLD: g is tabulated on :data:`X_GRID` as the
@@ -183,15 +195,10 @@ class DpSgdCurve(Curve):
     name = "dp-sgd"
 
     def __init__(self, sigma: float, q: float, steps: int) -> None:
-        from dp_accounting.pld import privacy_loss_distribution as pld_mod
-
         if not (sigma > 0 and 0 < q <= 1 and steps >= 1):
             raise ValueError(f"need sigma > 0, 0 < q <= 1, steps >= 1; got {sigma}, {q}, {steps}")
         self.sigma, self.q, self.steps = float(sigma), float(q), int(steps)
-        self._pld = pld_mod.from_gaussian_mechanism(
-            self.sigma, sensitivity=1.0, sampling_prob=self.q,
-            value_discretization_interval=PLD_DISCRETIZATION * max(1.0, self.sigma ** -2),
-            pessimistic_estimate=True).self_compose(self.steps)
+        self._pld = dp_sgd_pld(self.sigma, self.q, self.steps)
         deltas = np.clip(np.asarray(self._pld.get_delta_for_epsilon(EPS_GRID), dtype=np.float64), 0.0, 1.0)
         g = np.zeros_like(X_GRID)
         for eps, d in zip(EPS_GRID, deltas):  # f(1 − x) ≥ e^{−ε}(x − δ) and 1 − δ − e^ε(1 − x)

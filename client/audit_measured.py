@@ -16,11 +16,10 @@ and T steps, whatever its accountant was told. Its moments identify the three pa
 
 so q = (q·c)² / (q·c²), c = (q·c²) / (q·c) and s = √s². :func:`measure` estimates the three
 moments from the canaries (each canary's mean over the T steps is one independent sample;
-normal-approximation confidence intervals over thousands of canaries), takes the end of each
-interval that makes the run most private (q and c low, s high: Bonferroni over the three
-intervals, so all hold at once with probability ≥ ``confidence``) and reports the ε, at the
-claimed δ, of DP-SGD with those parameters (dp-accounting's PLD, as the f-DP figure). ε grows with
-q and with c / s, so this is a lower confidence bound on the ε of the mechanism that ran.
+normal-approximation confidence intervals over thousands of canaries; Bonferroni over the
+intervals' ends, so all hold at once with probability ≥ ``confidence``) and reports the least ε,
+at the claimed δ, of DP-SGD over every (s, q, c) the intervals allow (dp-accounting's PLD, as the
+f-DP figure; :func:`_least_epsilon`): a lower confidence bound on the ε of the mechanism that ran.
 
 **What it assumes, unlike the f-DP figure** (:mod:`xrayfed.client.audit_fdp`, which assumes
 nothing about the mechanism): that each step's release has this form — one clipped contribution
@@ -44,6 +43,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
+from xrayfed.client.audit_fdp import dp_sgd_pld
 from xrayfed.common.privacy.audit import EPS_MAX
 
 #: The confidence of the measured figure when none is given: the one of the signal check, so
@@ -63,10 +63,10 @@ SIGMA_FLOOR = 0.2
 @dataclass(frozen=True)
 class MeasuredMechanism:
     """What the canaries measured, per step and in units of C: ``noise`` (s), ``contribution``
-    (c) and ``sample_rate`` (q) as point estimates and as the conservative ends of their
-    intervals (``*_bound``: s high, c and q low), over ``steps`` steps; ``epsilon_lower_bound``:
-    ε at ``delta`` of DP-SGD(s/c, q, T) at the conservative ends (0 when the included canaries show
-    no signal), at ``confidence``; ``epsilon_estimate``: the same at the point estimates."""
+    (c) and ``sample_rate`` (q) as point estimates, and (``*_bound``) the upper end of s's interval
+    with the (q, c) the least ε was evaluated at, over ``steps`` steps; ``epsilon_lower_bound``:
+    that least ε at ``delta`` of DP-SGD(s/c, q, T) over the intervals (0 when the included
+    canaries show no signal), at ``confidence``; ``epsilon_estimate``: ε at the point estimates."""
 
     noise: float
     contribution: float
@@ -92,15 +92,11 @@ class MeasuredMechanism:
 def dp_sgd_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
     """ε at ``delta`` of ``steps`` steps of DP-SGD with noise multiplier ``sigma`` and Poisson
     rate ``q`` (dp-accounting's pessimistic PLD; σ below :data:`SIGMA_FLOOR` is evaluated at the
-    floor; capped at :data:`EPS_MAX`). 0 when ``q`` or 1/``sigma`` is 0."""
-    from dp_accounting.pld import privacy_loss_distribution as pld_mod
-
+    floor; capped at :data:`EPS_MAX`; the PLD of :func:`xrayfed.client.audit_fdp.dp_sgd_pld`, as
+    the f-DP figure's). 0 when ``q`` or 1/``sigma`` is 0."""
     if not (q > 0 and sigma < math.inf and steps >= 1):
         return 0.0
-    sigma, q = max(float(sigma), SIGMA_FLOOR), min(float(q), 1.0)
-    pld = pld_mod.from_gaussian_mechanism(sigma, sensitivity=1.0, sampling_prob=q,
-                                          value_discretization_interval=1e-3 * max(1.0, sigma ** -2),
-                                          pessimistic_estimate=True).self_compose(int(steps))
+    pld = dp_sgd_pld(max(float(sigma), SIGMA_FLOOR), min(float(q), 1.0), steps)
     return min(EPS_MAX, float(pld.get_epsilon_for_delta(delta)))
 
 

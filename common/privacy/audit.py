@@ -42,6 +42,18 @@ AUDIT_FILE = "audit.json"
 EPS_MAX = 60.0
 
 
+def exceeds_claim(claimed: float, figure: float | None) -> bool:
+    """Whether an audit figure (the f-DP figure, or the measured ε) is above the ``claimed`` ε by
+    more than the accountants' tolerance (:func:`xrayfed.common.privacy.accounting.tolerance`):
+    the claim is the training accountant's ε of (σ, q, T) (Opacus PRV, or RDP), the figures are
+    dp-accounting PLD's; a correct run's figure is at most PLD's ε of its own (σ, q, T) except with
+    the test's β, and the project's accountants agree to within the tolerance. ``None`` (no such
+    figure): not exceeded."""
+    from xrayfed.common.privacy.accounting import tolerance
+
+    return figure is not None and figure > claimed + tolerance(claimed)
+
+
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     """Upper bound on P[≥ v of r guesses correct] when training is (``epsilon``, ``delta``)-DP
     in each of ``m`` canaries included independently with probability 1/2 (module formula)."""

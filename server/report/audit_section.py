@@ -11,15 +11,14 @@ never a traceback. The section and the plot appear only when an audit is present
 from __future__ import annotations
 
 import io
-import textwrap
 import json
+import textwrap
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel, ConfigDict
 
-from xrayfed.common.privacy.accounting import tolerance
-from xrayfed.common.privacy.audit import AUDIT_FILE
+from xrayfed.common.privacy.audit import AUDIT_FILE, exceeds_claim
 
 DPI = 110  # as the report's other plots (xrayfed.server.report.plots)
 MIN_FONT_PT = 10
@@ -175,8 +174,8 @@ def plain_lines(checks: list[EmpiricalCheck]) -> list[str]:
     return lines
 
 
-COLUMNS = ["Hospital", "Unit", "Auditor", "Claimed ε", "f-DP figure", "Measured ε ≥", "(ε, δ) lower bound", "Confidence",
-           "Canaries", "Attack AUC (DP)", "Attack AUC (no DP)", "LiRA AUC (DP)", "LiRA AUC (no DP)", "Verdict"]
+COLUMNS = ["Hospital", "Unit", "Auditor", "Claimed ε", "f-DP figure", "Measured ε ≥", "(ε, δ) lower bound",
+           "Confidence", "Canaries", "Attack AUC (DP)", "Attack AUC (no DP)", "LiRA AUC (DP)", "LiRA AUC (no DP)", "Verdict"]
 
 
 def rows(checks: list[EmpiricalCheck]) -> list[list[str]]:
@@ -227,8 +226,11 @@ def plot(checks: list[EmpiricalCheck]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(7.2, 4.2), dpi=DPI)
     ax.grid(True, axis="y", color="#dddddd", linewidth=0.6)
     ax.set_axisbelow(True)
-    labels = [c.hospital + ("\n(" + "\n".join(textwrap.wrap(c.broken.replace("_", " "), 12)) + ")" if c.broken else "") + ("\n(black-box)" if auditor_kind(c) == "black-box"
-              else "") for c in checks]
+    def label(c: EmpiricalCheck) -> str:  # fault names wrapped, so neighbouring labels do not overlap
+        fault = "\n(" + "\n".join(textwrap.wrap(c.broken.replace("_", " "), 12)) + ")" if c.broken else ""
+        return c.hospital + fault + ("\n(black-box)" if auditor_kind(c) == "black-box" else "")
+
+    labels = [label(c) for c in checks]
     xs = list(range(len(checks)))
     w = 0.2
     pct = f"{100 * checks[0].confidence:g} % confidence"
@@ -241,7 +243,7 @@ def plot(checks: list[EmpiricalCheck]) -> bytes | None:
         return red if c.caught else green
 
     def test_colour(c: EmpiricalCheck, figure: float | None) -> str:  # each test's own outcome
-        return red if figure is not None and figure > c.claimed_epsilon + tolerance(c.claimed_epsilon) else green
+        return red if exceeds_claim(c.claimed_epsilon, figure) else green
 
     ax.bar([x - 1.5 * w for x in xs], [c.claimed_epsilon for c in checks], w, color=blue)
     with_fdp = [(x, c) for x, c in zip(xs, checks) if c.fdp_epsilon is not None]
