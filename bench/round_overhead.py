@@ -87,7 +87,19 @@ def phases(run_dir: Path, t0: float, wall: float) -> dict[str, float]:
             "after_rounds_s": round(t0 + wall - last, 1)}
 
 
+def same_allocator() -> None:
+    """Re-run this benchmark under the allocator settings xrayfed gives the processes it starts
+    (:data:`xrayfed.common.procs.ALLOCATOR_TUNABLES`, read by glibc at a process's start), so the
+    in-process engine trains as a hospital's worker does."""
+    from xrayfed.common.procs import allocator_env
+
+    env = allocator_env()
+    if env:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+
+
 def main() -> None:
+    same_allocator()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--which", choices=sorted(FEDERATIONS), default="pneumoniamnist-28")
     ap.add_argument("--data", type=Path, default=None, help="default: the federation's usual place")

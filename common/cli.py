@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import textwrap
 
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from xrayfed.common.logs import configure_logging
+    from xrayfed.common.procs import allocator_env
+
+    os.environ.update(allocator_env())  # every process this command starts (hospital worker, ServerApp, …)
 
     configure_logging(verbose=args.verbose, timestamps=True)
     try:

@@ -136,7 +136,28 @@ class ProcessGroup:
                 signal.signal(s, h)
 
 
-def shared_cpu_env(processes: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
+#: glibc's allocator settings for xrayfed's processes (``GLIBC_TUNABLES``): blocks under 256 MiB
+#: come from the heap, and up to 512 MiB of freed heap is kept for the next step rather than given
+#: back. Without them every large tensor (a batch's per-sample gradients, its scattering features)
+#: is fresh memory that the kernel maps and zeroes page by page (the scattering features of 2 922
+#: scans at 28 px on one thread: 12.2 s, 3.6 s of it in the kernel, against 9.1 s and 0.1 s with
+#: these; docs/benchmarks.md has the federation's figures). Peak memory is unchanged; the peak is
+#: kept rather than returned between rounds.
+ALLOCATOR_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=536870912"
+
+
+def allocator_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``{"GLIBC_TUNABLES": ALLOCATOR_TUNABLES}`` for the processes xrayfed starts (read by glibc
+    when a process starts; other C libraries ignore it), unless the environment (``base``,
+    default ``os.environ``) sets its own, or this is not Linux."""
+    env = os.environ if base is None else base
+    if env.get("GLIBC_TUNABLES") is not None or not sys.platform.startswith("linux"):
+        return {}
+    return {"GLIBC_TUNABLES": ALLOCATOR_TUNABLES}
+
+
+def shared_cpu_env(processes: int, base: Mapping[str, str] | None = None,
+                   share_dir: str | os.PathLike | None = None) -> dict[str, str]:
     """Thread limits for ``processes`` torch processes that share this machine's cores.
 
     By default every torch process starts one compute thread per core; several hospitals (or a
@@ -144,9 +165,15 @@ def shared_cpu_env(processes: int, base: Mapping[str, str] | None = None) -> dic
     (measured: three DP rounds side by side on 2 cores, 70 s each vs 21 s with one thread each).
     Returns ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = max(1, cores // processes), unless the
     caller's environment (``base``, default ``os.environ``) already sets ``OMP_NUM_THREADS``.
+    ``share_dir``: a folder the processes share, so that whichever of them is busy while the
+    others wait takes their cores (:class:`xrayfed.common.cores.CoreShare`; not where the
+    caller set its own thread count).
     """
+    from xrayfed.common.cores import ENV as SHARE_ENV
+
     env = os.environ if base is None else base
     if env.get("OMP_NUM_THREADS"):
         return {}
+    out = {SHARE_ENV: str(share_dir)} if share_dir is not None else {}
     n = str(max(1, (os.cpu_count() or 1) // max(1, int(processes))))
-    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, **out}

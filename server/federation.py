@@ -32,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from xrayfed.common.checkpoint import Checkpoint, strip_prefix
 from xrayfed.common.config import FederationConfig
+from xrayfed.common.cores import CoreShare
 from xrayfed.common.data import load_dataset
 from xrayfed.common.errors import UserError
 from xrayfed.common.model import build_model
@@ -101,7 +102,7 @@ def warm_evaluation(cfg: FederationConfig, eval_set, val_set, device) -> threadi
 
     def work() -> None:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), CoreShare():  # co-located with hospitals: its share of the cores
                 for ds in sets:  # a loader with its own generator: the global one is the main thread's
                     predict_logits(model, ds, device, generator=torch.Generator())
         except Exception as e:  # noqa: BLE001 - see the docstring
@@ -121,12 +122,15 @@ def evaluate_global(model, cfg: FederationConfig, eval_set, val_set, device) -> 
     or ``None`` without one — what the patient is told with a prediction."""
     out: dict[str, Any] = {}
     threshold = performance = None
+    with CoreShare():  # co-located with hospitals (a demo): the cores they leave idle
+        if val_set is not None:
+            vl, vy = predict_logits(model, val_set, device)
+        if eval_set is not None:
+            el, ey = predict_logits(model, eval_set, device)
     if val_set is not None:
-        vl, vy = predict_logits(model, val_set, device)
         threshold = choose_threshold(cfg.task, vl, vy)
         out["val_auc"] = compute_metrics(cfg.task, vl, vy)["auc"]
     if eval_set is not None:
-        el, ey = predict_logits(model, eval_set, device)
         out.update(scored(cfg.task, el, ey, threshold))
         performance = measured_performance(cfg.task, el, ey, threshold, split=cfg.eval.split)
     if threshold is not None:

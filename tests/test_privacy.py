@@ -208,3 +208,35 @@ def test_csprng_noise_is_standard_normal():
     assert noise.std().item() == pytest.approx(2.5, rel=0.02)
     # fresh randomness every call
     assert not torch.equal(secure_gaussian_like(ref, 1.0), secure_gaussian_like(ref, 1.0))
+
+
+def test_the_sigma_search_meets_the_budget_within_its_tolerance_in_few_calls():
+    import math
+
+    from xrayfed.client.dp.planning import MAX_SIGMA, smallest_sigma
+    from xrayfed.common.privacy.accounting import compute_epsilon
+
+    calls = []
+
+    def gaussian(sigma):  # a closed form: ε of the Gaussian mechanism's rough bound, decreasing in σ
+        calls.append(sigma)
+        if sigma < 1e-3:  # as the accountant does at tiny σ
+            raise OverflowError
+        return math.sqrt(2 * math.log(1.25 / 1e-5)) / sigma
+
+    for target in (0.3, 1.0, 8.0, 50.0, 500.0):
+        calls.clear()
+        s = smallest_sigma(gaussian, target, tolerance=0.01)
+        assert target - 0.01 <= gaussian(s) <= target
+        assert len(calls) <= 14, (target, len(calls))
+    # the accountant itself: ε at the found σ is within [target − 0.01, target], and σ − 1 % is over it
+    for q, steps, rounds in ((0.25, 21, 5), (1.0, 2, 20)):
+        def eps_of(sigma):
+            return compute_epsilon([(sigma, q, steps)] * rounds, 1e-5)
+
+        s = smallest_sigma(eps_of, 8.0)
+        assert 7.99 <= eps_of(s) <= 8.0
+        assert eps_of(s * 0.99) > 8.0
+    with pytest.raises(ValueError):
+        smallest_sigma(lambda s: 1e9, 1.0)  # no σ up to MAX_SIGMA helps
+    assert MAX_SIGMA >= 1e6

@@ -141,6 +141,7 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
     """
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
+    from xrayfed.common.cores import CoreShare
     from xrayfed.common.train import make_optimizer, train_epoch
 
     t0 = time.time()
@@ -171,20 +172,27 @@ def train_private_round(model, dataset, cfg: HospitalConfig, plan: DPPlan, task,
         hooks["expand"] = expand
     if group > 1:  # one averaged gradient per patient / example is clipped
         hooks["after_backward"] = lambda: average_views(dp_model, group)
-    if ema is not None:  # after every real (not skipped: BatchMemoryManager's partial) step
-        hooks["after_step"] = lambda: None if dp_opt._is_last_step_skipped else ema.update(dp_model)
+    share = CoreShare()  # co-located hospitals take the cores the others leave idle (xrayfed.common.cores)
+
+    def after_step() -> None:
+        if ema is not None and not dp_opt._is_last_step_skipped:  # a real step, not BatchMemoryManager's partial one
+            ema.update(dp_model)
+        share.adjust()
+
+    hooks["after_step"] = after_step
     total_loss, seen = 0.0, 0
-    for e, steps in enumerate(chunks, start=1):
-        label = f"{desc} epoch {e}/{len(chunks)}" if desc else None
-        with BatchMemoryManager(
-            data_loader=make_loader(steps), max_physical_batch_size=max(1, t.max_physical_batch_size // group),
-            optimizer=dp_opt,
-        ) as mem_loader, feature_cache(not augmenting):  # an augmented view is never seen twice
-            ep = train_epoch(dp_model, mem_loader, dp_opt, task, device, desc=label, **hooks)
-        total_loss += ep["loss"] * ep["examples"]
-        seen += ep["examples"]
-        if label:
-            log.info("%s: %d DP-SGD steps, loss %.4f", label, steps, ep["loss"])
+    with share:
+        for e, steps in enumerate(chunks, start=1):
+            label = f"{desc} epoch {e}/{len(chunks)}" if desc else None
+            with BatchMemoryManager(
+                data_loader=make_loader(steps), max_physical_batch_size=max(1, t.max_physical_batch_size // group),
+                optimizer=dp_opt,
+            ) as mem_loader, feature_cache(not augmenting):  # an augmented view is never seen twice
+                ep = train_epoch(dp_model, mem_loader, dp_opt, task, device, desc=label, **hooks)
+            total_loss += ep["loss"] * ep["examples"]
+            seen += ep["examples"]
+            if label:
+                log.info("%s: %d DP-SGD steps, loss %.4f", label, steps, ep["loss"])
     if ema is not None:
         ema.copy_to(model)  # release the average of the iterates: post-processing, no privacy cost
     dp_model.zero_grad(set_to_none=True)
