@@ -101,7 +101,8 @@ def run_processes(s: dict, data: Path, out_dir: Path, hospital_section: dict | N
             hp = out_dir / f"hospital-{i}.toml"
             hp.write_text(dump_toml(h))
             group.add(spawn(cli + ["client", "--server", f"127.0.0.1:{port}", "--config", str(hp), "--insecure"],
-                            log=open(out_dir / f"hospital-{i}.log", "w"), env=shared_cpu_env(len(hospitals), share_dir=out_dir / "cores")))
+                            log=open(out_dir / f"hospital-{i}.log", "w"),
+                            env=shared_cpu_env(len(hospitals), share_dir=out_dir / "cores")))
         r = subprocess.run(cli + ["server", "--config", str(fp)], capture_output=True, text=True,
                            env={**os.environ, **shared_cpu_env(len(hospitals), share_dir=out_dir / "cores")})
     stop.set()

@@ -95,11 +95,10 @@ def same_allocator() -> None:
 
     env = allocator_env()
     if env:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+        os.execve(sys.executable, list(sys.orig_argv), {**os.environ, **env})
 
 
 def main() -> None:
-    same_allocator()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--which", choices=sorted(FEDERATIONS), default="pneumoniamnist-28")
     ap.add_argument("--data", type=Path, default=None, help="default: the federation's usual place")
@@ -110,6 +109,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "round-overhead.json")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "work-round-overhead")
     args = ap.parse_args()
+    same_allocator()  # after parsing: `--help` and a bad flag answer from this process
     data = (args.data or FEDERATIONS[args.which]["data"]).resolve()
     if not data.exists():
         raise SystemExit(f"bench/round_overhead.py: no data at {data}")

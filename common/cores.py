@@ -10,8 +10,9 @@ the largest one then trains alone on one core while the other idles.
 :class:`CoreShare` fixes that without oversubscribing. The processes name one folder
 (``$XRAYFED_CPU_SHARE_DIR``, set by :func:`~xrayfed.common.procs.shared_cpu_env` when the caller
 gives it one). While a process computes it holds an exclusive ``flock`` on its own file there
-(the kernel releases it when the process ends, so a killed process never counts as busy), and
-before each step it sets torch's threads to ``cores // processes busy now`` (at least 1). A
+(the kernel releases it when the process ends, so a killed process never counts as busy); on
+entry and after each step (a DP-SGD step, a batch of an evaluation) it sets torch's threads to
+``cores // processes busy now`` (at least 1). A
 process alone on the machine gets every core; three busy ones get one thread each, as before.
 
 Without the variable (a hospital on its own machine, the usual case) nothing changes: torch's
@@ -31,6 +32,15 @@ from pathlib import Path
 ENV = "XRAYFED_CPU_SHARE_DIR"
 #: A busy process looks at the others at most this often (seconds).
 RECHECK_S = 0.2
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), else
+    ``os.cpu_count()``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def busy_processes(folder: Path) -> int:
@@ -67,7 +77,7 @@ class CoreShare:
     def __init__(self, folder: str | os.PathLike | None = None, cores: int | None = None) -> None:
         folder = folder if folder is not None else os.environ.get(ENV)
         self.folder = Path(folder) if folder else None
-        self.cores = max(1, int(cores or os.cpu_count() or 1))
+        self.cores = max(1, int(cores or usable_cores()))
         self._fd: int | None = None
         self._path: Path | None = None
         self._entry_threads: int | None = None
@@ -83,8 +93,13 @@ class CoreShare:
         with contextlib.suppress(OSError):
             self.folder.mkdir(parents=True, exist_ok=True)
             path = self.folder / f"{os.getpid()}-{time.monotonic_ns()}.busy"
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)  # readable: other users' processes count it
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # no locks here (e.g. some network file systems): share nothing
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
             self._fd, self._path = fd, path
         self.adjust(force=True)
         return self

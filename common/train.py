@@ -87,15 +87,19 @@ def train_epoch(model, loader, optimizer, task: TaskSpec, device: torch.device, 
 
 @torch.no_grad()
 def predict_logits(model, dataset, device: torch.device, batch_size: int = 256,
-                   generator: torch.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   generator: torch.Generator | None = None,
+                   after_batch: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, outputs) and targets for a whole dataset, in order. The loader draws its seed
-    from ``generator`` (default: torch's global generator)."""
+    from ``generator`` (default: torch's global generator); ``after_batch()`` runs after each
+    batch (e.g. :meth:`xrayfed.common.cores.CoreShare.adjust`)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=generator)
     model.eval()
     outs, ys = [], []
     for x, y in loader:
         outs.append(model(x.to(device)).float().cpu())
         ys.append(y)
+        if after_batch is not None:
+            after_batch()
     return torch.cat(outs).numpy(), torch.cat(ys).numpy()
 
 

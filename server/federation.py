@@ -102,9 +102,9 @@ def warm_evaluation(cfg: FederationConfig, eval_set, val_set, device) -> threadi
 
     def work() -> None:
         try:
-            with torch.no_grad(), CoreShare():  # co-located with hospitals: its share of the cores
+            with torch.no_grad(), CoreShare() as share:  # co-located with hospitals: its share of the cores
                 for ds in sets:  # a loader with its own generator: the global one is the main thread's
-                    predict_logits(model, ds, device, generator=torch.Generator())
+                    predict_logits(model, ds, device, generator=torch.Generator(), after_batch=share.adjust)
         except Exception as e:  # noqa: BLE001 - see the docstring
             log.debug("warming the server-side evaluation up failed: %s", e)
 
@@ -122,11 +122,11 @@ def evaluate_global(model, cfg: FederationConfig, eval_set, val_set, device) -> 
     or ``None`` without one — what the patient is told with a prediction."""
     out: dict[str, Any] = {}
     threshold = performance = None
-    with CoreShare():  # co-located with hospitals (a demo): the cores they leave idle
+    with CoreShare() as share:  # co-located with hospitals (a demo): the cores they leave idle
         if val_set is not None:
-            vl, vy = predict_logits(model, val_set, device)
+            vl, vy = predict_logits(model, val_set, device, after_batch=share.adjust)
         if eval_set is not None:
-            el, ey = predict_logits(model, eval_set, device)
+            el, ey = predict_logits(model, eval_set, device, after_batch=share.adjust)
     if val_set is not None:
         threshold = choose_threshold(cfg.task, vl, vy)
         out["val_auc"] = compute_metrics(cfg.task, vl, vy)["auc"]

@@ -240,3 +240,21 @@ def test_the_sigma_search_meets_the_budget_within_its_tolerance_in_few_calls():
     with pytest.raises(ValueError):
         smallest_sigma(lambda s: 1e9, 1.0)  # no σ up to MAX_SIGMA helps
     assert MAX_SIGMA >= 1e6
+
+    def broken(sigma):  # an accountant that gives NaN or runs out of memory below σ = 3 never "meets" there
+        if sigma < 2:
+            return float("nan")
+        if sigma < 3:
+            raise MemoryError
+        return gaussian(sigma)
+
+    s = smallest_sigma(broken, 1.0)
+    assert s >= 3 and broken(s) <= 1.0
+
+    def noisy(sigma):  # ε that jumps around near the target: the search still stops, at a σ seen to meet it
+        calls.append(sigma)
+        return gaussian(sigma) * (1.3 if int(sigma * 1e6) % 2 else 0.7)
+
+    calls.clear()
+    s = smallest_sigma(noisy, 5.0, max_calls=20)
+    assert len(calls) <= 21 and noisy(s) <= 5.0

@@ -85,26 +85,34 @@ MAX_PLANNED_STEPS = {"prv": 50_000, "rdp": 10_000_000}
 MAX_SIGMA = 1e6
 
 
-def smallest_sigma(eps_of: Callable[[float], float], target: float, tolerance: float = 0.01) -> float:
-    """A σ with ``target − tolerance ≤ eps_of(σ) ≤ target`` for a decreasing ``eps_of`` (what
-    Opacus' ``get_noise_multiplier`` returns, bisecting from σ = 10). The bracket is found by
-    doubling or halving from σ = 1, then narrowed by regula falsi on (log σ, log ε), each point
-    kept inside the middle 90 % of the bracket: about 6 calls of ``eps_of`` where bisection
-    takes about 16 (each a PRV composition: tenths of a second). An ``eps_of`` that raises
-    counts as ε = ∞. Raises ValueError when even :data:`MAX_SIGMA` is not enough."""
+def smallest_sigma(eps_of: Callable[[float], float], target: float, tolerance: float = 0.01,
+                   max_calls: int = 60) -> float:
+    """A σ with ``eps_of(σ) ≤ target`` for a decreasing ``eps_of``, and as far as the search
+    gets within ``max_calls``, ``eps_of(σ) ≥ target − tolerance`` (what Opacus'
+    ``get_noise_multiplier`` returns, bisecting from σ = 10). The bracket is found by doubling
+    or halving from σ = 1, then narrowed by regula falsi on (log σ, log ε), each point kept
+    inside the middle 90 % of the bracket: about 6 calls of ``eps_of`` where bisection takes
+    about 16 (each a PRV composition: tenths of a second). An ``eps_of`` that raises, or returns
+    NaN, counts as ε = ∞: the σ returned was always seen to meet the target. Raises ValueError
+    when even :data:`MAX_SIGMA` does not."""
+    calls = 0
+
     def eps(sigma: float) -> float:
+        nonlocal calls
+        calls += 1
         try:
-            return float(eps_of(sigma))
-        except (ValueError, OverflowError, FloatingPointError, ZeroDivisionError):
+            e = float(eps_of(sigma))
+        except (ValueError, OverflowError, FloatingPointError, ZeroDivisionError, MemoryError):
             return math.inf
+        return e if e == e else math.inf  # NaN: not shown to meet anything
 
     hi, e_hi = 1.0, eps(1.0)
     lo, e_lo = 0.0, math.inf
     while e_hi > target:
-        lo, e_lo = hi, e_hi
-        hi *= 2
-        if hi > MAX_SIGMA:
+        if hi >= MAX_SIGMA:
             raise ValueError(f"no σ up to {MAX_SIGMA:g} spends at most ε = {target:g}")
+        lo, e_lo = hi, e_hi
+        hi = min(hi * 2, MAX_SIGMA)
         e_hi = eps(hi)
     if lo == 0.0:
         while True:  # σ = 1 already meets the target: halve until it does not
@@ -114,9 +122,9 @@ def smallest_sigma(eps_of: Callable[[float], float], target: float, tolerance: f
                 lo, e_lo = cand, e
                 break
             hi, e_hi = cand, e
-            if hi < 1e-6:
+            if hi < 1e-6 or calls >= max_calls:
                 return hi
-    while target - e_hi > tolerance and hi / lo > 1 + 1e-9:
+    while target - e_hi > tolerance and hi / lo > 1 + 1e-9 and calls < max_calls:
         a, b = math.log(lo), math.log(hi)
         x = (a + b) / 2
         if math.isfinite(e_lo) and e_lo > 0 and e_hi > 0:
@@ -152,7 +160,7 @@ def _noise_for_budget(epsilon: float, delta: float, q: float, steps: int, max_ro
             f"privacy.epsilon = {epsilon:g} (δ = {delta:g}) cannot be met by {max_rounds} round(s) of "
             f"{steps} DP-SGD steps at q = {q:.3g}, even with noise σ = 10⁶; raise epsilon, or lower max_rounds "
             "or training.local_epochs") from None
-    while eps_of(sigma) > epsilon:
+    while not eps_of(sigma) <= epsilon:  # the search's own check, kept as the plan's guard (NaN included)
         sigma *= 1.01
     return sigma
 
