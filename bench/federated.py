@@ -96,15 +96,15 @@ def run_processes(s: dict, data: Path, out_dir: Path, hospital_section: dict | N
     sampler = threading.Thread(target=sample_peak_rss, args=(stop, mem), daemon=True)
     t0 = time.time()
     sampler.start()
+    cpu_env = shared_cpu_env(len(hospitals), share_dir=out_dir / "cores")  # the hospitals' and the server's
     with ProcessGroup() as group:
         for i, h in enumerate(hospitals):
             hp = out_dir / f"hospital-{i}.toml"
             hp.write_text(dump_toml(h))
             group.add(spawn(cli + ["client", "--server", f"127.0.0.1:{port}", "--config", str(hp), "--insecure"],
-                            log=open(out_dir / f"hospital-{i}.log", "w"),
-                            env=shared_cpu_env(len(hospitals), share_dir=out_dir / "cores")))
+                            log=open(out_dir / f"hospital-{i}.log", "w"), env=cpu_env))
         r = subprocess.run(cli + ["server", "--config", str(fp)], capture_output=True, text=True,
-                           env={**os.environ, **shared_cpu_env(len(hospitals), share_dir=out_dir / "cores")})
+                           env={**os.environ, **cpu_env})
     stop.set()
     sampler.join()
     wall = time.time() - t0

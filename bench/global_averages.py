@@ -68,9 +68,7 @@ def run(seed: int, args) -> dict:
         def on_round(r, state, replies) -> None:
             out["raw"].append(score(state))
             for k, d in decays.items():
-                prev, w = kept[k], d(r)
-                kept[k] = {n: v.detach().clone().float() if prev is None else prev[n] * w + v.float() * (1 - w)
-                           for n, v in state.items()}
+                kept[k] = sweep.moving_average(kept[k], state, d(r))
                 out[k].append(score(kept[k]))
 
         t0 = time.time()

@@ -86,6 +86,13 @@ def add_settings_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--central", type=int, default=0, help="1: one hospital holding every training scan")
 
 
+def moving_average(prev: dict | None, state: dict, decay: float) -> dict:
+    """One step of a moving average of global models: ``decay · prev + (1 − decay) · state`` per
+    tensor (float32); ``state`` itself (a copy) when there is no ``prev``."""
+    return {k: v.detach().clone().float() if prev is None else prev[k] * decay + v.float() * (1 - decay)
+            for k, v in state.items()}
+
+
 def has_patient_ids(data: Path) -> bool:
     """Whether the data can train at the patient unit: a .npz with ``train_patient_ids``, or a
     folder layout (its loader decides from the file names / DICOM headers)."""
@@ -184,9 +191,7 @@ def run_setting(s: dict, data: Path, *, eval_path: Path | None = None, test: boo
             if not best or auc > best["auc"]:
                 best.update(auc=auc, round=r, threshold=ev["threshold"], state={k: v.clone() for k, v in state.items()})
             if d is not None:  # a probe: the average of the global models so far, scored beside them
-                prev = ema["state"]
-                ema["state"] = {k: v.detach().clone().float() if prev is None else prev[k] * d + v.float() * (1 - d)
-                                for k, v in state.items()}
+                ema["state"] = moving_average(ema["state"], state, d)
                 e_auc = score(ema["state"])["metrics"]["val_auc"]
                 ema["curve"].append(round(e_auc, 4))
                 if not ema["best"] or e_auc > ema["best"]["auc"]:

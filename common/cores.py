@@ -12,8 +12,8 @@ the largest one then trains alone on one core while the other idles.
 gives it one). While a process computes it holds an exclusive ``flock`` on its own file there
 (the kernel releases it when the process ends, so a killed process never counts as busy); on
 entry and after each step (a DP-SGD step, a batch of an evaluation) it sets torch's threads to
-``cores // processes busy now`` (at least 1). A
-process alone on the machine gets every core; three busy ones get one thread each, as before.
+``cores // processes busy now`` (at least 1). A process alone on the machine gets every core;
+three busy ones get one thread each, as before.
 
 Without the variable (a hospital on its own machine, the usual case) nothing changes: torch's
 threads stay what the environment set.
@@ -68,11 +68,11 @@ def busy_processes(folder: Path) -> int:
 
 
 class CoreShare:
-    """``with CoreShare() as share: … share.adjust() before each step …``.
+    """``with CoreShare() as share: … share.adjust() after each step …``.
 
     ``folder``: the shared folder (default ``$XRAYFED_CPU_SHARE_DIR``; no folder: every method
-    does nothing). ``cores``: the cores the processes share (default ``os.cpu_count()``). On exit
-    torch's thread count is put back to what it was on entry."""
+    does nothing). ``cores``: the cores the processes share (default :func:`usable_cores`). On
+    exit torch's thread count is put back to what it was on entry."""
 
     def __init__(self, folder: str | os.PathLike | None = None, cores: int | None = None) -> None:
         folder = folder if folder is not None else os.environ.get(ENV)

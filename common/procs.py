@@ -14,6 +14,7 @@ from typing import IO, Mapping, Sequence
 
 import psutil
 
+from xrayfed.common import cores
 from xrayfed.common.errors import UserError
 
 
@@ -169,13 +170,9 @@ def shared_cpu_env(processes: int, base: Mapping[str, str] | None = None,
     others wait takes their cores (:class:`xrayfed.common.cores.CoreShare`; not where the
     caller set its own thread count).
     """
-    from xrayfed.common.cores import ENV as SHARE_ENV
-
     env = os.environ if base is None else base
     if env.get("OMP_NUM_THREADS"):
         return {}
-    from xrayfed.common.cores import usable_cores
-
-    out = {SHARE_ENV: str(Path(share_dir).resolve())} if share_dir is not None else {}
-    n = str(max(1, usable_cores() // max(1, int(processes))))
+    out = {cores.ENV: str(Path(share_dir).resolve())} if share_dir is not None else {}
+    n = str(max(1, cores.usable_cores() // max(1, int(processes))))
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, **out}

@@ -186,15 +186,15 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
     print(f"[demo] {args.hospitals} hospitals × {args.rounds} rounds, ε = {args.epsilon:g} each, "
           f"{image_size} px, task {probe.task.kind} {list(probe.task.class_names)}; folder {out}")
     with ProcessGroup() as group:
-        cores = shared_cpu_env(len(hospital_paths), share_dir=out / "cores")  # the server's evaluation too
-        server = group.add(spawn(cli + ["server", "--config", str(fed_path)], stdout=subprocess.PIPE, env=cores))
+        cpu_env = shared_cpu_env(len(hospital_paths), share_dir=out / "cores")  # the server's evaluation too
+        server = group.add(spawn(cli + ["server", "--config", str(fed_path)], stdout=subprocess.PIPE, env=cpu_env))
         logs = []
         for hp in hospital_paths:
             log_path = out / f"{hp.stem}.log"
             f = log_path.open("w")
             logs.append(f)
             group.add(spawn(cli + ["client", "--server", f"127.0.0.1:{port}", "--config", str(hp), "--insecure"],
-                            log=f, env=cores))
+                            log=f, env=cpu_env))
         for raw in iter(server.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip()
             if line:

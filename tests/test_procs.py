@@ -29,7 +29,7 @@ def test_processes_xrayfed_starts_get_the_allocator_settings_unless_the_user_set
         return
     assert allocator_env(base={}) == {"GLIBC_TUNABLES": ALLOCATOR_TUNABLES}
     assert allocator_env(base={"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {}
-    # glibc reads them at a process's start: a child started with them really has the threshold
+    # glibc reads them at a process's start: a child started with them runs and sees them
     code = "import os; print(os.environ.get('GLIBC_TUNABLES', ''))"
     out = subprocess.run([sys.executable, "-c", code], env={**allocator_env(base={}), "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, check=True).stdout.strip()
