@@ -82,6 +82,9 @@ def add_settings_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--global-ema", type=float, default=None,
                     help="also score an exponential moving average of the global models over rounds "
                          "(decay d; post-processing at the server, the federation itself is unchanged)")
+    ap.add_argument("--head-bias", type=float, default=None,
+                    help="probe: the round-0 model's output bias set to this value (e.g. the log-odds of the "
+                         "positive class's prevalence), every other weight as the seed draws it")
     ap.add_argument("--dp", type=int, default=1, help="1: DP-SGD (the product); 0: σ = 0 (benchmark only)")
     ap.add_argument("--central", type=int, default=0, help="1: one hospital holding every training scan")
 
@@ -197,8 +200,14 @@ def run_setting(s: dict, data: Path, *, eval_path: Path | None = None, test: boo
                 if not ema["best"] or e_auc > ema["best"]["auc"]:
                     ema["best"].update(auc=e_auc, round=r)
 
+        initial = None
+        if s.get("head_bias") is not None:  # the same draw simulate() makes from the seed, its output bias set
+            torch.manual_seed(fed.federation.seed)
+            initial = build_model(fed.model).state_dict()
+            initial[list(initial)[-1]].fill_(s["head_bias"])  # the last layer's bias (XrayNet's linear head)
         with _auto_batch_fraction(s.get("batch_fraction")):
-            res = simulate(fed, hospitals, dp=bool(s["dp"]), tan_scale=s.get("tan_scale", 1), on_round=on_round)
+            res = simulate(fed, hospitals, dp=bool(s["dp"]), tan_scale=s.get("tan_scale", 1), on_round=on_round,
+                           initial=initial)
         model = build_model(fed.model)
         model.load_state_dict(best["state"])
         out = {"val_auc": round(best["auc"], 4), "best_round": best["round"], "last_val_auc": curve[-1],
