@@ -89,10 +89,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    from xrayfed.common.flower_launch import no_telemetry_env
     from xrayfed.common.logs import configure_logging
     from xrayfed.common.procs import allocator_env
 
     os.environ.update(allocator_env())  # every process this command starts (hospital worker, ServerApp, …)
+    os.environ.update(no_telemetry_env())  # Flower in this process (the Simulation Engine) and in every child
 
     configure_logging(verbose=args.verbose, timestamps=True)
     try:

@@ -7,7 +7,8 @@ processes): what both launchers (``xrayfed server`` / ``xrayfed client``) call.
   connection used by ``flwr run`` and ``flwr supernode register|unregister|list``.
 * :func:`flower_env`: the environment for every Flower process (``PATH`` must contain the
   venv's ``bin``: the SuperLink starts ``flower-superexec`` and the SuperNode ``flwr-clientapp``
-  by name; the SuperExec polls every ``SUPEREXEC_POLL_S``).
+  by name; the SuperExec polls every ``SUPEREXEC_POLL_S``; Flower's telemetry off, see
+  :data:`TELEMETRY_ENV`).
 * :func:`supernode_command`: ``flower-supernode`` with its idle pull every ``[hospital]
   poll_interval_s`` instead of Flower's fixed 3 s, and (``[hospital] fork_clientapps``) its
   SuperExec forking each ``flwr-clientapp`` process from a fork server (``xrayfed.client.forkserver``).
@@ -40,6 +41,22 @@ from xrayfed.common.errors import UserError
 DEFAULT_CONNECTION = "xrayfed"
 
 # --------------------------------------------------------------------------- environment
+#: Flower's switch for its telemetry (``flwr/supercore/telemetry.py``, read when Flower is imported).
+#: On by default: every Flower process (SuperLink, SuperNode, SuperExec, ``flwr run``, the
+#: Simulation Engine) POSTs an event with the machine's platform details to Flower's servers when
+#: it starts and when it stops, spawns ``file`` to describe its interpreter, and at exit waits up
+#: to 4 s for that POST (about 1.5 s here, with no route out). A hospital's or an operator's
+#: machine sends nothing anyone did not ask for: xrayfed starts Flower with ``0``. Whoever sets
+#: the variable themselves keeps their setting.
+TELEMETRY_ENV = "FLWR_TELEMETRY_ENABLED"
+
+
+def no_telemetry_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``{TELEMETRY_ENV: "0"}`` unless the environment (``base``, default ``os.environ``) sets it."""
+    env = os.environ if base is None else base
+    return {} if env.get(TELEMETRY_ENV) is not None else {TELEMETRY_ENV: "0"}
+
+
 def venv_bin_dir() -> Path:
     return Path(sys.executable).parent
 
@@ -56,6 +73,7 @@ def flower_env(flwr_home: Path | str | None = None, base: Mapping[str, str] | No
     env["PATH"] = os.pathsep.join([bindir] + [p for p in parts if p != bindir])
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault(SUPEREXEC_POLL_ENV, f"{SUPEREXEC_POLL_S:g}")
+    env.update(no_telemetry_env(env))
     if flwr_home is not None:
         env["FLWR_HOME"] = str(Path(flwr_home).resolve())
     return env

@@ -63,8 +63,38 @@ def spawn(cmd: Sequence[str], *, log: IO | None = None, env: dict | None = None,
     )
 
 
+def _wait_exited(procs: list[psutil.Process], timeout: float,
+                 popen: subprocess.Popen | None = None) -> list[psutil.Process]:
+    """Wait until each of ``procs`` has exited; those still running after ``timeout`` seconds.
+    A zombie has exited: an orphan (a descendant whose parent ended first) stays one until the
+    machine's init reaps it, which some inits do only every second or two. This process's own
+    children are reaped here (``popen`` through its ``poll``, which keeps its exit code)."""
+    deadline = time.monotonic() + timeout
+    alive, pause = list(procs), 0.002
+    while alive:
+        still = []
+        for p in alive:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    still.append(p)
+                elif popen is not None and p.pid == popen.pid:
+                    popen.poll()
+                elif p.ppid() == os.getpid():
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(p.pid, os.WNOHANG)
+            except psutil.NoSuchProcess:
+                pass
+        alive = still
+        if not alive or time.monotonic() >= deadline:
+            break
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    return alive
+
+
 def kill_tree(proc: subprocess.Popen | int | None, timeout: float = 5.0) -> None:
-    """Stop a process, its process group and every descendant: SIGTERM, then SIGKILL."""
+    """Stop a process, its process group and every descendant: SIGTERM, then SIGKILL; returns
+    once each has exited (an orphaned zombie counts, :func:`_wait_exited`)."""
     if proc is None:
         return
     pid = proc if isinstance(proc, int) else proc.pid
@@ -78,13 +108,14 @@ def kill_tree(proc: subprocess.Popen | int | None, timeout: float = 5.0) -> None
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    popen = proc if isinstance(proc, subprocess.Popen) else None
+    alive = _wait_exited(procs, timeout, popen)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    psutil.wait_procs(alive, timeout=timeout)
+    _wait_exited(alive, timeout, popen)
     if isinstance(proc, subprocess.Popen):
         with contextlib.suppress(Exception):
             proc.wait(timeout=timeout)
@@ -102,7 +133,7 @@ def sigkill_tree(proc: subprocess.Popen) -> None:
     for p in everyone:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    psutil.wait_procs(everyone, timeout=10)
+    _wait_exited(everyone, 10, proc)
     with contextlib.suppress(Exception):
         proc.wait(timeout=10)
 

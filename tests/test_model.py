@@ -72,8 +72,13 @@ def test_weight_standardised_conv_per_sample_gradients_are_exact_and_fold_into_p
     from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
 
-    from xrayfed.common.model import WSConv2d, fold_standardization, plain_spec
+    from opacus.grad_sample import GradSampleModule as GSM
 
+    from xrayfed.common.model import WSConv2d, fold_standardization, plain_spec
+    from xrayfed.common.model.standardization import register_ws_grad_sampler
+
+    register_ws_grad_sampler()  # what make_private does: this test checks that function, not a fallback
+    assert WSConv2d in GSM.GRAD_SAMPLERS
     torch.manual_seed(0)
     spec = ModelSpec(num_outputs=1, width=4, depth=3, weight_standardization=True)
     model = build_model(spec)
@@ -99,3 +104,20 @@ def test_weight_standardised_conv_per_sample_gradients_are_exact_and_fold_into_p
     ckpt = Checkpoint(model=spec, task=TaskSpec(kind="binary", class_names=("a", "b")), image_size=16, state_dict=sd)
     with torch.no_grad():
         assert torch.allclose(ckpt.build(plain=True)(x), ws(x), atol=1e-5)
+
+
+def test_a_process_that_never_trains_does_not_import_opacus_for_the_model():
+    """The ServerApp, an encrypted prediction's parties and export build models but never train:
+    the weight-standardised conv's per-sample gradient is registered with Opacus only where a
+    model is wrapped for DP (make_private), or at import where Opacus is already loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import xrayfed.server.server_app; from xrayfed.common.model import build_model, "
+            "default_model; build_model(default_model(28)); print('opacus' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+    code = ("import opacus; from opacus.grad_sample import GradSampleModule as G; "
+            "from xrayfed.common.model import WSConv2d; print(WSConv2d in G.GRAD_SAMPLERS)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "True"

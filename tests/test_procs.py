@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from xrayfed.common.procs import shared_cpu_env
 
@@ -34,3 +35,67 @@ def test_processes_xrayfed_starts_get_the_allocator_settings_unless_the_user_set
     out = subprocess.run([sys.executable, "-c", code], env={**allocator_env(base={}), "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == ALLOCATOR_TUNABLES
+
+
+def test_flower_runs_without_telemetry_unless_the_user_asks_for_it(monkeypatch, tmp_path):
+    """Flower's telemetry (an event with the machine's platform details POSTed to Flower's servers
+    at every process's start and stop) is off in every Flower process xrayfed starts and in its
+    own process; an explicit setting wins."""
+    import subprocess
+    import sys
+
+    from xrayfed.common import cli
+    from xrayfed.common.flower_launch import TELEMETRY_ENV, flower_env
+
+    code = "import flwr.supercore.telemetry as t; print(t.FLWR_TELEMETRY_ENABLED)"
+
+    def flower_sees(env):
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    monkeypatch.delenv(TELEMETRY_ENV, raising=False)
+    assert flower_sees(flower_env(tmp_path / "home")) == "0"
+    assert flower_sees(flower_env(tmp_path / "home", base={**os.environ, TELEMETRY_ENV: "1"})) == "1"
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    cli.main(["report", str(tmp_path / "no-such-run")])  # refused; the environment is set before any command
+    assert os.environ[TELEMETRY_ENV] == "0"
+    monkeypatch.setenv(TELEMETRY_ENV, "1")
+    cli.main(["report", str(tmp_path / "no-such-run")])
+    assert os.environ[TELEMETRY_ENV] == "1"
+
+
+def test_kill_tree_returns_when_every_process_has_exited_orphans_included(tmp_path):
+    """A stopped process whose own children outlive it leaves orphans; once they exit they stay
+    zombies until the machine's init reaps them (here up to 2 s). kill_tree counts them as
+    exited, reaps its own child and keeps that child's exit code."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from xrayfed.common.procs import kill_tree, spawn
+
+    ready = tmp_path / "ready"
+    code = (
+        "import os, signal, subprocess, sys, time\n"
+        "kid = subprocess.Popen([sys.executable, '-c', 'import os, time; os.fork(); time.sleep(60)'])\n"
+        "signal.signal(signal.SIGTERM, lambda *a: os._exit(7))\n"  # ends at once, its child is orphaned
+        f"open({str(ready)!r}, 'w').close()\n"
+        "time.sleep(60)\n"
+    )
+    proc = spawn([sys.executable, "-c", code])
+    deadline = time.monotonic() + 30
+    tree = []
+    while time.monotonic() < deadline:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        if ready.exists() and len(tree) == 2:
+            break
+        time.sleep(0.05)
+    assert len(tree) == 2, "the test's process tree did not start"
+    kill_tree(proc)
+    assert proc.returncode == 7
+    for p in tree:
+        try:
+            assert p.status() == psutil.STATUS_ZOMBIE, f"{p.pid} still runs"
+        except psutil.NoSuchProcess:
+            pass

@@ -93,6 +93,9 @@ def make_private(model, optimizer, dataset, plan: DPPlan, *, secure_rng: bool = 
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
     from opacus.validators import ModuleValidator
 
+    from xrayfed.common.model.standardization import register_ws_grad_sampler
+
+    register_ws_grad_sampler()
     model.train()
     errors = ModuleValidator.validate(model, strict=False)
     if errors:

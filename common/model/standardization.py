@@ -1,12 +1,17 @@
 """Weight standardisation: :class:`WSConv2d` and its per-sample gradient for Opacus.
 
-Importing this module registers :class:`WSConv2d`'s per-sample-gradient function with Opacus
-(the chain rule through the standardisation), so DP-SGD clips the true per-sample gradients.
+:func:`register_ws_grad_sampler` registers :class:`WSConv2d`'s per-sample-gradient function with
+Opacus (the chain rule through the standardisation), so DP-SGD clips the true per-sample
+gradients: on import when Opacus is already imported, else by whatever wraps a model for DP
+(:func:`xrayfed.client.dp.engine.make_private`). A process that never trains (the ServerApp,
+an encrypted prediction's parties, export) does not import Opacus for it (about 1.3 s).
 :func:`xrayfed.common.model.xraynet.fold_standardization` turns a trained model into plain
 convolutions with identical outputs (what CrypTen and ONNX run).
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch.nn as nn
 
@@ -35,10 +40,17 @@ class WSConv2d(nn.Conv2d):
                         self.groups)
 
 
-def _register_ws_grad_sampler() -> None:
-    """Opacus' per-sample gradients for :class:`WSConv2d`: the conv per-sample gradient with
-    respect to the standardised weight ŵ, then the chain rule through the standardisation,
+_registered = False
+
+
+def register_ws_grad_sampler() -> None:
+    """Opacus' per-sample gradients for :class:`WSConv2d` (once per process; call it before
+    wrapping a model in ``GradSampleModule``): the conv per-sample gradient with respect to the
+    standardised weight ŵ, then the chain rule through the standardisation,
     ∂L/∂w = (g − mean(g) − ŵ·mean(g·ŵ)) / s (per output channel; s = sqrt(var + eps))."""
+    global _registered
+    if _registered:
+        return
     try:
         from opacus.grad_sample.utils import register_grad_sampler
     except ImportError:  # pragma: no cover - opacus is a dependency
@@ -64,5 +76,8 @@ def _register_ws_grad_sampler() -> None:
             ret[layer.bias] = bp.sum(dim=-1)
         return ret
 
+    _registered = True
 
-_register_ws_grad_sampler()  # on import: every model with a WSConv2d is built after it
+
+if "opacus" in sys.modules:  # already paid for: registered now, as before
+    register_ws_grad_sampler()
