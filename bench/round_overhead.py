@@ -102,9 +102,12 @@ def run_inprocess_fresh(s: dict, data: Path) -> dict:
     r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--inprocess-child",
                         json.dumps({"settings": s, "data": str(data)})], capture_output=True, text=True)
     wall = time.time() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"the in-process federation failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    try:
+        if r.returncode != 0:
+            raise ValueError(f"exit {r.returncode}")
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError) as e:
+        raise SystemExit(f"the in-process federation failed ({e}):\n{r.stderr[-3000:]}") from None
     return dict(out, wall_s=round(wall, 1), federation_wall_s=out["wall_s"])
 
 

@@ -42,8 +42,8 @@ DEFAULT_CONNECTION = "xrayfed"
 
 # --------------------------------------------------------------------------- environment
 #: Flower's switch for its telemetry (``flwr/supercore/telemetry.py``, read when Flower is imported).
-#: On by default: every Flower process (SuperLink, SuperNode, SuperExec, ``flwr run``, the
-#: Simulation Engine) POSTs an event with the machine's platform details to Flower's servers when
+#: On by default: every Flower process (SuperLink, SuperNode, SuperExec, ServerApp, ClientApp, the
+#: Simulation Engine's driver) POSTs an event with the machine's platform details to Flower's servers when
 #: it starts and when it stops, spawns ``file`` to describe its interpreter, and at exit waits up
 #: to 4 s for that POST (about 1.5 s here, with no route out). A hospital's or an operator's
 #: machine sends nothing anyone did not ask for: xrayfed starts Flower with ``0``. Whoever sets

@@ -68,22 +68,27 @@ def _wait_exited(procs: list[psutil.Process], timeout: float,
     """Wait until each of ``procs`` has exited; those still running after ``timeout`` seconds.
     A zombie has exited: an orphan (a descendant whose parent ended first) stays one until the
     machine's init reaps it, which some inits do only every second or two. This process's own
-    children are reaped here (``popen`` through its ``poll``, which keeps its exit code)."""
+    children are reaped here (``popen`` through its ``poll``, which keeps its exit code; any
+    other child by ``waitpid``, so a caller that owns one through another ``Popen`` passes that)."""
     deadline = time.monotonic() + timeout
     alive, pause = list(procs), 0.002
     while alive:
         still = []
         for p in alive:
             try:
+                if not p.is_running():  # gone, or its pid already reused by another process
+                    continue
                 if p.status() != psutil.STATUS_ZOMBIE:
                     still.append(p)
                 elif popen is not None and p.pid == popen.pid:
                     popen.poll()
-                elif p.ppid() == os.getpid():
+                elif p.ppid() == os.getpid():  # an orphan handed to this process (PID 1 in a container)
                     with contextlib.suppress(ChildProcessError):
                         os.waitpid(p.pid, os.WNOHANG)
             except psutil.NoSuchProcess:
                 pass
+            except psutil.AccessDenied:  # cannot tell: treated as running (SIGKILL after the timeout)
+                still.append(p)
         alive = still
         if not alive or time.monotonic() >= deadline:
             break

@@ -97,11 +97,14 @@ def run_simulation(fed_path: Path, hospitals_dir: Path, n: int, workers: int, ve
         from xrayfed.client.client_app import app as client_app
     from xrayfed.client.hospital import SIM_HOSPITALS_ENV
     from xrayfed.server.server_app import SIM_FEDERATION_ENV
+    from xrayfed.common.flower_launch import TELEMETRY_ENV
     from xrayfed.server.server_app import app as server_app
 
     env = {SIM_HOSPITALS_ENV: str(hospitals_dir.resolve()), SIM_FEDERATION_ENV: str(fed_path.resolve()),
            # one CPU per worker: torch's own threads would oversubscribe the cores
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           # the workers of an existing cluster (--ray-address) get this env, not the driver's
+           TELEMETRY_ENV: os.environ.get(TELEMETRY_ENV, "0")}
     os.environ.update({SIM_HOSPITALS_ENV: env[SIM_HOSPITALS_ENV], SIM_FEDERATION_ENV: env[SIM_FEDERATION_ENV]})
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)  # its deprecation notice for run_simulation: see docs

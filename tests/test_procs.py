@@ -53,10 +53,11 @@ def test_flower_runs_without_telemetry_unless_the_user_asks_for_it(monkeypatch, 
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                               check=True).stdout.strip()
 
-    monkeypatch.delenv(TELEMETRY_ENV, raising=False)
+    for name in (TELEMETRY_ENV, "GLIBC_TUNABLES"):  # set first, so both are restored after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     assert flower_sees(flower_env(tmp_path / "home")) == "0"
     assert flower_sees(flower_env(tmp_path / "home", base={**os.environ, TELEMETRY_ENV: "1"})) == "1"
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     cli.main(["report", str(tmp_path / "no-such-run")])  # refused; the environment is set before any command
     assert os.environ[TELEMETRY_ENV] == "0"
     monkeypatch.setenv(TELEMETRY_ENV, "1")
