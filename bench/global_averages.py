@@ -47,10 +47,8 @@ def run(seed: int, args) -> dict:
     from xrayfed.server.federation import evaluate_global
     from xrayfed.server.simulate import simulate
 
-    ap = argparse.ArgumentParser()
-    sweep.add_settings_arguments(ap)
-    s = dict(vars(ap.parse_args([])), hospitals=args.hospitals, rounds=args.rounds, split=args.split,
-             alpha=args.alpha, seed=seed, strategy="auto", epsilon=8.0)
+    s = sweep.default_settings(hospitals=args.hospitals, rounds=args.rounds, split=args.split, alpha=args.alpha,
+                               seed=seed, strategy="auto", epsilon=8.0)
     decays = averages(args.rounds)
     probe = load_dataset(args.data, split="train", image_size=8)
     with tempfile.TemporaryDirectory(prefix="xrayfed-averages-") as tmp:

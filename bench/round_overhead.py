@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from federated import run_inprocess, run_processes  # noqa: E402
-from sweep import add_settings_arguments  # noqa: E402
+from sweep import default_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The federations measured: data, scan size, rounds, extra settings.
@@ -48,12 +48,8 @@ FEDERATIONS = {
 
 def settings(which: str, seed: int) -> dict:
     """The benchmark's defaults (bench/sweep.py's flags unset) for federation ``which``."""
-    ap = argparse.ArgumentParser()
-    add_settings_arguments(ap)
-    s = vars(ap.parse_args([]))
-    fed = FEDERATIONS[which]
-    s.update({k: v for k, v in fed.items() if k != "data"})
-    return dict(s, epsilon=8.0, seed=seed, dp=1)
+    fed = {k: v for k, v in FEDERATIONS[which].items() if k != "data"}
+    return default_settings(**fed, epsilon=8.0, seed=seed, dp=1)
 
 
 def breakdown(run_dir: Path) -> dict[str, float]:

@@ -114,14 +114,12 @@ def run_inprocess(n: int, seed: int, args) -> dict:
     from xrayfed.common.model import build_model
     from xrayfed.server.federation import evaluate_global
     from xrayfed.server.simulate import simulate
-    from sweep import add_settings_arguments, configs
+    from sweep import configs, default_settings
 
-    ap = argparse.ArgumentParser()
-    add_settings_arguments(ap)
-    s = vars(ap.parse_args([]))
-    s.update(hospitals=n, rounds=args.rounds, image_size=args.image_size, epsilon=args.epsilon, split=args.split,
-             alpha=args.alpha, seed=seed, strategy=args.strategy, privacy_unit=args.privacy_unit,
-             server_momentum=args.server_momentum, server_lr=args.server_lr)
+    s = default_settings(hospitals=n, rounds=args.rounds, image_size=args.image_size, epsilon=args.epsilon,
+                         split=args.split, alpha=args.alpha, seed=seed, strategy=args.strategy,
+                         privacy_unit=args.privacy_unit, server_momentum=args.server_momentum,
+                         server_lr=args.server_lr)
     data = Path(args.data).resolve()
     probe = load_dataset(data, split="train", image_size=8)
     val = test = None

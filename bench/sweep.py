@@ -89,6 +89,14 @@ def add_settings_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--central", type=int, default=0, help="1: one hospital holding every training scan")
 
 
+def default_settings(**overrides) -> dict:
+    """A setting with every flag of :func:`add_settings_arguments` at its default (the product's
+    own choices), then ``overrides``."""
+    ap = argparse.ArgumentParser()
+    add_settings_arguments(ap)
+    return {**vars(ap.parse_args([])), **overrides}
+
+
 def moving_average(prev: dict | None, state: dict, decay: float) -> dict:
     """One step of a moving average of global models: ``decay · prev + (1 − decay) · state`` per
     tensor (float32); ``state`` itself (a copy) when there is no ``prev``."""

@@ -63,7 +63,7 @@ def spawn(cmd: Sequence[str], *, log: IO | None = None, env: dict | None = None,
     )
 
 
-def _wait_exited(procs: list[psutil.Process], timeout: float,
+def wait_exited(procs: list[psutil.Process], timeout: float,
                  popen: subprocess.Popen | None = None) -> list[psutil.Process]:
     """Wait until each of ``procs`` has exited; those still running after ``timeout`` seconds.
     A zombie has exited: an orphan (a descendant whose parent ended first) stays one until the
@@ -99,7 +99,7 @@ def _wait_exited(procs: list[psutil.Process], timeout: float,
 
 def kill_tree(proc: subprocess.Popen | int | None, timeout: float = 5.0) -> None:
     """Stop a process, its process group and every descendant: SIGTERM, then SIGKILL; returns
-    once each has exited (an orphaned zombie counts, :func:`_wait_exited`)."""
+    once each has exited (an orphaned zombie counts, :func:`wait_exited`)."""
     if proc is None:
         return
     pid = proc if isinstance(proc, int) else proc.pid
@@ -114,13 +114,13 @@ def kill_tree(proc: subprocess.Popen | int | None, timeout: float = 5.0) -> None
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
     popen = proc if isinstance(proc, subprocess.Popen) else None
-    alive = _wait_exited(procs, timeout, popen)
+    alive = wait_exited(procs, timeout, popen)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    _wait_exited(alive, timeout, popen)
+    wait_exited(alive, timeout, popen)
     if isinstance(proc, subprocess.Popen):
         with contextlib.suppress(Exception):
             proc.wait(timeout=timeout)
@@ -138,7 +138,7 @@ def sigkill_tree(proc: subprocess.Popen) -> None:
     for p in everyone:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    _wait_exited(everyone, 10, proc)
+    wait_exited(everyone, 10, proc)
     with contextlib.suppress(Exception):
         proc.wait(timeout=10)
 

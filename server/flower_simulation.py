@@ -96,8 +96,8 @@ def run_simulation(fed_path: Path, hospitals_dir: Path, n: int, workers: int, ve
     if client_app is None:
         from xrayfed.client.client_app import app as client_app
     from xrayfed.client.hospital import SIM_HOSPITALS_ENV
-    from xrayfed.server.server_app import SIM_FEDERATION_ENV
     from xrayfed.common.flower_launch import TELEMETRY_ENV
+    from xrayfed.server.server_app import SIM_FEDERATION_ENV
     from xrayfed.server.server_app import app as server_app
 
     env = {SIM_HOSPITALS_ENV: str(hospitals_dir.resolve()), SIM_FEDERATION_ENV: str(fed_path.resolve()),
@@ -180,6 +180,8 @@ def _reap(tag: str, known: list, timeout_s: float = 15.0) -> None:
     so that a simulation leaves no process behind."""
     import psutil
 
+    from xrayfed.common.procs import wait_exited
+
     deadline = time.monotonic() + timeout_s
     alive = list(known)
     while True:
@@ -187,13 +189,13 @@ def _reap(tag: str, known: list, timeout_s: float = 15.0) -> None:
         left = deadline - time.monotonic()
         if not alive or left <= 0:
             break
-        _, alive = psutil.wait_procs(alive, timeout=min(2.0, left))
+        alive = wait_exited(alive, min(2.0, left))  # a zombie (an orphan init has not reaped yet) has exited
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=5)
+    wait_exited(alive, 5)
 
 
 def run_simulate_cmd(args: argparse.Namespace) -> int:
