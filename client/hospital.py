@@ -47,13 +47,12 @@ class LocalData:
     skipped: int
 
 
-@lru_cache(maxsize=2)
-def _load_full(path: str, split: str, image_size: int, task_json: str, test_fraction: float = 0.0, seed: int = 0,
-               labels: tuple[str, ...] | None = None):
-    """The whole ``split`` at ``path`` (cached per process: in a simulation one worker process
-    serves many hospitals that share a data file, each taking its own partition).
-    ``test_fraction``, ``seed``: ``data.local_test_fraction`` and ``data.seed``; ``labels``:
-    ``data.labels``, which must name the federation's classes."""
+def _decode(path: str, split: str, image_size: int, task_json: str, test_fraction: float = 0.0, seed: int = 0,
+            labels: tuple[str, ...] | None = None, select=None):
+    """``split`` at ``path`` for the federation's task (``select``: only the scans it picks, see
+    :func:`xrayfed.common.data.load_dataset`). ``test_fraction``, ``seed``:
+    ``data.local_test_fraction`` and ``data.seed``; ``labels``: ``data.labels``, which must name
+    the federation's classes."""
     from xrayfed.common import data
 
     task = TaskSpec.from_dict(json.loads(task_json))
@@ -62,7 +61,7 @@ def _load_full(path: str, split: str, image_size: int, task_json: str, test_frac
                         "set data.labels to those or leave it unset")
     ds = data.load_dataset(Path(path), split=split, image_size=image_size, task=task, seed=seed,
                            test_fraction=test_fraction,
-                           label_set=list(task.class_names) if labels is not None else None)
+                           label_set=list(task.class_names) if labels is not None else None, select=select)
     if ds.task.class_names != task.class_names or ds.task.kind != task.kind:
         raise UserError(
             f"data {path}: its classes {list(ds.task.class_names)} ({ds.task.kind}) differ from the federation's "
@@ -71,13 +70,54 @@ def _load_full(path: str, split: str, image_size: int, task_json: str, test_frac
     return ds
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=2)
+def _load_full(path: str, split: str, image_size: int, task_json: str, test_fraction: float = 0.0, seed: int = 0,
+               labels: tuple[str, ...] | None = None):
+    """The whole ``split`` at ``path`` (cached per process: in a simulation one worker process
+    serves many hospitals that share one ``.npz`` file, each taking its own partition)."""
+    return _decode(path, split, image_size, task_json, test_fraction, seed, labels)
+
+
+#: Hospitals' scans kept decoded per process (:func:`load_local_data`): one entry per hospital and
+#: image size. A simulation worker serves many hospitals, round after round; their parts of a
+#: shared folder add up to the folder once.
+LOCAL_CACHE = 256
+
+
+@lru_cache(maxsize=LOCAL_CACHE)
 def _load_local(path: str, split: str, image_size: int, task_json: str, val_fraction: float, partition: str | None,
                 scheme: str, alpha: float, seed: int, size_skew: float = 0.0, test_fraction: float = 0.0,
                 labels: tuple[str, ...] | None = None) -> LocalData:
-    ds = _load_full(path, split, image_size, task_json, test_fraction, seed, labels)
-    train, val = split_local(ds, val_fraction, partition, scheme, alpha, seed, size_skew)
+    from xrayfed.common import data
+
+    if partition and data.detect_format(path) != "npz":  # decode this hospital's part of the folder only
+        ds = _decode(path, split, image_size, task_json, test_fraction, seed, labels,
+                     select=part_select(partition, scheme, alpha, seed, size_skew))
+        train, val = data.split_train_val(ds, val_fraction, seed)
+    else:  # an .npz is read whole anyway: decoded once per process for all the hospitals sharing it
+        ds = _load_full(path, split, image_size, task_json, test_fraction, seed, labels)
+        train, val = split_local(ds, val_fraction, partition, scheme, alpha, seed, size_skew)
     return LocalData(train=train, val=val, skipped=len(getattr(ds, "skipped", [])))
+
+
+def _part(partition: str) -> tuple[int, int]:
+    i, n = (int(x) for x in partition.split("/"))
+    if not 0 <= i < n:
+        raise UserError(f"data.partition {partition!r}: part must be in 0..{n - 1}")
+    return i, n
+
+
+def part_select(partition: str | None, scheme: str, alpha: float, seed: int, size_skew: float = 0.0):
+    """``data.partition`` as a :data:`~xrayfed.common.data.dataset.Select` (None without one): the
+    part :func:`split_local` keeps of the decoded scans, chosen from the listed files before any
+    is decoded. The two are the same scans when every listed file is readable; otherwise the
+    parts are of the listed files, each hospital skipping the unreadable ones of its own part."""
+    from xrayfed.common import data
+
+    if not partition:
+        return None
+    i, n = _part(partition)
+    return lambda index: data.partition(index, n, scheme, seed=seed, alpha=alpha, size_skew=size_skew)[i]
 
 
 def split_local(ds, val_fraction: float, partition: str | None, scheme: str, alpha: float, seed: int,
@@ -87,9 +127,7 @@ def split_local(ds, val_fraction: float, partition: str | None, scheme: str, alp
     from xrayfed.common import data
 
     if partition:
-        i, n = (int(x) for x in partition.split("/"))
-        if not 0 <= i < n:
-            raise UserError(f"data.partition {partition!r}: part must be in 0..{n - 1}")
+        i, n = _part(partition)
         ds = data.subset(ds, data.partition(ds, n, scheme, seed=seed, alpha=alpha, size_skew=size_skew)[i])
     return data.split_train_val(ds, val_fraction, seed)
 
@@ -97,13 +135,17 @@ def split_local(ds, val_fraction: float, partition: str | None, scheme: str, alp
 def hospital_split(cfg: HospitalConfig, ds=None):
     """``(ds, train, val)``: this hospital's scans of ``data.split`` (decoded at
     :data:`~xrayfed.common.data.CHECK_SIZE` unless ``ds`` is given) split exactly as every round
-    splits them. What `xrayfed client` and `xrayfed data check` plan the DP budget on."""
+    splits them. What `xrayfed client` and `xrayfed data check` plan the DP budget on. Without
+    ``ds`` and with ``data.partition``, only this hospital's part is decoded and ``ds`` is that part."""
     from xrayfed.common import data
 
     d = cfg.data
     if ds is None:
+        select = part_select(d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed, d.size_skew)
         ds = data.load_dataset(Path(d.path), split=d.split, image_size=data.CHECK_SIZE, label_set=d.labels,
-                               seed=d.seed, test_fraction=d.local_test_fraction)
+                               seed=d.seed, test_fraction=d.local_test_fraction, select=select)
+        if select is not None:
+            return (ds, *data.split_train_val(ds, d.val_fraction, d.seed))
     train, val = split_local(ds, d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed,
                              d.size_skew)
     return ds, train, val
@@ -111,7 +153,8 @@ def hospital_split(cfg: HospitalConfig, ds=None):
 
 def load_local_data(cfg: HospitalConfig, image_size: int, task: TaskSpec) -> LocalData:
     """This hospital's scans at ``image_size`` px for the federation's ``task``: its partition,
-    split into train and validation (cached per process)."""
+    split into train and validation (cached per process; of a shared folder, only the partition
+    is decoded)."""
     if cfg.data.path is None:
         raise UserError("data.path: not set (give --data PATH or [data] path in hospital.toml)")
     d = cfg.data

@@ -31,7 +31,8 @@ def check_data(cfg, say=None):
     skipped = len(getattr(ds, "skipped", []))
     plan, _ = plan_for(cfg, train)
     say = say or (lambda line: print(line, flush=True))
-    say(f"[xrayfed] {cfg.hospital.name}: {len(ds)} usable scans in {d.path} ({d.split})"
+    where = f"part {d.partition} ({d.partition_scheme}) of {d.path}" if d.partition else str(d.path)
+    say(f"[xrayfed] {cfg.hospital.name}: {len(ds)} usable scans in {where} ({d.split})"
         + (f", {skipped} unreadable file(s) skipped" if skipped else "")
         + f"; {len(train)} for DP training, {0 if val is None else len(val)} for validation; "
         f"privacy unit: {plan.unit} (N = {plan.num_examples} {plan.unit_plural}); "

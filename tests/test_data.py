@@ -614,3 +614,75 @@ def test_symlinked_scans_and_folders_are_followed_without_looping(tmp_path, capl
     y = D.targets_array(ds)
     assert (int((y == 0).sum()), int((y == 1).sum())) == (2, 3)  # every scan once, none twice
     assert any("missing file" in reason for _, reason in ds.skipped)
+
+
+# ----------------------------------------------------------------------------- one hospital's part of a folder
+def _layout(kind: str, root: Path) -> Path:
+    """A small data folder of each file-based layout, every file readable."""
+    if kind == "nih":
+        root.mkdir()
+        _nih(root, lists=False)
+        return root
+    data = write_class_folders(root / "cf", n_train=48, n_test=4, size=24, seed=3, flat=kind == "flat-class-folders")
+    if kind != "labels-csv":
+        return data
+    rows = [{"file": str(f.relative_to(data)), "label": f.parent.name, "split": f.parts[-3]}
+            for f in sorted(data.rglob("*.png"))]
+    with (data / "labels.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["file", "label", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    return data
+
+
+@pytest.mark.parametrize("kind", ["class-folders", "flat-class-folders", "labels-csv", "nih"])
+def test_select_decodes_the_same_scans_as_a_subset_of_the_whole(tmp_path, kind):
+    """``load_dataset(select=…)`` picks from the index of listed files what it would pick from the
+    decoded split, and gives the same scans, targets, patient ids and files."""
+    root = _layout(kind, tmp_path / kind)
+    assert D.detect_format(root) == kind
+    whole = D.load_dataset(root, "train", image_size=16)
+    for scheme in ("iid", "dirichlet", "patient"):
+        for i in range(3):
+            pick = lambda ds: D.partition(ds, 3, scheme, seed=1, alpha=0.5)[i]  # noqa: E731
+            part = D.load_dataset(root, "train", image_size=16, select=pick)
+            want = D.subset(whole, pick(whole))
+            assert part.files == want.files and len(part) < len(whole), (scheme, i)
+            assert np.array_equal(part.images, want.images)
+            assert np.array_equal(D.targets_array(part), D.targets_array(want))
+            assert part.patient_ids == want.patient_ids and part.patient_ids_known == want.patient_ids_known
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "patient"])
+def test_a_hospital_decodes_only_its_part_of_a_shared_folder(tmp_path, scheme):
+    """Hospitals that share one folder (``data.partition``) each decode their own part: the same
+    train and validation scans as partitioning the whole decoded folder; an unreadable file is
+    skipped and counted by the one hospital whose part lists it, and no usable scan is lost."""
+    from xrayfed.client.hospital import hospital_split, load_local_data, split_local
+    from xrayfed.common.config import HospitalConfig
+
+    root = write_class_folders(tmp_path / "shared", n_train=60, n_test=4, size=24, seed=2)
+
+    def cfg(i: int) -> HospitalConfig:
+        return HospitalConfig.model_validate({
+            "hospital": {"name": f"h{i}", "state_dir": str(tmp_path / f"s{i}")},
+            "data": {"path": str(root), "partition": f"{i}/3", "partition_scheme": scheme, "dirichlet_alpha": 0.5,
+                     "seed": 4, "val_fraction": 0.2}})
+
+    whole = D.load_dataset(root, "train", image_size=D.CHECK_SIZE)
+    for i in range(3):
+        c = cfg(i)
+        part, train, val = hospital_split(c)
+        want_train, want_val = split_local(whole, 0.2, f"{i}/3", scheme, 0.5, 4)
+        assert train.files == want_train.files and val.files == want_val.files
+        assert len(part) == len(train) + len(val) < len(whole)
+        local = load_local_data(c, 20, whole.task)
+        assert local.train.files == want_train.files and local.val.files == want_val.files
+        assert local.train.image_size == 20 and local.skipped == 0
+
+    bad = root / "train" / "PNEUMONIA" / "person777_bacteria_1.jpeg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not a scan")
+    parts = [hospital_split(cfg(i))[0] for i in range(3)]
+    assert sorted(Path(p).name for ds in parts for p, _ in ds.skipped) == [bad.name]
+    usable = sorted(f for ds in parts for f in ds.files)
+    assert usable == sorted(whole.files)

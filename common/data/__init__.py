@@ -44,9 +44,11 @@ from xrayfed.common.data.dataset import (  # noqa: F401  (the public API: `from 
     NIH_CSV,
     NIH_CSVS,
     SPLITS,
+    Select,
     XrayDataset,
     kermany_patient_id,
     no_usable_error,
+    selected,
     subset,
     targets_array,
 )
@@ -126,7 +128,7 @@ def carves_test(path: Path | str) -> bool:
 
 def load_dataset(path: Path | str, split: str = "train", image_size: int = 224, task: TaskSpec | None = None,
                  *, label_set: Sequence[str] | None = None, seed: int = 0,
-                 test_fraction: float = 0.0) -> XrayDataset:
+                 test_fraction: float = 0.0, select: Select | None = None) -> XrayDataset:
     """Load ``split`` of the scans at ``path``, resized to ``image_size`` × ``image_size`` px.
 
     The format is detected (see the module docstring). ``task``, when given, must match the
@@ -137,6 +139,11 @@ def load_dataset(path: Path | str, split: str = "train", image_size: int = 224, 
     that have no split of their own (NIH without its official lists, flat ``ROOT/CLASS/*``
     folders): ``test_fraction`` of the patients → ``test``; 0 (the default, a hospital's
     ``data.local_test_fraction``) keeps every scan in ``train`` and such data has no ``test``.
+    ``select`` (:data:`~xrayfed.common.data.dataset.Select`) keeps only the scans it picks from the
+    split's index of listed files, before any of them is decoded (``.npz``: after loading, as
+    its arrays are read whole); the files it leaves out are not read, so ``skipped`` counts
+    only the unreadable files among those picked, and every class must have files listed,
+    not usable ones (a part of the data may lack a class).
     """
     path = Path(path)
     if not MIN_SIZE <= int(image_size) <= MAX_IMAGE_SIZE:
@@ -151,14 +158,16 @@ def load_dataset(path: Path | str, split: str = "train", image_size: int = 224, 
         label_set = task.class_names
     if fmt == "npz":
         ds = load_npz(path, split, int(image_size), label_set)
+        if select is not None:
+            ds = subset(ds, selected(select, ds))
     elif fmt == "nih":
-        ds = load_nih(path, split, int(image_size), label_set, seed, test_fraction)
+        ds = load_nih(path, split, int(image_size), label_set, seed, test_fraction, select=select)
     elif fmt == "labels-csv":
-        ds = load_labels_csv(path, split, int(image_size), label_set)
+        ds = load_labels_csv(path, split, int(image_size), label_set, select=select)
     elif fmt == "flat-class-folders":
-        ds = load_flat_class_folders(path, split, int(image_size), label_set, seed, test_fraction)
+        ds = load_flat_class_folders(path, split, int(image_size), label_set, seed, test_fraction, select=select)
     else:
-        ds = load_class_folders(path, split, int(image_size), label_set)
+        ds = load_class_folders(path, split, int(image_size), label_set, select=select)
     if len(ds) == 0:
         raise no_usable_error(path, len(ds.skipped))
     if ds.skipped:

@@ -10,7 +10,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -114,6 +114,28 @@ def subset(ds: XrayDataset, indices: Sequence[int] | np.ndarray) -> XrayDataset:
         files=[ds.files[i] for i in idx] if ds.files is not None else None, links_skipped=ds.links_skipped,
         patient_ids_known=ds.patient_ids_known,
     )
+
+
+#: ``select(index) → indices``: which scans of a data folder to decode, chosen on its index (an
+#: :class:`XrayDataset` of every listed file with its target, patient id and file name, and a 1×1
+#: placeholder image) before any pixel is read. A hospital that holds one part of a shared folder
+#: (``data.partition``) decodes only that part (:func:`xrayfed.client.hospital.hospital_split`).
+Select = Callable[["XrayDataset"], Sequence[int]]
+
+
+def index_dataset(task: TaskSpec, targets, patient_ids: Sequence[str], files: Sequence[Path | str]) -> XrayDataset:
+    """The listed scans before decoding, for a :data:`Select`: targets, patient ids and files,
+    with a 1×1 black placeholder image each (no scan is read)."""
+    return XrayDataset(np.zeros((len(files), 1, 1), dtype=np.uint8), np.asarray(targets), task,
+                       patient_ids=patient_ids, files=files)
+
+
+def selected(select: Select, index: XrayDataset) -> list[int]:
+    """``select(index)`` checked: distinct positions of ``index``, in increasing order."""
+    keep = np.asarray(select(index), dtype=np.int64).reshape(-1)
+    if len(np.unique(keep)) != len(keep) or (len(keep) and (keep.min() < 0 or keep.max() >= len(index))):
+        raise ValueError(f"select: {len(keep)} positions, not distinct positions of {len(index)} listed scans")
+    return sorted(int(i) for i in keep)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -229,8 +251,10 @@ def _real(p: Path) -> Path:
 
 
 def _within(inner: Path, outer: Path) -> bool:
-    """``inner`` is ``outer`` or below it (real paths)."""
-    return inner == outer or outer in inner.parents
+    """``inner`` is ``outer`` or below it (real paths; compared part by part, as
+    ``outer in inner.parents`` would, without building every parent)."""
+    a, b = inner.parts, outer.parts
+    return len(a) >= len(b) and a[:len(b)] == b
 
 
 def _key(st: os.stat_result) -> tuple[int, int]:

@@ -13,15 +13,18 @@ import numpy as np
 
 from xrayfed.common.data.dataset import (
     SPLITS,
+    Select,
     TreeWalk,
     XrayDataset,
     decode_files,
+    index_dataset,
     iter_files,
     no_local_test,
     no_usable_error,
     patient_id_and_source,
     patient_id_for,
     pick_classes,
+    selected,
     stable_fraction,
     task_from_names,
     walk_files,
@@ -81,33 +84,53 @@ def _class_folders(root: Path) -> list[Path]:
 
 def _decode_class_files(where: Path, split: str, size: int, task, order: Sequence[str], files: list[Path],
                         labels: list[int], unsupported: list[tuple[str, str]], links: list[tuple[str, str]],
-                        patients: list[str] | None = None) -> XrayDataset:
+                        patients: list[str] | None = None, select: Select | None = None) -> XrayDataset:
     if unsupported:
         log.warning("data %s: %d file(s) ignored: other types or broken links (e.g. %s: %s)", where.name,
                     len(unsupported), Path(unsupported[0][0]).name, unsupported[0][1])
     if links:
         log.warning("data %s: %d link(s) not followed (e.g. %s: %s)", where.name, len(links),
                     Path(links[0][0]).name, links[0][1])
+
+    def ids_of(positions) -> list[tuple[str, bool]]:  # (patient id, known); a flat layout's ids are given
+        return [(patients[i] if patients is not None else pid, known)
+                for i, (pid, known) in ((i, patient_id_and_source(files[i])) for i in positions)]
+
+    ids = None
+    if select is not None:  # every class must be there in the listed files; one part may lack a class
+        _check_classes(where, split, task, order, labels, "listed")
+        ids = ids_of(range(len(files)))
+        keep = selected(select, index_dataset(task, labels, [pid for pid, _ in ids], files))
+        files, labels, ids = [files[i] for i in keep], [labels[i] for i in keep], [ids[i] for i in keep]
     images, ok, skipped = decode_files(files, size)
     if not ok:
         raise no_usable_error(where, len(skipped) + len(unsupported))
-    per_class = np.bincount(np.asarray(labels)[ok], minlength=len(order))
-    empty = [order[i] for i in range(len(order)) if per_class[i] == 0]
-    if empty:
-        counts = ", ".join(f"{order[i]} {int(per_class[i])}" for i in range(len(order)))
-        if split == "train":
-            raise UserError(f"data {where}: class(es) {empty} have no usable scans ({counts}); a {task.kind} model "
-                            "needs scans of every class to train (add them, or choose classes with label_set)")
-        log.warning("data %s: class(es) %s have no usable scans (%s)", where, empty, counts)
-    ids = [patient_id_and_source(files[i]) for i in ok]
-    pids = [patients[i] if patients is not None else ids[j][0] for j, i in enumerate(ok)]
-    return XrayDataset(images, np.asarray(labels)[ok], task, patient_ids=pids, skipped=skipped + unsupported,
+    if select is None:
+        _check_classes(where, split, task, order, np.asarray(labels)[ok], "usable")
+    ids = ids_of(ok) if ids is None else [ids[i] for i in ok]
+    return XrayDataset(images, np.asarray(labels)[ok], task, patient_ids=[pid for pid, _ in ids],
+                       skipped=skipped + unsupported,
                        source=f"{where} ({split})" if patients is not None else str(where),
                        files=[str(files[i]) for i in ok], links_skipped=links,
                        patient_ids_known=all(known for _, known in ids))
 
 
-def load_class_folders(root: Path, split: str, size: int, label_set: Sequence[str] | None) -> XrayDataset:
+def _check_classes(where: Path, split: str, task, order: Sequence[str], labels, what: str) -> None:
+    """Every class of ``order`` has a scan among ``labels`` (``what``: listed or usable scans); a
+    ``train`` split must (one-line UserError), another gets a warning."""
+    per_class = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(order))
+    empty = [order[i] for i in range(len(order)) if per_class[i] == 0]
+    if not empty:
+        return
+    counts = ", ".join(f"{order[i]} {int(per_class[i])}" for i in range(len(order)))
+    if split == "train":
+        raise UserError(f"data {where}: class(es) {empty} have no {what} scans ({counts}); a {task.kind} model "
+                        "needs scans of every class to train (add them, or choose classes with label_set)")
+    log.warning("data %s: class(es) %s have no %s scans (%s)", where, empty, what, counts)
+
+
+def load_class_folders(root: Path, split: str, size: int, label_set: Sequence[str] | None,
+                       select: Select | None = None) -> XrayDataset:
     """``ROOT/{train,val,test}/CLASS/*``."""
     have = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name in SPLITS)
     base = root / split
@@ -122,7 +145,7 @@ def load_class_folders(root: Path, split: str, size: int, label_set: Sequence[st
     except UserError as e:
         raise UserError(f"data {base}: {e}") from None
     files, labels, unsupported, links = list_class_files(base, order, root)
-    return _decode_class_files(base, split, size, task, order, files, labels, unsupported, links)
+    return _decode_class_files(base, split, size, task, order, files, labels, unsupported, links, select=select)
 
 
 def flat_class_dirs(root: Path) -> list[str]:
@@ -137,7 +160,7 @@ def flat_class_dirs(root: Path) -> list[str]:
 
 
 def load_flat_class_folders(root: Path, split: str, size: int, label_set: Sequence[str] | None, seed: int,
-                            test_fraction: float) -> XrayDataset:
+                            test_fraction: float, select: Select | None = None) -> XrayDataset:
     """``ROOT/CLASS/*`` with no split folders: every scan is ``train`` unless ``test_fraction``
     > 0 carves a local ``test`` split: that share of the patients (of the files when the patient
     is not known from the file name or DICOM header), chosen reproducibly from ``seed``
@@ -157,4 +180,4 @@ def load_flat_class_folders(root: Path, split: str, size: int, label_set: Sequen
     want_test = split == "test"
     keep = [i for i, pid in enumerate(patients) if (stable_fraction(pid, seed) < test_fraction) == want_test]
     return _decode_class_files(root, split, size, task, order, [files[i] for i in keep], [labels[i] for i in keep],
-                               unsupported, links, patients=[patients[i] for i in keep])
+                               unsupported, links, patients=[patients[i] for i in keep], select=select)

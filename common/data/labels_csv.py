@@ -10,11 +10,14 @@ from typing import Sequence
 import numpy as np
 
 from xrayfed.common.data.dataset import (
+    Select,
     XrayDataset,
     decode_files,
+    index_dataset,
     no_usable_error,
     patient_id_and_source,
     pick_classes,
+    selected,
     task_from_names,
 )
 from xrayfed.common.errors import UserError
@@ -23,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- flat folder + labels.csv
-def load_labels_csv(root: Path, split: str, size: int, label_set: Sequence[str] | None) -> XrayDataset:
+def load_labels_csv(root: Path, split: str, size: int, label_set: Sequence[str] | None,
+                    select: Select | None = None) -> XrayDataset:
     csv_path = root / "labels.csv"
     with csv_path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
@@ -65,6 +69,10 @@ def load_labels_csv(root: Path, split: str, size: int, label_set: Sequence[str] 
     if missing:
         log.warning("data %s: %d file(s) listed in labels.csv skipped (missing or outside the folder)",
                     root.name, len(missing))
+    if select is not None:
+        every = [(pids[i], True) if pids[i] else patient_id_and_source(f) for i, f in enumerate(files)]
+        keep = selected(select, index_dataset(task, labels, [pid for pid, _ in every], files))
+        files, labels, pids = [files[i] for i in keep], [labels[i] for i in keep], [every[i][0] for i in keep]
     images, ok, bad = decode_files(files, size)
     if not ok:
         raise no_usable_error(root, len(missing) + len(bad))

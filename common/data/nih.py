@@ -11,11 +11,14 @@ import numpy as np
 
 from xrayfed.common.data.dataset import (
     NIH_CSVS,
+    Select,
     XrayDataset,
     decode_files,
+    index_dataset,
     no_local_test,
     no_usable_error,
     pick_classes,
+    selected,
     stable_fraction,
 )
 from xrayfed.common.errors import UserError
@@ -47,7 +50,7 @@ def _read_list(p: Path) -> set[str]:
 
 
 def load_nih(root: Path, split: str, size: int, label_set: Sequence[str] | None, seed: int,
-              test_fraction: float) -> XrayDataset:
+              test_fraction: float, select: Select | None = None) -> XrayDataset:
     csv_path = nih_csv(root)
     with csv_path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
@@ -117,10 +120,15 @@ def load_nih(root: Path, split: str, size: int, label_set: Sequence[str] | None,
     if skipped:
         log.warning("NIH data %s (%s): %d listed image(s) skipped (file missing or unknown finding label)",
                     root.name, split, len(skipped))
+    task = TaskSpec(kind="multilabel", class_names=tuple(labels))
+    if select is not None:
+        keep = selected(select, index_dataset(task, np.asarray(targets).reshape(len(files), len(labels)), patients,
+                                              files))
+        files, targets = [files[i] for i in keep], [targets[i] for i in keep]
+        patients, rows_used = [patients[i] for i in keep], [rows_used[i] for i in keep]
     images, ok, bad = decode_files(files, size)
     if not ok:
         raise no_usable_error(root, len(skipped) + len(bad))
-    task = TaskSpec(kind="multilabel", class_names=tuple(labels))
     return XrayDataset(images, np.asarray(targets)[ok], task, patient_ids=[patients[i] for i in ok],
                        patient_ids_known=all(str(r.get("Patient ID") or "").strip() for r in rows_used),
                        skipped=skipped + bad, source=f"{root} ({split})", files=[str(files[i]) for i in ok])
