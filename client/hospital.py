@@ -136,16 +136,24 @@ def hospital_split(cfg: HospitalConfig, ds=None):
     """``(ds, train, val)``: this hospital's scans of ``data.split`` (decoded at
     :data:`~xrayfed.common.data.CHECK_SIZE` unless ``ds`` is given) split exactly as every round
     splits them. What `xrayfed client` and `xrayfed data check` plan the DP budget on. Without
-    ``ds`` and with ``data.partition``, only this hospital's part is decoded and ``ds`` is that part."""
+    ``ds`` and with ``data.partition``, only this hospital's part is decoded and ``ds`` is that part;
+    with ``ds`` (the whole split, decoded) the part is the same: cut from the listed files."""
     from xrayfed.common import data
 
     d = cfg.data
+    select = part_select(d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed, d.size_skew)
     if ds is None:
-        select = part_select(d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed, d.size_skew)
         ds = data.load_dataset(Path(d.path), split=d.split, image_size=data.CHECK_SIZE, label_set=d.labels,
                                seed=d.seed, test_fraction=d.local_test_fraction, select=select)
         if select is not None:
             return (ds, *data.split_train_val(ds, d.val_fraction, d.seed))
+    elif select is not None:  # decoded whole already: keep the part of the listed files, as a round does
+        index = data.listed_index(Path(d.path), d.split, label_set=d.labels, seed=d.seed,
+                                  test_fraction=d.local_test_fraction)
+        if index is not None:
+            mine = {index.files[i] for i in data.selected(select, index)}
+            part = data.subset(ds, [i for i, f in enumerate(ds.files) if f in mine])
+            return ds, *data.split_train_val(part, d.val_fraction, d.seed)
     train, val = split_local(ds, d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed,
                              d.size_skew)
     return ds, train, val

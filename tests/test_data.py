@@ -682,7 +682,12 @@ def test_a_hospital_decodes_only_its_part_of_a_shared_folder(tmp_path, scheme):
 
     bad = root / "train" / "PNEUMONIA" / "person777_bacteria_1.jpeg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not a scan")
-    parts = [hospital_split(cfg(i))[0] for i in range(3)]
-    assert sorted(Path(p).name for ds in parts for p, _ in ds.skipped) == [bad.name]
-    usable = sorted(f for ds in parts for f in ds.files)
+    parts = [hospital_split(cfg(i)) for i in range(3)]
+    assert sorted(Path(p).name for ds, _, _ in parts for p, _ in ds.skipped) == [bad.name]
+    usable = sorted(f for ds, _, _ in parts for f in ds.files)
     assert usable == sorted(whole.files)
+    # `xrayfed data check` (the whole folder decoded, then this hospital's split) plans on the same scans
+    decoded = D.load_dataset(root, "train", image_size=D.CHECK_SIZE)
+    for i, (_, train, val) in enumerate(parts):
+        _, train2, val2 = hospital_split(cfg(i), decoded)
+        assert train2.files == train.files and getattr(val2, "files", None) == getattr(val, "files", None)

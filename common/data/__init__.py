@@ -126,6 +126,28 @@ def carves_test(path: Path | str) -> bool:
     return fmt == "flat-class-folders"
 
 
+class _Listed(Exception):
+    """Carries a split's index out of :func:`load_dataset` before anything is decoded."""
+
+
+def listed_index(path: Path | str, split: str = "train", *, label_set: Sequence[str] | None = None, seed: int = 0,
+                 test_fraction: float = 0.0) -> XrayDataset | None:
+    """The index a ``select`` of :func:`load_dataset` picks from (every listed file of ``split``
+    with its target, patient id and file name; 1×1 placeholder images), without decoding any
+    scan; None for an ``.npz`` (its arrays are the scans)."""
+    if detect_format(path) == "npz":
+        return None
+
+    def grab(index: XrayDataset):
+        raise _Listed(index)
+
+    try:
+        load_dataset(path, split, MIN_SIZE, label_set=label_set, seed=seed, test_fraction=test_fraction, select=grab)
+    except _Listed as e:
+        return e.args[0]
+    raise AssertionError("load_dataset returned without consulting select")
+
+
 def load_dataset(path: Path | str, split: str = "train", image_size: int = 224, task: TaskSpec | None = None,
                  *, label_set: Sequence[str] | None = None, seed: int = 0,
                  test_fraction: float = 0.0, select: Select | None = None) -> XrayDataset:
