@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -73,15 +74,22 @@ def _decode(path: str, split: str, image_size: int, task_json: str, test_fractio
 @lru_cache(maxsize=2)
 def _load_full(path: str, split: str, image_size: int, task_json: str, test_fraction: float = 0.0, seed: int = 0,
                labels: tuple[str, ...] | None = None):
-    """The whole ``split`` at ``path`` (cached per process: in a simulation one worker process
-    serves many hospitals that share one ``.npz`` file, each taking its own partition)."""
+    """The whole ``split`` at ``path`` (cached per process): a hospital's own data, or an ``.npz``
+    that a simulation's hospitals share, each taking its own partition."""
     return _decode(path, split, image_size, task_json, test_fraction, seed, labels)
 
 
 #: Hospitals' scans kept decoded per process (:func:`load_local_data`): one entry per hospital and
 #: image size. A simulation worker serves many hospitals, round after round; their parts of a
-#: shared folder add up to the folder once.
+#: shared folder add up to the folder once. A process that runs one federation after another
+#: (:func:`xrayfed.server.simulate.simulate`) empties it between them (:func:`clear_data_caches`).
 LOCAL_CACHE = 256
+
+
+def clear_data_caches() -> None:
+    """Drop every hospital's decoded scans this process keeps (:func:`load_local_data`)."""
+    _load_local.cache_clear()
+    _load_full.cache_clear()
 
 
 @lru_cache(maxsize=LOCAL_CACHE)
@@ -150,10 +158,12 @@ def hospital_split(cfg: HospitalConfig, ds=None):
     elif select is not None:  # decoded whole already: keep the part of the listed files, as a round does
         index = data.listed_index(Path(d.path), d.split, label_set=d.labels, seed=d.seed,
                                   test_fraction=d.local_test_fraction)
-        if index is not None:
-            mine = {index.files[i] for i in data.selected(select, index)}
-            part = data.subset(ds, [i for i, f in enumerate(ds.files) if f in mine])
-            return ds, *data.split_train_val(part, d.val_fraction, d.seed)
+        if index is not None:  # compared as real paths: the two may spell the folder differently
+            mine = {os.path.realpath(index.files[i]) for i in data.selected(select, index)}
+            keep = [i for i, f in enumerate(ds.files) if os.path.realpath(f) in mine]
+            if not keep:
+                raise UserError(f"data {d.path}: no usable scan in part {d.partition} ({d.partition_scheme})")
+            return ds, *data.split_train_val(data.subset(ds, keep), d.val_fraction, d.seed)
     train, val = split_local(ds, d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed,
                              d.size_skew)
     return ds, train, val

@@ -691,3 +691,60 @@ def test_a_hospital_decodes_only_its_part_of_a_shared_folder(tmp_path, scheme):
     for i, (_, train, val) in enumerate(parts):
         _, train2, val2 = hospital_split(cfg(i), decoded)
         assert train2.files == train.files and getattr(val2, "files", None) == getattr(val, "files", None)
+
+
+def test_a_part_knows_its_patients_only_when_the_whole_split_does(tmp_path):
+    """A part of a folder is at the patient unit exactly when the whole split would be: file
+    names that only stand in for patients (``scan000.png`` in labels.csv, no ``patient_id``
+    column) are not known ids, in a part as in the whole; one such file among Kermany-named
+    ones makes every part unknown, as it makes the whole."""
+    flat = tmp_path / "csv"
+    rows = []
+    for i in range(30):
+        _png(flat / f"scan{i:03d}.png", make_synthetic(1, 24, seed=i)[0][0])
+        rows.append({"file": f"scan{i:03d}.png", "label": ["NORMAL", "PNEUMONIA"][i % 2]})
+    with (flat / "labels.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["file", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    folders = write_class_folders(tmp_path / "cf", n_train=30, n_test=4, size=24, seed=1)
+    _png(folders / "train" / "NORMAL" / "anonymous.png", make_synthetic(1, 24, seed=99)[0][0])
+    for root in (flat, folders):
+        whole = D.load_dataset(root, "train", image_size=16)
+        assert not whole.patient_ids_known
+        for i in range(3):
+            part = D.load_dataset(root, "train", image_size=16,
+                                  select=lambda ds: D.partition(ds, 3, "iid", seed=0)[i])  # noqa: B023
+            assert not part.patient_ids_known, (root.name, i)
+    (folders / "train" / "NORMAL" / "anonymous.png").unlink()
+    assert D.load_dataset(folders, "train", image_size=16, select=lambda ds: [0, 1, 2]).patient_ids_known
+
+
+def test_a_hospital_decodes_its_part_once_and_only_its_part(tmp_path, monkeypatch):
+    """``load_local_data`` decodes the hospital's part of a shared folder (a third of the files
+    here), once per process; the data check's split of the whole folder, given through a
+    differently spelt path (a symbolic link), keeps the same part."""
+    from xrayfed.client import hospital as H
+    from xrayfed.common.config import HospitalConfig
+    from xrayfed.common.data import folders
+
+    root = write_class_folders(tmp_path / "shared", n_train=60, n_test=4, size=24, seed=5)
+    (tmp_path / "link").symlink_to(root)
+    decoded: list[int] = []
+    real_decode = folders.decode_files
+    monkeypatch.setattr(folders, "decode_files", lambda files, size: (decoded.append(len(files)),
+                                                                     real_decode(files, size))[1])
+    cfg = HospitalConfig.model_validate({
+        "hospital": {"name": "h1", "state_dir": str(tmp_path / "s")},
+        "data": {"path": str(root), "partition": "1/3", "partition_scheme": "patient", "val_fraction": 0.2}})
+    H.clear_data_caches()
+    task = D.load_dataset(root, "train", image_size=8).task
+    decoded.clear()
+    local = H.load_local_data(cfg, 20, task)
+    H.load_local_data(cfg, 20, task)
+    assert decoded == [20]  # 60 files, a third of them, decoded once
+    linked = D.load_dataset(tmp_path / "link", "train", image_size=D.CHECK_SIZE)
+    _, train, val = H.hospital_split(cfg, linked)
+    assert [Path(f).name for f in train.files] == [Path(f).name for f in local.train.files]
+    assert [Path(f).name for f in val.files] == [Path(f).name for f in local.val.files]
+    H.clear_data_caches()

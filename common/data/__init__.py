@@ -164,8 +164,10 @@ def load_dataset(path: Path | str, split: str = "train", image_size: int = 224, 
     ``select`` (:data:`~xrayfed.common.data.dataset.Select`) keeps only the scans it picks from the
     split's index of listed files, before any of them is decoded (``.npz``: after loading, as
     its arrays are read whole); the files it leaves out are not read, so ``skipped`` counts
-    only the unreadable files among those picked, and every class must have files listed,
-    not usable ones (a part of the data may lack a class).
+    only the unreadable files among those picked (besides what the listing sets aside: files
+    that are not scans, missing files of a list), every class must have files listed, not
+    usable ones (a part of the data may lack a class), and ``patient_ids_known`` is the whole
+    split's answer (every listed file names its patient).
     """
     path = Path(path)
     if not MIN_SIZE <= int(image_size) <= MAX_IMAGE_SIZE:

@@ -97,9 +97,11 @@ def _decode_class_files(where: Path, split: str, size: int, task, order: Sequenc
                 for i, (pid, known) in ((i, patient_id_and_source(files[i])) for i in positions)]
 
     ids = None
+    known = None  # with a selection: whether every listed file names its patient (the whole split's answer)
     if select is not None:  # every class must be there in the listed files; one part may lack a class
         _check_classes(where, split, task, order, labels, "listed")
         ids = ids_of(range(len(files)))
+        known = all(k for _, k in ids)
         keep = selected(select, index_dataset(task, labels, [pid for pid, _ in ids], files))
         files, labels, ids = [files[i] for i in keep], [labels[i] for i in keep], [ids[i] for i in keep]
     images, ok, skipped = decode_files(files, size)
@@ -112,7 +114,7 @@ def _decode_class_files(where: Path, split: str, size: int, task, order: Sequenc
                        skipped=skipped + unsupported,
                        source=f"{where} ({split})" if patients is not None else str(where),
                        files=[str(files[i]) for i in ok], links_skipped=links,
-                       patient_ids_known=all(known for _, known in ids))
+                       patient_ids_known=all(k for _, k in ids) if known is None else known)
 
 
 def _check_classes(where: Path, split: str, task, order: Sequence[str], labels, what: str) -> None:

@@ -121,16 +121,17 @@ def load_nih(root: Path, split: str, size: int, label_set: Sequence[str] | None,
         log.warning("NIH data %s (%s): %d listed image(s) skipped (file missing or unknown finding label)",
                     root.name, split, len(skipped))
     task = TaskSpec(kind="multilabel", class_names=tuple(labels))
+    known = all(str(r.get("Patient ID") or "").strip() for r in rows_used)  # over every listed scan
     if select is not None:
         keep = selected(select, index_dataset(task, np.asarray(targets).reshape(len(files), len(labels)), patients,
                                               files))
         files, targets = [files[i] for i in keep], [targets[i] for i in keep]
-        patients, rows_used = [patients[i] for i in keep], [rows_used[i] for i in keep]
+        patients = [patients[i] for i in keep]
     images, ok, bad = decode_files(files, size)
     if not ok:
         raise no_usable_error(root, len(skipped) + len(bad))
     return XrayDataset(images, np.asarray(targets)[ok], task, patient_ids=[patients[i] for i in ok],
-                       patient_ids_known=all(str(r.get("Patient ID") or "").strip() for r in rows_used),
+                       patient_ids_known=known,
                        skipped=skipped + bad, source=f"{root} ({split})", files=[str(files[i]) for i in ok])
 
 
