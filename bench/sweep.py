@@ -85,6 +85,9 @@ def add_settings_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--head-bias", type=float, default=None,
                     help="probe: the round-0 model's output bias set to this value (e.g. the log-odds of the "
                          "positive class's prevalence), every other weight as the seed draws it")
+    ap.add_argument("--zero-head", type=int, default=None,
+                    help="probe: 1 = the round-0 model's output layer (weights and bias) set to zero, so the initial "
+                         "model ranks no scan above another; every other weight as the seed draws it")
     ap.add_argument("--dp", type=int, default=1, help="1: DP-SGD (the product); 0: σ = 0 (benchmark only)")
     ap.add_argument("--central", type=int, default=0, help="1: one hospital holding every training scan")
 
@@ -209,10 +212,15 @@ def run_setting(s: dict, data: Path, *, eval_path: Path | None = None, test: boo
                     ema["best"].update(auc=e_auc, round=r)
 
         initial = None
-        if s.get("head_bias") is not None:  # the same draw simulate() makes from the seed, its output bias set
+        if s.get("head_bias") is not None or s.get("zero_head"):  # the draw simulate() makes from the seed, then:
             torch.manual_seed(fed.federation.seed)
             initial = build_model(fed.model).state_dict()
-            initial[list(initial)[-1]].fill_(s["head_bias"])  # the last layer's bias (XrayNet's linear head)
+            weight, bias = list(initial)[-2:]  # the last layer's (XrayNet's linear head)
+            if s.get("zero_head"):
+                initial[weight].zero_()
+                initial[bias].zero_()
+            if s.get("head_bias") is not None:
+                initial[bias].fill_(s["head_bias"])
         with _auto_batch_fraction(s.get("batch_fraction")):
             res = simulate(fed, hospitals, dp=bool(s["dp"]), tan_scale=s.get("tan_scale", 1), on_round=on_round,
                            initial=initial)
