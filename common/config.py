@@ -271,8 +271,10 @@ class DataSection(_Strict):
                                        "the server's)")
     labels: list[str] | None = Field(None, min_length=1, description="the classes (class folders, labels.csv, "
                                      ".npz) or NIH findings this hospital trains; unset: all the data holds")
-    partition: str | None = Field(None, pattern=r"^\d+/\d+$", description="'i/n': use part i of n (demos, benchmarks: hospitals sharing one "
-                                  "folder); only this part's files are decoded, and the parts are of the listed files")
+    partition: str | None = Field(None, pattern=r"^\d+/\d+$",
+                                  description="'i/n': use part i of n (demos, benchmarks: hospitals sharing one "
+                                              "folder); only this part's files are decoded, and the parts are of "
+                                              "the listed files")
     partition_scheme: Literal["iid", "dirichlet", "patient"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0.0)
     size_skew: float = Field(0.0, ge=0.0, le=4.0, description="iid partitions of unequal size (simulations): part "
