@@ -61,8 +61,11 @@ def venv_bin_dir() -> Path:
     return Path(sys.executable).parent
 
 
-def flower_env(flwr_home: Path | str | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for a Flower process: venv ``bin`` first on PATH, FLWR_HOME if given.
+def flower_env(flwr_home: Path | str | None = None, base: Mapping[str, str] | None = None,
+               superexec_poll_s: float | None = None) -> dict[str, str]:
+    """Environment for a Flower process: venv ``bin`` first on PATH, FLWR_HOME if given, the
+    SuperExec's poll every ``superexec_poll_s`` seconds (default :data:`SUPEREXEC_POLL_S`; unless
+    the environment sets it).
 
     Each process that installs apps (SuperNode, ``flwr run``) writes under ``$FLWR_HOME/apps``;
     give every role its own FLWR_HOME so nothing lands in ``~/.flwr``.
@@ -72,7 +75,7 @@ def flower_env(flwr_home: Path | str | None = None, base: Mapping[str, str] | No
     parts = [p for p in env.get("PATH", "").split(os.pathsep) if p]
     env["PATH"] = os.pathsep.join([bindir] + [p for p in parts if p != bindir])
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault(SUPEREXEC_POLL_ENV, f"{SUPEREXEC_POLL_S:g}")
+    env.setdefault(SUPEREXEC_POLL_ENV, f"{SUPEREXEC_POLL_S if superexec_poll_s is None else superexec_poll_s:g}")
     env.update(no_telemetry_env(env))
     if flwr_home is not None:
         env["FLWR_HOME"] = str(Path(flwr_home).resolve())
@@ -188,8 +191,12 @@ def write_flwr_home(home: Path | str, address: str, *, insecure: bool = False,
 #: with this interval instead (``[hospital] poll_interval_s``).
 SUPERNODE_POLL_S = 0.5
 #: Flower's environment variable for the SuperExec's polling interval (Flower's default 1 s): how
-#: soon a SuperNode (or the SuperLink) starts the process for a message it holds.
+#: soon a SuperNode starts the process for a message it holds.
 SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", 0.2
+#: The SuperLink's SuperExec starts one ServerApp per run, so it asks as often as Flower's default:
+#: at 0.2 s its requests took about 2 s of the operator's CPU per minute of a run; this only sets how
+#: soon the ServerApp starts after ``flwr run``, once.
+SERVER_SUPEREXEC_POLL_S = 1.0
 
 
 #: Seconds between the SuperNode's looks at its own memory while it waits for a ClientApp's reply

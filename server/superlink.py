@@ -28,6 +28,7 @@ from xrayfed.common.addresses import parse_hostport
 from xrayfed.common.config import FederationConfig, load_config
 from xrayfed.common.errors import UserError
 from xrayfed.common.flower_launch import (
+    SERVER_SUPEREXEC_POLL_S,
     flower_env,
     superlink_args_from_config,
     write_flwr_home,
@@ -262,7 +263,7 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atres
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     control = f"{chost}:{cport}"
     write_flwr_home(home, control, insecure=insecure, root_certificates=cfg.network.tls.ca_cert)
-    env = flower_env(home)
+    env = flower_env(home, superexec_poll_s=SERVER_SUPEREXEC_POLL_S)  # its SuperExec starts one ServerApp
     if atrest_key_file is not None:  # the ServerApp process (started by the SuperLink) reads it from here
         env[ENV_KEY_FILE] = str(Path(atrest_key_file).expanduser().resolve())
 

@@ -65,6 +65,28 @@ def test_flower_runs_without_telemetry_unless_the_user_asks_for_it(monkeypatch, 
     assert os.environ[TELEMETRY_ENV] == "1"
 
 
+def test_superexec_polls_as_each_role_needs_unless_the_user_sets_it(tmp_path):
+    """Flower's SuperExec (its own reader of the variable) polls every 0.2 s at a hospital, where
+    each message's ClientApp should start soon, and every 1 s beside the SuperLink, which starts
+    one ServerApp per run; an explicit setting wins."""
+    import subprocess
+    import sys
+
+    from xrayfed.common.flower_launch import SERVER_SUPEREXEC_POLL_S, SUPEREXEC_POLL_ENV, flower_env
+
+    code = "from flwr.supercore.superexec.run_superexec import _get_task_poll_interval as f; print(f())"
+
+    def superexec_sees(env):
+        return float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                    check=True).stdout.strip())
+
+    base = {k: v for k, v in os.environ.items() if k != SUPEREXEC_POLL_ENV}
+    assert superexec_sees(flower_env(tmp_path / "h", base=base)) == 0.2
+    assert superexec_sees(flower_env(tmp_path / "s", base=base, superexec_poll_s=SERVER_SUPEREXEC_POLL_S)) == 1.0
+    assert superexec_sees(flower_env(tmp_path / "s", base={**base, SUPEREXEC_POLL_ENV: "3"},
+                                     superexec_poll_s=SERVER_SUPEREXEC_POLL_S)) == 3.0
+
+
 def test_kill_tree_returns_when_every_process_has_exited_orphans_included(tmp_path):
     """A stopped process whose own children outlive it leaves orphans; once they exit they stay
     zombies until the machine's init reaps them (here up to 2 s). kill_tree counts them as
