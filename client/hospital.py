@@ -79,23 +79,33 @@ def _load_full(path: str, split: str, image_size: int, task_json: str, test_frac
     return _decode(path, split, image_size, task_json, test_fraction, seed, labels)
 
 
-#: Hospitals' scans kept decoded per process (:func:`load_local_data`): one entry per hospital and
-#: image size. A simulation worker serves many hospitals, round after round; their parts of a
-#: shared folder add up to the folder once. A process that runs one federation after another
-#: (:func:`xrayfed.server.simulate.simulate`) empties it between them (:func:`clear_data_caches`).
-LOCAL_CACHE = 256
+#: Scans kept decoded per process (:func:`load_local_data`), one entry per hospital and image size:
+#: a hospital's own process keeps 4 (the image size is the server's to ask for, so a server cannot
+#: make it keep more); a process that serves many hospitals (:func:`serve_many_hospitals`: a
+#: simulation, round after round) keeps up to this many, whose parts of a shared folder add up to
+#: the folder once.
+MANY_HOSPITALS_CACHE = 256
+_serves_many = False
+
+
+def serve_many_hospitals() -> None:
+    """This process serves many hospitals (an in-process simulation; Flower's Simulation Engine's
+    workers are known by ``$XRAYFED_SIM_HOSPITALS``): keep up to :data:`MANY_HOSPITALS_CACHE`
+    hospitals' scans decoded instead of 4."""
+    global _serves_many
+    _serves_many = True
 
 
 def clear_data_caches() -> None:
     """Drop every hospital's decoded scans this process keeps (:func:`load_local_data`)."""
     _load_local.cache_clear()
+    _load_local_many.cache_clear()
     _load_full.cache_clear()
 
 
-@lru_cache(maxsize=LOCAL_CACHE)
-def _load_local(path: str, split: str, image_size: int, task_json: str, val_fraction: float, partition: str | None,
-                scheme: str, alpha: float, seed: int, size_skew: float = 0.0, test_fraction: float = 0.0,
-                labels: tuple[str, ...] | None = None) -> LocalData:
+def _load_local_uncached(path: str, split: str, image_size: int, task_json: str, val_fraction: float,
+                         partition: str | None, scheme: str, alpha: float, seed: int, size_skew: float = 0.0,
+                         test_fraction: float = 0.0, labels: tuple[str, ...] | None = None) -> LocalData:
     from xrayfed.common import data
 
     if partition and data.detect_format(path) != "npz":  # decode this hospital's part of the folder only
@@ -106,6 +116,10 @@ def _load_local(path: str, split: str, image_size: int, task_json: str, val_frac
         ds = _load_full(path, split, image_size, task_json, test_fraction, seed, labels)
         train, val = split_local(ds, val_fraction, partition, scheme, alpha, seed, size_skew)
     return LocalData(train=train, val=val, skipped=len(getattr(ds, "skipped", [])))
+
+
+_load_local = lru_cache(maxsize=4)(_load_local_uncached)
+_load_local_many = lru_cache(maxsize=MANY_HOSPITALS_CACHE)(_load_local_uncached)
 
 
 def _part(partition: str) -> tuple[int, int]:
@@ -163,7 +177,9 @@ def hospital_split(cfg: HospitalConfig, ds=None):
             keep = [i for i, f in enumerate(ds.files) if os.path.realpath(f) in mine]
             if not keep:
                 raise UserError(f"data {d.path}: no usable scan in part {d.partition} ({d.partition_scheme})")
-            return ds, *data.split_train_val(data.subset(ds, keep), d.val_fraction, d.seed)
+            part = data.subset(ds, keep)
+            part.patient_ids_known = index.patient_ids_known  # every listed file's, as the rounds decide it
+            return ds, *data.split_train_val(part, d.val_fraction, d.seed)
     train, val = split_local(ds, d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed,
                              d.size_skew)
     return ds, train, val
@@ -176,7 +192,8 @@ def load_local_data(cfg: HospitalConfig, image_size: int, task: TaskSpec) -> Loc
     if cfg.data.path is None:
         raise UserError("data.path: not set (give --data PATH or [data] path in hospital.toml)")
     d = cfg.data
-    return _load_local(
+    load = _load_local_many if _serves_many or os.environ.get(SIM_HOSPITALS_ENV) else _load_local
+    return load(
         str(d.path), d.split, image_size,
         json.dumps(task.to_dict()),
         d.val_fraction, d.partition, d.partition_scheme, d.dirichlet_alpha, d.seed, d.size_skew,

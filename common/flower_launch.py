@@ -194,8 +194,8 @@ SUPERNODE_POLL_S = 0.5
 #: soon a SuperNode starts the process for a message it holds.
 SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", 0.2
 #: The SuperLink's SuperExec starts one ServerApp per run, so it asks as often as Flower's default:
-#: at 0.2 s its requests took about 2 s of the operator's CPU per minute of a run; this only sets how
-#: soon the ServerApp starts after ``flwr run``, once.
+#: at 0.2 s its requests took about 1.2 s of the operator's CPU per minute of a run; this only sets
+#: how soon the ServerApp starts after ``flwr run``, once.
 SERVER_SUPEREXEC_POLL_S = 1.0
 
 

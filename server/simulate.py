@@ -166,6 +166,7 @@ def simulate(cfg: FederationConfig, hospitals: list[HospitalConfig], *, dp: bool
     and ``tan_scale`` > 1 are the benchmark-only switches of the module docstring."""
     from xrayfed.client import hospital as H
 
+    H.serve_many_hospitals()
     H.clear_data_caches()  # another federation's scans, if this process ran one before: memory for one at a time
     torch.manual_seed(cfg.federation.seed)
     state = initial if initial is not None else build_model(cfg.model).state_dict()

@@ -748,3 +748,48 @@ def test_a_hospital_decodes_its_part_once_and_only_its_part(tmp_path, monkeypatc
     assert [Path(f).name for f in train.files] == [Path(f).name for f in local.train.files]
     assert [Path(f).name for f in val.files] == [Path(f).name for f in local.val.files]
     H.clear_data_caches()
+
+
+def test_the_check_the_rounds_and_data_check_agree_on_the_patient_unit(tmp_path):
+    """A hospital's part of a shared folder is at the patient unit or not alike in its start-up
+    check, its rounds and `xrayfed data check` (the whole split decoded, then the part), also
+    when the one file that names no patient cannot be read."""
+    from xrayfed.client import hospital as H
+    from xrayfed.common.config import HospitalConfig
+
+    root = write_class_folders(tmp_path / "shared", n_train=30, n_test=4, size=24, seed=6)
+    (root / "train" / "NORMAL" / "anonymous.png").write_bytes(b"\x89PNG not a scan")
+    whole = D.load_dataset(root, "train", image_size=D.CHECK_SIZE)
+    assert whole.patient_ids_known  # without a partition: the readable files all name their patient
+    H.clear_data_caches()
+    for i in range(3):
+        cfg = HospitalConfig.model_validate({
+            "hospital": {"name": f"h{i}", "state_dir": str(tmp_path / f"s{i}")},
+            "data": {"path": str(root), "partition": f"{i}/3", "val_fraction": 0.2}})
+        _, train, _ = H.hospital_split(cfg)
+        _, checked, _ = H.hospital_split(cfg, whole)
+        rounds = H.load_local_data(cfg, 20, whole.task).train
+        assert train.patient_ids_known is checked.patient_ids_known is rounds.patient_ids_known is False
+    H.clear_data_caches()
+
+
+def test_a_hospital_keeps_few_decoded_copies_whatever_sizes_a_server_asks_for(tmp_path, monkeypatch):
+    """The image size is the server's to ask for: a hospital's own process keeps at most 4
+    decoded copies of its scans however many sizes are asked for (a simulation, which serves
+    many hospitals, keeps more)."""
+    from xrayfed.client import hospital as H
+    from xrayfed.client.nodeconfig import SIM_HOSPITALS_ENV
+    from xrayfed.common.config import HospitalConfig
+
+    monkeypatch.setattr(H, "_serves_many", False)
+    monkeypatch.delenv(SIM_HOSPITALS_ENV, raising=False)
+    root = write_class_folders(tmp_path / "own", n_train=20, n_test=4, size=24, seed=7)
+    cfg = HospitalConfig.model_validate({"hospital": {"name": "h", "state_dir": str(tmp_path / "s")},
+                                         "data": {"path": str(root)}})
+    task = D.load_dataset(root, "train", image_size=8).task
+    H.clear_data_caches()
+    for size in range(16, 28):
+        H.load_local_data(cfg, size, task)
+    assert H._load_local.cache_info().currsize == 4
+    assert H._load_local_many.cache_info().currsize == 0
+    H.clear_data_caches()

@@ -167,7 +167,7 @@ def load_dataset(path: Path | str, split: str = "train", image_size: int = 224, 
     only the unreadable files among those picked (besides what the listing sets aside: files
     that are not scans, missing files of a list), every class must have files listed, not
     usable ones (a part of the data may lack a class), and ``patient_ids_known`` is the whole
-    split's answer (every listed file names its patient).
+    split's answer: whether every listed file, readable or not, names its patient.
     """
     path = Path(path)
     if not MIN_SIZE <= int(image_size) <= MAX_IMAGE_SIZE:

@@ -123,11 +123,13 @@ def subset(ds: XrayDataset, indices: Sequence[int] | np.ndarray) -> XrayDataset:
 Select = Callable[["XrayDataset"], Sequence[int]]
 
 
-def index_dataset(task: TaskSpec, targets, patient_ids: Sequence[str], files: Sequence[Path | str]) -> XrayDataset:
+def index_dataset(task: TaskSpec, targets, patient_ids: Sequence[str], files: Sequence[Path | str],
+                  patient_ids_known: bool) -> XrayDataset:
     """The listed scans before decoding, for a :data:`Select`: targets, patient ids and files,
-    with a 1×1 black placeholder image each (no scan is read)."""
+    with a 1×1 black placeholder image each (no scan is read); ``patient_ids_known``: whether
+    every listed file names its patient."""
     return XrayDataset(np.zeros((len(files), 1, 1), dtype=np.uint8), np.asarray(targets), task,
-                       patient_ids=patient_ids, files=files)
+                       patient_ids=patient_ids, files=files, patient_ids_known=patient_ids_known)
 
 
 def selected(select: Select, index: XrayDataset) -> list[int]:

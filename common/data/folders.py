@@ -102,7 +102,7 @@ def _decode_class_files(where: Path, split: str, size: int, task, order: Sequenc
         _check_classes(where, split, task, order, labels, "listed")
         ids = ids_of(range(len(files)))
         known = all(k for _, k in ids)
-        keep = selected(select, index_dataset(task, labels, [pid for pid, _ in ids], files))
+        keep = selected(select, index_dataset(task, labels, [pid for pid, _ in ids], files, known))
         files, labels, ids = [files[i] for i in keep], [labels[i] for i in keep], [ids[i] for i in keep]
     images, ok, skipped = decode_files(files, size)
     if not ok:

@@ -74,7 +74,7 @@ def load_labels_csv(root: Path, split: str, size: int, label_set: Sequence[str] 
     if select is not None:
         ids = [(pids[i], True) if pids[i] else patient_id_and_source(f) for i, f in enumerate(files)]
         known = all(k for _, k in ids)
-        keep = selected(select, index_dataset(task, labels, [pid for pid, _ in ids], files))
+        keep = selected(select, index_dataset(task, labels, [pid for pid, _ in ids], files, known))
         files, labels, ids = [files[i] for i in keep], [labels[i] for i in keep], [ids[i] for i in keep]
     images, ok, bad = decode_files(files, size)
     if not ok:

@@ -124,7 +124,7 @@ def load_nih(root: Path, split: str, size: int, label_set: Sequence[str] | None,
     known = all(str(r.get("Patient ID") or "").strip() for r in rows_used)  # over every listed scan
     if select is not None:
         keep = selected(select, index_dataset(task, np.asarray(targets).reshape(len(files), len(labels)), patients,
-                                              files))
+                                              files, known))
         files, targets = [files[i] for i in keep], [targets[i] for i in keep]
         patients = [patients[i] for i in keep]
     images, ok, bad = decode_files(files, size)
