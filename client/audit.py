@@ -313,7 +313,9 @@ def run_audit(cfg, *, image_size: int, model_spec=None, lr: float = 0.125, canar
         raise UserError("data.path: not set (give --data PATH or [data] path in hospital.toml)")
     t0 = time.time()
     if ds is None:
-        ds = data_mod.load_dataset(Path(cfg.data.path), split=cfg.data.split, image_size=image_size)
+        d = cfg.data  # the scans the hospital's rounds train on (classes, local test split)
+        ds = data_mod.load_dataset(Path(d.path), split=d.split, image_size=image_size, label_set=d.labels, seed=d.seed,
+                                   test_fraction=d.local_test_fraction)
     _, train, val = hospital_split(cfg, ds)
     plan, units = plan_for(cfg, train)
     task = ds.task

@@ -588,3 +588,23 @@ def test_lira_finds_the_members_of_a_memorising_model(tmp_path, monkeypatch):
     text = "\n".join(summary_lines(res))
     assert "membership inference (loss attack" in text
     assert "membership inference (LiRA, 4 shadow models with DP and 4 without: 8 more trainings of the plan)" in text
+
+
+def test_the_audit_trains_on_the_scans_the_rounds_train_on(tmp_path):
+    """The audit decodes the hospital's data as its rounds do (its classes, its local test split):
+    a flat folder with a local test split is audited on the same N as the hospital plans on."""
+    from xrayfed.client.audit import run_audit
+    from xrayfed.client.dp import plan_for
+    from xrayfed.client.hospital import hospital_split
+    from xrayfed.common.config import HospitalConfig
+    from xrayfed.common.synthetic import write_class_folders
+
+    root = write_class_folders(tmp_path / "flat", n_train=80, n_test=40, size=24, seed=3, flat=True)
+    cfg = HospitalConfig.model_validate({
+        "hospital": {"state_dir": str(tmp_path / "state"), "device": "cpu"},
+        "data": {"path": str(root), "val_fraction": 0.2, "local_test_fraction": 0.3},
+        "privacy": {"epsilon": 8.0, "delta": 1e-5, "max_rounds": 2, "unit": "scan", "secure_rng": False},
+        "training": {"local_epochs": 1.0, "max_physical_batch_size": 512}})
+    plan, _ = plan_for(cfg, hospital_split(cfg)[1])
+    res = run_audit(cfg, image_size=8, canaries=200, mia=False, seed=0)
+    assert res["plan"]["units"] == plan.num_examples and res["plan"]["scans"] == plan.num_scans
