@@ -30,7 +30,7 @@ from xrayfed.common.checkpoint import Checkpoint, save_checkpoint
 from xrayfed.common.errors import UserError
 from xrayfed.common.model import ModelSpec, build_model, default_model
 from xrayfed.common.prediction import NIH_LABELS, TaskSpec, probabilities
-from xrayfed.common.procs import free_port, kill_tree, spawn, venv_bin, wait_for_port
+from xrayfed.common.procs import free_port, kill_tree, spawn, venv_bin, wait_exited, wait_for_port
 from xrayfed.common.security import atrest
 from xrayfed.common.security.atrest import load_checkpoint, make_atrest_key
 from xrayfed.client.inference import tokens
@@ -228,7 +228,7 @@ class Stack:
             kill_tree(proc)
         for f in self.logs:
             f.close()
-        _, alive = psutil.wait_procs(tree, timeout=10)
+        alive = wait_exited(tree, 10)  # an orphan that init has not reaped yet has exited
         assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], alive
 
 

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from xrayfed.common import cli
-from xrayfed.common.procs import free_port
+from xrayfed.common.procs import free_port, wait_exited
 from xrayfed.server.strategy import check_update
 
 
@@ -193,7 +193,7 @@ def _stop_cluster(tag: str, started: list[subprocess.Popen]) -> None:
                 p.terminate()
             except psutil.Error:
                 pass
-        psutil.wait_procs(left, timeout=2)
+        wait_exited(left, 2)  # a zombie (an orphan init has not reaped yet) has exited
     for p in _cluster_processes(tag):
         try:
             p.kill()

@@ -69,18 +69,21 @@ def load_labels_csv(root: Path, split: str, size: int, label_set: Sequence[str] 
     if missing:
         log.warning("data %s: %d file(s) listed in labels.csv skipped (missing or outside the folder)",
                     root.name, len(missing))
-    ids = None  # (patient id, known) per file
+
+    def ids_of(positions) -> list[tuple[str, bool]]:  # (patient id, known): the patient_id column, else the file
+        return [(pids[i], True) if pids[i] else patient_id_and_source(files[i]) for i in positions]
+
+    ids = None
     known = None  # with a selection: whether every listed file names its patient (the whole split's answer)
     if select is not None:
-        ids = [(pids[i], True) if pids[i] else patient_id_and_source(f) for i, f in enumerate(files)]
+        ids = ids_of(range(len(files)))
         known = all(k for _, k in ids)
         keep = selected(select, index_dataset(task, labels, [pid for pid, _ in ids], files, known))
         files, labels, ids = [files[i] for i in keep], [labels[i] for i in keep], [ids[i] for i in keep]
     images, ok, bad = decode_files(files, size)
     if not ok:
         raise no_usable_error(root, len(missing) + len(bad))
-    ids = ([(pids[i], True) if pids[i] else patient_id_and_source(files[i]) for i in ok] if ids is None
-           else [ids[i] for i in ok])
+    ids = ids_of(ok) if ids is None else [ids[i] for i in ok]
     return XrayDataset(images, np.asarray(labels)[ok], task, patient_ids=[pid for pid, _ in ids],
                        patient_ids_known=all(k for _, k in ids) if known is None else known,
                        skipped=missing + bad, source=f"{root} ({split})", files=[str(files[i]) for i in ok])
