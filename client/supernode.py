@@ -213,6 +213,27 @@ def worker_spent_line(env: dict[str, str]) -> str | None:
     return str(out[0]["line"])
 
 
+class _Spent:
+    """:func:`worker_spent_line` asked in a thread of its own, from the moment the run is known to
+    be finished, while the SuperNode sends its acknowledgement and leaves."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self._line: list[str | None] = [None]
+
+        def ask() -> None:
+            try:
+                self._line[0] = worker_spent_line(env)
+            except Exception:  # noqa: BLE001 - then computed here, from the ledger, as without a worker
+                log.debug("the worker's budget line", exc_info=True)
+
+        self._thread = threading.Thread(target=ask, daemon=True)
+        self._thread.start()
+
+    def line(self) -> str | None:
+        self._thread.join()
+        return self._line[0]
+
+
 class _FlowerLog:
     """``STATE/supernode.log``: every line of the SuperNode and its ClientApps, colour codes removed."""
 
@@ -344,7 +365,7 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     full = _FlowerLog(state / SUPERNODE_LOG)
     ledger_path = state / LEDGER_FILE
     alive = state / ALIVE_FILE
-    finished = spent = None
+    finished = spent = spent_job = None
     joining = False  # a SuperNode was started: a clean stop then says so in ALIVE_FILE
     with ProcessGroup() as group:
         worker = [None]
@@ -443,6 +464,8 @@ def run_client_cmd(args: argparse.Namespace) -> int:
                                   "SuperNode keeps trying" + ("" if verbose else " (-v shows each attempt)"), flush=True)
                         finished = read_finished(state)
                         if finished is not None:  # let the acknowledgement leave through the SuperNode first
+                            if worker_cmd is not None:  # the worker reads the budget meanwhile
+                                spent_job = _Spent(env)
                             until = time.monotonic() + FINISHED_GRACE_S
                             while time.monotonic() < until and not any(t >= finished["time"] for t in sent):
                                 time.sleep(0.2)
@@ -454,7 +477,8 @@ def run_client_cmd(args: argparse.Namespace) -> int:
                 pump.join(timeout=5)
                 if finished is not None:
                     alive.unlink(missing_ok=True)
-                    spent = worker_spent_line(env) if worker_cmd is not None else None
+                    spent = (spent_job.line() if spent_job is not None
+                             else worker_spent_line(env) if worker_cmd is not None else None)
                     break
                 if JOINED in seen:
                     alive.touch()

@@ -29,6 +29,7 @@ state: a re-admitted hospital needs a new key.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -204,6 +205,23 @@ SERVER_SUPEREXEC_POLL_S = 1.0
 LOCAL_WAIT_S = 0.05
 
 
+#: Seconds before the SuperNode asks again for a part (an object) of a message that the SuperLink
+#: lists but does not hold yet (the ServerApp pushes a message first, its parts after it), doubling
+#: on each miss up to Flower's cap (10 s). Flower starts at 1 s (``PULL_INITIAL_BACKOFF``), so a
+#: pull that came a moment early cost the round a second; a miss now costs a small request.
+OBJECT_RETRY_S = 0.1
+
+
+def prompt_object_pulls(module, retry_s: float = OBJECT_RETRY_S) -> None:
+    """``module``'s ``pull_objects`` (Flower's, as that module imported it) asks again for a missing
+    part after ``retry_s`` seconds instead of Flower's 1 s, doubling on each miss as Flower does."""
+    import functools
+
+    pull = module.pull_objects
+    if not (isinstance(pull, functools.partial) and "initial_backoff" in pull.keywords):
+        module.pull_objects = functools.partial(pull, initial_backoff=retry_s)
+
+
 class _PollingClock:
     """Flower's ``time`` module as the SuperNode's main loop sees it: its idle pull of the server
     (3 s in Flower) waits at most ``max_sleep_s`` seconds, its waits for a ClientApp's reply in its
@@ -286,12 +304,106 @@ class Subprocess:
         return getattr(self._module, name)
 
 
+#: The SuperExec the SuperNode starts with ``--fork-clientapps``, by name (a role's module: this
+#: package imports none): ``python -m`` it, or :func:`_SuperExecInWaiting` runs it.
+FORKING_SUPEREXEC = "xrayfed.client.forkserver"
+
+
+class _SuperExecInWaiting:
+    """The SuperNode's SuperExec, forked from the SuperNode once Flower is imported and before it
+    joins: it imports what the SuperExec adds (the fork server's ``preload``), then waits for the
+    arguments Flower's ``Popen`` of ``flower-superexec`` would have had, and runs
+    ``FORKING_SUPEREXEC`` with them in itself. A SuperExec started as its own process imports
+    Flower again: about 1 s of CPU per hospital, on the path to round 1 because the SuperNode
+    starts it only once it has joined (measured with three hospitals on 2 cores, 224 px, where
+    the hospitals' checks keep both cores busy until then).
+
+    Fork safety: forked while this process holds one thread (Flower imported with one OpenBLAS
+    thread; nothing started yet: no connection, no key, no signal handler of Flower's), else not at
+    all (``start`` returns None and the SuperExec is started as its own process). It closes the
+    SuperNode's ends of the pipes it must not hold (the wake-up pipe's write end, so that it still
+    sees the SuperNode go; the join gate). It is the SuperNode's child, as the ``Popen`` was, and
+    ends with it: a SuperNode that ends first closes the pipe it waits on.
+    """
+
+    def __init__(self, pid: int, args_fd: int) -> None:
+        self.pid, self._fd = pid, args_fd
+
+    @classmethod
+    def start(cls, wake_fd: int, close: tuple[int, ...]) -> "_SuperExecInWaiting | None":
+        if _threads() != 1:
+            return None
+        for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                stream.flush()
+        try:
+            r, w = os.pipe()
+        except OSError:
+            return None
+        try:
+            pid = os.fork()
+        except OSError:  # no process to spare: the SuperExec starts as its own later, or not at all
+            os.close(r)
+            os.close(w)
+            return None
+        if pid == 0:  # never returns
+            code = 1
+            try:
+                os.close(w)
+                for fd in close:
+                    os.close(fd)
+                import importlib
+
+                superexec = importlib.import_module(FORKING_SUPEREXEC)
+                superexec.preload()
+                with os.fdopen(r, "rb") as f:
+                    line = f.readline()
+                if not line:  # the SuperNode ended without starting its SuperExec
+                    code = 0
+                else:
+                    superexec.run_superexec(["--wake-fd", str(wake_fd), *json.loads(line)])  # ends the process
+            except KeyboardInterrupt:
+                code = 130
+            except BaseException:  # noqa: BLE001 - printed as an uncaught error would be
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(r)
+        return cls(pid, w)
+
+    def run(self, argv: list[str]) -> bool:
+        """Hand it ``flower-superexec``'s arguments (after the command), once; False when it is
+        gone (then reaped) or was handed them before."""
+        if self._fd is None:
+            return False
+        fd, self._fd = self._fd, None
+        try:
+            os.write(fd, json.dumps(argv).encode() + b"\n")  # far below a pipe's buffer: never blocks
+            return True
+        except OSError:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, os.WNOHANG)
+            return False
+        finally:
+            os.close(fd)
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0  # unknown: no fork
+
+
 def run_supernode(argv: list[str]) -> None:
     """``flower-supernode`` (Flower's entry point, its arguments in ``argv``) with the idle pull
     interval given by a leading ``--poll-s S`` and, after it, ``--fork-clientapps``: its
-    SuperExec is ``python -m xrayfed.client.forkserver`` (Flower's, its ClientApp processes forked
-    from a fork server); then ``--wait-fd N``: having imported Flower, it joins only after reading
-    a ``j`` there (and ends without joining at anything else)."""
+    SuperExec is ``FORKING_SUPEREXEC`` (Flower's, its ClientApp processes forked from a fork
+    server), forked from this process with Flower imported (:class:`_SuperExecInWaiting`); then
+    ``--wait-fd N``: having imported Flower, it joins only after reading a ``j`` there (and ends
+    without joining at anything else)."""
     import subprocess
     import time
 
@@ -303,17 +415,28 @@ def run_supernode(argv: list[str]) -> None:
     gate = None
     if argv[:1] == ["--wait-fd"]:
         gate, argv = int(argv[1]), argv[2:]
-    import flwr.supernode.start_client_internal as loop
-    from flwr.supernode.cli import flower_supernode
+    blas = os.environ.get("OPENBLAS_NUM_THREADS")
+    if fork:  # numpy comes with Flower: one BLAS thread (the SuperNode does no linear algebra), so it can fork
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    try:
+        import flwr.supernode.start_client_internal as loop
+        from flwr.supernode.cli import flower_supernode
+    finally:
+        if fork and blas is None:
+            os.environ.pop("OPENBLAS_NUM_THREADS", None)
+        elif fork:
+            os.environ["OPENBLAS_NUM_THREADS"] = blas
 
-    loop.time = _PollingClock(time, poll_s)  # the module's own name for `time`: its main loop only
     if fork:  # the SuperNode starts `flower-superexec` by name (one Popen, at its start)
         wake_r, wake_w = os.pipe()  # a byte per message received: the SuperExec starts its process at once
         os.set_blocking(wake_w, False)
+        waiting = _SuperExecInWaiting.start(wake_r, close=(wake_w,) + (() if gate is None else (gate,)))
 
         def superexec(args: list[str], kw: dict):
             try:
-                return subprocess.Popen([sys.executable, "-m", "xrayfed.client.forkserver", "--wake-fd", str(wake_r),
+                if waiting is not None and not kw and waiting.run(args[1:]):
+                    return waiting
+                return subprocess.Popen([sys.executable, "-m", FORKING_SUPEREXEC, "--wake-fd", str(wake_r),
                                          *args[1:]], pass_fds=(wake_r,), **kw)
             finally:
                 os.close(wake_r)
@@ -331,6 +454,8 @@ def run_supernode(argv: list[str]) -> None:
 
         loop.subprocess = Subprocess(subprocess, "flower-superexec", superexec)
         loop._pull_and_store_message = pull_and_wake
+    loop.time = _PollingClock(time, poll_s)  # the module's own name for `time`: its main loop only
+    prompt_object_pulls(loop)
     sys.argv = ["flower-supernode", *argv]
     if gate is not None:  # imported while `xrayfed client` checked the data: join only on its word
         if os.read(gate, 1) != b"j":

@@ -13,6 +13,7 @@ when it started and ended, Unix seconds): what the round's breakdown in ``metric
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Iterable
 
@@ -100,3 +101,117 @@ def breakdown_text(t: dict[str, Any]) -> str:
                  f"local {t['local_s']:.1f})")
     return (f"wait {t.get('wait_s', 0):.1f}s, {hosp}, transfer {t.get('transfer_s', 0):.1f}s, "
             f"aggregate {t.get('aggregate_s', 0):.1f}s, eval {t.get('eval_s', 0):.1f}s")
+
+
+#: Seconds before a reply's part (an object) that is not on the SuperLink yet is asked for again,
+#: doubling on each miss up to Flower's cap (10 s); Flower starts at 1 s.
+OBJECT_RETRY_S = 0.05
+
+
+def prompt_object_pulls() -> None:
+    """A reply is listed by the SuperLink as soon as the SuperNode has pushed the message, and its
+    parts (the model's arrays: objects) follow it; a pull of the reply in between finds a part
+    missing, and Flower 1.41 asks for it again after 1 s (``PULL_INITIAL_BACKOFF``), then 2 s, 4 s…
+    (``flwr/supercore/inflatable/inflatable_utils.py``: ``pull_objects``). The ServerApp asks its
+    own SuperLink (loopback), so here a missing part is asked for again after ``OBJECT_RETRY_S``,
+    doubling as in Flower. Only where the ServerApp's grid pulls (``flwr.superlink.grid.http_grid``;
+    called by the ServerApp at its start)."""
+    import sys
+
+    from xrayfed.common.flower_launch import prompt_object_pulls as prompt
+
+    grid_module = sys.modules.get("flwr.superlink.grid.http_grid")
+    if grid_module is not None and hasattr(grid_module, "pull_objects"):
+        prompt(grid_module, OBJECT_RETRY_S)
+
+
+# --------------------------------------------------------------------------- the ServerApp's end
+class _UploaderClock:
+    """Flower's ``time`` module as ``flwr.supercore.logger`` sees it: counts the sleeps its log
+    uploader thread begins (it sleeps once after each pass: take every queued line, push them)
+    and notes whether the pass before each one pushed without an error."""
+
+    def __init__(self, module) -> None:
+        self._module = module
+        self.sleeps = 0
+        self.clean = 0  # sleeps begun after a pass whose push (if any) went through
+        self.failed = False
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        if not self.failed:
+            self.clean += 1
+        self._module.sleep(seconds)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+#: Seconds between two looks at the log queue and the uploader while the ServerApp ends.
+FLUSH_LOOK_S = 0.01
+
+
+def _uploader(logger) -> threading.Thread | None:
+    """The thread running Flower's ``_log_uploader`` in this process (None when there is none)."""
+    for t in threading.enumerate():
+        if getattr(t, "_target", None) is logger._log_uploader and t.is_alive():  # noqa: SLF001
+            return t
+    return None
+
+
+def prompt_log_flush() -> None:
+    """Flower 1.41's ServerApp process, once its app has returned, waits for its queue of log
+    lines to empty and then 1 s more before it reports the run finished
+    (``flwr.supercore.logger.flush_logs``, called from ``flwr/superlink/runtime/run_serverapp.py``):
+    the SuperLink's log stream to ``flwr run --stream`` ends at that report, so lines pushed after
+    it would not reach the operator. The 1 s is a guess at how long the last push takes; here the
+    flush waits for the queue to empty and then for the uploader to begin a sleep after a pass
+    whose push went through (it sleeps after each pass: at most Flower's upload interval, 0.2 s,
+    plus the push; a failed push is tried again in the next pass). It returns at once when the
+    uploader is gone, and within Flower's timeout (3 s) in any case. Where the uploader thread is
+    not found (another Flower), Flower's own flush stays. Only in a ``flwr-serverapp`` process."""
+    import sys
+
+    import flwr.supercore.logger as logger
+
+    runner = sys.modules.get("flwr.superlink.runtime.run_serverapp")
+    if runner is None or not hasattr(runner, "flush_logs") or getattr(runner.flush_logs, "_xrayfed", False):
+        return
+    uploader = _uploader(logger)
+    args = getattr(uploader, "_args", ())  # (log_queue, node_id, run_id, client) while it runs
+    if uploader is None or len(args) != 4:
+        return
+    clock = _UploaderClock(logger.time)
+    client = args[3]  # the uploader's own: it looks its `PushLogs` up at each push
+    push = client.PushLogs
+
+    def noting_push(request):
+        try:
+            out = push(request)
+        except BaseException:
+            clock.failed = True
+            raise
+        clock.failed = False
+        return out
+
+    try:
+        client.PushLogs = noting_push
+    except AttributeError:  # a client that takes no attribute: Flower's own flush stays
+        return
+    logger.time = clock
+
+    def flush_logs(log_queue, timeout: float = 3.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not log_queue.empty():
+            if time.monotonic() >= deadline or not uploader.is_alive():
+                return False
+            time.sleep(FLUSH_LOOK_S)
+        begun = clock.clean
+        while clock.clean == begun:  # a clean sleep begun now follows the push of every line taken so far
+            if time.monotonic() >= deadline or not uploader.is_alive():
+                return False
+            time.sleep(FLUSH_LOOK_S)
+        return True
+
+    flush_logs._xrayfed = True  # type: ignore[attr-defined]
+    runner.flush_logs = flush_logs

@@ -319,8 +319,9 @@ def run_server(cfg, verbose: bool = False, ready_file: Path | None = None, atres
             rc = runner.wait()
             pump.join(timeout=5)
         finally:
-            gateway.stop()
+            gateway.stop(timeout=0)  # it closes while the SuperLink stops
             kill_tree(link)
+            gateway.stop()
             link_pump.join(timeout=5)
             out.closed = True
     return 0 if rc == 0 else 1

@@ -170,6 +170,190 @@ def test_a_supernode_started_during_the_check_joins_only_on_xrayfed_clients_word
         kill_tree(told)
 
 
+def _live(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_the_supernodes_superexec_is_forked_from_it_before_it_joins(tmp_path):
+    """The SuperNode forks its SuperExec once Flower is imported, before it joins (the SuperExec
+    then imports only what it adds to the SuperNode's imports); when Flower starts the SuperExec,
+    that process runs it (its own fork server appears). A SuperNode refused before joining, or
+    stopped, leaves no process."""
+    from xrayfed.common.flower_launch import supernode_command
+    from xrayfed.common.procs import free_port, kill_tree
+
+    def start():
+        r, w = os.pipe()
+        port = free_port()  # nothing listens: the SuperNode keeps trying, its SuperExec runs meanwhile
+        cmd = [*supernode_command(0.5), "--wait-fd", str(r), "--superlink", f"127.0.0.1:{port}", "--insecure",
+               "--port", str(free_port()), "--node-config", f'config="{tmp_path / "none.toml"}"']
+        proc = subprocess.Popen(cmd, pass_fds=(r,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        os.close(r)
+        return proc, w
+
+    def children(proc, deadline_s: float = 60.0, want=lambda kids: bool(kids)):
+        deadline = time.monotonic() + deadline_s
+        kids: list[psutil.Process] = []
+        while time.monotonic() < deadline:
+            kids = [c for c in psutil.Process(proc.pid).children() if _live(c)]
+            if want(kids):
+                break
+            time.sleep(0.05)
+        return kids
+
+    node, w = start()
+    try:
+        waiting = children(node)
+        assert len(waiting) == 1, waiting  # forked while the SuperNode waits for its word
+        superexec = waiting[0]
+        assert superexec.cmdline() == psutil.Process(node.pid).cmdline()  # a fork, not a fresh interpreter
+        assert not [c for c in superexec.children() if _live(c)]  # waiting: no fork server yet
+        os.write(w, b"j")
+        os.close(w)
+        w = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not [c for c in superexec.children() if _live(c)]:
+            time.sleep(0.05)
+        assert [c for c in superexec.children() if _live(c)], "the SuperExec did not start its fork server"
+        assert [c.pid for c in children(node)] == [superexec.pid]  # no second SuperExec
+        everyone = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
+    finally:
+        if w is not None:
+            os.close(w)
+        kill_tree(node)
+    assert not [p for p in everyone if _live(p)]
+
+    refused, w = start()
+    waiting = children(refused)
+    assert len(waiting) == 1, waiting
+    os.close(w)  # the check refused: no `j`
+    assert refused.wait(timeout=60) == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _live(waiting[0]):
+        time.sleep(0.05)
+    assert not _live(waiting[0])  # it ends with the SuperNode that never started it
+
+
+def test_a_reply_part_that_comes_late_is_asked_for_again_soon():
+    """The SuperLink lists a reply before its parts (objects) have all arrived; Flower asks for a
+    missing part again after 1 s. The ServerApp's grid and the SuperNode ask again after a
+    twentieth and a tenth of that, and still get every part."""
+    import functools
+
+    import flwr.superlink.grid.http_grid as grid_module
+    import flwr.supernode.start_client_internal as node_module
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    from xrayfed.common.flower_launch import OBJECT_RETRY_S as NODE_RETRY_S
+    from xrayfed.common.flower_launch import prompt_object_pulls
+    from xrayfed.server.polling import OBJECT_RETRY_S
+
+    from xrayfed.server.polling import prompt_object_pulls as prompt_serverapp_pulls
+
+    saved = grid_module.pull_objects, node_module.pull_objects
+    flower_pull = getattr(saved[0], "func", saved[0])
+    try:
+        prompt_serverapp_pulls()
+        prompt_object_pulls(node_module)
+        prompt_object_pulls(node_module)  # once only
+        for module, retry in ((grid_module, OBJECT_RETRY_S), (node_module, NODE_RETRY_S)):
+            pull = module.pull_objects
+            assert isinstance(pull, functools.partial) and pull.func is flower_pull
+            assert pull.keywords == {"initial_backoff": retry} and retry < 1
+            misses = {"b": 2}
+
+            def fetch(object_id: str) -> bytes:
+                if misses.get(object_id, 0) > 0:
+                    misses[object_id] -= 1
+                    raise ObjectUnavailableError(object_id)
+                return object_id.encode() * 3
+
+            assert pull(object_ids=["a", "b"], pull_object_fn=fetch) == {"a": b"aaa", "b": b"bbb"}
+            assert misses == {"b": 0}
+    finally:
+        grid_module.pull_objects, node_module.pull_objects = saved
+
+
+def test_the_serverapp_reports_its_end_once_its_last_lines_are_pushed():
+    """Flower's ServerApp pushes its last log lines and then reports the run finished, which ends
+    the log stream `xrayfed server` relays; Flower waits 1 s after its queue empties. The flush
+    that replaces it returns once every queued line has been pushed (a failed push is tried
+    again first), at the uploader's first sleep after that push, and at once when the uploader is
+    gone."""
+    import importlib
+    import queue
+
+    import httpx
+
+    import flwr.supercore.logger as logger
+
+    from xrayfed.server.polling import prompt_log_flush
+
+    runner = importlib.import_module("flwr.superlink.runtime.run_serverapp")  # its package exports a function by that name
+    saved = runner.flush_logs, logger.time
+    pushed: list[str] = []
+    fail = [1]
+
+    class SlowClient:
+        def PushLogs(self, request):  # noqa: N802 - Flower's name
+            time.sleep(0.3)
+            if fail[0] > 0:
+                fail[0] -= 1
+                raise httpx.ConnectError("the SuperLink is busy")
+            pushed.extend(request.logs)
+
+    q: queue.Queue = queue.Queue()
+    uploader = logger.start_log_uploader(q, 0, 1, SlowClient())  # as the ServerApp process starts it
+    try:
+        prompt_log_flush()
+        assert runner.flush_logs is not saved[0]
+        clock = logger.time
+        for i in range(3):
+            q.put(f"line {i}\n")
+        assert runner.flush_logs(q) is True
+        assert pushed == [f"line {i}\n" for i in range(3)] and fail == [0]  # pushed, after one failed push
+        q.put("last line\n")
+        time.sleep(0.05)  # the uploader takes it and pushes it now
+        before = clock.sleeps
+        assert runner.flush_logs(q) is True and pushed[-1] == "last line\n"
+        assert clock.sleeps - before <= 1  # its first sleep after the push (Flower's 1 s: three or four)
+        logger.stop_log_uploader(q, uploader)
+        assert not uploader.is_alive()
+        q.put("never taken\n")
+        assert runner.flush_logs(q) is False  # the uploader is gone: nothing to wait for
+    finally:
+        logger.stop_log_uploader(q, uploader)
+        runner.flush_logs, logger.time = saved
+
+
+def test_the_budget_line_is_asked_while_the_supernode_leaves(monkeypatch):
+    """At a run's end `xrayfed client` asks its worker for the budget line in a thread of its own
+    as soon as it knows the run is finished; the answer is the worker's, and a failed question
+    gives None (the line is then computed from the ledger) without an error in that thread."""
+    import threading
+
+    from xrayfed.client import supernode as S
+
+    asked = threading.Event()
+    monkeypatch.setattr(S, "worker_spent_line", lambda env: (asked.set(), f"spent {env['k']}")[1])
+    job = S._Spent({"k": "1"})
+    assert asked.wait(10)  # asked at once, before anyone waits for it
+    assert job.line() == "spent 1"
+
+    errors: list = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+
+    def broken(env):
+        raise KeyError("line")
+
+    monkeypatch.setattr(S, "worker_spent_line", broken)
+    assert S._Spent({}).line() is None and not errors
+
+
 def test_the_supernode_starts_its_superexec_with_the_fork_server():
     from xrayfed.common.flower_launch import supernode_command
 
