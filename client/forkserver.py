@@ -8,7 +8,10 @@ DP training needs), and tears the interpreter down again at its end.
 
 ``python -m xrayfed.client.forkserver FLOWER-SUPEREXEC-ARGS`` (what the SuperNode starts instead
 of ``flower-superexec`` with ``[hospital] fork_clientapps``, see
-:func:`xrayfed.common.flower_launch.run_supernode`) imports Flower's SuperExec, Flower's
+:func:`xrayfed.common.flower_launch.run_supernode`; usually not as a fresh interpreter but in a
+process forked from the SuperNode with Flower imported, which calls :func:`preload` while the
+SuperNode waits to join and :func:`run_superexec` once Flower starts its SuperExec: its command
+line in ``ps`` is then the SuperNode's) imports Flower's SuperExec, Flower's
 ``flwr-clientapp`` entry point and the ClientApp, then forks a fork server from itself *before*
 Flower's SuperExec starts (no thread, no connection, no secret exists yet), and runs Flower's
 SuperExec. Each ``flwr-clientapp`` start the SuperExec asks for is a fork of that fork server:
