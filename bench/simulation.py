@@ -119,7 +119,7 @@ def run_inprocess(n: int, seed: int, args) -> dict:
     s = default_settings(hospitals=n, rounds=args.rounds, image_size=args.image_size, epsilon=args.epsilon,
                          split=args.split, alpha=args.alpha, seed=seed, strategy=args.strategy,
                          privacy_unit=args.privacy_unit, server_momentum=args.server_momentum,
-                         server_lr=args.server_lr)
+                         server_lr=args.server_lr, width=args.width)
     data = Path(args.data).resolve()
     probe = load_dataset(data, split="train", image_size=8)
     val = test = None
@@ -207,6 +207,7 @@ def main() -> None:
     ap.add_argument("--server-lr", type=float, default=None)
     ap.add_argument("--privacy-unit", choices=("patient", "scan"), default=None)
     ap.add_argument("--image-size", type=int, default=28)
+    ap.add_argument("--width", type=int, default=None, help="[model] width (default: the product's); --engine inprocess")
     ap.add_argument("--size-skew", type=float, default=0.0, help="--engine flower only")
     ap.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
     ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "pneumoniamnist.npz")
@@ -215,14 +216,14 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
     if args.engine == "flower" and (args.strategy != "auto" or args.server_momentum is not None
-                                    or args.server_lr is not None):
+                                    or args.server_lr is not None or args.width is not None):
         raise SystemExit("--engine flower runs `xrayfed simulate` with the product's federation defaults; "
                          "other server settings: --engine inprocess")
     name = args.name or args.data.stem
     split = args.split + (f"{args.alpha:g}" if args.split == "dirichlet" else "")
     strategy = args.strategy + (f"-m{args.server_momentum:g}" if args.server_momentum is not None else "") + (
         f"-lr{args.server_lr:g}" if args.server_lr is not None else "")
-    tag = f"{name}-{args.image_size}px-{split}-{strategy}-{args.rounds}r"
+    tag = f"{name}-{args.image_size}px{'' if args.width is None else f'-width{args.width}'}-{split}-{strategy}-{args.rounds}r"
     out = args.out or HERE / "results" / f"simulation-{tag}.json"
     fig = args.plot or HERE.parent / "docs" / "img" / f"simulation-{tag}.png"
     if args.plot_only:
@@ -231,12 +232,13 @@ def main() -> None:
     report: dict = {"data": name, "image_size": args.image_size, "rounds": args.rounds, "split": args.split,
                     "alpha": args.alpha if args.split == "dirichlet" else None, "epsilon": args.epsilon,
                     "strategy": args.strategy, "server_momentum": args.server_momentum,
-                    "server_lr": args.server_lr, "engine": args.engine, "cpu_count": os.cpu_count(),
+                    "server_lr": args.server_lr, "width": args.width, "engine": args.engine,
+                    "cpu_count": os.cpu_count(),
                     "load_avg_start": os.getloadavg(), "rows": []}
     if out.is_file():  # keep the runs of other seeds of the same setting
         old = json.loads(out.read_text())
         same = all(old.get(k) == report[k] for k in ("rounds", "split", "alpha", "epsilon", "strategy", "engine",
-                                                     "server_momentum", "server_lr"))
+                                                     "server_momentum", "server_lr", "width"))
         if same:
             report["rows"] = old.get("rows", [])
     seeds = args.seeds if args.seeds is not None else list(range(args.runs))
