@@ -53,13 +53,14 @@ ANSWER_S = 30.0
 
 
 def _threads() -> int:
-    """Threads of this process (native ones included: a library's thread pool counts)."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        import threading
+    """Threads of this process (native ones included: a library's thread pool counts); Python's
+    own count where the system does not say."""
+    import threading
 
-        return threading.active_count()
+    from xrayfed.common.flower_launch import process_threads
+
+    n = process_threads()
+    return threading.active_count() if n is None else n
 
 
 def preload() -> None:

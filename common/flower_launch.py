@@ -331,7 +331,7 @@ class _SuperExecInWaiting:
 
     @classmethod
     def start(cls, wake_fd: int, close: tuple[int, ...]) -> "_SuperExecInWaiting | None":
-        if _threads() != 1:
+        if process_threads() != 1:  # unknown counts as more: no fork
             return None
         for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
             with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -390,11 +390,13 @@ class _SuperExecInWaiting:
             os.close(fd)
 
 
-def _threads() -> int:
+def process_threads() -> int | None:
+    """Threads of this process, native ones included (a library's thread pool counts); None where
+    the system does not say (no ``/proc``)."""
     try:
         return len(os.listdir("/proc/self/task"))
     except OSError:
-        return 0  # unknown: no fork
+        return None
 
 
 def run_supernode(argv: list[str]) -> None:
