@@ -8,8 +8,13 @@ the test AUC after every round (server-side, the official test split at the thre
 on ``val``, as the ServerApp evaluates each round), the validation AUC after every round, the
 round-to-round stability (:func:`xrayfed.server.stability.round_stability`: the lowest AUC and
 the largest fall after the first quarter of the run, at most round 5), the server steps
-``auto`` took, the hospitals' ε, and the wall time. Per N (one ``rows`` entry): the mean and
-spread over the runs.
+``auto`` took, the hospitals' ε, the model width, and the wall time. Per N (one ``rows`` entry):
+the mean and spread over the runs.
+
+The model is the one ``xrayfed simulate`` plans for the N hospitals
+(:func:`xrayfed.server.model_plan.recommend_model`: the default XrayNet, narrowed when the DP noise
+in the mean update of its ScatterNet head would exceed its largest signal), unless ``--width``
+fixes it; each run records its ``width`` and, when planned, the noise ratio at both widths.
 
 Engines (``--engine``):
 
@@ -97,7 +102,11 @@ def run_flower(n: int, seed: int, args, work: Path) -> dict:
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     per_round = [r["duration_s"] for r in rows]
     sizes = [h["num_examples"] for h in rows[-1]["hospitals"]]
-    return {"seed": seed, "engine": "flower", "wall_s": round(wall, 1), "peak_rss_mb": round(peak[0] / 2**20),
+    from xrayfed.common.config import FederationConfig, load_config
+
+    width = load_config(FederationConfig, out / "federation.toml").model.width  # the model simulate planned
+    return {"seed": seed, "engine": "flower", "width": width, "wall_s": round(wall, 1),
+            "peak_rss_mb": round(peak[0] / 2**20),
             "round_s": per_round, "test_auc_per_round": [r["eval"]["auc"] for r in rows],
             "val_auc_per_round": [r["eval"].get("val_auc") for r in rows],
             "test_accuracy": rows[-1]["eval"]["accuracy"],
@@ -113,7 +122,7 @@ def run_inprocess(n: int, seed: int, args) -> dict:
     from xrayfed.common.data import load_dataset
     from xrayfed.common.model import build_model
     from xrayfed.server.federation import evaluate_global
-    from xrayfed.server.simulate import simulate
+    from xrayfed.server.simulate import planned_model, simulate
     from sweep import configs, default_settings
 
     s = default_settings(hospitals=n, rounds=args.rounds, image_size=args.image_size, epsilon=args.epsilon,
@@ -126,6 +135,13 @@ def run_inprocess(n: int, seed: int, args) -> dict:
     curve: dict[str, list] = {"test": [], "val": [], "step": []}
     with tempfile.TemporaryDirectory(prefix="xrayfed-bench-sim-") as tmp:
         fed, hospitals = configs(s, data, Path(tmp), probe.task)
+        planned: dict = {}
+        if args.width is None:  # the model `xrayfed simulate` plans for these hospitals (the product's rule)
+            advice = planned_model(fed, hospitals)
+            fed = fed.model_copy(update={"model": advice.spec})
+            planned = {"noise_ratio": advice.ratio, "default_width": advice.given.width,
+                       "noise_ratio_at_default_width": advice.given_ratio}
+            print(f"  N={n} seed {seed}: model {advice.describe()}", flush=True)
         val = load_dataset(data, split="val", image_size=fed.image_size, task=probe.task)
         test = load_dataset(data, split="test", image_size=fed.image_size, task=probe.task)
         last: dict = {}
@@ -144,7 +160,8 @@ def run_inprocess(n: int, seed: int, args) -> dict:
         wall = time.time() - t0
     steps = [row.get("server_step") for row in res.rows]
     sizes = [h["num-examples"] for h in last["replies"]]
-    return {"seed": seed, "engine": "inprocess", "wall_s": round(wall, 1), "test_auc_per_round": curve["test"],
+    return {"seed": seed, "engine": "inprocess", "width": fed.model.width, **planned, "wall_s": round(wall, 1),
+            "test_auc_per_round": curve["test"],
             "val_auc_per_round": curve["val"], "test_accuracy": last["accuracy"],
             "server_steps": [st for st in steps if st][:1] + [st for i, st in enumerate(steps[1:], 1)
                                                                if st and st != steps[i - 1]],
@@ -159,6 +176,9 @@ def summarise(n: int, runs: list[dict]) -> dict:
         r["test_auc"] = r["test_auc_per_round"][-1]
         r["stability"] = round_stability(r["test_auc_per_round"]).to_dict()
     out: dict = {"hospitals": n}
+    widths = sorted({r["width"] for r in runs if "width" in r})
+    if widths:
+        out["width"] = widths[0] if len(widths) == 1 else widths
     for k, vals in (("test_auc", [r["test_auc"] for r in runs]),
                     ("min_test_auc_after_settling", [r["stability"]["min_auc"] for r in runs]),
                     ("max_drop", [r["stability"]["max_drop"] for r in runs]),
@@ -207,7 +227,9 @@ def main() -> None:
     ap.add_argument("--server-lr", type=float, default=None)
     ap.add_argument("--privacy-unit", choices=("patient", "scan"), default=None)
     ap.add_argument("--image-size", type=int, default=28)
-    ap.add_argument("--width", type=int, default=None, help="[model] width (default: the product's); --engine inprocess")
+    ap.add_argument("--width", type=int, default=None,
+                    help="[model] width (default: the one `xrayfed simulate` plans for the N hospitals, "
+                         "xrayfed.server.model_plan.recommend_model); --engine inprocess")
     ap.add_argument("--size-skew", type=float, default=0.0, help="--engine flower only")
     ap.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
     ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "pneumoniamnist.npz")

@@ -65,7 +65,8 @@ def add_local_federation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-epochs", type=float, help="default: each hospital's automatic choice from its budget")
     p.add_argument("--batch-size", type=int, help="default: each hospital's automatic choice from its N")
     p.add_argument("--lr", type=float, help="client learning rate (default: the federation default)")
-    p.add_argument("--width", type=int, help="XrayNet width (default: the recommended model)")
+    p.add_argument("--width", type=int, help="XrayNet width (default: the recommended model; `simulate` plans it "
+                                             "from the hospitals' DP plans, narrower for many small hospitals)")
 
 
 def register_simulate(sub: argparse._SubParsersAction) -> None:

@@ -12,6 +12,10 @@ for planning (accuracy, ε, round time as N grows), never for patient data acros
 * Hospital ``i`` (Flower's ``partition-id``) gets ``hospital-NNN.toml`` written here: part i of
   N of ``--data`` (``--split iid|dirichlet|patient``, ``--size-skew`` for unequal sizes), its own
   ε budget and state folder under ``RUN_DIR/hospitals/``.
+* The model: with no ``--width`` and no ``[model]`` in ``--config``, the one planned for these
+  hospitals (:func:`xrayfed.server.simulate.planned_model`: each hospital's DP plan is computed
+  from its partition before Ray starts; a ScatterNet XrayNet is narrowed while the DP noise in
+  the mean update would exceed its largest signal).
 * Per round the strategy samples ``--fraction`` of the hospitals (at least ``--min-clients``).
 * Ray is started by this process bound to 127.0.0.1 (``_node_ip_address``; no dashboard),
   with ``--workers`` worker processes (default: the CPU count), one CPU each, and stopped at the end.
@@ -19,8 +23,9 @@ for planning (accuracy, ε, round time as N grows), never for patient data acros
   reaching the simulation folder and the data at the same paths); the cluster is left running.
 * The output is a normal run folder: ``metrics.jsonl``, checkpoints, every hospital's ledger;
   ``xrayfed report RUN_DIR`` works on it. At the end the command prints the round-to-round
-  stability of the global model's AUC and the server step for N hospitals like these
-  (:mod:`xrayfed.server.stability`).
+  stability of the global model's AUC, the model width and the server step for N hospitals like
+  these, with the ``federation.toml`` keys that fix them (:mod:`xrayfed.server.model_plan`,
+  :mod:`xrayfed.server.stability`).
 """
 
 from __future__ import annotations
@@ -33,8 +38,12 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xrayfed.common.errors import UserError
+
+if TYPE_CHECKING:
+    from xrayfed.server.model_plan import ModelAdvice
 
 MARKER = ".xrayfed-simulation"
 
@@ -45,10 +54,12 @@ def _prepare_out(out: Path) -> None:
     prepare_out(out, MARKER, "simulation")
 
 
-def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, Path, int]:
+def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, Path, int, "ModelAdvice | None"]:
     """Federation config and one ``hospital-NNN.toml`` per simulated hospital; returns
-    ``(federation.toml, hospitals folder, N)``."""
-    from xrayfed.common.config import FederationConfig, dump_toml, load_config
+    ``(federation.toml, hospitals folder, N, advice)``. With no ``--width`` and no ``[model]`` in
+    ``--config``, the model is the one recommended for these hospitals' DP plans
+    (:func:`xrayfed.server.simulate.planned_model`; ``advice``, else None)."""
+    from xrayfed.common.config import FederationConfig, HospitalConfig, dump_toml, load_config
     from xrayfed.server.demo import _native_size, probe_local_data, write_demo_configs
 
     if args.data is None:
@@ -65,12 +76,23 @@ def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, Path, int]
     probe = probe_local_data(args, data)  # before Ray starts
     # the listen port is never opened: the Simulation Engine has no network
     fed_path, hospital_paths = write_demo_configs(out, data, args, image_size, probe.task, port=9092)
+    model_chosen = args.width is not None
     if args.config is not None:  # the operator's own federation settings; run folder and overrides from here
         fed = load_config(FederationConfig, args.config, {
             "federation.run_dir": str(out / "run"), "federation.rounds": args.rounds,
             "federation.min_clients": args.min_clients, "federation.fraction_train": args.fraction})
+        model_chosen = model_chosen or "model" in fed.model_fields_set
         fed_path.write_text(dump_toml(fed), encoding="utf-8")
     fed = load_config(FederationConfig, fed_path)
+    advice = None
+    if not model_chosen:
+        from xrayfed.server.simulate import planned_model
+
+        advice = planned_model(fed, [load_config(HospitalConfig, p) for p in hospital_paths])
+        if advice.changed:
+            fed = fed.model_copy(update={"model": advice.spec})
+            fed_path.write_text(dump_toml(fed), encoding="utf-8")
+        print(f"[simulate] model for {len(hospital_paths)} hospitals like these: {advice.describe()}", flush=True)
     if fed.federation.secure_aggregation:
         print("[simulate] SecAgg+ is not run in a simulation (no transport to protect): plain FedAvg sums", flush=True)
         fed = fed.model_copy(update={"federation": fed.federation.model_copy(update={"secure_aggregation": False})})
@@ -79,7 +101,7 @@ def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, Path, int]
     hdir.mkdir()
     for i, p in enumerate(hospital_paths):
         p.rename(hdir / f"hospital-{i:03d}.toml")
-    return fed_path, hdir, len(hospital_paths)
+    return fed_path, hdir, len(hospital_paths), advice
 
 
 def run_simulation(fed_path: Path, hospitals_dir: Path, n: int, workers: int, verbose: bool = False,
@@ -224,7 +246,7 @@ def run_simulate_cmd(args: argparse.Namespace) -> int:
     t0 = time.time()
     out = args.out.resolve()
     _prepare_out(out)
-    fed_path, hdir, n = write_configs(args, out)
+    fed_path, hdir, n, advice = write_configs(args, out)
     workers = max(1, min(args.workers or os.cpu_count() or 1, n))
     engine = (f"the Ray cluster at {address}" if address else
               f"Ray, {workers} worker process(es), 127.0.0.1")
@@ -238,7 +260,7 @@ def run_simulate_cmd(args: argparse.Namespace) -> int:
                            ray_address=address)
         except ConnectionError as e:
             raise UserError(f"--ray-address {address}: no Ray cluster answered there ({str(e).splitlines()[0]})") from e
-    for line in stability_lines(fed_path, out / "run", n):
+    for line in stability_lines(fed_path, out / "run", n, advice):
         print(f"[simulate] {line}", flush=True)
     print(f"[simulate] finished in {time.time() - t0:.0f}s; run folder {out / 'run'}; "
           f"report: xrayfed report {out / 'run'}", flush=True)
@@ -248,15 +270,18 @@ def run_simulate_cmd(args: argparse.Namespace) -> int:
 _RAY_ADDRESS = re.compile(r"[A-Za-z0-9_.:\[\]-]+:\d{1,5}")
 
 
-def stability_lines(fed_path: Path, run: Path, n: int) -> list[str]:
+def stability_lines(fed_path: Path, run: Path, n: int, advice: "ModelAdvice | None" = None) -> list[str]:
     """What the operator plans with: the round-to-round stability of the global model's AUC
-    (server-side test set, else the hospitals' validation), and the server step ``strategy =
-    "auto"`` takes for N hospitals like the simulated ones (:mod:`xrayfed.server.stability`)."""
+    (server-side test set, else the hospitals' validation), the model width for N hospitals like
+    the simulated ones (``advice``, the one chosen before the run; else judged from the plans in
+    the run's replies), and the server step ``strategy = "auto"`` takes for them
+    (:mod:`xrayfed.server.stability`)."""
     import json
 
     from xrayfed.common.config import FederationConfig, load_config
-    from xrayfed.common.model import build_model
+    from xrayfed.server.model_plan import num_weights, recommend_model
     from xrayfed.server.stability import recommend_step, round_stability
+    from xrayfed.server.strategy import pinned_plans
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
             if line.strip()]
@@ -265,8 +290,20 @@ def stability_lines(fed_path: Path, run: Path, n: int) -> list[str]:
     if rows and all(isinstance(a, (int, float)) for a in aucs):
         out.append(round_stability(aucs).line())
     cfg = load_config(FederationConfig, fed_path)
-    d = sum(p.numel() for p in build_model(cfg.model).parameters())
-    step = recommend_step((h for r in rows for h in r.get("hospitals", [])), d)
+    hospitals = [h for r in rows for h in r.get("hospitals", [])]
+    if advice is None:
+        plans = pinned_plans(hospitals)
+        advice = recommend_model(cfg.model, [(p, float(p.num_examples)) for p in plans.values()])
+    if advice.changed and advice.spec == cfg.model:
+        out.append(f"model for {n} hospitals like these: {advice.describe()}; this run used it; to fix it: "
+                   f"{advice.toml()}")
+    elif advice.changed:
+        out.append(f"model for {n} hospitals like these: {advice.describe()}; this run used width "
+                   f"{cfg.model.width}; to plan with it: {advice.toml()}")
+    else:
+        out.append(f"model for {n} hospitals like these: {advice.describe()}")
+    d = num_weights(cfg.model)
+    step = recommend_step(hospitals, d)
     used = "" if cfg.federation.strategy == "auto" else f"; this run used strategy = \"{cfg.federation.strategy}\""
     out.append(f"server step for {n} hospitals like these: {step.describe()} ([federation] strategy = \"auto\" "
                f"chooses it every round; to fix it: {step.toml()}{used})")

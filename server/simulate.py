@@ -45,6 +45,7 @@ from xrayfed.server.strategy import ServerStep, auto_server_step, pinned_plans, 
 
 if TYPE_CHECKING:
     from xrayfed.client.dp import DPPlan
+    from xrayfed.server.model_plan import ModelAdvice
 
 log = logging.getLogger(__name__)
 
@@ -215,3 +216,33 @@ def simulate(cfg: FederationConfig, hospitals: list[HospitalConfig], *, dp: bool
             on_round(r, state, replies)
     res.state_dict, res.seconds = state, time.time() - t0
     return res
+
+
+def hospital_plans(fed: FederationConfig, hospitals: list[HospitalConfig]) -> list[tuple[HospitalPlan, float]]:
+    """Each hospital's DP plan for ``fed``'s rounds, as its first training reply would report it,
+    with its FedAvg weight (N in its privacy unit): what a federation of these hospitals will
+    pin. Decodes each hospital's partition (this process's data cache is cleared afterwards)."""
+    from xrayfed.client import hospital as H
+    from xrayfed.client.dp import plan_for
+
+    out = []
+    try:
+        for h in hospitals:
+            plan, _ = plan_for(h, H.load_local_data(h, fed.image_size, fed.task).train)
+            adam = h.training.optimizer == "adam"
+            out.append((HospitalPlan(num_examples=plan.num_examples, noise_multiplier=plan.noise_multiplier,
+                                     sample_rate=plan.sample_rate, steps=plan.steps,
+                                     max_grad_norm=plan.max_grad_norm,
+                                     momentum=0.0 if adam else h.training.momentum, adam=adam),
+                        float(plan.num_examples)))
+    finally:
+        H.clear_data_caches()
+    return out
+
+
+def planned_model(fed: FederationConfig, hospitals: list[HospitalConfig]) -> ModelAdvice:
+    """The model to run ``fed`` with for these hospitals (:func:`xrayfed.server.model_plan.recommend_model`
+    from their plans). Plans are only computed for a model the rule can narrow."""
+    from xrayfed.server.model_plan import narrowable, recommend_model
+
+    return recommend_model(fed.model, hospital_plans(fed, hospitals) if narrowable(fed.model) else [])

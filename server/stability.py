@@ -5,7 +5,8 @@ A federation of many small hospitals can reach a good AUC in one round and lose 
 an operator would deploy is a good one. :func:`round_stability` measures it from the AUC after
 every round; :func:`recommend_step` gives the server step ``[federation] strategy = "auto"``
 takes for the hospitals of a run (from the DP plans in their replies), and the ``[federation]``
-keys that fix it.
+keys that fix it. (The model width to plan such a federation with:
+:mod:`xrayfed.server.model_plan`.)
 """
 
 from __future__ import annotations

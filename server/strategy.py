@@ -512,10 +512,15 @@ class XrayAuto(XrayStrategyMixin, FedAvgM):
         self.server_opt = True  # Flower then tracks the current weights every round, whatever the step
         self.steps: dict[int, ServerStep] = {}
 
+    def round_plans(self, rows: list[dict[str, Any]]) -> list[tuple[HospitalPlan, float]]:
+        """The pinned plan and FedAvg weight of each hospital aggregated in a round (``rows`` with
+        status trained/resent)."""
+        return [(self.plans[str(r["hospital"])], float(r.get("weight", r.get("num_examples", 0))))
+                for r in rows if r.get("status") in (TRAINED, RESENT) and str(r.get("hospital")) in self.plans]
+
     def choose_step(self, server_round: int, rows: list[dict[str, Any]]) -> ServerStep:
         """The step for this round's aggregated hospitals (``rows`` with status trained/resent)."""
-        plans = [(self.plans[str(r["hospital"])], float(r.get("weight", r.get("num_examples", 0))))
-                 for r in rows if r.get("status") in (TRAINED, RESENT) and str(r.get("hospital")) in self.plans]
+        plans = self.round_plans(rows)
         n = num_parameters(self.reference.values()) if self.reference is not None else 0
         return auto_server_step(average_noise_ratio(plans, n) if plans and n else math.nan)
 
@@ -525,8 +530,24 @@ class XrayAuto(XrayStrategyMixin, FedAvgM):
         prev = self.steps[max(self.steps)] if self.steps else None
         if prev is None or (prev.momentum, round(prev.lr, 2)) != (step.momentum, round(step.lr, 2)):
             self.say(f"round {g}: server step {step.describe()}")
+        if prev is None:
+            self._advise_width(g, rows)
         self.steps[g] = step
         self.server_momentum, self.server_learning_rate = step.momentum, step.lr
+
+    def _advise_width(self, g: int, rows: list[dict[str, Any]]) -> None:
+        """Once, at the first aggregated round: when a narrower model would carry markedly less DP
+        noise for hospitals like these (:func:`xrayfed.server.model_plan.recommend_model`), say so.
+        The width of a run is fixed (the hospitals' plans arrive only with their first replies); it
+        takes effect in a new run, as ``xrayfed simulate`` plans it."""
+        from xrayfed.server.model_plan import narrowable, recommend_model
+
+        if not narrowable(self.cfg.model):
+            return
+        advice = recommend_model(self.cfg.model, self.round_plans(rows))
+        if advice.changed:
+            self.say(f"round {g}: for hospitals like these a new run would plan {advice.describe()} "
+                     f"({advice.toml()} in federation.toml; xrayfed simulate plans it)")
 
 
 class XrayFedAvg(XrayStrategyMixin, FedAvg):

@@ -1,6 +1,7 @@
-"""The server's step for many small hospitals (``[federation] strategy = "auto"``) and the
-round-to-round stability `xrayfed simulate` reports. (`simulate --ray-address` on a Ray cluster:
-tests/test_simulation.py, beside the other tests that start Ray.)"""
+"""The server's step for many small hospitals (``[federation] strategy = "auto"``), the model
+width `xrayfed simulate` plans for them, and the round-to-round stability it reports.
+(`simulate --ray-address` on a Ray cluster: tests/test_simulation.py, beside the other tests
+that start Ray.)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from xrayfed.server.aggregation import HospitalPlan, average_noise_ratio
+from xrayfed.server.model_plan import NARROW_NOISE_RATIO, NARROWEST_WIDTH, num_weights, recommend_model
 from xrayfed.server.stability import round_stability
 from xrayfed.server.strategy import AUTO_LOW_NOISE, auto_server_step
 
@@ -97,8 +99,77 @@ def test_the_strategy_chooses_its_step_from_the_replies_plans(n, units, sigma, s
     want = auto_server_step(average_noise_ratio([(HospitalPlan(units, sigma, 1.0, steps, 1.0), units)] * n, d))
     assert (step.momentum, step.lr) == (want.momentum, want.lr)
     assert (step.lr < 1) == (units == 10)
+    # the many small hospitals' noisy mean (ρ above 1): the operator is told, once, the width a new run would plan
+    advice = [line for line in said if "a new run would plan" in line]
+    assert len(advice) == (0 if n == 3 else 1) and all("[model] width = 16" in line for line in advice)
+    s.aggregate_train(2, _replies(n, units, sigma, steps, state, 1e-3))
+    assert len([line for line in said if "a new run would plan" in line]) == len(advice)
     k = next(k for k, v in state.items() if v.is_floating_point())
     np.testing.assert_allclose(arrays[k].numpy() - state[k].numpy(), step.lr * 1e-3, rtol=1e-3)
+
+
+def test_the_planned_model_narrows_a_noisy_scatternet_head_and_nothing_else():
+    """The width rule: a ScatterNet XrayNet (the small-scan default) halves its width while the
+    DP noise in the mean update is above its largest signal, down to width 16; a model whose
+    convolutions learn the features (the 224 px default, a torchvision backbone) keeps its width
+    however noisy the mean (it lost at width 16 on validation at 224 px, ρ 2.06)."""
+    from xrayfed.common.model import default_model
+
+    small, large = default_model(28), default_model(224)
+    many = [(plan(42, 3.8, 2), 42)] * 100  # 100 hospitals of 42 scans, ε = 8 over 20 rounds: ρ 1.37 at width 32
+    few = [(plan(1412, 1.71, 5, 353), 1412)] * 3  # 3 hospitals of 1,412 scans: ρ below 0.5
+    advice = recommend_model(small, many)
+    assert advice.changed and advice.spec == small.model_copy(update={"width": 16})
+    assert advice.given_ratio == pytest.approx(average_noise_ratio(many, D)) and advice.given_ratio > NARROW_NOISE_RATIO
+    assert advice.ratio == pytest.approx(advice.given_ratio * math.sqrt(num_weights(advice.spec) / D))  # noise ∝ √d
+    assert advice.ratio <= NARROW_NOISE_RATIO and advice.toml() == "[model] width = 16"
+    assert advice.describe().startswith("XrayNet width 16 (16,353 weights): DP noise in the mean update 0.8")
+    kept = recommend_model(small, few)
+    assert not kept.changed and kept.ratio == kept.given_ratio < NARROW_NOISE_RATIO and "as configured" in kept.describe()
+    # a wider head is halved as often as the noise needs, never below the narrowest width
+    wide = recommend_model(small.model_copy(update={"width": 64}), many)
+    assert wide.spec.width == 16 and wide.given.width == 64
+    tiny = [(plan(10, 3.0, 5), 10)] * 30  # 30 hospitals of 10 scans: ρ about 5
+    floor = recommend_model(small, tiny)
+    assert floor.spec.width == NARROWEST_WIDTH and floor.ratio > NARROW_NOISE_RATIO and "narrowest" in floor.describe()
+    # the learned-feature model keeps its width, and so does any model when the noise is unknown
+    big = recommend_model(large, many)
+    assert not big.changed and big.given_ratio > 1 and "learn the features" in big.describe()
+    assert not recommend_model(small, []).changed
+    adam = [(HospitalPlan(42, 3.8, 1.0, 2, 1.0, momentum=0.0, adam=True), 42)] * 100
+    assert not recommend_model(small, adam).changed and math.isnan(recommend_model(small, adam).ratio)
+
+
+def test_simulate_plans_the_model_from_the_hospitals_own_plans(tmp_path, capsys):
+    """`xrayfed simulate` with no --width: each simulated hospital's DP plan (from its own
+    partition, as its first reply would report it) decides the width the federation runs with,
+    and the line tells the operator the [model] key; an operator's --width is kept as given."""
+    import argparse
+
+    from xrayfed.common.config import FederationConfig, load_config
+    from xrayfed.common.synthetic import write_npz
+    from xrayfed.server import flower_simulation as S
+
+    data = write_npz(tmp_path / "scans.npz", n_train=1200, n_val=60, n_test=100, size=16, task="binary", seed=2)
+
+    def configs(n: int, rounds: int, width: int | None):
+        out = tmp_path / f"sim-{n}-{rounds}-{width}"
+        S._prepare_out(out)
+        args = argparse.Namespace(hospitals=n, rounds=rounds, data=data, config=None, epsilon=8.0, delta=1e-5,
+                                  split="iid", alpha=0.5, size_skew=0.0, fraction=None, min_clients=None,
+                                  image_size=None, local_epochs=None, batch_size=None, lr=None, width=width,
+                                  name="plan")
+        fed_path, _, _, advice = S.write_configs(args, out)
+        return load_config(FederationConfig, fed_path).model, advice, capsys.readouterr().out
+
+    model, advice, said = configs(40, 20, None)  # 40 hospitals of about 30 scans
+    assert model.width == 16 and advice.changed and advice.given_ratio > NARROW_NOISE_RATIO
+    assert "model for 40 hospitals like these: XrayNet width 16" in said
+    model, advice, said = configs(3, 5, None)  # 3 of about 400 scans over 5 rounds
+    assert model.width == 32 and not advice.changed and advice.ratio <= NARROW_NOISE_RATIO
+    assert "model for 3 hospitals like these: XrayNet width 32 (41,921 weights) as configured" in said
+    model, advice, said = configs(40, 20, 32)
+    assert model.width == 32 and advice is None and "model for" not in said
 
 
 def test_round_stability_sees_a_model_that_flips_between_rounds():

@@ -63,6 +63,8 @@ def test_simulate_runs_the_real_apps_samples_skewed_hospitals_and_reports(tmp_pa
                      "--size-skew", "0.5", "--image-size", "16", "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert "4 hospitals on Flower's Simulation Engine" in said and "round 2: test AUC" in said
+    # the model planned before the run from the hospitals' own plans, and told again at the end
+    assert said.count("model for 4 hospitals like these: XrayNet width 32") == 2
     rows = _rows(out / "run")
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:  # 3 of the 4 hospitals sampled per round, each trained under its own budget
@@ -135,7 +137,7 @@ def test_malformed_updates_are_rejected_with_a_reason_and_the_round_goes_on(tmp_
     args = argparse.Namespace(hospitals=4, rounds=1, data=data, config=None, epsilon=8.0, delta=1e-5, split="iid",
                               alpha=0.5, size_skew=0.0, fraction=None, min_clients=None, image_size=None,
                               local_epochs=None, batch_size=None, lr=None, width=None, name="faults")
-    fed_path, hdir, n = S.write_configs(args, out)
+    fed_path, hdir, n, _ = S.write_configs(args, out)
     with caplog.at_level("WARNING"):
         S.run_simulation(fed_path, hdir, n, workers=2, client_app=_corrupting_app())
     row = _rows(out / "run")[0]
