@@ -14,7 +14,8 @@ the mean and spread over the runs.
 The model is the one ``xrayfed simulate`` plans for the N hospitals
 (:func:`xrayfed.server.model_plan.recommend_model`: the default XrayNet, narrowed when the DP noise
 in the mean update of its ScatterNet head would exceed its largest signal), unless ``--width``
-fixes it; each run records its ``width`` and, when planned, the noise ratio at both widths.
+fixes it (``--engine inprocess``); each run records its ``width`` and, when planned, the noise
+ratio at both widths (null when unknown).
 
 Engines (``--engine``):
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -139,8 +141,9 @@ def run_inprocess(n: int, seed: int, args) -> dict:
         if args.width is None:  # the model `xrayfed simulate` plans for these hospitals (the product's rule)
             advice = planned_model(fed, hospitals)
             fed = fed.model_copy(update={"model": advice.spec})
-            planned = {"noise_ratio": advice.ratio, "default_width": advice.given.width,
-                       "noise_ratio_at_default_width": advice.given_ratio}
+            finite = lambda x: x if math.isfinite(x) else None  # noqa: E731 - JSON has no NaN
+            planned = {"noise_ratio": finite(advice.ratio), "default_width": advice.given.width,
+                       "noise_ratio_at_default_width": finite(advice.given_ratio)}
             print(f"  N={n} seed {seed}: model {advice.describe()}", flush=True)
         val = load_dataset(data, split="val", image_size=fed.image_size, task=probe.task)
         test = load_dataset(data, split="test", image_size=fed.image_size, task=probe.task)

@@ -142,6 +142,22 @@ def average_noise_ratio(plans: Sequence[tuple[HospitalPlan, float]], num_params:
     return math.sqrt(num_params * var) / signal
 
 
+def sampled_noise_ratio(plans: Sequence[tuple[HospitalPlan, float]], num_params: int, per_round: int | None = None,
+                        draws: int = 64, seed: int = 0) -> float:
+    """:func:`average_noise_ratio` of the mean of one round when the strategy aggregates only
+    ``per_round`` of the hospitals ``plans`` (Flower samples them afresh every round): the mean
+    over ``draws`` random samples of that size (a fixed ``seed``: the same answer every time).
+    All of them when ``per_round`` is None or at least their number."""
+    plans = list(plans)
+    if per_round is None or per_round >= len(plans) or per_round < 1:
+        return average_noise_ratio(plans, num_params)
+    import random
+
+    rng = random.Random(seed)
+    ratios = [average_noise_ratio(rng.sample(plans, per_round), num_params) for _ in range(draws)]
+    return sum(ratios) / len(ratios)
+
+
 def capped_weight(claimed: float, plan: HospitalPlan | None, cap: float) -> float:
     """The FedAvg weight a hospital gets for claiming ``claimed`` examples: at most the N of its
     pinned ``plan`` and at most ``cap`` (``[federation] max_examples_per_hospital``)."""

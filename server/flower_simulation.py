@@ -82,6 +82,8 @@ def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, Path, int,
             "federation.run_dir": str(out / "run"), "federation.rounds": args.rounds,
             "federation.min_clients": args.min_clients, "federation.fraction_train": args.fraction})
         model_chosen = model_chosen or "model" in fed.model_fields_set
+        if args.width is not None:  # the command line over the file, as for rounds and the others
+            fed = fed.model_copy(update={"model": fed.model.model_copy(update={"width": args.width})})
         fed_path.write_text(dump_toml(fed), encoding="utf-8")
     fed = load_config(FederationConfig, fed_path)
     advice = None
@@ -92,7 +94,8 @@ def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, Path, int,
         if advice.changed:
             fed = fed.model_copy(update={"model": advice.spec})
             fed_path.write_text(dump_toml(fed), encoding="utf-8")
-        print(f"[simulate] model for {len(hospital_paths)} hospitals like these: {advice.describe()}", flush=True)
+        fix = f"; to fix it: {advice.toml()}" if advice.changed else ""
+        print(f"[simulate] model for {len(hospital_paths)} hospitals like these: {advice.describe()}{fix}", flush=True)
     if fed.federation.secure_aggregation:
         print("[simulate] SecAgg+ is not run in a simulation (no transport to protect): plain FedAvg sums", flush=True)
         fed = fed.model_copy(update={"federation": fed.federation.model_copy(update={"secure_aggregation": False})})
@@ -280,8 +283,7 @@ def stability_lines(fed_path: Path, run: Path, n: int, advice: "ModelAdvice | No
 
     from xrayfed.common.config import FederationConfig, load_config
     from xrayfed.server.model_plan import num_weights, recommend_model
-    from xrayfed.server.stability import recommend_step, round_stability
-    from xrayfed.server.strategy import pinned_plans
+    from xrayfed.server.stability import hospital_weights, per_round, recommend_step, round_stability
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
             if line.strip()]
@@ -291,9 +293,10 @@ def stability_lines(fed_path: Path, run: Path, n: int, advice: "ModelAdvice | No
         out.append(round_stability(aucs).line())
     cfg = load_config(FederationConfig, fed_path)
     hospitals = [h for r in rows for h in r.get("hospitals", [])]
+    fed = cfg.federation
+    k = per_round(fed.fraction_train, fed.min_clients, n)
     if advice is None:
-        plans = pinned_plans(hospitals)
-        advice = recommend_model(cfg.model, [(p, float(p.num_examples)) for p in plans.values()])
+        advice = recommend_model(cfg.model, hospital_weights(hospitals, fed.max_examples_per_hospital), per_round=k)
     if advice.changed and advice.spec == cfg.model:
         out.append(f"model for {n} hospitals like these: {advice.describe()}; this run used it; to fix it: "
                    f"{advice.toml()}")
@@ -303,7 +306,7 @@ def stability_lines(fed_path: Path, run: Path, n: int, advice: "ModelAdvice | No
     else:
         out.append(f"model for {n} hospitals like these: {advice.describe()}")
     d = num_weights(cfg.model)
-    step = recommend_step(hospitals, d)
+    step = recommend_step(hospitals, d, per_round=k, max_weight=fed.max_examples_per_hospital)
     used = "" if cfg.federation.strategy == "auto" else f"; this run used strategy = \"{cfg.federation.strategy}\""
     out.append(f"server step for {n} hospitals like these: {step.describe()} ([federation] strategy = \"auto\" "
                f"chooses it every round; to fix it: {step.toml()}{used})")

@@ -16,13 +16,16 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from xrayfed.common.modelspec import ModelSpec
-from xrayfed.server.aggregation import HospitalPlan, average_noise_ratio
+from xrayfed.server.aggregation import HospitalPlan, sampled_noise_ratio
 
-#: Above this noise ratio ρ of the mean update (:func:`average_noise_ratio`: the DP noise's norm
-#: over the largest norm its signal can have) :func:`recommend_model` narrows a ScatterNet XrayNet.
+#: Above this noise ratio ρ of the mean update (the DP noise's norm over the largest norm its
+#: signal can have: :func:`~xrayfed.server.aggregation.average_noise_ratio`),
+#: :func:`recommend_model` narrows a ScatterNet XrayNet.
 NARROW_NOISE_RATIO = 1.0
 #: The narrowest width :func:`recommend_model` goes to (width 8 lost on validation at 100 hospitals).
 NARROWEST_WIDTH = 16
+
+
 def num_weights(spec: ModelSpec) -> int:
     """How many weights the model ``spec`` trains (d in the noise ratio; builds it on the CPU)."""
     from xrayfed.common.model import build_model
@@ -78,10 +81,12 @@ def narrowable(spec: ModelSpec) -> bool:
     return spec.arch == "xraynet" and spec.scattering
 
 
-def recommend_model(spec: ModelSpec, plans: Sequence[tuple[HospitalPlan, float]]) -> ModelAdvice:
+def recommend_model(spec: ModelSpec, plans: Sequence[tuple[HospitalPlan, float]],
+                    per_round: int | None = None) -> ModelAdvice:
     """The model width to plan a federation of hospitals with DP plans and FedAvg weights
     ``plans`` with, starting from ``spec`` (the product's default model for the scan size, or the
-    operator's).
+    operator's); ``per_round``: how many of them each round aggregates (all when None), the noise
+    ratio is that of such a round's mean (:func:`~xrayfed.server.aggregation.sampled_noise_ratio`).
 
     The DP noise in the mean update grows with the square root of the number of weights d, so a
     narrower model carries less of it. The rule narrows only an XrayNet with the fixed
@@ -92,12 +97,13 @@ def recommend_model(spec: ModelSpec, plans: Sequence[tuple[HospitalPlan, float]]
     on validation (rounds 5–6) and ended equal, and width 8 was worse. A model whose convolutions
     learn the features from pixels keeps its width: 30 hospitals of about 75 patients at 224 px
     (ρ 2.06 at width 32) lost on validation at width 16 (0.934–0.950 against 0.961–0.968)."""
+    plans = list(plans)
     d = num_weights(spec)
-    rho = average_noise_ratio(plans, d) if plans else math.nan
+    rho = sampled_noise_ratio(plans, d, per_round) if plans else math.nan
     best, best_rho, best_d = spec, rho, d
     if narrowable(spec):
         while math.isfinite(best_rho) and best_rho > NARROW_NOISE_RATIO and best.width // 2 >= NARROWEST_WIDTH:
             best = best.model_copy(update={"width": best.width // 2})
             best_d = num_weights(best)
-            best_rho = average_noise_ratio(plans, best_d)
+            best_rho = sampled_noise_ratio(plans, best_d, per_round)
     return ModelAdvice(spec=best, ratio=best_rho, weights=best_d, given=spec, given_ratio=rho, given_weights=d)

@@ -220,21 +220,30 @@ def simulate(cfg: FederationConfig, hospitals: list[HospitalConfig], *, dp: bool
 
 def hospital_plans(fed: FederationConfig, hospitals: list[HospitalConfig]) -> list[tuple[HospitalPlan, float]]:
     """Each hospital's DP plan for ``fed``'s rounds, as its first training reply would report it,
-    with its FedAvg weight (N in its privacy unit): what a federation of these hospitals will
-    pin. Decodes each hospital's partition (this process's data cache is cleared afterwards)."""
+    with the FedAvg weight the server will give it (N in its privacy unit, at most ``[federation]
+    max_examples_per_hospital``): what a federation of these hospitals will pin. Decodes each
+    hospital's partition (this process's data cache is cleared afterwards). A hospital whose plan
+    would be refused is named in the one-line :class:`UserError`."""
     from xrayfed.client import hospital as H
     from xrayfed.client.dp import plan_for
+    from xrayfed.common.errors import UserError
 
+    cap = float(fed.federation.max_examples_per_hospital)
     out = []
     try:
         for h in hospitals:
-            plan, _ = plan_for(h, H.load_local_data(h, fed.image_size, fed.task).train)
+            try:
+                plan, _ = plan_for(h, H.load_local_data(h, fed.image_size, fed.task).train)
+            except UserError as e:
+                err = UserError(f"hospital {h.hospital.name}: {e}")
+                err.exit_code = e.exit_code
+                raise err from None
             adam = h.training.optimizer == "adam"
             out.append((HospitalPlan(num_examples=plan.num_examples, noise_multiplier=plan.noise_multiplier,
                                      sample_rate=plan.sample_rate, steps=plan.steps,
                                      max_grad_norm=plan.max_grad_norm,
                                      momentum=0.0 if adam else h.training.momentum, adam=adam),
-                        float(plan.num_examples)))
+                        min(float(plan.num_examples), cap)))
     finally:
         H.clear_data_caches()
     return out
@@ -242,7 +251,12 @@ def hospital_plans(fed: FederationConfig, hospitals: list[HospitalConfig]) -> li
 
 def planned_model(fed: FederationConfig, hospitals: list[HospitalConfig]) -> ModelAdvice:
     """The model to run ``fed`` with for these hospitals (:func:`xrayfed.server.model_plan.recommend_model`
-    from their plans). Plans are only computed for a model the rule can narrow."""
+    from their plans, for a round's mean over as many hospitals as the strategy samples). Plans
+    are only computed for a model the rule can narrow."""
     from xrayfed.server.model_plan import narrowable, recommend_model
+    from xrayfed.server.stability import per_round
 
-    return recommend_model(fed.model, hospital_plans(fed, hospitals) if narrowable(fed.model) else [])
+    if not narrowable(fed.model):
+        return recommend_model(fed.model, [])
+    k = per_round(fed.federation.fraction_train, fed.federation.min_clients, len(hospitals))
+    return recommend_model(fed.model, hospital_plans(fed, hospitals), per_round=k)

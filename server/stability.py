@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from xrayfed.server.aggregation import HospitalPlan, average_noise_ratio
+from xrayfed.server.aggregation import HospitalPlan, sampled_noise_ratio
 from xrayfed.server.strategy import ServerStep, auto_server_step, pinned_plans
 
 #: The rounds a model needs to settle are not judged: the first quarter of the run, at most 5.
@@ -60,11 +60,23 @@ def round_stability(aucs: Sequence[float], last: int = 5) -> RoundStability:
                           std_last=statistics.pstdev(tail) if len(tail) > 1 else 0.0, last=len(tail))
 
 
-def recommend_step(rows: Iterable[dict[str, Any]], num_params: int) -> ServerStep:
+def recommend_step(rows: Iterable[dict[str, Any]], num_params: int, per_round: int | None = None,
+                   max_weight: float = math.inf) -> ServerStep:
     """The step ``strategy = "auto"`` takes for the hospitals in metrics rows ``rows`` (each
     with ``hospital``, ``status``, ``num_examples`` and its DP plan): their plans pinned at
-    their first update, weighted by their N."""
-    rows = list(rows)
-    plans: dict[str, HospitalPlan] = pinned_plans(rows)
-    chosen = [(p, float(p.num_examples)) for p in plans.values()]
-    return auto_server_step(average_noise_ratio(chosen, num_params) if chosen else math.nan)
+    their first update, weighted by their N (at most ``max_weight``, the federation's
+    ``max_examples_per_hospital``), ``per_round`` of them aggregated per round (all when None)."""
+    return auto_server_step(sampled_noise_ratio(hospital_weights(rows, max_weight), num_params, per_round))
+
+
+def hospital_weights(rows: Iterable[dict[str, Any]], max_weight: float = math.inf
+                     ) -> list[tuple[HospitalPlan, float]]:
+    """Each hospital's plan pinned at its first update in metrics rows ``rows``, with the FedAvg
+    weight the server gives it (its N, at most ``max_weight``)."""
+    return [(p, min(float(p.num_examples), float(max_weight))) for p in pinned_plans(list(rows)).values()]
+
+
+def per_round(fraction: float, min_clients: int, n: int) -> int:
+    """How many of ``n`` connected hospitals Flower's strategy samples each round:
+    ``max(⌊fraction × n⌋, min_clients)``, at most ``n``."""
+    return max(1, min(n, max(int(n * fraction), min_clients)))

@@ -104,6 +104,11 @@ def test_the_strategy_chooses_its_step_from_the_replies_plans(n, units, sigma, s
     assert len(advice) == (0 if n == 3 else 1) and all("[model] width = 16" in line for line in advice)
     s.aggregate_train(2, _replies(n, units, sigma, steps, state, 1e-3))
     assert len([line for line in said if "a new run would plan" in line]) == len(advice)
+    resumed: list[str] = []  # a run resumed after round 5: its first aggregation is round 6, nothing said again
+    r = make_strategy(cfg, round_offset=5, say=resumed.append)
+    r.current_arrays, r.reference = ArrayRecord(state), {k: v.numpy() for k, v in state.items()}
+    r.aggregate_train(1, _replies(n, units, sigma, steps, state, 1e-3))
+    assert r.steps[6] == step and not [line for line in resumed if "a new run would plan" in line]
     k = next(k for k, v in state.items() if v.is_floating_point())
     np.testing.assert_allclose(arrays[k].numpy() - state[k].numpy(), step.lr * 1e-3, rtol=1e-3)
 
@@ -142,34 +147,56 @@ def test_the_planned_model_narrows_a_noisy_scatternet_head_and_nothing_else():
 
 def test_simulate_plans_the_model_from_the_hospitals_own_plans(tmp_path, capsys):
     """`xrayfed simulate` with no --width: each simulated hospital's DP plan (from its own
-    partition, as its first reply would report it) decides the width the federation runs with,
-    and the line tells the operator the [model] key; an operator's --width is kept as given."""
+    partition, in its privacy unit, as its first reply reports it) decides the width the
+    federation runs with, for a round's mean over as many hospitals as the strategy samples, and
+    the line gives the operator the [model] key; an operator's --width or [model] is kept."""
     import argparse
 
-    from xrayfed.common.config import FederationConfig, load_config
+    from xrayfed.common.config import FederationConfig, HospitalConfig, load_config
     from xrayfed.common.synthetic import write_npz
     from xrayfed.server import flower_simulation as S
+    from xrayfed.server.simulate import simulate
 
     data = write_npz(tmp_path / "scans.npz", n_train=1200, n_val=60, n_test=100, size=16, task="binary", seed=2)
+    own = tmp_path / "own.toml"
 
-    def configs(n: int, rounds: int, width: int | None):
-        out = tmp_path / f"sim-{n}-{rounds}-{width}"
+    def configs(n: int, rounds: int, width: int | None, fraction: float | None = None, config: str | None = None):
+        out = tmp_path / f"sim-{n}-{rounds}-{width}-{fraction}-{config is not None}"
         S._prepare_out(out)
-        args = argparse.Namespace(hospitals=n, rounds=rounds, data=data, config=None, epsilon=8.0, delta=1e-5,
-                                  split="iid", alpha=0.5, size_skew=0.0, fraction=None, min_clients=None,
-                                  image_size=None, local_epochs=None, batch_size=None, lr=None, width=width,
-                                  name="plan")
-        fed_path, _, _, advice = S.write_configs(args, out)
-        return load_config(FederationConfig, fed_path).model, advice, capsys.readouterr().out
+        if config is not None:
+            own.write_text(config)
+        args = argparse.Namespace(hospitals=n, rounds=rounds, data=data, config=None if config is None else own,
+                                  epsilon=8.0, delta=1e-5, split="iid", alpha=0.5, size_skew=0.0, fraction=fraction,
+                                  min_clients=None if fraction is None else 2, image_size=None, local_epochs=None,
+                                  batch_size=None, lr=None, width=width, name="plan")
+        fed_path, hdir, _, advice = S.write_configs(args, out)
+        return load_config(FederationConfig, fed_path), hdir, advice, capsys.readouterr().out
 
-    model, advice, said = configs(40, 20, None)  # 40 hospitals of about 30 scans
-    assert model.width == 16 and advice.changed and advice.given_ratio > NARROW_NOISE_RATIO
-    assert "model for 40 hospitals like these: XrayNet width 16" in said
-    model, advice, said = configs(3, 5, None)  # 3 of about 400 scans over 5 rounds
-    assert model.width == 32 and not advice.changed and advice.ratio <= NARROW_NOISE_RATIO
+    fed, hdir, advice, said = configs(40, 20, None)  # 40 hospitals of about 30 scans (about 18 patients)
+    assert fed.model.width == 16 and advice.changed and advice.given_ratio > NARROW_NOISE_RATIO
+    assert "model for 40 hospitals like these: XrayNet width 16" in said and "to fix it: [model] width = 16" in said
+    # the planned ρ is the one the hospitals' real replies give the server (patient unit, their own N, σ, q)
+    hospitals = [load_config(HospitalConfig, p) for p in sorted(hdir.glob("hospital-*.toml"))]
+    one = fed.model_copy(update={"federation": fed.federation.model_copy(update={"rounds": 1})})
+    row = simulate(one, hospitals).rows[0]
+    assert len(row["hospitals"]) == 40 and all(h["patient_unit"] == 1 for h in row["hospitals"])
+    assert row["server_step"]["noise_ratio"] == pytest.approx(advice.ratio, rel=1e-9)
+    fed, _, advice, said = configs(3, 5, None)  # 3 of about 400 scans over 5 rounds
+    assert fed.model.width == 32 and not advice.changed and advice.ratio <= NARROW_NOISE_RATIO
     assert "model for 3 hospitals like these: XrayNet width 32 (41,921 weights) as configured" in said
-    model, advice, said = configs(40, 20, 32)
-    assert model.width == 32 and advice is None and "model for" not in said
+    # a quarter of 16 hospitals per round: the noise of a round's mean is that of 4 hospitals
+    everyone = configs(16, 5, None)[2]
+    sampled = configs(16, 5, None, fraction=0.25)[2]
+    assert sampled.given_ratio == pytest.approx(everyone.given_ratio * 2, rel=0.15)
+    fed, _, advice, said = configs(40, 20, 32)
+    assert fed.model.width == 32 and advice is None and "model for" not in said
+    # the operator's own federation.toml: its [model] is kept; without one the model is planned, or --width's
+    fed, _, advice, _ = configs(40, 20, None, config='image_size = 16\n[federation]\nname = "own"\n[model]\nwidth = 24\n'
+                                '\nscattering = true\ndepth = 2\n')
+    assert fed.model.width == 24 and advice is None
+    assert configs(40, 20, None, config='image_size = 16\n[federation]\nname = "own"\n')[0].model.width == 16
+    fed, _, advice, _ = configs(40, 20, 24, config='image_size = 16\n[federation]\nname = "own"\n')
+    assert fed.model.width == 24 and fed.model.scattering and advice is None
 
 
 def test_round_stability_sees_a_model_that_flips_between_rounds():
