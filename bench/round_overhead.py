@@ -15,6 +15,7 @@ Usage::
     ./dev bench round_overhead --runs 3                              # PneumoniaMNIST 28 px, 5 rounds
     ./dev bench round_overhead --which kermany-224 --runs 3          # Kermany 224 px, 2 rounds
         (needs the held-out folders of ``./dev bench heldout``: bench/results/work-kermany-heldout)
+    ./dev bench round_overhead --which kermany-224 --trace-cpu       # one process run: CPU per process
 
 Writes ``bench/results/round-overhead.json``: per federation ``inprocess_wall_s``,
 ``processes_wall_s``, ``ratio``, ``runs`` (each run's wall time and load average),
@@ -107,6 +108,57 @@ def run_inprocess_fresh(s: dict, data: Path) -> dict:
     return dict(out, wall_s=round(wall, 1), federation_wall_s=out["wall_s"])
 
 
+#: ``--trace-cpu``: a process's role, from the first of these found in its command line.
+ROLES = (("flower_launch supernode", "SuperNode (its forked SuperExec and ClientApps included)"),
+         ("xrayfed.client.worker", "hospital worker"), ("flwr-serverapp", "ServerApp"),
+         ("flower-superexec", "operator's SuperExec"), ("flower-superlink", "SuperLink"), ("flwr run", "flwr run"),
+         ("cli server", "xrayfed server"), ("cli client", "xrayfed client"))
+
+
+def trace_cpu(which: str, data: Path, work: Path) -> dict:
+    """One process run (seed 0) with every process's CPU time sampled every 0.2 s (user +
+    system, psutil): seconds per role (:data:`ROLES`), how many processes, the run's wall time."""
+    import threading
+
+    import psutil
+
+    seen: dict[int, tuple[str, float]] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    with proc.oneshot():
+                        cmd, cpu = " ".join(proc.cmdline()), sum(proc.cpu_times()[:2])
+                except psutil.Error:
+                    continue
+                role = next((name for key, name in ROLES if key in cmd), None)
+                if role is None and proc.pid in seen:
+                    role = seen[proc.pid][0]  # a fork renamed nothing; its parent's command line
+                if role is None:
+                    parent = seen.get(proc.ppid())
+                    role = parent[0] if parent else "other"
+                seen[proc.pid] = (role, max(cpu, seen.get(proc.pid, ("", 0.0))[1]))
+            time.sleep(0.2)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        r = run_processes(settings(which, 0), data, work / f"{which}-trace")
+    finally:
+        stop.set()
+        th.join()
+    roles: dict[str, dict[str, float]] = {}
+    for role, cpu in seen.values():
+        e = roles.setdefault(role, {"cpu_s": 0.0, "processes": 0})
+        e["cpu_s"] = round(e["cpu_s"] + cpu, 2)
+        e["processes"] += 1
+    return {"wall_s": r["wall_s"], "cpu_s": round(sum(e["cpu_s"] for e in roles.values()), 1),
+            "by_role": dict(sorted(roles.items(), key=lambda kv: -kv[1]["cpu_s"])),
+            "sampled_every_s": 0.2, "load_avg_1min": os.getloadavg()[0]}
+
+
 def same_allocator() -> None:
     """Re-run this benchmark under the allocator settings xrayfed gives the processes it starts
     (:data:`xrayfed.common.procs.ALLOCATOR_TUNABLES`, read by glibc at a process's start), so the
@@ -128,6 +180,8 @@ def main() -> None:
                          "`flwr-clientapp` start per message (how rounds ran before), stored under WHICH-cold")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "round-overhead.json")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "work-round-overhead")
+    ap.add_argument("--trace-cpu", action="store_true",
+                    help="one process run with each process's CPU time sampled, stored under WHICH-cpu")
     ap.add_argument("--inprocess-child", default=None, help=argparse.SUPPRESS)  # run_inprocess_fresh's child
     args = ap.parse_args()
     same_allocator()  # after parsing: `--help` and a bad flag answer from this process
@@ -138,6 +192,12 @@ def main() -> None:
     data = (args.data or FEDERATIONS[args.which]["data"]).resolve()
     if not data.exists():
         raise SystemExit(f"bench/round_overhead.py: no data at {data}")
+    if args.trace_cpu:
+        out = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        out[f"{args.which}-cpu"] = trace_cpu(args.which, data, args.work)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps({f"{args.which}-cpu": out[f"{args.which}-cpu"]}, indent=1))
+        return
     runs: list[dict] = []
     rounds: list[dict] = []
     for seed in range(args.runs):

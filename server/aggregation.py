@@ -32,7 +32,7 @@ checked, the weight cap is SecAgg+'s ``max_weight``, and robust aggregation is r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -143,19 +143,23 @@ def average_noise_ratio(plans: Sequence[tuple[HospitalPlan, float]], num_params:
 
 
 def sampled_noise_ratio(plans: Sequence[tuple[HospitalPlan, float]], num_params: int, per_round: int | None = None,
-                        draws: int = 64, seed: int = 0) -> float:
+                        draws: int = 1000, seed: int = 0) -> float:
     """:func:`average_noise_ratio` of the mean of one round when the strategy aggregates only
     ``per_round`` of the hospitals ``plans`` (Flower samples them afresh every round): the mean
-    over ``draws`` random samples of that size (a fixed ``seed``: the same answer every time).
-    All of them when ``per_round`` is None or at least their number."""
-    plans = list(plans)
-    if per_round is None or per_round >= len(plans) or per_round < 1:
+    over ``draws`` random samples of that size, drawn from the plans in a fixed order with a
+    fixed ``seed`` (the same answer for the same hospitals, in whatever order they are given).
+    All of them when ``per_round`` is None or at least their number; ``nan`` as for the whole
+    set when any hospital trains with Adam or none has a positive weight."""
+    plans = sorted(plans, key=lambda pw: (float(pw[1]), astuple(pw[0])))
+    if per_round is None or per_round >= len(plans) or per_round < 1 or \
+            math.isnan(average_noise_ratio(plans, num_params)):
         return average_noise_ratio(plans, num_params)
     import random
 
     rng = random.Random(seed)
     ratios = [average_noise_ratio(rng.sample(plans, per_round), num_params) for _ in range(draws)]
-    return sum(ratios) / len(ratios)
+    ratios = [r for r in ratios if not math.isnan(r)]  # a sample of weightless hospitals only
+    return sum(ratios) / len(ratios) if ratios else math.nan
 
 
 def capped_weight(claimed: float, plan: HospitalPlan | None, cap: float) -> float:

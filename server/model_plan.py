@@ -5,8 +5,8 @@ weights d (:func:`xrayfed.server.aggregation.average_noise_ratio`), so for many 
 narrower model carries less of it; :func:`recommend_model` says which width, and
 :class:`ModelAdvice` the line and the ``[model]`` key that fixes it. ``xrayfed simulate`` plans
 its run's model with it (:func:`xrayfed.server.simulate.planned_model`), and the ``auto``
-strategy tells the operator of a running federation once, at its first round, what a new run
-would plan (:class:`xrayfed.server.strategy.XrayAuto`).
+strategy tells the operator of a running federation, at the first round it aggregates (not again
+after a resume), what a new run would plan (:class:`xrayfed.server.strategy.XrayAuto`).
 """
 
 from __future__ import annotations

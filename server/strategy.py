@@ -530,14 +530,14 @@ class XrayAuto(XrayStrategyMixin, FedAvgM):
         prev = self.steps[max(self.steps)] if self.steps else None
         if prev is None or (prev.momentum, round(prev.lr, 2)) != (step.momentum, round(step.lr, 2)):
             self.say(f"round {g}: server step {step.describe()}")
-        if g == 1:
+        if prev is None and self.round_offset == 0:  # the run's first aggregated round, not a resumed run's
             self._advise_width(g, rows)
         self.steps[g] = step
         self.server_momentum, self.server_learning_rate = step.momentum, step.lr
 
     def _advise_width(self, g: int, rows: list[dict[str, Any]]) -> None:
-        """At global round 1 (not again when a run resumes): when a narrower model would carry
-        markedly less DP noise for the hospitals of that round
+        """At the run's first aggregated round (not again when a run resumes): when a narrower
+        model would carry markedly less DP noise for the hospitals of that round
         (:func:`xrayfed.server.model_plan.recommend_model`), say so.
         The width of a run is fixed (the hospitals' plans arrive only with their first replies); it
         takes effect in a new run, as ``xrayfed simulate`` plans it."""

@@ -38,6 +38,43 @@ def test_noise_of_the_mean_grows_with_small_batches_and_falls_with_more_hospital
     assert math.isnan(average_noise_ratio([], D))
 
 
+def test_the_noise_of_a_sampled_round_is_that_of_its_sample_in_any_order():
+    """`sampled_noise_ratio`: a round that aggregates k of N hospitals carries the noise of a mean
+    over k; the answer does not depend on the order the hospitals are listed in; all of them,
+    none, and Adam hospitals give what the whole set gives."""
+    import random
+
+    from xrayfed.server.aggregation import sampled_noise_ratio
+
+    equal = [(plan(42, 3.8, 2), 42.0)] * 16
+    whole = average_noise_ratio(equal, D)
+    assert sampled_noise_ratio(equal, D, 4) == pytest.approx(2 * whole)  # any 4 of 16 equal ones: √(16/4)
+    assert sampled_noise_ratio(equal, D, None) == sampled_noise_ratio(equal, D, 16) == sampled_noise_ratio(equal, D, 99) == whole
+    mixed = [(plan(n, 3.8, 2), float(n)) for n in range(20, 120, 5)]
+    shuffled = list(mixed)
+    random.Random(1).shuffle(shuffled)
+    assert sampled_noise_ratio(shuffled, D, 5) == sampled_noise_ratio(mixed, D, 5) > average_noise_ratio(mixed, D)
+    assert math.isnan(sampled_noise_ratio([], D, 3))
+    adam = [(HospitalPlan(42, 3.8, 1.0, 2, 1.0, momentum=0.0, adam=True), 42.0)] + equal * 60
+    assert math.isnan(sampled_noise_ratio(adam, D, 2))  # one Adam hospital in 961: still nothing to judge
+
+
+def test_the_step_for_a_run_counts_the_hospitals_a_round_samples():
+    """`recommend_step` (what `simulate` prints at its end) from metrics rows: each hospital's plan
+    pinned at its first update, weights capped as the server caps them, the noise of a round of
+    ``per_round`` of them."""
+    from xrayfed.server.stability import per_round, recommend_step
+
+    rows = [{"hospital": f"h{i}", "status": "trained", "num_examples": 42, "noise_multiplier": 3.8,
+             "sample_rate": 1.0, "steps": 2, "max_grad_norm": 1.0, "momentum": 0.9} for i in range(100)]
+    everyone = recommend_step(rows, D)
+    assert everyone.ratio == pytest.approx(average_noise_ratio([(plan(42, 3.8, 2), 42.0)] * 100, D))
+    assert recommend_step(rows, D, per_round=25).ratio == pytest.approx(2 * everyone.ratio)
+    assert recommend_step(rows, D, max_weight=10).ratio == pytest.approx(everyone.ratio)  # equal caps: equal weights
+    assert per_round(0.25, 2, 100) == 25 and per_round(0.01, 3, 100) == 3 and per_round(1.0, 2, 7) == 7
+    assert per_round(0.5, 9, 4) == 4  # never more than are connected
+
+
 def test_auto_keeps_the_low_noise_step_and_drops_momentum_when_the_mean_is_mostly_noise():
     assert (auto_server_step(0.3).momentum, auto_server_step(0.3).lr) == AUTO_LOW_NOISE
     assert (auto_server_step(math.nan).momentum, auto_server_step(math.nan).lr) == AUTO_LOW_NOISE
@@ -160,13 +197,14 @@ def test_simulate_plans_the_model_from_the_hospitals_own_plans(tmp_path, capsys)
     data = write_npz(tmp_path / "scans.npz", n_train=1200, n_val=60, n_test=100, size=16, task="binary", seed=2)
     own = tmp_path / "own.toml"
 
-    def configs(n: int, rounds: int, width: int | None, fraction: float | None = None, config: str | None = None):
-        out = tmp_path / f"sim-{n}-{rounds}-{width}-{fraction}-{config is not None}"
+    def configs(n: int, rounds: int, width: int | None, fraction: float | None = None, config: str | None = None,
+                delta: float = 1e-5):
+        out = tmp_path / f"sim-{n}-{rounds}-{width}-{fraction}-{config is not None}-{delta}"
         S._prepare_out(out)
         if config is not None:
             own.write_text(config)
         args = argparse.Namespace(hospitals=n, rounds=rounds, data=data, config=None if config is None else own,
-                                  epsilon=8.0, delta=1e-5, split="iid", alpha=0.5, size_skew=0.0, fraction=fraction,
+                                  epsilon=8.0, delta=delta, split="iid", alpha=0.5, size_skew=0.0, fraction=fraction,
                                   min_clients=None if fraction is None else 2, image_size=None, local_epochs=None,
                                   batch_size=None, lr=None, width=width, name="plan")
         fed_path, hdir, _, advice = S.write_configs(args, out)
@@ -190,6 +228,17 @@ def test_simulate_plans_the_model_from_the_hospitals_own_plans(tmp_path, capsys)
     assert sampled.given_ratio == pytest.approx(everyone.given_ratio * 2, rel=0.15)
     fed, _, advice, said = configs(40, 20, 32)
     assert fed.model.width == 32 and advice is None and "model for" not in said
+    # a plan a hospital would refuse stops the planning before anything runs, naming the hospital
+    from xrayfed.common.errors import UserError
+    from xrayfed.server.simulate import hospital_plans
+
+    with pytest.raises(UserError, match=r"^hospital hospital-\d+: privacy.delta = 0.09") as refused:
+        configs(40, 20, None, delta=0.09)
+    assert refused.value.exit_code == 2
+    # the server's cap on a hospital's weight is the planner's too
+    capped = fed.model_copy(update={"federation": fed.federation.model_copy(update={"max_examples_per_hospital": 5})})
+    weights = [w for _, w in hospital_plans(capped, hospitals[:3])]
+    assert weights == [5.0, 5.0, 5.0] and all(p.num_examples > 5 for p, _ in hospital_plans(fed, hospitals[:3]))
     # the operator's own federation.toml: its [model] is kept; without one the model is planned, or --width's
     fed, _, advice, _ = configs(40, 20, None, config='image_size = 16\n[federation]\nname = "own"\n[model]\nwidth = 24\n'
                                 '\nscattering = true\ndepth = 2\n')
