@@ -151,9 +151,9 @@ def sampled_noise_ratio(plans: Sequence[tuple[HospitalPlan, float]], num_params:
     All of them when ``per_round`` is None or at least their number; ``nan`` as for the whole
     set when any hospital trains with Adam or none has a positive weight."""
     plans = sorted(plans, key=lambda pw: (float(pw[1]), astuple(pw[0])))
-    if per_round is None or per_round >= len(plans) or per_round < 1 or \
-            math.isnan(average_noise_ratio(plans, num_params)):
-        return average_noise_ratio(plans, num_params)
+    whole = average_noise_ratio(plans, num_params)
+    if per_round is None or per_round >= len(plans) or per_round < 1 or math.isnan(whole):
+        return whole
     import random
 
     rng = random.Random(seed)

@@ -99,7 +99,7 @@ def recommend_model(spec: ModelSpec, plans: Sequence[tuple[HospitalPlan, float]]
     (ρ 2.06 at width 32) lost on validation at width 16 (0.934–0.950 against 0.961–0.968)."""
     plans = list(plans)
     d = num_weights(spec)
-    rho = sampled_noise_ratio(plans, d, per_round) if plans else math.nan
+    rho = sampled_noise_ratio(plans, d, per_round)  # nan without plans
     best, best_rho, best_d = spec, rho, d
     if narrowable(spec):
         while math.isfinite(best_rho) and best_rho > NARROW_NOISE_RATIO and best.width // 2 >= NARROWEST_WIDTH:
